@@ -1,0 +1,47 @@
+"""The x2x command line: one sub-app per noun, each thin; errors print as one line."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from cli import broker, pair, replicate, status, volume
+from cli.common import Globals, err_console
+from journal.errors import X2XError
+
+app = typer.Typer(help="x2x: continuous block-volume replication and migration on Kafka.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(broker.app, name="broker")
+app.add_typer(pair.app, name="pair")
+app.add_typer(volume.app, name="volume")
+app.command()(replicate.capture)
+app.command()(replicate.apply)
+app.command()(status.status)
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    bootstrap: str = typer.Option(None, envvar="X2X_BOOTSTRAP",
+                                  help="Kafka bootstrap servers (default: the embedded broker)."),
+    kafka_config: str = typer.Option(None, envvar="X2X_KAFKA_CONFIG",
+                                     help="librdkafka properties file (TLS, SASL)."),
+    compression: str = typer.Option(None, envvar="X2X_COMPRESSION",
+                                    help="Kafka compression: lz4 (default), zstd, none..."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens, "
+                                 "librdkafka included."),
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        logging.getLogger("x2x.librdkafka").setLevel(logging.CRITICAL)
+    ctx.obj = Globals(bootstrap, kafka_config, compression)
+
+
+def main() -> None:
+    try:
+        app()
+    except X2XError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(e.exit_code)

@@ -1,0 +1,43 @@
+"""Helpers every CLI command shares: Kafka settings from the global options, printing."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from infra.kafka import KafkaSettings
+
+# Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True)
+
+
+@dataclass
+class Globals:
+    bootstrap: str | None = None
+    kafka_config: str | None = None
+    compression: str | None = None
+
+    def settings(self) -> KafkaSettings:
+        return KafkaSettings.resolve(self.bootstrap, self.kafka_config, self.compression)
+
+
+def settings(ctx: typer.Context) -> KafkaSettings:
+    g = ctx.find_root().obj
+    return (g or Globals()).settings()
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,236 @@
+"""The applier: replays a pair's journal onto a target volume, from its checkpoint.
+
+Every entry is checked whole before any of it is applied (decoding, digest, pair, seq,
+extents). Entries are staged until their consistency point (FLUSH/SEAL), then applied,
+fsynced and checkpointed, so a bad entry or a stop leaves the target at its last
+checkpoint as long as the unflushed tail fits the staging budget.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from consumers.checkpoint import Checkpoint, CheckpointStore
+from consumers.writer import apply_entry
+from infra import control
+from infra.heartbeat import HeartbeatPublisher, read_beats
+from infra.kafka import KafkaSettings
+from infra.topics import journal_topic
+from infra.volume import Volume
+from journal.digest import digest_of
+from journal.errors import BrokerError, CorruptEntry, JournalError, JournalLost, VolumeError
+from journal.ops import Entry
+from journal.pairs import ControlEvent, PairSpec
+from journal.sequence import Position, Verdict, check_extents, classify
+from journal.status import latest
+from schemas import codec
+
+log = logging.getLogger("x2x.applier")
+STAGE_LIMIT = 64 << 20
+VERIFY_TIMEOUT = 15.0
+
+
+@dataclass
+class ApplyStats:
+    entries: int = 0
+    ops: int = 0
+    bytes_applied: int = 0
+    checkpoints: int = 0
+    duplicates: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Staged:
+    entry: Entry
+    offset: int
+
+
+class Applier:
+    """Applies one pair's journal to one target volume."""
+
+    def __init__(self, spec: PairSpec, target: str, settings: KafkaSettings,
+                 key: bytes | None = None, store: CheckpointStore | None = None,
+                 stage_limit: int = STAGE_LIMIT) -> None:
+        self.spec, self.target, self.settings, self.key = spec, target, settings, key
+        self.topic = journal_topic(spec.name)
+        self.store = store or CheckpointStore(spec.name, target)
+        self.stage_limit = stage_limit
+        self.stats = ApplyStats()
+        self.checkpointed = Position()
+        self._pos = Position()
+        self._staged: list[_Staged] = []
+        self._staged_bytes = 0
+        self._last_digest = ""
+        self._t0 = time.monotonic()
+
+    # -- the loop --------------------------------------------------------------------
+    def run(self, until_caught_up: bool = False, stop: threading.Event | None = None,
+            on_progress: Callable[["Applier"], None] | None = None) -> ApplyStats:
+        """Apply until stopped (or, with ``until_caught_up``, until the target has every
+        consistency point the capturer has journaled)."""
+        stop = stop or threading.Event()
+        self.settings.check_reachable()
+        t0 = self._t0 = time.monotonic()
+        with Volume(self.target, writable=True) as vol:
+            if vol.size < self.spec.volume_size:
+                raise VolumeError(
+                    f"target {self.target} is {vol.size} bytes, smaller than the source's "
+                    f"{self.spec.volume_size}; grow it (truncate -s {self.spec.volume_size} "
+                    f"{self.target}) or choose another target")
+            self.vol = vol
+            producer = Producer(self.settings.producer(**{"linger.ms": 50}))
+            beats = HeartbeatPublisher(producer, self.spec.name, "applier", self.target)
+            consumer = Consumer(self.settings.consumer())
+            try:
+                self._start(consumer)
+                goal = self._capture_goal() if until_caught_up else None
+                at_eof = False
+                while not stop.is_set():
+                    batch = consumer.consume(500, 0.5)
+                    for msg in batch:
+                        at_eof = self._handle(msg, at_eof)
+                        if msg.error() is None:
+                            at_eof = False
+                    self._beat(beats, "applying" if batch else "following")
+                    producer.poll(0)
+                    if on_progress:
+                        on_progress(self)
+                    if until_caught_up and at_eof:
+                        goal = self._capture_goal()
+                        if goal is None or self._reached(goal):
+                            break
+            except JournalError as e:
+                self._mark_resync(e)
+                raise
+            finally:
+                consumer.close()
+                self._beat(beats, "stopped", force=True)
+                producer.flush(5)
+        self.stats.seconds = time.monotonic() - t0
+        return self.stats
+
+    def _handle(self, msg: Message, at_eof: bool) -> bool:
+        err = msg.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                return True
+            if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise JournalLost(f"the journal topic {self.topic} is gone; the pair was "
+                                  f"deleted or the broker lost its data. Recreate the pair and "
+                                  f"resync the target")
+            raise BrokerError(f"reading {self.topic} from {self.settings.bootstrap}: {err.str()}")
+        entry = self._decode(msg)
+        if classify(self._pos, entry) is Verdict.DUPLICATE:
+            self.stats.duplicates += 1
+            return at_eof
+        try:
+            check_extents(entry, self.vol.size)
+        except JournalError as e:
+            raise type(e)(f"{e} [{self.topic} offset {msg.offset()}]") from None
+        self._pos = self._pos.after(entry, msg.offset())
+        self._staged.append(_Staged(entry, msg.offset()))
+        self._staged_bytes += len(msg.value())
+        if entry.closes_consistency_point:
+            self._apply_staged()
+            self._checkpoint(entry, msg.offset())
+        elif self._staged_bytes > self.stage_limit:
+            self._apply_staged()      # too large to hold: the target runs ahead of its checkpoint
+        return at_eof
+
+    def _decode(self, msg: Message) -> Entry:
+        where = f"{self.topic} offset {msg.offset()}"
+        try:
+            entry = codec.decode_entry(msg.value())
+        except CorruptEntry as e:
+            raise type(e)(f"{e} [{where}]; nothing of it was applied") from None
+        if entry.pair != self.spec.name:
+            raise CorruptEntry(f"record at {where} belongs to pair {entry.pair!r}, not "
+                               f"{self.spec.name!r}; something else writes to this topic")
+        if digest_of(entry, self.key) != entry.digest:
+            raise CorruptEntry(f"digest mismatch at {where} (epoch {entry.epoch} seq "
+                               f"{entry.first_seq}..{entry.last_seq}): the record was altered "
+                               f"or corrupted; nothing of it was applied")
+        return entry
+
+    def _apply_staged(self) -> None:
+        for s in self._staged:
+            apply_entry(self.vol, s.entry)
+            self.stats.entries += 1
+            self.stats.ops += len(s.entry.ops)
+            self.stats.bytes_applied += s.entry.payload_bytes
+        self._staged, self._staged_bytes = [], 0
+
+    def _checkpoint(self, entry: Entry, offset: int) -> None:
+        self.vol.fsync()
+        self.checkpointed = self._pos
+        self._last_digest = entry.digest.hex()
+        self.store.save(Checkpoint(self.spec.name, self.target, self._pos, self._last_digest,
+                                   int(time.time() * 1000)))
+        self.stats.checkpoints += 1
+
+    # -- start: resume from the checkpoint, proving the journal still holds it ----------
+    def _start(self, consumer: Consumer) -> None:
+        cp = self.store.load()
+        if cp is None:
+            consumer.assign([TopicPartition(self.topic, 0, 0)])
+            return
+        self.checkpointed = self._pos = cp.position
+        self._last_digest = cp.entry_digest
+        consumer.assign([TopicPartition(self.topic, 0, cp.position.offset)])
+        deadline = time.monotonic() + VERIFY_TIMEOUT
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(1, 0.5):
+                err = msg.error()
+                if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                    if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                        raise self._lost(cp, "the topic does not exist")
+                    raise BrokerError(f"reading {self.topic}: {err.str()}")
+                if err is not None or msg.offset() != cp.position.offset:
+                    raise self._lost(cp, "the journal ends before it")
+                if codec.decode_entry(msg.value()).digest.hex() != cp.entry_digest:
+                    raise self._lost(cp, "a different record stands at that offset")
+                return
+        raise self._lost(cp, f"no record at that offset within {VERIFY_TIMEOUT:.0f} s")
+
+    def _lost(self, cp: Checkpoint, why: str) -> JournalLost:
+        p = cp.position
+        return JournalLost(
+            f"pair {self.spec.name}: the checkpoint of {self.target} (epoch {p.epoch} seq "
+            f"{p.seq} at {self.topic} offset {p.offset}) is not in the journal: {why}. The "
+            f"topic was recreated or the broker lost its data; nothing was applied. Resync: "
+            f"reset the checkpoint with 'x2x apply {self.spec.name} --reset' and publish a "
+            f"new baseline ('x2x capture {self.spec.name} --once --resync')")
+
+    # -- caught up? ----------------------------------------------------------------------
+    def _capture_goal(self) -> tuple[int, int] | None:
+        beats = [b for (p, r, _), b in latest(read_beats(self.settings)).items()
+                 if p == self.spec.name and r == "capturer"]
+        if not beats:
+            return None
+        b = max(beats, key=lambda b: b.at_ms)
+        return b.epoch, b.seq
+
+    def _reached(self, goal: tuple[int, int]) -> bool:
+        # An unflushed tail stays staged and unapplied: the target ends at its last
+        # consistency point, which is what a recovery point must be.
+        return (self._pos.epoch, self._pos.seq) >= goal
+
+    def _beat(self, beats: HeartbeatPublisher, state: str, force: bool = False) -> None:
+        p = self.checkpointed
+        rate = self.stats.bytes_applied / max(time.monotonic() - self._t0, 1e-3)
+        beats.beat(state, p.epoch, p.seq, p.epoch_bytes, p.captured_at_ms, rate,
+                   {"staged_bytes": str(self._staged_bytes)}, force)
+
+    def _mark_resync(self, error: JournalError) -> None:
+        try:
+            control.publish(self.settings, ControlEvent(
+                "resync-needed", self.spec.name, int(time.time() * 1000),
+                attrs={"target": self.target, "reason": str(error)[:500]}))
+        except BrokerError:
+            log.warning("could not mark pair %s as needing a resync", self.spec.name)

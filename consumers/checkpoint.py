@@ -1,0 +1,43 @@
+"""The applier's checkpoint: the recovery point of one target volume.
+
+Written atomically, and only after the target was fsynced, so after any crash the
+checkpoint never claims more than the target holds.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from infra.files import read_json, write_json
+from infra.paths import pair_dir, volume_key
+from journal.sequence import Position
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    pair: str
+    target: str
+    position: Position
+    entry_digest: str        # hex digest of the entry at position.offset: proves the topic is the same
+    written_at_ms: int
+
+
+class CheckpointStore:
+    """One checkpoint file per (pair, target volume), under ``$X2X_HOME/pairs/<pair>/``."""
+
+    def __init__(self, pair: str, target: str, directory: Path | None = None) -> None:
+        self.pair, self.target = pair, target
+        self.path = (directory or pair_dir(pair)) / f"checkpoint-{volume_key(target)}.json"
+
+    def load(self) -> Checkpoint | None:
+        raw = read_json(self.path)
+        if raw is None:
+            return None
+        return Checkpoint(raw["pair"], raw["target"], Position(**raw["position"]),
+                          raw["entry_digest"], raw["written_at_ms"])
+
+    def save(self, cp: Checkpoint) -> None:
+        write_json(self.path, asdict(cp))
+
+    def reset(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,46 @@
+"""Heartbeats on ``x2x.status``: published by capturers and appliers, read by ``x2x status``."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import asdict
+
+from confluent_kafka import Producer
+
+from infra.kafka import KafkaSettings
+from infra.reader import read_to_end
+from infra.topics import STATUS_TOPIC
+from journal.status import Beat
+from schemas import codec
+
+
+class HeartbeatPublisher:
+    """Publishes beats through a producer the caller already polls; never blocks."""
+
+    def __init__(self, producer: Producer, pair: str, role: str, instance: str,
+                 interval: float = 2.0) -> None:
+        self.producer, self.pair, self.role, self.instance = producer, pair, role, instance
+        self.interval = interval
+        self._last = 0.0
+
+    def beat(self, state: str, epoch: int, seq: int, epoch_bytes: int, captured_at_ms: int,
+             rate_bps: float = 0.0, detail: dict[str, str] | None = None,
+             force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        beat = Beat(self.pair, self.role, self.instance, socket.gethostname(), os.getpid(),
+                    int(time.time() * 1000), state, epoch, seq, epoch_bytes, captured_at_ms,
+                    rate_bps, detail or {})
+        try:
+            self.producer.produce(STATUS_TOPIC, codec.encode(codec.HEARTBEAT, asdict(beat)),
+                                  key=self.pair)
+        except BufferError:
+            pass  # a status beat is never worth blocking the journal for
+
+
+def read_beats(settings: KafkaSettings) -> list[Beat]:
+    return [Beat(**codec.decode(m.value(), codec.HEARTBEAT))
+            for m in read_to_end(settings, STATUS_TOPIC)]

@@ -1,0 +1,116 @@
+"""The one place Kafka client settings are built.
+
+librdkafka properties from ``X2X_KAFKA_CONFIG`` (a ``key=value`` file, for TLS/SASL) pass
+through unchanged; x2x adds only what its correctness depends on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from infra.paths import x2x_home
+from infra.files import read_json
+from journal.errors import BadInput, BrokerError
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+#: librdkafka chatter (connection refused, retries) goes here; shown with --verbose.
+rdkafka_log = logging.getLogger("x2x.librdkafka")
+_SECRET_WORDS = ("password", "secret", "key", "token")
+
+
+def load_properties(path: str) -> dict[str, str]:
+    """Parse a librdkafka/Java-style properties file (``key=value``, ``#`` comments)."""
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise BadInput(f"cannot read Kafka properties file {path}: {e.strerror}") from None
+    props: dict[str, str] = {}
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise BadInput(f"{path} line {n}: expected key=value, got {line!r}")
+        props[key.strip()] = value.strip()
+    return props
+
+
+def redact(props: dict[str, Any]) -> dict[str, Any]:
+    """Settings safe to print or log: secrets replaced by ``***``."""
+    return {k: ("***" if any(w in k for w in _SECRET_WORDS) else v) for k, v in props.items()}
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Where the cluster is and how to talk to it."""
+
+    bootstrap: str
+    extra: dict[str, str] = field(default_factory=dict)
+    compression: str = "lz4"
+
+    @classmethod
+    def resolve(cls, bootstrap: str | None = None, config_file: str | None = None,
+                compression: str | None = None) -> "KafkaSettings":
+        """``--bootstrap`` > ``X2X_BOOTSTRAP`` > the embedded broker > 127.0.0.1:9092."""
+        bootstrap = bootstrap or os.environ.get("X2X_BOOTSTRAP") or _embedded_bootstrap()
+        config_file = config_file or os.environ.get("X2X_KAFKA_CONFIG")
+        extra = load_properties(config_file) if config_file else {}
+        compression = compression or os.environ.get("X2X_COMPRESSION") or "lz4"
+        return cls(bootstrap, extra, compression)
+
+    def _common(self) -> dict[str, Any]:
+        return {"bootstrap.servers": self.bootstrap, "logger": rdkafka_log, **self.extra}
+
+    def producer(self, **overrides: Any) -> dict[str, Any]:
+        return {
+            **self._common(),
+            # Ordered, exactly-once-per-session appends are what makes the journal a journal.
+            "enable.idempotence": True,
+            "acks": "all",
+            "compression.type": self.compression,
+            "linger.ms": 5,
+            "message.max.bytes": 4 * 1024 * 1024,
+            "queue.buffering.max.kbytes": 256 * 1024,
+            **overrides,
+        }
+
+    def consumer(self, **overrides: Any) -> dict[str, Any]:
+        return {
+            **self._common(),
+            # Partitions are assigned by hand; the group id only satisfies librdkafka.
+            "group.id": "x2x",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+            "queued.max.messages.kbytes": 128 * 1024,
+            **overrides,
+        }
+
+    def admin(self) -> dict[str, Any]:
+        return self._common()
+
+    def check_reachable(self, timeout: float = 10.0) -> AdminClient:
+        """Return an admin client, or fail fast with the address instead of hanging."""
+        admin = AdminClient(self.admin())
+        try:
+            admin.list_topics(timeout=timeout)
+        except KafkaException as e:
+            raise BrokerError(
+                f"cannot reach Kafka at {self.bootstrap} within {timeout:.0f} s "
+                f"({e.args[0].str() if e.args else e}); start the embedded broker with "
+                f"'x2x broker up' or point --bootstrap / X2X_BOOTSTRAP at your cluster") from None
+        return admin
+
+
+def _embedded_bootstrap() -> str:
+    state = read_json(x2x_home() / "broker" / "broker.json")
+    return state["bootstrap"] if state else DEFAULT_BOOTSTRAP

@@ -1,0 +1,150 @@
+"""A volume: a raw image file or a block device, addressed by byte offset.
+
+Both the capturer (source side) and the applier (target side) do their disk I/O
+through this one class, so hole punching, zeroing and size rules live in one place.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+from dataclasses import dataclass, field
+
+from journal.errors import VolumeError
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_BLKZEROOUT = 0x127F  # _IO(0x12, 127)
+_ZERO_CHUNK = bytes(1 << 20)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def volume_size(path: str) -> int:
+    """Size in bytes of an image file or block device; raises VolumeError if missing."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise VolumeError(f"volume {path} does not exist; create it or check the path") from None
+    except OSError as e:
+        raise VolumeError(f"cannot open volume {path}: {e.strerror}") from None
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Volume:
+    """An open volume with positional I/O; ``writable`` opens it read-write."""
+
+    path: str
+    writable: bool = False
+    fd: int = field(init=False, default=-1)
+    size: int = field(init=False, default=0)
+    is_block_device: bool = field(init=False, default=False)
+    _punch_ok: bool = field(init=False, default=True)
+
+    def __post_init__(self) -> None:
+        flags = os.O_RDWR if self.writable else os.O_RDONLY
+        try:
+            self.fd = os.open(self.path, flags | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise VolumeError(
+                f"volume {self.path} does not exist; create it (e.g. truncate -s SIZE {self.path})"
+                " or check the path"
+            ) from None
+        except OSError as e:
+            raise VolumeError(f"cannot open volume {self.path}: {e.strerror}") from None
+        mode = os.fstat(self.fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            os.close(self.fd)
+            raise VolumeError(f"{self.path} is neither a regular file nor a block device")
+        self.is_block_device = stat.S_ISBLK(mode)
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+
+    def __enter__(self) -> "Volume":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read exactly ``length`` bytes at ``offset`` (a short read is an error)."""
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise VolumeError(f"short read from {self.path} at offset {offset}: "
+                              f"{len(data)} of {length} bytes")
+        return data
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` from ``offset``, without allocating."""
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:
+                raise VolumeError(f"short read from {self.path} at offset {offset + done}")
+            done += n
+
+    def pwrite(self, offset: int, data: bytes | memoryview) -> None:
+        """Write all of ``data`` at ``offset``."""
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make ``length`` bytes at ``offset`` read as zeros, deallocating where possible."""
+        if length <= 0:
+            return
+        if self.is_block_device:
+            try:
+                fcntl.ioctl(self.fd, _BLKZEROOUT, (ctypes.c_uint64 * 2)(offset, length))
+                return
+            except OSError:
+                pass
+        elif self._punch_ok:
+            rc = _libc.fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                                 offset, length)
+            if rc == 0:
+                return
+            if ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise VolumeError(f"cannot punch a hole in {self.path}: "
+                                  f"{os.strerror(ctypes.get_errno())}")
+            self._punch_ok = False
+        self._write_zeros(offset, length)
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(len(_ZERO_CHUNK), end - offset)
+            self.pwrite(offset, memoryview(_ZERO_CHUNK)[:n])
+            offset += n
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+
+def volume_digest(path: str, length: int | None = None, chunk: int = 8 << 20) -> bytes:
+    """blake3 of the first ``length`` bytes of a volume (all of it by default)."""
+    import blake3
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with Volume(path) as vol:
+        end = vol.size if length is None else length
+        if end > vol.size:
+            raise VolumeError(f"{path} is {vol.size} bytes, shorter than {end}")
+        buf = bytearray(chunk)
+        for off in range(0, end, chunk):
+            view = memoryview(buf)[:min(chunk, end - off)]
+            vol.readinto(off, view)
+            h.update(view)
+    return h.digest()

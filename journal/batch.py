@@ -1,0 +1,70 @@
+"""Grouping ops into entries: seq numbering, payload budget, consistency-point closing."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from journal.digest import entry_digest
+from journal.ops import CLOSING_KINDS, Entry, Op, OpKind
+
+#: Payload bytes per Kafka record. Kept under a stock Kafka broker's message.max.bytes
+#: (1 MiB) with room for Avro framing and compression expansion of random data.
+DEFAULT_BUDGET = 960 * 1024
+#: What an op costs in a record besides its data (Avro header fields, rounded up).
+OP_OVERHEAD = 32
+
+
+@dataclass
+class Sequencer:
+    """Numbers ops within an epoch and packs them into entries of at most ``budget`` bytes.
+
+    A FLUSH or SEAL always ends its entry, so every consistency point is an entry boundary.
+    """
+
+    pair: str
+    epoch: int
+    next_seq: int = 1
+    epoch_bytes: int = 0
+    budget: int = DEFAULT_BUDGET
+    key: bytes | None = None
+    _ops: list[Op] = field(default_factory=list)
+    _size: int = 0
+
+    @property
+    def pending_ops(self) -> int:
+        return len(self._ops)
+
+    def add(self, op: Op, now_ms: int) -> list[Entry]:
+        """Queue ``op``; return the entries it completed (possibly none)."""
+        out: list[Entry] = []
+        for piece in self._split(op):
+            cost = len(piece.data) + OP_OVERHEAD
+            if self._ops and self._size + cost > self.budget:
+                out.append(self._close(now_ms))
+            self._ops.append(piece)
+            self._size += cost
+            if piece.kind in CLOSING_KINDS:
+                out.append(self._close(now_ms))
+        return out
+
+    def close(self, now_ms: int) -> Entry | None:
+        """Emit whatever is queued as an entry (e.g. before a pause in the workload)."""
+        return self._close(now_ms) if self._ops else None
+
+    def _split(self, op: Op) -> list[Op]:
+        room = self.budget - OP_OVERHEAD
+        if op.kind is not OpKind.WRITE or len(op.data) <= room:
+            return [op]
+        data = memoryview(op.data)
+        return [Op.write(op.offset + i, bytes(data[i:i + room]))
+                for i in range(0, len(data), room)]
+
+    def _close(self, now_ms: int) -> Entry:
+        ops = tuple(self._ops)
+        self.epoch_bytes += sum(op.payload_bytes for op in ops)
+        digest = entry_digest(self.pair, self.epoch, self.next_seq, now_ms,
+                              self.epoch_bytes, ops, self.key)
+        entry = Entry(self.pair, self.epoch, self.next_seq, now_ms, self.epoch_bytes, ops,
+                      digest)
+        self.next_seq += len(ops)
+        self._ops, self._size = [], 0
+        return entry

@@ -1,0 +1,95 @@
+"""Block hashing, zero detection and hash-map diffs (blake3 over whole blocks).
+
+A hash map is one ``bytes`` of ``HASH_LEN`` bytes per block, so it is compact, compares
+with one ``==`` per block and is written to disk as it is.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import blake3
+
+HASH_LEN = 32
+_zero_blocks: dict[int, bytes] = {}
+_zero_hashes: dict[int, bytes] = {}
+
+
+def zero_block(size: int) -> bytes:
+    """A block of ``size`` zero bytes (cached: compared against often)."""
+    blk = _zero_blocks.get(size)
+    if blk is None:
+        blk = _zero_blocks[size] = bytes(size)
+    return blk
+
+
+def zero_hash(size: int) -> bytes:
+    """The blake3 hash of a zero block of ``size`` bytes."""
+    h = _zero_hashes.get(size)
+    if h is None:
+        h = _zero_hashes[size] = blake3.blake3(zero_block(size)).digest()
+    return h
+
+
+def is_zero(block: memoryview) -> bool:
+    """True when the block is all zeros (one memcmp, no per-byte Python work)."""
+    return block == zero_block(len(block))
+
+
+def hash_block(block: memoryview) -> bytes:
+    """blake3 of one block; zero blocks skip hashing."""
+    if is_zero(block):
+        return zero_hash(len(block))
+    return blake3.blake3(block).digest()
+
+
+def hash_buffer(buf: memoryview, block_size: int) -> list[bytes]:
+    """Hashes of consecutive blocks of ``buf`` (the last one may be short)."""
+    return [hash_block(buf[i:i + block_size]) for i in range(0, len(buf), block_size)]
+
+
+def block_count(volume_size: int, block_size: int) -> int:
+    return -(-volume_size // block_size)
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A byte range ``[offset, offset + length)``."""
+
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def coalesce(indexes: list[int], block_size: int, volume_size: int,
+             max_length: int) -> Iterator[Extent]:
+    """Join sorted block indexes into extents no longer than ``max_length`` bytes."""
+    start = prev = None
+    for i in indexes:
+        if start is not None and i == prev + 1 and (i + 1 - start) * block_size <= max_length:
+            prev = i
+            continue
+        if start is not None:
+            yield _extent(start, prev, block_size, volume_size)
+        start = prev = i
+    if start is not None:
+        yield _extent(start, prev, block_size, volume_size)
+
+
+def _extent(first: int, last: int, block_size: int, volume_size: int) -> Extent:
+    offset = first * block_size
+    return Extent(offset, min((last + 1) * block_size, volume_size) - offset)
+
+
+def diff_maps(old: bytes, new: bytes) -> list[int]:
+    """Indexes of blocks whose hash differs between two hash maps of equal length."""
+    if len(old) != len(new):
+        raise ValueError("hash maps of different volume sizes cannot be compared")
+    if old == new:
+        return []
+    mo, mn = memoryview(old), memoryview(new)
+    return [i for i in range(len(new) // HASH_LEN)
+            if mo[i * HASH_LEN:(i + 1) * HASH_LEN] != mn[i * HASH_LEN:(i + 1) * HASH_LEN]]

@@ -1,0 +1,85 @@
+"""Journal ops and entries: the records the capturers publish and the appliers replay."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class OpKind(enum.Enum):
+    """What one op does to the target."""
+
+    WRITE = "WRITE"   # data at offset
+    ZERO = "ZERO"     # length bytes at offset read back as zeros
+    TRIM = "TRIM"     # length bytes at offset may be discarded (x2x makes them read as zeros)
+    FLUSH = "FLUSH"   # consistency point: everything before it is durable on the source
+    SEAL = "SEAL"     # end of a generation; data holds the source's whole-volume digest
+
+
+#: Kinds that end an entry: the applier checkpoints only at entry boundaries, so a
+#: consistency point must be the last op of its entry.
+CLOSING_KINDS = frozenset({OpKind.FLUSH, OpKind.SEAL})
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One op; ``data`` is set for WRITE (the bytes) and SEAL (the volume digest)."""
+
+    kind: OpKind
+    offset: int = 0
+    length: int = 0
+    data: bytes = b""
+
+    @staticmethod
+    def write(offset: int, data: bytes) -> "Op":
+        return Op(OpKind.WRITE, offset, len(data), data)
+
+    @staticmethod
+    def zero(offset: int, length: int) -> "Op":
+        return Op(OpKind.ZERO, offset, length)
+
+    @staticmethod
+    def trim(offset: int, length: int) -> "Op":
+        return Op(OpKind.TRIM, offset, length)
+
+    @staticmethod
+    def flush() -> "Op":
+        return Op(OpKind.FLUSH)
+
+    @staticmethod
+    def seal(volume_size: int, digest: bytes) -> "Op":
+        return Op(OpKind.SEAL, 0, volume_size, digest)
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes this op changes on the target (what lag in bytes counts)."""
+        return self.length if self.kind in (OpKind.WRITE, OpKind.ZERO, OpKind.TRIM) else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One Kafka record of a pair's journal: ops ``first_seq .. last_seq`` of ``epoch``.
+
+    ``epoch_bytes`` counts the payload bytes journaled in this epoch up to and including
+    this entry, so lag in bytes is a subtraction; ``captured_at_ms`` is when the capturer
+    closed the entry, which is what RPO is measured against.
+    """
+
+    pair: str
+    epoch: int
+    first_seq: int
+    captured_at_ms: int
+    epoch_bytes: int
+    ops: tuple[Op, ...]
+    digest: bytes = field(default=b"", compare=False)
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.ops) - 1
+
+    @property
+    def closes_consistency_point(self) -> bool:
+        return bool(self.ops) and self.ops[-1].kind in CLOSING_KINDS
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(op.payload_bytes for op in self.ops)

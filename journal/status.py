@@ -1,0 +1,100 @@
+"""The status record of a pair, joined from capturer and applier heartbeats.
+
+Lag and RPO come from the journal's own seqs and capture times, never from a broker's
+high watermark (which some Kafka-compatible brokers report wrongly).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+
+@dataclass(frozen=True)
+class Beat:
+    """One heartbeat, as published on ``x2x.status``."""
+
+    pair: str
+    role: str
+    instance: str
+    host: str
+    pid: int
+    at_ms: int
+    state: str
+    epoch: int
+    seq: int
+    epoch_bytes: int
+    captured_at_ms: int
+    rate_bps: float = 0.0
+    detail: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    target: str
+    state: str
+    applied_epoch: int
+    applied_seq: int
+    lag_ops: int | None
+    lag_bytes: int | None
+    rpo_s: float | None
+    rate_bps: float
+    seen_s_ago: float
+
+
+@dataclass(frozen=True)
+class PairStatus:
+    pair: str
+    capture_state: str
+    captured_epoch: int
+    captured_seq: int
+    capture_rate_bps: float
+    capture_seen_s_ago: float | None
+    capture_detail: dict[str, str]
+    replicas: list[ReplicaStatus]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def latest(beats: Iterable[Beat]) -> dict[tuple[str, str, str], Beat]:
+    """The newest beat per (pair, role, instance)."""
+    out: dict[tuple[str, str, str], Beat] = {}
+    for b in beats:
+        key = (b.pair, b.role, b.instance)
+        if key not in out or out[key].at_ms <= b.at_ms:
+            out[key] = b
+    return out
+
+
+def replica_status(cap: Beat | None, app: Beat, now_ms: int) -> ReplicaStatus:
+    lag_ops = lag_bytes = rpo = None
+    if cap is not None:
+        if app.epoch == cap.epoch:
+            lag_ops = max(0, cap.seq - app.seq)
+            lag_bytes = max(0, cap.epoch_bytes - app.epoch_bytes)
+        elif app.epoch < cap.epoch:
+            lag_ops, lag_bytes = cap.seq, cap.epoch_bytes  # all of the newer epoch
+        if lag_ops == 0:
+            rpo = 0.0
+        elif lag_ops is not None:
+            # The target reflects the source as of the last applied capture time.
+            rpo = max(0.0, (now_ms - (app.captured_at_ms or app.at_ms)) / 1000)
+    return ReplicaStatus(app.instance, app.state, app.epoch, app.seq, lag_ops, lag_bytes,
+                         rpo, app.rate_bps, (now_ms - app.at_ms) / 1000)
+
+
+def pair_status(pair: str, beats: dict[tuple[str, str, str], Beat], now_ms: int) -> PairStatus:
+    """Join the newest heartbeats of ``pair`` into one status record."""
+    caps = [b for (p, r, _), b in beats.items() if p == pair and r == "capturer"]
+    cap = max(caps, key=lambda b: b.at_ms) if caps else None
+    apps = [b for (p, r, _), b in beats.items() if p == pair and r == "applier"]
+    return PairStatus(
+        pair=pair,
+        capture_state=cap.state if cap else "no capturer seen",
+        captured_epoch=cap.epoch if cap else 0,
+        captured_seq=cap.seq if cap else 0,
+        capture_rate_bps=cap.rate_bps if cap else 0.0,
+        capture_seen_s_ago=(now_ms - cap.at_ms) / 1000 if cap else None,
+        capture_detail=dict(cap.detail) if cap else {},
+        replicas=[replica_status(cap, a, now_ms) for a in sorted(apps, key=lambda b: b.instance)],
+    )

@@ -1,0 +1,431 @@
+"""A threaded NBD server: the protocol layer of the NBD capturer.
+
+It knows nothing of Kafka. Each named export is a :class:`Backend` (the short surface
+nbdkit plugins have: size, pread, pwrite, zero, trim, flush); the journaling volume that
+publishes writes is one such backend, a plain image file another.
+
+One thread per client connection, requests handled in order on each connection. Bad
+input from one client closes or answers that client only, with one log line naming the
+peer; the server keeps serving everyone else. Wire formats live in ``nbdproto``.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Protocol
+
+from producers import nbdproto as p
+
+_log = logging.getLogger("x2x.nbd")
+
+_DISCARD_CHUNK = 1 << 20
+_ACCEPT_POLL_S = 0.25
+# The transmission flags we advertise. CAN_MULTI_CONN stays off: a backend may sit in
+# front of a journal whose FLUSH is per-connection, so cross-connection flush is not safe.
+TRANSMISSION_FLAGS = (p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA
+                      | p.FLAG_SEND_TRIM | p.FLAG_SEND_WRITE_ZEROES)
+
+
+class Backend(Protocol):
+    """What an export is: a byte-addressed volume. Failures raise OSError with an errno,
+    or :class:`Shutdown` to refuse the request and disconnect the client."""
+
+    size: int
+
+    def pread(self, offset: int, length: int) -> bytes: ...
+
+    def pwrite(self, offset: int, data: memoryview, fua: bool) -> None: ...
+
+    def zero(self, offset: int, length: int, fua: bool) -> None: ...
+
+    def trim(self, offset: int, length: int) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class Shutdown(Exception):
+    """Raised by a backend to refuse a request: the client gets ESHUTDOWN, then is closed."""
+
+
+class _PeerGone(Exception):
+    """The client closed the connection (``mid_message`` when inside a message)."""
+
+    def __init__(self, mid_message: bool) -> None:
+        super().__init__("mid-message" if mid_message else "between messages")
+        self.mid_message = mid_message
+
+
+class _Close(Exception):
+    """End this connection now; the message is the one log line saying why."""
+
+
+@dataclass
+class ClientInfo:
+    """One connected client, for status displays (snapshots are copies)."""
+
+    peer: str
+    connected_at: float
+    export: str | None = None
+    requests: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    info: ClientInfo
+    thread: threading.Thread | None = None
+    no_zeroes: bool = False
+
+
+@dataclass
+class NBDServer:
+    """Serve ``exports`` over NBD on ``host:port`` (port 0 picks a free port).
+
+    ``on_disconnect`` is called with the final :class:`ClientInfo` of each client.
+    """
+
+    host: str
+    port: int
+    exports: dict[str, Backend]
+    log: logging.Logger = _log
+    on_disconnect: Callable[[ClientInfo], None] | None = None
+    _listener: socket.socket | None = field(init=False, default=None)
+    _stopping: threading.Event = field(init=False, default_factory=threading.Event)
+    _accept_thread: threading.Thread | None = field(init=False, default=None)
+    _conns: dict[int, _Conn] = field(init=False, default_factory=dict)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def bind(self) -> None:
+        """Bind and listen (idempotent); afterwards ``.port`` is the real port."""
+        if self._listener is not None:
+            return
+        sock = socket.create_server((self.host, self.port), reuse_port=False, backlog=64)
+        # A timeout lets the accept loop notice stop() without racing on a closed fd.
+        sock.settimeout(_ACCEPT_POLL_S)
+        self._listener = sock
+        self.port = sock.getsockname()[1]
+        self.log.info("NBD server listening on %s:%d, exports %s",
+                      self.host, self.port, ", ".join(repr(n) for n in self.exports))
+
+    def start(self) -> "NBDServer":
+        """Bind, then accept clients in a background thread."""
+        self.bind()
+        self._accept_thread = threading.Thread(target=self.serve_forever,
+                                               name=f"nbd-accept-{self.port}", daemon=True)
+        self._accept_thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Accept clients until :meth:`stop`; each one gets its own thread."""
+        self.bind()
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, addr = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as e:
+                if self._stopping.is_set():
+                    break
+                self.log.warning("NBD accept failed: %s", e)
+                time.sleep(_ACCEPT_POLL_S)
+                continue
+            self._spawn(sock, addr)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, disconnect every client and join all threads."""
+        self._stopping.set()
+        if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
+            self._accept_thread.join(timeout)
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            conns = list(self._conns.values())
+        for conn in conns:
+            _shutdown_socket(conn.sock)
+        deadline = time.monotonic() + timeout
+        for conn in conns:
+            if conn.thread is not None:
+                conn.thread.join(max(0.0, deadline - time.monotonic()))
+
+    @property
+    def clients(self) -> list[ClientInfo]:
+        """Snapshots of the connected clients."""
+        with self._lock:
+            return [replace(c.info) for c in self._conns.values()]
+
+    # --- per connection -------------------------------------------------------------------
+    def _spawn(self, sock: socket.socket, addr: tuple) -> None:
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Conn(sock, ClientInfo(peer=f"{addr[0]}:{addr[1]}", connected_at=time.time()))
+        conn.thread = threading.Thread(target=self._serve_client, args=(conn,),
+                                       name=f"nbd-client-{conn.info.peer}", daemon=True)
+        with self._lock:
+            self._conns[id(conn)] = conn
+        conn.thread.start()
+
+    def _serve_client(self, conn: _Conn) -> None:
+        peer = conn.info.peer
+        try:
+            export = self._handshake(conn)
+            if export is not None:
+                self._transmission(conn, export)
+        except _Close as e:
+            self.log.warning("NBD %s: %s; closing", peer, e)
+        except _PeerGone as e:
+            if self._stopping.is_set():
+                self.log.info("NBD %s: disconnected by server stop", peer)
+            elif e.mid_message:
+                self.log.warning("NBD %s: client vanished mid-message (the partial message"
+                                 " was dropped)", peer)
+            else:
+                self.log.info("NBD %s: client closed the connection without NBD_CMD_DISC", peer)
+        except OSError as e:
+            self.log.warning("NBD %s: connection lost: %s", peer, e)
+        except Exception:  # noqa: BLE001 - one bad client must not take the server down
+            self.log.exception("NBD %s: unexpected error; closing", peer)
+        finally:
+            _shutdown_socket(conn.sock)
+            conn.sock.close()
+            with self._lock:
+                self._conns.pop(id(conn), None)
+            if self.on_disconnect is not None:
+                try:
+                    self.on_disconnect(replace(conn.info))
+                except Exception:  # noqa: BLE001 - a status hook must not break the server
+                    self.log.exception("NBD %s: on_disconnect hook failed", peer)
+
+    # --- handshake ------------------------------------------------------------------------
+    def _handshake(self, conn: _Conn) -> tuple[str, Backend] | None:
+        """Greet, then haggle options until the client picks an export (None: it left)."""
+        conn.sock.sendall(p.encode_server_greeting())
+        try:
+            flags = p.parse_client_flags(_recv_exact(conn.sock, p.CLIENT_FLAGS_SIZE))
+        except p.ProtocolError as e:
+            raise _Close(f"bad client flags: {e}") from None
+        conn.no_zeroes = bool(flags & p.FLAG_C_NO_ZEROES)
+        while True:
+            try:
+                raw = bytearray(p.OPTION_HEADER_SIZE)
+                _recv_into(conn.sock, memoryview(raw), at_boundary=True)
+                header = p.parse_option_header(raw)
+            except p.ProtocolError as e:
+                raise _Close(f"bad option request: {e}") from None
+            data = _recv_exact(conn.sock, header.length)
+            chosen = self._option(conn, header.option, data)
+            if chosen is not None:
+                return chosen
+            if header.option == p.Option.ABORT:
+                self.log.info("NBD %s: client aborted the handshake", conn.info.peer)
+                return None
+
+    def _option(self, conn: _Conn, option: int, data: bytes) -> tuple[str, Backend] | None:
+        """Answer one option; returns the export once the client enters transmission."""
+        send = conn.sock.sendall
+        if option == p.Option.EXPORT_NAME:
+            return self._opt_export_name(conn, data)
+        if option == p.Option.ABORT:
+            send(p.encode_option_reply(option, p.Reply.ACK))
+        elif option == p.Option.LIST:
+            if data:
+                send(p.encode_option_reply(option, p.Reply.ERR_INVALID))
+                return None
+            for name in self.exports:
+                send(p.encode_option_reply(option, p.Reply.SERVER, p.encode_rep_server(name)))
+            send(p.encode_option_reply(option, p.Reply.ACK))
+        elif option in (p.Option.INFO, p.Option.GO):
+            return self._opt_info(conn, option, data)
+        elif option == p.Option.STARTTLS:
+            send(p.encode_option_reply(option, p.Reply.ERR_POLICY))
+        else:
+            send(p.encode_option_reply(option, p.Reply.ERR_UNSUP))
+        return None
+
+    def _opt_export_name(self, conn: _Conn, data: bytes) -> tuple[str, Backend]:
+        # EXPORT_NAME has no error reply: the spec says to close on an unknown export.
+        try:
+            name = p.parse_export_name(data)
+        except p.ProtocolError as e:
+            raise _Close(f"NBD_OPT_EXPORT_NAME: {e}") from None
+        found = self._find_export(name)
+        if found is None:
+            raise _Close(f"NBD_OPT_EXPORT_NAME for unknown export {name!r}")
+        conn.sock.sendall(p.encode_export_name_reply(
+            p.ExportInfo(found[1].size, TRANSMISSION_FLAGS), conn.no_zeroes))
+        return found
+
+    def _opt_info(self, conn: _Conn, option: int, data: bytes) -> tuple[str, Backend] | None:
+        send = conn.sock.sendall
+        try:
+            req = p.parse_info_request(data)
+        except p.ProtocolError as e:
+            self.log.warning("NBD %s: invalid %s: %s", conn.info.peer, p.Option(option).name, e)
+            send(p.encode_option_reply(option, p.Reply.ERR_INVALID))
+            return None
+        found = self._find_export(req.name)
+        if found is None:
+            self.log.warning("NBD %s: %s for unknown export %r", conn.info.peer,
+                             p.Option(option).name, req.name)
+            send(p.encode_option_reply(option, p.Reply.ERR_UNKNOWN))
+            return None
+        info = p.ExportInfo(found[1].size, TRANSMISSION_FLAGS)
+        send(p.encode_option_reply(option, p.Reply.INFO, p.encode_info_export(info)))
+        # Always sent: the spec allows it unrequested, and it tells clients our 32 MiB cap.
+        send(p.encode_option_reply(option, p.Reply.INFO, p.encode_info_block_size(p.BLOCK_SIZE)))
+        send(p.encode_option_reply(option, p.Reply.ACK))
+        return found if option == p.Option.GO else None
+
+    def _find_export(self, name: str) -> tuple[str, Backend] | None:
+        if name in self.exports:
+            return name, self.exports[name]
+        if name == "" and len(self.exports) == 1:
+            return next(iter(self.exports.items()))
+        return None
+
+    # --- transmission ---------------------------------------------------------------------
+    def _transmission(self, conn: _Conn, export: tuple[str, Backend]) -> None:
+        name, backend = export
+        conn.info.export = name
+        self.log.info("NBD %s: serving export %r (%d bytes)", conn.info.peer, name, backend.size)
+        header = bytearray(p.REQUEST_SIZE)
+        while True:
+            _recv_into(conn.sock, memoryview(header), at_boundary=True)
+            try:
+                req = p.parse_request(header)
+            except p.ProtocolError as e:
+                raise _Close(str(e)) from None
+            if req.type == p.Cmd.DISC:
+                self.log.info("NBD %s: client disconnected (NBD_CMD_DISC)", conn.info.peer)
+                return
+            conn.info.requests += 1
+            if not self._handle(conn, backend, req):
+                return
+
+    def _handle(self, conn: _Conn, backend: Backend, req: p.Request) -> bool:
+        """Serve one request; False once the connection must end."""
+        peer = conn.info.peer
+        if req.type == p.Cmd.WRITE and req.length > p.MAX_PAYLOAD:
+            # Its payload cannot be skipped at a sane cost, so the stream is lost.
+            raise _Close(f"NBD_CMD_WRITE of {req.length} bytes exceeds {p.MAX_PAYLOAD}")
+        error = p.check_request(req, backend.size)
+        payload: bytearray | None = None
+        if req.type == p.Cmd.WRITE:
+            if error:
+                _discard(conn.sock, req.length)
+            else:
+                payload = bytearray(req.length)
+                _recv_into(conn.sock, memoryview(payload), at_boundary=False)
+        if error:
+            self.log.warning("NBD %s: %s flags=%#x offset=%d length=%d refused with %s",
+                             peer, _cmd_name(req.type), req.flags, req.offset, req.length,
+                             error.name)
+            conn.sock.sendall(p.encode_simple_reply(error, req.cookie))
+            return True
+        try:
+            data = self._call(conn, backend, req, payload)
+        except Shutdown as e:
+            self.log.warning("NBD %s: %s refused, backend shutting down (%s); disconnecting",
+                             peer, _cmd_name(req.type), e)
+            conn.sock.sendall(p.encode_simple_reply(p.Err.ESHUTDOWN, req.cookie))
+            return False
+        except OSError as e:
+            nbd_err = p.errno_to_nbd(e.errno)
+            self.log.warning("NBD %s: %s offset=%d length=%d failed: %s -> %s", peer,
+                             _cmd_name(req.type), req.offset, req.length, e, nbd_err.name)
+            conn.sock.sendall(p.encode_simple_reply(nbd_err, req.cookie))
+            return True
+        except Exception as e:  # noqa: BLE001 - a backend bug is an I/O error to the client
+            self.log.exception("NBD %s: %s offset=%d length=%d failed: %s -> EIO", peer,
+                               _cmd_name(req.type), req.offset, req.length, e)
+            conn.sock.sendall(p.encode_simple_reply(p.Err.EIO, req.cookie))
+            return True
+        _send_all(conn.sock, p.encode_simple_reply(p.Err.OK, req.cookie), data)
+        return True
+
+    def _call(self, conn: _Conn, backend: Backend, req: p.Request,
+              payload: bytearray | None) -> bytes | None:
+        """Run a validated request against the backend; returns READ data."""
+        fua = bool(req.flags & p.CMD_FLAG_FUA)
+        kind, offset, length = req.type, req.offset, req.length
+        if kind == p.Cmd.READ:
+            data = backend.pread(offset, length) if length else b""
+            if len(data) != length:
+                raise OSError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
+            conn.info.bytes_read += length
+            return data
+        if kind == p.Cmd.WRITE:
+            assert payload is not None
+            if length:
+                backend.pwrite(offset, memoryview(payload), fua)
+            conn.info.bytes_written += length
+        elif kind == p.Cmd.WRITE_ZEROES:
+            if length:
+                backend.zero(offset, length, fua)
+        elif kind == p.Cmd.TRIM:
+            if length:
+                backend.trim(offset, length)
+        elif kind == p.Cmd.FLUSH:
+            backend.flush()
+        return None
+
+
+# --- socket helpers -----------------------------------------------------------------------
+def _recv_into(sock: socket.socket, buf: memoryview, at_boundary: bool) -> None:
+    """Fill ``buf`` completely; EOF raises _PeerGone (mid-message unless nothing arrived
+    and ``at_boundary``)."""
+    done = 0
+    while done < len(buf):
+        try:
+            n = sock.recv_into(buf[done:])
+        except (ConnectionResetError, BrokenPipeError):
+            n = 0
+        if n == 0:
+            raise _PeerGone(mid_message=done > 0 or not at_boundary)
+        done += n
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    buf = bytearray(size)
+    _recv_into(sock, memoryview(buf), at_boundary=False)
+    return bytes(buf)
+
+
+def _discard(sock: socket.socket, length: int) -> None:
+    scratch = memoryview(bytearray(min(length, _DISCARD_CHUNK)))
+    while length:
+        n = min(length, len(scratch))
+        _recv_into(sock, scratch[:n], at_boundary=False)
+        length -= n
+
+
+def _send_all(sock: socket.socket, header: bytes, data: bytes | None) -> None:
+    # Small reads go out in one segment; large ones are not copied just to save a syscall.
+    if data is None:
+        sock.sendall(header)
+    elif len(data) <= 64 * 1024:
+        sock.sendall(header + data)
+    else:
+        sock.sendall(header)
+        sock.sendall(data)
+
+
+def _shutdown_socket(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed or never connected
+
+
+def _cmd_name(kind: int) -> str:
+    try:
+        return f"NBD_CMD_{p.Cmd(kind).name}"
+    except ValueError:
+        return f"unknown command {kind}"

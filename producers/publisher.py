@@ -1,0 +1,170 @@
+"""The ordered journal publisher: ops in, entries onto ``x2x.journal.<pair>``, in order.
+
+Delivery reports, not produce calls, advance the journaled position, so "journaled"
+always means "the broker acknowledged it". In-flight bytes are bounded: a caller that
+outruns the broker waits here instead of buffering without limit.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from infra.heartbeat import HeartbeatPublisher
+from infra.kafka import KafkaSettings
+from infra.topics import journal_topic
+from journal.batch import DEFAULT_BUDGET, Sequencer
+from journal.errors import BrokerError
+from journal.ops import Entry, Op
+from schemas import codec
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Journaled:
+    """The newest entry the broker has acknowledged."""
+
+    epoch: int
+    seq: int
+    epoch_bytes: int
+    captured_at_ms: int
+
+
+class JournalPublisher:
+    """Appends ops of one epoch to a pair's journal; safe to call from many threads.
+
+    One poller thread serves all delivery reports, so callbacks never run on a thread
+    that holds the lock, and waiters sleep on a condition instead of polling.
+    """
+
+    def __init__(self, settings: KafkaSettings, pair: str, epoch: int, next_seq: int = 1,
+                 epoch_bytes: int = 0, key: bytes | None = None,
+                 max_inflight_bytes: int = 64 << 20, budget: int = DEFAULT_BUDGET,
+                 instance: str = "") -> None:
+        self.topic = journal_topic(pair)
+        self.settings = settings
+        self.producer = Producer(settings.producer())
+        self.seq = Sequencer(pair, epoch, next_seq, epoch_bytes, budget, key)
+        self.max_inflight = max_inflight_bytes
+        self.heartbeat = HeartbeatPublisher(self.producer, pair, "capturer", instance)
+        self.journaled = Journaled(epoch, next_seq - 1, epoch_bytes, 0)
+        self.ops_journaled = 0
+        self.bytes_sent = 0            # record bytes handed to Kafka (before compression)
+        self._inflight = 0
+        self._pending: deque[Entry] = deque()
+        self._error: str | None = None
+        self._cond = threading.Condition()
+        self._running = True
+        self._poller = threading.Thread(target=self._poll_loop, name="x2x-publisher",
+                                        daemon=True)
+        self._poller.start()
+
+    # -- appending -----------------------------------------------------------------
+    def append(self, op: Op) -> None:
+        """Queue one op; entries it completes go to Kafka now."""
+        with self._cond:
+            self._raise_if_failed()
+            for entry in self.seq.add(op, now_ms()):
+                self._produce(entry)
+
+    def append_many(self, ops: list[Op]) -> None:
+        with self._cond:
+            for op in ops:
+                self.append(op)
+
+    def flush_point(self) -> int:
+        """Append a FLUSH (consistency point) and return its seq."""
+        with self._cond:
+            seq = self.seq.next_seq + self.seq.pending_ops
+            self.append(Op.flush())
+            return seq
+
+    def close_entry(self) -> None:
+        """Send whatever ops are queued as an entry now (e.g. when the workload pauses)."""
+        with self._cond:
+            entry = self.seq.close(now_ms())
+            if entry:
+                self._produce(entry)
+
+    def _produce(self, entry: Entry) -> None:
+        value = codec.encode_entry(entry)
+        while self._inflight > self.max_inflight:
+            self._cond.wait(0.1)
+            self._raise_if_failed()
+        while True:
+            try:
+                self.producer.produce(self.topic, value, on_delivery=self._delivered)
+                break
+            except BufferError:
+                self._cond.wait(0.05)
+        self._inflight += len(value)
+        self.bytes_sent += len(value)
+        self._pending.append(entry)
+
+    # -- acknowledgements ----------------------------------------------------------
+    def _poll_loop(self) -> None:
+        while self._running:
+            self.producer.poll(0.1)
+
+    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
+        with self._cond:
+            self._inflight -= len(msg.value() or b"")
+            entry = self._pending.popleft()
+            if err is not None:
+                self._error = (f"journal entry seq {entry.first_seq}..{entry.last_seq} of "
+                               f"{self.topic} was not acknowledged by "
+                               f"{self.settings.bootstrap}: {err.str()}")
+            else:
+                self.journaled = Journaled(entry.epoch, entry.last_seq, entry.epoch_bytes,
+                                           entry.captured_at_ms)
+                self.ops_journaled += len(entry.ops)
+            self._cond.notify_all()
+
+    def _raise_if_failed(self) -> None:
+        if self._error:
+            raise BrokerError(self._error)
+
+    @property
+    def appended_seq(self) -> int:
+        """The last seq handed to the publisher (journaled or not)."""
+        with self._cond:
+            return self.seq.next_seq + self.seq.pending_ops - 1
+
+    def wait_journaled(self, seq: int, timeout: float = 60.0) -> None:
+        """Block until every op up to ``seq`` is acknowledged by the broker."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.journaled.seq < seq:
+                self._raise_if_failed()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerError(
+                        f"the journal of {self.topic} is not acknowledged up to seq {seq} "
+                        f"after {timeout:.0f} s; is {self.settings.bootstrap} up?")
+                self._cond.wait(min(left, 0.5))
+            self._raise_if_failed()
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Send queued ops and wait until all are acknowledged."""
+        with self._cond:
+            self.close_entry()
+            last = self.seq.next_seq - 1
+        self.wait_journaled(last, timeout)
+
+    def beat(self, state: str, detail: dict[str, str] | None = None, force: bool = False,
+             rate_bps: float = 0.0) -> None:
+        j = self.journaled
+        self.heartbeat.beat(state, j.epoch, j.seq, j.epoch_bytes, j.captured_at_ms,
+                            rate_bps, detail, force)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Flush heartbeats and stop the poller; call drain() first to keep ops."""
+        self.producer.flush(timeout)
+        self._running = False
+        self._poller.join()

@@ -1,0 +1,47 @@
+"""The capturer's own durable state: epoch, next seq and the block hash map of the source.
+
+``clean`` is false while a scan is being published; finding it false at start means the
+last run died mid-scan, so the next one starts a new epoch and resends everything that
+changed since the last complete scan.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from infra.files import atomic_write, read_json, write_json
+from infra.paths import pair_dir
+
+
+@dataclass
+class CaptureState:
+    epoch: int = 0
+    next_seq: int = 1
+    epoch_bytes: int = 0
+    clean: bool = True
+    block_size: int = 0
+    volume_size: int = 0
+
+
+class StateStore:
+    def __init__(self, pair: str, directory: Path | None = None) -> None:
+        d = directory or pair_dir(pair)
+        self.meta = d / "capture.json"
+        self.hashes = d / "capture.hashes"
+
+    def load(self) -> tuple[CaptureState | None, bytes | None]:
+        raw = read_json(self.meta)
+        if raw is None:
+            return None, None
+        state = CaptureState(**raw)
+        try:
+            hashes = self.hashes.read_bytes()
+        except FileNotFoundError:
+            hashes = None
+        return state, hashes
+
+    def save(self, state: CaptureState, hashes: bytes | None = None) -> None:
+        """Write hashes first, then the state that vouches for them."""
+        if hashes is not None:
+            atomic_write(self.hashes, hashes)
+        write_json(self.meta, asdict(state))

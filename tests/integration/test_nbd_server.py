@@ -1,0 +1,516 @@
+"""The NBD server against real clients (nbdinfo, qemu-io, qemu-img, nbdcopy) and against a
+raw socket sending bad input, serving plain image files through ``infra.volume.Volume``.
+
+No broker is involved: the protocol layer knows nothing of Kafka.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from infra.volume import Volume
+from producers import nbdproto as p
+from producers.nbd import ClientInfo, NBDServer, Shutdown
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+HOST = "127.0.0.1"
+LOGGER = "x2x.nbd.test"
+_PACKAGE = {"nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin",
+            "qemu-io": "qemu-utils", "qemu-img": "qemu-utils"}
+
+
+# --- backends -----------------------------------------------------------------------------
+@dataclass
+class VolumeBackend:
+    """An export over ``[offset, offset+size)`` of a Volume; counts what it was asked."""
+
+    vol: Volume
+    offset: int = 0
+    size: int = -1
+    fua_writes: int = 0
+    flushes: int = 0
+    fail_writes: BaseException | None = None  # raised by pwrite when set
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            self.size = self.vol.size - self.offset
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.vol.pread(self.offset + offset, length)
+
+    def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
+        if self.fail_writes is not None:
+            raise self.fail_writes
+        self.vol.pwrite(self.offset + offset, data)
+        if fua:
+            self.fua_writes += 1
+            self.vol.fsync()
+
+    def zero(self, offset: int, length: int, fua: bool) -> None:
+        self.vol.zero(self.offset + offset, length)
+
+    def trim(self, offset: int, length: int) -> None:
+        # Trimmed data may read back as anything; zeroing (hole punching) is allowed.
+        self.vol.zero(self.offset + offset, length)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        self.vol.fsync()
+
+
+@dataclass
+class Served:
+    """A running server with its backing file and the records of finished clients."""
+
+    server: NBDServer
+    image: Path
+    backends: dict[str, VolumeBackend]
+    finished: list[ClientInfo] = field(default_factory=list)
+
+    def uri(self, name: str = "disk") -> str:
+        return f"nbd://{HOST}:{self.server.port}/{name}"
+
+    def wait_finished(self, count: int, timeout: float = 10.0) -> list[ClientInfo]:
+        wait_for(lambda: len(self.finished) >= count, timeout, f"{count} clients to finish")
+        return self.finished
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def need(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        pytest.skip(f"{binary} is not installed (apt-get install {_PACKAGE[binary]})")
+    return path
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    need(args[0])
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=check)
+
+
+def serve(tmp_path: Path, exports: dict[str, tuple[int, int]], name: str = "disk.img",
+          size: int = SIZE) -> Served:
+    """Start a server on a fresh sparse image, one export per (offset, size) slice."""
+    image = tmp_path / name
+    with open(image, "wb") as f:
+        f.truncate(size)
+    vol = Volume(str(image), writable=True)
+    backends = {n: VolumeBackend(vol, off, sz) for n, (off, sz) in exports.items()}
+    served = Served(NBDServer(HOST, 0, dict(backends), log=logging.getLogger(LOGGER)),
+                    image, backends)
+    served.server.on_disconnect = served.finished.append
+    served.server.start()
+    return served
+
+
+@pytest.fixture
+def srv(tmp_path: Path) -> Iterator[Served]:
+    """Exports 'disk' (the whole 64 MiB image) and 'small' (its first MiB)."""
+    served = serve(tmp_path, {"disk": (0, SIZE), "small": (0, MiB)})
+    yield served
+    served.server.stop(5)
+    assert not served.server.clients
+
+
+@pytest.fixture
+def caplog_nbd(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    return caplog
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str, timeout: float = 5.0) -> str:
+    """Wait for a server log line containing ``text``, and return it."""
+    found: list[str] = []
+
+    def check() -> bool:
+        found[:] = [r.getMessage() for r in caplog.records if text in r.getMessage()]
+        return bool(found)
+
+    wait_for(check, timeout, f"log line containing {text!r}")
+    return found[0]
+
+
+# --- a raw client, to send what real clients never would ------------------------------------
+class RawClient:
+    """Speaks NBD by hand over a socket, using the pure protocol module."""
+
+    def __init__(self, port: int, flags: int | None = p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES):
+        self.sock = socket.create_connection((HOST, port), timeout=10)
+        self.greeting = p.parse_server_greeting(self.recv(p.SERVER_GREETING_SIZE))
+        if flags is not None:
+            self.sock.sendall(p.encode_client_flags(flags))
+
+    @property
+    def local(self) -> str:
+        host, port = self.sock.getsockname()[:2]
+        return f"{host}:{port}"
+
+    def recv(self, size: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < size:
+            chunk = self.sock.recv(size - len(buf))
+            if not chunk:
+                raise EOFError(f"server closed after {len(buf)} of {size} bytes")
+            buf += chunk
+        return bytes(buf)
+
+    def option(self, option: int, data: bytes = b"") -> list[tuple[int, bytes]]:
+        """Send an option; collect (reply type, data) until ACK or an error reply."""
+        self.sock.sendall(p.encode_option_request(option, data))
+        replies = []
+        while True:
+            head = p.parse_option_reply_header(self.recv(p.OPTION_REPLY_HEADER_SIZE))
+            assert head.option == option
+            replies.append((head.reply, self.recv(head.length)))
+            if head.reply == p.Reply.ACK or head.reply & (1 << 31):
+                return replies
+
+    def go(self, name: str = "disk") -> p.ExportInfo:
+        replies = self.option(p.Option.GO, p.encode_info_request(name))
+        assert replies[-1][0] == p.Reply.ACK, replies
+        return next(i for r, d in replies if r == p.Reply.INFO
+                    and isinstance(i := p.parse_info_reply(d), p.ExportInfo))
+
+    def request(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
+                payload: bytes = b"", cookie: int = 0xC0FFEE) -> tuple[int, bytes]:
+        """One request; returns (error, read data)."""
+        self.sock.sendall(p.encode_request(p.Request(flags, cmd, cookie, offset, length)) + payload)
+        reply = p.parse_simple_reply(self.recv(p.SIMPLE_REPLY_SIZE))
+        assert reply.cookie == cookie
+        data = self.recv(length) if cmd == p.Cmd.READ and reply.error == 0 else b""
+        return reply.error, data
+
+    def assert_closed_by_server(self) -> None:
+        """The server ends the connection: EOF (or reset) with nothing more to read."""
+        try:
+            assert self.sock.recv(1 << 16) == b""
+        except ConnectionResetError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw(srv: Served) -> Iterator[Callable[..., RawClient]]:
+    clients: list[RawClient] = []
+
+    def make(**kw: object) -> RawClient:
+        c = RawClient(srv.server.port, **kw)  # type: ignore[arg-type]
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        c.close()
+
+
+def image_bytes(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def assert_still_serving(srv: Served) -> None:
+    out = run("nbdinfo", "--size", srv.uri())
+    assert int(out.stdout) == SIZE
+
+
+# --- real clients -------------------------------------------------------------------------
+def test_nbdinfo_sees_size_flags_and_block_sizes(srv: Served) -> None:
+    info = json.loads(run("nbdinfo", "--json", srv.uri()).stdout)
+    assert info["protocol"] == "newstyle-fixed" and info["structured"] is False
+    (export,) = info["exports"]
+    assert export["export-name"] == "disk" and export["export-size"] == SIZE
+    assert export["can_flush"] and export["can_fua"] and export["can_trim"] and export["can_zero"]
+    assert not export["can_multi_conn"] and not export["is_read_only"]
+    assert (export["block_size_minimum"], export["block_size_preferred"],
+            export["block_size_maximum"]) == (1, 4096, 32 * MiB)
+
+
+def test_nbdinfo_lists_every_export(srv: Served) -> None:
+    info = json.loads(run("nbdinfo", "--list", "--json", srv.uri("")).stdout)
+    sizes = {e["export-name"]: e["export-size"] for e in info["exports"]}
+    assert sizes == {"disk": SIZE, "small": MiB}
+
+
+def test_unknown_export_is_refused_and_logged(srv: Served, caplog_nbd: pytest.LogCaptureFixture) -> None:
+    out = run("nbdinfo", srv.uri("nope"), check=False)
+    assert out.returncode != 0 and "nope" in out.stderr
+    assert "'nope'" in logged(caplog_nbd, "unknown export")
+    # With two exports an empty name is ambiguous, so it is unknown too.
+    assert run("nbdinfo", "--size", srv.uri(""), check=False).returncode != 0
+
+
+def test_empty_name_is_the_default_export_when_there_is_one(tmp_path: Path) -> None:
+    served = serve(tmp_path, {"only": (0, 2 * MiB)}, size=2 * MiB)
+    try:
+        assert int(run("nbdinfo", "--size", f"nbd://{HOST}:{served.server.port}").stdout) == 2 * MiB
+        assert served.wait_finished(1)[0].export == "only"
+    finally:
+        served.server.stop(5)
+
+
+def test_qemu_io_write_read_zero_discard_flush(srv: Served) -> None:
+    # Writeback cache, else qemu-io sends every write with FUA (writethrough default).
+    out = run("qemu-io", "-f", "raw", "-t", "writeback",
+              "-c", "write -P 0xab 0 1M",
+              "-c", "read -P 0xab 0 1M",
+              "-c", "write -f -P 0xcd 1M 64k",      # FUA
+              "-c", "write -P 0x11 3M 1M",
+              "-c", "write -z 3M 512k",              # WRITE_ZEROES with NO_HOLE
+              "-c", "read -P 0 3M 512k",
+              "-c", "read -P 0x11 3584k 512k",
+              "-c", "write -P 0x22 5M 1M",
+              "-c", "discard 5M 1M",                 # TRIM
+              "-c", "flush",
+              "-c", "read -P 0xab 512 100",          # unaligned read
+              srv.uri())
+    assert "Pattern verification failed" not in out.stdout + out.stderr
+    img = srv.image
+    assert image_bytes(img, 0, MiB) == b"\xab" * MiB
+    assert image_bytes(img, MiB, 64 * 1024) == b"\xcd" * 64 * 1024
+    assert image_bytes(img, 3 * MiB, MiB) == bytes(MiB // 2) + b"\x11" * (MiB // 2)
+    assert image_bytes(img, 5 * MiB, MiB) == bytes(MiB)
+    disk = srv.backends["disk"]
+    assert disk.fua_writes == 1 and disk.flushes >= 1
+    (rec,) = srv.wait_finished(1)
+    assert rec.export == "disk" and rec.bytes_written == MiB + 64 * 1024 + MiB + MiB
+    assert rec.bytes_read == MiB + MiB // 2 + MiB // 2 + 100 and rec.requests >= 11
+
+
+def test_qemu_img_convert_random_image_is_byte_exact(srv: Served, tmp_path: Path) -> None:
+    src = tmp_path / "random.img"
+    src.write_bytes(os.urandom(SIZE))
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), srv.uri())
+    assert srv.image.read_bytes() == src.read_bytes()
+
+
+def test_nbdcopy_both_directions(srv: Served, tmp_path: Path) -> None:
+    src = tmp_path / "random.img"
+    src.write_bytes(os.urandom(SIZE))
+    run("nbdcopy", str(src), srv.uri())
+    assert srv.image.read_bytes() == src.read_bytes()
+    back = tmp_path / "back.img"
+    run("nbdcopy", srv.uri(), str(back))
+    assert back.read_bytes() == src.read_bytes()
+
+
+def test_two_nbdcopy_into_different_regions_concurrently(tmp_path: Path) -> None:
+    need("nbdcopy")
+    half = SIZE // 2
+    served = serve(tmp_path, {"low": (0, half), "high": (half, half)})
+    try:
+        parts = {}
+        procs = []
+        for name in ("low", "high"):
+            parts[name] = tmp_path / f"{name}.img"
+            parts[name].write_bytes(os.urandom(half))
+            procs.append(subprocess.Popen(["nbdcopy", str(parts[name]), served.uri(name)]))
+        assert [proc.wait(60) for proc in procs] == [0, 0]
+        assert served.image.read_bytes() == parts["low"].read_bytes() + parts["high"].read_bytes()
+        records = served.wait_finished(2)
+        assert sorted(r.export for r in records) == ["high", "low"]
+        assert all(r.bytes_written == half for r in records)
+    finally:
+        served.server.stop(5)
+
+
+def test_connected_client_is_listed_while_others_come_and_go(
+        srv: Served, raw: Callable[..., RawClient]) -> None:
+    held = raw()
+    held.go("small")
+    assert held.request(p.Cmd.WRITE, 0, 4096, payload=b"\x5a" * 4096)[0] == 0
+    run("qemu-io", "-f", "raw", "-c", "read -P 0x5a 0 4k", srv.uri())
+    assert int(run("nbdinfo", "--size", srv.uri("small")).stdout) == MiB
+    (rec,) = [c for c in srv.server.clients if c.peer == held.local]
+    assert rec.export == "small" and rec.requests == 1 and rec.bytes_written == 4096
+    assert rec.connected_at <= time.time()
+    assert held.request(p.Cmd.READ, 0, 4096) == (0, b"\x5a" * 4096)
+
+
+# --- option haggling by hand ----------------------------------------------------------------
+def test_export_name_option_with_and_without_zeroes(raw: Callable[..., RawClient]) -> None:
+    for flags, reply_len in ((p.FLAG_C_FIXED_NEWSTYLE | p.FLAG_C_NO_ZEROES, 10),
+                             (p.FLAG_C_FIXED_NEWSTYLE, 134)):
+        c = raw(flags=flags)
+        assert c.greeting.flags == p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES
+        c.sock.sendall(p.encode_option_request(p.Option.EXPORT_NAME, b"small"))
+        reply = c.recv(reply_len)
+        info = p.parse_export_name_reply(reply[:10])
+        assert info.size == MiB and info.flags & p.FLAG_SEND_WRITE_ZEROES
+        assert reply[10:] == bytes(reply_len - 10)
+        assert c.request(p.Cmd.READ, 0, 512) == (0, bytes(512))  # in sync after padding
+
+
+def test_options_answered_per_spec_then_go_still_works(raw: Callable[..., RawClient]) -> None:
+    c = raw()
+    assert c.option(0x1234, b"junk") == [(p.Reply.ERR_UNSUP, b"")]
+    assert c.option(p.Option.STRUCTURED_REPLY) == [(p.Reply.ERR_UNSUP, b"")]
+    assert c.option(p.Option.STARTTLS) == [(p.Reply.ERR_POLICY, b"")]
+    assert c.option(p.Option.INFO, p.encode_info_request("nope")) == [(p.Reply.ERR_UNKNOWN, b"")]
+    assert c.option(p.Option.INFO, b"\x00\x00\x00\x09ab") == [(p.Reply.ERR_INVALID, b"")]
+    listed = c.option(p.Option.LIST)
+    assert [p.parse_rep_server(d)[0] for r, d in listed if r == p.Reply.SERVER] == ["disk", "small"]
+    info = [p.parse_info_reply(d) for r, d in c.option(p.Option.INFO, p.encode_info_request("small"))
+            if r == p.Reply.INFO]
+    assert p.ExportInfo(MiB, info[0].flags) in info and p.BLOCK_SIZE in info  # type: ignore[union-attr]
+    assert c.go("disk").size == SIZE
+    assert c.request(p.Cmd.FLUSH) == (0, b"")
+
+
+def test_abort_gets_ack_then_close(raw: Callable[..., RawClient]) -> None:
+    c = raw()
+    assert c.option(p.Option.ABORT) == [(p.Reply.ACK, b"")]
+    c.assert_closed_by_server()
+
+
+@pytest.mark.parametrize("name, send, log_text", [
+    ("garbage handshake", b"\xde\xad\xbe\xef" * 8, "bad client flags"),
+    ("unknown client flags", p.encode_client_flags(0x81), "unknown client flags"),
+    ("bad option magic", b"NOTMAGIC" + b"\x00" * 8, "bad option magic"),
+    ("oversized option", p.encode_option_request(p.Option.GO, b"")[:12] + b"\x00\x10\x00\x01",
+     "exceeds"),
+    ("export name unknown", p.encode_client_flags(1) + p.encode_option_request(1, b"nope"),
+     "unknown export 'nope'"),
+])
+def test_bad_handshake_closes_that_client_only(
+        srv: Served, raw: Callable[..., RawClient], caplog_nbd: pytest.LogCaptureFixture,
+        name: str, send: bytes, log_text: str) -> None:
+    flags_sent = not send.startswith((b"\xde", p.encode_client_flags(0x81), p.encode_client_flags(1)))
+    c = raw(flags=p.FLAG_C_FIXED_NEWSTYLE if flags_sent else None)
+    c.sock.sendall(send)
+    c.assert_closed_by_server()
+    assert c.local in logged(caplog_nbd, log_text)
+    assert_still_serving(srv)
+
+
+def test_truncated_handshake_is_logged_and_server_carries_on(
+        srv: Served, raw: Callable[..., RawClient], caplog_nbd: pytest.LogCaptureFixture) -> None:
+    c = raw(flags=None)
+    c.sock.sendall(b"\x00\x00")  # half of the client flags
+    peer = c.local
+    c.close()
+    assert peer in logged(caplog_nbd, "vanished")
+    assert_still_serving(srv)
+
+
+# --- transmission by hand -------------------------------------------------------------------
+def test_wrong_request_magic_closes(raw: Callable[..., RawClient],
+                                    caplog_nbd: pytest.LogCaptureFixture) -> None:
+    c = raw()
+    c.go()
+    c.sock.sendall(b"\x21\xe4\x1c\x71" + bytes(p.REQUEST_SIZE - 4))  # extended header, never agreed
+    c.assert_closed_by_server()
+    assert c.local in logged(caplog_nbd, "bad request magic")
+
+
+def test_invalid_requests_get_errors_and_the_stream_stays_in_sync(
+        srv: Served, raw: Callable[..., RawClient], caplog_nbd: pytest.LogCaptureFixture) -> None:
+    c = raw()
+    c.go("small")
+    assert c.request(0x77, 0, 512)[0] == p.Err.EINVAL                      # unknown command
+    assert c.request(p.Cmd.BLOCK_STATUS, 0, 512)[0] == p.Err.EINVAL        # never advertised
+    assert c.request(p.Cmd.READ, MiB - 512, 1024)[0] == p.Err.EINVAL       # past the end
+    assert c.request(p.Cmd.READ, 2**64 - 1, 1)[0] == p.Err.EINVAL          # offset overflow
+    assert c.request(p.Cmd.READ, 0, 32 * MiB + 1)[0] == p.Err.EINVAL       # too long
+    assert c.request(p.Cmd.TRIM, MiB, 1)[0] == p.Err.EINVAL
+    assert c.request(p.Cmd.WRITE_ZEROES, MiB - 1, 2)[0] == p.Err.ENOSPC
+    # A write past the end still carries its payload, which must be skipped, not applied.
+    assert c.request(p.Cmd.WRITE, MiB - 512, 1024, payload=b"\xee" * 1024)[0] == p.Err.ENOSPC
+    assert c.request(p.Cmd.WRITE, 0, 512, flags=p.CMD_FLAG_NO_HOLE, payload=b"\xee" * 512)[0] \
+        == p.Err.EINVAL
+    assert b"\xee" not in image_bytes(srv.image, 0, 2 * MiB)
+    assert c.request(p.Cmd.READ, MiB - 512, 512) == (0, bytes(512))        # still in sync
+    assert c.local in logged(caplog_nbd, "unknown command 119")
+    assert logged(caplog_nbd, "NBD_CMD_WRITE_ZEROES").endswith("refused with ENOSPC")
+
+
+def test_oversized_write_closes_without_touching_the_volume(
+        srv: Served, raw: Callable[..., RawClient], caplog_nbd: pytest.LogCaptureFixture) -> None:
+    c = raw()
+    c.go()
+    c.sock.sendall(p.encode_request(p.Request(0, p.Cmd.WRITE, 1, 0, 32 * MiB + 1)) + b"\xee" * 4096)
+    c.assert_closed_by_server()
+    assert c.local in logged(caplog_nbd, "exceeds")
+    assert image_bytes(srv.image, 0, 4096) == bytes(4096)
+    assert_still_serving(srv)
+
+
+def test_client_vanishing_mid_write_applies_nothing(
+        srv: Served, raw: Callable[..., RawClient], caplog_nbd: pytest.LogCaptureFixture) -> None:
+    c = raw()
+    c.go()
+    c.sock.sendall(p.encode_request(p.Request(0, p.Cmd.WRITE, 1, 8 * MiB, MiB)) + b"\xff" * (MiB // 2))
+    peer = c.local
+    c.close()
+    assert peer in logged(caplog_nbd, "vanished mid-message")
+    (rec,) = srv.wait_finished(1)
+    assert rec.bytes_written == 0
+    assert image_bytes(srv.image, 8 * MiB, MiB) == bytes(MiB)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x42 8M 4k", "-c", "read -P 0x42 8M 4k", srv.uri())
+    assert image_bytes(srv.image, 8 * MiB, 8192) == b"\x42" * 4096 + bytes(4096)
+
+
+def test_disc_closes_cleanly(srv: Served, raw: Callable[..., RawClient],
+                             caplog_nbd: pytest.LogCaptureFixture) -> None:
+    c = raw()
+    c.go()
+    c.sock.sendall(p.encode_request(p.Request(0, p.Cmd.DISC, 1, 0, 0)))
+    c.assert_closed_by_server()
+    assert c.local in logged(caplog_nbd, "NBD_CMD_DISC")
+
+
+def test_backend_errno_is_mapped_and_shutdown_disconnects(
+        srv: Served, raw: Callable[..., RawClient], caplog_nbd: pytest.LogCaptureFixture) -> None:
+    c = raw()
+    c.go()
+    disk = srv.backends["disk"]
+    disk.fail_writes = OSError(errno.EROFS, "read-only")
+    assert c.request(p.Cmd.WRITE, 0, 512, payload=bytes(512))[0] == p.Err.EPERM
+    disk.fail_writes = OSError(errno.ENOSPC, "full")
+    assert c.request(p.Cmd.WRITE, 0, 512, payload=bytes(512))[0] == p.Err.ENOSPC
+    disk.fail_writes = OSError(errno.EBADMSG, "odd")
+    assert c.request(p.Cmd.WRITE, 0, 512, payload=bytes(512))[0] == p.Err.EIO
+    assert c.request(p.Cmd.READ, 0, 512) == (0, bytes(512))  # reads still fine
+    disk.fail_writes = Shutdown("failing over")
+    assert c.request(p.Cmd.WRITE, 0, 512, payload=bytes(512))[0] == p.Err.ESHUTDOWN
+    c.assert_closed_by_server()
+    assert "failing over" in logged(caplog_nbd, "shutting down")
+
+
+def test_stop_disconnects_clients_and_joins_threads(tmp_path: Path) -> None:
+    served = serve(tmp_path, {"disk": (0, MiB)}, size=MiB)
+    clients = [RawClient(served.server.port) for _ in range(3)]
+    for c in clients[:2]:
+        c.go()
+    wait_for(lambda: len(served.server.clients) == 3, what="3 connected clients")
+    before = threading.active_count()
+    served.server.stop(5)
+    for c in clients:
+        c.assert_closed_by_server()
+        c.close()
+    assert served.server.clients == [] and len(served.finished) == 3
+    assert threading.active_count() <= before - 4  # 3 client threads + the accept thread
+    with pytest.raises(OSError):
+        socket.create_connection((HOST, served.server.port), timeout=1).close()
