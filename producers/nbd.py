@@ -142,6 +142,8 @@ class NBDServer:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, disconnect every client and join all threads."""
         self._stopping.set()
+        if self._listener is not None:
+            _shutdown_socket(self._listener)  # wakes a blocked accept() at once on Linux
         if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
             self._accept_thread.join(timeout)
         if self._listener is not None:
@@ -163,6 +165,9 @@ class NBDServer:
 
     # --- per connection -------------------------------------------------------------------
     def _spawn(self, sock: socket.socket, addr: tuple) -> None:
+        if self._stopping.is_set():  # accepted while stop() ran: it would never be joined
+            sock.close()
+            return
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = _Conn(sock, ClientInfo(peer=f"{addr[0]}:{addr[1]}", connected_at=time.time()))
@@ -335,6 +340,7 @@ class NBDServer:
             self.log.warning("NBD %s: %s refused, backend shutting down (%s); disconnecting",
                              peer, _cmd_name(req.type), e)
             conn.sock.sendall(p.encode_simple_reply(p.Err.ESHUTDOWN, req.cookie))
+            _close_gracefully(conn.sock)
             return False
         except OSError as e:
             nbd_err = p.errno_to_nbd(e.errno)
@@ -415,6 +421,20 @@ def _send_all(sock: socket.socket, header: bytes, data: bytes | None) -> None:
     else:
         sock.sendall(header)
         sock.sendall(data)
+
+
+def _close_gracefully(sock: socket.socket, timeout: float = 1.0) -> None:
+    """Send FIN, then drain what the client still sends for a moment: closing with unread
+    data would send RST, and a RST can destroy replies the client has not read yet."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(timeout)
+        scratch = bytearray(_DISCARD_CHUNK)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and sock.recv_into(scratch):
+            pass
+    except OSError:
+        pass  # timed out or reset: the client had its chance
 
 
 def _shutdown_socket(sock: socket.socket) -> None:
