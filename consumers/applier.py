@@ -84,7 +84,7 @@ class Applier:
                     f"{self.spec.volume_size}; grow it (truncate -s {self.spec.volume_size} "
                     f"{self.target}) or choose another target")
             self.vol = vol
-            producer = Producer(self.settings.producer(**{"linger.ms": 50}))
+            producer = Producer(self.settings.side_producer(**{"linger.ms": 50}))
             beats = HeartbeatPublisher(producer, self.spec.name, "applier", self.target)
             consumer = Consumer(self.settings.consumer())
             try:
@@ -92,7 +92,7 @@ class Applier:
                 goal = self._capture_goal() if until_caught_up else None
                 at_eof = False
                 while not stop.is_set():
-                    batch = consumer.consume(500, 0.5)
+                    batch = consumer.consume(500, 0.1)
                     for msg in batch:
                         at_eof = self._handle(msg, at_eof)
                         if msg.error() is None:

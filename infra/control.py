@@ -24,7 +24,7 @@ def publish(settings: KafkaSettings, event: ControlEvent, timeout: float = 15.0)
     record = {"event": event.event, "pair": event.pair, "at_ms": event.at_ms,
               "spec": asdict(event.spec) if event.spec else None, "attrs": event.attrs}
     errors: list[str] = []
-    producer = Producer(settings.producer())
+    producer = Producer(settings.side_producer())
     producer.produce(CONTROL_TOPIC, codec.encode(codec.CONTROL, record), key=event.pair,
                      on_delivery=lambda err, _m: err and errors.append(err.str()))
     if producer.flush(timeout) or errors:

@@ -1,6 +1,7 @@
 """Heartbeats on ``x2x.status``: published by capturers and appliers, read by ``x2x status``."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -12,7 +13,10 @@ from infra.kafka import KafkaSettings
 from infra.reader import read_to_end
 from infra.topics import STATUS_TOPIC
 from journal.status import Beat
+from journal.errors import X2XError
 from schemas import codec
+
+log = logging.getLogger("x2x.status")
 
 
 class HeartbeatPublisher:
@@ -42,5 +46,12 @@ class HeartbeatPublisher:
 
 
 def read_beats(settings: KafkaSettings) -> list[Beat]:
-    return [Beat(**codec.decode(m.value(), codec.HEARTBEAT))
-            for m in read_to_end(settings, STATUS_TOPIC)]
+    """Every heartbeat on the status topic; foreign or damaged records are skipped, since
+    status is advisory and must never stop replication."""
+    beats = []
+    for m in read_to_end(settings, STATUS_TOPIC):
+        try:
+            beats.append(Beat(**codec.decode(m.value(), codec.HEARTBEAT)))
+        except X2XError as e:
+            log.warning("skipping %s offset %d: %s", STATUS_TOPIC, m.offset(), e)
+    return beats

@@ -80,6 +80,11 @@ class KafkaSettings:
             **overrides,
         }
 
+    def side_producer(self, **overrides: Any) -> dict[str, Any]:
+        """For control events and heartbeats: acknowledged, but without the idempotent
+        producer's start-up round trip, which only the journal's ordering needs."""
+        return self.producer(**{"enable.idempotence": False, "linger.ms": 0, **overrides})
+
     def consumer(self, **overrides: Any) -> dict[str, Any]:
         return {
             **self._common(),
@@ -89,6 +94,9 @@ class KafkaSettings:
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
+            # Short fetch waits: services poll continuously anyway, and CLI reads of small
+            # topics end at partition EOF, which a long wait only delays.
+            "fetch.wait.max.ms": 50,
             "fetch.max.bytes": 64 * 1024 * 1024,
             "max.partition.fetch.bytes": 16 * 1024 * 1024,
             "queued.max.messages.kbytes": 128 * 1024,

@@ -21,7 +21,7 @@ def read_to_end(settings: KafkaSettings, topic: str, timeout: float = 15.0) -> I
         consumer.assign([TopicPartition(topic, 0, 0)])
         deadline = time.monotonic() + timeout
         while True:
-            batch = consumer.consume(1000, 0.5)
+            batch = consumer.consume(1000, 0.05)
             for msg in batch:
                 err = msg.error()
                 if err is None:

@@ -1,0 +1,84 @@
+"""Shared fixtures: one real embedded broker per test session, on a free port."""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_names = itertools.count()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def x2x_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = tmp_path_factory.mktemp("x2x-home")
+    os.environ["X2X_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def broker(x2x_home: Path):
+    """The embedded broker, started the way `x2x broker up` starts it."""
+    from infra import broker as embedded
+    state = embedded.up(port=free_port())
+    os.environ["X2X_BOOTSTRAP"] = state.bootstrap
+    yield state
+    embedded.down()
+
+
+@pytest.fixture
+def settings(broker):
+    from infra.kafka import KafkaSettings
+    return KafkaSettings.resolve(broker.bootstrap)
+
+
+@pytest.fixture
+def pair_name(request: pytest.FixtureRequest) -> str:
+    """A pair name unique in the session (the broker is shared)."""
+    base = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40].strip("-")
+    return f"{base}-{next(_names)}"
+
+
+def x2x_bin() -> str:
+    return shutil.which("x2x", path=str(Path(sys.executable).parent)) or "x2x"
+
+
+def run_x2x(*args: str, check: bool = True, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a child process, as a user would."""
+    proc = subprocess.run([x2x_bin(), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"x2x {' '.join(args)} exited {proc.returncode}:\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def make_image(path: Path, size: int, seed: int = 1, data_fraction: float = 0.5,
+               block: int = 64 * 1024) -> Path:
+    """A sparse image where about ``data_fraction`` of the blocks hold random data."""
+    import random
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, block):
+            if rng.random() < data_fraction:
+                f.seek(off)
+                f.write(rng.randbytes(min(block, size - off)))
+    return path
+
+
+def same_bytes(a: Path | str, b: Path | str, length: int | None = None) -> bool:
+    from infra.volume import volume_digest
+    return volume_digest(str(a), length) == volume_digest(str(b), length)

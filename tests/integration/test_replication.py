@@ -1,0 +1,321 @@
+"""The journal pipeline end to end on a real broker: scan capturer -> journal -> applier."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from consumers.applier import Applier
+from consumers.checkpoint import CheckpointStore
+from infra import control
+from infra.topics import JOURNAL_CONFIG, delete_topic, ensure_topic, journal_topic
+from infra.volume import volume_digest
+from journal.batch import Sequencer
+from journal.errors import (CorruptEntry, ExtentOutOfRange, JournalLost, PairNotFound, SeqGap,
+                            UnknownFingerprint)
+from journal.ops import Op
+from journal.pairs import PairSpec
+from producers.scan import scan_once
+from schemas import codec
+from tests.conftest import make_image, run_x2x, same_bytes, x2x_bin
+
+MiB = 1 << 20
+
+
+def create(settings, name: str, src: Path, dst: Path, block: int = 65536) -> PairSpec:
+    spec = PairSpec(name, str(src), str(dst), block, src.stat().st_size)
+    if not dst.exists():
+        with open(dst, "wb") as f:
+            f.truncate(spec.volume_size)
+    control.create_pair(settings, spec)
+    return spec
+
+
+def mutate(path: Path, fraction: float, seed: int, block: int = 4096) -> int:
+    """Overwrite ``fraction`` of the 4 KiB blocks at random; returns bytes changed."""
+    rng = random.Random(seed)
+    size = path.stat().st_size
+    n = int(size // block * fraction)
+    with open(path, "r+b") as f:
+        for i in rng.sample(range(size // block), n):
+            f.seek(i * block)
+            f.write(rng.randbytes(block))
+    return n * block
+
+
+def test_baseline_then_incremental_equals_source(settings, pair_name, tmp_path):
+    src = make_image(tmp_path / "src.img", 32 * MiB, seed=7, data_fraction=0.6)
+    dst = tmp_path / "dst.img"
+    spec = create(settings, pair_name, src, dst)
+
+    base = scan_once(spec, settings)
+    assert base.baseline and base.epoch == 1 and base.first_seq == 1
+    Applier(spec, str(dst), settings).run(until_caught_up=True)
+    assert same_bytes(src, dst)
+    # Zero extents travel as ZERO ops: far fewer bytes than the volume.
+    assert base.bytes_sent < 0.75 * spec.volume_size
+
+    changed = mutate(src, 0.01, seed=8)
+    inc = scan_once(spec, settings)
+    assert not inc.baseline and inc.epoch == 1 and inc.first_seq == base.last_seq + 1
+    # Only blocks that changed are sent (each changed 4 KiB dirties one 64 KiB block).
+    assert inc.bytes_changed <= changed * 16 and inc.bytes_sent < 0.5 * spec.volume_size
+    stats = Applier(spec, str(dst), settings).run(until_caught_up=True)
+    assert stats.bytes_applied == inc.bytes_changed
+    assert same_bytes(src, dst)
+
+    # Nothing changed: the scan publishes just its FLUSH.
+    idle = scan_once(spec, settings)
+    assert idle.blocks_changed == 0 and idle.last_seq == idle.first_seq
+
+
+def test_zeroed_blocks_are_zeroed_on_target(settings, pair_name, tmp_path):
+    src = make_image(tmp_path / "src.img", 8 * MiB, seed=3, data_fraction=1.0)
+    dst = tmp_path / "dst.img"
+    spec = create(settings, pair_name, src, dst)
+    scan_once(spec, settings)
+    with open(src, "r+b") as f:
+        f.seek(MiB)
+        f.write(bytes(3 * MiB))
+    scan_once(spec, settings)
+    Applier(spec, str(dst), settings).run(until_caught_up=True)
+    assert same_bytes(src, dst)
+
+
+def test_cli_flow_and_status(settings, pair_name, tmp_path):
+    src = make_image(tmp_path / "src.img", 16 * MiB, seed=11)
+    dst = tmp_path / "dst.img"
+    run_x2x("pair", "create", pair_name, "--source", str(src), "--target", str(dst),
+            "--create-target", "--block-size", "16KiB")
+    shown = run_x2x("pair", "show", pair_name, "--json").stdout
+    assert f'"block_size": {16 * 1024}' in shown
+    assert pair_name in run_x2x("pair", "list").stdout
+    out = run_x2x("capture", pair_name, "--once").stdout
+    assert "baseline: epoch 1" in out
+    out = run_x2x("apply", pair_name, "--until-caught-up").stdout
+    assert "checkpoint epoch 1" in out
+    assert same_bytes(src, dst)
+    import json
+    (row,) = json.loads(run_x2x("status", pair_name, "--json").stdout)
+    (rep,) = row["replicas"]
+    assert row["captured_seq"] == rep["applied_seq"] > 0
+    assert rep["lag_ops"] == 0 and rep["rpo_s"] == 0.0
+    run_x2x("pair", "delete", pair_name)
+    gone = run_x2x("pair", "show", pair_name, check=False)
+    assert gone.returncode == 1 and f"no pair named '{pair_name}'" in gone.stderr
+
+
+def test_applier_killed_mid_stream_resumes_to_an_equal_target(settings, pair_name, tmp_path):
+    src = make_image(tmp_path / "src.img", 96 * MiB, seed=5, data_fraction=0.9)
+    dst = tmp_path / "dst.img"
+    spec = create(settings, pair_name, src, dst, block=65536)
+    # Several consistency points, so there are checkpoints to resume from.
+    for i in range(4):
+        mutate(src, 0.05, seed=100 + i)
+        scan_once(spec, settings)
+    store = CheckpointStore(pair_name, str(dst))
+    kills = 0
+    for delay in (0.8, 1.5):
+        proc = subprocess.Popen([x2x_bin(), "apply", pair_name, "--until-caught-up"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 1, "the applier finished before it could be killed; make the journal larger"
+    before = store.load()
+    run_x2x("apply", pair_name, "--until-caught-up")
+    after = store.load()
+    assert after.position.seq > (before.position.seq if before else 0)
+    assert same_bytes(src, dst)
+
+
+# -- bad input: a clear error, nothing applied -----------------------------------------
+def test_unknown_pair(settings):
+    proc = run_x2x("capture", "no-such-pair", "--once", check=False)
+    assert proc.returncode == 1 and "no pair named 'no-such-pair'" in proc.stderr
+    with pytest.raises(PairNotFound, match="create it with"):
+        control.get_pair(settings, "no-such-pair")
+
+
+def test_source_missing(broker, tmp_path):
+    proc = run_x2x("pair", "create", "p-missing", "--source", str(tmp_path / "nope.img"),
+                   "--target", str(tmp_path / "t.img"), check=False)
+    assert proc.returncode == 1 and "nope.img does not exist" in proc.stderr
+
+
+def test_target_missing_or_smaller(broker, tmp_path):
+    src = make_image(tmp_path / "src.img", MiB)
+    proc = run_x2x("pair", "create", "p-small", "--source", str(src), "--target",
+                   str(tmp_path / "t.img"), check=False)
+    assert proc.returncode == 1 and "t.img does not exist" in proc.stderr
+    small = tmp_path / "small.img"
+    small.write_bytes(bytes(4096))
+    proc = run_x2x("pair", "create", "p-small", "--source", str(src), "--target", str(small),
+                   check=False)
+    assert proc.returncode == 1 and "smaller than source" in proc.stderr
+    assert "p-small" not in run_x2x("pair", "list").stdout
+
+
+def test_bad_pair_name_and_block_size(broker, tmp_path):
+    src = make_image(tmp_path / "src.img", MiB)
+    proc = run_x2x("pair", "create", "bad/name", "--source", str(src), "--target", str(src),
+                   check=False)
+    assert proc.returncode == 2 and "pair name 'bad/name' is invalid" in proc.stderr
+    proc = run_x2x("pair", "create", "okname", "--source", str(src), "--target", str(src),
+                   "--block-size", "3000", check=False)
+    assert proc.returncode == 2 and "block size 3000 is invalid" in proc.stderr
+
+
+def test_duplicate_pair_is_refused(settings, pair_name, tmp_path):
+    src = make_image(tmp_path / "src.img", MiB)
+    create(settings, pair_name, src, tmp_path / "dst.img")
+    proc = run_x2x("pair", "create", pair_name, "--source", str(src), "--target",
+                   str(tmp_path / "dst.img"), check=False)
+    assert proc.returncode == 1 and "exists already" in proc.stderr
+
+
+def test_source_resized_after_create_is_refused(settings, pair_name, tmp_path):
+    src = make_image(tmp_path / "src.img", MiB)
+    spec = create(settings, pair_name, src, tmp_path / "dst.img")
+    with open(src, "ab") as f:
+        f.write(b"x" * 4096)
+    proc = run_x2x("capture", pair_name, "--once", check=False)
+    assert proc.returncode == 1 and "was created for 1048576" in proc.stderr
+
+
+def test_target_shrunk_below_source_is_refused_at_apply(settings, pair_name, tmp_path):
+    src = make_image(tmp_path / "src.img", MiB)
+    dst = tmp_path / "dst.img"
+    create(settings, pair_name, src, dst)
+    os.truncate(dst, 4096)
+    proc = run_x2x("apply", pair_name, "--until-caught-up", check=False)
+    assert proc.returncode == 1 and "smaller than the source" in proc.stderr
+
+
+def _produce(settings, name: str, *values: bytes) -> None:
+    p = Producer(settings.producer())
+    for v in values:
+        p.produce(journal_topic(name), v)
+    assert p.flush(10) == 0
+
+
+def _good_then(settings, spec: PairSpec, dst: Path, bad: bytes, expect, match: str):
+    """Apply a good consistency point, then a bad record: refused, target at checkpoint."""
+    seq = Sequencer(spec.name, 1)
+    good = seq.add(Op.write(0, b"A" * 4096), 1) + seq.add(Op.flush(), 1)
+    _produce(settings, spec.name, *(codec.encode_entry(e) for e in good))
+    Applier(spec, str(dst), settings).run(until_caught_up=True)
+    snapshot = dst.read_bytes()
+    cp = CheckpointStore(spec.name, str(dst)).load()
+    _produce(settings, spec.name, bad)
+    with pytest.raises(expect, match=match):
+        Applier(spec, str(dst), settings).run(until_caught_up=True)
+    assert dst.read_bytes() == snapshot
+    assert CheckpointStore(spec.name, str(dst)).load() == cp
+    assert control.get_pair(settings, spec.name).state == "needs-resync"
+    return seq
+
+
+def _bad_setup(settings, pair_name, tmp_path):
+    src = tmp_path / "src.img"
+    src.write_bytes(bytes(MiB))
+    dst = tmp_path / "dst.img"
+    return create(settings, pair_name, src, dst), dst
+
+
+def test_corrupted_record_is_refused(settings, pair_name, tmp_path):
+    spec, dst = _bad_setup(settings, pair_name, tmp_path)
+    e = Sequencer(pair_name, 1, next_seq=3)
+    e.add(Op.write(8192, b"B" * 4096), 1)
+    entry = e.add(Op.flush(), 2)[0]
+    raw = bytearray(codec.encode_entry(entry))
+    raw[200] ^= 0xFF                        # a bit flip inside the payload
+    _good_then(settings, spec, dst, bytes(raw), CorruptEntry, "digest mismatch at .* offset 2")
+
+
+def test_unknown_fingerprint_is_refused(settings, pair_name, tmp_path):
+    spec, dst = _bad_setup(settings, pair_name, tmp_path)
+    raw = bytearray(codec.encode_entry(Sequencer(pair_name, 1, next_seq=3).add(Op.flush(), 1)[0]))
+    raw[2:10] = b"\x11" * 8
+    _good_then(settings, spec, dst, bytes(raw), UnknownFingerprint, "1111111111111111")
+
+
+def test_seq_gap_is_refused(settings, pair_name, tmp_path):
+    spec, dst = _bad_setup(settings, pair_name, tmp_path)
+    s = Sequencer(pair_name, 1, next_seq=9)
+    s.add(Op.write(0, b"C" * 4096), 1)
+    gap = s.add(Op.flush(), 1)[0]
+    _good_then(settings, spec, dst, codec.encode_entry(gap), SeqGap,
+               "jumps from seq 2 to 9")
+
+
+def test_extent_outside_target_is_refused(settings, pair_name, tmp_path):
+    spec, dst = _bad_setup(settings, pair_name, tmp_path)
+    s = Sequencer(pair_name, 1, next_seq=3)
+    s.add(Op.write(MiB - 10, b"D" * 4096), 1)
+    _good_then(settings, spec, dst, codec.encode_entry(s.add(Op.flush(), 1)[0]),
+               ExtentOutOfRange, "outside the target")
+
+
+def test_record_of_another_pair_is_refused(settings, pair_name, tmp_path):
+    spec, dst = _bad_setup(settings, pair_name, tmp_path)
+    s = Sequencer("someone-else", 1, next_seq=3)
+    _good_then(settings, spec, dst, codec.encode_entry(s.add(Op.flush(), 1)[0]),
+               CorruptEntry, "belongs to pair 'someone-else'")
+
+
+def test_topic_recreated_under_the_applier(settings, pair_name, tmp_path):
+    src = make_image(tmp_path / "src.img", 4 * MiB, seed=2)
+    dst = tmp_path / "dst.img"
+    spec = create(settings, pair_name, src, dst)
+    for i in range(3):
+        mutate(src, 0.1, seed=i)
+        scan_once(spec, settings)
+    Applier(spec, str(dst), settings).run(until_caught_up=True)
+    snapshot = dst.read_bytes()
+    admin = settings.check_reachable()
+    delete_topic(admin, journal_topic(pair_name))
+    time.sleep(0.5)
+    ensure_topic(admin, journal_topic(pair_name), JOURNAL_CONFIG)
+    proc = run_x2x("apply", pair_name, "--until-caught-up", check=False, timeout=120)
+    assert proc.returncode == 1
+    assert "is not in the journal" in proc.stderr and "nothing was applied" in proc.stderr
+    assert dst.read_bytes() == snapshot
+    # The way out the message names works: reset, resync, apply.
+    run_x2x("capture", pair_name, "--once", "--resync")
+    run_x2x("apply", pair_name, "--until-caught-up", "--reset")
+    assert same_bytes(src, dst)
+
+
+def test_broker_unreachable_is_a_clear_error_not_a_hang(tmp_path):
+    from tests.conftest import free_port
+    port = free_port()
+    t0 = time.monotonic()
+    proc = run_x2x("--bootstrap", f"127.0.0.1:{port}", "pair", "list", check=False,
+                   timeout=60)
+    assert time.monotonic() - t0 < 45
+    assert proc.returncode == 1
+    assert f"cannot reach Kafka at 127.0.0.1:{port}" in proc.stderr
+
+
+def test_garbage_on_the_status_topic_does_not_stop_status_or_apply(settings, pair_name,
+                                                                   tmp_path):
+    from infra.topics import STATUS_TOPIC
+    p = Producer(settings.producer())
+    p.produce(STATUS_TOPIC, b"not a heartbeat")
+    assert p.flush(10) == 0
+    src = make_image(tmp_path / "src.img", MiB, seed=4)
+    dst = tmp_path / "dst.img"
+    spec = create(settings, pair_name, src, dst)
+    scan_once(spec, settings)
+    Applier(spec, str(dst), settings).run(until_caught_up=True)
+    assert same_bytes(src, dst)
+    assert pair_name in run_x2x("status").stdout

@@ -1,0 +1,84 @@
+"""The one codec: single-object encoding round trips, and every bad record is refused by name."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from journal.batch import Sequencer
+from journal.digest import digest_of
+from journal.errors import CorruptEntry, UnknownFingerprint
+from journal.ops import Op
+from schemas import codec
+
+ops = st.one_of(
+    st.builds(Op.write, st.integers(0, 2**40), st.binary(min_size=1, max_size=4096)),
+    st.builds(Op.zero, st.integers(0, 2**40), st.integers(1, 2**30)),
+    st.builds(Op.trim, st.integers(0, 2**40), st.integers(1, 2**30)),
+    st.just(Op.flush()),
+)
+
+
+@given(st.lists(ops, min_size=1, max_size=30), st.integers(1, 1000))
+@settings(max_examples=200, deadline=None)
+def test_entries_round_trip_and_keep_their_digest(op_list, epoch):
+    seq = Sequencer("p", epoch, budget=16 * 1024)
+    entries = [e for op in op_list for e in seq.add(op, 1234)]
+    last = seq.close(99)
+    entries += [last] if last else []
+    for entry in entries:
+        back = codec.decode_entry(codec.encode_entry(entry))
+        assert back == entry
+        assert back.digest == digest_of(back)
+
+
+def test_single_object_header_is_magic_and_fingerprint():
+    data = codec.encode(codec.CONTROL, {"event": "deleted", "pair": "p", "at_ms": 1,
+                                        "spec": None, "attrs": {}})
+    assert data[:2] == b"\xc3\x01"
+    assert data[2:10] == codec.CONTROL.fingerprint
+    assert len({codec.ENTRY.fingerprint, codec.CONTROL.fingerprint,
+                codec.HEARTBEAT.fingerprint}) == 3
+
+
+def _entry_bytes() -> bytes:
+    (entry,) = Sequencer("p", 1).add(Op.flush(), 1)
+    return codec.encode_entry(entry)
+
+
+def test_unknown_fingerprint_is_refused_by_name():
+    data = bytearray(_entry_bytes())
+    data[2:10] = b"\x00" * 8
+    with pytest.raises(UnknownFingerprint, match="unknown schema fingerprint 0000000000000000"):
+        codec.decode_entry(bytes(data))
+
+
+def test_missing_magic_is_refused():
+    with pytest.raises(CorruptEntry, match="not an x2x record"):
+        codec.decode_entry(b"hello world, not avro")
+
+
+def test_truncated_record_is_refused():
+    data = _entry_bytes()
+    with pytest.raises(CorruptEntry, match="does not decode"):
+        codec.decode_entry(data[:-5])
+
+
+def test_trailing_garbage_is_refused():
+    with pytest.raises(CorruptEntry, match="trailing bytes"):
+        codec.decode_entry(_entry_bytes() + b"xx")
+
+
+def test_record_of_another_schema_is_refused():
+    data = codec.encode(codec.CONTROL, {"event": "deleted", "pair": "p", "at_ms": 1,
+                                        "spec": None, "attrs": {}})
+    with pytest.raises(CorruptEntry, match="is a ControlEvent, expected a JournalEntry"):
+        codec.decode_entry(data)
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=500)
+def test_garbage_only_ever_raises_corrupt_entry(blob):
+    try:
+        codec.decode_entry(codec.MAGIC + codec.ENTRY.fingerprint + blob)
+    except CorruptEntry:
+        pass

@@ -1,0 +1,177 @@
+"""The journal's invariants (journal/DESIGN.md), tested without a broker."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from journal.batch import OP_OVERHEAD, Sequencer
+from journal.blocks import (HASH_LEN, coalesce, diff_maps, hash_block, hash_buffer, is_zero,
+                            zero_hash)
+from journal.digest import digest_of
+from journal.errors import BadInput, ExtentOutOfRange, SeqGap, StaleEpoch
+from journal.ops import Entry, Op, OpKind
+from journal.pairs import (ControlEvent, PairSpec, fold, parse_size, validate_block_size,
+                           validate_name)
+from journal.runs import RunBuilder
+from journal.sequence import Position, Verdict, check_extents, classify
+
+
+def entry(epoch: int, first_seq: int, n: int = 1, pair: str = "p") -> Entry:
+    return Entry(pair, epoch, first_seq, 0, 0, tuple(Op.zero(0, 1) for _ in range(n)))
+
+
+# -- ops are contiguous per epoch -----------------------------------------------------
+write_ops = st.one_of(
+    st.builds(Op.write, st.integers(0, 1 << 30), st.binary(min_size=1, max_size=5000)),
+    st.builds(Op.zero, st.integers(0, 1 << 30), st.integers(1, 1 << 20)),
+    st.just(Op.flush()),
+)
+
+
+@given(st.lists(write_ops, max_size=60), st.integers(200, 6000))
+@settings(max_examples=200, deadline=None)
+def test_sequencer_numbers_ops_contiguously_and_respects_budget(ops, budget):
+    seq = Sequencer("p", 3, budget=budget)
+    entries = [e for op in ops for e in seq.add(op, 5)]
+    tail = seq.close(6)
+    entries += [tail] if tail else []
+    expected = 1
+    for e in entries:
+        assert e.epoch == 3 and e.first_seq == expected
+        expected = e.last_seq + 1
+        if len(e.ops) > 1:
+            assert sum(len(o.data) + OP_OVERHEAD for o in e.ops) <= budget
+        assert e.digest == digest_of(e)
+        # A consistency point is always the last op of its entry.
+        assert all(o.kind is not OpKind.FLUSH for o in e.ops[:-1])
+    # Splitting a large write never changes the bytes written.
+    written = {}
+    for e in entries:
+        for o in e.ops:
+            if o.kind is OpKind.WRITE:
+                for i, b in enumerate(o.data):
+                    written[o.offset + i] = b
+    want = {}
+    for o in ops:
+        if o.kind is OpKind.WRITE:
+            for i, b in enumerate(o.data):
+                want[o.offset + i] = b
+    assert written == want
+
+
+def test_epoch_bytes_count_payload():
+    seq = Sequencer("p", 1)
+    (e,) = seq.add(Op.write(0, b"x" * 10), 1) + seq.add(Op.zero(10, 90), 1) + \
+        seq.add(Op.flush(), 1)
+    assert e.epoch_bytes == 100 and e.payload_bytes == 100
+
+
+def test_keyed_digest_differs_from_plain():
+    (e,) = Sequencer("p", 1, key=b"k" * 32).add(Op.flush(), 1)
+    assert e.digest == digest_of(e, b"k" * 32) != digest_of(e)
+
+
+# -- what the applier accepts and refuses ---------------------------------------------
+def test_next_seq_is_applied():
+    assert classify(Position(1, 5), entry(1, 6)) is Verdict.APPLY
+
+
+def test_replayed_entry_is_a_duplicate_so_replay_is_idempotent():
+    assert classify(Position(1, 5), entry(1, 3, 3)) is Verdict.DUPLICATE
+
+
+def test_seq_gap_is_refused_with_the_missing_range():
+    with pytest.raises(SeqGap, match="ops 6..7 are missing"):
+        classify(Position(1, 5), entry(1, 8))
+
+
+def test_new_epoch_must_start_at_one():
+    assert classify(Position(1, 500), entry(2, 1)) is Verdict.APPLY
+    with pytest.raises(SeqGap, match="epoch 2 starts at seq 4"):
+        classify(Position(1, 500), entry(2, 4))
+
+
+def test_older_epoch_after_newer_is_refused():
+    with pytest.raises(StaleEpoch, match="old capturer"):
+        classify(Position(3, 1), entry(2, 2))
+
+
+def test_extent_outside_target_is_refused():
+    e = Entry("p", 1, 7, 0, 0, (Op.write(4090, b"x" * 10),))
+    with pytest.raises(ExtentOutOfRange, match="op seq 7 .*outside the target of 4096"):
+        check_extents(e, 4096)
+    check_extents(e, 4100)
+
+
+def test_write_whose_length_lies_is_refused():
+    e = Entry("p", 1, 1, 0, 0, (Op(OpKind.WRITE, 0, 100, b"x"),))
+    with pytest.raises(ExtentOutOfRange, match="carries 1 bytes"):
+        check_extents(e, 4096)
+
+
+# -- block hashing ---------------------------------------------------------------------
+def test_zero_blocks_hash_like_zero_bytes():
+    assert is_zero(memoryview(bytes(4096)))
+    assert not is_zero(memoryview(b"\0" * 4095 + b"\1"))
+    assert hash_block(memoryview(bytes(4096))) == zero_hash(4096)
+
+
+def test_hash_buffer_and_diff_find_the_changed_blocks():
+    a = bytearray(16 * 4096)
+    b = bytearray(a)
+    b[5 * 4096 + 17] = 1
+    b[9 * 4096] = 2
+    ha = b"".join(hash_buffer(memoryview(a), 4096))
+    hb = b"".join(hash_buffer(memoryview(b), 4096))
+    assert len(ha) == 16 * HASH_LEN
+    assert diff_maps(ha, hb) == [5, 9]
+    assert diff_maps(ha, ha) == []
+
+
+def test_coalesce_joins_adjacent_blocks_up_to_the_limit():
+    ex = list(coalesce([0, 1, 2, 5, 6, 9], 4096, 10 * 4096 - 100, 2 * 4096))
+    assert [(e.offset, e.length) for e in ex] == [
+        (0, 8192), (8192, 4096), (20480, 8192), (36864, 4096 - 100)]
+
+
+def test_run_builder_coalesces_writes_and_zeros():
+    rb = RunBuilder(max_write=3 * 4)
+    out = []
+    for i, blk in enumerate([b"aaaa", b"bbbb", None, None, b"cccc", b"dddd", b"eeee", b"ffff"]):
+        out += rb.add_zero(i * 4, 4) if blk is None else rb.add_write(i * 4, memoryview(blk))
+    out += rb.finish()
+    assert [(o.kind, o.offset, o.length, o.data) for o in out] == [
+        (OpKind.WRITE, 0, 8, b"aaaabbbb"), (OpKind.ZERO, 8, 8, b""),
+        (OpKind.WRITE, 16, 12, b"ccccddddeeee"), (OpKind.WRITE, 28, 4, b"ffff")]
+
+
+# -- pairs -----------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["", "-x", "a b", "a/b", "x" * 201, "ä"])
+def test_bad_pair_names_are_refused(bad):
+    with pytest.raises(BadInput, match="pair name"):
+        validate_name(bad)
+
+
+def test_sizes_parse_with_binary_units():
+    assert parse_size("64KiB") == 65536
+    assert parse_size("1M") == 1 << 20
+    assert parse_size("4096") == 4096
+    with pytest.raises(BadInput, match="size 'lots' is invalid"):
+        parse_size("lots")
+
+
+@pytest.mark.parametrize("bad", [1024, 5000, 8 << 20])
+def test_block_size_must_be_power_of_two_in_range(bad):
+    with pytest.raises(BadInput, match="block size"):
+        validate_block_size(bad)
+
+
+def test_fold_control_events():
+    spec = PairSpec("a", "/s", "/t", 65536, 1 << 20)
+    evs = [ControlEvent("created", "a", 1, spec), ControlEvent("created", "b", 2,
+           PairSpec("b", "/s", "/t", 65536, 1)), ControlEvent("deleted", "b", 3),
+           ControlEvent("resync-needed", "a", 4, attrs={"reason": "gap"}),
+           ControlEvent("some-future-event", "a", 5)]
+    pairs = fold(evs)
+    assert list(pairs) == ["a"]
+    assert pairs["a"].state == "needs-resync" and pairs["a"].attrs["reason"] == "gap"

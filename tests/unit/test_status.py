@@ -1,0 +1,30 @@
+"""Lag and RPO come from journal seqs and capture times, not from the broker."""
+from journal.status import Beat, latest, pair_status
+
+
+def beat(role, seq, at, epoch=1, epoch_bytes=0, captured_at=0, instance="x"):
+    return Beat("p", role, instance, "h", 1, at, "s", epoch, seq, epoch_bytes, captured_at)
+
+
+def test_lag_in_ops_and_bytes_and_rpo():
+    beats = latest([beat("capturer", 10, 1000, epoch_bytes=5000),
+                    beat("capturer", 20, 2000, epoch_bytes=9000),
+                    beat("applier", 12, 1500, epoch_bytes=6000, captured_at=900, instance="t")])
+    st = pair_status("p", beats, now_ms=3900)
+    (rep,) = st.replicas
+    assert st.captured_seq == 20
+    assert (rep.lag_ops, rep.lag_bytes) == (8, 3000)
+    assert rep.rpo_s == 3.0
+
+
+def test_caught_up_replica_has_zero_rpo():
+    beats = latest([beat("capturer", 20, 2000), beat("applier", 20, 2500, instance="t")])
+    (rep,) = pair_status("p", beats, 10_000).replicas
+    assert (rep.lag_ops, rep.rpo_s) == (0, 0.0)
+
+
+def test_replica_behind_an_epoch_lags_by_the_whole_new_epoch():
+    beats = latest([beat("capturer", 7, 2000, epoch=2, epoch_bytes=700),
+                    beat("applier", 90, 1900, epoch=1, instance="t")])
+    (rep,) = pair_status("p", beats, 3000).replicas
+    assert (rep.lag_ops, rep.lag_bytes) == (7, 700)
