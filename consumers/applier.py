@@ -21,12 +21,13 @@ from infra import control
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
 from infra.topics import journal_topic
-from infra.volume import Volume
+from infra.volume import Volume, volume_digest
 from journal.digest import digest_of
-from journal.errors import BrokerError, CorruptEntry, JournalError, JournalLost, VolumeError
-from journal.ops import Entry
+from journal.errors import (BrokerError, CorruptEntry, DigestMismatch, JournalError,
+                            JournalLost, VolumeError)
+from journal.ops import Entry, OpKind
 from journal.pairs import ControlEvent, PairSpec
-from journal.sequence import Position, Verdict, check_extents, classify
+from journal.sequence import Limit, Position, Verdict, check_extents, classify
 from journal.status import latest
 from schemas import codec
 
@@ -37,6 +38,7 @@ VERIFY_TIMEOUT = 15.0
 
 @dataclass
 class ApplyStats:
+    stopped_by: str = ""     # signal | caught-up | limit | sealed
     entries: int = 0
     ops: int = 0
     bytes_applied: int = 0
@@ -56,11 +58,15 @@ class Applier:
 
     def __init__(self, spec: PairSpec, target: str, settings: KafkaSettings,
                  key: bytes | None = None, store: CheckpointStore | None = None,
-                 stage_limit: int = STAGE_LIMIT) -> None:
+                 stage_limit: int = STAGE_LIMIT, limit: Limit | None = None,
+                 on_checkpoint: Callable[[Position], None] | None = None) -> None:
         self.spec, self.target, self.settings, self.key = spec, target, settings, key
         self.topic = journal_topic(spec.name)
         self.store = store or CheckpointStore(spec.name, target)
         self.stage_limit = stage_limit
+        self.limit = limit
+        self.on_checkpoint = on_checkpoint
+        self.sealed: Entry | None = None
         self.stats = ApplyStats()
         self.checkpointed = Position()
         self._pos = Position()
@@ -72,12 +78,13 @@ class Applier:
     # -- the loop --------------------------------------------------------------------
     def run(self, until_caught_up: bool = False, stop: threading.Event | None = None,
             on_progress: Callable[["Applier"], None] | None = None) -> ApplyStats:
-        """Apply until stopped (or, with ``until_caught_up``, until the target has every
-        consistency point the capturer has journaled)."""
+        """Apply until stopped, until a SEAL ends the generation, until the point-in-time
+        limit, or (with ``until_caught_up``) until the target has every consistency point
+        the capturer has journaled."""
         stop = stop or threading.Event()
         self.settings.check_reachable()
         t0 = self._t0 = time.monotonic()
-        with Volume(self.target, writable=True) as vol:
+        with self.store.lock(), Volume(self.target, writable=True) as vol:
             if vol.size < self.spec.volume_size:
                 raise VolumeError(
                     f"target {self.target} is {vol.size} bytes, smaller than the source's "
@@ -89,22 +96,8 @@ class Applier:
             consumer = Consumer(self.settings.consumer())
             try:
                 self._start(consumer)
-                goal = self._capture_goal() if until_caught_up else None
-                at_eof = False
-                while not stop.is_set():
-                    batch = consumer.consume(500, 0.1)
-                    for msg in batch:
-                        at_eof = self._handle(msg, at_eof)
-                        if msg.error() is None:
-                            at_eof = False
-                    self._beat(beats, "applying" if batch else "following")
-                    producer.poll(0)
-                    if on_progress:
-                        on_progress(self)
-                    if until_caught_up and at_eof:
-                        goal = self._capture_goal()
-                        if goal is None or self._reached(goal):
-                            break
+                self.stats.stopped_by = self._loop(consumer, beats, producer, stop,
+                                                   until_caught_up, on_progress)
             except JournalError as e:
                 self._mark_resync(e)
                 raise
@@ -115,11 +108,38 @@ class Applier:
         self.stats.seconds = time.monotonic() - t0
         return self.stats
 
-    def _handle(self, msg: Message, at_eof: bool) -> bool:
+    def _loop(self, consumer: Consumer, beats: HeartbeatPublisher, producer: Producer,
+              stop: threading.Event, until_caught_up: bool,
+              on_progress: Callable[["Applier"], None] | None) -> str:
+        at_eof = False
+        while not stop.is_set():
+            batch = consumer.consume(500, 0.1)
+            for msg in batch:
+                err = msg.error()
+                if err is not None and err.code() == KafkaError._PARTITION_EOF:
+                    at_eof = True
+                    continue
+                at_eof = False
+                if not self._handle(msg):
+                    return "limit"
+                if self.sealed is not None:
+                    return "sealed"
+            self._beat(beats, "applying" if batch else "following")
+            producer.poll(0)
+            if on_progress:
+                on_progress(self)
+            if at_eof and self.limit is not None:
+                return "limit"          # everything the journal holds is within the limit
+            if until_caught_up and at_eof:
+                goal = self._capture_goal()
+                if goal is None or self._reached(goal):
+                    return "caught-up"
+        return "signal"
+
+    def _handle(self, msg: Message) -> bool:
+        """Stage/apply one record; False when it lies beyond the point-in-time limit."""
         err = msg.error()
         if err is not None:
-            if err.code() == KafkaError._PARTITION_EOF:
-                return True
             if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                 raise JournalLost(f"the journal topic {self.topic} is gone; the pair was "
                                   f"deleted or the broker lost its data. Recreate the pair and "
@@ -128,7 +148,9 @@ class Applier:
         entry = self._decode(msg)
         if classify(self._pos, entry) is Verdict.DUPLICATE:
             self.stats.duplicates += 1
-            return at_eof
+            return True
+        if self.limit is not None and self.limit.exceeded_by(entry, msg.offset()):
+            return False
         try:
             check_extents(entry, self.vol.size)
         except JournalError as e:
@@ -138,10 +160,25 @@ class Applier:
         self._staged_bytes += len(msg.value())
         if entry.closes_consistency_point:
             self._apply_staged()
+            if entry.ops[-1].kind is OpKind.SEAL:
+                self._check_seal(entry)
             self._checkpoint(entry, msg.offset())
         elif self._staged_bytes > self.stage_limit:
             self._apply_staged()      # too large to hold: the target runs ahead of its checkpoint
-        return at_eof
+        return True
+
+    def _check_seal(self, entry: Entry) -> None:
+        """A SEAL ends a generation: the target must now equal the source, digest for digest."""
+        self.vol.fsync()
+        seal = entry.ops[-1]
+        got = volume_digest(self.target, seal.length)
+        if got != seal.data:
+            raise DigestMismatch(
+                f"pair {self.spec.name}: after draining to SEAL (epoch {entry.epoch} seq "
+                f"{entry.last_seq}) the target {self.target} has blake3 {got.hex()[:16]}... but "
+                f"the source sealed {seal.data.hex()[:16]}...; the target is NOT promoted. "
+                f"Run 'x2x pair verify {self.spec.name} --repair' or resync")
+        self.sealed = entry
 
     def _decode(self, msg: Message) -> Entry:
         where = f"{self.topic} offset {msg.offset()}"
@@ -173,6 +210,8 @@ class Applier:
         self.store.save(Checkpoint(self.spec.name, self.target, self._pos, self._last_digest,
                                    int(time.time() * 1000)))
         self.stats.checkpoints += 1
+        if self.on_checkpoint:
+            self.on_checkpoint(self._pos)
 
     # -- start: resume from the checkpoint, proving the journal still holds it ----------
     def _start(self, consumer: Consumer) -> None:

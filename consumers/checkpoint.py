@@ -5,11 +5,16 @@ checkpoint never claims more than the target holds.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 from dataclasses import asdict, dataclass
+from typing import Iterator
 from pathlib import Path
 
 from infra.files import read_json, write_json
 from infra.paths import pair_dir, volume_key
+from journal.errors import Busy
 from journal.sequence import Position
 
 
@@ -41,3 +46,21 @@ class CheckpointStore:
 
     def reset(self) -> None:
         self.path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the target exclusively: two appliers on one target would interleave."""
+        lock_path = self.path.with_suffix(".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise Busy(f"another applier (pid {holder}) is applying pair {self.pair} to "
+                           f"{self.target}; stop it first, or wait for it to finish") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)

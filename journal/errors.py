@@ -60,3 +60,11 @@ class ExtentOutOfRange(JournalError):
 
 class JournalLost(JournalError):
     """The journal no longer holds the applier's checkpoint (topic recreated or emptied)."""
+
+
+class DigestMismatch(JournalError):
+    """After draining to a SEAL, the target's digest differs from the source's."""
+
+
+class Busy(X2XError):
+    """Another process holds the lock this operation needs."""

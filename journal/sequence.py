@@ -71,3 +71,21 @@ def check_extents(entry: Entry, volume_size: int) -> None:
                     f"pair {entry.pair}: op seq {seq} says length {op.length} but carries "
                     f"{len(op.data)} bytes")
         seq += 1
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """Where a point-in-time replica stops: the last consistency point at or before a
+    capture time, an ``(epoch, seq)`` or a topic offset (any that are set)."""
+
+    at_ms: int | None = None
+    epoch_seq: tuple[int, int] | None = None
+    offset: int | None = None
+
+    def exceeded_by(self, entry: Entry, offset: int) -> bool:
+        """True when ``entry`` lies (even in part) beyond the limit."""
+        if self.at_ms is not None and entry.captured_at_ms > self.at_ms:
+            return True
+        if self.epoch_seq is not None and (entry.epoch, entry.last_seq) > self.epoch_seq:
+            return True
+        return self.offset is not None and offset > self.offset
