@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from cli import broker, pair, replicate, status, volume
+from cli import broker, pair, replica, replicate, status, volume
 from cli.common import Globals, err_console
 from journal.errors import X2XError
 
@@ -14,6 +14,7 @@ app = typer.Typer(help="x2x: continuous block-volume replication and migration o
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(broker.app, name="broker")
 app.add_typer(pair.app, name="pair")
+app.add_typer(replica.app, name="replica")
 app.add_typer(volume.app, name="volume")
 app.command()(replicate.capture)
 app.command()(replicate.apply)

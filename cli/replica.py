@@ -1,0 +1,37 @@
+"""x2x replica add: another target built by replaying the journal (live or point-in-time)."""
+from __future__ import annotations
+
+import typer
+
+from cli.common import console, human_bytes, print_json, settings
+from cli.replicate import _stop_on_signals
+from consumers import replica
+from infra import control
+
+app = typer.Typer(help="Build extra replicas, live or at a point in time.",
+                  no_args_is_help=True)
+
+
+@app.command()
+def add(ctx: typer.Context, name: str,
+        target: str = typer.Option(..., help="The replica's volume (an image file is created "
+                                   "sparse if missing)."),
+        at: str = typer.Option(None, help="Stop at the last consistency point at or before "
+                               "this time (ISO-8601 or 'now')."),
+        seq: str = typer.Option(None, help="... at or before EPOCH:SEQ (or SEQ of epoch 1)."),
+        offset: int = typer.Option(None, help="... at or before this journal offset."),
+        json_: bool = typer.Option(False, "--json")) -> None:
+    """Replay the pair's journal onto TARGET: live-following until stopped, or up to a point."""
+    s = settings(ctx)
+    spec = control.get_pair(s, name).spec
+    limit = replica.make_limit(s, name, at, seq, offset)
+    applier, stats = replica.build(spec, target, s, limit, stop=_stop_on_signals())
+    p = applier.checkpointed
+    if json_:
+        print_json({**stats.__dict__, "target": target, "epoch": p.epoch, "seq": p.seq,
+                    "offset": p.offset, "captured_at_ms": p.captured_at_ms})
+        return
+    console.print(f"replica {target}: {stats.entries} entries, "
+                  f"{human_bytes(stats.bytes_applied)} in {stats.seconds:.2f} s; at consistency "
+                  f"point epoch {p.epoch} seq {p.seq} (offset {p.offset}); stopped by "
+                  f"{stats.stopped_by}")

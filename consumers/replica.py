@@ -1,0 +1,112 @@
+"""Extra replicas: another target built by replaying a pair's journal from its start,
+live-following, or stopping at a point in time (the last consistency point at or before
+a capture time, an epoch:seq or a topic offset)."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import threading
+import time
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from consumers.applier import Applier, ApplyStats
+from consumers.checkpoint import CheckpointStore
+from infra.kafka import KafkaSettings
+from infra.topics import journal_topic
+from journal.errors import BadInput, JournalLost
+from journal.pairs import PairSpec
+from journal.sequence import Limit
+from schemas import codec
+
+
+def parse_at(text: str, now: dt.datetime | None = None) -> int:
+    """``now`` or an ISO-8601 time (naive = UTC) -> epoch milliseconds; refuses the future."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if text.strip().lower() == "now":
+        return int(now.timestamp() * 1000)
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise BadInput(f"--at {text!r} is not a time: use ISO-8601 such as "
+                       f"2026-11-25T14:30:00Z, or 'now'") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    if when > now + dt.timedelta(seconds=1):
+        raise BadInput(f"--at {text} is in the future (now is {now.isoformat(timespec='seconds')})"
+                       f"; a replica can only stop at a point the journal already holds")
+    return int(when.timestamp() * 1000)
+
+
+def parse_seq(text: str) -> tuple[int, int]:
+    """``E:N`` (as ``x2x status`` prints positions) or ``N`` (epoch 1) -> (epoch, seq)."""
+    epoch, _, seq = text.rpartition(":")
+    try:
+        return (int(epoch) if epoch else 1), int(seq)
+    except ValueError:
+        raise BadInput(f"--seq {text!r} is invalid: use EPOCH:SEQ as x2x status shows it, "
+                       f"or SEQ for epoch 1") from None
+
+
+def first_capture_ms(settings: KafkaSettings, pair: str, timeout: float = 10.0) -> int | None:
+    """Capture time of the journal's first entry, or None for an empty journal."""
+    consumer = Consumer(settings.consumer())
+    try:
+        consumer.assign([TopicPartition(journal_topic(pair), 0, 0)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(1, 0.2):
+                err = msg.error()
+                if err is None:
+                    return codec.decode_entry(msg.value()).captured_at_ms
+                if err.code() == KafkaError._PARTITION_EOF:
+                    return None
+                if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise JournalLost(f"the journal topic {journal_topic(pair)} does not exist")
+        return None
+    finally:
+        consumer.close()
+
+
+def make_limit(settings: KafkaSettings, pair: str, at: str | None, seq: str | None,
+               offset: int | None) -> Limit | None:
+    """Validate the point-in-time options into a Limit (None: live-follow)."""
+    if sum(x is not None for x in (at, seq, offset)) > 1:
+        raise BadInput("give at most one of --at, --seq and --offset")
+    if offset is not None and offset < 0:
+        raise BadInput(f"--offset must be 0 or more, got {offset}")
+    if at is not None:
+        at_ms = parse_at(at)
+        first = first_capture_ms(settings, pair)
+        if first is None:
+            raise BadInput(f"the journal of pair {pair} is empty: nothing to recover yet")
+        if at_ms < first:
+            raise BadInput(
+                f"--at {at} is before the journal's first entry (captured "
+                f"{dt.datetime.fromtimestamp(first / 1000, dt.timezone.utc).isoformat()}); "
+                f"there is no consistent state that early")
+        return Limit(at_ms=at_ms)
+    if seq is not None:
+        return Limit(epoch_seq=parse_seq(seq))
+    if offset is not None:
+        return Limit(offset=offset)
+    return None
+
+
+def ensure_target(path: str, size: int) -> None:
+    """Create a missing image file, sparse, of the volume's size (devices must exist)."""
+    if not os.path.exists(path):
+        with open(path, "wb") as f:
+            f.truncate(size)
+
+
+def build(spec: PairSpec, target: str, settings: KafkaSettings, limit: Limit | None,
+          stop: threading.Event | None = None, key: bytes | None = None) -> tuple[Applier, ApplyStats]:
+    """Replay the journal onto ``target`` (its own checkpoint); stops at ``limit`` if set."""
+    if os.path.realpath(target) in (os.path.realpath(spec.source), os.path.realpath(spec.target)):
+        raise BadInput(f"{target} is the pair's own source or target; a replica needs its "
+                       f"own volume")
+    ensure_target(target, spec.volume_size)
+    applier = Applier(spec, target, settings, key=key,
+                      store=CheckpointStore(spec.name, target), limit=limit)
+    return applier, applier.run(stop=stop)
