@@ -8,6 +8,7 @@ from rich.table import Table
 
 from cli.common import console, human_bytes, print_json, settings
 from infra import control
+from infra.keys import key_for_create
 from infra.volume import volume_size
 from journal.errors import VolumeError
 from journal.pairs import PairSpec, parse_size, validate_block_size, validate_name
@@ -21,7 +22,11 @@ def create(ctx: typer.Context, name: str,
            target: str = typer.Option(..., help="Target volume: image file or block device."),
            block_size: str = typer.Option("64KiB", help="Block size for hashing and baseline."),
            create_target: bool = typer.Option(False, help="Create the target image file, "
-                                              "sparse, of the source's size if it is missing.")
+                                              "sparse, of the source's size if it is missing."),
+           key_file: str = typer.Option(None, help="Encrypt and authenticate the journal with "
+                                        "this key (32 bytes; generated, mode 0600, if missing)."),
+           encrypt: bool = typer.Option(False, help="Like --key-file, with a key generated at "
+                                        "$X2X_HOME/keys/NAME.key."),
            ) -> None:
     """Create a pair and its journal topic x2x.journal.NAME."""
     validate_name(name)
@@ -35,10 +40,12 @@ def create(ctx: typer.Context, name: str,
     if tsize < size:
         raise VolumeError(f"target {target} is {tsize} bytes, smaller than source {source} "
                           f"({size} bytes); grow it with 'truncate -s {size} {target}'")
-    spec = PairSpec(name, source, target, bs, size)
+    key = key_for_create(name, key_file, encrypt)
+    spec = PairSpec(name, source, target, bs, size, key.key_id if key else "")
     control.create_pair(settings(ctx), spec)
     console.print(f"pair [bold]{name}[/]: {source} -> {target}, {human_bytes(size)}, "
-                  f"block {human_bytes(bs)}; journal x2x.journal.{name}")
+                  f"block {human_bytes(bs)}; journal x2x.journal.{name}"
+                  + (f"; encrypted, key id {key.key_id}" if key else ""))
 
 
 def _create_sparse(path: str, size: int) -> None:

@@ -7,6 +7,7 @@ from cli.common import console, human_bytes, print_json, settings
 from cli.replicate import _stop_on_signals
 from consumers import replica
 from infra import control
+from infra.keys import key_for
 
 app = typer.Typer(help="Build extra replicas, live or at a point in time.",
                   no_args_is_help=True)
@@ -20,12 +21,14 @@ def add(ctx: typer.Context, name: str,
                                "this time (ISO-8601 or 'now')."),
         seq: str = typer.Option(None, help="... at or before EPOCH:SEQ (or SEQ of epoch 1)."),
         offset: int = typer.Option(None, help="... at or before this journal offset."),
+        key_file: str = typer.Option(None, help="The pair's key file, if it is encrypted."),
         json_: bool = typer.Option(False, "--json")) -> None:
     """Replay the pair's journal onto TARGET: live-following until stopped, or up to a point."""
     s = settings(ctx)
     spec = control.get_pair(s, name).spec
     limit = replica.make_limit(s, name, at, seq, offset)
-    applier, stats = replica.build(spec, target, s, limit, stop=_stop_on_signals())
+    applier, stats = replica.build(spec, target, s, limit, stop=_stop_on_signals(),
+                                   key=key_for(spec, key_file))
     p = applier.checkpointed
     if json_:
         print_json({**stats.__dict__, "target": target, "epoch": p.epoch, "seq": p.seq,

@@ -22,14 +22,14 @@ from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
 from infra.topics import journal_topic
 from infra.volume import Volume, volume_digest
-from journal.digest import digest_of
-from journal.errors import (BrokerError, CorruptEntry, DigestMismatch, JournalError,
-                            JournalLost, VolumeError)
+from journal.errors import (BrokerError, DigestMismatch, JournalError,
+                            JournalLost, ReplayedEntry, VolumeError)
 from journal.ops import Entry, OpKind
 from journal.pairs import ControlEvent, PairSpec
 from journal.sequence import Limit, Position, Verdict, check_extents, classify
 from journal.status import latest
 from schemas import codec
+from schemas.cipher import JournalKey, open_record
 
 log = logging.getLogger("x2x.applier")
 STAGE_LIMIT = 64 << 20
@@ -43,7 +43,6 @@ class ApplyStats:
     ops: int = 0
     bytes_applied: int = 0
     checkpoints: int = 0
-    duplicates: int = 0
     seconds: float = 0.0
 
 
@@ -57,7 +56,7 @@ class Applier:
     """Applies one pair's journal to one target volume."""
 
     def __init__(self, spec: PairSpec, target: str, settings: KafkaSettings,
-                 key: bytes | None = None, store: CheckpointStore | None = None,
+                 key: JournalKey | None = None, store: CheckpointStore | None = None,
                  stage_limit: int = STAGE_LIMIT, limit: Limit | None = None,
                  on_checkpoint: Callable[[Position], None] | None = None) -> None:
         self.spec, self.target, self.settings, self.key = spec, target, settings, key
@@ -146,9 +145,18 @@ class Applier:
                                   f"resync the target")
             raise BrokerError(f"reading {self.topic} from {self.settings.bootstrap}: {err.str()}")
         entry = self._decode(msg)
-        if classify(self._pos, entry) is Verdict.DUPLICATE:
-            self.stats.duplicates += 1
-            return True
+        try:
+            verdict = classify(self._pos, entry)
+        except JournalError as e:
+            raise type(e)(f"{e} [{self.topic} offset {msg.offset()}]") from None
+        if verdict is Verdict.DUPLICATE:
+            # Records are read once each from the checkpoint on, so an entry already
+            # applied can only be a replayed copy: refuse it rather than skip silently.
+            raise ReplayedEntry(
+                f"pair {self.spec.name}: record at {self.topic} offset {msg.offset()} repeats "
+                f"epoch {entry.epoch} seq {entry.first_seq}..{entry.last_seq}, already applied "
+                f"up to seq {self._pos.seq}; someone replayed an old entry into the journal. "
+                f"Nothing of it was applied")
         if self.limit is not None and self.limit.exceeded_by(entry, msg.offset()):
             return False
         try:
@@ -181,19 +189,8 @@ class Applier:
         self.sealed = entry
 
     def _decode(self, msg: Message) -> Entry:
-        where = f"{self.topic} offset {msg.offset()}"
-        try:
-            entry = codec.decode_entry(msg.value())
-        except CorruptEntry as e:
-            raise type(e)(f"{e} [{where}]; nothing of it was applied") from None
-        if entry.pair != self.spec.name:
-            raise CorruptEntry(f"record at {where} belongs to pair {entry.pair!r}, not "
-                               f"{self.spec.name!r}; something else writes to this topic")
-        if digest_of(entry, self.key) != entry.digest:
-            raise CorruptEntry(f"digest mismatch at {where} (epoch {entry.epoch} seq "
-                               f"{entry.first_seq}..{entry.last_seq}): the record was altered "
-                               f"or corrupted; nothing of it was applied")
-        return entry
+        return open_record(msg.value(), self.spec.name, self.key,
+                           f"{self.topic} offset {msg.offset()}")
 
     def _apply_staged(self) -> None:
         for s in self._staged:

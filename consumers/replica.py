@@ -18,6 +18,7 @@ from journal.errors import BadInput, JournalLost
 from journal.pairs import PairSpec
 from journal.sequence import Limit
 from schemas import codec
+from schemas.cipher import JournalKey
 
 
 def parse_at(text: str, now: dt.datetime | None = None) -> int:
@@ -101,7 +102,8 @@ def ensure_target(path: str, size: int) -> None:
 
 
 def build(spec: PairSpec, target: str, settings: KafkaSettings, limit: Limit | None,
-          stop: threading.Event | None = None, key: bytes | None = None) -> tuple[Applier, ApplyStats]:
+          stop: threading.Event | None = None,
+          key: JournalKey | None = None) -> tuple[Applier, ApplyStats]:
     """Replay the journal onto ``target`` (its own checkpoint); stops at ``limit`` if set."""
     if os.path.realpath(target) in (os.path.realpath(spec.source), os.path.realpath(spec.target)):
         raise BadInput(f"{target} is the pair's own source or target; a replica needs its "

@@ -50,6 +50,10 @@ class SeqGap(JournalError):
     """An entry's sequence number is not the next one expected."""
 
 
+class ReplayedEntry(JournalError):
+    """An entry that was already applied appears again later in the journal."""
+
+
 class StaleEpoch(JournalError):
     """An entry belongs to an epoch older than the one already applied."""
 

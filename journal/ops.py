@@ -71,6 +71,7 @@ class Entry:
     epoch_bytes: int
     ops: tuple[Op, ...]
     digest: bytes = field(default=b"", compare=False)
+    cipher: str = ""        # "" (plain) or the AEAD the op data is encrypted with
 
     @property
     def last_seq(self) -> int:

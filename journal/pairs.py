@@ -44,6 +44,7 @@ class PairSpec:
     target: str
     block_size: int
     volume_size: int
+    key_id: str = ""        # set when the journal is encrypted and authenticated
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from journal.batch import DEFAULT_BUDGET, Sequencer
 from journal.errors import BrokerError
 from journal.ops import Entry, Op
 from schemas import codec
+from schemas.cipher import JournalKey
 
 
 def now_ms() -> int:
@@ -44,13 +45,15 @@ class JournalPublisher:
     """
 
     def __init__(self, settings: KafkaSettings, pair: str, epoch: int, next_seq: int = 1,
-                 epoch_bytes: int = 0, key: bytes | None = None,
+                 epoch_bytes: int = 0, key: JournalKey | None = None,
                  max_inflight_bytes: int = 64 << 20, budget: int = DEFAULT_BUDGET,
                  instance: str = "") -> None:
         self.topic = journal_topic(pair)
         self.settings = settings
         self.producer = Producer(settings.producer())
-        self.seq = Sequencer(pair, epoch, next_seq, epoch_bytes, budget, key)
+        self.seq = Sequencer(pair, epoch, next_seq, epoch_bytes, budget,
+                             key.mac_key if key else None)
+        self.key = key
         self.max_inflight = max_inflight_bytes
         self.heartbeat = HeartbeatPublisher(self.producer, pair, "capturer", instance)
         self.journaled = Journaled(epoch, next_seq - 1, epoch_bytes, 0)
@@ -93,7 +96,7 @@ class JournalPublisher:
                 self._produce(entry)
 
     def _produce(self, entry: Entry) -> None:
-        value = codec.encode_entry(entry)
+        value = codec.encode_entry(self.key.encrypt(entry) if self.key else entry)
         while self._inflight > self.max_inflight:
             self._cond.wait(0.1)
             self._raise_if_failed()

@@ -21,6 +21,7 @@ from journal.pairs import PairSpec
 from journal.runs import RunBuilder
 from producers.publisher import JournalPublisher
 from producers.state import CaptureState, StateStore
+from schemas.cipher import JournalKey
 
 CHUNK = 8 << 20
 Progress = Callable[[int], None]
@@ -56,7 +57,7 @@ def plan_epoch(state: CaptureState | None, hashes: bytes | None, spec: PairSpec,
 
 
 def scan_once(spec: PairSpec, settings: KafkaSettings, store: StateStore | None = None,
-              progress: Progress | None = None, key: bytes | None = None) -> ScanResult:
+              progress: Progress | None = None, key: JournalKey | None = None) -> ScanResult:
     """Scan the source once and journal what changed, ending with a FLUSH."""
     store = store or StateStore(spec.name)
     t0 = time.monotonic()

@@ -75,7 +75,7 @@ def encode_entry(entry: Entry) -> bytes:
         "captured_at_ms": entry.captured_at_ms, "epoch_bytes": entry.epoch_bytes,
         "ops": [{"kind": op.kind.value, "offset": op.offset, "length": op.length,
                  "data": op.data} for op in entry.ops],
-        "digest": entry.digest,
+        "digest": entry.digest, "cipher": entry.cipher,
     })
 
 
@@ -84,4 +84,4 @@ def decode_entry(data: bytes) -> Entry:
     r = decode(data, ENTRY)
     ops = tuple(Op(OpKind(o["kind"]), o["offset"], o["length"], o["data"]) for o in r["ops"])
     return Entry(r["pair"], r["epoch"], r["first_seq"], r["captured_at_ms"],
-                 r["epoch_bytes"], ops, r["digest"])
+                 r["epoch_bytes"], ops, r["digest"], r["cipher"])
