@@ -1,4 +1,4 @@
-"""x2x broker up|down|status: the embedded Tansu broker."""
+"""x2x broker up|run|down|status: the embedded Tansu broker."""
 from __future__ import annotations
 
 import typer
@@ -9,14 +9,26 @@ from infra import broker
 app = typer.Typer(help="Run the embedded Kafka-compatible broker (Tansu) on 127.0.0.1.",
                   no_args_is_help=True)
 
+_PORT = typer.Option(broker.DEFAULT_PORT, help="TCP port on 127.0.0.1.")
+_STORAGE = typer.Option(None, help=f"Tansu storage engine URL (default "
+                        f"{broker.MEMORY_STORAGE}).")
+_DURABLE = typer.Option(False, "--durable", help="Keep journals across restarts: Tansu on "
+                        "S3 storage in a local SeaweedFS under $X2X_HOME/broker/seaweedfs.")
+
 
 @app.command()
-def up(port: int = typer.Option(broker.DEFAULT_PORT, help="TCP port on 127.0.0.1."),
-       storage: str = typer.Option("memory://tansu/", help="Tansu storage engine URL.")) -> None:
+def up(port: int = _PORT, storage: str = _STORAGE, durable: bool = _DURABLE) -> None:
     """Start the broker in the background (does nothing if it runs already)."""
-    state = broker.up(port, storage)
+    state = broker.up(port, storage, durable=durable)
+    extra = f", S3 {state.s3_endpoint}" if state.s3_endpoint else ""
     console.print(f"broker up at [bold]{state.bootstrap}[/] (pid {state.pid}, storage "
-                  f"{state.storage}, log {state.log})")
+                  f"{state.storage}{extra}, log {state.log})")
+
+
+@app.command()
+def run(port: int = _PORT, storage: str = _STORAGE, durable: bool = _DURABLE) -> None:
+    """Run the broker in the foreground until SIGTERM or Ctrl-C (for systemd)."""
+    broker.run(port, storage, durable=durable)
 
 
 @app.command()

@@ -1,20 +1,30 @@
 """x2x status: one table of every pair, joined from heartbeats."""
 from __future__ import annotations
 
+import sys
 import time
 
 import typer
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from cli.common import console, human_bytes, print_json, settings
 from infra import control
 from infra.heartbeat import read_beats
+from journal.errors import BadInput, X2XError
 from journal.status import latest, pair_status
 
 
 def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this pair."),
-           json_: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+           json_: bool = typer.Option(False, "--json", help="Print JSON."),
+           watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until Ctrl-C."),
+           interval: float = typer.Option(2.0, help="Seconds between --watch refreshes.")
+           ) -> None:
     """Show per pair: captured seq, applied seq, lag in ops and bytes, RPO."""
+    if watch:
+        return watch_status(ctx, name, json_, interval)
     s = settings(ctx)
     pairs = control.pairs(s)
     if name:
@@ -29,16 +39,75 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
                   "lag bytes", "RPO s", "rate")
     for r in rows:
         cap = f"{r.captured_epoch}:{r.captured_seq}"
+        capture = _capture_cell(r.capture_state, r.capture_detail)
         if not r.replicas:
-            table.add_row(r.pair, pairs[r.pair].state, r.capture_state, cap, "-", "-", "-", "-",
+            table.add_row(r.pair, pairs[r.pair].state, capture, cap, "-", "-", "-", "-",
                           "-", "-")
         for rep in r.replicas:
-            table.add_row(r.pair, pairs[r.pair].state, r.capture_state, cap, rep.target,
+            table.add_row(r.pair, pairs[r.pair].state, capture, cap, rep.target,
                           f"{rep.applied_epoch}:{rep.applied_seq} ({rep.state})",
                           _opt(rep.lag_ops), _opt(rep.lag_bytes, human_bytes),
                           _opt(rep.rpo_s, lambda v: f"{v:.1f}"),
                           f"{human_bytes(rep.rate_bps)}/s")
     console.print(table)
+
+
+def _capture_cell(state: str, detail: dict[str, str]) -> str:
+    """The capture state, plus for a live (NBD) capturer its mode, clients and volume."""
+    if detail.get("capturer") != "nbd":
+        return state
+    parts = [f"nbd {detail.get('mode', '?')}", f"{detail.get('clients', '?')} clients",
+             f"{detail.get('captured_ops', '?')} ops",
+             human_bytes(int(detail.get("captured_bytes", "0") or 0))]
+    if detail.get("baseline", "done") != "done":
+        parts.append(f"baseline {detail['baseline']}")
+    return f"{state} ({', '.join(parts)})"
+
+
+def watch_status(ctx: typer.Context, name: str | None, json_: bool, interval: float) -> None:
+    """``x2x status --watch``: show what one-shot ``x2x status`` prints, every ``interval``.
+
+    The frame is rendered by :func:`status` itself, so any column it shows appears here
+    too. On a terminal: a rich Live display redrawn in place. Off a terminal (a pipe,
+    journald, CI) or with ``--json``: the plain output appended once per interval, each
+    frame after a time-stamp line (JSON: one document per interval, a stream ``jq``
+    reads), because cursor movement would garble a log. A broker or pair that cannot be
+    read is shown as an error line and retried: a watch outlives a broker restart.
+    Ctrl-C ends it with exit code 0.
+    """
+    if not interval > 0:
+        raise BadInput(f"--interval must be a positive number of seconds, got {interval}")
+    try:
+        if json_ or not console.is_terminal:
+            while True:
+                if not json_:
+                    console.print(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}", highlight=False)
+                _frame(ctx, name, json_, interval)
+                sys.stdout.flush()
+                time.sleep(interval)
+        # Live draws on its own console: the shared one is busy capturing each frame.
+        with Live(console=Console(), auto_refresh=False, transient=False) as live:
+            while True:
+                with console.capture() as frame:
+                    _frame(ctx, name, False, interval)
+                live.update(Group(
+                    Text(f"x2x status at {time.strftime('%H:%M:%S')}, every {interval:g} s; "
+                         f"Ctrl-C to stop", style="dim"),
+                    Text.from_ansi(frame.get())), refresh=True)
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+
+
+def _frame(ctx: typer.Context, name: str | None, json_: bool, interval: float) -> None:
+    try:
+        status(ctx, name, json_, False, interval)
+    except X2XError as e:
+        if json_:
+            print_json({"error": str(e)})
+        else:
+            console.print(f"error: {e} (retrying every {interval:g} s)", style="bold red",
+                          highlight=False)
 
 
 def _opt(value, fmt=str) -> str:

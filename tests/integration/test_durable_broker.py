@@ -1,0 +1,155 @@
+"""The durable embedded broker (Tansu on a local SeaweedFS) keeps journals across restarts,
+with their offsets; ``x2x broker run`` serves in the foreground and stops on SIGTERM.
+
+Each test has its own X2X_HOME and ports: the session ``broker`` fixture is not touched.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from infra.kafka import KafkaSettings
+from infra.topics import JOURNAL_CONFIG, ensure_topic
+from tests.conftest import free_port, run_x2x, x2x_bin
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "X2X_BOOTSTRAP"}
+    return {**env, "X2X_HOME": str(home)}
+
+
+def _create_topic(bootstrap: str, topic: str) -> None:
+    # A function scope drops the admin client's connection before the broker stops:
+    # Tansu waits ~5 s for open connections on SIGTERM.
+    assert ensure_topic(KafkaSettings(bootstrap).check_reachable(), topic, JOURNAL_CONFIG)
+
+
+def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    p = Producer(KafkaSettings(bootstrap).producer())
+    for v in values:
+        p.produce(topic, v)
+    assert p.flush(15) == 0
+
+
+def _read(bootstrap: str, topic: str, timeout: float = 15.0) -> list[tuple[int, bytes]]:
+    c = Consumer(KafkaSettings(bootstrap).consumer())
+    c.assign([TopicPartition(topic, 0, 0)])
+    out: list[tuple[int, bytes]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is None:
+                continue
+            if m.error():
+                if m.error().code() == -191:  # _PARTITION_EOF
+                    return out
+                continue  # transient: the broker is still loading
+            out.append((m.offset(), m.value()))
+    finally:
+        c.close()
+    raise AssertionError(f"no end of partition within {timeout} s; read {out}")
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"x2x broker run did not listen on {port}")
+
+
+def _no_process_of(home: Path, port: int) -> bool:
+    """Tansu no longer listens, and no weed process still uses this X2X_HOME."""
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            return False
+    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            raw = cmd.read_bytes()
+            stat = (cmd.parent / "stat").read_text()
+        except OSError:
+            continue
+        if str(home).encode() in raw and stat.split()[2] != "Z" and b"pytest" not in raw:
+            return False
+    return True
+
+
+def test_durable_broker_keeps_records_and_offsets_across_restart(tmp_path: Path) -> None:
+    home, port = tmp_path / "home", free_port()
+    env = _env(home)
+    bootstrap = f"127.0.0.1:{port}"
+    topic = "x2x.journal.durable"
+    first = [f"entry-{i}".encode() for i in range(20)]
+    try:
+        out = run_x2x("broker", "up", "--durable", "--port", str(port), env=env).stdout
+        assert "s3://tansu/" in out
+        _create_topic(bootstrap, topic)
+        _produce(bootstrap, topic, first)
+        assert _read(bootstrap, topic) == list(enumerate(first))
+
+        assert "broker stopped" in run_x2x("broker", "down", env=env).stdout
+        assert _no_process_of(home, port)
+        assert (home / "broker" / "seaweedfs").is_dir()
+
+        # The same store served again, this time by the foreground supervisor (systemd's way).
+        fg = subprocess.Popen([x2x_bin(), "broker", "run", "--durable", "--port", str(port)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            _wait_port(port, fg)
+            assert _read(bootstrap, topic) == list(enumerate(first))
+            _produce(bootstrap, topic, [b"after-restart"])
+            assert _read(bootstrap, topic)[-1] == (20, b"after-restart")
+            assert '"foreground": true' in run_x2x("broker", "status", "--json",
+                                                    env=env).stdout
+            fg.send_signal(signal.SIGTERM)
+            assert fg.wait(30) == 0, fg.communicate()[0]
+        finally:
+            if fg.poll() is None:
+                fg.kill()
+        assert _no_process_of(home, port)
+        assert not (home / "broker" / "broker.json").exists()
+    finally:
+        run_x2x("broker", "down", env=env, check=False)
+
+
+def test_broker_run_refuses_a_second_broker_and_down_stops_it(tmp_path: Path) -> None:
+    home, port = tmp_path / "home", free_port()
+    env = _env(home)
+    fg = subprocess.Popen([x2x_bin(), "broker", "run", "--port", str(port)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_port(port, fg)
+        for _ in range(50):  # broker.json is written right after the port opens
+            if (home / "broker" / "broker.json").exists():
+                break
+            time.sleep(0.1)
+        again = run_x2x("broker", "run", "--port", str(free_port()), env=env, check=False)
+        assert again.returncode == 1
+        assert "already runs" in again.stderr and "x2x broker down" in again.stderr
+        # `x2x broker down` signals the supervisor, which stops Tansu and exits cleanly.
+        assert "broker stopped" in run_x2x("broker", "down", env=env).stdout
+        assert fg.wait(20) == 0
+        assert _no_process_of(home, port)
+    finally:
+        if fg.poll() is None:
+            fg.kill()
+
+
+def test_durable_and_storage_exclude_each_other(tmp_path: Path) -> None:
+    proc = run_x2x("broker", "up", "--durable", "--storage", "memory://tansu/", "--port",
+                   str(free_port()), env=_env(tmp_path / "home"), check=False)
+    assert proc.returncode == 2
+    assert "exclude each other" in proc.stderr

@@ -1,0 +1,84 @@
+"""``x2x status --watch`` refreshes: redrawn in place on a terminal, appended plainly
+(once per interval) through a pipe, one JSON document per interval with --json."""
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_image, run_x2x, x2x_bin
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def pair(broker, tmp_path: Path, pair_name: str) -> str:
+    src = make_image(tmp_path / "src.img", 1 << 20)
+    run_x2x("pair", "create", pair_name, "--source", str(src), "--target",
+            str(tmp_path / "dst.img"), "--create-target")
+    return pair_name
+
+
+def _run_for(args: list[str], seconds: float) -> str:
+    proc = subprocess.Popen([x2x_bin(), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    time.sleep(seconds)
+    proc.send_signal(signal.SIGINT)          # Ctrl-C: a clean end, exit code 0
+    out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_watch_through_a_pipe_prints_plain_frames(pair: str) -> None:
+    out = _run_for(["status", pair, "--watch", "--interval", "0.2"], 4.0)
+    assert len(re.findall(r"^-- \d{4}-\d\d-\d\d ", out, re.M)) >= 2, out
+    assert out.count(pair) >= 2
+    assert "\x1b[" not in out                # no cursor movement or colour in a log
+
+
+def test_watch_json_is_a_stream_of_documents(pair: str) -> None:
+    out = _run_for(["status", pair, "--watch", "--json", "--interval", "0.2"], 4.0)
+    docs, decoder, text = [], json.JSONDecoder(), out.strip()
+    while text:
+        doc, end = decoder.raw_decode(text)
+        docs.append(doc)
+        text = text[end:].strip()
+    assert len(docs) >= 2
+    assert docs[0][0]["pair"] == pair
+
+
+def test_watch_on_a_terminal_redraws_in_place(pair: str) -> None:
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([x2x_bin(), "status", pair, "--watch", "--interval", "0.2"],
+                            stdin=follower, stdout=follower, stderr=follower,
+                            env={**os.environ, "COLUMNS": "200", "TERM": "xterm"})
+    os.close(follower)
+    out = b""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.2)
+        if ready:
+            try:
+                out += os.read(leader, 65536)
+            except OSError:
+                break
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(15) == 0
+    os.close(leader)
+    text = out.decode(errors="replace")
+    assert "Ctrl-C to stop" in text and pair in text
+    assert text.count("x2x status at") >= 2
+    assert "\x1b[1A" in text or "\x1b[2K" in text     # Live moves the cursor back up
+
+
+def test_watch_rejects_a_non_positive_interval(broker) -> None:
+    proc = run_x2x("status", "--watch", "--interval", "0", check=False)
+    assert proc.returncode == 2 and "--interval must be a positive" in proc.stderr
