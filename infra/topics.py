@@ -27,7 +27,9 @@ def ensure_topic(admin: AdminClient, name: str, config: dict[str, str],
     Idempotent, and always done before the first produce: a produce that relies on
     auto-creation can lose records on some brokers.
     """
-    futures = admin.create_topics([NewTopic(name, 1, 1, config=config)],
+    # Replication factor -1: the cluster's default (3 on a production cluster), not a
+    # hard-coded 1 that would pin a journal to a single broker.
+    futures = admin.create_topics([NewTopic(name, 1, -1, config=config)],
                                   request_timeout=timeout)
     try:
         futures[name].result()
