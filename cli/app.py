@@ -8,6 +8,7 @@ import typer
 
 from cli import broker, pair, replica, replicate, status, volume
 from cli.common import Globals, err_console
+from infra import telemetry
 from journal.errors import X2XError
 
 app = typer.Typer(help="x2x: continuous block-volume replication and migration on Kafka.",
@@ -32,12 +33,17 @@ def main_options(
                                     help="Kafka compression: lz4 (default), zstd, none..."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens, "
                                  "librdkafka included."),
+    telemetry_: str = typer.Option(None, "--telemetry", envvar="X2X_TELEMETRY",
+                                   help="Metrics and traces: otlp, console or none (default: "
+                                   "otlp when OTEL_EXPORTER_OTLP_ENDPOINT is set)."),
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not verbose:
         logging.getLogger("x2x.librdkafka").setLevel(logging.CRITICAL)
     ctx.obj = Globals(bootstrap, kafka_config, compression)
+    telemetry.setup(telemetry_)
+    ctx.call_on_close(telemetry.current().shutdown)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.common import console, human_bytes, print_json, settings
-from infra import control
+from infra import control, telemetry
 from infra.heartbeat import read_beats
 from journal.errors import BadInput, X2XError
 from journal.status import latest, pair_status
@@ -32,6 +32,10 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
     beats = latest(read_beats(s))
     now = int(time.time() * 1000)
     rows = [pair_status(p, beats, now) for p in sorted(pairs)]
+    m = telemetry.metrics()      # with --watch and an exporter, x2x status exports lag/RPO
+    for r in rows:
+        for rep in r.replicas:
+            m.lag(r.pair, rep.lag_ops, rep.lag_bytes, rep.rpo_s, target=rep.target)
     if json_:
         print_json([{**r.as_dict(), "state": pairs[r.pair].state} for r in rows])
         return

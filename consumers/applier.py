@@ -17,7 +17,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from consumers.checkpoint import Checkpoint, CheckpointStore
 from consumers.writer import apply_entry
-from infra import control
+from infra import control, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
 from infra.topics import journal_topic
@@ -193,11 +193,15 @@ class Applier:
                            f"{self.topic} offset {msg.offset()}")
 
     def _apply_staged(self) -> None:
+        ops = nbytes = 0
         for s in self._staged:
             apply_entry(self.vol, s.entry)
-            self.stats.entries += 1
-            self.stats.ops += len(s.entry.ops)
-            self.stats.bytes_applied += s.entry.payload_bytes
+            ops += len(s.entry.ops)
+            nbytes += s.entry.payload_bytes
+        self.stats.entries += len(self._staged)
+        self.stats.ops += ops
+        self.stats.bytes_applied += nbytes
+        telemetry.metrics().applied(self.spec.name, ops, nbytes, target=self.target)
         self._staged, self._staged_bytes = [], 0
 
     def _checkpoint(self, entry: Entry, offset: int) -> None:
@@ -259,6 +263,9 @@ class Applier:
 
     def _beat(self, beats: HeartbeatPublisher, state: str, force: bool = False) -> None:
         p = self.checkpointed
+        if p.captured_at_ms:
+            telemetry.metrics().checkpoint_age(
+                self.spec.name, max(0.0, time.time() - p.captured_at_ms / 1000), self.target)
         rate = self.stats.bytes_applied / max(time.monotonic() - self._t0, 1e-3)
         beats.beat(state, p.epoch, p.seq, p.epoch_bytes, p.captured_at_ms, rate,
                    {"staged_bytes": str(self._staged_bytes)}, force)
