@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from cli import broker, pair, replica, replicate, status, volume
+from cli import broker, journal, pair, replica, replicate, status, volume
 from cli.common import Globals, err_console
 from infra import telemetry
 from journal.errors import X2XError
@@ -17,6 +17,7 @@ app.add_typer(broker.app, name="broker")
 app.add_typer(pair.app, name="pair")
 app.add_typer(replica.app, name="replica")
 app.add_typer(volume.app, name="volume")
+app.add_typer(journal.app, name="journal")
 app.command()(replicate.capture)
 app.command()(replicate.apply)
 app.command()(status.status)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
@@ -33,6 +33,7 @@ from schemas.cipher import JournalKey, open_record
 
 log = logging.getLogger("x2x.applier")
 STAGE_LIMIT = 64 << 20
+CONSUME_BATCH = 32
 VERIFY_TIMEOUT = 15.0
 
 
@@ -58,13 +59,16 @@ class Applier:
     def __init__(self, spec: PairSpec, target: str, settings: KafkaSettings,
                  key: JournalKey | None = None, store: CheckpointStore | None = None,
                  stage_limit: int = STAGE_LIMIT, limit: Limit | None = None,
-                 on_checkpoint: Callable[[Position], None] | None = None) -> None:
+                 on_checkpoint: Callable[[Position], None] | None = None,
+                 publish_status: bool = True) -> None:
         self.spec, self.target, self.settings, self.key = spec, target, settings, key
         self.topic = journal_topic(spec.name)
         self.store = store or CheckpointStore(spec.name, target)
         self.stage_limit = stage_limit
         self.limit = limit
         self.on_checkpoint = on_checkpoint
+        # A scratch replay (journal check) stays invisible: no heartbeats, no pair marks.
+        self.publish_status = publish_status
         self.sealed: Entry | None = None
         self.stats = ApplyStats()
         self.checkpointed = Position()
@@ -112,7 +116,8 @@ class Applier:
               on_progress: Callable[["Applier"], None] | None) -> str:
         at_eof = False
         while not stop.is_set():
-            batch = consumer.consume(500, 0.1)
+            # A small batch bounds memory: records are up to ~1 MiB each.
+            batch = consumer.consume(CONSUME_BATCH, 0.1)
             for msg in batch:
                 err = msg.error()
                 if err is not None and err.code() == KafkaError._PARTITION_EOF:
@@ -262,6 +267,8 @@ class Applier:
         return (self._pos.epoch, self._pos.seq) >= goal
 
     def _beat(self, beats: HeartbeatPublisher, state: str, force: bool = False) -> None:
+        if not self.publish_status:
+            return
         p = self.checkpointed
         if p.captured_at_ms:
             telemetry.metrics().checkpoint_age(
@@ -271,6 +278,8 @@ class Applier:
                    {"staged_bytes": str(self._staged_bytes)}, force)
 
     def _mark_resync(self, error: JournalError) -> None:
+        if not self.publish_status:
+            return
         try:
             control.publish(self.settings, ControlEvent(
                 "resync-needed", self.spec.name, int(time.time() * 1000),

@@ -97,9 +97,10 @@ class KafkaSettings:
             # Short fetch waits: services poll continuously anyway, and CLI reads of small
             # topics end at partition EOF, which a long wait only delays.
             "fetch.wait.max.ms": 50,
-            "fetch.max.bytes": 64 * 1024 * 1024,
-            "max.partition.fetch.bytes": 16 * 1024 * 1024,
-            "queued.max.messages.kbytes": 128 * 1024,
+            # Prefetch bounded so an applier's memory does not grow with the journal.
+            "fetch.max.bytes": 16 * 1024 * 1024,
+            "max.partition.fetch.bytes": 8 * 1024 * 1024,
+            "queued.max.messages.kbytes": 32 * 1024,
             **overrides,
         }
 

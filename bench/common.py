@@ -1,0 +1,318 @@
+"""What every scenario shares: the run context, figures, test images, timed children."""
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from infra.kafka import KafkaSettings
+
+if TYPE_CHECKING:
+    from consumers.applier import ApplyStats
+    from journal.pairs import PairSpec
+    from producers.scan import ScanResult
+
+MiB = 1 << 20
+GiB = 1 << 30
+#: Pre-generated random data is reused by offset: generating it per write would make the
+#: writer, not x2x, the bottleneck on a 2-core machine.
+_POOL_SIZE = 64 * MiB
+
+
+@dataclass
+class Context:
+    """One benchmark run: sizes depend on ``quick``; ``shared`` carries figures that
+    later scenarios build on (the measured maximum rate, the pipeline's pair)."""
+
+    quick: bool
+    settings: KafkaSettings
+    workdir: Path
+    shared: dict[str, Any] = field(default_factory=dict)
+    #: Peak RSS of every x2x child process, by role, across all scenarios.
+    rss: list[dict[str, Any]] = field(default_factory=list)
+    _names: int = 0
+
+    def size(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+    def pair_name(self, scenario: str) -> str:
+        self._names += 1
+        return f"bench-{scenario}-{os.getpid()}-{self._names}"
+
+    def dir(self, scenario: str) -> Path:
+        d = self.workdir / scenario
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+
+def figure(metric: str, unit: str, x2x: float, peer_name: str, peer: float,
+           better: str) -> dict[str, Any]:
+    """One row of the table: x2x next to its peer; ratio is always x2x / peer."""
+    assert better in ("higher", "lower")
+    return {"metric": metric, "unit": unit, "x2x": round(float(x2x), 4),
+            "peer_name": peer_name, "peer": round(float(peer), 4),
+            "ratio": round(float(x2x) / float(peer), 4) if peer else None,
+            "better": better}
+
+
+def mbps(nbytes: int, seconds: float) -> float:
+    return nbytes / max(seconds, 1e-9) / 1e6
+
+
+# -- images -----------------------------------------------------------------------------
+class RandomPool:
+    """Incompressible bytes, sliced at random offsets."""
+
+    def __init__(self, size: int = _POOL_SIZE, seed: int = 1) -> None:
+        self.data = memoryview(random.Random(seed).randbytes(size))
+
+    def take(self, rng: random.Random, length: int) -> memoryview:
+        start = rng.randrange(0, len(self.data) - length + 1)
+        return self.data[start:start + length]
+
+
+_pool: RandomPool | None = None
+
+
+def pool() -> RandomPool:
+    global _pool
+    if _pool is None:
+        _pool = RandomPool()
+    return _pool
+
+
+def random_image(path: Path, size: int, seed: int = 1) -> Path:
+    """An image of incompressible data throughout (fresh bytes, not the reused pool,
+    so no block repeats and the page cache holds it as any data)."""
+    rng = random.Random(seed)
+    chunk = 8 * MiB
+    with open(path, "wb") as f:
+        for off in range(0, size, chunk):
+            f.write(rng.randbytes(min(chunk, size - off)))
+    return path
+
+
+def sparse_image(path: Path, size: int, data_fraction: float, seed: int = 1,
+                 block: int = 64 * 1024) -> Path:
+    """``data_fraction`` of 64 KiB blocks hold random data, the rest are holes."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off in range(0, size, block):
+            if rng.random() < data_fraction:
+                f.seek(off)
+                f.write(pool().take(rng, min(block, size - off)))
+    return path
+
+
+def empty_image(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def mutate_blocks(path: Path, fraction: float, seed: int, block: int = 4096) -> int:
+    """Overwrite ``fraction`` of the ``block``-sized blocks at random; bytes changed."""
+    rng = random.Random(seed)
+    size = path.stat().st_size
+    picks = rng.sample(range(size // block), int(size // block * fraction))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for i in sorted(picks):
+            os.pwrite(fd, pool().take(rng, block), i * block)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return len(picks) * block
+
+
+def drop_file(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+# -- children ---------------------------------------------------------------------------
+def x2x_cmd() -> list[str]:
+    """The x2x CLI of this interpreter's environment, as a user would run it."""
+    exe = shutil.which("x2x", path=str(Path(sys.executable).parent))
+    return [exe] if exe else [sys.executable, "-c", "from cli.app import main; main()"]
+
+
+@dataclass
+class ChildResult:
+    returncode: int
+    seconds: float
+    max_rss_bytes: int
+    stdout: str
+    stderr: str
+
+
+class _PeakWatcher:
+    """Polls a child's VmHWM (its peak resident set, per address space, so reset by exec).
+
+    Not ru_maxrss from wait4: Linux carries the pre-exec high-water mark into it, i.e. a
+    forked child inherits this (large) benchmark process's RSS as its own peak.
+    """
+
+    def __init__(self, pid: int, every: float = 0.05) -> None:
+        import threading
+        self.pid, self.every, self.peak = pid, every, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.is_set():
+            try:
+                for line in open(f"/proc/{self.pid}/status"):
+                    if line.startswith("VmHWM:"):
+                        self.peak = max(self.peak, int(line.split()[1]) * 1024)
+                        break
+            except OSError:
+                return
+            self._done.wait(self.every)
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return self.peak
+
+
+_watchers: dict[int, _PeakWatcher] = {}
+
+
+def start(args: list[str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _watchers[proc.pid] = _PeakWatcher(proc.pid)
+    return proc
+
+
+def finish(proc: subprocess.Popen[str], ctx: Context | None = None, role: str = "",
+           scenario: str = "", t0: float | None = None) -> ChildResult:
+    """Wait for a child; its peak RSS is the last VmHWM seen before it exited (the
+    watcher polls while the child lives, so a final spike shorter than the poll interval
+    can be missed)."""
+    out, err = _drain(proc)
+    proc.wait()
+    watcher = _watchers.pop(proc.pid, None)
+    res = ChildResult(proc.returncode, time.monotonic() - (t0 or time.monotonic()),
+                      watcher.stop() if watcher else 0, out, err)
+    if ctx is not None and role:
+        ctx.rss.append({"scenario": scenario, "role": role, "max_rss_bytes": res.max_rss_bytes})
+    return res
+
+
+def _drain(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    # Read both pipes to their end in threads so a chatty child never blocks on a full
+    # pipe (the child may have been started long before we wait for it).
+    import threading
+    bufs: dict[str, str] = {}
+
+    def read(name: str, stream: Any) -> None:
+        bufs[name] = stream.read() if stream else ""
+
+    threads = [threading.Thread(target=read, args=("out", proc.stdout)),
+               threading.Thread(target=read, args=("err", proc.stderr))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return bufs["out"], bufs["err"]
+
+
+def run_x2x(ctx: Context, *args: str, role: str = "", scenario: str = "",
+            timeout: float = 1800) -> ChildResult:
+    """Run ``x2x ARGS`` to completion; raise with its stderr if it fails."""
+    t0 = time.monotonic()
+    proc = start([*x2x_cmd(), *args])
+    res = finish(proc, ctx, role, scenario, t0)
+    if res.returncode != 0:
+        raise RuntimeError(f"x2x {' '.join(args)} exited {res.returncode}: "
+                           f"{res.stderr.strip()[-2000:]}")
+    return res
+
+
+# -- peers ------------------------------------------------------------------------------
+def rsync_stats(output: str) -> dict[str, int]:
+    """Numbers from ``rsync --stats`` (they carry thousands separators)."""
+    stats = {}
+    for key, label in (("bytes_sent", "Total bytes sent"), ("literal", "Literal data"),
+                       ("matched", "Matched data")):
+        m = re.search(rf"{label}: ([\d,]+)", output)
+        if m:
+            stats[key] = int(m.group(1).replace(",", ""))
+    return stats
+
+
+def timed_run(*cmd: str) -> tuple[float, str]:
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return seconds, proc.stdout
+
+
+def require(*tools: str) -> str | None:
+    """A reason to skip when a peer tool is missing, else None."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    return f"not installed: {', '.join(missing)}" if missing else None
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (no interpolation: the value was actually observed)."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+# -- x2x in process ---------------------------------------------------------------------
+def make_pair(ctx: Context, scenario: str, source: Path, target: Path,
+              block_size: int = 64 * 1024) -> "PairSpec":
+    """A pair on the run's broker; the target is created sparse if missing."""
+    from infra import control
+    from journal.pairs import PairSpec
+    size = source.stat().st_size
+    if not target.exists():
+        empty_image(target, size)
+    spec = PairSpec(ctx.pair_name(scenario), str(source), str(target), block_size, size)
+    control.create_pair(ctx.settings, spec)
+    return spec
+
+
+def delete_pair(ctx: Context, spec: "PairSpec") -> None:
+    """Free the broker's memory (its storage is in RAM) once a scenario is done."""
+    from infra import control
+    control.delete_pair(ctx.settings, spec.name)
+
+
+def capture(ctx: Context, spec: "PairSpec") -> "ScanResult":
+    from producers.scan import scan_once
+    return scan_once(spec, ctx.settings)
+
+
+def apply_all(ctx: Context, spec: "PairSpec", target: str | None = None,
+              store_dir: Path | None = None) -> tuple["ApplyStats", float]:
+    """Apply everything the journal holds now (an empty point-in-time limit stops at its
+    end); with ``store_dir``, from a fresh checkpoint, as a new replica would."""
+    from consumers.applier import Applier
+    from consumers.checkpoint import CheckpointStore
+    from journal.sequence import Limit
+    target = target or spec.target
+    store = CheckpointStore(spec.name, target, directory=store_dir) if store_dir else None
+    t0 = time.monotonic()
+    stats = Applier(spec, target, ctx.settings, store=store, limit=Limit()).run()
+    return stats, time.monotonic() - t0
+
+
+def same_volume(a: str | Path, b: str | Path, length: int | None = None) -> bool:
+    from infra.volume import volume_digest
+    return volume_digest(str(a), length) == volume_digest(str(b), length)

@@ -1,0 +1,168 @@
+"""Benchmark: the x2x NBD capturer (async mode, journaling to the embedded broker) against
+``qemu-nbd`` serving a plain raw file, on the same machine, in the same run.
+
+* sequential: ``nbdcopy --flush`` of 1 GiB of incompressible data into the export
+  (for x2x the final flush means "on the broker", so the time includes the journal);
+* random 4 KiB writes: ``qemu-img bench -w`` with a large prime stride (offsets jump
+  around the volume), queue depth 16, ending with a flush.
+
+Prints a table and writes ``bench/results/nbd_capture.json``. Not a test: no timed asserts.
+
+    .venv/bin/python -m bench.nbd_capture [--size-mib 1024] [--rand-count 20000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MiB = 1 << 20
+RESULTS = Path(__file__).parent / "results" / "nbd_capture.json"
+STRIDE = 4096 * 7919      # a prime number of pages: offsets visit the volume out of order
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def timed(*cmd: str) -> float:
+    t0 = time.monotonic()
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return time.monotonic() - t0
+
+
+def run_workloads(uri: str, data: Path, size: int, rand_count: int) -> dict[str, float]:
+    seq_s = timed("nbdcopy", "--flush", "--request-size=1048576", str(data), uri)
+    rand_s = timed("qemu-img", "bench", "-w", "-t", "none", "-f", "raw", "-s", "4096",
+                   "-S", str(STRIDE), "-c", str(rand_count), "-d", "16", "--flush-interval",
+                   str(rand_count), uri)
+    return {"seq_seconds": seq_s, "seq_MBps": size / seq_s / 1e6,
+            "rand_seconds": rand_s, "rand_iops": rand_count / rand_s}
+
+
+def bench_qemu_nbd(work: Path, data: Path, size: int, rand_count: int,
+                   unix: bool) -> dict[str, float]:
+    """qemu-nbd on a raw file, over TCP on 127.0.0.1 or over a unix socket. Both are
+    measured: qemu-nbd 7.2 over TCP stalls small writes on delayed ACKs (about 40 ms per
+    queue-depth's worth), which would flatter x2x; the unix socket shows what it can do."""
+    image = work / "qemu-nbd.img"
+    with open(image, "wb") as f:
+        f.truncate(size)
+    port, sock = free_port(), work / "qemu-nbd.sock"
+    where = ["-k", str(sock)] if unix else ["-b", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "-x", "disk", *where, "-t", str(image)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        if unix:
+            deadline = time.monotonic() + 20
+            while not sock.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            uri = f"nbd+unix:///disk?socket={sock}"
+        else:
+            wait_port(port)
+            uri = f"nbd://127.0.0.1:{port}/disk"
+        return run_workloads(uri, data, size, rand_count)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        image.unlink()
+
+
+def bench_x2x(work: Path, data: Path, size: int, rand_count: int) -> dict[str, float]:
+    from infra import control
+    from infra.kafka import KafkaSettings
+    from journal.pairs import PairSpec
+    from producers.journaling import Mode
+    from producers.nbd_capture import NBDCapture
+
+    source, target = work / "x2x-src.img", work / "x2x-dst.img"
+    for p in (source, target):
+        with open(p, "wb") as f:
+            f.truncate(size)
+    settings = KafkaSettings.resolve()
+    name = f"bench-{os.getpid()}"
+    spec = PairSpec(name, str(source), str(target), 65536, size)
+    control.create_pair(settings, spec)
+    cap = NBDCapture(spec, settings, "127.0.0.1", 0, Mode.ASYNC).start()
+    try:
+        while cap.baseline and not cap.baseline.finished:   # a sparse source: quick
+            time.sleep(0.05)
+        cap.sync_point()
+        out = run_workloads(cap.uri, data, size, rand_count)
+        out["journal_bytes_sent"] = cap.pub.bytes_sent
+    finally:
+        report = cap.stop()
+        control.delete_pair(settings, name)
+    out["clean_stop"] = report.clean
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--rand-count", type=int, default=20000)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    for tool in ("nbdcopy", "qemu-img", "qemu-nbd"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is not installed (apt-get install libnbd-bin qemu-utils)")
+    size = args.size_mib * MiB
+    home = Path(tempfile.mkdtemp(prefix="x2x-bench-"))
+    os.environ["X2X_HOME"] = str(home / "home")
+    from infra import broker
+    state = broker.up(port=free_port())
+    os.environ["X2X_BOOTSTRAP"] = state.bootstrap
+    try:
+        data = home / "random.img"
+        with open(data, "wb") as f:                   # incompressible: lz4 gains nothing
+            for _ in range(size // (64 * MiB) or 1):
+                f.write(os.urandom(min(size, 64 * MiB)))
+        results = {
+            # Fewer random writes over TCP: at ~400 IOPS the full count takes a minute.
+            "qemu-nbd tcp": bench_qemu_nbd(home, data, size, min(args.rand_count, 2000),
+                                           unix=False),
+            "qemu-nbd unix": bench_qemu_nbd(home, data, size, args.rand_count, unix=True),
+            "x2x async": bench_x2x(home, data, size, args.rand_count)}
+    finally:
+        broker.down()
+        shutil.rmtree(home, ignore_errors=True)
+    # Ratios against the better qemu-nbd figure of each workload.
+    x = results["x2x async"]
+    q_seq = max(r["seq_MBps"] for n, r in results.items() if n.startswith("qemu"))
+    q_rand = max(r["rand_iops"] for n, r in results.items() if n.startswith("qemu"))
+    ratios = {"seq": x["seq_MBps"] / q_seq, "rand": x["rand_iops"] / q_rand}
+    print(f"{'':16}{'seq 1 MiB MB/s':>16}{'rand 4 KiB IOPS':>18}")
+    for name, r in results.items():
+        print(f"{name:16}{r['seq_MBps']:>16.0f}{r['rand_iops']:>18.0f}")
+    print(f"{'x2x / best qemu':16}{ratios['seq']:>16.2f}{ratios['rand']:>18.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "size_bytes": size, "rand_count": args.rand_count, "cpus": os.cpu_count(),
+        "machine": platform.platform(), "results": results, "ratio_x2x_over_qemu": ratios,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

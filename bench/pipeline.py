@@ -1,0 +1,97 @@
+"""Scenario 1: the pipeline's ceiling. A bare confluent-kafka produce + consume loop of the
+same bytes, on the same broker with the journal's own producer settings, next to x2x's
+capture -> journal -> apply of an incompressible image with the scan capturer.
+
+Both sides run their two halves one after the other (produce then consume; capture then
+apply), so end-to-end MB/s is bytes / (first half + second half) for each.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+
+from bench.common import (MiB, Context, apply_all, capture, figure, make_pair, mbps,
+                          random_image)
+from infra.topics import JOURNAL_CONFIG, delete_topic, ensure_topic
+from journal.batch import DEFAULT_BUDGET
+
+TITLE = "Pipeline ceiling: bare Kafka produce+consume vs x2x capture->journal->apply"
+
+
+def bare_kafka(ctx: Context, path: str, size: int) -> dict[str, float]:
+    """Produce the file in journal-sized records, then consume them all back."""
+    topic = ctx.pair_name("bare")
+    admin = ctx.settings.check_reachable()
+    ensure_topic(admin, topic, JOURNAL_CONFIG)
+    producer = Producer(ctx.settings.producer())
+    t0 = time.monotonic()
+    with open(path, "rb") as f:
+        count = 0
+        while chunk := f.read(DEFAULT_BUDGET):
+            while True:
+                try:
+                    producer.produce(topic, chunk)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            producer.poll(0)
+            count += 1
+    if producer.flush(120):
+        raise RuntimeError(f"bare producer could not flush to {ctx.settings.bootstrap}")
+    produce_s = time.monotonic() - t0
+
+    consumer = Consumer(ctx.settings.consumer())
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    t0 = time.monotonic()
+    got = nbytes = 0
+    deadline = time.monotonic() + 300
+    while got < count and time.monotonic() < deadline:
+        for msg in consumer.consume(500, 0.1):
+            if msg.error() is None:
+                got += 1
+                nbytes += len(msg.value())
+            elif msg.error().code() != KafkaError._PARTITION_EOF:
+                raise RuntimeError(f"bare consumer: {msg.error().str()}")
+    consume_s = time.monotonic() - t0
+    consumer.close()
+    delete_topic(admin, topic)
+    if got < count:
+        raise RuntimeError(f"bare consumer got {got} of {count} records")
+    return {"produce_s": produce_s, "consume_s": consume_s, "records": count,
+            "bytes": nbytes, "produce_MBps": mbps(size, produce_s),
+            "consume_MBps": mbps(size, consume_s),
+            "end_to_end_MBps": mbps(size, produce_s + consume_s)}
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    size = ctx.size(512 * MiB, 16 * MiB)
+    d = ctx.dir("pipeline")
+    src = random_image(d / "src.img", size, seed=11)
+    bare = bare_kafka(ctx, str(src), size)
+
+    spec = make_pair(ctx, "pipeline", src, d / "dst.img")
+    scan = capture(ctx, spec)
+    stats, apply_s = apply_all(ctx, spec)
+    x = {"capture_s": scan.seconds, "apply_s": apply_s, "bytes_sent": scan.bytes_sent,
+         "capture_MBps": mbps(size, scan.seconds), "apply_MBps": mbps(size, apply_s),
+         "end_to_end_MBps": mbps(size, scan.seconds + apply_s),
+         "bytes_applied": stats.bytes_applied}
+    # Later scenarios build on this run: the lag scenario writes at half of x2x's rate,
+    # the replay scenario rebuilds a replica from this pair's journal.
+    ctx.shared["max_MBps"] = x["end_to_end_MBps"]
+    ctx.shared["pipeline_spec"] = spec
+    return {
+        "title": TITLE,
+        "sizes": {"image_bytes": size},
+        "figures": [
+            figure("end-to-end throughput", "MB/s", x["end_to_end_MBps"],
+                   "bare confluent-kafka produce+consume", bare["end_to_end_MBps"], "higher"),
+            figure("capture / produce", "MB/s", x["capture_MBps"],
+                   "bare confluent-kafka produce", bare["produce_MBps"], "higher"),
+            figure("apply / consume", "MB/s", x["apply_MBps"],
+                   "bare confluent-kafka consume", bare["consume_MBps"], "higher"),
+        ],
+        "details": {"x2x": x, "bare_kafka": bare},
+    }
