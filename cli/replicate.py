@@ -14,7 +14,13 @@ from cli.common import console, err_console, human_bytes, print_json, settings
 from consumers.applier import Applier
 from consumers.checkpoint import CheckpointStore
 from infra import control
-from journal.errors import BadInput
+from infra.keys import key_for
+from journal.errors import BadInput, BrokerError
+from infra.kafka import KafkaSettings
+from journal.pairs import PairSpec
+from producers.journaling import Mode
+from producers.nbd_capture import NBDCapture, parse_listen
+from schemas.cipher import JournalKey
 from producers.scan import ScanResult, scan_once
 from producers.state import StateStore
 
@@ -37,13 +43,31 @@ def capture(ctx: typer.Context, name: str,
             interval: float = typer.Option(0.0, help="Scan again every SECONDS, until stopped."),
             resync: bool = typer.Option(False, help="Forget the hash map: publish a full "
                                         "baseline in a new epoch."),
+            nbd: str = typer.Option(None, "--nbd", metavar="[HOST:]PORT",
+                                    help="Serve the source over NBD (export name = pair name) "
+                                    "and journal every write, until SIGTERM/SIGINT. HOST is "
+                                    "127.0.0.1 unless given; NBD's usual port is 10809."),
+            mode: str = typer.Option(None, "--mode", metavar="async|sync",
+                                     help="With --nbd: acknowledge writes after the local "
+                                     "write (async, default) or once journaled (sync)."),
+            key_file: str = typer.Option(None, help="The pair's key file, if it is encrypted "
+                                         "(default $X2X_HOME/keys/NAME.key)."),
             json_: bool = typer.Option(False, "--json", help="Print results as JSON lines.")
             ) -> None:
-    """Capture a pair's source into its journal by scanning for changed blocks."""
+    """Capture a pair's source into its journal: by scanning for changed blocks, or live
+    over NBD with --nbd."""
+    if nbd is not None and (once or interval):
+        raise BadInput("--nbd runs a long-lived NBD capturer; --once and --interval belong "
+                       "to the scan capturer: drop one or the other")
+    if mode is not None and nbd is None:
+        raise BadInput("--mode only applies to the NBD capturer: add --nbd [HOST:]PORT")
     if once and interval:
         raise BadInput("--once and --interval exclude each other: pick one")
     if interval < 0:
         raise BadInput(f"--interval must be positive, got {interval}")
+    if nbd is not None:
+        listen = parse_listen(nbd)
+        mode_ = Mode.parse(mode or "async")
     s = settings(ctx)
     spec = control.get_pair(s, name).spec
     store = StateStore(name)
@@ -54,14 +78,45 @@ def capture(ctx: typer.Context, name: str,
             store.save(state)
         store.hashes.unlink(missing_ok=True)
     stop = _stop_on_signals()
+    if nbd is not None:
+        _capture_nbd(spec, s, store, listen, mode_, stop, json_, key_for(spec, key_file))
+        return
     while True:
         show = not json_ and sys.stderr.isatty()
         with _progress(show) as bar:
             task = bar.add_task("scanning", total=spec.volume_size)
-            result = scan_once(spec, s, store, progress=lambda n: bar.advance(task, n))
+            result = scan_once(spec, s, store, progress=lambda n: bar.advance(task, n),
+                               key=key_for(spec, key_file))
         _print_scan(result, json_)
         if not interval or stop.wait(interval):
             return
+
+
+def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
+                 listen: tuple[str, int], mode: Mode, stop: threading.Event, json_: bool,
+                 key: JournalKey | None) -> None:
+    """Run the NBD capturer until ``stop``; the service does the work, this prints."""
+    cap = NBDCapture(spec, s, listen[0], listen[1], mode, store, key).start()
+    r = cap.report
+    what = "new epoch, baseline running" if r.new_epoch else "same epoch"
+    if json_:
+        print_json({"event": "serving", "uri": cap.uri, "epoch": r.epoch,
+                    "first_seq": r.first_seq, "mode": mode.value, "new_epoch": r.new_epoch})
+    else:
+        console.print(f"serving {cap.uri} ({mode.value} mode); epoch {r.epoch} from seq "
+                      f"{r.first_seq} ({what}); stop with SIGTERM or Ctrl-C", highlight=False)
+    sys.stdout.flush()
+    r = cap.serve(stop)
+    if json_:
+        print_json({"event": "stopped", **r.__dict__})
+    else:
+        how = "clean" if r.clean else f"UNCLEAN ({r.error or 'baseline not finished'}); the " \
+            f"next start begins a new epoch with a full baseline"
+        console.print(f"stopped ({how}): epoch {r.epoch} seq {r.first_seq}..{r.last_seq}; "
+                      f"captured {r.ops} client ops, {human_bytes(r.bytes)} in "
+                      f"{r.seconds:.1f} s", highlight=False)
+    if r.error:
+        raise BrokerError(f"pair {spec.name}: journaling failed: {r.error}")
 
 
 def _print_scan(r: ScanResult, json_: bool) -> None:
@@ -82,6 +137,8 @@ def apply(ctx: typer.Context, name: str,
                                                "point the capturer journaled is applied."),
           reset: bool = typer.Option(False, help="Forget this target's checkpoint and replay "
                                      "the journal from its start."),
+          key_file: str = typer.Option(None, help="The pair's key file, if it is encrypted "
+                                       "(default $X2X_HOME/keys/NAME.key)."),
           json_: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
     """Apply a pair's journal to its target, from the target's checkpoint."""
     s = settings(ctx)
@@ -90,7 +147,7 @@ def apply(ctx: typer.Context, name: str,
     store = CheckpointStore(name, target)
     if reset:
         store.reset()
-    applier = Applier(spec, target, s, store=store)
+    applier = Applier(spec, target, s, key=key_for(spec, key_file), store=store)
     stop = _stop_on_signals()
     stats = applier.run(until_caught_up=until_caught_up, stop=stop)
     p = applier.checkpointed

@@ -139,8 +139,13 @@ class NBDServer:
                 continue
             self._spawn(sock, addr)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, disconnect every client and join all threads."""
+    def stop(self, timeout: float = 5.0, grace: float = 0.0) -> None:
+        """Stop accepting, disconnect every client and join all threads.
+
+        With ``grace`` > 0 the clients' receiving side is shut first: a request being
+        served finishes and its reply is sent, then the connection ends at the next
+        request boundary; clients still busy after ``grace`` seconds are cut off.
+        """
         self._stopping.set()
         if self._listener is not None:
             _shutdown_socket(self._listener)  # wakes a blocked accept() at once on Linux
@@ -150,6 +155,13 @@ class NBDServer:
             self._listener.close()
         with self._lock:
             conns = list(self._conns.values())
+        if grace > 0:
+            for conn in conns:
+                _shutdown_socket(conn.sock, socket.SHUT_RD)  # replies can still go out
+            deadline = time.monotonic() + grace
+            for conn in conns:
+                if conn.thread is not None:
+                    conn.thread.join(max(0.0, deadline - time.monotonic()))
         for conn in conns:
             _shutdown_socket(conn.sock)
         deadline = time.monotonic() + timeout
@@ -437,9 +449,9 @@ def _close_gracefully(sock: socket.socket, timeout: float = 1.0) -> None:
         pass  # timed out or reset: the client had its chance
 
 
-def _shutdown_socket(sock: socket.socket) -> None:
+def _shutdown_socket(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        sock.shutdown(how)
     except OSError:
         pass  # already closed or never connected
 

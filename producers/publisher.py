@@ -60,6 +60,7 @@ class JournalPublisher:
         self.ops_journaled = 0
         self.bytes_sent = 0            # record bytes handed to Kafka (before compression)
         self._inflight = 0
+        self._next_produce = next_seq  # first seq of the next entry to hand to Kafka
         self._pending: deque[Entry] = deque()
         self._error: str | None = None
         self._cond = threading.Condition()
@@ -97,7 +98,10 @@ class JournalPublisher:
 
     def _produce(self, entry: Entry) -> None:
         value = codec.encode_entry(self.key.encrypt(entry) if self.key else entry)
-        while self._inflight > self.max_inflight:
+        # Waiting releases the lock, so another thread may close a later entry meanwhile:
+        # entries go to Kafka strictly in seq order (each waits for its turn), else the
+        # journal would have a gap followed by the missing ops.
+        while self._inflight > self.max_inflight or entry.first_seq != self._next_produce:
             self._cond.wait(0.1)
             self._raise_if_failed()
         while True:
@@ -109,6 +113,8 @@ class JournalPublisher:
         self._inflight += len(value)
         self.bytes_sent += len(value)
         self._pending.append(entry)
+        self._next_produce = entry.last_seq + 1
+        self._cond.notify_all()
 
     # -- acknowledgements ----------------------------------------------------------
     def _poll_loop(self) -> None:

@@ -1,0 +1,205 @@
+"""The journaling volume: the NBD capturer's backend. Every change a client makes to the
+source is written locally, then journaled, in the order the changes completed.
+
+Ordering: a change takes the range locks of the blocks it touches across "local write +
+journal append", so two changes to the same block reach the journal in the order they
+reached the source (changes to disjoint blocks commute, so their relative order does not
+matter). The baseline reader takes the same locks across "read block + append", which is
+what keeps a baseline from overtaking a write (journal/DESIGN.md rule 7). The append only
+queues the op; Kafka round trips happen outside the locks.
+
+Modes: ``async`` acknowledges a write once it is on the source (the journal follows);
+``sync`` acknowledges it only once the broker acknowledged its journal entry, and fails
+it with EIO otherwise. In both modes a client FLUSH means "durable on the source and on
+the broker".
+"""
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from infra.volume import Volume
+from journal.errors import BadInput, X2XError
+from journal.ops import Op
+from producers.nbd import Shutdown
+from producers.publisher import JournalPublisher
+
+log = logging.getLogger("x2x.capture")
+
+#: Bytes covered by one lock region. A baseline chunk is one region, so it holds exactly
+#: one lock while it reads and appends; a client write takes one lock per region it spans.
+REGION = 4 << 20
+#: Number of lock stripes; region ``i`` uses stripe ``i % STRIPES``. 1 means one lock.
+STRIPES = 64
+
+
+class Mode(str, enum.Enum):
+    """When a client's write is acknowledged."""
+
+    ASYNC = "async"   # after the local write; the journal follows
+    SYNC = "sync"     # after the broker acknowledged the journal entry
+
+    @classmethod
+    def parse(cls, text: str) -> "Mode":
+        try:
+            return cls(text.lower())
+        except ValueError:
+            raise BadInput(f"--mode {text!r} is invalid: use 'async' (acknowledge after the "
+                           f"local write) or 'sync' (acknowledge once journaled)") from None
+
+
+class RangeLocks:
+    """Striped locks over byte ranges: region ``offset // region`` maps to one stripe.
+
+    A range takes the stripes of all regions it spans, in stripe order, so two ranges
+    never deadlock; ranges that share a block always share a stripe.
+    """
+
+    def __init__(self, region: int = REGION, stripes: int = STRIPES) -> None:
+        if region <= 0 or stripes <= 0:
+            raise ValueError("region and stripes must be positive")
+        self.region, self.stripes = region, stripes
+        self._locks = [threading.Lock() for _ in range(stripes)]
+
+    def stripes_of(self, offset: int, length: int) -> list[int]:
+        first = offset // self.region
+        last = (offset + max(length, 1) - 1) // self.region
+        if last - first + 1 >= self.stripes:
+            return list(range(self.stripes))
+        return sorted({i % self.stripes for i in range(first, last + 1)})
+
+    @contextmanager
+    def hold(self, offset: int, length: int) -> Iterator[None]:
+        """Hold the locks of ``[offset, offset + length)`` for the block of the with."""
+        taken = self.stripes_of(offset, length)
+        if len(taken) == 1:     # the common case, without the list walk
+            with self._locks[taken[0]]:
+                yield
+            return
+        for i in taken:
+            self._locks[i].acquire()
+        try:
+            yield
+        finally:
+            for i in reversed(taken):
+                self._locks[i].release()
+
+
+@dataclass
+class CaptureCounters:
+    """What clients changed through this capturer (for heartbeats and the final report)."""
+
+    ops: int = 0          # WRITE, ZERO, TRIM and FLUSH requests journaled
+    bytes: int = 0        # payload bytes of those requests
+    flushes: int = 0
+
+
+class JournalingVolume:
+    """A :class:`producers.nbd.Backend` over the source volume that journals every change.
+
+    ``dirty`` marks blocks written since the hash map was last true, so the capturer can
+    re-hash just those at a clean stop instead of hashing on the write path.
+    """
+
+    def __init__(self, vol: Volume, pub: JournalPublisher, mode: Mode, block_size: int,
+                 locks: RangeLocks | None = None, journal_timeout: float = 60.0) -> None:
+        self.vol, self.pub, self.mode, self.block_size = vol, pub, mode, block_size
+        self.size = vol.size
+        self.locks = locks or RangeLocks()
+        self.journal_timeout = journal_timeout
+        self.counters = CaptureCounters()
+        self.dirty = bytearray(-(-vol.size // block_size))
+        #: Why journaling stopped (the publisher failed); None while it works.
+        self.failed: str | None = None
+        self._closing = False
+        self._count_lock = threading.Lock()
+
+    # -- the Backend surface -------------------------------------------------------------
+    def pread(self, offset: int, length: int) -> bytes:
+        # No lock: a read racing a write may see either, as on any disk.
+        return self.vol.pread(offset, length)
+
+    def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
+        self._change(Op.write(offset, bytes(data)), fua,
+                     lambda: self.vol.pwrite(offset, data))
+
+    def zero(self, offset: int, length: int, fua: bool) -> None:
+        self._change(Op.zero(offset, length), fua, lambda: self.vol.zero(offset, length))
+
+    def trim(self, offset: int, length: int) -> None:
+        # A trimmed range reads back as zeros on the source, and so on every target.
+        self._change(Op.trim(offset, length), False, lambda: self.vol.zero(offset, length))
+
+    def flush(self) -> None:
+        self._check_open()
+        self.vol.fsync()
+        if self._journal(lambda: self.pub.wait_journaled(self.pub.flush_point(),
+                                                         self.journal_timeout)):
+            with self._count_lock:
+                self.counters.ops += 1
+                self.counters.flushes += 1
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def close(self) -> None:
+        """Refuse every further request with ESHUTDOWN (requests already running finish)."""
+        self._closing = True
+
+    # -- internals ----------------------------------------------------------------------
+    def _change(self, op: Op, fua: bool, local: Callable[[], None]) -> None:
+        self._check_open()
+        if self.failed is not None and self.mode is Mode.SYNC:
+            # Never acknowledge a write the journal cannot hold.
+            raise OSError(errno.EIO, f"journal unavailable: {self.failed}")
+        seq = 0
+        with self.locks.hold(op.offset, op.length):
+            local()
+            self._mark_dirty(op.offset, op.length)
+            if self._journal(lambda: self.pub.append(op)) and self.mode is Mode.SYNC:
+                # Read under the lock: at or after our op, so waiting for it is enough.
+                seq = self.pub.appended_seq
+        if fua:
+            self.vol.fsync()
+        with self._count_lock:
+            self.counters.ops += 1
+            self.counters.bytes += op.length
+        if seq:
+            # The op may sit in a half-full entry: send it now. Whatever other writers
+            # queued meanwhile rides along (group commit).
+            self._journal(self.pub.close_entry)
+            self._journal(lambda: self.pub.wait_journaled(seq, self.journal_timeout))
+
+    def _journal(self, call: Callable[[], object]) -> bool:
+        """Run one publisher call. On failure: sync mode fails the request with EIO; async
+        mode keeps the source available, stops journaling and leaves the capturer state
+        unclean so the next start re-baselines. Returns whether journaling still works."""
+        if self.failed is not None:
+            if self.mode is Mode.SYNC:
+                raise OSError(errno.EIO, f"journal unavailable: {self.failed}")
+            return False
+        try:
+            call()
+            return True
+        except X2XError as e:
+            self.failed = str(e)
+            log.error("journaling stopped: %s; the next start of the capturer begins a new "
+                      "epoch with a full baseline", e)
+            if self.mode is Mode.SYNC:
+                raise OSError(errno.EIO, f"journal unavailable: {e}") from None
+            return False
+
+    def _mark_dirty(self, offset: int, length: int) -> None:
+        if length <= 0:
+            return
+        first = offset // self.block_size
+        last = (offset + length - 1) // self.block_size
+        self.dirty[first:last + 1] = b"\x01" * (last - first + 1)
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise Shutdown("the capturer is stopping")
+

@@ -1,0 +1,283 @@
+"""The NBD capturer as a service: serve the source over NBD, journal every change.
+
+Wiring only: :class:`producers.nbd.NBDServer` speaks the protocol,
+:class:`producers.journaling.JournalingVolume` writes and journals, and
+:func:`producers.baseline.run_baseline` publishes the whole source in a new epoch while
+clients already write. This module decides the epoch, runs the heartbeat/linger loop and
+performs the clean stop:
+
+stop accepting -> finish requests in flight -> fsync the source -> FLUSH op -> journal
+drained to the broker -> hash map refreshed -> state saved ``clean`` (same epoch next time).
+
+A start that finds the state unclean (the last run died) begins a new epoch with a full
+baseline: the journal may lack writes the source has.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+from infra.kafka import KafkaSettings
+from infra.volume import Volume
+from journal.errors import BadInput, VolumeError, X2XError
+from journal.pairs import PairSpec
+from producers.baseline import BaselineProgress, new_hash_map, refresh_hashes, run_baseline
+from producers.journaling import JournalingVolume, Mode, RangeLocks
+from producers.nbd import NBDServer
+from producers.publisher import JournalPublisher
+from producers.scan import plan_epoch
+from producers.state import CaptureState, StateStore
+from schemas.cipher import JournalKey
+
+log = logging.getLogger("x2x.capture")
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 10809
+BEAT_INTERVAL = 2.0
+#: How long queued ops may wait for more company before they are sent as an entry.
+LINGER = 0.05
+#: How long a clean stop lets requests in flight finish.
+STOP_GRACE = 10.0
+_LISTEN = re.compile(r"^(?:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):)?(?P<port>\d+)$")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``[HOST:]PORT`` (``[v6]:PORT`` for IPv6) -> (host, port); host defaults to
+    127.0.0.1 so an export is never exposed beyond this machine by accident."""
+    m = _LISTEN.match(text.strip())
+    port = int(m.group("port")) if m else -1
+    if not m or not 0 < port < 65536:
+        raise BadInput(f"--nbd {text!r} is invalid: use [HOST:]PORT, e.g. 10809 or "
+                       f"0.0.0.0:10809 (port 1-65535)")
+    return m.group("v6") or m.group("host") or DEFAULT_HOST, port
+
+
+@dataclass
+class CaptureReport:
+    """What one run of the capturer did, for the CLI's last line."""
+
+    epoch: int = 0
+    first_seq: int = 0
+    last_seq: int = 0
+    new_epoch: bool = False
+    baseline_finished: bool = False
+    ops: int = 0
+    bytes: int = 0
+    clean: bool = False
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class NBDCapture:
+    """One pair's NBD capturer; ``start()`` then ``stop()``, or ``serve(stop_event)``."""
+
+    spec: PairSpec
+    settings: KafkaSettings
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    mode: Mode = Mode.ASYNC
+    store: StateStore | None = None
+    key: JournalKey | None = None
+    locks: RangeLocks = field(default_factory=RangeLocks)
+    beat_interval: float = BEAT_INTERVAL
+    report: CaptureReport = field(init=False, default_factory=CaptureReport)
+    baseline: BaselineProgress | None = field(init=False, default=None)
+    _stopping: threading.Event = field(init=False, default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(init=False, default_factory=list)
+    _stopped: bool = field(init=False, default=False)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> "NBDCapture":
+        """Decide the epoch, open the source, start serving (and the baseline if needed)."""
+        self._t0 = time.monotonic()
+        self.store = self.store or StateStore(self.spec.name)
+        self.vol = Volume(self.spec.source, writable=True)
+        try:
+            self._start()
+        except BaseException:
+            self._abort()
+            raise
+        return self
+
+    def _start(self) -> None:
+        vol, spec = self.vol, self.spec
+        if vol.size != spec.volume_size:
+            raise VolumeError(
+                f"source {spec.source} is {vol.size} bytes but pair {spec.name} was created "
+                f"for {spec.volume_size}; recreate the pair for the new size")
+        # Listen first: a taken port must not cost the next start a new epoch.
+        self.server = NBDServer(self.host, self.port, {})
+        try:
+            self.server.bind()
+        except OSError as e:
+            raise BadInput(f"cannot listen for NBD on {self.host}:{self.port}: {e.strerror}; "
+                           f"pick another --nbd [HOST:]PORT or stop what uses it") from None
+        self.port = self.server.port
+        old_state, old_hashes = self.store.load()
+        state, _ = plan_epoch(old_state, old_hashes, spec, vol.size)
+        # plan_epoch hands back the saved state only when it was clean: same epoch then.
+        continuing = state.clean
+        # Continuing implies a saved map that fits (plan_epoch checks it); a new epoch
+        # gets a fresh one, filled by the baseline.
+        self.hashes = (bytearray(old_hashes) if continuing and old_hashes is not None
+                       else new_hash_map(vol.size, spec.block_size))
+        # From now until a clean stop the saved map is stale; a scan after a crash must
+        # not diff against it, so it goes (a clean stop writes the refreshed one).
+        self.store.hashes.unlink(missing_ok=True)
+        state.clean = False
+        self.store.save(state)
+        self.state = state
+        self.report = CaptureReport(state.epoch, state.next_seq, state.next_seq - 1,
+                                    new_epoch=not continuing)
+        self.pub = JournalPublisher(self.settings, spec.name, state.epoch, state.next_seq,
+                                    state.epoch_bytes, key=self.key, instance=spec.source)
+        self.backend = JournalingVolume(vol, self.pub, self.mode, spec.block_size, self.locks)
+        self.server.exports[spec.name] = self.backend
+        self.server.start()
+        if not continuing:
+            self.baseline = BaselineProgress(vol.size)
+            self._spawn(self._baseline_thread, "x2x-baseline")
+        self._spawn(self._tick_thread, "x2x-capture-tick")
+        log.info("capturing pair %s at %s, epoch %d from seq %d (%s mode%s)", spec.name,
+                 self.uri, state.epoch, state.next_seq, self.mode.value,
+                 ", baseline running" if self.baseline else "")
+        self.beat(force=True)
+
+    @property
+    def uri(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"nbd://{host}:{self.port}/{self.spec.name}"
+
+    def serve(self, stop: threading.Event) -> CaptureReport:
+        """Run until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT), then stop cleanly."""
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            report = self.stop()
+        return report
+
+    def stop(self) -> CaptureReport:
+        """The clean stop; the state is saved clean only if nothing was lost on the way."""
+        if self._stopped:
+            return self.report
+        self._stopped = True
+        self.backend.close()                       # new requests: ESHUTDOWN
+        self.server.stop(grace=STOP_GRACE)         # requests in flight finish
+        self._stopping.set()
+        for t in self._threads:
+            t.join()
+        failed = self.backend.failed
+        try:
+            self.vol.fsync()
+            if failed is None:
+                self.pub.flush_point()
+                self.pub.drain()
+        except X2XError as e:
+            failed = self.backend.failed = str(e)
+        baseline_done = self.baseline is None or self.baseline.finished
+        j = self.pub.journaled
+        clean = failed is None and baseline_done
+        if clean:
+            hashes = None
+            if self.hashes is not None:
+                refresh_hashes(self.vol, self.hashes, self.backend.dirty, self.spec.block_size)
+                hashes = bytes(self.hashes)
+            self.store.save(CaptureState(j.epoch, j.seq + 1, j.epoch_bytes, True,
+                                         self.spec.block_size, self.vol.size), hashes)
+        # else: the state saved at start (clean=False) stays: the next start re-baselines.
+        r = self.report
+        r.last_seq, r.clean, r.error = j.seq, clean, failed
+        r.baseline_finished = bool(self.baseline and self.baseline.finished)
+        r.ops, r.bytes = self.backend.counters.ops, self.backend.counters.bytes
+        r.seconds = time.monotonic() - self._t0
+        try:
+            self.beat(state="stopped" if clean else "stopped-unclean", force=True)
+        finally:
+            self.pub.close()
+            self.vol.close()
+        return r
+
+    def _abort(self) -> None:
+        """Undo a start that failed half-way (the state stays unclean)."""
+        if hasattr(self, "server"):
+            self.server.stop()
+        self._stopping.set()
+        for t in self._threads:
+            t.join()
+        if hasattr(self, "pub"):
+            self.pub.close()
+        self.vol.close()
+
+    # -- consistency points and status --------------------------------------------------
+    def sync_point(self, timeout: float = 60.0) -> int:
+        """Journal a FLUSH now, wait until the broker holds everything up to it, and
+        announce it in a heartbeat; returns its seq. (What a client FLUSH does, minus the
+        fsync, for operators and tests.)"""
+        seq = self.pub.flush_point()
+        self.pub.wait_journaled(seq, timeout)
+        self.beat(force=True)
+        return seq
+
+    def detail(self) -> dict[str, str]:
+        c = self.backend.counters
+        d = {"capturer": "nbd", "mode": self.mode.value, "listen": self.uri,
+             "clients": str(len(self.server.clients)), "captured_ops": str(c.ops),
+             "captured_bytes": str(c.bytes)}
+        if self.baseline is not None:
+            d["baseline"] = ("done" if self.baseline.finished
+                             else f"{self.baseline.percent:.0f}%")
+        if self.backend.failed:
+            d["error"] = self.backend.failed[:300]
+        return d
+
+    def beat(self, state: str | None = None, force: bool = False) -> None:
+        if state is None:
+            state = ("journal-failed" if self.backend.failed else
+                     "baseline" if self.baseline and not self.baseline.finished else
+                     "capturing")
+        now = time.monotonic()
+        last_t, last_b = getattr(self, "_rate_mark", (self._t0, 0))
+        total = self.backend.counters.bytes + (self.baseline.done if self.baseline else 0)
+        rate = (total - last_b) / max(now - last_t, 1e-3)
+        self._rate_mark = (now, total)
+        self.pub.beat(state, self.detail(), force=force, rate_bps=rate)
+
+    # -- background threads -------------------------------------------------------------
+    def _spawn(self, target, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _baseline_thread(self) -> None:
+        assert self.baseline is not None and self.hashes is not None
+        try:
+            done = run_baseline(self.vol, self.pub, self.locks, self.spec.block_size,
+                                self.hashes, self.baseline, self._stopping)
+        except X2XError as e:
+            self.backend.failed = self.backend.failed or str(e)
+            log.error("baseline of pair %s failed: %s", self.spec.name, e)
+            return
+        if done:
+            log.info("baseline of pair %s done: %d bytes in %.1f s, FLUSH at seq %d",
+                     self.spec.name, self.baseline.total, self.baseline.seconds,
+                     self.baseline.flush_seq)
+            self.beat(force=True)
+
+    def _tick_thread(self) -> None:
+        """Send lingering ops as an entry when the workload pauses; beat every interval."""
+        next_beat = time.monotonic() + self.beat_interval
+        while not self._stopping.wait(LINGER):
+            try:
+                if self.backend.failed is None:
+                    self.pub.close_entry()
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.beat_interval
+                    self.beat(force=True)
+            except X2XError as e:
+                self.backend.failed = self.backend.failed or str(e)
+                log.error("journaling of pair %s stopped: %s", self.spec.name, e)
+

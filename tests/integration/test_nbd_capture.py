@@ -1,0 +1,343 @@
+"""The NBD capturer end to end: real NBD clients write to the export, the journal goes
+through the real broker, the applier rebuilds the target, and the target equals the
+source byte for byte.
+
+Named after the invariants they check (journal/DESIGN.md): the journal order is the
+completion order, a baseline never overtakes a write, sync mode never acknowledges an
+unjournaled write, a clean stop continues the epoch and an unclean one starts a new one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from consumers.applier import Applier
+from infra import control
+from infra.reader import read_to_end
+from infra.topics import journal_topic
+from journal.ops import OpKind
+from journal.pairs import PairSpec
+from producers.journaling import Mode
+from producers.nbd_capture import NBDCapture
+from producers.state import StateStore
+from schemas import codec
+from tests.conftest import free_port, make_image, run_x2x, same_bytes, x2x_bin
+
+MiB = 1 << 20
+_PACKAGE = {"nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin", "qemu-io": "qemu-utils",
+            "qemu-img": "qemu-utils"}
+
+
+def need(binary: str) -> None:
+    if shutil.which(binary) is None:
+        pytest.skip(f"{binary} is not installed (apt-get install {_PACKAGE[binary]})")
+
+
+def run(*args: str, timeout: float = 120) -> str:
+    need(args[0])
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def make_pair(settings, name: str, tmp_path: Path, size: int, seed: int = 1,
+              data_fraction: float = 0.0, block: int = 65536) -> PairSpec:
+    src = make_image(tmp_path / "src.img", size, seed=seed, data_fraction=data_fraction)
+    dst = tmp_path / "dst.img"
+    with open(dst, "wb") as f:
+        f.truncate(size)
+    spec = PairSpec(name, str(src), str(dst), block, size)
+    control.create_pair(settings, spec)
+    return spec
+
+
+@pytest.fixture
+def live(settings, pair_name, tmp_path) -> Iterator[callable]:
+    """Start in-process capturers; every one still running is stopped at the end."""
+    started: list[NBDCapture] = []
+
+    def start(spec: PairSpec, mode: Mode = Mode.ASYNC) -> NBDCapture:
+        cap = NBDCapture(spec, settings, "127.0.0.1", 0, mode).start()
+        started.append(cap)
+        return cap
+
+    yield start
+    for cap in started:
+        cap.stop()
+
+
+def wait_baseline(cap: NBDCapture, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while cap.baseline is not None and not cap.baseline.finished:
+        assert time.monotonic() < deadline, "baseline did not finish"
+        time.sleep(0.02)
+
+
+def apply_all(settings, spec: PairSpec) -> None:
+    Applier(spec, spec.target, settings).run(until_caught_up=True)
+
+
+# -- the export and what clients do to it ------------------------------------------------
+def test_nbdinfo_sees_the_export(settings, pair_name, tmp_path, live):
+    spec = make_pair(settings, pair_name, tmp_path, 16 * MiB)
+    cap = live(spec)
+    info = json.loads(run("nbdinfo", "--json", cap.uri))
+    (export,) = info["exports"]
+    assert export["export-name"] == pair_name
+    assert export["export-size"] == 16 * MiB
+    assert export["can_flush"] and export["can_fua"] and export["can_trim"]
+    assert "read-only" not in info or not export.get("is_read_only")
+
+
+def test_qemu_io_patterns_reach_the_target_in_completion_order(settings, pair_name, tmp_path,
+                                                                live):
+    spec = make_pair(settings, pair_name, tmp_path, 32 * MiB, seed=2, data_fraction=0.5)
+    cap = live(spec)
+    # Overlapping writes: only the journal order equal to the completion order gives
+    # the last pattern on the target.
+    run("qemu-io", "-f", "raw",
+        "-c", "write -P 0x11 0 4M", "-c", "write -P 0x22 1M 1M", "-c", "write -P 0x33 1536k 8k",
+        "-c", "write -z 3M 512k", "-c", "discard 20M 2M", "-c", "write -P 0x44 -f 30M 64k",
+        "-c", "flush", cap.uri)
+    out = run("qemu-io", "-f", "raw", "-r",
+              "-c", "read -P 0x11 0 1M", "-c", "read -P 0x22 1M 512k",
+              "-c", "read -P 0x33 1536k 8k", "-c", "read -P 0x22 1544k 504k",
+              "-c", "read -P 0x11 2M 1M", "-c", "read -P 0 3M 512k",
+              "-c", "read -P 0x11 3584k 512k", "-c", "read -P 0 20M 2M",
+              "-c", "read -P 0x44 30M 64k", cap.uri)
+    assert "Pattern verification failed" not in out
+    cap.sync_point()
+    apply_all(settings, spec)
+    assert same_bytes(spec.source, spec.target)
+    c = cap.backend.counters
+    assert c.ops >= 7 and c.bytes >= 4 * MiB and c.flushes >= 1
+
+
+def test_qemu_img_convert_and_nbdcopy_of_256_mib(settings, pair_name, tmp_path, live):
+    size = 256 * MiB
+    spec = make_pair(settings, pair_name, tmp_path, size)
+    cap = live(spec)
+    wait_baseline(cap)
+    first, second = tmp_path / "a.img", tmp_path / "b.img"
+    for path in (first, second):
+        with open(path, "wb") as f:
+            for _ in range(size // (64 * MiB)):
+                f.write(os.urandom(64 * MiB))
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(first), cap.uri)
+    assert same_bytes(first, spec.source)
+    run("nbdcopy", "--flush", str(second), cap.uri)
+    assert same_bytes(second, spec.source)
+    cap.sync_point()
+    apply_all(settings, spec)
+    assert same_bytes(second, spec.target)
+
+
+def test_baseline_never_overtakes_a_write(settings, pair_name, tmp_path, live):
+    """Clients write all over a pre-filled source while its baseline is being published;
+    the target must end with the clients' data, not the baseline's older reads."""
+    size = 192 * MiB
+    spec = make_pair(settings, pair_name, tmp_path, size, seed=9, data_fraction=1.0)
+    cap = live(spec)
+    rng = random.Random(5)
+    cmds: list[str] = []
+    for i in range(400):
+        off = rng.randrange(size // 4096 - 64) * 4096
+        cmds += ["-c", f"write -P {i % 250 + 1} {off} {rng.choice([4096, 65536, 262144])}"]
+    assert cap.baseline is not None
+    at_start = cap.baseline.done
+    run("qemu-io", "-f", "raw", *cmds, cap.uri)
+    at_end = cap.baseline.done
+    assert at_start < size, "the baseline finished before the clients began; grow the volume"
+    wait_baseline(cap)
+    cap.sync_point()
+    apply_all(settings, spec)
+    assert same_bytes(spec.source, spec.target)
+    # Report how much the writes overlapped the baseline (visible with -s on failure).
+    print(f"baseline at {at_start / size:.0%} when writes began, {at_end / size:.0%} at end")
+
+
+def test_baseline_ends_with_a_flush_and_the_hash_map_is_saved(settings, pair_name, tmp_path,
+                                                              live):
+    from journal.blocks import HASH_LEN, hash_buffer
+    spec = make_pair(settings, pair_name, tmp_path, 8 * MiB, seed=4, data_fraction=0.5)
+    cap = live(spec)
+    wait_baseline(cap)
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 100k 300k", cap.uri)
+    report = cap.stop()
+    assert report.clean and report.baseline_finished
+    state, hashes = StateStore(spec.name).load()
+    assert state.clean and state.epoch == 1 and state.next_seq == report.last_seq + 1
+    expected = b"".join(hash_buffer(memoryview(Path(spec.source).read_bytes()), 65536))
+    assert hashes == expected and len(hashes) == 128 * HASH_LEN
+    kinds = [op.kind for e in journal(settings, spec.name) for op in e.ops]
+    assert kinds[cap.baseline.flush_seq - 1] is OpKind.FLUSH and kinds[-1] is OpKind.FLUSH
+
+
+# -- service lifecycle: real processes, real signals -------------------------------------
+class Capturer:
+    """``x2x capture NAME --nbd`` as a child process, as an operator runs it."""
+
+    def __init__(self, name: str, port: int, *extra: str) -> None:
+        self.proc = subprocess.Popen([x2x_bin(), "capture", name, "--nbd",
+                                      f"127.0.0.1:{port}", *extra],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.uri = f"nbd://127.0.0.1:{port}/{name}"
+        self.banner = self.proc.stdout.readline()
+        assert "serving" in self.banner, self.banner + self.proc.stderr.read()
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[str, str]:
+        self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=60)
+        return out, err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def wait_beat(settings, name: str, cond, timeout: float = 60) -> dict[str, str]:
+    """Wait until the newest capturer heartbeat of ``name`` satisfies ``cond(beat)``."""
+    from infra.heartbeat import read_beats
+    deadline = time.monotonic() + timeout
+    while True:
+        beats = [b for b in read_beats(settings) if b.pair == name and b.role == "capturer"]
+        newest = max(beats, key=lambda b: b.at_ms) if beats else None
+        if newest is not None and cond(newest):
+            return newest.detail
+        assert time.monotonic() < deadline, f"no capturer heartbeat of {name} as expected"
+        time.sleep(0.3)
+
+
+def journal(settings, name: str) -> list:
+    return [codec.decode_entry(m.value()) for m in read_to_end(settings, journal_topic(name))]
+
+
+def test_sync_mode_keeps_every_acknowledged_write_through_sigkill(settings, pair_name,
+                                                                  tmp_path):
+    need("qemu-io")
+    size = 32 * MiB
+    spec = make_pair(settings, pair_name, tmp_path, size, seed=3, data_fraction=0.3)
+    cap = Capturer(pair_name, free_port(), "--mode", "sync")
+    writer = None
+    try:
+        # Writes, then a long pause with the connection open: no FLUSH follows them, so
+        # only sync mode puts them in the journal before the acknowledgement.
+        writes = [(i * 256 * 1024 + 4096 * (i % 7), 8192 * (1 + i % 4), 0x10 + i)
+                  for i in range(60)]
+        cmds = [a for off, ln, pat in writes for a in ("-c", f"write -P {pat} {off} {ln}")]
+        writer = subprocess.Popen(["stdbuf", "-oL", "qemu-io", "-f", "raw", *cmds,
+                                   "-c", "sleep 30000", cap.uri],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        acked = 0
+        while acked < len(writes):
+            line = writer.stdout.readline()
+            assert line, writer.stderr.read()
+            acked += line.startswith("wrote ")
+        cap.proc.kill()                       # SIGKILL: no clean stop, no final FLUSH
+        cap.proc.wait(10)
+    finally:
+        cap.kill()
+        if writer is not None:
+            writer.kill()
+            writer.wait(10)
+    # Every acknowledged write is in the journal: replay all of it onto a blank image.
+    replay = bytearray(size)
+    for entry in journal(settings, pair_name):
+        for op in entry.ops:
+            if op.kind is OpKind.WRITE:
+                replay[op.offset:op.offset + op.length] = op.data
+            elif op.kind in (OpKind.ZERO, OpKind.TRIM):
+                replay[op.offset:op.offset + op.length] = bytes(op.length)
+    for off, ln, pat in writes:
+        assert replay[off:off + ln] == bytes([pat]) * ln, f"acknowledged write at {off} lost"
+    state, _ = StateStore(pair_name).load()
+    assert not state.clean
+    # The unclean stop is found at the next start: a new epoch with a full baseline.
+    again = Capturer(pair_name, free_port())
+    try:
+        assert "epoch 2 from seq 1 (new epoch" in again.banner
+        wait_beat(settings, pair_name,
+                  lambda b: b.epoch == 2 and b.detail.get("baseline") == "done")
+        out, _ = again.stop()
+        assert "stopped (clean)" in out
+    finally:
+        again.kill()
+    run_x2x("apply", pair_name, "--until-caught-up")
+    assert same_bytes(spec.source, spec.target)
+
+
+def test_sigterm_is_a_clean_stop_and_restart_continues_the_epoch(settings, pair_name,
+                                                                 tmp_path):
+    need("qemu-io")
+    spec = make_pair(settings, pair_name, tmp_path, 16 * MiB, seed=6, data_fraction=0.5)
+    port = free_port()
+    cap = Capturer(pair_name, port)
+    try:
+        assert "epoch 1 from seq 1 (new epoch, baseline running)" in cap.banner
+        wait_beat(settings, pair_name, lambda b: b.detail.get("baseline") == "done")
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x61 1M 1M", cap.uri)
+        out, _ = cap.stop()
+    finally:
+        cap.kill()
+    assert cap.proc.returncode == 0 and "stopped (clean)" in out
+    state, _ = StateStore(pair_name).load()
+    assert state.clean and state.epoch == 1
+    cap = Capturer(pair_name, port)
+    try:
+        assert f"epoch 1 from seq {state.next_seq} (same epoch)" in cap.banner
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x62 2M 1M", "-c", "discard 4M 1M",
+            cap.uri)
+        status = json.loads(run_x2x("status", pair_name, "--json").stdout)
+        out, _ = cap.stop(signal.SIGINT)
+    finally:
+        cap.kill()
+    assert "stopped (clean)" in out
+    assert {e.epoch for e in journal(settings, pair_name)} == {1}
+    run_x2x("apply", pair_name, "--until-caught-up")
+    assert same_bytes(spec.source, spec.target)
+    detail = status[0]["capture_detail"]
+    assert detail["capturer"] == "nbd" and detail["mode"] == "async"
+    assert {"clients", "captured_ops", "captured_bytes"} <= set(detail)
+
+
+def test_cli_bad_input(settings, pair_name, tmp_path):
+    make_pair(settings, pair_name, tmp_path, MiB)
+    cases = [
+        (["--nbd", "10809", "--once"], "--once and --interval belong to the scan capturer"),
+        (["--nbd", "10809", "--interval", "5"], "--once and --interval belong"),
+        (["--mode", "sync"], "--mode only applies to the NBD capturer"),
+        (["--nbd", "99999"], "--nbd '99999' is invalid"),
+        (["--nbd", "host:port"], "use [HOST:]PORT"),
+        (["--nbd", "10809", "--mode", "fast"], "--mode 'fast' is invalid"),
+    ]
+    for args, message in cases:
+        proc = run_x2x("capture", pair_name, *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    with socketserver_on() as port:
+        proc = run_x2x("capture", pair_name, "--nbd", f"127.0.0.1:{port}", check=False)
+        assert proc.returncode == 2 and "cannot listen for NBD" in proc.stderr
+    # A refused start leaves the pair's state alone (no new epoch for nothing).
+    assert StateStore(pair_name).load() == (None, None)
+
+
+class socketserver_on:
+    """A port somebody else listens on."""
+
+    def __enter__(self) -> int:
+        import socket
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        return self.sock.getsockname()[1]
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
