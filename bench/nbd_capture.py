@@ -89,7 +89,8 @@ def bench_qemu_nbd(work: Path, data: Path, size: int, rand_count: int,
         image.unlink()
 
 
-def bench_x2x(work: Path, data: Path, size: int, rand_count: int) -> dict[str, float]:
+def bench_x2x(work: Path, data: Path, size: int, rand_count: int,
+              sync: bool = False) -> dict[str, float]:
     from infra import control
     from infra.kafka import KafkaSettings
     from journal.pairs import PairSpec
@@ -104,7 +105,7 @@ def bench_x2x(work: Path, data: Path, size: int, rand_count: int) -> dict[str, f
     name = f"bench-{os.getpid()}"
     spec = PairSpec(name, str(source), str(target), 65536, size)
     control.create_pair(settings, spec)
-    cap = NBDCapture(spec, settings, "127.0.0.1", 0, Mode.ASYNC).start()
+    cap = NBDCapture(spec, settings, "127.0.0.1", 0, Mode.SYNC if sync else Mode.ASYNC).start()
     try:
         while cap.baseline and not cap.baseline.finished:   # a sparse source: quick
             time.sleep(0.05)
@@ -116,6 +117,57 @@ def bench_x2x(work: Path, data: Path, size: int, rand_count: int) -> dict[str, f
         control.delete_pair(settings, name)
     out["clean_stop"] = report.clean
     return out
+
+
+def measure(home: Path, size: int, rand_count: int) -> dict[str, dict[str, float]]:
+    """Every server side by side on the same data, in one run (broker already up)."""
+    data = home / "random.img"
+    with open(data, "wb") as f:                   # incompressible: lz4 gains nothing
+        for _ in range(max(size // (64 * MiB), 1)):
+            f.write(os.urandom(min(size, 64 * MiB)))
+    try:
+        return {
+            # Fewer random writes over TCP: at ~400 IOPS the full count takes a minute.
+            "qemu-nbd tcp": bench_qemu_nbd(home, data, size, min(rand_count, 2000),
+                                           unix=False),
+            "qemu-nbd unix": bench_qemu_nbd(home, data, size, rand_count, unix=True),
+            "x2x async": bench_x2x(home, data, size, rand_count),
+            # Sync mode waits for the broker on every write: fewer of them.
+            "x2x sync": bench_x2x(home, data, size, max(rand_count // 10, 100), sync=True)}
+    finally:
+        data.unlink(missing_ok=True)
+
+
+def ratios(results: dict[str, dict[str, float]], mode: str = "x2x async") -> dict[str, float]:
+    """x2x over the better qemu-nbd figure of each workload."""
+    x = results[mode]
+    q_seq = max(r["seq_MBps"] for n, r in results.items() if n.startswith("qemu"))
+    q_rand = max(r["rand_iops"] for n, r in results.items() if n.startswith("qemu"))
+    return {"seq": x["seq_MBps"] / q_seq, "rand": x["rand_iops"] / q_rand}
+
+
+def run(quick: bool, workdir: Path) -> dict:
+    """Scenario 2 of ``make bench``: figures against qemu-nbd (the harness's broker)."""
+    from bench.common import figure
+    missing = [t for t in ("nbdcopy", "qemu-img", "qemu-nbd") if not shutil.which(t)]
+    if missing:
+        return {"skipped": f"{', '.join(missing)} not installed (libnbd-bin, qemu-utils)"}
+    size, rand_count = (32 * MiB, 500) if quick else (1024 * MiB, 20000)
+    results = measure(Path(workdir), size, rand_count)
+    best_seq = max(results["qemu-nbd tcp"]["seq_MBps"], results["qemu-nbd unix"]["seq_MBps"])
+    best_rand = max(results["qemu-nbd tcp"]["rand_iops"], results["qemu-nbd unix"]["rand_iops"])
+    figures = []
+    for mode in ("x2x async", "x2x sync"):
+        r = results[mode]
+        figures += [
+            figure(f"{mode}: sequential 1 MiB (nbdcopy)", "MB/s", r["seq_MBps"],
+                   "qemu-nbd, better of tcp/unix", best_seq, "higher"),
+            figure(f"{mode}: random 4 KiB (qemu-img bench -d 16)", "IOPS", r["rand_iops"],
+                   "qemu-nbd, better of tcp/unix", best_rand, "higher")]
+    figures.append(figure("x2x async: sequential 1 MiB vs qemu-nbd over TCP", "MB/s",
+                          results["x2x async"]["seq_MBps"], "qemu-nbd tcp",
+                          results["qemu-nbd tcp"]["seq_MBps"], "higher"))
+    return {"size_bytes": size, "results": results, "figures": figures}
 
 
 def main() -> None:
@@ -134,32 +186,19 @@ def main() -> None:
     state = broker.up(port=free_port())
     os.environ["X2X_BOOTSTRAP"] = state.bootstrap
     try:
-        data = home / "random.img"
-        with open(data, "wb") as f:                   # incompressible: lz4 gains nothing
-            for _ in range(size // (64 * MiB) or 1):
-                f.write(os.urandom(min(size, 64 * MiB)))
-        results = {
-            # Fewer random writes over TCP: at ~400 IOPS the full count takes a minute.
-            "qemu-nbd tcp": bench_qemu_nbd(home, data, size, min(args.rand_count, 2000),
-                                           unix=False),
-            "qemu-nbd unix": bench_qemu_nbd(home, data, size, args.rand_count, unix=True),
-            "x2x async": bench_x2x(home, data, size, args.rand_count)}
+        results = measure(home, size, args.rand_count)
     finally:
         broker.down()
         shutil.rmtree(home, ignore_errors=True)
-    # Ratios against the better qemu-nbd figure of each workload.
-    x = results["x2x async"]
-    q_seq = max(r["seq_MBps"] for n, r in results.items() if n.startswith("qemu"))
-    q_rand = max(r["rand_iops"] for n, r in results.items() if n.startswith("qemu"))
-    ratios = {"seq": x["seq_MBps"] / q_seq, "rand": x["rand_iops"] / q_rand}
+    r = ratios(results)
     print(f"{'':16}{'seq 1 MiB MB/s':>16}{'rand 4 KiB IOPS':>18}")
-    for name, r in results.items():
-        print(f"{name:16}{r['seq_MBps']:>16.0f}{r['rand_iops']:>18.0f}")
-    print(f"{'x2x / best qemu':16}{ratios['seq']:>16.2f}{ratios['rand']:>18.2f}")
+    for name, res in results.items():
+        print(f"{name:16}{res['seq_MBps']:>16.0f}{res['rand_iops']:>18.0f}")
+    print(f"{'x2x / best qemu':16}{r['seq']:>16.2f}{r['rand']:>18.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "size_bytes": size, "rand_count": args.rand_count, "cpus": os.cpu_count(),
-        "machine": platform.platform(), "results": results, "ratio_x2x_over_qemu": ratios,
+        "machine": platform.platform(), "results": results, "ratio_x2x_over_qemu": r,
         "at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2) + "\n")
     print(f"written to {args.out}")
 
