@@ -11,9 +11,9 @@ from rich.console import Console
 
 from infra.kafka import KafkaSettings
 
-# Off a terminal (CI logs, pipes, journald) rich would wrap at 80 columns and split
-# error lines that operators grep for.
-console = Console(width=None if sys.stdout.isatty() else 200)
+# Off a terminal (CI logs, pipes, journald) rich would wrap at 80 columns, truncate table
+# cells and split error lines that operators grep for; tables there are as wide as needed.
+console = Console(width=None if sys.stdout.isatty() else 10_000)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 10_000)
 
 

@@ -8,22 +8,25 @@ checkpoint as long as the unflushed tail fits the staging budget.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from consumers.checkpoint import Checkpoint, CheckpointStore
-from consumers.writer import apply_entry
+from consumers.writer import apply_entry, apply_op
 from infra import control, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
-from infra.topics import journal_topic
+from infra.topics import ensure_base_topics, journal_topic
 from infra.volume import Volume, volume_digest
 from journal.errors import (BrokerError, DigestMismatch, JournalError,
                             JournalLost, ReplayedEntry, VolumeError)
+from journal.blocks import (HASH_LEN, Extent, coalesce, diff_maps, format_extents,
+                            hash_buffer)
 from journal.ops import Entry, OpKind
 from journal.pairs import ControlEvent, PairSpec
 from journal.sequence import Limit, Position, Verdict, check_extents, classify
@@ -48,6 +51,20 @@ class ApplyStats:
 
 
 @dataclass
+class Comparison:
+    """What a consistency point's HASHES ops found: target blocks that differ from the
+    source at the same journal position."""
+
+    epoch: int
+    seq: int                  # the FLUSH ending the HASHES (set at its checkpoint)
+    blocks: int = 0           # blocks compared
+    differing: list[int] = field(default_factory=list)   # block indexes
+
+    def extents(self, block_size: int, volume_size: int) -> list[Extent]:
+        return list(coalesce(sorted(set(self.differing)), block_size, volume_size, 8 << 20))
+
+
+@dataclass
 class _Staged:
     entry: Entry
     offset: int
@@ -60,7 +77,8 @@ class Applier:
                  key: JournalKey | None = None, store: CheckpointStore | None = None,
                  stage_limit: int = STAGE_LIMIT, limit: Limit | None = None,
                  on_checkpoint: Callable[[Position], None] | None = None,
-                 publish_status: bool = True) -> None:
+                 publish_status: bool = True, start: Position | None = None,
+                 until: tuple[int, int] | None = None) -> None:
         self.spec, self.target, self.settings, self.key = spec, target, settings, key
         self.topic = journal_topic(spec.name)
         self.store = store or CheckpointStore(spec.name, target)
@@ -70,6 +88,14 @@ class Applier:
         # A scratch replay (journal check) stays invisible: no heartbeats, no pair marks.
         self.publish_status = publish_status
         self.sealed: Entry | None = None
+        # Without a checkpoint, start right after ``start`` (failback: at the HASHES
+        # entry of the reverse epoch) instead of at the journal's first record.
+        self.start = start
+        # Stop once a checkpoint at or after (epoch, seq) is written.
+        self.until = until
+        #: HASHES comparisons, one per consistency point that carried HASHES ops.
+        self.comparisons: list[Comparison] = []
+        self._cmp: Comparison | None = None
         self.stats = ApplyStats()
         self.checkpointed = Position()
         self._pos = Position()
@@ -85,7 +111,9 @@ class Applier:
         limit, or (with ``until_caught_up``) until the target has every consistency point
         the capturer has journaled."""
         stop = stop or threading.Event()
-        self.settings.check_reachable()
+        # Heartbeats go to x2x.status: it must exist before the first produce, since a
+        # broker that auto-creates topics on produce may drop those first records.
+        ensure_base_topics(self.settings.check_reachable())
         t0 = self._t0 = time.monotonic()
         with self.store.lock(), Volume(self.target, writable=True) as vol:
             if vol.size < self.spec.volume_size:
@@ -128,6 +156,9 @@ class Applier:
                     return "limit"
                 if self.sealed is not None:
                     return "sealed"
+                if self.until is not None and (self.checkpointed.epoch,
+                                               self.checkpointed.seq) >= self.until:
+                    return "reached"
             self._beat(beats, "applying" if batch else "following")
             producer.poll(0)
             if on_progress:
@@ -176,6 +207,8 @@ class Applier:
             if entry.ops[-1].kind is OpKind.SEAL:
                 self._check_seal(entry)
             self._checkpoint(entry, msg.offset())
+            if self.sealed is not None:
+                self._promote(entry)
         elif self._staged_bytes > self.stage_limit:
             self._apply_staged()      # too large to hold: the target runs ahead of its checkpoint
         return True
@@ -197,10 +230,58 @@ class Applier:
         return open_record(msg.value(), self.spec.name, self.key,
                            f"{self.topic} offset {msg.offset()}")
 
+    def _promote(self, entry: Entry) -> None:
+        """The pair's own target drained to a verified SEAL: it is the source now."""
+        if not self.publish_status or (os.path.realpath(self.target)
+                                       != os.path.realpath(self.spec.target)):
+            return      # a replica or a scratch replay is never promoted
+        control.publish(self.settings, ControlEvent(
+            "promoted", self.spec.name, int(time.time() * 1000), attrs={
+                "volume": self.target, "epoch": str(entry.epoch), "seq": str(entry.last_seq),
+                "forced": "0", "rpo_s": "0", "rpo_ops": "0",
+                "promoted_at_ms": str(int(time.time() * 1000))}))
+
+    def _compare(self, entry: Entry) -> None:
+        """Apply ``entry`` op by op, comparing the target with each HASHES op after
+        everything before it is applied (so both sides are at the same journal point)."""
+        bs = self.spec.block_size
+        cmp = self._cmp = self._cmp or Comparison(entry.epoch, 0)
+        for op in entry.ops:
+            if op.kind is not OpKind.HASHES:
+                apply_op(self.vol, op)
+                continue
+            mine = b"".join(hash_buffer(memoryview(self.vol.pread(op.offset, op.length)), bs))
+            cmp.blocks += len(mine) // HASH_LEN
+            first = op.offset // bs
+            cmp.differing.extend(first + i for i in diff_maps(op.data, mine))
+
+    def _publish_comparison(self, pos: Position) -> None:
+        cmp, self._cmp = self._cmp, None
+        if cmp is None:
+            return
+        cmp.seq = pos.seq
+        self.comparisons.append(cmp)
+        if not self.publish_status:
+            return
+        extents = format_extents(cmp.extents(self.spec.block_size, self.vol.size))
+        try:
+            control.publish(self.settings, ControlEvent(
+                "hashes-compared", self.spec.name, int(time.time() * 1000), attrs={
+                    "target": self.target, "epoch": str(cmp.epoch), "seq": str(cmp.seq),
+                    "blocks": str(cmp.blocks), "differing": str(len(cmp.differing)),
+                    # A huge diff is cut short here; the full list is in the applier's
+                    # log and a second verify after --repair shows what is left.
+                    "extents": extents[:200_000], "truncated": str(int(len(extents) > 200_000))}))
+        except BrokerError as e:
+            log.warning("could not publish the hash comparison of %s: %s", self.target, e)
+
     def _apply_staged(self) -> None:
         ops = nbytes = 0
         for s in self._staged:
-            apply_entry(self.vol, s.entry)
+            if any(op.kind is OpKind.HASHES for op in s.entry.ops):
+                self._compare(s.entry)
+            else:
+                apply_entry(self.vol, s.entry)
             ops += len(s.entry.ops)
             nbytes += s.entry.payload_bytes
         self.stats.entries += len(self._staged)
@@ -216,12 +297,17 @@ class Applier:
         self.store.save(Checkpoint(self.spec.name, self.target, self._pos, self._last_digest,
                                    int(time.time() * 1000)))
         self.stats.checkpoints += 1
+        self._publish_comparison(self._pos)
         if self.on_checkpoint:
             self.on_checkpoint(self._pos)
 
     # -- start: resume from the checkpoint, proving the journal still holds it ----------
     def _start(self, consumer: Consumer) -> None:
         cp = self.store.load()
+        if cp is None and self.start is not None:
+            self.checkpointed = self._pos = self.start
+            consumer.assign([TopicPartition(self.topic, 0, self.start.offset + 1)])
+            return
         if cp is None:
             consumer.assign([TopicPartition(self.topic, 0, 0)])
             return

@@ -53,5 +53,7 @@ def read_beats(settings: KafkaSettings) -> list[Beat]:
         try:
             beats.append(Beat(**codec.decode(m.value(), codec.HEARTBEAT)))
         except X2XError as e:
-            log.warning("skipping %s offset %d: %s", STATUS_TOPIC, m.offset(), e)
+            # info, not warning: the record stays in the topic and would be reported again
+            # on every read; operators see it with --verbose.
+            log.info("skipping %s offset %d: %s", STATUS_TOPIC, m.offset(), e)
     return beats

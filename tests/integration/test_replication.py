@@ -308,7 +308,8 @@ def test_broker_unreachable_is_a_clear_error_not_a_hang(tmp_path):
 
 def test_garbage_on_the_status_topic_does_not_stop_status_or_apply(settings, pair_name,
                                                                    tmp_path):
-    from infra.topics import STATUS_TOPIC
+    from infra.topics import STATUS_TOPIC, ensure_base_topics
+    ensure_base_topics(settings.check_reachable())      # x2x never produces to a missing topic
     p = Producer(settings.producer())
     p.produce(STATUS_TOPIC, b"not a heartbeat")
     assert p.flush(10) == 0
