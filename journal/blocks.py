@@ -31,9 +31,19 @@ def zero_hash(size: int) -> bytes:
     return h
 
 
+_HEAD = 64
+
+
 def is_zero(block: memoryview) -> bool:
-    """True when the block is all zeros (one memcmp, no per-byte Python work)."""
-    return block == zero_block(len(block))
+    """True when the block is all zeros.
+
+    ``memoryview == bytes`` compares element by element in CPython (~0.25 GiB/s); a bytes
+    copy compared with ``==`` is a memcpy plus memcmp (~9 GiB/s). Data blocks almost always
+    differ in their first bytes, so those are looked at first, without copying the rest.
+    """
+    if bytes(block[:_HEAD]) != zero_block(min(_HEAD, len(block))):
+        return False
+    return bytes(block) == zero_block(len(block))
 
 
 def hash_block(block: memoryview) -> bytes:
@@ -93,3 +103,17 @@ def diff_maps(old: bytes, new: bytes) -> list[int]:
     mo, mn = memoryview(old), memoryview(new)
     return [i for i in range(len(new) // HASH_LEN)
             if mo[i * HASH_LEN:(i + 1) * HASH_LEN] != mn[i * HASH_LEN:(i + 1) * HASH_LEN]]
+
+
+def format_extents(extents: list[Extent]) -> str:
+    """Extents as ``offset+length,...`` (decimal): compact enough for a control event."""
+    return ",".join(f"{e.offset}+{e.length}" for e in extents)
+
+
+def parse_extents(text: str) -> list[Extent]:
+    """The inverse of :func:`format_extents`; refuses anything else with ValueError."""
+    out = []
+    for part in filter(None, text.split(",")):
+        off, _, length = part.partition("+")
+        out.append(Extent(int(off), int(length)))
+    return out
