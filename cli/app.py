@@ -1,14 +1,13 @@
 """The x2x command line: one sub-app per noun, each thin; errors print as one line."""
 from __future__ import annotations
 
-import logging
 import sys
 
 import typer
 
 from cli import broker, journal, pair, replica, replicate, status, volume
 from cli.common import Globals, err_console
-from infra import telemetry
+from infra import logs, telemetry
 from journal.errors import X2XError
 
 app = typer.Typer(help="x2x: continuous block-volume replication and migration on Kafka.",
@@ -34,14 +33,13 @@ def main_options(
                                     help="Kafka compression: lz4 (default), zstd, none..."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens, "
                                  "librdkafka included."),
+    log_format: str = typer.Option("text", envvar="X2X_LOG_FORMAT",
+                                   help="Log lines as text or json (one object per line)."),
     telemetry_: str = typer.Option(None, "--telemetry", envvar="X2X_TELEMETRY",
                                    help="Metrics and traces: otlp, console or none (default: "
                                    "otlp when OTEL_EXPORTER_OTLP_ENDPOINT is set)."),
 ) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        logging.getLogger("x2x.librdkafka").setLevel(logging.CRITICAL)
+    logs.setup(verbose, log_format)
     ctx.obj = Globals(bootstrap, kafka_config, compression)
     telemetry.setup(telemetry_)
     ctx.call_on_close(telemetry.current().shutdown)
