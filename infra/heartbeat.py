@@ -7,7 +7,7 @@ import socket
 import time
 from dataclasses import asdict
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 
 from infra.kafka import KafkaSettings
 from infra.reader import read_to_end
@@ -41,8 +41,8 @@ class HeartbeatPublisher:
         try:
             self.producer.produce(STATUS_TOPIC, codec.encode(codec.HEARTBEAT, asdict(beat)),
                                   key=self.pair)
-        except BufferError:
-            pass  # a status beat is never worth blocking the journal for
+        except (BufferError, KafkaException):
+            pass  # a status beat is never worth blocking (or failing) the journal for
 
 
 def read_beats(settings: KafkaSettings) -> list[Beat]:

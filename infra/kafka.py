@@ -54,6 +54,11 @@ class KafkaSettings:
     extra: dict[str, str] = field(default_factory=dict)
     compression: str = "lz4"
 
+    def __repr__(self) -> str:
+        # Settings end up in tracebacks, debuggers and log lines: never with a password.
+        return (f"KafkaSettings(bootstrap={self.bootstrap!r}, extra={redact(self.extra)!r}, "
+                f"compression={self.compression!r})")
+
     @classmethod
     def resolve(cls, bootstrap: str | None = None, config_file: str | None = None,
                 compression: str | None = None) -> "KafkaSettings":
@@ -77,6 +82,13 @@ class KafkaSettings:
             "linger.ms": 5,
             "message.max.bytes": 4 * 1024 * 1024,
             "queue.buffering.max.kbytes": 256 * 1024,
+            # A record the broker has not acknowledged after 30 s fails its delivery report
+            # (librdkafka's default is 5 minutes): the NBD capturer then goes degraded and
+            # keeps only its write-intent bitmap instead of queueing without end.
+            "message.timeout.ms": 30_000,
+            # Topics are created by x2x only (one partition, retention): a restarted
+            # broker must not get them back auto-created with its defaults by a retry.
+            "allow.auto.create.topics": False,
             **overrides,
         }
 

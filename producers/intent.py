@@ -1,0 +1,268 @@
+"""The write-intent bitmap of the NBD capturer: which blocks may hold data the journal
+(as acknowledged by the broker) does not.
+
+One bit per block of the pair's ``block_size``, in ``capture.intent`` under the pair's
+state dir, memory-mapped ``MAP_SHARED``. Life of a bit:
+
+* **set** by a client write, under the block's range lock, *before* the local write, so
+  before the client's acknowledgement and before its journal append;
+* **cleared** at a consistency point (:meth:`IntentBitmap.begin` ... :meth:`end`) for the
+  blocks whose every op was appended before the point's FLUSH, once the broker
+  acknowledged that FLUSH, and that no request touched since;
+* **all cleared** at a clean stop (journal drained), **all set** when a full baseline
+  begins (each region clears once the baseline's FLUSH is acknowledged).
+
+What survives what (the guarantee, exactly):
+
+* **The capturer process dies** (SIGKILL, OOM, a crash): every block whose write had
+  started is marked, with no msync: the bit lives in the kernel's page cache, which the
+  process's death does not touch. A restart resends exactly the marked blocks.
+* **The machine dies** (power loss, kernel crash): the file is msynced at every client
+  FLUSH and before a FUA write is acknowledged, i.e. as durable as what the client may
+  assume about the source itself. But a write the client never flushed may still have
+  reached the source's disk while its bit did not, so the bitmap alone cannot be trusted
+  after a reboot: it records the kernel's boot id, and a start under another boot id
+  falls back to a full baseline. (Trusting it would need an msync before every write
+  that sets a new bit, md-raid style: a disk flush on the write path, not worth it.)
+
+Costs: one short lock and slice assignments per request (no per-byte work); consistency
+points do a few C-speed passes over one byte per block.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from infra.paths import pair_dir
+
+FILE_NAME = "capture.intent"
+MAGIC = b"X2XINTNT"
+VERSION = 1
+#: magic, version, block size, volume size, boot id (36 ASCII chars, zero padded to 40)
+_HEADER = struct.Struct("<8sIxxxxQQ40s")
+HEADER = 128
+_RUNS = re.compile(rb"[^\x00]+")
+_ONES = re.compile(rb"\x01+")
+
+
+def boot_id() -> bytes:
+    """This boot of the kernel; the page cache (and so an unsynced bit) lives as long."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_bytes().strip()[:40]
+    except OSError:
+        return b"unknown"
+
+
+def path_for(pair: str) -> Path:
+    return pair_dir(pair) / FILE_NAME
+
+
+def forget(pair: str) -> None:
+    """Drop the bitmap, so the next start of the capturer does a full baseline."""
+    path_for(pair).unlink(missing_ok=True)
+
+
+@dataclass
+class Checkpoint:
+    """One consistency point in progress: the blocks it may clear once its FLUSH is
+    acknowledged (one byte per block, 1 = candidate)."""
+
+    candidates: bytes | None          # None: every block (a baseline or a resync)
+
+
+@dataclass
+class _Token:
+    first: int
+    end: int
+
+
+@dataclass
+class IntentBitmap:
+    """The mmapped bitmap plus the in-memory bookkeeping that decides what to clear."""
+
+    path: Path
+    block_size: int
+    volume_size: int
+    #: True when the file existed, matched this volume and was written in this boot: its
+    #: set bits are then exactly the blocks a crashed run may not have journaled.
+    trusted: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.blocks = -(-self.volume_size // self.block_size)
+        nbytes = HEADER + -(-self.blocks // 8)
+        header = _HEADER.pack(MAGIC, VERSION, self.block_size, self.volume_size,
+                              boot_id().ljust(40, b"\0"))
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            old = os.pread(fd, HEADER, 0)
+            self.trusted = (os.fstat(fd).st_size == nbytes
+                            and old[:_HEADER.size] == header)
+            if not self.trusted:
+                # Missing, another volume or block size, or another boot: start all clear
+                # and let the caller decide (a full baseline).
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, nbytes)
+                os.pwrite(fd, header, 0)
+                os.fsync(fd)
+            self._mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self._bits = memoryview(self._mm)[HEADER:]
+        self._lock = threading.Lock()
+        self._cp_lock = threading.Lock()
+        # Blocks whose request finished (appended, or given up on) since the last begin().
+        self._since = bytearray(self.blocks)
+        self._active: dict[int, _Token] = {}
+        self._next_token = 0
+
+    @classmethod
+    def open(cls, pair: str, block_size: int, volume_size: int) -> "IntentBitmap":
+        return cls(path_for(pair), block_size, volume_size)
+
+    # -- the write path ------------------------------------------------------------------
+    def mark(self, offset: int, length: int) -> int:
+        """Mark the blocks of a request before its local write; returns a token for
+        :meth:`done`, to be called once its op is appended (or journaling gave up)."""
+        first, end = self._blocks_of(offset, length)
+        with self._lock:
+            _set_bits(self._bits, first, end)
+            self._next_token += 1
+            self._active[self._next_token] = _Token(first, end)
+            return self._next_token
+
+    def done(self, token: int) -> None:
+        with self._lock:
+            t = self._active.pop(token)
+            self._since[t.first:t.end] = b"\x01" * (t.end - t.first)
+
+    def sync(self) -> None:
+        """msync: what a client FLUSH or FUA write is promised (see the module doc)."""
+        self._mm.flush()
+
+    # -- consistency points ----------------------------------------------------------------
+    def begin(self, blocking: bool = False, full: bool = False) -> Checkpoint | None:
+        """Start a consistency point: call before its FLUSH is appended. One at a time:
+        with ``blocking`` false a concurrent one makes this return None (clearing is only
+        ever postponed, never required). ``full``: every block is a candidate (a baseline
+        or resync that reads every marked block after this call)."""
+        if not self._cp_lock.acquire(blocking=blocking):
+            return None
+        with self._lock:
+            cand = None if full else bytes(self._since)
+            self._since = bytearray(self.blocks)
+        return Checkpoint(cand)
+
+    def end(self, cp: Checkpoint) -> int:
+        """The point's FLUSH is acknowledged: clear its candidates that no request touched
+        since :meth:`begin` and none is touching now. Returns how many blocks it cleared."""
+        try:
+            with self._lock:
+                cand = (int.from_bytes(cp.candidates, "little") if cp.candidates is not None
+                        else int.from_bytes(b"\x01" * self.blocks, "little"))
+                keep = int.from_bytes(self._since, "little")
+                clear = bytearray((cand & ~keep).to_bytes(self.blocks, "little"))
+                for t in self._active.values():
+                    clear[t.first:t.end] = bytes(t.end - t.first)
+                cleared = 0
+                for m in _ONES.finditer(clear):
+                    _clear_bits(self._bits, m.start(), m.end())
+                    cleared += m.end() - m.start()
+                return cleared
+        finally:
+            self._cp_lock.release()
+
+    def abort(self, cp: Checkpoint) -> None:
+        """The point's FLUSH was not acknowledged: clear nothing, and hand its candidates
+        to the next point (a full point's are not: only another full point may clear
+        blocks it did not see appended)."""
+        try:
+            if cp.candidates is not None:
+                with self._lock:
+                    merged = (int.from_bytes(cp.candidates, "little")
+                              | int.from_bytes(self._since, "little"))
+                    self._since = bytearray(merged.to_bytes(self.blocks, "little"))
+        finally:
+            self._cp_lock.release()
+
+    # -- whole-map operations ----------------------------------------------------------
+    def set_all(self) -> None:
+        with self._lock:
+            _set_bits(self._bits, 0, self.blocks)
+        self.sync()
+
+    def clear_all(self) -> None:
+        """Only when no request can run and the journal is drained (a clean stop)."""
+        with self._lock:
+            self._bits[:] = bytes(len(self._bits))
+        self.sync()
+
+    def dirty_blocks(self) -> int:
+        return int.from_bytes(self._bits, "little").bit_count()
+
+    def dirty_bytes(self) -> int:
+        n = self.dirty_blocks()
+        last = self.blocks - 1
+        if n and _get_bit(self._bits, last):    # the last block may be short
+            return (n - 1) * self.block_size + self.volume_size - last * self.block_size
+        return n * self.block_size
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        """Marked extents as (offset, length) in bytes, merged, in order (a snapshot)."""
+        with self._lock:
+            data = bytes(self._bits)
+        for m in _RUNS.finditer(data):
+            # Bits inside a run of non-zero bytes: expand just that stretch.
+            base = m.start() * 8
+            value = int.from_bytes(m.group(), "little")
+            while value:
+                low = (value & -value).bit_length() - 1
+                shifted = value >> low
+                length = (~shifted & (shifted + 1)).bit_length() - 1
+                first, end = base + low, base + low + length
+                yield (first * self.block_size,
+                       min(end * self.block_size, self.volume_size) - first * self.block_size)
+                value &= ~(((1 << length) - 1) << low)
+
+    def close(self) -> None:
+        self._bits.release()
+        self._mm.close()
+
+    def _blocks_of(self, offset: int, length: int) -> tuple[int, int]:
+        return offset // self.block_size, (offset + max(length, 1) - 1) // self.block_size + 1
+
+
+# -- bit ranges by slice assignment (bit i: byte i // 8, bit i % 8, LSB first) -----------
+def _get_bit(bits: memoryview, i: int) -> bool:
+    return bool(bits[i >> 3] & (1 << (i & 7)))
+
+
+def _set_bits(bits: memoryview, first: int, end: int) -> None:
+    if first >= end:
+        return
+    fb, lb = first >> 3, (end - 1) >> 3
+    lo, hi = (0xFF << (first & 7)) & 0xFF, 0xFF >> (7 - ((end - 1) & 7))
+    if fb == lb:
+        bits[fb] |= lo & hi
+        return
+    bits[fb] |= lo
+    bits[fb + 1:lb] = b"\xff" * (lb - fb - 1)
+    bits[lb] |= hi
+
+
+def _clear_bits(bits: memoryview, first: int, end: int) -> None:
+    if first >= end:
+        return
+    fb, lb = first >> 3, (end - 1) >> 3
+    lo, hi = (0xFF << (first & 7)) & 0xFF, 0xFF >> (7 - ((end - 1) & 7))
+    if fb == lb:
+        bits[fb] &= ~(lo & hi) & 0xFF
+        return
+    bits[fb] &= ~lo & 0xFF
+    bits[fb + 1:lb] = bytes(lb - fb - 1)
+    bits[lb] &= ~hi & 0xFF

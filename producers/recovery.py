@@ -1,0 +1,296 @@
+"""Faults of the NBD capturer: resend what a crash or an outage left unjournaled.
+
+The write-intent bitmap (:mod:`producers.intent`) says which blocks may hold data the
+broker never acknowledged. This module uses it in three places:
+
+* **start after an unclean stop**: a new epoch resends exactly the marked extents (read
+  under the range locks, WRITE/ZERO ops, then FLUSH) instead of a full baseline; the full
+  baseline stays for a first start, a missing or untrusted bitmap (other volume, other
+  boot) or a lost journal topic;
+* **degraded**: when the publisher fails (delivery error, or no acknowledgement for
+  ``X2X_JOURNAL_STALL`` seconds, default 10), async writes keep succeeding locally and
+  only mark the bitmap; sync writes fail with EIO. Heartbeats say ``degraded`` with the
+  marked bytes;
+* **back**: once the broker answers, a new epoch starts on a fresh publisher and resends
+  the marked extents (the whole volume if the journal topic lost its records, e.g. a
+  memory-storage broker restarted: targets then need ``x2x apply NAME --reset``), then
+  streaming goes on.
+
+Ordering is rule 7 of journal/DESIGN.md: a resend holds the region's range lock across
+"read + append", as the baseline does, so it never overtakes a client write.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from infra import control
+from infra.kafka import KafkaSettings
+from infra.topics import JOURNAL_CONFIG, ensure_base_topics, ensure_topic
+from infra.volume import Volume
+from journal.batch import DEFAULT_BUDGET, OP_OVERHEAD
+from journal.blocks import is_zero
+from journal.errors import PairNotFound, X2XError
+from journal.pairs import ControlEvent
+from journal.runs import RunBuilder
+from producers.intent import IntentBitmap
+from producers.journaling import RangeLocks
+from producers.publisher import JournalPublisher, now_ms
+from producers.state import CaptureState
+
+if TYPE_CHECKING:
+    from producers.nbd_capture import NBDCapture
+
+log = logging.getLogger("x2x.capture")
+
+#: No acknowledgement for this long and the journal counts as down (librdkafka's own
+#: message.timeout.ms, 30 s, is the backstop). Sync writes wait at most this long.
+STALL = float(os.environ.get("X2X_JOURNAL_STALL", "10"))
+#: While degraded, how often to ask whether the broker is back.
+RETRY = 1.0
+
+
+@dataclass
+class ResyncProgress:
+    """A resend of marked extents in progress (for heartbeats and the final report)."""
+
+    total: int
+    done: int = 0
+    finished: bool = False
+    flush_seq: int = 0
+    full: bool = False          # the whole volume (the journal was lost)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.done / self.total if self.total else 100.0
+
+
+def resend(vol: Volume, pub: JournalPublisher, locks: RangeLocks, block_size: int,
+           extents: list[tuple[int, int]], progress: ResyncProgress,
+           stop: threading.Event | None = None) -> bool:
+    """Journal the current content of ``extents`` in the publisher's epoch, then a FLUSH.
+
+    One lock region at a time, read and appended under its lock; zero blocks go as ZERO
+    ops. Returns False if ``stop`` was set first (nothing is then promised)."""
+    region = locks.region
+    max_write = max(block_size, (DEFAULT_BUDGET - OP_OVERHEAD) // block_size * block_size)
+    runs = RunBuilder(max_write)
+    buf = bytearray(region)
+    for offset, length in extents:
+        pos, end = offset, offset + length
+        while pos < end:
+            if stop is not None and stop.is_set():
+                return False
+            chunk = min(end, (pos // region + 1) * region) - pos
+            view = memoryview(buf)[:chunk]
+            with locks.hold(pos, chunk):
+                vol.readinto(pos, view)
+                for off in range(0, chunk, block_size):
+                    block = view[off:off + block_size]
+                    pub.append_many(runs.add_zero(pos + off, len(block)) if is_zero(block)
+                                    else runs.add_write(pos + off, block))
+                # The ops point into ``buf``: close the run before it is reused.
+                pub.append_many(runs.finish())
+            progress.done += chunk
+            pos += chunk
+    progress.flush_seq = pub.flush_point()
+    return True
+
+
+def journal_intact(settings: KafkaSettings, topic: str,
+                   last_acked: tuple[int, bytes] | None, timeout: float = 5.0) -> bool:
+    """Does the broker still hold the last record it acknowledged to us, at its offset?
+
+    A memory-storage broker that restarted comes back without it (the topic may even be
+    auto-created empty by a client's retry), so topic existence alone proves nothing.
+    Unknown (nothing acknowledged yet): answered False, the safe side."""
+    if last_acked is None:
+        return False
+    offset, value = last_acked
+    consumer = Consumer(settings.consumer())
+    try:
+        consumer.assign([TopicPartition(topic, 0, offset)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is not None:
+                if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART,
+                                  KafkaError.OFFSET_OUT_OF_RANGE):
+                    return False
+                continue
+            return msg.offset() == offset and msg.value() == value
+        return False
+    finally:
+        consumer.close()
+
+
+class Recovery:
+    """The capturer's fault handling; the capturer calls :meth:`tick` from its tick loop.
+
+    States: ``capturing``, ``degraded`` (journal down, writes only marked), ``resyncing``
+    (a new epoch resending marked extents; client writes are journaled meanwhile)."""
+
+    def __init__(self, cap: "NBDCapture", intent: IntentBitmap) -> None:
+        self.cap, self.intent = cap, intent
+        self.state = "capturing"
+        self.progress: ResyncProgress | None = None
+        self.outages = 0              # times the journal went down and came back
+        self._busy = threading.Lock()  # one recovery or resync at a time
+        self._next_try = 0.0
+        self._degraded_at: float | None = None
+
+    # -- start ----------------------------------------------------------------------
+    def resync_at_start(self) -> None:
+        """After an unclean stop, in the start's new epoch: resend the marked extents."""
+        self.progress = ResyncProgress(self.intent.dirty_bytes())
+        self.state = "resyncing"
+        self.cap._spawn(self._resync_thread, "x2x-resync")
+
+    def baseline_thread(self) -> None:
+        """The capturer's full baseline, with every bit set until its FLUSH is
+        acknowledged: a crash half-way resends only what it had not journaled."""
+        cap = self.cap
+        cp = self.intent.begin(blocking=True, full=True)
+        self.intent.set_all()
+        try:
+            cap._baseline_thread()
+            if cap.baseline is not None and cap.baseline.finished:
+                cap.pub.wait_journaled(cap.baseline.flush_seq, 60.0)
+                self.intent.end(cp)
+                cp = None
+        except X2XError as e:
+            cap.backend.failed = cap.backend.failed or str(e)
+        finally:
+            if cp is not None:
+                self.intent.abort(cp)
+
+    # -- the tick loop ------------------------------------------------------------------
+    def tick(self) -> None:
+        cap = self.cap
+        if cap.backend.failed is None:
+            stalled = cap.pub.stalled_for()
+            if stalled > STALL:
+                cap.pub.fail(f"the broker at {cap.settings.bootstrap} acknowledged nothing of "
+                             f"{cap.pub.topic} for {stalled:.0f} s")
+            return
+        if self.state != "degraded":
+            self.state = "degraded"
+            self._degraded_at = time.monotonic()
+            log.error("pair %s degraded: %s; writes are kept on the source and marked; "
+                      "marked extents are resent when the broker is back", cap.spec.name,
+                      cap.backend.failed)
+        if time.monotonic() >= self._next_try and not self._busy.locked():
+            self._next_try = time.monotonic() + RETRY
+            cap._spawn(self._recover, "x2x-recover")
+
+    def settled(self) -> bool:
+        """Nothing left to resend: the stop may be clean."""
+        return self.state == "capturing"
+
+    def state_name(self) -> str | None:
+        return None if self.state == "capturing" else self.state
+
+    def detail(self) -> dict[str, str]:
+        d = {"dirty_bytes": str(self.intent.dirty_bytes())}
+        if self.progress is not None:
+            d["resync"] = ("done" if self.progress.finished else
+                           f"{self.progress.percent:.0f}%")
+        if self.outages:
+            d["outages"] = str(self.outages)
+        if self._degraded_at is not None and self.state == "degraded":
+            d["degraded_s"] = f"{time.monotonic() - self._degraded_at:.0f}"
+        return d
+
+    # -- recovery -----------------------------------------------------------------------
+    def _recover(self) -> None:
+        if not self._busy.acquire(blocking=False):
+            return
+        cap = self.cap
+        try:
+            if cap._stopping.is_set():
+                return
+            try:
+                admin = cap.settings.check_reachable(timeout=2.0)
+            except X2XError:
+                return                       # still down; tick tries again
+            old = cap.pub
+            intact = journal_intact(cap.settings, old.topic, old.last_acked)
+            try:
+                ensure_topic(admin, old.topic, JOURNAL_CONFIG)
+                ensure_base_topics(admin)
+                self._ensure_pair_known()
+            except X2XError as e:
+                log.warning("pair %s: broker back but not ready: %s", cap.spec.name, e)
+                return
+            old.fail("superseded by a new epoch")
+            old.close(timeout=0)
+            state = CaptureState(cap.state.epoch + 1, 1, 0, False, cap.spec.block_size,
+                                 cap.vol.size)
+            cap.store.save(state)
+            cap.state = state
+            pub = JournalPublisher(cap.settings, cap.spec.name, state.epoch, 1, 0,
+                                   key=cap.key, instance=cap.spec.source)
+            cap.pub = cap.backend.pub = pub
+            self.state = "resyncing"
+            cap.backend.failed = None          # from here writes are journaled again
+            self.outages += 1
+            log.warning("pair %s: broker back; epoch %d resends %s", cap.spec.name,
+                        state.epoch, "the marked extents" if intact else
+                        "the whole volume (the journal lost its records: targets need "
+                        f"'x2x apply {cap.spec.name} --reset')")
+        finally:
+            self._busy.release()
+        self._resync_thread(full=not intact)
+
+    def _ensure_pair_known(self) -> None:
+        """A broker that lost its data lost the pair too: publish it again, so appliers
+        find it (they then report JournalLost and are reset by the operator)."""
+        spec = self.cap.spec
+        try:
+            control.get_pair(self.cap.settings, spec.name)
+        except PairNotFound:
+            control.publish(self.cap.settings,
+                            ControlEvent("created", spec.name, now_ms(), spec))
+
+    def _resync_thread(self, full: bool = False) -> None:
+        cap = self.cap
+        with self._busy:
+            cp = self.intent.begin(blocking=True, full=True)
+            try:
+                if full:
+                    self.intent.set_all()
+                extents = list(self.intent.extents())
+                self.progress = ResyncProgress(sum(n for _, n in extents), full=full)
+                self.state = "resyncing"
+                t0 = time.monotonic()
+                if not resend(cap.vol, cap.pub, cap.locks, cap.spec.block_size, extents,
+                              self.progress, cap._stopping):
+                    return
+                cap.pub.wait_journaled(self.progress.flush_seq, 120.0)
+                self.intent.end(cp)
+                cp = None
+                self.progress.finished = True
+                if cap.baseline is not None and not cap.baseline.finished:
+                    cap.baseline = None      # superseded: this epoch holds every block
+                # The hash map is not known for what was resent: re-hash at the clean stop.
+                cap.backend.dirty[:] = b"\x01" * len(cap.backend.dirty)
+                self.state = "capturing"
+                log.info("pair %s: resent %d bytes in %d extents in %.1f s, FLUSH at seq %d",
+                         cap.spec.name, self.progress.total, len(extents),
+                         time.monotonic() - t0, self.progress.flush_seq)
+                cap.beat(force=True)
+            except X2XError as e:
+                cap.backend.failed = cap.backend.failed or str(e)
+                log.error("pair %s: resync failed: %s", cap.spec.name, e)
+            finally:
+                if cp is not None:
+                    self.intent.abort(cp)

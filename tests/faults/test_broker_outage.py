@@ -1,0 +1,161 @@
+"""The broker goes away under a running NBD capturer (a broker of the test's own).
+
+* async, broker frozen (SIGSTOP: unreachable, its data kept): client writes keep
+  succeeding, the capturer goes degraded and marks; once the broker answers again a new
+  epoch resends exactly the marked extents and the target converges without a reset.
+* sync, broker stopped and restarted (memory storage: every topic is gone): writes fail
+  with EIO instead of being acknowledged unjournaled; the capturer recreates its journal
+  and publishes the whole volume in a new epoch; the applier reports JournalLost with the
+  recovery command, and ``x2x apply NAME --reset`` converges.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+from infra.heartbeat import read_beats
+from tests.faults.conftest import TALLY, MiB, OwnBroker, Proc, converged, need
+from tests.faults.test_process_kills import start_capturer
+from tests.integration.test_nbd_capture import make_pair
+
+STALL = {"X2X_JOURNAL_STALL": "2"}  # noqa
+
+
+def newest_capture_beat(settings, name: str, cond, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            beats = [b for b in read_beats(settings) if b.pair == name and b.role == "capturer"]
+        except Exception:        # noqa: BLE001 - the broker may still be coming back
+            beats = []
+        newest = max(beats, key=lambda b: b.at_ms) if beats else None
+        if newest is not None and cond(newest):
+            return newest
+        assert time.monotonic() < deadline, f"no capturer heartbeat of {name} as expected"
+        time.sleep(0.3)
+
+
+def qemu_io(*cmds: str, uri: str) -> subprocess.CompletedProcess[str]:
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    return subprocess.run(args + [uri], text=True, capture_output=True, timeout=120)
+
+
+def test_async_outage_degrades_then_resends_exactly_the_marked_extents(own_broker: OwnBroker,
+                                                                      tmp_path):
+    need("qemu-io")
+    s, name, size = own_broker.settings(), "outage-async", 32 * MiB
+    spec = make_pair(s, name, tmp_path, size, seed=21, data_fraction=0.4)
+    cap = start_capturer(name, env={**own_broker.env, **STALL}, verbose=True)
+    try:
+        newest_capture_beat(s, name, lambda b: b.detail.get("baseline") == "done")
+        own_broker.x2x("apply", name, "--until-caught-up")
+        own_broker.freeze()
+        t0 = time.monotonic()
+        # Writes and a FLUSH keep succeeding while nothing can be journaled.
+        p = qemu_io("write -P 0x41 1M 3M", "flush", "write -P 0x42 20M 64k", "flush",
+                    "write -z 28M 1M", uri=cap.uri)
+        assert p.returncode == 0 and "failed" not in p.stdout, p.stdout + p.stderr
+        cap.wait_log("degraded", timeout=30)
+        p = qemu_io("write -P 0x43 2M 128k", uri=cap.uri)   # degraded: marked only
+        assert p.returncode == 0 and "failed" not in p.stdout, p.stdout + p.stderr
+        own_broker.thaw()
+        TALLY["broker outages"] += 1
+        line = cap.wait_log("broker back", timeout=60)
+        assert "resends the marked extents" in line, line
+        beat = newest_capture_beat(s, name, lambda b: b.epoch == 2
+                                   and b.detail.get("resync") == "done")
+        assert beat.state == "capturing"
+        print(f"async outage: degraded and back in {time.monotonic() - t0:.1f} s")
+        assert "stopped (clean)" in cap.stop()
+    finally:
+        own_broker.thaw()
+        cap.kill()
+    resent = re.search(r"resent (\d+) bytes", cap.stderr())
+    # Exactly the marked extents: the 64 KiB blocks the writes touched (3M + 64k + 1M +
+    # 128k, block-aligned), far below the 32 MiB volume.
+    assert resent is None or int(resent.group(1)) <= 5 * MiB, resent.group(0)
+    own_broker.x2x("apply", name, "--until-caught-up")     # same journal: no reset needed
+    assert converged(spec.source, spec.target)
+
+
+def test_sync_outage_fails_writes_with_eio_and_recovers_after_a_broker_restart(
+        own_broker: OwnBroker, tmp_path):
+    need("qemu-io")
+    s, name, size = own_broker.settings(), "outage-sync", 16 * MiB
+    spec = make_pair(s, name, tmp_path, size, seed=22, data_fraction=0.4)
+    cap = start_capturer(name, "--mode", "sync", env={**own_broker.env, **STALL},
+                         verbose=True)
+    try:
+        newest_capture_beat(s, name, lambda b: b.detail.get("baseline") == "done")
+        p = qemu_io("write -P 0x51 0 1M", uri=cap.uri)
+        assert p.returncode == 0 and "failed" not in p.stdout, p.stdout + p.stderr
+        own_broker.x2x("apply", name, "--until-caught-up")    # a checkpoint to lose
+        own_broker.down()
+        p = qemu_io("write -P 0x52 4M 64k", uri=cap.uri)
+        assert "Input/output error" in p.stdout + p.stderr, p.stdout + p.stderr
+        own_broker.up()                                       # empty: memory storage
+        TALLY["broker outages"] += 1
+        line = cap.wait_log("broker back", timeout=60)
+        assert "the whole volume" in line and f"x2x apply {name} --reset" in line, line
+        try:
+            newest_capture_beat(s, name, lambda b: b.epoch == 2
+                                and b.detail.get("resync") == "done")
+        except AssertionError:
+            bs = [(b.epoch, b.state, b.at_ms, b.detail.get("resync")) for b in read_beats(s)]
+            print("BEATS", bs[-8:], own_broker.x2x("status", "--json", check=False))
+            raise AssertionError(''.join(l for l in cap.err if 'rdkafka' not in l)[-8000:]) from None
+        p = qemu_io("write -P 0x53 8M 64k", "flush", uri=cap.uri)
+        assert p.returncode == 0 and "failed" not in p.stdout, p.stdout + p.stderr
+        # The old checkpoint is not in the new journal: refused, with the way out.
+        lost = own_broker.x2x("apply", name, "--until-caught-up", check=False)
+        assert lost.returncode != 0 and "--reset" in lost.stderr, lost.stderr
+        assert "stopped (clean)" in cap.stop()
+    finally:
+        cap.kill()
+    own_broker.x2x("apply", name, "--reset", "--until-caught-up")
+    assert converged(spec.source, spec.target)
+
+
+def test_degraded_heartbeat_carries_the_dirty_bytes(own_broker: OwnBroker, tmp_path,
+                                                    monkeypatch):
+    """In process, to look inside while the broker is frozen (nobody can read x2x.status
+    then): the capturer says degraded, counts the marked bytes, and clears them once the
+    resync's FLUSH is acknowledged."""
+    need("qemu-io")
+    import producers.recovery as recovery
+    from producers.nbd_capture import NBDCapture
+    monkeypatch.setattr(recovery, "STALL", 2.0)
+    s, name = own_broker.settings(), "outage-inproc"
+    spec = make_pair(s, name, tmp_path, 8 * MiB, seed=23)
+    cap = NBDCapture(spec, s, "127.0.0.1", 0).start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (cap.baseline and cap.baseline.finished) or cap.intent.dirty_bytes():
+            assert time.monotonic() < deadline, cap.detail()
+            time.sleep(0.1)
+        own_broker.freeze()
+        p = qemu_io("write -P 0x61 0 256k", "write -P 0x62 4M 64k", "flush", uri=cap.uri)
+        assert p.returncode == 0 and "failed" not in p.stdout, p.stdout + p.stderr
+        deadline = time.monotonic() + 30
+        while cap.recovery.state != "degraded":
+            assert time.monotonic() < deadline, cap.detail()
+            time.sleep(0.1)
+        detail = cap.detail()
+        assert int(detail["dirty_bytes"]) == 256 * 1024 + 64 * 1024, detail
+        assert cap.recovery.state_name() == "degraded"
+        own_broker.thaw()
+        TALLY["broker outages"] += 1
+        deadline = time.monotonic() + 60
+        while cap.recovery.state != "capturing" or cap.intent.dirty_bytes():
+            assert time.monotonic() < deadline, cap.detail()
+            time.sleep(0.1)
+        assert cap.detail()["resync"] == "done" and cap.detail()["outages"] == "1"
+        assert cap.stop().clean
+    finally:
+        own_broker.thaw()
+        cap.stop()
+    own_broker.x2x("apply", name, "--until-caught-up")
+    assert converged(spec.source, spec.target)

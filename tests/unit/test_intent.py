@@ -1,0 +1,130 @@
+"""The write-intent bitmap: set before a write, cleared only at an acknowledged
+consistency point for blocks nothing touched since, trusted only in the boot that wrote it.
+Plus the small status/security defaults the fault work relies on."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from producers.intent import HEADER, IntentBitmap
+
+BS = 4096
+
+
+def bitmap(tmp_path: Path, blocks: int = 100, tail: int = 0) -> IntentBitmap:
+    return IntentBitmap(tmp_path / "capture.intent", BS, blocks * BS + tail)
+
+
+def test_marks_survive_a_reopen_and_give_merged_extents(tmp_path):
+    b = bitmap(tmp_path)
+    assert not b.trusted and b.dirty_blocks() == 0
+    b.done(b.mark(0, 1))                    # block 0
+    b.done(b.mark(5 * BS + 10, 3 * BS))     # blocks 5..8 (unaligned: 4 blocks)
+    b.done(b.mark(7 * BS, BS))              # overlaps
+    b.done(b.mark(63 * BS, 2 * BS))         # crosses a byte boundary: 63, 64
+    b.close()                               # no sync: the page cache keeps it (SIGKILL)
+    again = bitmap(tmp_path)
+    assert again.trusted
+    assert list(again.extents()) == [(0, BS), (5 * BS, 4 * BS), (63 * BS, 2 * BS)]
+    assert again.dirty_blocks() == 7 and again.dirty_bytes() == 7 * BS
+
+
+def test_untrusted_when_the_volume_or_the_boot_differs(tmp_path):
+    b = bitmap(tmp_path)
+    b.done(b.mark(0, BS))
+    b.close()
+    other = IntentBitmap(tmp_path / "capture.intent", BS * 2, 100 * BS)
+    assert not other.trusted and other.dirty_blocks() == 0
+    other.close()
+    b = bitmap(tmp_path)
+    b.done(b.mark(0, BS))
+    b.close()
+    path = tmp_path / "capture.intent"
+    raw = bytearray(path.read_bytes())
+    raw[32:40] = b"otherboo"                 # inside the boot id field
+    path.write_bytes(raw)
+    assert not bitmap(tmp_path).trusted
+
+
+def test_a_checkpoint_clears_only_what_was_appended_before_it(tmp_path):
+    b = bitmap(tmp_path)
+    b.done(b.mark(0, 2 * BS))                # appended before the FLUSH
+    cp = b.begin()
+    assert b.begin() is None                 # one consistency point at a time
+    b.done(b.mark(BS, BS))                   # block 1 again, after begin: keep
+    running = b.mark(10 * BS, BS)            # still between mark and append: keep
+    assert b.end(cp) == 1                    # only block 0
+    assert list(b.extents()) == [(BS, BS), (10 * BS, BS)]
+    b.done(running)
+    cp = b.begin()
+    b.abort(cp)                              # FLUSH not acknowledged: nothing cleared
+    assert b.dirty_blocks() == 2
+    cp = b.begin()
+    b.end(cp)                                # block 10's op was appended before begin
+    # block 1 finished after the first begin: a candidate of this point, cleared too
+    assert b.dirty_blocks() == 0
+
+
+def test_full_points_and_the_short_last_block(tmp_path):
+    b = bitmap(tmp_path, blocks=9, tail=100)
+    b.set_all()
+    assert b.dirty_blocks() == 10 and b.dirty_bytes() == 9 * BS + 100
+    assert list(b.extents()) == [(0, 9 * BS + 100)]
+    cp = b.begin(full=True)
+    b.done(b.mark(3 * BS, BS))
+    b.end(cp)
+    assert list(b.extents()) == [(3 * BS, BS)]
+    b.clear_all()
+    assert b.dirty_blocks() == 0
+
+
+def test_the_header_is_what_the_file_starts_with(tmp_path):
+    b = bitmap(tmp_path)
+    b.close()
+    raw = (tmp_path / "capture.intent").read_bytes()
+    magic, version, bs, size = struct.unpack_from("<8sIxxxxQQ", raw)
+    assert (magic, version, bs, size) == (b"X2XINTNT", 1, BS, 100 * BS)
+    assert len(raw) == HEADER + 13
+
+
+def test_status_capture_cell_shows_degraded_and_dirty_bytes():
+    from cli.status import _capture_cell
+    cell = _capture_cell("degraded", {"capturer": "nbd", "mode": "async", "clients": "1",
+                                      "captured_ops": "5", "captured_bytes": "1048576",
+                                      "dirty_bytes": str(3 << 20), "baseline": "done"})
+    assert cell.startswith("degraded (") and "3.0 MiB dirty" in cell
+    cell = _capture_cell("resyncing", {"capturer": "nbd", "dirty_bytes": "0",
+                                       "resync": "40%"})
+    assert "resync 40%" in cell
+
+
+def test_nbd_listens_on_loopback_unless_told_otherwise():
+    from producers.nbd_capture import DEFAULT_HOST, NBDCapture, parse_listen
+    assert parse_listen("10809") == ("127.0.0.1", 10809)
+    assert parse_listen("0.0.0.0:10809") == ("0.0.0.0", 10809)
+    assert DEFAULT_HOST == "127.0.0.1"
+    assert NBDCapture.__dataclass_fields__["host"].default == "127.0.0.1"
+
+
+def test_redact_hides_every_secret_property():
+    from infra.kafka import redact
+    props = {"sasl.password": "p", "ssl.key.password": "k", "ssl.keystore.password": "s",
+             "sasl.oauthbearer.client.secret": "c", "bootstrap.servers": "b"}
+    assert redact(props) == {**{k: "***" for k in props}, "bootstrap.servers": "b"}
+
+
+@pytest.mark.parametrize("blocks", [1, 8, 9, 1000])
+def test_extents_round_trip_every_pattern(tmp_path, blocks):
+    import random
+    rng = random.Random(blocks)
+    b = IntentBitmap(tmp_path / f"i{blocks}", BS, blocks * BS)
+    marked = set()
+    for _ in range(min(blocks, 50)):
+        first = rng.randrange(blocks)
+        n = rng.randint(1, min(5, blocks - first))
+        b.done(b.mark(first * BS, n * BS))
+        marked.update(range(first, first + n))
+    got = {o // BS + i for o, n in b.extents() for i in range(n // BS)}
+    assert got == marked and b.dirty_blocks() == len(marked)
