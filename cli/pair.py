@@ -6,8 +6,9 @@ from dataclasses import asdict
 import typer
 from rich.table import Table
 
-from cli.common import console, human_bytes, print_json, settings
+from cli.common import console, err_console, human_bytes, print_json, settings
 from infra import control
+from producers.resync import LocalCapture
 from infra.keys import key_for_create
 from infra.volume import volume_size
 from journal.errors import VolumeError
@@ -61,7 +62,8 @@ def list_(ctx: typer.Context, json_: bool = typer.Option(False, "--json")) -> No
     """List pairs."""
     pairs = control.pairs(settings(ctx))
     if json_:
-        print_json([{**asdict(p.spec), "state": p.state} for p in pairs.values()])
+        print_json([{**asdict(p.spec), "state": p.state, "reversed": p.reversed}
+                    for p in pairs.values()])
         return
     table = Table("pair", "source", "target", "size", "block", "state")
     for p in pairs.values():
@@ -76,6 +78,7 @@ def show(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--jso
     """Show one pair."""
     p = control.get_pair(settings(ctx), name)
     value = {**asdict(p.spec), "state": p.state, "created_at_ms": p.created_at_ms,
+             "reversed": p.reversed, "active_source": p.active_spec.source,
              "journal_topic": f"x2x.journal.{name}", "attrs": p.attrs}
     if json_:
         print_json(value)
@@ -89,3 +92,95 @@ def delete(ctx: typer.Context, name: str) -> None:
     """Delete a pair and its journal topic (volumes are left untouched)."""
     control.delete_pair(settings(ctx), name)
     console.print(f"pair {name} deleted")
+
+
+# -- failover, failback, verify: the steps live in consumers/failover.py; the capturer's
+# part, when no NBD capturer serves the source, in producers/resync.LocalCapture ---------
+def _say(msg: str) -> None:
+    err_console.print(f"[dim]...[/] {msg}", highlight=False)
+
+
+@app.command()
+def failover(ctx: typer.Context, name: str,
+             force: bool = typer.Option(False, "--force", help="The source is lost: promote "
+                                        "the target at its last consistency point and report "
+                                        "the RPO."),
+             key_file: str = typer.Option(None, help="The pair's key file, if encrypted."),
+             timeout: float = typer.Option(300.0, help="Seconds to wait for each step."),
+             json_: bool = typer.Option(False, "--json")) -> None:
+    """Promote the target: planned (source seals, target drains and is verified, RPO 0)
+    or --force (source lost)."""
+    from consumers import failover as fo
+    from infra.keys import key_for
+    s = settings(ctx)
+    st = control.get_pair(s, name)
+    key = key_for(st.spec, key_file)
+    if force:
+        r = fo.force_failover(s, name, key, _say, timeout)
+    else:
+        r = fo.failover(s, name, key, lambda st_: LocalCapture(st_, s, key), _say, timeout)
+    if json_:
+        print_json(asdict(r))
+        return
+    for w in r.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if r.forced:
+        console.print(f"promoted {r.promoted} (forced) at epoch {r.epoch} seq {r.seq}; "
+                      f"RPO {r.rpo_s:.1f} s, {r.rpo_ops} ops lost", highlight=False)
+    else:
+        console.print(f"promoted {r.promoted} at epoch {r.epoch} seq {r.seq}; digest verified "
+                      f"{r.digest[:16]}...; downtime {r.downtime_s:.2f} s; RPO 0",
+                      highlight=False)
+    console.print(f"serve it with 'x2x capture {name} --nbd PORT'; when the old source is "
+                  f"back, 'x2x pair failback {name}'", highlight=False)
+
+
+@app.command()
+def failback(ctx: typer.Context, name: str,
+             key_file: str = typer.Option(None, help="The pair's key file, if encrypted."),
+             timeout: float = typer.Option(300.0, help="Seconds to wait for each step."),
+             json_: bool = typer.Option(False, "--json")) -> None:
+    """Make the old source the target of the promoted side, sending only differing blocks."""
+    from consumers import failover as fo
+    from infra.keys import key_for
+    s = settings(ctx)
+    key = key_for(control.get_pair(s, name).spec, key_file)
+    r = fo.failback(s, name, key, lambda st_: LocalCapture(st_, s, key), _say, timeout)
+    _print_resync(r, json_, f"failback done: the old source follows epoch {r.epoch} from seq "
+                  f"{r.seq}; keep it following with 'x2x apply {name}'")
+
+
+@app.command()
+def verify(ctx: typer.Context, name: str,
+           repair: bool = typer.Option(False, "--repair", help="Resend differing extents "
+                                       "through the journal."),
+           key_file: str = typer.Option(None, help="The pair's key file, if encrypted."),
+           timeout: float = typer.Option(300.0, help="Seconds to wait for each step."),
+           json_: bool = typer.Option(False, "--json")) -> None:
+    """Compare source and target block hashes at one journal point, while replicating."""
+    from consumers import failover as fo
+    from infra.keys import key_for
+    s = settings(ctx)
+    key = key_for(control.get_pair(s, name).spec, key_file)
+    r = fo.verify(s, name, key, lambda st_: LocalCapture(st_, s, key), _say, repair, timeout)
+    _print_resync(r, json_, "repaired" if repair and r.differing else "")
+    if r.differing and not repair:
+        raise fo.Diverged(f"pair {name}: {r.differing} blocks of the target differ from the "
+                          f"source; run 'x2x pair verify {name} --repair' to resend them")
+
+
+def _print_resync(r, json_: bool, done: str) -> None:
+    if json_:
+        print_json({**asdict(r), "bytes_sent": r.bytes_sent,
+                    "extents": [[e.offset, e.length] for e in r.extents]})
+        return
+    console.print(f"at epoch {r.epoch} seq {r.seq}: {r.differing} of {r.blocks} blocks "
+                  f"differ", highlight=False)
+    for e in r.extents[:50]:
+        console.print(f"  offset {e.offset} length {e.length}", highlight=False)
+    if len(r.extents) > 50:
+        console.print(f"  ... {len(r.extents) - 50} more extents", highlight=False)
+    console.print(f"sent {human_bytes(r.bytes_sent)} (hash map {human_bytes(r.hash_bytes)}, "
+                  f"resent {human_bytes(r.resent_bytes)})", highlight=False)
+    if done:
+        console.print(done, highlight=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-import time
 
 import typer
 from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
@@ -22,7 +21,9 @@ from producers.journaling import Mode
 from producers.nbd_capture import NBDCapture, parse_listen
 from schemas.cipher import JournalKey
 from producers.scan import ScanResult, scan_once
+from producers.resync import prepare_direction, store_for
 from producers.state import StateStore
+from producers import intent
 
 
 def _progress(enabled: bool) -> Progress:
@@ -69,14 +70,20 @@ def capture(ctx: typer.Context, name: str,
         listen = parse_listen(nbd)
         mode_ = Mode.parse(mode or "async")
     s = settings(ctx)
-    spec = control.get_pair(s, name).spec
-    store = StateStore(name)
+    st = control.get_pair(s, name)
+    spec = st.active_spec             # after a failover: the promoted side
+    store = store_for(st)
+    if st.state == "failing-over":
+        raise BadInput(f"pair {name} is failing over; wait for 'x2x pair failover' to end")
+    if not resync:
+        prepare_direction(st, store)  # promoted side: new epoch, no baseline
     if resync:
         state, _ = store.load()
         if state:
             state.clean = False
             store.save(state)
         store.hashes.unlink(missing_ok=True)
+        intent.forget(name)       # else an NBD capturer would resend only marked blocks
     stop = _stop_on_signals()
     if nbd is not None:
         _capture_nbd(spec, s, store, listen, mode_, stop, json_, key_for(spec, key_file))
@@ -98,10 +105,13 @@ def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
     """Run the NBD capturer until ``stop``; the service does the work, this prints."""
     cap = NBDCapture(spec, s, listen[0], listen[1], mode, store, key).start()
     r = cap.report
-    what = "new epoch, baseline running" if r.new_epoch else "same epoch"
+    what = ("same epoch" if not r.new_epoch else "new epoch, baseline running"
+            if r.resync_bytes is None else
+            f"new epoch, resending {r.resync_bytes} marked bytes")
     if json_:
         print_json({"event": "serving", "uri": cap.uri, "epoch": r.epoch,
-                    "first_seq": r.first_seq, "mode": mode.value, "new_epoch": r.new_epoch})
+                    "first_seq": r.first_seq, "mode": mode.value, "new_epoch": r.new_epoch,
+                    "resync_bytes": r.resync_bytes})
     else:
         console.print(f"serving {cap.uri} ({mode.value} mode); epoch {r.epoch} from seq "
                       f"{r.first_seq} ({what}); stop with SIGTERM or Ctrl-C", highlight=False)
@@ -111,7 +121,7 @@ def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
         print_json({"event": "stopped", **r.__dict__})
     else:
         how = "clean" if r.clean else f"UNCLEAN ({r.error or 'baseline not finished'}); the " \
-            f"next start begins a new epoch with a full baseline"
+            f"next start begins a new epoch resending the marked blocks"
         console.print(f"stopped ({how}): epoch {r.epoch} seq {r.first_seq}..{r.last_seq}; "
                       f"captured {r.ops} client ops, {human_bytes(r.bytes)} in "
                       f"{r.seconds:.1f} s", highlight=False)
@@ -142,7 +152,12 @@ def apply(ctx: typer.Context, name: str,
           json_: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
     """Apply a pair's journal to its target, from the target's checkpoint."""
     s = settings(ctx)
-    spec = control.get_pair(s, name).spec
+    st = control.get_pair(s, name)
+    spec = st.active_spec
+    if st.state in ("promoted", "failing-back") and (target is None or target == spec.target):
+        raise BadInput(f"pair {name} was failed over to {spec.source}; its old source "
+                       f"{spec.target} becomes a target with 'x2x pair failback {name}', "
+                       f"which compares both sides first")
     target = target or spec.target
     store = CheckpointStore(name, target)
     if reset:

@@ -65,6 +65,12 @@ def _capture_cell(state: str, detail: dict[str, str]) -> str:
              human_bytes(int(detail.get("captured_bytes", "0") or 0))]
     if detail.get("baseline", "done") != "done":
         parts.append(f"baseline {detail['baseline']}")
+    if detail.get("resync", "done") != "done":
+        parts.append(f"resync {detail['resync']}")
+    dirty = int(detail.get("dirty_bytes", "0") or 0)
+    if dirty or state == "degraded":
+        # Written on the source, not (yet) acknowledged by the broker: what a resync sends.
+        parts.append(f"{human_bytes(dirty)} dirty")
     return f"{state} ({', '.join(parts)})"
 
 

@@ -104,6 +104,11 @@ class Applier:
         self._last_digest = ""
         self._t0 = time.monotonic()
 
+    @property
+    def read_position(self) -> Position:
+        """The last entry read and validated, applied or still staged (an unflushed tail)."""
+        return self._pos
+
     # -- the loop --------------------------------------------------------------------
     def run(self, until_caught_up: bool = False, stop: threading.Event | None = None,
             on_progress: Callable[["Applier"], None] | None = None) -> ApplyStats:
@@ -159,6 +164,9 @@ class Applier:
                 if self.until is not None and (self.checkpointed.epoch,
                                                self.checkpointed.seq) >= self.until:
                     return "reached"
+            if self.until is not None and (self.checkpointed.epoch,
+                                           self.checkpointed.seq) >= self.until:
+                return "reached"        # e.g. another applier got there first
             self._beat(beats, "applying" if batch else "following")
             producer.poll(0)
             if on_progress:

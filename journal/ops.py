@@ -13,6 +13,8 @@ class OpKind(enum.Enum):
     TRIM = "TRIM"     # length bytes at offset may be discarded (x2x makes them read as zeros)
     FLUSH = "FLUSH"   # consistency point: everything before it is durable on the source
     SEAL = "SEAL"     # end of a generation; data holds the source's whole-volume digest
+    HASHES = "HASHES"  # data: blake3 of each block of [offset, offset+length) on the source,
+    #                    read at exactly this journal position (verify, failback)
 
 
 #: Kinds that end an entry: the applier checkpoints only at entry boundaries, so a
@@ -48,6 +50,10 @@ class Op:
     @staticmethod
     def seal(volume_size: int, digest: bytes) -> "Op":
         return Op(OpKind.SEAL, 0, volume_size, digest)
+
+    @staticmethod
+    def hashes(offset: int, length: int, hashes: bytes) -> "Op":
+        return Op(OpKind.HASHES, offset, length, hashes)
 
     @property
     def payload_bytes(self) -> int:

@@ -49,12 +49,32 @@ class PairSpec:
 
 @dataclass(frozen=True)
 class PairState:
-    """What folding the control topic says about one pair."""
+    """What folding the control topic says about one pair.
+
+    ``reversed``: a failover promoted the other side, so the active source is
+    ``spec.target`` and the active target ``spec.source``. ``promoted_epoch``: the newest
+    journal epoch at the last promotion; the promoted side captures in a later epoch, so
+    an epoch never repeats in the journal (DESIGN rule 1).
+    """
 
     spec: PairSpec
     created_at_ms: int
-    state: str = "created"          # created | needs-resync
+    # created (replicating) | needs-resync | failing-over | promoted | failing-back |
+    # replicating (after a failback)
+    state: str = "created"
     attrs: dict[str, str] = field(default_factory=dict)
+    reversed: bool = False
+    promoted_epoch: int = 0
+
+    @property
+    def active_spec(self) -> PairSpec:
+        """The spec in the current direction (source = the side taking writes)."""
+        s = self.spec
+        return replace(s, source=s.target, target=s.source) if self.reversed else s
+
+    @property
+    def replicating(self) -> bool:
+        return self.state in ("created", "replicating")
 
 
 @dataclass(frozen=True)
@@ -66,18 +86,54 @@ class ControlEvent:
     attrs: dict[str, str] = field(default_factory=dict)
 
 
+#: States a failover, verify or failback may start from.
+STEADY = ("created", "replicating")
+
+
+def _epoch(ev: "ControlEvent") -> int:
+    try:
+        return int(ev.attrs.get("epoch", "0"))
+    except ValueError:
+        return 0
+
+
 def fold(events: Iterable[ControlEvent]) -> dict[str, PairState]:
     """Current pairs after applying ``events`` in order; unknown events are ignored so an
-    older x2x can still read a newer control topic."""
+    older x2x can still read a newer control topic.
+
+    Lifecycle: created -failover-requested-> failing-over -promoted-> promoted (direction
+    reversed) -failback-started-> failing-back -failback-done-> replicating; a failed
+    failover (failover-failed) returns to the state before it; resync-needed (e.g. a SEAL
+    digest mismatch) wins over everything until resynced.
+    """
     pairs: dict[str, PairState] = {}
     for ev in events:
+        p = pairs.get(ev.pair)
         if ev.event == "created" and ev.spec is not None:
             pairs[ev.pair] = PairState(ev.spec, ev.at_ms)
-        elif ev.event == "deleted":
-            pairs.pop(ev.pair, None)
-        elif ev.event == "resync-needed" and ev.pair in pairs:
-            pairs[ev.pair] = replace(pairs[ev.pair], state="needs-resync",
-                                     attrs={**pairs[ev.pair].attrs, **ev.attrs})
-        elif ev.event == "resynced" and ev.pair in pairs:
-            pairs[ev.pair] = replace(pairs[ev.pair], state="created")
+            continue
+        if p is None:
+            continue
+        if ev.event == "deleted":
+            del pairs[ev.pair]
+        elif ev.event == "resync-needed":
+            pairs[ev.pair] = replace(p, state="needs-resync", attrs={**p.attrs, **ev.attrs})
+        elif ev.event == "resynced":
+            pairs[ev.pair] = replace(p, state="created")
+        elif ev.event == "failover-requested" and p.replicating:
+            pairs[ev.pair] = replace(p, state="failing-over",
+                                     attrs={**p.attrs, "before_failover": p.state})
+        elif ev.event == "failover-failed" and p.state == "failing-over":
+            pairs[ev.pair] = replace(p, state=p.attrs.get("before_failover", "created"))
+        elif ev.event == "promoted" and p.state in (*STEADY, "failing-over"):
+            # Only the first promotion of a failover counts: a duplicate (a retried
+            # command, a second applier) must not flip the direction back.
+            pairs[ev.pair] = replace(p, state="promoted", reversed=not p.reversed,
+                                     promoted_epoch=max(p.promoted_epoch, _epoch(ev)),
+                                     attrs={**p.attrs, **{f"promoted_{k}": v for k, v in
+                                                          ev.attrs.items()}})
+        elif ev.event == "failback-started" and p.state in ("promoted", "failing-back"):
+            pairs[ev.pair] = replace(p, state="failing-back")
+        elif ev.event == "failback-done" and p.state == "failing-back":
+            pairs[ev.pair] = replace(p, state="replicating")
     return pairs

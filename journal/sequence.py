@@ -60,7 +60,7 @@ def check_extents(entry: Entry, volume_size: int) -> None:
     """Refuse an entry any of whose ops reaches outside a target of ``volume_size`` bytes."""
     seq = entry.first_seq
     for op in entry.ops:
-        if op.kind in (OpKind.WRITE, OpKind.ZERO, OpKind.TRIM):
+        if op.kind in (OpKind.WRITE, OpKind.ZERO, OpKind.TRIM, OpKind.HASHES):
             if op.offset < 0 or op.length < 0 or op.offset + op.length > volume_size:
                 raise ExtentOutOfRange(
                     f"pair {entry.pair}: op seq {seq} ({op.kind.value} offset {op.offset} "

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 from infra.volume import Volume
 from journal.errors import BadInput, X2XError
 from journal.ops import Op
+from producers.intent import IntentBitmap
 from producers.nbd import Shutdown
 from producers.publisher import JournalPublisher
 
@@ -116,6 +117,8 @@ class JournalingVolume:
         self.dirty = bytearray(-(-vol.size // block_size))
         #: Why journaling stopped (the publisher failed); None while it works.
         self.failed: str | None = None
+        #: The write-intent bitmap (producers/intent.py), set by the capturer.
+        self.intent: IntentBitmap | None = None
         self._closing = False
         self._count_lock = threading.Lock()
 
@@ -138,8 +141,18 @@ class JournalingVolume:
     def flush(self) -> None:
         self._check_open()
         self.vol.fsync()
-        if self._journal(lambda: self.pub.wait_journaled(self.pub.flush_point(),
-                                                         self.journal_timeout)):
+        cp = None
+        if self.intent is not None:
+            self.intent.sync()
+            cp = self.intent.begin()      # before the FLUSH op: what it may clear
+        ok = False
+        try:
+            ok = self._journal(lambda: self.pub.wait_journaled(self.pub.flush_point(),
+                                                               self.journal_timeout))
+        finally:    # sync mode raises EIO: the point must still be closed
+            if cp is not None:
+                (self.intent.end if ok else self.intent.abort)(cp)
+        if ok:
             with self._count_lock:
                 self.counters.ops += 1
                 self.counters.flushes += 1
@@ -157,13 +170,21 @@ class JournalingVolume:
             raise OSError(errno.EIO, f"journal unavailable: {self.failed}")
         seq = 0
         with self.locks.hold(op.offset, op.length):
-            local()
-            self._mark_dirty(op.offset, op.length)
-            if self._journal(lambda: self.pub.append(op)) and self.mode is Mode.SYNC:
-                # Read under the lock: at or after our op, so waiting for it is enough.
-                seq = self.pub.appended_seq
+            # Marked before the local write: a crash from here on resends these blocks.
+            token = self.intent.mark(op.offset, op.length) if self.intent else 0
+            try:
+                local()
+                self._mark_dirty(op.offset, op.length)
+                if self._journal(lambda: self.pub.append(op)) and self.mode is Mode.SYNC:
+                    # Read under the lock: at or after our op, so waiting for it is enough.
+                    seq = self.pub.appended_seq
+            finally:
+                if token:
+                    self.intent.done(token)
         if fua:
             self.vol.fsync()
+            if self.intent is not None:
+                self.intent.sync()
         with self._count_lock:
             self.counters.ops += 1
             self.counters.bytes += op.length
@@ -175,8 +196,9 @@ class JournalingVolume:
 
     def _journal(self, call: Callable[[], object]) -> bool:
         """Run one publisher call. On failure: sync mode fails the request with EIO; async
-        mode keeps the source available, stops journaling and leaves the capturer state
-        unclean so the next start re-baselines. Returns whether journaling still works."""
+        mode keeps the source available and stops journaling (degraded: the capturer's
+        recovery resends the marked blocks in a new epoch). Returns whether journaling
+        still works."""
         if self.failed is not None:
             if self.mode is Mode.SYNC:
                 raise OSError(errno.EIO, f"journal unavailable: {self.failed}")
@@ -186,8 +208,8 @@ class JournalingVolume:
             return True
         except X2XError as e:
             self.failed = str(e)
-            log.error("journaling stopped: %s; the next start of the capturer begins a new "
-                      "epoch with a full baseline", e)
+            log.error("journaling stopped: %s; changed blocks are marked in the write-intent "
+                      "bitmap and resent in a new epoch once the broker is back", e)
             if self.mode is Mode.SYNC:
                 raise OSError(errno.EIO, f"journal unavailable: {e}") from None
             return False

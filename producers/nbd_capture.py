@@ -9,8 +9,10 @@ performs the clean stop:
 stop accepting -> finish requests in flight -> fsync the source -> FLUSH op -> journal
 drained to the broker -> hash map refreshed -> state saved ``clean`` (same epoch next time).
 
-A start that finds the state unclean (the last run died) begins a new epoch with a full
-baseline: the journal may lack writes the source has.
+A start that finds the state unclean (the last run died) begins a new epoch that resends
+the extents the write-intent bitmap marks (producers/intent.py), or a full baseline when
+there is no trusted bitmap. Broker outages while running are handled by
+producers/recovery.py (degraded, then a new epoch resending the marked extents).
 """
 from __future__ import annotations
 
@@ -21,13 +23,17 @@ import time
 from dataclasses import dataclass, field
 
 from infra.kafka import KafkaSettings
-from infra.volume import Volume
+from infra.volume import Volume, volume_digest
 from journal.errors import BadInput, VolumeError, X2XError
 from journal.pairs import PairSpec
+from journal.ops import Op
+from producers.control_watch import ControlWatch
 from producers.baseline import BaselineProgress, new_hash_map, refresh_hashes, run_baseline
 from producers.journaling import JournalingVolume, Mode, RangeLocks
 from producers.nbd import NBDServer
 from producers.publisher import JournalPublisher
+from producers.intent import IntentBitmap
+from producers.recovery import Recovery
 from producers.scan import plan_epoch
 from producers.state import CaptureState, StateStore
 from schemas.cipher import JournalKey
@@ -62,6 +68,7 @@ class CaptureReport:
     first_seq: int = 0
     last_seq: int = 0
     new_epoch: bool = False
+    resync_bytes: int | None = None   # an unclean restart resent only the marked extents
     baseline_finished: bool = False
     ops: int = 0
     bytes: int = 0
@@ -120,6 +127,10 @@ class NBDCapture:
         state, _ = plan_epoch(old_state, old_hashes, spec, vol.size)
         # plan_epoch hands back the saved state only when it was clean: same epoch then.
         continuing = state.clean
+        # After an unclean stop the write-intent bitmap, if trusted, bounds the resend
+        # (producers/intent.py); without it, a full baseline.
+        self.intent = IntentBitmap.open(spec.name, spec.block_size, vol.size)
+        resync = not continuing and old_state is not None and self.intent.trusted
         # Continuing implies a saved map that fits (plan_epoch checks it); a new epoch
         # gets a fresh one, filled by the baseline.
         self.hashes = (bytearray(old_hashes) if continuing and old_hashes is not None
@@ -131,16 +142,22 @@ class NBDCapture:
         self.store.save(state)
         self.state = state
         self.report = CaptureReport(state.epoch, state.next_seq, state.next_seq - 1,
-                                    new_epoch=not continuing)
+                                    new_epoch=not continuing,
+                                    resync_bytes=self.intent.dirty_bytes() if resync else None)
         self.pub = JournalPublisher(self.settings, spec.name, state.epoch, state.next_seq,
                                     state.epoch_bytes, key=self.key, instance=spec.source)
         self.backend = JournalingVolume(vol, self.pub, self.mode, spec.block_size, self.locks)
+        self.backend.intent = self.intent
+        self.recovery = Recovery(self, self.intent)
         self.server.exports[spec.name] = self.backend
         self.server.start()
-        if not continuing:
+        if resync:
+            self.recovery.resync_at_start()
+        elif not continuing:
             self.baseline = BaselineProgress(vol.size)
-            self._spawn(self._baseline_thread, "x2x-baseline")
+            self._spawn(self.recovery.baseline_thread, "x2x-baseline")
         self._spawn(self._tick_thread, "x2x-capture-tick")
+        self.watch = ControlWatch(self).start()   # failover / verify / failback requests
         log.info("capturing pair %s at %s, epoch %d from seq %d (%s mode%s)", spec.name,
                  self.uri, state.epoch, state.next_seq, self.mode.value,
                  ", baseline running" if self.baseline else "")
@@ -154,17 +171,23 @@ class NBDCapture:
     def serve(self, stop: threading.Event) -> CaptureReport:
         """Run until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT), then stop cleanly."""
         try:
-            while not stop.wait(0.5):
+            while not stop.wait(0.5) and not self._stopped:   # a SEAL stops it too
                 pass
         finally:
+            if hasattr(self, "watch"):
+                self.watch.halt()       # lets a SEAL in progress finish and be announced
             report = self.stop()
         return report
 
-    def stop(self) -> CaptureReport:
-        """The clean stop; the state is saved clean only if nothing was lost on the way."""
+    def stop(self, seal: bool = False) -> CaptureReport:
+        """The clean stop; the state is saved clean only if nothing was lost on the way.
+        With ``seal`` (planned failover) the last op is a SEAL carrying the source's
+        whole-volume digest instead of a FLUSH."""
         if self._stopped:
             return self.report
         self._stopped = True
+        if hasattr(self, "watch"):
+            self.watch.halt()
         self.backend.close()                       # new requests: ESHUTDOWN
         self.server.stop(grace=STOP_GRACE)         # requests in flight finish
         self._stopping.set()
@@ -173,15 +196,20 @@ class NBDCapture:
         failed = self.backend.failed
         try:
             self.vol.fsync()
-            if failed is None:
+            if failed is None and seal:
+                self.sealed_digest = volume_digest(self.spec.source)
+                self.pub.append(Op.seal(self.vol.size, self.sealed_digest))
+            elif failed is None:
                 self.pub.flush_point()
+            if failed is None:
                 self.pub.drain()
         except X2XError as e:
             failed = self.backend.failed = str(e)
         baseline_done = self.baseline is None or self.baseline.finished
         j = self.pub.journaled
-        clean = failed is None and baseline_done
+        clean = failed is None and baseline_done and self.recovery.settled()
         if clean:
+            self.intent.clear_all()       # the journal holds everything: nothing to resend
             hashes = None
             if self.hashes is not None:
                 refresh_hashes(self.vol, self.hashes, self.backend.dirty, self.spec.block_size)
@@ -195,10 +223,12 @@ class NBDCapture:
         r.ops, r.bytes = self.backend.counters.ops, self.backend.counters.bytes
         r.seconds = time.monotonic() - self._t0
         try:
-            self.beat(state="stopped" if clean else "stopped-unclean", force=True)
+            self.beat(state=("sealed" if seal else "stopped") if clean else "stopped-unclean",
+                      force=True)
         finally:
             self.pub.close()
             self.vol.close()
+            self.intent.close()
         return r
 
     def _abort(self) -> None:
@@ -210,6 +240,8 @@ class NBDCapture:
             t.join()
         if hasattr(self, "pub"):
             self.pub.close()
+        if hasattr(self, "intent"):
+            self.intent.close()
         self.vol.close()
 
     # -- consistency points and status --------------------------------------------------
@@ -232,9 +264,11 @@ class NBDCapture:
                              else f"{self.baseline.percent:.0f}%")
         if self.backend.failed:
             d["error"] = self.backend.failed[:300]
+        d.update(self.recovery.detail())     # dirty_bytes, resync progress, outages
         return d
 
     def beat(self, state: str | None = None, force: bool = False) -> None:
+        state = state or self.recovery.state_name()     # degraded / resyncing
         if state is None:
             state = ("journal-failed" if self.backend.failed else
                      "baseline" if self.baseline and not self.baseline.finished else
@@ -274,6 +308,7 @@ class NBDCapture:
             try:
                 if self.backend.failed is None:
                     self.pub.close_entry()
+                self.recovery.tick()      # stall check; degraded -> recover when back
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.beat_interval
                     self.beat(force=True)

@@ -10,8 +10,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from infra.heartbeat import HeartbeatPublisher
 from infra.kafka import KafkaSettings
@@ -59,10 +60,15 @@ class JournalPublisher:
         self.journaled = Journaled(epoch, next_seq - 1, epoch_bytes, 0)
         self.ops_journaled = 0
         self.bytes_sent = 0            # record bytes handed to Kafka (before compression)
+        #: (offset, value) of the newest acknowledged record: lets a recovery check that
+        #: the broker still holds it (producers/recovery.py).
+        self.last_acked: tuple[int, bytes] | None = None
         self._inflight = 0
         self._next_produce = next_seq  # first seq of the next entry to hand to Kafka
         self._pending: deque[Entry] = deque()
         self._error: str | None = None
+        #: Called (entry, topic offset) for each acknowledged entry, on the poller thread.
+        self.on_delivered: Callable[[Entry, int], None] | None = None
         self._cond = threading.Condition()
         self._running = True
         self._poller = threading.Thread(target=self._poll_loop, name="x2x-publisher",
@@ -76,6 +82,13 @@ class JournalPublisher:
             self._raise_if_failed()
             for entry in self.seq.add(op, now_ms()):
                 self._produce(entry)
+
+    def append_at(self, op: Op) -> int:
+        """Queue one op that is never split (not a large WRITE); return its seq."""
+        with self._cond:
+            seq = self.seq.next_seq + self.seq.pending_ops
+            self.append(op)
+            return seq
 
     def append_many(self, ops: list[Op]) -> None:
         with self._cond:
@@ -119,7 +132,16 @@ class JournalPublisher:
     # -- acknowledgements ----------------------------------------------------------
     def _poll_loop(self) -> None:
         while self._running:
-            self.producer.poll(0.1)
+            try:
+                self.producer.poll(0.1)
+            except KafkaException as e:
+                # Fatal for this producer (e.g. a restarted broker forgot its producer id):
+                # nothing more can be journaled through it; the capturer starts a new one.
+                with self._cond:
+                    self._error = self._error or (f"the journal producer of {self.topic} "
+                                                  f"failed: {e}")
+                    self._cond.notify_all()
+                time.sleep(0.1)
 
     def _delivered(self, err: KafkaError | None, msg: Message) -> None:
         with self._cond:
@@ -133,7 +155,26 @@ class JournalPublisher:
                 self.journaled = Journaled(entry.epoch, entry.last_seq, entry.epoch_bytes,
                                            entry.captured_at_ms)
                 self.ops_journaled += len(entry.ops)
+                self.last_acked = (msg.offset(), msg.value())
+                if self.on_delivered is not None:
+                    self.on_delivered(entry, msg.offset())
             self._cond.notify_all()
+
+    def stalled_for(self) -> float:
+        """Seconds the oldest unacknowledged entry has waited (0.0: nothing pending)."""
+        with self._cond:
+            if not self._pending:
+                return 0.0
+            return max(0.0, (now_ms() - self._pending[0].captured_at_ms) / 1000)
+
+    def fail(self, why: str) -> None:
+        """Give up on this publisher: every waiter and later call raises BrokerError, and
+        what is still queued is purged, so no entry of this epoch reaches the broker after
+        the next epoch's."""
+        with self._cond:
+            self._error = self._error or why
+            self._cond.notify_all()
+        self.producer.purge()
 
     def _raise_if_failed(self) -> None:
         if self._error:

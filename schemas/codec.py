@@ -22,8 +22,8 @@ HEADER_LEN = len(MAGIC) + 8
 
 
 class _Schema:
-    def __init__(self, filename: str) -> None:
-        raw = json.loads(resources.files(__package__).joinpath(filename).read_text())
+    def __init__(self, filename: str, raw: dict[str, Any] | None = None) -> None:
+        raw = raw or json.loads(resources.files(__package__).joinpath(filename).read_text())
         self.parsed = fastavro.parse_schema(raw)
         canonical = fastavro.schema.to_parsing_canonical_form(self.parsed)
         self.fingerprint = bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
@@ -33,7 +33,21 @@ class _Schema:
 ENTRY = _Schema("entry.avsc")
 CONTROL = _Schema("control.avsc")
 HEARTBEAT = _Schema("heartbeat.avsc")
-_BY_FINGERPRINT = {s.fingerprint: s for s in (ENTRY, CONTROL, HEARTBEAT)}
+
+
+def _entry_before_hashes() -> _Schema:
+    """entry.avsc as it was before the HASHES op kind: journals written by that x2x stay
+    readable (same fields; only the enum grew at its end)."""
+    raw = json.loads(resources.files(__package__).joinpath("entry.avsc").read_text())
+    kind = raw["fields"][5]["type"]["items"]["fields"][0]["type"]
+    kind["symbols"] = [k for k in kind["symbols"] if k != "HASHES"]
+    return _Schema("entry.avsc", raw)
+
+
+ENTRY_V1 = _entry_before_hashes()
+_BY_FINGERPRINT = {s.fingerprint: s for s in (ENTRY, CONTROL, HEARTBEAT, ENTRY_V1)}
+#: Older schemas a record may be written with, by the schema it is read as.
+_OLDER = {ENTRY_V1: ENTRY}
 
 
 def encode(schema: _Schema, record: dict[str, Any]) -> bytes:
@@ -56,7 +70,7 @@ def decode(data: bytes, expected: _Schema) -> dict[str, Any]:
         raise UnknownFingerprint(
             f"record has unknown schema fingerprint {fp.hex()}; it was written by another "
             f"tool or a newer x2x: upgrade x2x on this side")
-    if schema is not expected:
+    if schema is not expected and _OLDER.get(schema) is not expected:
         raise CorruptEntry(f"record is a {schema.name}, expected a {expected.name}")
     try:
         body = io.BytesIO(memoryview(data)[HEADER_LEN:])

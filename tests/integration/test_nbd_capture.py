@@ -262,12 +262,13 @@ def test_sync_mode_keeps_every_acknowledged_write_through_sigkill(settings, pair
         assert replay[off:off + ln] == bytes([pat]) * ln, f"acknowledged write at {off} lost"
     state, _ = StateStore(pair_name).load()
     assert not state.clean
-    # The unclean stop is found at the next start: a new epoch with a full baseline.
+    # The unclean stop is found at the next start: a new epoch resending the blocks the
+    # write-intent bitmap marks (the writes since the last FLUSH), not a full baseline.
     again = Capturer(pair_name, free_port())
     try:
-        assert "epoch 2 from seq 1 (new epoch" in again.banner
+        assert "epoch 2 from seq 1 (new epoch, resending" in again.banner, again.banner
         wait_beat(settings, pair_name,
-                  lambda b: b.epoch == 2 and b.detail.get("baseline") == "done")
+                  lambda b: b.epoch == 2 and b.detail.get("resync") == "done")
         out, _ = again.stop()
         assert "stopped (clean)" in out
     finally:

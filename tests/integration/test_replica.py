@@ -11,7 +11,7 @@ import pytest
 
 from consumers import replica
 from consumers.applier import Applier
-from infra import control
+
 from journal.errors import BadInput, VolumeError
 from journal.pairs import PairSpec
 from producers.scan import scan_once

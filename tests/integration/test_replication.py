@@ -15,7 +15,7 @@ from consumers.applier import Applier
 from consumers.checkpoint import CheckpointStore
 from infra import control
 from infra.topics import JOURNAL_CONFIG, delete_topic, ensure_topic, journal_topic
-from infra.volume import volume_digest
+
 from journal.batch import Sequencer
 from journal.errors import (CorruptEntry, ExtentOutOfRange, JournalLost, PairNotFound, SeqGap,
                             UnknownFingerprint)

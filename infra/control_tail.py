@@ -1,0 +1,77 @@
+"""Following the control topic as it grows: capturers wait for requests addressed to them,
+commands wait for the answers (sealed, promoted, hashes-compared ...).
+
+Read from the start and filtered by time rather than positioned at the end, because the
+end (ListOffsets "latest") is what some Kafka-compatible brokers answer wrongly; the
+control topic is small.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterator
+
+from confluent_kafka import Consumer, TopicPartition
+
+from infra.kafka import KafkaSettings
+from infra.topics import CONTROL_TOPIC, ensure_base_topics
+from journal.errors import BrokerError, X2XError
+from journal.pairs import ControlEvent, PairSpec
+from schemas import codec
+
+
+class Timeout(X2XError):
+    """An expected answer did not appear on the control topic in time."""
+
+
+def decode_event(value: bytes) -> ControlEvent:
+    r = codec.decode(value, codec.CONTROL)
+    spec = r["spec"]
+    return ControlEvent(r["event"], r["pair"], r["at_ms"],
+                        PairSpec(name=r["pair"], **spec) if spec else None, r["attrs"])
+
+
+def follow(settings: KafkaSettings, since_ms: int,
+           stop: threading.Event | None = None, poll: float = 0.2) -> Iterator[ControlEvent]:
+    """Yield control events stamped at or after ``since_ms``, as they arrive, until
+    ``stop`` is set or the caller stops iterating. Foreign records are skipped."""
+    ensure_base_topics(settings.check_reachable())
+    consumer = Consumer(settings.consumer())
+    try:
+        consumer.assign([TopicPartition(CONTROL_TOPIC, 0, 0)])
+        while stop is None or not stop.is_set():
+            for msg in consumer.consume(100, poll):
+                err = msg.error()
+                if err is not None:
+                    # A broker outage is waited out (librdkafka reconnects); callers
+                    # bound the wait themselves. Only a fatal error ends the follow.
+                    if err.fatal():
+                        raise BrokerError(f"reading {CONTROL_TOPIC}: {err.str()}")
+                    continue
+                try:
+                    ev = decode_event(msg.value())
+                except X2XError:
+                    continue
+                if ev.at_ms >= since_ms:
+                    yield ev
+    finally:
+        consumer.close()
+
+
+def wait_event(settings: KafkaSettings, since_ms: int,
+               match: Callable[[ControlEvent], bool], timeout: float, what: str,
+               fail: Callable[[ControlEvent], str | None] | None = None) -> ControlEvent:
+    """The first event since ``since_ms`` for which ``match`` holds; raises Timeout after
+    ``timeout`` seconds, or X2XError with the reason ``fail`` returns for an event."""
+    stop = threading.Event()
+    timer = threading.Timer(timeout, stop.set)
+    timer.start()
+    try:
+        for ev in follow(settings, since_ms, stop):
+            if match(ev):
+                return ev
+            reason = fail(ev) if fail else None
+            if reason:
+                raise X2XError(reason)
+    finally:
+        timer.cancel()
+    raise Timeout(f"no answer after {timeout:.0f} s: {what}")

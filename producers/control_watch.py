@@ -1,0 +1,109 @@
+"""The NBD capturer's ear on the control topic: requests addressed to its source volume.
+
+- ``failover-requested``: refuse further writes (clients get ESHUTDOWN and are
+  disconnected), finish requests in flight, fsync, journal SEAL (whole-volume digest),
+  drain, stop; answer ``sealed`` (epoch, seq, digest, refused_at_ms).
+- ``hashes-requested``: journal HASHES of the whole volume + FLUSH; answer
+  ``hashes-published`` (epoch, first entry seq and offset, FLUSH seq, bytes).
+- ``resend-requested``: journal the current content of the extents + FLUSH; answer
+  ``resent``.
+
+Any failure answers ``request-failed`` with the reason, so the waiting command fails with
+it instead of timing out. Only events stamped after the capturer started are acted on.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from infra import control
+from infra.control_tail import follow
+from journal.blocks import parse_extents
+from journal.errors import X2XError
+from journal.pairs import ControlEvent
+from producers.resync import emit_hashes, resend_extents
+
+if TYPE_CHECKING:
+    from producers.nbd_capture import NBDCapture
+
+log = logging.getLogger("x2x.capture")
+
+
+class ControlWatch:
+    """A daemon thread serving one capturer's requests, one at a time, in order."""
+
+    def __init__(self, cap: "NBDCapture") -> None:
+        self.cap = cap
+        self.started_ms = int(time.time() * 1000)
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="x2x-control-watch",
+                                        daemon=True)
+
+    def start(self) -> "ControlWatch":
+        self._thread.start()
+        return self
+
+    def halt(self) -> None:
+        self._halt.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()     # a request in progress finishes and is answered
+
+    def _run(self) -> None:
+        spec = self.cap.spec
+        served: set[tuple[str, str, int]] = set()
+        while not self._halt.is_set():
+            try:
+                for ev in follow(self.cap.settings, self.started_ms, self._halt):
+                    if ev.pair != spec.name or ev.attrs.get("source") != spec.source:
+                        continue
+                    if ev.attrs.get("forced") == "1":
+                        continue    # a forced failover promotes without the source's part
+                    key = (ev.event, ev.attrs.get("request", ""), ev.at_ms)
+                    if ev.event not in ("failover-requested", "hashes-requested",
+                                        "resend-requested") or key in served:
+                        continue
+                    served.add(key)     # a re-read after a reconnect must not redo it
+                    self._serve(ev)
+                    if ev.event == "failover-requested":
+                        return
+            except X2XError as e:
+                # The broker is unreachable: keep capturing, listen again shortly.
+                log.warning("pair %s: control watch interrupted: %s", spec.name, e)
+                self._halt.wait(2.0)
+
+    def _serve(self, ev: ControlEvent) -> None:
+        cap, request = self.cap, ev.attrs.get("request", "")
+        base = {"request": request, "source": cap.spec.source}
+        try:
+            if cap._stopped:
+                raise X2XError("the capturer is stopping")
+            if ev.event == "failover-requested":
+                refused_at = int(time.time() * 1000)
+                report = cap.stop(seal=True)
+                if not report.clean:
+                    raise X2XError(f"the capturer could not seal cleanly: "
+                                   f"{report.error or 'baseline not finished'}")
+                answer = ("sealed", {"epoch": str(report.epoch), "seq": str(report.last_seq),
+                                     "digest": cap.sealed_digest.hex(),
+                                     "refused_at_ms": str(refused_at)})
+            elif ev.event == "hashes-requested":
+                p = emit_hashes(cap.vol, cap.pub, cap.locks, cap.spec.block_size)
+                cap.beat(force=True)
+                answer = ("hashes-published", p.attrs())
+            else:
+                p = resend_extents(cap.vol, cap.pub, cap.locks,
+                                   parse_extents(ev.attrs.get("extents", "")),
+                                   cap.spec.block_size)
+                cap.beat(force=True)
+                answer = ("resent", p.attrs())
+        except (X2XError, OSError, ValueError) as e:
+            log.error("pair %s: %s failed: %s", cap.spec.name, ev.event, e)
+            answer = ("request-failed", {"reason": f"{ev.event}: {e}"[:500]})
+        try:
+            control.publish(cap.settings, ControlEvent(answer[0], cap.spec.name,
+                                                       int(time.time() * 1000),
+                                                       attrs={**base, **answer[1]}))
+        except X2XError as e:
+            log.error("pair %s: could not answer %s: %s", cap.spec.name, ev.event, e)

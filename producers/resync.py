@@ -1,0 +1,230 @@
+"""The capturer's side of verify, failback and failover: HASHES, resends and SEAL.
+
+HASHES: each lock region of the source is read and hashed while its range lock is held
+(the lock every client write takes across "local write + append"), and its HASHES op is
+appended before the lock is released. So the hashes of a block are exactly the source's
+content at that op's journal position, even while clients write: an applier that applies
+everything before the op and then hashes its target compares like with like.
+
+Resend: the current content of given extents, read under the same locks, as WRITE/ZERO
+ops, then a FLUSH.
+
+These run inside a live NBD capturer (producers/control_watch.py) or, when none runs,
+in the CLI on a capturer state continued from the StateStore (:class:`LocalCapture`).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from infra.kafka import KafkaSettings
+from infra.paths import pair_dir
+from infra.volume import Volume, volume_digest
+from journal.batch import DEFAULT_BUDGET, OP_OVERHEAD
+from journal.blocks import Extent, HASH_LEN, block_count, hash_buffer, is_zero
+from journal.errors import VolumeError, X2XError
+from journal.ops import Entry, Op
+from journal.pairs import PairSpec, PairState
+from journal.runs import RunBuilder
+from producers.baseline import new_hash_map
+from producers.journaling import RangeLocks
+from producers.publisher import JournalPublisher
+from producers.state import CaptureState, StateStore
+from schemas.cipher import JournalKey
+
+
+class CaptureStateError(X2XError):
+    """The local capturer state cannot be continued (unclean, or of another volume)."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """Where a request's ops landed in the journal."""
+
+    epoch: int
+    first_seq: int          # first seq of the entry holding the first op
+    offset: int             # topic offset of that entry (-1 if unknown)
+    flush_seq: int          # the FLUSH that ends them
+    bytes: int              # record payload sent for them (hash map or resent data)
+
+    def attrs(self) -> dict[str, str]:
+        return {"epoch": str(self.epoch), "first_seq": str(self.first_seq),
+                "offset": str(self.offset), "seq": str(self.flush_seq),
+                "bytes": str(self.bytes)}
+
+
+class _OffsetOf:
+    """Catches the topic offset of the entry holding ``seq`` from delivery reports."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.found: tuple[int, int] | None = None     # (entry first seq, offset)
+
+    def __call__(self, entry: Entry, offset: int) -> None:
+        if self.found is None and self.seq and entry.first_seq <= self.seq <= entry.last_seq:
+            self.found = (entry.first_seq, offset)
+
+
+def emit_hashes(vol: Volume, pub: JournalPublisher, locks: RangeLocks,
+                block_size: int, timeout: float = 120.0) -> Published:
+    """Journal HASHES of the whole volume then a FLUSH; wait until the broker has them."""
+    region = locks.region
+    buf = bytearray(region)
+    catch = _OffsetOf()
+    pub.on_delivered = catch
+    first = 0
+    try:
+        for base in range(0, vol.size, region):
+            view = memoryview(buf)[:min(region, vol.size - base)]
+            with locks.hold(base, len(view)):
+                vol.readinto(base, view)
+                op = Op.hashes(base, len(view), b"".join(hash_buffer(view, block_size)))
+                seq = pub.append_at(op)
+            if not first:
+                first = catch.seq = seq
+        flush = pub.flush_point()
+        pub.wait_journaled(flush, timeout)
+    finally:
+        pub.on_delivered = None
+    entry_seq, offset = catch.found or (first, -1)
+    nbytes = block_count(vol.size, block_size) * HASH_LEN
+    return Published(pub.journaled.epoch, entry_seq, offset, flush, nbytes)
+
+
+def resend_extents(vol: Volume, pub: JournalPublisher, locks: RangeLocks,
+                   extents: list[Extent], block_size: int, timeout: float = 120.0) -> Published:
+    """Journal the current content of ``extents`` (WRITE, or ZERO for zero blocks) then a
+    FLUSH; wait until the broker has them."""
+    max_write = max(block_size, (DEFAULT_BUDGET - OP_OVERHEAD) // block_size * block_size)
+    first = pub.appended_seq + 1
+    sent = 0
+    for ext in extents:
+        if ext.offset < 0 or ext.end > vol.size:
+            raise VolumeError(f"extent {ext.offset}+{ext.length} lies outside the source "
+                              f"{vol.path} ({vol.size} bytes)")
+        for base in range(ext.offset, ext.end, max_write):
+            view = memoryview(bytearray(min(max_write, ext.end - base)))
+            runs = RunBuilder(max_write)
+            with locks.hold(base, len(view)):
+                vol.readinto(base, view)
+                for off in range(0, len(view), block_size):
+                    block = view[off:off + block_size]
+                    if is_zero(block):
+                        pub.append_many(runs.add_zero(base + off, len(block)))
+                    else:
+                        sent += len(block)
+                        pub.append_many(runs.add_write(base + off, block))
+                pub.append_many(runs.finish())
+    flush = pub.flush_point()
+    pub.wait_journaled(flush, timeout)
+    return Published(pub.journaled.epoch, first, -1, flush, sent)
+
+
+# -- the direction of capture --------------------------------------------------------------
+def store_for(state: PairState) -> StateStore:
+    """The capturer state of the active source: the original source keeps the pair's
+    folder (as before failover existed); the reverse direction has its own, so the two
+    sides' epochs and hash maps never mix when both live on one host."""
+    if not state.reversed:
+        return StateStore(state.spec.name)
+    d: Path = pair_dir(state.spec.name) / "reverse"
+    d.mkdir(parents=True, exist_ok=True)
+    return StateStore(state.spec.name, d)
+
+
+def prepare_direction(state: PairState, store: StateStore) -> bool:
+    """After a promotion, make the promoted side's capturer start a new epoch above every
+    epoch of the journal, without a baseline: the promoted volume equals the source at
+    the SEAL (or last consistency point), and its target is brought level by failback's
+    hash comparison, not by a full copy. Returns True when a new epoch was prepared."""
+    if state.promoted_epoch == 0:
+        return False
+    saved, _ = store.load()
+    if saved is not None and saved.epoch > state.promoted_epoch:
+        return False            # this side already captures in an epoch after the promotion
+    spec = state.active_spec
+    with Volume(spec.source) as vol:
+        hashes = new_hash_map(vol.size, spec.block_size)
+        chunk = bytearray(max((8 << 20) // spec.block_size, 1) * spec.block_size)
+        for base in range(0, vol.size, len(chunk)):
+            view = memoryview(chunk)[:min(len(chunk), vol.size - base)]
+            vol.readinto(base, view)
+            first = base // spec.block_size
+            hashes[first * HASH_LEN:first * HASH_LEN + -(-len(view) // spec.block_size)
+                   * HASH_LEN] = b"".join(hash_buffer(view, spec.block_size))
+        store.save(CaptureState(state.promoted_epoch + 1, 1, 0, True, spec.block_size,
+                                vol.size), bytes(hashes))
+    return True
+
+
+class LocalCapture:
+    """The capturer side run by the CLI when no capturer serves the source: continues the
+    saved capturer state (its epoch and next seq) for one request, then saves it again."""
+
+    def __init__(self, state: PairState, settings: KafkaSettings,
+                 key: JournalKey | None) -> None:
+        self.state, self.settings, self.key = state, settings, key
+        self.spec: PairSpec = state.active_spec
+
+    def _open(self) -> tuple[StateStore, CaptureState, Volume, JournalPublisher]:
+        store = store_for(self.state)
+        prepare_direction(self.state, store)
+        saved, _ = store.load()
+        if saved is None or not saved.clean:
+            raise CaptureStateError(
+                f"pair {self.spec.name}: no clean capturer state for {self.spec.source} on "
+                f"this host ({'none saved' if saved is None else 'last run stopped unclean'});"
+                f" run 'x2x capture {self.spec.name}' here first (or start the NBD capturer, "
+                f"which answers this request itself)")
+        vol = Volume(self.spec.source, writable=True)
+        if vol.size != self.spec.volume_size:
+            vol.close()
+            raise VolumeError(f"source {self.spec.source} is {vol.size} bytes, the pair "
+                              f"expects {self.spec.volume_size}")
+        pub = JournalPublisher(self.settings, self.spec.name, saved.epoch, saved.next_seq,
+                               saved.epoch_bytes, key=self.key, instance=self.spec.source)
+        return store, saved, vol, pub
+
+    def _run(self, work: Callable[[Volume, JournalPublisher], Published]) -> Published:
+        store, saved, vol, pub = self._open()
+        try:
+            saved.clean = False
+            store.save(saved)
+            result = work(vol, pub)
+            pub.drain()
+            j = pub.journaled
+            store.save(CaptureState(j.epoch, j.seq + 1, j.epoch_bytes, True,
+                                    saved.block_size, saved.volume_size))
+            pub.beat("stopped", force=True)
+            return result
+        finally:
+            pub.close()
+            vol.close()
+
+    # The CaptureSide surface of consumers/failover.py: each returns its answer's attrs.
+    def hashes(self) -> dict[str, str]:
+        return self._run(lambda vol, pub: emit_hashes(vol, pub, RangeLocks(),
+                                                      self.spec.block_size)).attrs()
+
+    def resend(self, extents: list[Extent]) -> dict[str, str]:
+        return self._run(lambda vol, pub: resend_extents(vol, pub, RangeLocks(), extents,
+                                                         self.spec.block_size)).attrs()
+
+    def seal(self) -> dict[str, str]:
+        """SEAL the source as it is (nothing serves it, so nothing writes to it)."""
+        refused_at = int(time.time() * 1000)
+        digest = b""
+
+        def work(vol: Volume, pub: JournalPublisher) -> Published:
+            nonlocal digest
+            os.fsync(vol.fd)
+            digest = volume_digest(vol.path)
+            seq = pub.append_at(Op.seal(vol.size, digest))
+            pub.wait_journaled(seq)
+            return Published(pub.journaled.epoch, seq, -1, seq, 0)
+        p = self._run(work)
+        return {"epoch": str(p.epoch), "seq": str(p.flush_seq), "digest": digest.hex(),
+                "refused_at_ms": str(refused_at)}

@@ -1,0 +1,92 @@
+"""The pair state machine of failover/failback, folded from control events."""
+from __future__ import annotations
+
+from journal.blocks import Extent, format_extents, parse_extents
+from journal.pairs import ControlEvent, PairSpec, fold
+
+SPEC = PairSpec("p", "/a.img", "/b.img", 65536, 1 << 20)
+
+
+def ev(name: str, **attrs: str) -> ControlEvent:
+    return ControlEvent(name, "p", 0, SPEC if name == "created" else None, attrs)
+
+
+def test_planned_failover_reverses_the_direction_and_records_the_epoch():
+    st = fold([ev("created"), ev("failover-requested"),
+               ev("sealed", epoch="3", seq="99"), ev("promoted", epoch="3", seq="99")])["p"]
+    assert st.state == "promoted" and st.reversed and st.promoted_epoch == 3
+    assert st.active_spec.source == "/b.img" and st.active_spec.target == "/a.img"
+    assert st.attrs["promoted_seq"] == "99"
+
+
+def test_failback_then_second_failover_returns_to_the_original_side():
+    evs = [ev("created"), ev("failover-requested"), ev("promoted", epoch="1"),
+           ev("failback-started"), ev("failback-done")]
+    st = fold(evs)["p"]
+    assert st.state == "replicating" and st.reversed and st.replicating
+    st = fold(evs + [ev("failover-requested"), ev("promoted", epoch="2")])["p"]
+    assert st.state == "promoted" and not st.reversed and st.promoted_epoch == 2
+    assert st.active_spec == SPEC
+
+
+def test_a_duplicate_promoted_does_not_flip_the_direction_back():
+    st = fold([ev("created"), ev("failover-requested"), ev("promoted", epoch="1"),
+               ev("promoted", epoch="1")])["p"]
+    assert st.reversed and st.state == "promoted"
+
+
+def test_a_failed_failover_leaves_the_pair_as_it_was():
+    st = fold([ev("created"), ev("failover-requested"), ev("failover-failed")])["p"]
+    assert st.state == "created" and not st.reversed
+
+
+def test_failback_only_starts_from_promoted():
+    st = fold([ev("created"), ev("failback-started"), ev("failback-done")])["p"]
+    assert st.state == "created" and not st.reversed
+
+
+def test_a_seal_digest_mismatch_needs_a_resync_and_promotes_nothing():
+    st = fold([ev("created"), ev("failover-requested"), ev("sealed", epoch="1"),
+               ev("resync-needed", reason="digest")])["p"]
+    assert st.state == "needs-resync" and not st.reversed
+    # A late promoted (it cannot come from a mismatching applier) is not taken either.
+    assert not fold([ev("created"), ev("resync-needed"), ev("promoted")])["p"].reversed
+
+
+def test_extents_round_trip_through_their_text_form():
+    exts = [Extent(0, 65536), Extent(1 << 20, 3 * 65536)]
+    assert parse_extents(format_extents(exts)) == exts
+    assert parse_extents("") == []
+
+
+def test_a_hashes_op_round_trips_and_must_lie_inside_the_target():
+    import pytest
+
+    from journal.batch import Sequencer
+    from journal.errors import ExtentOutOfRange
+    from journal.ops import Op, OpKind
+    from journal.sequence import check_extents
+    from schemas import codec
+
+    seq = Sequencer("p", 2)
+    (entry,) = seq.add(Op.hashes(0, 131072, b"\x01" * 64), 5) + seq.add(Op.flush(), 5)
+    back = codec.decode_entry(codec.encode_entry(entry))
+    assert back.ops[0].kind is OpKind.HASHES and back.ops[0].data == b"\x01" * 64
+    assert back.payload_bytes == 0           # HASHES change nothing on the target
+    check_extents(back, 131072)
+    with pytest.raises(ExtentOutOfRange):
+        check_extents(back, 65536)
+
+
+def test_entries_written_before_the_hashes_kind_still_decode():
+    from journal.ops import Entry, Op
+    from schemas import codec
+
+    e = Entry("p", 1, 1, 5, 3, (Op.write(0, b"abc"), Op.flush()), b"d" * 32)
+    old = codec.encode(codec.ENTRY_V1, {
+        "pair": e.pair, "epoch": e.epoch, "first_seq": e.first_seq,
+        "captured_at_ms": e.captured_at_ms, "epoch_bytes": e.epoch_bytes,
+        "ops": [{"kind": o.kind.value, "offset": o.offset, "length": o.length,
+                 "data": o.data} for o in e.ops], "digest": e.digest, "cipher": ""})
+    assert old[2:10] != codec.ENTRY.fingerprint
+    assert codec.decode_entry(old) == e
