@@ -3,10 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from journal.batch import DEFAULT_BUDGET, OP_OVERHEAD
+from journal.blocks import is_zero
 from journal.ops import Op, OpKind
 
 #: ZERO runs carry no data, so they may be long; a bound keeps one op's meaning obvious.
 MAX_ZERO_RUN = 1 << 30
+
+
+def max_write(block_size: int) -> int:
+    """The longest WRITE run of whole blocks that still fits one journal record."""
+    return max(block_size, (DEFAULT_BUDGET - OP_OVERHEAD) // block_size * block_size)
 
 
 @dataclass
@@ -26,6 +33,12 @@ class RunBuilder:
         out = self._break_unless(OpKind.WRITE, offset, len(block), self.max_write)
         self._parts.append(block)
         return out
+
+    def add_block(self, offset: int, block: memoryview) -> tuple[list[Op], bool]:
+        """Add a block as ZERO or WRITE by its content; returns (ops, carries data)."""
+        if is_zero(block):
+            return self.add_zero(offset, len(block)), False
+        return self.add_write(offset, block), True
 
     def add_zero(self, offset: int, length: int) -> list[Op]:
         return self._break_unless(OpKind.ZERO, offset, length, MAX_ZERO_RUN)

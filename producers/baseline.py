@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass
 
 from infra.volume import Volume
-from journal.batch import DEFAULT_BUDGET, OP_OVERHEAD
-from journal.blocks import HASH_LEN, block_count, hash_block, is_zero, zero_hash
-from journal.runs import RunBuilder
+from journal.blocks import HASH_LEN, block_count, hash_block, zero_hash
+from journal.runs import RunBuilder, max_write as write_bound
 from producers.journaling import RangeLocks
 from producers.publisher import JournalPublisher
 
@@ -57,7 +56,7 @@ def run_baseline(vol: Volume, pub: JournalPublisher, locks: RangeLocks, block_si
     region = locks.region
     if region % block_size:
         raise ValueError(f"lock region {region} is not a multiple of block size {block_size}")
-    max_write = max(block_size, (DEFAULT_BUDGET - OP_OVERHEAD) // block_size * block_size)
+    max_write = write_bound(block_size)
     runs = RunBuilder(max_write)
     buf = bytearray(region)
     for base in range(0, vol.size, region):
@@ -69,11 +68,10 @@ def run_baseline(vol: Volume, pub: JournalPublisher, locks: RangeLocks, block_si
             vol.readinto(base, view)
             for off in range(0, len(view), block_size):
                 block = view[off:off + block_size]
-                if is_zero(block):
-                    pub.append_many(runs.add_zero(base + off, len(block)))
-                else:
+                ops, data = runs.add_block(base + off, block)
+                pub.append_many(ops)
+                if data:
                     nonzero.append(off)
-                    pub.append_many(runs.add_write(base + off, block))
             # The run's blocks point into ``buf``: close it before the buffer is reused,
             # and before the lock is released.
             pub.append_many(runs.finish())

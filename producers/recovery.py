@@ -34,11 +34,9 @@ from infra import control
 from infra.kafka import KafkaSettings
 from infra.topics import JOURNAL_CONFIG, ensure_base_topics, ensure_topic
 from infra.volume import Volume
-from journal.batch import DEFAULT_BUDGET, OP_OVERHEAD
-from journal.blocks import is_zero
 from journal.errors import PairNotFound, X2XError
 from journal.pairs import ControlEvent
-from journal.runs import RunBuilder
+from journal.runs import RunBuilder, max_write as write_bound
 from producers.intent import IntentBitmap
 from producers.journaling import RangeLocks
 from producers.publisher import JournalPublisher, now_ms
@@ -79,7 +77,7 @@ def resend(vol: Volume, pub: JournalPublisher, locks: RangeLocks, block_size: in
     One lock region at a time, read and appended under its lock; zero blocks go as ZERO
     ops. Returns False if ``stop`` was set first (nothing is then promised)."""
     region = locks.region
-    max_write = max(block_size, (DEFAULT_BUDGET - OP_OVERHEAD) // block_size * block_size)
+    max_write = write_bound(block_size)
     runs = RunBuilder(max_write)
     buf = bytearray(region)
     for offset, length in extents:
@@ -93,8 +91,7 @@ def resend(vol: Volume, pub: JournalPublisher, locks: RangeLocks, block_size: in
                 vol.readinto(pos, view)
                 for off in range(0, chunk, block_size):
                     block = view[off:off + block_size]
-                    pub.append_many(runs.add_zero(pos + off, len(block)) if is_zero(block)
-                                    else runs.add_write(pos + off, block))
+                    pub.append_many(runs.add_block(pos + off, block)[0])
                 # The ops point into ``buf``: close the run before it is reused.
                 pub.append_many(runs.finish())
             progress.done += chunk

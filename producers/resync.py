@@ -23,12 +23,11 @@ from typing import Callable
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
 from infra.volume import Volume, volume_digest
-from journal.batch import DEFAULT_BUDGET, OP_OVERHEAD
-from journal.blocks import Extent, HASH_LEN, block_count, hash_buffer, is_zero
+from journal.blocks import Extent, HASH_LEN, block_count, hash_buffer
 from journal.errors import VolumeError, X2XError
 from journal.ops import Entry, Op
 from journal.pairs import PairSpec, PairState
-from journal.runs import RunBuilder
+from journal.runs import RunBuilder, max_write as write_bound
 from producers.baseline import new_hash_map
 from producers.journaling import RangeLocks
 from producers.publisher import JournalPublisher
@@ -98,7 +97,7 @@ def resend_extents(vol: Volume, pub: JournalPublisher, locks: RangeLocks,
                    extents: list[Extent], block_size: int, timeout: float = 120.0) -> Published:
     """Journal the current content of ``extents`` (WRITE, or ZERO for zero blocks) then a
     FLUSH; wait until the broker has them."""
-    max_write = max(block_size, (DEFAULT_BUDGET - OP_OVERHEAD) // block_size * block_size)
+    max_write = write_bound(block_size)
     first = pub.appended_seq + 1
     sent = 0
     for ext in extents:
@@ -112,11 +111,9 @@ def resend_extents(vol: Volume, pub: JournalPublisher, locks: RangeLocks,
                 vol.readinto(base, view)
                 for off in range(0, len(view), block_size):
                     block = view[off:off + block_size]
-                    if is_zero(block):
-                        pub.append_many(runs.add_zero(base + off, len(block)))
-                    else:
-                        sent += len(block)
-                        pub.append_many(runs.add_write(base + off, block))
+                    ops, data = runs.add_block(base + off, block)
+                    pub.append_many(ops)
+                    sent += len(block) if data else 0
                 pub.append_many(runs.finish())
     flush = pub.flush_point()
     pub.wait_journaled(flush, timeout)

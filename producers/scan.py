@@ -14,11 +14,10 @@ from typing import Callable
 
 from infra.kafka import KafkaSettings
 from infra.volume import Volume
-from journal.batch import DEFAULT_BUDGET, OP_OVERHEAD
-from journal.blocks import HASH_LEN, block_count, hash_block, is_zero
+from journal.blocks import HASH_LEN, block_count, hash_block
 from journal.errors import VolumeError
 from journal.pairs import PairSpec
-from journal.runs import RunBuilder
+from journal.runs import RunBuilder, max_write as write_bound
 from producers.publisher import JournalPublisher
 from producers.state import CaptureState, StateStore
 from schemas.cipher import JournalKey
@@ -94,7 +93,7 @@ def scan_once(spec: PairSpec, settings: KafkaSettings, store: StateStore | None 
 def _scan(vol: Volume, block_size: int, known: bytes | None, pub: JournalPublisher,
           progress: Progress | None) -> tuple[bytes, int, int]:
     """Hash every block, journal the changed ones; returns (hash map, blocks, bytes)."""
-    max_write = max(block_size, (DEFAULT_BUDGET - OP_OVERHEAD) // block_size * block_size)
+    max_write = write_bound(block_size)
     runs = RunBuilder(max_write)
     new_map = bytearray(block_count(vol.size, block_size) * HASH_LEN)
     chunk = bytearray(max(CHUNK // block_size, 1) * block_size)
@@ -111,10 +110,7 @@ def _scan(vol: Volume, block_size: int, known: bytes | None, pub: JournalPublish
                 continue
             changed += 1
             changed_bytes += len(block)
-            if is_zero(block):
-                pub.append_many(runs.add_zero(base + off, len(block)))
-            else:
-                pub.append_many(runs.add_write(base + off, block))
+            pub.append_many(runs.add_block(base + off, block)[0])
         # The chunk buffer is reused next round: close the open run before it is.
         pub.append_many(runs.finish())
         if progress:
