@@ -240,6 +240,17 @@ def _where(out: IO[bytes] | None) -> str:
 
 # ---- detached: up / down ----------------------------------------------------------------
 
+def _prepare(port: int, storage: str | None, durable: bool) -> tuple[str, str]:
+    """What starting a broker needs first, in ``up`` and ``run`` alike: the storage URL,
+    no leftovers of an earlier broker, a free port, and the Tansu binary."""
+    storage = _storage(storage, durable)
+    _stop_leftovers()
+    if _port_open(port):
+        raise BrokerError(f"port {port} on 127.0.0.1 is taken by another program; "
+                          f"choose another with --port")
+    return storage, _tansu_binary()
+
+
 def up(port: int = DEFAULT_PORT, storage: str | None = None, wait: float = 20.0,
        durable: bool = False) -> BrokerState:
     """Start the embedded broker unless it is running; idempotent.
@@ -249,12 +260,7 @@ def up(port: int = DEFAULT_PORT, storage: str | None = None, wait: float = 20.0,
     running = status()
     if running:
         return running
-    storage = _storage(storage, durable)
-    _stop_leftovers()
-    if _port_open(port):
-        raise BrokerError(f"port {port} on 127.0.0.1 is taken by another program; "
-                          f"choose another with --port")
-    binary = _tansu_binary()
+    storage, binary = _prepare(port, storage, durable)
     d = broker_dir()
     log = d / "broker.log"
     env = dict(os.environ)
@@ -369,12 +375,7 @@ def run(port: int = DEFAULT_PORT, storage: str | None = None, durable: bool = Fa
     if running:
         raise BrokerError(f"an embedded broker already runs at {running.bootstrap} "
                           f"(pid {running.pid}); stop it with 'x2x broker down' first")
-    storage = _storage(storage, durable)
-    _stop_leftovers()
-    if _port_open(port):
-        raise BrokerError(f"port {port} on 127.0.0.1 is taken by another program; "
-                          f"choose another with --port")
-    binary = _tansu_binary()
+    storage, binary = _prepare(port, storage, durable)
     stop_on: list[int] = []
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {s: signal.signal(s, lambda signum, _f: stop_on.append(signum))
