@@ -29,7 +29,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
 from infra.files import read_json, write_json
+from infra.kafka import KafkaSettings
 from infra.paths import x2x_home
 from journal.errors import BadInput, BrokerError
 
@@ -323,16 +327,36 @@ def _stop_leftovers() -> None:
 
 
 def _wait_listening(proc: subprocess.Popen[bytes], port: int, wait: float, log: str) -> None:
+    """Wait until Tansu answers a metadata request, not just until its port is open.
+
+    Tansu accepts connections before it has loaded its storage; on S3 after a restart a
+    client that came in that early could wait a whole socket timeout for its first answer.
+    """
     deadline = time.monotonic() + wait
-    while not _port_open(port):
+
+    def alive_or_fail(what: str) -> None:
         if proc.poll() is not None:
             raise BrokerError(f"the embedded broker exited with code {proc.returncode}; "
                               f"see {log}")
         if time.monotonic() > deadline:
             proc.kill()
-            raise BrokerError(f"the embedded broker did not listen on {port} within "
+            raise BrokerError(f"the embedded broker did not {what} on {port} within "
                               f"{wait:.0f} s; see {log}")
+
+    while not _port_open(port):
+        alive_or_fail("listen")
         time.sleep(0.05)
+    admin = AdminClient(KafkaSettings(f"127.0.0.1:{port}").admin())
+    try:
+        while True:
+            try:
+                admin.list_topics(timeout=2.0)
+                return
+            except KafkaException:
+                alive_or_fail("answer metadata requests")
+    finally:
+        # Dropped now: Tansu waits for open connections when it is stopped.
+        del admin
 
 
 def _stop(pid: int, timeout: float) -> None:

@@ -19,7 +19,7 @@ from infra.kafka import KafkaSettings
 from infra.topics import JOURNAL_CONFIG, ensure_topic
 from tests.conftest import free_port, run_x2x, x2x_bin
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(240)
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -40,35 +40,42 @@ def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
     assert p.flush(15) == 0
 
 
-def _read(bootstrap: str, topic: str, timeout: float = 15.0) -> list[tuple[int, bytes]]:
-    c = Consumer(KafkaSettings(bootstrap).consumer())
-    c.assign([TopicPartition(topic, 0, 0)])
-    out: list[tuple[int, bytes]] = []
+def _read(bootstrap: str, topic: str, timeout: float = 45.0) -> list[tuple[int, bytes]]:
+    """Every record up to the partition's end. A consumer that got no answer within 10 s
+    is replaced: a request sent into a broker still loading its store can otherwise wait
+    librdkafka's whole socket timeout."""
     deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            m = c.poll(0.5)
-            if m is None:
-                continue
-            if m.error():
-                if m.error().code() == -191:  # _PARTITION_EOF
-                    return out
-                continue  # transient: the broker is still loading
-            out.append((m.offset(), m.value()))
-    finally:
-        c.close()
-    raise AssertionError(f"no end of partition within {timeout} s; read {out}")
+    errors: list[str] = []
+    while time.monotonic() < deadline:
+        c = Consumer(KafkaSettings(bootstrap).consumer())
+        c.assign([TopicPartition(topic, 0, 0)])
+        out: list[tuple[int, bytes]] = []
+        attempt_end = min(deadline, time.monotonic() + 10.0)
+        try:
+            while time.monotonic() < attempt_end:
+                m = c.poll(0.5)
+                if m is None:
+                    continue
+                if m.error():
+                    if m.error().code() == -191:  # _PARTITION_EOF
+                        return out
+                    errors.append(str(m.error()))
+                    continue  # transient: the broker is still loading
+                out.append((m.offset(), m.value()))
+        finally:
+            c.close()
+    raise AssertionError(f"no end of partition within {timeout} s; errors {errors[-5:]}")
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+def _wait_ready(home: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """``broker run`` records itself in broker.json once Tansu answers metadata requests."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        assert proc.poll() is None, f"x2x broker run exited with {proc.returncode}"
+        if (home / "broker" / "broker.json").exists():
+            return
         time.sleep(0.1)
-    raise AssertionError(f"x2x broker run did not listen on {port}")
+    raise AssertionError(f"x2x broker run was not ready within {timeout} s")
 
 
 def _no_process_of(home: Path, port: int) -> bool:
@@ -105,17 +112,23 @@ def test_durable_broker_keeps_records_and_offsets_across_restart(tmp_path: Path)
         assert (home / "broker" / "seaweedfs").is_dir()
 
         # The same store served again, this time by the foreground supervisor (systemd's way).
-        fg = subprocess.Popen([x2x_bin(), "broker", "run", "--durable", "--port", str(port)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # Output to a file: a pipe nobody reads could stall the broker once it is full.
+        fg_log = tmp_path / "run.log"
+        with open(fg_log, "wb") as fg_out:
+            fg = subprocess.Popen([x2x_bin(), "broker", "run", "--durable", "--port",
+                                   str(port)], env=env, stdout=fg_out, stderr=subprocess.STDOUT)
         try:
-            _wait_port(port, fg)
+            _wait_ready(home, fg)
             assert _read(bootstrap, topic) == list(enumerate(first))
             _produce(bootstrap, topic, [b"after-restart"])
             assert _read(bootstrap, topic)[-1] == (20, b"after-restart")
             assert '"foreground": true' in run_x2x("broker", "status", "--json",
                                                     env=env).stdout
             fg.send_signal(signal.SIGTERM)
-            assert fg.wait(30) == 0, fg.communicate()[0]
+            assert fg.wait(30) == 0
+        except AssertionError:
+            print(f"---- x2x broker run output ----\n{fg_log.read_text(errors='replace')}")
+            raise
         finally:
             if fg.poll() is None:
                 fg.kill()
@@ -131,11 +144,7 @@ def test_broker_run_refuses_a_second_broker_and_down_stops_it(tmp_path: Path) ->
     fg = subprocess.Popen([x2x_bin(), "broker", "run", "--port", str(port)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_port(port, fg)
-        for _ in range(50):  # broker.json is written right after the port opens
-            if (home / "broker" / "broker.json").exists():
-                break
-            time.sleep(0.1)
+        _wait_ready(home, fg)
         again = run_x2x("broker", "run", "--port", str(free_port()), env=env, check=False)
         assert again.returncode == 1
         assert "already runs" in again.stderr and "x2x broker down" in again.stderr
