@@ -82,3 +82,13 @@ def make_image(path: Path, size: int, seed: int = 1, data_fraction: float = 0.5,
 def same_bytes(a: Path | str, b: Path | str, length: int | None = None) -> bool:
     from infra.volume import volume_digest
     return volume_digest(str(a), length) == volume_digest(str(b), length)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The hostile-input figures: how many inputs each fuzzed parser saw and refused."""
+    from tests.fuzz import summary
+    lines = summary()
+    if lines:
+        terminalreporter.write_sep("=", "hostile input (fuzz)")
+        for line in lines:
+            terminalreporter.write_line(f"x2x fuzz: {line}")

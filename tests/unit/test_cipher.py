@@ -15,6 +15,7 @@ from journal.errors import BadInput, CorruptEntry
 from journal.ops import Op
 from schemas import codec
 from schemas.cipher import JournalKey, create_key, load_key, open_record
+from tests.fuzz import count
 
 KEY = JournalKey(bytes(range(32)))
 OTHER = JournalKey(bytes(32))
@@ -78,6 +79,7 @@ def test_any_mutation_of_an_encrypted_record_is_refused(data):
         raw[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
     with pytest.raises(CorruptEntry):
         open_record(bytes(raw), "p", KEY, "t@0")
+    count(f"encrypted journal record, {kind}", "rejected")
 
 
 @given(st.binary(max_size=512))
@@ -87,6 +89,7 @@ def test_random_bytes_are_refused_cleanly(blob):
         open_record(codec.MAGIC + codec.ENTRY.fingerprint + blob, "p", KEY, "t@0")
     with pytest.raises(CorruptEntry):
         open_record(blob, "p", None, "t@0")
+    count("journal record opener, random bytes", "rejected (keyed and plain)")
 
 
 def test_key_files(tmp_path):

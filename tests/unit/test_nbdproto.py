@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from producers import nbdproto as p
+from tests.fuzz import count
 
 u16 = st.integers(0, 2**16 - 1)
 u32 = st.integers(0, 2**32 - 1)
@@ -207,10 +208,12 @@ def _parse_or_protocol_error(name: str, data: bytes) -> None:
     try:
         PARSERS[name](data)
     except p.ProtocolError:
-        pass  # the only acceptable failure
+        count("NBD message parsers", "rejected")  # the only acceptable failure
+    else:
+        count("NBD message parsers", "parsed")
 
 
-@settings(max_examples=300)
+@settings(max_examples=1500)
 @given(st.sampled_from(sorted(PARSERS)), st.binary(max_size=200))
 def test_random_bytes_give_value_or_protocol_error(name: str, data: bytes) -> None:
     _parse_or_protocol_error(name, data)
@@ -225,9 +228,10 @@ def test_truncated_messages_are_protocol_errors(name: str, data: st.DataObject) 
     else:
         with pytest.raises(p.ProtocolError):
             PARSERS[name](valid[:cut])
+        count("NBD message parsers", "rejected")
 
 
-@settings(max_examples=300)
+@settings(max_examples=1500)
 @given(st.sampled_from(sorted(VALID)), st.data())
 def test_mutated_messages_give_value_or_protocol_error(name: str, data: st.DataObject) -> None:
     raw = bytearray(VALID[name])
@@ -244,3 +248,4 @@ def test_any_request_with_wrong_magic_is_refused(raw: bytes) -> None:
     else:
         with pytest.raises(p.ProtocolError, match="magic"):
             p.parse_request(raw)
+        count("NBD request parser, wrong magic", "rejected")
