@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from infra.kafka import KafkaSettings
+from infra.paths import pair_dir
 from infra.volume import Volume, volume_digest
 from journal.errors import BadInput, VolumeError, X2XError
 from journal.pairs import PairSpec
@@ -35,6 +36,7 @@ from producers.publisher import JournalPublisher
 from producers.intent import IntentBitmap
 from producers.recovery import Recovery
 from producers.scan import plan_epoch
+from producers.spool import max_from_env as spool_max_from_env, Spool
 from producers.state import CaptureState, StateStore
 from schemas.cipher import JournalKey
 
@@ -90,6 +92,8 @@ class NBDCapture:
     key: JournalKey | None = None
     locks: RangeLocks = field(default_factory=RangeLocks)
     beat_interval: float = BEAT_INTERVAL
+    #: Most record bytes the async spool may hold (``X2X_SPOOL_MAX``); 0: no spool.
+    spool_max: int = field(default_factory=spool_max_from_env)
     report: CaptureReport = field(init=False, default_factory=CaptureReport)
     baseline: BaselineProgress | None = field(init=False, default=None)
     _stopping: threading.Event = field(init=False, default_factory=threading.Event)
@@ -144,8 +148,7 @@ class NBDCapture:
         self.report = CaptureReport(state.epoch, state.next_seq, state.next_seq - 1,
                                     new_epoch=not continuing,
                                     resync_bytes=self.intent.dirty_bytes() if resync else None)
-        self.pub = JournalPublisher(self.settings, spec.name, state.epoch, state.next_seq,
-                                    state.epoch_bytes, key=self.key, instance=spec.source)
+        self.pub = self.new_publisher(state.epoch, state.next_seq, state.epoch_bytes)
         self.backend = JournalingVolume(vol, self.pub, self.mode, spec.block_size, self.locks)
         self.backend.intent = self.intent
         self.recovery = Recovery(self, self.intent)
@@ -162,6 +165,14 @@ class NBDCapture:
                  self.uri, state.epoch, state.next_seq, self.mode.value,
                  ", baseline running" if self.baseline else "")
         self.beat(force=True)
+
+    def new_publisher(self, epoch: int, next_seq: int, epoch_bytes: int) -> JournalPublisher:
+        """The journal publisher of an epoch; in async mode it spools a backlog to local
+        disk (producers/spool.py) instead of holding clients at the broker's pace."""
+        spool = (Spool(pair_dir(self.spec.name) / "spool", self.spool_max)
+                 if self.mode is Mode.ASYNC and self.spool_max else None)
+        return JournalPublisher(self.settings, self.spec.name, epoch, next_seq, epoch_bytes,
+                                key=self.key, instance=self.spec.source, spool=spool)
 
     @property
     def uri(self) -> str:
@@ -258,7 +269,7 @@ class NBDCapture:
         c = self.backend.counters
         d = {"capturer": "nbd", "mode": self.mode.value, "listen": self.uri,
              "clients": str(len(self.server.clients)), "captured_ops": str(c.ops),
-             "captured_bytes": str(c.bytes)}
+             "captured_bytes": str(c.bytes), "spooled_bytes": str(self.pub.spooled_bytes)}
         if self.baseline is not None:
             d["baseline"] = ("done" if self.baseline.finished
                              else f"{self.baseline.percent:.0f}%")

@@ -2,14 +2,15 @@
 
 Delivery reports, not produce calls, advance the journaled position, so "journaled"
 always means "the broker acknowledged it". In-flight bytes are bounded: a caller that
-outruns the broker waits here instead of buffering without limit.
+outruns the broker queues records in the local spool (producers/spool.py) while it has
+room, and waits here once it has none, instead of buffering in memory without limit.
 """
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -20,6 +21,7 @@ from infra.topics import journal_topic
 from journal.batch import DEFAULT_BUDGET, Sequencer
 from journal.errors import BrokerError
 from journal.ops import Entry, Op
+from producers.spool import Spool
 from schemas import codec
 from schemas.cipher import JournalKey
 
@@ -48,7 +50,7 @@ class JournalPublisher:
     def __init__(self, settings: KafkaSettings, pair: str, epoch: int, next_seq: int = 1,
                  epoch_bytes: int = 0, key: JournalKey | None = None,
                  max_inflight_bytes: int = 64 << 20, budget: int = DEFAULT_BUDGET,
-                 instance: str = "") -> None:
+                 instance: str = "", spool: Spool | None = None) -> None:
         self.topic = journal_topic(pair)
         self.settings = settings
         self.producer = Producer(settings.producer())
@@ -65,7 +67,11 @@ class JournalPublisher:
         self.last_acked: tuple[int, bytes] | None = None
         self._inflight = 0
         self._next_produce = next_seq  # first seq of the next entry to hand to Kafka
-        self._pending: deque[Entry] = deque()
+        #: Entries handed to Kafka, unacknowledged, with when they were handed over.
+        self._pending: deque[tuple[Entry, float]] = deque()
+        self.spool = spool
+        #: Entries in the spool (their ops without data), oldest first.
+        self._spooled: deque[Entry] = deque()
         self._error: str | None = None
         #: Called (entry, topic offset) for each acknowledged entry, on the poller thread.
         self.on_delivered: Callable[[Entry, int], None] | None = None
@@ -112,11 +118,27 @@ class JournalPublisher:
     def _produce(self, entry: Entry) -> None:
         value = codec.encode_entry(self.key.encrypt(entry) if self.key else entry)
         # Waiting releases the lock, so another thread may close a later entry meanwhile:
-        # entries go to Kafka strictly in seq order (each waits for its turn), else the
-        # journal would have a gap followed by the missing ops.
-        while self._inflight > self.max_inflight or entry.first_seq != self._next_produce:
+        # entries go on strictly in seq order (each waits for its turn), else the journal
+        # would have a gap followed by the missing ops.
+        while entry.first_seq != self._next_produce or not self._has_room(len(value)):
             self._cond.wait(0.1)
             self._raise_if_failed()
+        if self._spooled or self._inflight > self.max_inflight:
+            assert self.spool is not None
+            self.spool.push(value)
+            self._spooled.append(_without_data(entry))
+        else:
+            self._send(value, entry)
+        self._next_produce = entry.last_seq + 1
+        self._cond.notify_all()
+
+    def _has_room(self, n: int) -> bool:
+        if self.spool is not None and self.spool.fits(n):
+            return True
+        return not self._spooled and self._inflight <= self.max_inflight
+
+    def _send(self, value: bytes, entry: Entry) -> None:
+        """Hand one record to Kafka; called with the lock held."""
         while True:
             try:
                 self.producer.produce(self.topic, value, on_delivery=self._delivered)
@@ -125,15 +147,32 @@ class JournalPublisher:
                 self._cond.wait(0.05)
         self._inflight += len(value)
         self.bytes_sent += len(value)
-        self._pending.append(entry)
-        self._next_produce = entry.last_seq + 1
-        self._cond.notify_all()
+        self._pending.append((entry, time.monotonic()))
+
+    def _ship(self) -> None:
+        """Move spooled records to Kafka while the in-flight window has room."""
+        with self._cond:
+            while self._spooled and self._inflight <= self.max_inflight and not self._error:
+                assert self.spool is not None
+                value = self.spool.pop()
+                assert value is not None, "spool and its index disagree"
+                self._send(value, self._spooled.popleft())
+            self._cond.notify_all()
+
+    @property
+    def spooled_bytes(self) -> int:
+        """Record bytes waiting in the local spool for the broker."""
+        return self.spool.bytes if self.spool is not None else 0
 
     # -- acknowledgements ----------------------------------------------------------
     def _poll_loop(self) -> None:
         while self._running:
             try:
-                self.producer.poll(0.1)
+                # Short polls while the spool holds records: acknowledgements free the
+                # window, and the next records should follow at once.
+                self.producer.poll(0.005 if self._spooled else 0.1)
+                if self._spooled:
+                    self._ship()
             except KafkaException as e:
                 # Fatal for this producer (e.g. a restarted broker forgot its producer id):
                 # nothing more can be journaled through it; the capturer starts a new one.
@@ -146,7 +185,7 @@ class JournalPublisher:
     def _delivered(self, err: KafkaError | None, msg: Message) -> None:
         with self._cond:
             self._inflight -= len(msg.value() or b"")
-            entry = self._pending.popleft()
+            entry, _ = self._pending.popleft()
             if err is not None:
                 self._error = (f"journal entry seq {entry.first_seq}..{entry.last_seq} of "
                                f"{self.topic} was not acknowledged by "
@@ -161,11 +200,13 @@ class JournalPublisher:
             self._cond.notify_all()
 
     def stalled_for(self) -> float:
-        """Seconds the oldest unacknowledged entry has waited (0.0: nothing pending)."""
+        """Seconds the oldest record handed to Kafka has waited for its acknowledgement
+        (0.0: none in flight). Records still in the spool do not count: a backlog is not
+        a stall."""
         with self._cond:
             if not self._pending:
                 return 0.0
-            return max(0.0, (now_ms() - self._pending[0].captured_at_ms) / 1000)
+            return time.monotonic() - self._pending[0][1]
 
     def fail(self, why: str) -> None:
         """Give up on this publisher: every waiter and later call raises BrokerError, and
@@ -173,6 +214,9 @@ class JournalPublisher:
         the next epoch's."""
         with self._cond:
             self._error = self._error or why
+            if self.spool is not None:
+                self.spool.clear()
+            self._spooled.clear()
             self._cond.notify_all()
         self.producer.purge()
 
@@ -187,16 +231,23 @@ class JournalPublisher:
             return self.seq.next_seq + self.seq.pending_ops - 1
 
     def wait_journaled(self, seq: int, timeout: float = 60.0) -> None:
-        """Block until every op up to ``seq`` is acknowledged by the broker."""
+        """Block until every op up to ``seq`` is acknowledged by the broker.
+
+        ``timeout`` bounds a wait without progress: a long spool that drains steadily
+        is waited for, a broker that acknowledges nothing is not."""
         deadline = time.monotonic() + timeout
         with self._cond:
+            last = self.journaled.seq
             while self.journaled.seq < seq:
                 self._raise_if_failed()
+                if self.journaled.seq != last:
+                    last, deadline = self.journaled.seq, time.monotonic() + timeout
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise BrokerError(
-                        f"the journal of {self.topic} is not acknowledged up to seq {seq} "
-                        f"after {timeout:.0f} s; is {self.settings.bootstrap} up?")
+                        f"the journal of {self.topic} is not acknowledged up to seq {seq}: "
+                        f"nothing acknowledged for {timeout:.0f} s; is "
+                        f"{self.settings.bootstrap} up?")
                 self._cond.wait(min(left, 0.5))
             self._raise_if_failed()
 
@@ -218,3 +269,10 @@ class JournalPublisher:
         self.producer.flush(timeout)
         self._running = False
         self._poller.join()
+        if self.spool is not None:
+            self.spool.clear()
+
+
+def _without_data(entry: Entry) -> Entry:
+    """What a spooled entry's acknowledgement needs: seqs and extents, not the bytes."""
+    return replace(entry, ops=tuple(Op(op.kind, op.offset, op.length) for op in entry.ops))

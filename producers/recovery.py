@@ -234,8 +234,7 @@ class Recovery:
                                  cap.vol.size)
             cap.store.save(state)
             cap.state = state
-            pub = JournalPublisher(cap.settings, cap.spec.name, state.epoch, 1, 0,
-                                   key=cap.key, instance=cap.spec.source)
+            pub = cap.new_publisher(state.epoch, 1, 0)
             cap.pub = cap.backend.pub = pub
             self.state = "resyncing"
             cap.backend.failed = None          # from here writes are journaled again

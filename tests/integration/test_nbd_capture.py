@@ -141,6 +141,43 @@ def test_qemu_img_convert_and_nbdcopy_of_256_mib(settings, pair_name, tmp_path, 
     assert same_bytes(second, spec.target)
 
 
+def test_async_backlog_goes_to_the_spool_in_order_and_flush_waits_for_it(settings, pair_name,
+                                                                        tmp_path, live):
+    """A broker slower than the writer: records queue in the disk spool (not in memory,
+    not holding the client), and a client FLUSH returns only once all are journaled."""
+    size = 64 * MiB
+    spec = make_pair(settings, pair_name, tmp_path, size)
+    cap = live(spec)
+    wait_baseline(cap)
+    cap.sync_point()
+    # A tiny in-flight window stands in for a slow broker.
+    cap.pub.max_inflight = 256 * 1024
+    data = tmp_path / "data.img"
+    with open(data, "wb") as f:
+        f.write(os.urandom(size))
+    run("nbdcopy", str(data), cap.uri)              # no flush: acknowledged locally
+    assert cap.pub.spool is not None and cap.pub.spool.peak > 8 * MiB
+    run("qemu-io", "-f", "raw", "-c", "flush", cap.uri)
+    assert cap.pub.spooled_bytes == 0
+    assert cap.pub.journaled.seq == cap.pub.appended_seq   # the flush waited for it all
+    apply_all(settings, spec)
+    assert same_bytes(data, spec.target)
+    (segment,) = cap.pub.spool._segments           # drained: its disk space given back
+    assert os.fstat(segment.fd).st_size == 0
+
+
+def test_spool_off_still_replicates(settings, pair_name, tmp_path, live, monkeypatch):
+    monkeypatch.setenv("X2X_SPOOL_MAX", "0")
+    spec = make_pair(settings, pair_name, tmp_path, 16 * MiB)
+    cap = live(spec)
+    assert cap.pub.spool is None
+    wait_baseline(cap)
+    cap.pub.max_inflight = 256 * 1024
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 12M", "-c", "flush", cap.uri)
+    apply_all(settings, spec)
+    assert same_bytes(spec.source, spec.target)
+
+
 def test_baseline_never_overtakes_a_write(settings, pair_name, tmp_path, live):
     """Clients write all over a pre-filled source while its baseline is being published;
     the target must end with the clients' data, not the baseline's older reads."""
