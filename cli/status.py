@@ -67,6 +67,10 @@ def _capture_cell(state: str, detail: dict[str, str]) -> str:
         parts.append(f"baseline {detail['baseline']}")
     if detail.get("resync", "done") != "done":
         parts.append(f"resync {detail['resync']}")
+    spooled = int(detail.get("spooled_bytes", "0") or 0)
+    if spooled:
+        # Journal records queued on the source's disk for a broker slower than the writes.
+        parts.append(f"{human_bytes(spooled)} spooled")
     dirty = int(detail.get("dirty_bytes", "0") or 0)
     if dirty or state == "degraded":
         # Written on the source, not (yet) acknowledged by the broker: what a resync sends.

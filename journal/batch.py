@@ -54,9 +54,9 @@ class Sequencer:
         room = self.budget - OP_OVERHEAD
         if op.kind is not OpKind.WRITE or len(op.data) <= room:
             return [op]
+        # Views, not copies: an op's data is never changed once the op exists.
         data = memoryview(op.data)
-        return [Op.write(op.offset + i, bytes(data[i:i + room]))
-                for i in range(0, len(data), room)]
+        return [Op.write(op.offset + i, data[i:i + room]) for i in range(0, len(data), room)]
 
     def _close(self, now_ms: int) -> Entry:
         ops = tuple(self._ops)

@@ -24,15 +24,18 @@ CLOSING_KINDS = frozenset({OpKind.FLUSH, OpKind.SEAL})
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One op; ``data`` is set for WRITE (the bytes) and SEAL (the volume digest)."""
+    """One op; ``data`` is set for WRITE (the bytes) and SEAL (the volume digest).
+
+    ``data`` may be a memoryview (the hot write path does not copy): whoever makes the
+    op promises the bytes behind it do not change afterwards."""
 
     kind: OpKind
     offset: int = 0
     length: int = 0
-    data: bytes = b""
+    data: bytes | memoryview = b""
 
     @staticmethod
-    def write(offset: int, data: bytes) -> "Op":
+    def write(offset: int, data: bytes | memoryview) -> "Op":
         return Op(OpKind.WRITE, offset, len(data), data)
 
     @staticmethod

@@ -128,8 +128,8 @@ class JournalingVolume:
         return self.vol.pread(offset, length)
 
     def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
-        self._change(Op.write(offset, bytes(data)), fua,
-                     lambda: self.vol.pwrite(offset, data))
+        # No copy: the server hands each request a buffer of its own (producers/nbd.py).
+        self._change(Op.write(offset, data), fua, lambda: self.vol.pwrite(offset, data))
 
     def zero(self, offset: int, length: int, fua: bool) -> None:
         self._change(Op.zero(offset, length), fua, lambda: self.vol.zero(offset, length))

@@ -338,6 +338,8 @@ class NBDServer:
             if error:
                 _discard(conn.sock, req.length)
             else:
+                # A fresh buffer per request, never reused: the backend may keep a
+                # view of it (the journal holds the op until the broker has it).
                 payload = bytearray(req.length)
                 _recv_into(conn.sock, memoryview(payload), at_boundary=False)
         if error:

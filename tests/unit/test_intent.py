@@ -98,6 +98,8 @@ def test_status_capture_cell_shows_degraded_and_dirty_bytes():
     cell = _capture_cell("resyncing", {"capturer": "nbd", "dirty_bytes": "0",
                                        "resync": "40%"})
     assert "resync 40%" in cell
+    cell = _capture_cell("capturing", {"capturer": "nbd", "spooled_bytes": str(5 << 30)})
+    assert "5.0 GiB spooled" in cell
 
 
 def test_nbd_listens_on_loopback_unless_told_otherwise():
