@@ -169,6 +169,23 @@ def verify(ctx: typer.Context, name: str,
                           f"source; run 'x2x pair verify {name} --repair' to resend them")
 
 
+@app.command()
+def resync(ctx: typer.Context, name: str,
+           key_file: str = typer.Option(None, help="The pair's key file, if encrypted."),
+           timeout: float = typer.Option(300.0, help="Seconds to wait for each step."),
+           json_: bool = typer.Option(False, "--json")) -> None:
+    """After the journal was lost: compare block hashes in a new epoch and resend only the
+    blocks of the target that differ (no full copy)."""
+    from consumers import failover as fo
+    from infra.keys import key_for
+    s = settings(ctx)
+    key = key_for(control.get_pair(s, name).spec, key_file)
+    r = fo.resync(s, name, key, lambda st_: LocalCapture(st_, s, key, new_epoch=True), _say,
+                  timeout)
+    _print_resync(r, json_, f"resynced: the target follows epoch {r.epoch} from seq {r.seq}; "
+                  f"keep it following with 'x2x apply {name}'")
+
+
 def _print_resync(r, json_: bool, done: str) -> None:
     if json_:
         print_json({**asdict(r), "bytes_sent": r.bytes_sent,

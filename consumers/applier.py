@@ -342,9 +342,9 @@ class Applier:
         return JournalLost(
             f"pair {self.spec.name}: the checkpoint of {self.target} (epoch {p.epoch} seq "
             f"{p.seq} at {self.topic} offset {p.offset}) is not in the journal: {why}. The "
-            f"topic was recreated or the broker lost its data; nothing was applied. Resync: "
-            f"reset the checkpoint with 'x2x apply {self.spec.name} --reset' and publish a "
-            f"new baseline ('x2x capture {self.spec.name} --once --resync')")
+            f"topic was recreated or the broker lost its data; nothing was applied. Resync "
+            f"by block hashes, sending only what differs: 'x2x pair resync {self.spec.name}' "
+            f"on the source's host (with the NBD capturer stopped)")
 
     # -- caught up? ----------------------------------------------------------------------
     def _capture_goal(self) -> tuple[int, int] | None:

@@ -26,7 +26,7 @@ from infra.heartbeat import read_beats
 from infra.kafka import KafkaSettings
 from journal.blocks import Extent, format_extents, parse_extents
 from journal.errors import Busy, JournalError, X2XError
-from journal.pairs import ControlEvent, PairState
+from journal.pairs import ControlEvent, PairSpec, PairState
 from journal.sequence import Position
 from journal.status import Beat, latest
 from schemas.cipher import JournalKey
@@ -281,23 +281,57 @@ def failback(settings: KafkaSettings, name: str, key: JournalKey | None,
     control.publish(settings, ControlEvent("failback-started", name, now_ms(),
                                            attrs={"target": spec.target}))
     side = _side(settings, st, local)
-    say(f"hashing {spec.source} into the journal")
-    h = side.hashes()
-    epoch, first, offset = int(h["epoch"]), int(h["first_seq"]), int(h["offset"])
-    if offset < 0:
-        raise X2XError(f"pair {name}: the journal offset of the HASHES entry is unknown; "
-                       f"run 'x2x pair failback {name}' again")
-    store = CheckpointStore(name, spec.target)
-    store.reset()     # the old source's history as a source means nothing as a target
-    applier = Applier(spec, spec.target, settings, key=key, store=store,
-                      start=Position(epoch, first - 1, offset - 1), until=(epoch, int(h["seq"])))
-    say(f"comparing {spec.target} with the hashes (epoch {epoch} from seq {first})")
-    _applier_run(applier, timeout)
-    r = _resync(settings, name, spec.target, side, applier, h, key, timeout, say)
+    # The old source's history as a source means nothing as a target.
+    r = _compare_from_hashes(settings, spec, side, key, timeout, say, "failback")
     control.publish(settings, ControlEvent("failback-done", name, now_ms(), attrs={
         "target": spec.target, "differing": str(r.differing),
         "bytes_sent": str(r.bytes_sent)}))
     return r
+
+
+def resync(settings: KafkaSettings, name: str, key: JournalKey | None,
+           local: Callable[[PairState], CaptureSide], say: Say,
+           timeout: float = 300.0) -> Resync:
+    """The journal was lost under the target (topic recreated, broker data gone): the
+    source publishes a new epoch of block HASHES, the target compares them from a reset
+    checkpoint, and only the differing blocks are resent. The way back without a full
+    copy."""
+    st = _pair(settings, name)
+    if st.state in ("promoted", "failing-back"):
+        raise NotReady(_not_steady(st, "resync"))
+    spec = st.active_spec
+    live = serving_capturer(settings, name, spec.source, nbd_only=True)
+    if live is not None:
+        raise NotReady(f"pair {name}: an NBD capturer serves {spec.source} (pid {live.pid} on "
+                       f"{live.host}); stop it (SIGTERM stops it cleanly), run 'x2x pair "
+                       f"resync {name}', then start it again")
+    side = local(st)
+    # Whatever the target applied before, it is checked block by block, not trusted.
+    r = _compare_from_hashes(settings, spec, side, key, timeout, say, "resync")
+    control.publish(settings, ControlEvent("resynced", name, now_ms(), attrs={
+        "target": spec.target, "differing": str(r.differing),
+        "bytes_sent": str(r.bytes_sent), "epoch": str(r.epoch)}))
+    return r
+
+
+def _compare_from_hashes(settings: KafkaSettings, spec: PairSpec, side: CaptureSide,
+                         key: JournalKey | None, timeout: float, say: Say,
+                         what: str) -> Resync:
+    """HASHES of the source into the journal; the target, its checkpoint reset, applies
+    from that entry and compares; the differing extents are resent and applied."""
+    say(f"hashing {spec.source} into the journal")
+    h = side.hashes()
+    epoch, first, offset = int(h["epoch"]), int(h["first_seq"]), int(h["offset"])
+    if offset < 0:
+        raise X2XError(f"pair {spec.name}: the journal offset of the HASHES entry is "
+                       f"unknown; run 'x2x pair {what} {spec.name}' again")
+    store = CheckpointStore(spec.name, spec.target)
+    store.reset()
+    applier = Applier(spec, spec.target, settings, key=key, store=store,
+                      start=Position(epoch, first - 1, offset - 1), until=(epoch, int(h["seq"])))
+    say(f"comparing {spec.target} with the hashes (epoch {epoch} from seq {first})")
+    _applier_run(applier, timeout)
+    return _resync(settings, spec.name, spec.target, side, applier, h, key, timeout, say)
 
 
 def _resync(settings: KafkaSettings, name: str, target: str, side: CaptureSide,

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
+from infra.topics import JOURNAL_CONFIG, ensure_topic, journal_topic
 from infra.volume import Volume, volume_digest
 from journal.blocks import Extent, HASH_LEN, block_count, hash_buffer
 from journal.errors import VolumeError, X2XError
@@ -162,9 +163,11 @@ class LocalCapture:
     saved capturer state (its epoch and next seq) for one request, then saves it again."""
 
     def __init__(self, state: PairState, settings: KafkaSettings,
-                 key: JournalKey | None) -> None:
+                 key: JournalKey | None, new_epoch: bool = False) -> None:
         self.state, self.settings, self.key = state, settings, key
         self.spec: PairSpec = state.active_spec
+        #: Start a new epoch at seq 1 (the journal lost the old one: ``x2x pair resync``).
+        self.new_epoch = new_epoch
 
     def _open(self) -> tuple[StateStore, CaptureState, Volume, JournalPublisher]:
         store = store_for(self.state)
@@ -181,6 +184,13 @@ class LocalCapture:
             vol.close()
             raise VolumeError(f"source {self.spec.source} is {vol.size} bytes, the pair "
                               f"expects {self.spec.volume_size}")
+        if self.new_epoch:
+            # Once: the requests after the first one continue the epoch it started.
+            self.new_epoch = False
+            saved = replace(saved, epoch=saved.epoch + 1, next_seq=1, epoch_bytes=0)
+            # A recreated topic may be missing; records produced into it would be lost.
+            ensure_topic(self.settings.check_reachable(), journal_topic(self.spec.name),
+                         JOURNAL_CONFIG)
         pub = JournalPublisher(self.settings, self.spec.name, saved.epoch, saved.next_seq,
                                saved.epoch_bytes, key=self.key, instance=self.spec.source)
         return store, saved, vol, pub

@@ -379,3 +379,16 @@ class socketserver_on:
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
 
+
+
+def test_resync_refuses_while_an_nbd_capturer_serves_the_source(settings, pair_name,
+                                                                 tmp_path, live):
+    spec = make_pair(settings, pair_name, tmp_path, 4 * MiB)
+    cap = live(spec)
+    wait_baseline(cap)
+    cap.sync_point()
+    before = cap.pub.journaled
+    proc = run_x2x("pair", "resync", pair_name, check=False)
+    assert proc.returncode == 1
+    assert "an NBD capturer serves" in proc.stderr and "SIGTERM" in proc.stderr
+    assert cap.pub.journaled == before          # nothing was published

@@ -1,6 +1,7 @@
 """The journal pipeline end to end on a real broker: scan capturer -> journal -> applier."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -288,10 +289,23 @@ def test_topic_recreated_under_the_applier(settings, pair_name, tmp_path):
     proc = run_x2x("apply", pair_name, "--until-caught-up", check=False, timeout=120)
     assert proc.returncode == 1
     assert "is not in the journal" in proc.stderr and "nothing was applied" in proc.stderr
+    assert f"x2x pair resync {pair_name}" in proc.stderr
     assert dst.read_bytes() == snapshot
-    # The way out the message names works: reset, resync, apply.
-    run_x2x("capture", pair_name, "--once", "--resync")
-    run_x2x("apply", pair_name, "--until-caught-up", "--reset")
+    # Meanwhile the source changed; then the way out the message names: a resync by block
+    # hashes sends the hash map and the changed blocks only, not the volume.
+    with open(src, "r+b") as f:
+        f.seek(MiB)
+        f.write(os.urandom(256 * 1024))          # 4 blocks of 64 KiB
+    r = json.loads(run_x2x("pair", "resync", pair_name, "--json").stdout)
+    assert (r["blocks"], r["differing"]) == (64, 4)
+    assert r["hash_bytes"] == 64 * 32 and r["resent_bytes"] == 256 * 1024
+    assert r["bytes_sent"] < src.stat().st_size // 10
+    assert same_bytes(src, dst)
+    assert control.get_pair(settings, pair_name).state == "created"
+    # And replication goes on in the new epoch.
+    mutate(src, 0.05, seed=10)
+    scan_once(spec, settings)
+    run_x2x("apply", pair_name, "--until-caught-up")
     assert same_bytes(src, dst)
 
 
