@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import asdict
 
 import typer
 from rich.console import Console, Group
@@ -12,8 +13,8 @@ from rich.text import Text
 
 from cli.common import console, human_bytes, print_json, settings
 from infra import control, telemetry
-from infra.heartbeat import read_beats
-from journal.errors import BadInput, X2XError
+from infra.heartbeat import read_beats, read_local_beats
+from journal.errors import BadInput, BrokerError, X2XError
 from journal.status import latest, pair_status
 
 
@@ -26,7 +27,11 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
     if watch:
         return watch_status(ctx, name, json_, interval)
     s = settings(ctx)
-    pairs = control.pairs(s)
+    try:
+        pairs = control.pairs(s)
+    except BrokerError as e:
+        _local_fallback(e, name, json_)
+        raise
     if name:
         pairs = {name: control.get_pair(s, name)}
     beats = latest(read_beats(s))
@@ -53,6 +58,26 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
                           _opt(rep.lag_ops), _opt(rep.lag_bytes, human_bytes),
                           _opt(rep.rpo_s, lambda v: f"{v:.1f}"),
                           f"{human_bytes(rep.rate_bps)}/s")
+    console.print(table)
+
+
+def _local_fallback(error: BrokerError, name: str | None, json_: bool) -> None:
+    """The broker is unreachable: show what the capturers of this host last said (a
+    degraded capturer is then the news), then let the error end the command."""
+    beats = [b for b in read_local_beats() if name is None or b.pair == name]
+    if not beats:
+        return
+    now = int(time.time() * 1000)
+    if json_:
+        print_json({"error": str(error), "local_capturers": [
+            {**asdict(b), "age_s": (now - b.at_ms) / 1000} for b in beats]})
+        return
+    table = Table("pair", "capture", "captured", "source", "as of")
+    for b in beats:
+        table.add_row(b.pair, _capture_cell(b.state, b.detail), f"{b.epoch}:{b.seq}",
+                      b.instance, f"{(now - b.at_ms) / 1000:.0f} s ago")
+    console.print("the broker cannot be reached; capturers on this host said:",
+                  highlight=False)
     console.print(table)
 
 

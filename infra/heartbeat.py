@@ -6,10 +6,13 @@ import os
 import socket
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from confluent_kafka import KafkaException, Producer
 
+from infra.files import read_json, write_json
 from infra.kafka import KafkaSettings
+from infra.paths import pair_dir, x2x_home
 from infra.reader import read_to_end
 from infra.topics import STATUS_TOPIC
 from journal.status import Beat
@@ -27,6 +30,9 @@ class HeartbeatPublisher:
         self.producer, self.pair, self.role, self.instance = producer, pair, role, instance
         self.interval = interval
         self._last = 0.0
+        #: Also keep the newest beat in this file: ``x2x status`` on this host shows it
+        #: when the broker cannot be reached, which is when "degraded" matters most.
+        self.local_copy: Path | None = None
 
     def beat(self, state: str, epoch: int, seq: int, epoch_bytes: int, captured_at_ms: int,
              rate_bps: float = 0.0, detail: dict[str, str] | None = None,
@@ -43,6 +49,29 @@ class HeartbeatPublisher:
                                   key=self.pair)
         except (BufferError, KafkaException):
             pass  # a status beat is never worth blocking (or failing) the journal for
+        if self.local_copy is not None:
+            try:
+                write_json(self.local_copy, asdict(beat))
+            except OSError as e:
+                log.debug("cannot keep the local beat in %s: %s", self.local_copy, e)
+
+
+def local_beat_path(pair: str, role: str) -> Path:
+    return pair_dir(pair) / f"{role}.beat.json"
+
+
+def read_local_beats() -> list[Beat]:
+    """The newest beat of each capturer that ran on this host (under ``$X2X_HOME``)."""
+    beats = []
+    for path in sorted((x2x_home() / "pairs").glob("*/capturer.beat.json")):
+        raw = read_json(path)
+        if not raw:
+            continue
+        try:
+            beats.append(Beat(**raw))
+        except TypeError:
+            log.info("skipping %s: not a heartbeat of this x2x version", path)
+    return beats
 
 
 def read_beats(settings: KafkaSettings) -> list[Beat]:

@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from infra.heartbeat import local_beat_path
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
 from infra.volume import Volume, volume_digest
@@ -171,8 +172,10 @@ class NBDCapture:
         disk (producers/spool.py) instead of holding clients at the broker's pace."""
         spool = (Spool(pair_dir(self.spec.name) / "spool", self.spool_max)
                  if self.mode is Mode.ASYNC and self.spool_max else None)
-        return JournalPublisher(self.settings, self.spec.name, epoch, next_seq, epoch_bytes,
-                                key=self.key, instance=self.spec.source, spool=spool)
+        pub = JournalPublisher(self.settings, self.spec.name, epoch, next_seq, epoch_bytes,
+                               key=self.key, instance=self.spec.source, spool=spool)
+        pub.heartbeat.local_copy = local_beat_path(self.spec.name, "capturer")
+        return pub
 
     @property
     def uri(self) -> str:

@@ -20,8 +20,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def x2x_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test, with or without the session broker, keeps its state in a temporary
+    X2X_HOME: never in the user's ~/.x2x, and never state left by an earlier run."""
     home = tmp_path_factory.mktemp("x2x-home")
     os.environ["X2X_HOME"] = str(home)
     return home

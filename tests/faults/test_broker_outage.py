@@ -10,11 +10,13 @@
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
 
 from infra.heartbeat import read_beats
+from tests.conftest import run_x2x
 from tests.faults.conftest import TALLY, MiB, OwnBroker, Proc, converged, need
 from tests.faults.test_process_kills import start_capturer
 from tests.integration.test_nbd_capture import make_pair
@@ -134,7 +136,7 @@ def test_degraded_heartbeat_carries_the_dirty_bytes(own_broker: OwnBroker, tmp_p
     try:
         deadline = time.monotonic() + 30
         while not (cap.baseline and cap.baseline.finished) or cap.intent.dirty_bytes():
-            assert time.monotonic() < deadline, cap.detail()
+            assert time.monotonic() < deadline, str(cap.detail())
             time.sleep(0.1)
         own_broker.freeze()
         p = qemu_io("write -P 0x61 0 256k", "write -P 0x62 4M 64k", "flush", uri=cap.uri)
@@ -146,6 +148,14 @@ def test_degraded_heartbeat_carries_the_dirty_bytes(own_broker: OwnBroker, tmp_p
         detail = cap.detail()
         assert int(detail["dirty_bytes"]) == 256 * 1024 + 64 * 1024, detail
         assert cap.recovery.state_name() == "degraded"
+        # x2x status on this host, broker unreachable: the error, and what the capturer
+        # last said (its beat after going degraded, kept locally).
+        cap.beat(force=True)
+        st = run_x2x("status", name, check=False, timeout=60,
+                     env={**os.environ, "X2X_BOOTSTRAP": own_broker.bootstrap})
+        assert st.returncode == 1 and "cannot reach Kafka" in st.stderr, st.stderr
+        assert "capturers on this host" in st.stdout
+        assert "degraded" in st.stdout and "320.0 KiB dirty" in st.stdout, st.stdout
         own_broker.thaw()
         TALLY["broker outages"] += 1
         deadline = time.monotonic() + 60
