@@ -342,9 +342,11 @@ class Applier:
         return JournalLost(
             f"pair {self.spec.name}: the checkpoint of {self.target} (epoch {p.epoch} seq "
             f"{p.seq} at {self.topic} offset {p.offset}) is not in the journal: {why}. The "
-            f"topic was recreated or the broker lost its data; nothing was applied. Resync "
+            f"topic was recreated or the broker lost its data; nothing was applied. If a "
+            f"running NBD capturer already resends the whole volume in a new epoch (its log "
+            f"says so), replay that: 'x2x apply {self.spec.name} --reset'. Otherwise resync "
             f"by block hashes, sending only what differs: 'x2x pair resync {self.spec.name}' "
-            f"on the source's host (with the NBD capturer stopped)")
+            f"on the source's host")
 
     # -- caught up? ----------------------------------------------------------------------
     def _capture_goal(self) -> tuple[int, int] | None:
