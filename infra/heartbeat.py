@@ -56,14 +56,18 @@ class HeartbeatPublisher:
                 log.debug("cannot keep the local beat in %s: %s", self.local_copy, e)
 
 
+def _beat_file(role: str) -> str:
+    return f"{role}.beat.json"
+
+
 def local_beat_path(pair: str, role: str) -> Path:
-    return pair_dir(pair) / f"{role}.beat.json"
+    return pair_dir(pair) / _beat_file(role)
 
 
 def read_local_beats() -> list[Beat]:
     """The newest beat of each capturer that ran on this host (under ``$X2X_HOME``)."""
     beats = []
-    for path in sorted((x2x_home() / "pairs").glob("*/capturer.beat.json")):
+    for path in sorted((x2x_home() / "pairs").glob(f"*/{_beat_file('capturer')}")):
         raw = read_json(path)
         if not raw:
             continue

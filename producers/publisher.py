@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -28,6 +28,24 @@ from schemas.cipher import JournalKey
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+@dataclass(slots=True)
+class Sent:
+    """What an entry's acknowledgement needs, without its ops: kept for every entry in
+    the spool or in flight, so neither pins the payloads in memory."""
+
+    epoch: int
+    first_seq: int
+    last_seq: int
+    epoch_bytes: int
+    captured_at_ms: int
+    handed_at: float = 0.0      # monotonic time it was handed to Kafka (0: spooled)
+
+    @classmethod
+    def of(cls, entry: Entry) -> "Sent":
+        return cls(entry.epoch, entry.first_seq, entry.last_seq, entry.epoch_bytes,
+                   entry.captured_at_ms)
 
 
 @dataclass(frozen=True)
@@ -67,14 +85,14 @@ class JournalPublisher:
         self.last_acked: tuple[int, bytes] | None = None
         self._inflight = 0
         self._next_produce = next_seq  # first seq of the next entry to hand to Kafka
-        #: Entries handed to Kafka, unacknowledged, with when they were handed over.
-        self._pending: deque[tuple[Entry, float]] = deque()
+        #: Entries handed to Kafka and not yet acknowledged, oldest first.
+        self._pending: deque[Sent] = deque()
         self.spool = spool
-        #: Entries in the spool (their ops without data), oldest first.
-        self._spooled: deque[Entry] = deque()
+        #: Entries in the spool, oldest first.
+        self._spooled: deque[Sent] = deque()
         self._error: str | None = None
         #: Called (entry, topic offset) for each acknowledged entry, on the poller thread.
-        self.on_delivered: Callable[[Entry, int], None] | None = None
+        self.on_delivered: Callable[[Sent, int], None] | None = None
         self._cond = threading.Condition()
         self._running = True
         self._poller = threading.Thread(target=self._poll_loop, name="x2x-publisher",
@@ -126,9 +144,9 @@ class JournalPublisher:
         if self._spooled or self._inflight > self.max_inflight:
             assert self.spool is not None
             self.spool.push(value)
-            self._spooled.append(_without_data(entry))
+            self._spooled.append(Sent.of(entry))
         else:
-            self._send(value, entry)
+            self._send(value, Sent.of(entry))
         self._next_produce = entry.last_seq + 1
         self._cond.notify_all()
 
@@ -137,7 +155,7 @@ class JournalPublisher:
             return True
         return not self._spooled and self._inflight <= self.max_inflight
 
-    def _send(self, value: bytes, entry: Entry) -> None:
+    def _send(self, value: bytes, sent: Sent) -> None:
         """Hand one record to Kafka; called with the lock held."""
         while True:
             try:
@@ -147,7 +165,8 @@ class JournalPublisher:
                 self._cond.wait(0.05)
         self._inflight += len(value)
         self.bytes_sent += len(value)
-        self._pending.append((entry, time.monotonic()))
+        sent.handed_at = time.monotonic()
+        self._pending.append(sent)
 
     def _ship(self) -> None:
         """Move spooled records to Kafka while the in-flight window has room."""
@@ -185,7 +204,7 @@ class JournalPublisher:
     def _delivered(self, err: KafkaError | None, msg: Message) -> None:
         with self._cond:
             self._inflight -= len(msg.value() or b"")
-            entry, _ = self._pending.popleft()
+            entry = self._pending.popleft()
             if err is not None:
                 self._error = (f"journal entry seq {entry.first_seq}..{entry.last_seq} of "
                                f"{self.topic} was not acknowledged by "
@@ -193,7 +212,7 @@ class JournalPublisher:
             else:
                 self.journaled = Journaled(entry.epoch, entry.last_seq, entry.epoch_bytes,
                                            entry.captured_at_ms)
-                self.ops_journaled += len(entry.ops)
+                self.ops_journaled += entry.last_seq - entry.first_seq + 1
                 self.last_acked = (msg.offset(), msg.value())
                 if self.on_delivered is not None:
                     self.on_delivered(entry, msg.offset())
@@ -206,7 +225,7 @@ class JournalPublisher:
         with self._cond:
             if not self._pending:
                 return 0.0
-            return time.monotonic() - self._pending[0][1]
+            return time.monotonic() - self._pending[0].handed_at
 
     def fail(self, why: str) -> None:
         """Give up on this publisher: every waiter and later call raises BrokerError, and
@@ -271,8 +290,3 @@ class JournalPublisher:
         self._poller.join()
         if self.spool is not None:
             self.spool.clear()
-
-
-def _without_data(entry: Entry) -> Entry:
-    """What a spooled entry's acknowledgement needs: seqs and extents, not the bytes."""
-    return replace(entry, ops=tuple(Op(op.kind, op.offset, op.length) for op in entry.ops))

@@ -26,12 +26,12 @@ from infra.topics import JOURNAL_CONFIG, ensure_topic, journal_topic
 from infra.volume import Volume, volume_digest
 from journal.blocks import Extent, HASH_LEN, block_count, hash_buffer
 from journal.errors import VolumeError, X2XError
-from journal.ops import Entry, Op
+from journal.ops import Op
 from journal.pairs import PairSpec, PairState
 from journal.runs import RunBuilder, max_write as write_bound
 from producers.baseline import new_hash_map
 from producers.journaling import RangeLocks
-from producers.publisher import JournalPublisher
+from producers.publisher import JournalPublisher, Sent
 from producers.state import CaptureState, StateStore
 from schemas.cipher import JournalKey
 
@@ -63,7 +63,7 @@ class _OffsetOf:
         self.seq = 0
         self.found: tuple[int, int] | None = None     # (entry first seq, offset)
 
-    def __call__(self, entry: Entry, offset: int) -> None:
+    def __call__(self, entry: Sent, offset: int) -> None:
         if self.found is None and self.seq and entry.first_seq <= self.seq <= entry.last_seq:
             self.found = (entry.first_seq, offset)
 

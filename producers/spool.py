@@ -69,11 +69,7 @@ class Spool:
             os.unlink(name)
             self._segments.append(_Segment(fd))
         seg = self._segments[-1]
-        record = _LEN.pack(len(value)) + value if len(value) < 65536 else None
-        if record is not None:
-            os.pwrite(seg.fd, record, seg.write_at)
-        else:       # large records: no concatenated copy
-            os.pwritev(seg.fd, [_LEN.pack(len(value)), value], seg.write_at)
+        os.pwritev(seg.fd, [_LEN.pack(len(value)), value], seg.write_at)
         seg.write_at += _LEN.size + len(value)
         self.bytes += len(value)
         self.records += 1
