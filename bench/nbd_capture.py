@@ -55,9 +55,32 @@ def timed(*cmd: str) -> float:
     return time.monotonic() - t0
 
 
-def run_workloads(uri: str, data: Path, size: int, rand_count: int) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process (all its threads) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def broker_pid() -> int | None:
+    from infra import broker
+    state = broker.status()
+    return state.pid if state else None
+
+
+def run_workloads(uri: str, data: Path, size: int, rand_count: int,
+                  server_pid: int) -> dict[str, float]:
+    """The three workloads; for the plain copy also the CPU seconds per GiB each process
+    spent (the server, the broker shipping the journal meanwhile, nbdcopy): on a small
+    machine those, not the wire, decide who is faster."""
     flushed_s = timed("nbdcopy", "--flush", "--request-size=1048576", str(data), uri)
+    bpid = broker_pid()
+    before = (cpu_seconds(server_pid), cpu_seconds(bpid) if bpid else 0.0,
+              _children_cpu())
     seq_s = timed("nbdcopy", "--request-size=1048576", str(data), uri)
+    gib = size / (1 << 30)
+    cpu = {"seq_server_cpu_s_per_GiB": (cpu_seconds(server_pid) - before[0]) / gib,
+           "seq_broker_cpu_s_per_GiB": ((cpu_seconds(bpid) if bpid else 0.0) - before[1]) / gib,
+           "seq_nbdcopy_cpu_s_per_GiB": (_children_cpu() - before[2]) / gib}
     # Untimed: the backlog of the copy above must not land in the random figure.
     timed("qemu-io", "-f", "raw", "-c", "flush", uri)
     rand_s = timed("qemu-img", "bench", "-w", "-t", "none", "-f", "raw", "-s", "4096",
@@ -65,7 +88,13 @@ def run_workloads(uri: str, data: Path, size: int, rand_count: int) -> dict[str,
                    str(rand_count), uri)
     return {"seq_seconds": seq_s, "seq_MBps": size / seq_s / 1e6,
             "seq_flush_seconds": flushed_s, "seq_flush_MBps": size / flushed_s / 1e6,
-            "rand_seconds": rand_s, "rand_iops": rand_count / rand_s}
+            "rand_seconds": rand_s, "rand_iops": rand_count / rand_s, **cpu}
+
+
+def _children_cpu() -> float:
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def bench_qemu_nbd(work: Path, data: Path, size: int, rand_count: int,
@@ -89,7 +118,7 @@ def bench_qemu_nbd(work: Path, data: Path, size: int, rand_count: int,
         else:
             wait_port(port)
             uri = f"nbd://127.0.0.1:{port}/disk"
-        return run_workloads(uri, data, size, rand_count)
+        return run_workloads(uri, data, size, rand_count, proc.pid)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -117,7 +146,7 @@ def bench_x2x(work: Path, data: Path, size: int, rand_count: int,
         while cap.baseline and not cap.baseline.finished:   # a sparse source: quick
             time.sleep(0.05)
         cap.sync_point()
-        out = run_workloads(cap.uri, data, size, rand_count)
+        out = run_workloads(cap.uri, data, size, rand_count, os.getpid())
         out["journal_bytes_sent"] = cap.pub.bytes_sent
     finally:
         report = cap.stop()
@@ -181,6 +210,14 @@ def run(quick: bool, workdir: Path) -> dict:
     figures.append(figure("x2x async: sequential 1 MiB vs qemu-nbd over TCP", "MB/s",
                           results["x2x async"]["seq_MBps"], "qemu-nbd tcp",
                           results["qemu-nbd tcp"]["seq_MBps"], "higher"))
+    # Where the CPU goes during the plain copy (x2x runs in this process).
+    x, q = results["x2x async"], results["qemu-nbd unix"]
+    figures += [
+        figure("x2x async: capturer CPU per GiB copied", "CPU s", x["seq_server_cpu_s_per_GiB"],
+               "qemu-nbd (unix)", q["seq_server_cpu_s_per_GiB"], "lower"),
+        figure("x2x async: capturer + broker CPU per GiB copied", "CPU s",
+               x["seq_server_cpu_s_per_GiB"] + x["seq_broker_cpu_s_per_GiB"],
+               "qemu-nbd (unix)", q["seq_server_cpu_s_per_GiB"], "lower")]
     return {"size_bytes": size, "results": results, "figures": figures}
 
 
@@ -210,6 +247,10 @@ def main() -> None:
         print(f"{name:16}{res['seq_MBps']:>10.0f}{res['seq_flush_MBps']:>16.0f}"
               f"{res['rand_iops']:>18.0f}")
     print(f"{'x2x / best qemu':16}{r['seq']:>10.2f}{r['seq_flush']:>16.2f}{r['rand']:>18.2f}")
+    print("CPU seconds per GiB during the plain copy (server, broker, nbdcopy):")
+    for name, res in results.items():
+        print(f"  {name:16}{res['seq_server_cpu_s_per_GiB']:>6.2f}"
+              f"{res['seq_broker_cpu_s_per_GiB']:>6.2f}{res['seq_nbdcopy_cpu_s_per_GiB']:>6.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "size_bytes": size, "rand_count": args.rand_count, "cpus": os.cpu_count(),

@@ -18,6 +18,8 @@ class Sequencer:
     """Numbers ops within an epoch and packs them into entries of at most ``budget`` bytes.
 
     A FLUSH or SEAL always ends its entry, so every consistency point is an entry boundary.
+    With ``sign`` off, entries come without their digest: the caller signs them later
+    (the publisher does it on its writer thread, off the capture path).
     """
 
     pair: str
@@ -26,6 +28,7 @@ class Sequencer:
     epoch_bytes: int = 0
     budget: int = DEFAULT_BUDGET
     key: bytes | None = None
+    sign: bool = True
     _ops: list[Op] = field(default_factory=list)
     _size: int = 0
 
@@ -61,8 +64,8 @@ class Sequencer:
     def _close(self, now_ms: int) -> Entry:
         ops = tuple(self._ops)
         self.epoch_bytes += sum(op.payload_bytes for op in ops)
-        digest = entry_digest(self.pair, self.epoch, self.next_seq, now_ms,
-                              self.epoch_bytes, ops, self.key)
+        digest = (entry_digest(self.pair, self.epoch, self.next_seq, now_ms,
+                               self.epoch_bytes, ops, self.key) if self.sign else b"")
         entry = Entry(self.pair, self.epoch, self.next_seq, now_ms, self.epoch_bytes, ops,
                       digest)
         self.next_seq += len(ops)

@@ -4,13 +4,19 @@ Delivery reports, not produce calls, advance the journaled position, so "journal
 always means "the broker acknowledged it". In-flight bytes are bounded: a caller that
 outruns the broker queues records in the local spool (producers/spool.py) while it has
 room, and waits here once it has none, instead of buffering in memory without limit.
+
+Appending only numbers ops and packs them into entries (cheap, under the lock). One
+writer thread then signs, encrypts and encodes each entry and hands it to Kafka or the
+spool, in seq order: that work (a digest over every payload byte, and for a pair with a
+key the AES-GCM pass) stays off the thread that serves an NBD client, and blake3 runs
+without the GIL, so it overlaps with the client's next request.
 """
 from __future__ import annotations
 
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -19,6 +25,7 @@ from infra.heartbeat import HeartbeatPublisher
 from infra.kafka import KafkaSettings
 from infra.topics import journal_topic
 from journal.batch import DEFAULT_BUDGET, Sequencer
+from journal.digest import digest_of
 from journal.errors import BrokerError
 from journal.ops import Entry, Op
 from producers.spool import Spool
@@ -68,14 +75,19 @@ class JournalPublisher:
     def __init__(self, settings: KafkaSettings, pair: str, epoch: int, next_seq: int = 1,
                  epoch_bytes: int = 0, key: JournalKey | None = None,
                  max_inflight_bytes: int = 64 << 20, budget: int = DEFAULT_BUDGET,
-                 instance: str = "", spool: Spool | None = None) -> None:
+                 instance: str = "", spool: Spool | None = None,
+                 max_queued_bytes: int = 16 << 20) -> None:
         self.topic = journal_topic(pair)
         self.settings = settings
         self.producer = Producer(settings.producer())
-        self.seq = Sequencer(pair, epoch, next_seq, epoch_bytes, budget,
-                             key.mac_key if key else None)
+        self.seq = Sequencer(pair, epoch, next_seq, epoch_bytes, budget, sign=False)
         self.key = key
         self.max_inflight = max_inflight_bytes
+        #: Entries closed but not yet signed and handed over, oldest first, and their
+        #: payload bytes (what appenders wait on beyond ``max_queued``).
+        self._queue: deque[Entry] = deque()
+        self._queued = 0
+        self.max_queued = max_queued_bytes
         self.heartbeat = HeartbeatPublisher(self.producer, pair, "capturer", instance)
         self.journaled = Journaled(epoch, next_seq - 1, epoch_bytes, 0)
         self.ops_journaled = 0
@@ -84,7 +96,6 @@ class JournalPublisher:
         #: the broker still holds it (producers/recovery.py).
         self.last_acked: tuple[int, bytes] | None = None
         self._inflight = 0
-        self._next_produce = next_seq  # first seq of the next entry to hand to Kafka
         #: Entries handed to Kafka and not yet acknowledged, oldest first.
         self._pending: deque[Sent] = deque()
         self.spool = spool
@@ -94,18 +105,26 @@ class JournalPublisher:
         #: Called (entry, topic offset) for each acknowledged entry, on the poller thread.
         self.on_delivered: Callable[[Sent, int], None] | None = None
         self._cond = threading.Condition()
+        self._produce_lock = threading.Lock()
         self._running = True
         self._poller = threading.Thread(target=self._poll_loop, name="x2x-publisher",
                                         daemon=True)
         self._poller.start()
+        self._writer = threading.Thread(target=self._write_loop, name="x2x-journal-writer",
+                                        daemon=True)
+        self._writer.start()
 
     # -- appending -----------------------------------------------------------------
     def append(self, op: Op) -> None:
-        """Queue one op; entries it completes go to Kafka now."""
+        """Queue one op; entries it completes go to the writer now. Waits while the
+        writer is more than ``max_queued`` bytes behind."""
         with self._cond:
             self._raise_if_failed()
             for entry in self.seq.add(op, now_ms()):
-                self._produce(entry)
+                self._enqueue(entry)
+            while self._queued > self.max_queued:
+                self._cond.wait(0.1)
+                self._raise_if_failed()
 
     def append_at(self, op: Op) -> int:
         """Queue one op that is never split (not a large WRITE); return its seq."""
@@ -131,52 +150,104 @@ class JournalPublisher:
         with self._cond:
             entry = self.seq.close(now_ms())
             if entry:
-                self._produce(entry)
+                self._enqueue(entry)
 
-    def _produce(self, entry: Entry) -> None:
-        value = codec.encode_entry(self.key.encrypt(entry) if self.key else entry)
-        # Waiting releases the lock, so another thread may close a later entry meanwhile:
-        # entries go on strictly in seq order (each waits for its turn), else the journal
-        # would have a gap followed by the missing ops.
-        while entry.first_seq != self._next_produce or not self._has_room(len(value)):
-            self._cond.wait(0.1)
-            self._raise_if_failed()
-        if self._spooled or self._inflight > self.max_inflight:
-            assert self.spool is not None
-            self.spool.push(value)
-            self._spooled.append(Sent.of(entry))
-        else:
-            self._send(value, Sent.of(entry))
-        self._next_produce = entry.last_seq + 1
+    def _enqueue(self, entry: Entry) -> None:
+        # Never waits: the sequencer numbered this entry, so it must join the queue
+        # before any later one (waiting for room happens after, in append).
+        self._queue.append(entry)
+        self._queued += _data_bytes(entry)
         self._cond.notify_all()
 
-    def _has_room(self, n: int) -> bool:
-        if self.spool is not None and self.spool.fits(n):
-            return True
-        return not self._spooled and self._inflight <= self.max_inflight
-
-    def _send(self, value: bytes, sent: Sent) -> None:
-        """Hand one record to Kafka; called with the lock held."""
+    # -- the writer thread ---------------------------------------------------------
+    # The only thread that touches the spool or produces journal records, so records
+    # reach Kafka in seq order without holding the lock across any I/O.
+    def _write_loop(self) -> None:
+        held: _Encoded | None = None       # encoded, waiting for room
         while True:
+            with self._cond:
+                step, item = self._choose(held)
             try:
-                self.producer.produce(self.topic, value, on_delivery=self._delivered)
-                break
-            except BufferError:
-                self._cond.wait(0.05)
-        self._inflight += len(value)
-        self.bytes_sent += len(value)
-        sent.handed_at = time.monotonic()
-        self._pending.append(sent)
+                if step == "stop":
+                    return
+                if step == "drop":
+                    self._drop(held)
+                    held = None
+                elif step == "ship":
+                    value = self.spool.pop()
+                    assert value is not None, "spool and its index disagree"
+                    self._produce(value, item)
+                elif step == "encode":
+                    held = self._encode(item)
+                else:           # "send" or "spool" the held record
+                    assert held is not None
+                    if step == "send":
+                        self._produce(b"".join(held.parts), held.sent)
+                    else:
+                        self.spool.push(held.parts)
+                    with self._cond:
+                        if step == "spool":
+                            self._spooled.append(held.sent)
+                        self._queued -= held.data_bytes
+                        self._cond.notify_all()
+                    held = None
+            except Exception as e:  # noqa: BLE001 - every waiter must learn of it
+                with self._cond:
+                    self._error = self._error or (f"the journal writer of {self.topic} "
+                                                  f"failed: {type(e).__name__}: {e}")
+                    self._cond.notify_all()
 
-    def _ship(self) -> None:
-        """Move spooled records to Kafka while the in-flight window has room."""
+    def _choose(self, held: "_Encoded | None") -> tuple[str, object]:
+        """What the writer does next; waits (lock held) until there is something."""
+        while True:
+            if self._error or not self._running:
+                busy = held is not None or self._queue or self._spooled or (
+                    self.spool is not None and len(self.spool))
+                return ("drop" if busy else "stop"), None
+            window = self._inflight <= self.max_inflight
+            if self._spooled and window:
+                return "ship", self._spooled.popleft()
+            if held is not None:
+                if not self._spooled and window:
+                    return "send", None
+                if self.spool is not None and self.spool.fits(len(held)):
+                    return "spool", None
+            elif self._queue:
+                return "encode", self._queue.popleft()
+            self._cond.wait(0.1)
+
+    def _encode(self, entry: Entry) -> "_Encoded":
+        """Sign (over the plaintext), encrypt, encode: outside the lock."""
+        size = _data_bytes(entry)
+        entry = replace(entry, digest=digest_of(entry, self.key.mac_key if self.key else None))
+        parts = codec.encode_entry_parts(self.key.encrypt(entry) if self.key else entry)
+        return _Encoded(parts, Sent.of(entry), size)
+
+    def _produce(self, value: bytes, sent: Sent) -> None:
+        """Hand one record to Kafka (writer thread, lock not held)."""
         with self._cond:
-            while self._spooled and self._inflight <= self.max_inflight and not self._error:
-                assert self.spool is not None
-                value = self.spool.pop()
-                assert value is not None, "spool and its index disagree"
-                self._send(value, self._spooled.popleft())
+            self._inflight += len(value)
+            self.bytes_sent += len(value)
+            sent.handed_at = time.monotonic()
+            self._pending.append(sent)     # before produce: its report may come at once
+        with self._produce_lock:
+            while not self._error:         # after fail(), nothing more goes out
+                try:
+                    self.producer.produce(self.topic, value, on_delivery=self._delivered)
+                    return
+                except BufferError:        # librdkafka's queue is full: the poller frees it
+                    time.sleep(0.01)
+
+    def _drop(self, held: "_Encoded | None") -> None:
+        """After a failure or at close: nothing queued or spooled will be sent."""
+        with self._cond:
+            self._queued -= sum(map(_data_bytes, self._queue))
+            self._queued -= held.data_bytes if held is not None else 0
+            self._queue.clear()
+            self._spooled.clear()
             self._cond.notify_all()
+        if self.spool is not None:
+            self.spool.clear()
 
     @property
     def spooled_bytes(self) -> int:
@@ -187,11 +258,7 @@ class JournalPublisher:
     def _poll_loop(self) -> None:
         while self._running:
             try:
-                # Short polls while the spool holds records: acknowledgements free the
-                # window, and the next records should follow at once.
-                self.producer.poll(0.005 if self._spooled else 0.1)
-                if self._spooled:
-                    self._ship()
+                self.producer.poll(0.1)       # returns as soon as a report was served
             except KafkaException as e:
                 # Fatal for this producer (e.g. a restarted broker forgot its producer id):
                 # nothing more can be journaled through it; the capturer starts a new one.
@@ -233,11 +300,9 @@ class JournalPublisher:
         the next epoch's."""
         with self._cond:
             self._error = self._error or why
-            if self.spool is not None:
-                self.spool.clear()
-            self._spooled.clear()
-            self._cond.notify_all()
-        self.producer.purge()
+            self._cond.notify_all()        # the writer drops the queue and the spool
+        with self._produce_lock:
+            self.producer.purge()
 
     def _raise_if_failed(self) -> None:
         if self._error:
@@ -284,9 +349,28 @@ class JournalPublisher:
                             rate_bps, detail, force)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Flush heartbeats and stop the poller; call drain() first to keep ops."""
+        """Flush heartbeats and stop the threads; call drain() first to keep ops."""
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        self._writer.join()
         self.producer.flush(timeout)
-        self._running = False
         self._poller.join()
         if self.spool is not None:
             self.spool.clear()
+
+
+@dataclass(slots=True)
+class _Encoded:
+    """An entry as the writer holds it between encoding and handing over."""
+
+    parts: list[bytes | memoryview]
+    sent: Sent
+    data_bytes: int     # its share of the publisher's queued bytes
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+
+def _data_bytes(entry: Entry) -> int:
+    return sum(len(op.data) for op in entry.ops)

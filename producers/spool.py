@@ -25,6 +25,8 @@ from journal.errors import BadInput
 from journal.pairs import parse_size
 
 _LEN = struct.Struct("<I")
+#: Buffers per pwritev; Linux takes at most 1024 (the length prefix is one of them).
+_IOV_MAX = 1000
 #: Segment files roll over at this size, so a drained segment gives its space back
 #: while a busy spool keeps growing at its tail.
 SEGMENT = 64 << 20
@@ -62,16 +64,21 @@ class Spool:
     def fits(self, n: int) -> bool:
         return self.bytes + n <= self.max_bytes
 
-    def push(self, value: bytes) -> None:
+    def push(self, parts: list[bytes | memoryview]) -> None:
+        """Queue one record given as the buffers it is made of (no copy is made)."""
         if not self._segments or self._segments[-1].write_at >= self.segment:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd, name = tempfile.mkstemp(prefix="spool-", dir=self.directory)
             os.unlink(name)
             self._segments.append(_Segment(fd))
         seg = self._segments[-1]
-        os.pwritev(seg.fd, [_LEN.pack(len(value)), value], seg.write_at)
-        seg.write_at += _LEN.size + len(value)
-        self.bytes += len(value)
+        n = sum(len(p) for p in parts)
+        if len(parts) > _IOV_MAX:
+            parts = [b"".join(parts)]
+        if os.pwritev(seg.fd, [_LEN.pack(n), *parts], seg.write_at) != _LEN.size + n:
+            raise OSError(f"short write to the spool in {self.directory}: is the disk full?")
+        seg.write_at += _LEN.size + n
+        self.bytes += n
         self.records += 1
         self.peak = max(self.peak, self.bytes)
 
