@@ -108,10 +108,13 @@ def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
     what = ("same epoch" if not r.new_epoch else "new epoch, baseline running"
             if r.resync_bytes is None else
             f"new epoch, resending {r.resync_bytes} marked bytes")
+    if r.journal_lost:
+        what += (f"; the journal lost its history: resync the target with 'x2x pair resync "
+                 f"{spec.name}'")
     if json_:
         print_json({"event": "serving", "uri": cap.uri, "epoch": r.epoch,
                     "first_seq": r.first_seq, "mode": mode.value, "new_epoch": r.new_epoch,
-                    "resync_bytes": r.resync_bytes})
+                    "resync_bytes": r.resync_bytes, "journal_lost": r.journal_lost})
     else:
         console.print(f"serving {cap.uri} ({mode.value} mode); epoch {r.epoch} from seq "
                       f"{r.first_seq} ({what}); stop with SIGTERM or Ctrl-C", highlight=False)

@@ -24,11 +24,12 @@ from infra.kafka import KafkaSettings
 from infra.topics import ensure_base_topics, journal_topic
 from infra.volume import Volume, volume_digest
 from journal.errors import (BrokerError, DigestMismatch, JournalError,
-                            JournalLost, ReplayedEntry, VolumeError)
+                            JournalLost, PairNotFound, ReplayedEntry, StaleEpoch,
+                            VolumeError)
 from journal.blocks import (HASH_LEN, Extent, coalesce, diff_maps, format_extents,
                             hash_buffer)
 from journal.ops import Entry, OpKind
-from journal.pairs import ControlEvent, PairSpec
+from journal.pairs import JOURNAL_LOST, ControlEvent, PairSpec
 from journal.sequence import Limit, Position, Verdict, check_extents, classify
 from journal.status import latest
 from schemas import codec
@@ -48,6 +49,7 @@ class ApplyStats:
     bytes_applied: int = 0
     checkpoints: int = 0
     seconds: float = 0.0
+    stale_skipped: int = 0   # late records of abandoned epochs, skipped
 
 
 @dataclass
@@ -191,6 +193,15 @@ class Applier:
         entry = self._decode(msg)
         try:
             verdict = classify(self._pos, entry)
+        except StaleEpoch as e:
+            if self._abandoned(entry.epoch):
+                log.warning("pair %s: skipped a late record of abandoned epoch %d (seq %d..%d "
+                            "at %s offset %d): epoch %d resent its blocks", self.spec.name,
+                            entry.epoch, entry.first_seq, entry.last_seq, self.topic,
+                            msg.offset(), self._pos.epoch)
+                self.stats.stale_skipped += 1
+                return True
+            raise StaleEpoch(f"{e} [{self.topic} offset {msg.offset()}]") from None
         except JournalError as e:
             raise type(e)(f"{e} [{self.topic} offset {msg.offset()}]") from None
         if verdict is Verdict.DUPLICATE:
@@ -317,6 +328,7 @@ class Applier:
             consumer.assign([TopicPartition(self.topic, 0, self.start.offset + 1)])
             return
         if cp is None:
+            self._refuse_replay_after_loss()
             consumer.assign([TopicPartition(self.topic, 0, 0)])
             return
         self.checkpointed = self._pos = cp.position
@@ -342,11 +354,34 @@ class Applier:
         return JournalLost(
             f"pair {self.spec.name}: the checkpoint of {self.target} (epoch {p.epoch} seq "
             f"{p.seq} at {self.topic} offset {p.offset}) is not in the journal: {why}. The "
-            f"topic was recreated or the broker lost its data; nothing was applied. If a "
-            f"running NBD capturer already resends the whole volume in a new epoch (its log "
-            f"says so), replay that: 'x2x apply {self.spec.name} --reset'. Otherwise resync "
+            f"topic was recreated or the broker lost its data; nothing was applied. Resync "
             f"by block hashes, sending only what differs: 'x2x pair resync {self.spec.name}' "
-            f"on the source's host")
+            f"on the source's host (a running NBD capturer may keep serving)")
+
+    def _abandoned(self, epoch: int) -> bool:
+        """Did the capturer give ``epoch`` up for a later one (producers/recovery.py)?"""
+        try:
+            return epoch in control.get_pair(self.settings, self.spec.name).abandoned_epochs
+        except PairNotFound:
+            return False
+
+    def _refuse_replay_after_loss(self) -> None:
+        """A target built by replaying the journal from its start needs the whole history;
+        after a loss the journal holds only what came later, so replaying it would end in
+        a target that looks consistent and is not."""
+        if not self.publish_status:
+            return          # a scratch replay (journal check) reports on what is there
+        try:
+            st = control.get_pair(self.settings, self.spec.name)
+        except PairNotFound:
+            return
+        if st.journal_lost:
+            raise JournalLost(
+                f"pair {self.spec.name}: its journal lost its history "
+                f"({st.attrs.get('reason', 'topic recreated or broker data lost')[:300]}), "
+                f"so {self.target} cannot be rebuilt by replaying it from the start; nothing "
+                f"was applied. Resync it by block hashes: 'x2x pair resync {self.spec.name}' "
+                f"on the source's host")
 
     # -- caught up? ----------------------------------------------------------------------
     def _capture_goal(self) -> tuple[int, int] | None:
@@ -377,8 +412,9 @@ class Applier:
         if not self.publish_status:
             return
         try:
+            cause = JOURNAL_LOST if isinstance(error, JournalLost) else type(error).__name__
             control.publish(self.settings, ControlEvent(
                 "resync-needed", self.spec.name, int(time.time() * 1000),
-                attrs={"target": self.target, "reason": str(error)[:500]}))
+                attrs={"target": self.target, "reason": str(error)[:500], "cause": cause}))
         except BrokerError:
             log.warning("could not mark pair %s as needing a resync", self.spec.name)

@@ -293,19 +293,16 @@ def resync(settings: KafkaSettings, name: str, key: JournalKey | None,
            local: Callable[[PairState], CaptureSide], say: Say,
            timeout: float = 300.0) -> Resync:
     """The journal was lost under the target (topic recreated, broker data gone): the
-    source publishes a new epoch of block HASHES, the target compares them from a reset
-    checkpoint, and only the differing blocks are resent. The way back without a full
-    copy."""
+    source publishes block HASHES (through its running NBD capturer, or here in a new
+    epoch), the target compares them from a reset checkpoint, and only the differing
+    blocks are resent. The way back without a full copy."""
     st = _pair(settings, name)
     if st.state in ("promoted", "failing-back"):
         raise NotReady(_not_steady(st, "resync"))
     spec = st.active_spec
-    live = serving_capturer(settings, name, spec.source, nbd_only=True)
-    if live is not None:
-        raise NotReady(f"pair {name}: an NBD capturer serves {spec.source} (pid {live.pid} on "
-                       f"{live.host}); stop it (SIGTERM stops it cleanly), run 'x2x pair "
-                       f"resync {name}', then start it again")
-    side = local(st)
+    # A live NBD capturer journals the hashes and the resends itself, in its own epoch;
+    # otherwise this host reads the source and opens a new epoch.
+    side = _side(settings, st, local)
     # Whatever the target applied before, it is checked block by block, not trusted.
     r = _compare_from_hashes(settings, spec, side, key, timeout, say, "resync")
     control.publish(settings, ControlEvent("resynced", name, now_ms(), attrs={
@@ -435,6 +432,6 @@ def _not_steady(st: PairState, what: str) -> str:
                 f"is not a target yet. To {what} again, first run 'x2x pair failback {name}'")
     if st.state == "needs-resync":
         return (f"pair {name} needs a resync ({st.attrs.get('reason', '')[:200]}); cannot "
-                f"{what} until 'x2x capture {name} --resync' and the apply have finished")
+                f"{what} until 'x2x pair resync {name}' has repaired the target")
     return f"pair {name} is {st.state}; cannot {what} now: wait for it to finish or check " \
         f"'x2x pair show {name}'"

@@ -65,6 +65,10 @@ class PairState:
     attrs: dict[str, str] = field(default_factory=dict)
     reversed: bool = False
     promoted_epoch: int = 0
+    #: Epochs their capturer gave up on (an outage, a crash) and superseded with a later
+    #: epoch that resends every block they may not have delivered: a record of one that
+    #: the broker writes late, after the later epoch's, is stale and is skipped.
+    abandoned_epochs: frozenset[int] = frozenset()
 
     @property
     def active_spec(self) -> PairSpec:
@@ -76,6 +80,11 @@ class PairState:
     def replicating(self) -> bool:
         return self.state in ("created", "replicating")
 
+    @property
+    def journal_lost(self) -> bool:
+        """The journal lost its history and no hash resync has repaired the target yet."""
+        return self.state == "needs-resync" and self.attrs.get("cause") == JOURNAL_LOST
+
 
 @dataclass(frozen=True)
 class ControlEvent:
@@ -85,6 +94,10 @@ class ControlEvent:
     spec: PairSpec | None = None
     attrs: dict[str, str] = field(default_factory=dict)
 
+
+#: The ``cause`` of a ``resync-needed`` event when the journal lost its history (topic
+#: recreated, broker data gone): only a hash resync repairs the target then.
+JOURNAL_LOST = "journal-lost"
 
 #: States a failover, verify or failback may start from.
 STEADY = ("created", "replicating")
@@ -119,7 +132,10 @@ def fold(events: Iterable[ControlEvent]) -> dict[str, PairState]:
         elif ev.event == "resync-needed":
             pairs[ev.pair] = replace(p, state="needs-resync", attrs={**p.attrs, **ev.attrs})
         elif ev.event == "resynced":
-            pairs[ev.pair] = replace(p, state="created")
+            pairs[ev.pair] = replace(p, state="created", attrs={
+                k: v for k, v in p.attrs.items() if k not in ("cause", "reason")})
+        elif ev.event == "epoch-abandoned" and _epoch(ev):
+            pairs[ev.pair] = replace(p, abandoned_epochs=p.abandoned_epochs | {_epoch(ev)})
         elif ev.event == "failover-requested" and p.replicating:
             pairs[ev.pair] = replace(p, state="failing-over",
                                      attrs={**p.attrs, "before_failover": p.state})

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from infra.heartbeat import local_beat_path
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
+from infra.topics import JOURNAL_CONFIG, ensure_topic, journal_topic
 from infra.volume import Volume, volume_digest
 from journal.errors import BadInput, VolumeError, X2XError
 from journal.pairs import PairSpec
@@ -35,7 +36,7 @@ from producers.journaling import JournalingVolume, Mode, RangeLocks
 from producers.nbd import NBDServer
 from producers.publisher import JournalPublisher
 from producers.intent import IntentBitmap
-from producers.recovery import Recovery
+from producers.recovery import Recovery, abandon_epoch, journal_intact, mark_journal_lost
 from producers.scan import plan_epoch
 from producers.spool import max_from_env as spool_max_from_env, Spool
 from producers.state import CaptureState, StateStore
@@ -78,6 +79,7 @@ class CaptureReport:
     clean: bool = False
     error: str | None = None
     seconds: float = 0.0
+    journal_lost: bool = False        # the broker lost what the last run journaled
 
 
 @dataclass
@@ -129,9 +131,15 @@ class NBDCapture:
                            f"pick another --nbd [HOST:]PORT or stop what uses it") from None
         self.port = self.server.port
         old_state, old_hashes = self.store.load()
+        lost = self._journal_lost_since(old_state)
         state, _ = plan_epoch(old_state, old_hashes, spec, vol.size)
         # plan_epoch hands back the saved state only when it was clean: same epoch then.
-        continuing = state.clean
+        continuing = state.clean and not lost
+        if old_state is not None and not continuing:
+            state = CaptureState(old_state.epoch + 1, 1, 0, False, spec.block_size, vol.size)
+            if not lost:    # until this epoch's first ack, the old record is the reference
+                state.last_offset, state.last_digest = (old_state.last_offset,
+                                                        old_state.last_digest)
         # After an unclean stop the write-intent bitmap, if trusted, bounds the resend
         # (producers/intent.py); without it, a full baseline.
         self.intent = IntentBitmap.open(spec.name, spec.block_size, vol.size)
@@ -148,7 +156,15 @@ class NBDCapture:
         self.state = state
         self.report = CaptureReport(state.epoch, state.next_seq, state.next_seq - 1,
                                     new_epoch=not continuing,
-                                    resync_bytes=self.intent.dirty_bytes() if resync else None)
+                                    resync_bytes=self.intent.dirty_bytes() if resync else None,
+                                    journal_lost=lost)
+        if lost:
+            ensure_topic(self.settings.check_reachable(), journal_topic(spec.name),
+                         JOURNAL_CONFIG)
+            mark_journal_lost(self.settings, spec.name, spec.source, state.epoch)
+        elif old_state is not None and not continuing:
+            # The last run died: records it had sent may still be written late.
+            abandon_epoch(self.settings, spec.name, old_state.epoch, state.epoch)
         self.pub = self.new_publisher(state.epoch, state.next_seq, state.epoch_bytes)
         self.backend = JournalingVolume(vol, self.pub, self.mode, spec.block_size, self.locks)
         self.backend.intent = self.intent
@@ -166,6 +182,33 @@ class NBDCapture:
                  self.uri, state.epoch, state.next_seq, self.mode.value,
                  ", baseline running" if self.baseline else "")
         self.beat(force=True)
+
+    def _journal_lost_since(self, old: CaptureState | None) -> bool:
+        """Does the broker still hold the last record it acknowledged to the previous run?
+        A topic recreated or a broker that lost its data while no capturer ran is caught
+        here, before this run journals a single op into a history that is no longer
+        there. The broker must answer first: an unreachable one is not a lost journal."""
+        if old is None or old.last_offset < 0 or not old.last_digest:
+            return False
+        self.settings.check_reachable()
+        if journal_intact(self.settings, journal_topic(self.spec.name),
+                          (old.last_offset, bytes.fromhex(old.last_digest))):
+            return False
+        log.warning("pair %s: the journal no longer holds the record at offset %d that the "
+                    "broker acknowledged to the last run (topic recreated or broker data "
+                    "lost): starting a new epoch; resync the target by block hashes with "
+                    "'x2x pair resync %s' once this capturer serves", self.spec.name,
+                    old.last_offset, self.spec.name)
+        return True
+
+    def remember_last_acked(self) -> None:
+        """Keep the newest acknowledged record in the saved state (see CaptureState)."""
+        acked = self.pub.last_acked
+        if acked is None or (acked[0], acked[1].hex()) == (self.state.last_offset,
+                                                          self.state.last_digest):
+            return
+        self.state.last_offset, self.state.last_digest = acked[0], acked[1].hex()
+        self.store.save(self.state)
 
     def new_publisher(self, epoch: int, next_seq: int, epoch_bytes: int) -> JournalPublisher:
         """The journal publisher of an epoch; in async mode it spools a backlog to local
@@ -228,8 +271,12 @@ class NBDCapture:
             if self.hashes is not None:
                 refresh_hashes(self.vol, self.hashes, self.backend.dirty, self.spec.block_size)
                 hashes = bytes(self.hashes)
+            last = self.pub.last_acked
             self.store.save(CaptureState(j.epoch, j.seq + 1, j.epoch_bytes, True,
-                                         self.spec.block_size, self.vol.size), hashes)
+                                         self.spec.block_size, self.vol.size,
+                                         last[0] if last else self.state.last_offset,
+                                         last[1].hex() if last else self.state.last_digest),
+                            hashes)
         # else: the state saved at start (clean=False) stays: the next start re-baselines.
         r = self.report
         r.last_seq, r.clean, r.error = j.seq, clean, failed
@@ -326,6 +373,7 @@ class NBDCapture:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.beat_interval
                     self.beat(force=True)
+                    self.remember_last_acked()
             except X2XError as e:
                 self.backend.failed = self.backend.failed or str(e)
                 log.error("journaling of pair %s stopped: %s", self.spec.name, e)

@@ -47,12 +47,13 @@ class Sent:
     last_seq: int
     epoch_bytes: int
     captured_at_ms: int
+    digest: bytes
     handed_at: float = 0.0      # monotonic time it was handed to Kafka (0: spooled)
 
     @classmethod
     def of(cls, entry: Entry) -> "Sent":
         return cls(entry.epoch, entry.first_seq, entry.last_seq, entry.epoch_bytes,
-                   entry.captured_at_ms)
+                   entry.captured_at_ms, entry.digest)
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,8 @@ class JournalPublisher:
         self.journaled = Journaled(epoch, next_seq - 1, epoch_bytes, 0)
         self.ops_journaled = 0
         self.bytes_sent = 0            # record bytes handed to Kafka (before compression)
-        #: (offset, value) of the newest acknowledged record: lets a recovery check that
-        #: the broker still holds it (producers/recovery.py).
+        #: (offset, entry digest) of the newest acknowledged record: lets a recovery or
+        #: the next start check that the broker still holds it (producers/recovery.py).
         self.last_acked: tuple[int, bytes] | None = None
         self._inflight = 0
         #: Entries handed to Kafka and not yet acknowledged, oldest first.
@@ -280,7 +281,7 @@ class JournalPublisher:
                 self.journaled = Journaled(entry.epoch, entry.last_seq, entry.epoch_bytes,
                                            entry.captured_at_ms)
                 self.ops_journaled += entry.last_seq - entry.first_seq + 1
-                self.last_acked = (msg.offset(), msg.value())
+                self.last_acked = (msg.offset(), entry.digest)
                 if self.on_delivered is not None:
                     self.on_delivered(entry, msg.offset())
             self._cond.notify_all()

@@ -12,9 +12,11 @@ broker never acknowledged. This module uses it in three places:
   only mark the bitmap; sync writes fail with EIO. Heartbeats say ``degraded`` with the
   marked bytes;
 * **back**: once the broker answers, a new epoch starts on a fresh publisher and resends
-  the marked extents (the whole volume if the journal topic lost its records, e.g. a
-  memory-storage broker restarted: targets then need ``x2x apply NAME --reset``), then
-  streaming goes on.
+  the marked extents, then streaming goes on. If the journal lost its records meanwhile
+  (a memory-storage broker restarted, the topic recreated), the marked extents are not
+  all the target misses: the pair is marked ``needs-resync`` (cause ``journal-lost``) and
+  ``x2x pair resync NAME`` compares block hashes through this running capturer and resends
+  only what differs. No full copy, and the source stays in service throughout.
 
 Ordering is rule 7 of journal/DESIGN.md: a resend holds the region's range lock across
 "read + append", as the baseline does, so it never overtakes a client write.
@@ -35,12 +37,13 @@ from infra.kafka import KafkaSettings
 from infra.topics import JOURNAL_CONFIG, ensure_base_topics, ensure_topic
 from infra.volume import Volume
 from journal.errors import PairNotFound, X2XError
-from journal.pairs import ControlEvent
+from journal.pairs import JOURNAL_LOST, ControlEvent
 from journal.runs import RunBuilder, max_write as write_bound
 from producers.intent import IntentBitmap
 from producers.journaling import RangeLocks
 from producers.publisher import JournalPublisher, now_ms
 from producers.state import CaptureState
+from schemas import codec
 
 if TYPE_CHECKING:
     from producers.nbd_capture import NBDCapture
@@ -62,7 +65,6 @@ class ResyncProgress:
     done: int = 0
     finished: bool = False
     flush_seq: int = 0
-    full: bool = False          # the whole volume (the journal was lost)
 
     @property
     def percent(self) -> float:
@@ -102,14 +104,15 @@ def resend(vol: Volume, pub: JournalPublisher, locks: RangeLocks, block_size: in
 
 def journal_intact(settings: KafkaSettings, topic: str,
                    last_acked: tuple[int, bytes] | None, timeout: float = 5.0) -> bool:
-    """Does the broker still hold the last record it acknowledged to us, at its offset?
+    """Does the broker still hold the last record it acknowledged to us (offset, entry
+    digest), at its offset?
 
     A memory-storage broker that restarted comes back without it (the topic may even be
     auto-created empty by a client's retry), so topic existence alone proves nothing.
     Unknown (nothing acknowledged yet): answered False, the safe side."""
     if last_acked is None:
         return False
-    offset, value = last_acked
+    offset, digest = last_acked
     consumer = Consumer(settings.consumer())
     try:
         consumer.assign([TopicPartition(topic, 0, offset)])
@@ -124,10 +127,31 @@ def journal_intact(settings: KafkaSettings, topic: str,
                                   KafkaError.OFFSET_OUT_OF_RANGE):
                     return False
                 continue
-            return msg.offset() == offset and msg.value() == value
+            try:
+                return msg.offset() == offset and codec.decode_entry(msg.value()).digest == digest
+            except X2XError:
+                return False        # not one of our records: someone else's journal now
         return False
     finally:
         consumer.close()
+
+
+def abandon_epoch(settings: KafkaSettings, pair: str, epoch: int, successor: int) -> None:
+    """Announce, before the first record of ``successor``, that ``epoch`` is given up:
+    records of it still on their way to the broker (sent before the outage was declared)
+    may land after the successor's, and appliers then skip them instead of stopping (the
+    successor resends every block they touched, with newer data)."""
+    control.publish(settings, ControlEvent("epoch-abandoned", pair, now_ms(), attrs={
+        "epoch": str(epoch), "successor": str(successor)}))
+
+
+def mark_journal_lost(settings: KafkaSettings, pair: str, source: str, epoch: int) -> None:
+    """Say on the control topic that the journal lost its history before ``epoch``: the
+    pair needs a hash resync, and no target may be rebuilt by replaying what is left."""
+    control.publish(settings, ControlEvent("resync-needed", pair, now_ms(), attrs={
+        "cause": JOURNAL_LOST, "lost_before_epoch": str(epoch),
+        "reason": f"the broker lost the journal of pair {pair} (noticed by the capturer of "
+                  f"{source}); resync the target by block hashes: 'x2x pair resync {pair}'"}))
 
 
 class Recovery:
@@ -221,17 +245,18 @@ class Recovery:
                 return                       # still down; tick tries again
             old = cap.pub
             intact = journal_intact(cap.settings, old.topic, old.last_acked)
+            state = CaptureState(cap.state.epoch + 1, 1, 0, False, cap.spec.block_size,
+                                 cap.vol.size)
             try:
                 ensure_topic(admin, old.topic, JOURNAL_CONFIG)
                 ensure_base_topics(admin)
                 self._ensure_pair_known()
+                abandon_epoch(cap.settings, cap.spec.name, cap.state.epoch, state.epoch)
             except X2XError as e:
                 log.warning("pair %s: broker back but not ready: %s", cap.spec.name, e)
                 return
             old.fail("superseded by a new epoch")
             old.close(timeout=0)
-            state = CaptureState(cap.state.epoch + 1, 1, 0, False, cap.spec.block_size,
-                                 cap.vol.size)
             cap.store.save(state)
             cap.state = state
             pub = cap.new_publisher(state.epoch, 1, 0)
@@ -239,13 +264,16 @@ class Recovery:
             self.state = "resyncing"
             cap.backend.failed = None          # from here writes are journaled again
             self.outages += 1
-            log.warning("pair %s: broker back; epoch %d resends %s", cap.spec.name,
-                        state.epoch, "the marked extents" if intact else
-                        "the whole volume (the journal lost its records: targets need "
-                        f"'x2x apply {cap.spec.name} --reset')")
+            if not intact:
+                mark_journal_lost(cap.settings, cap.spec.name, cap.spec.source, state.epoch)
+            log.warning("pair %s: broker back; epoch %d resends the marked extents%s",
+                        cap.spec.name, state.epoch, "" if intact else
+                        f"; the journal lost its records, so the target must be resynced by "
+                        f"block hashes: run 'x2x pair resync {cap.spec.name}' (this capturer "
+                        f"keeps serving and answers it)")
         finally:
             self._busy.release()
-        self._resync_thread(full=not intact)
+        self._resync_thread()
 
     def _ensure_pair_known(self) -> None:
         """A broker that lost its data lost the pair too: publish it again, so appliers
@@ -257,15 +285,13 @@ class Recovery:
             control.publish(self.cap.settings,
                             ControlEvent("created", spec.name, now_ms(), spec))
 
-    def _resync_thread(self, full: bool = False) -> None:
+    def _resync_thread(self) -> None:
         cap = self.cap
         with self._busy:
             cp = self.intent.begin(blocking=True, full=True)
             try:
-                if full:
-                    self.intent.set_all()
                 extents = list(self.intent.extents())
-                self.progress = ResyncProgress(sum(n for _, n in extents), full=full)
+                self.progress = ResyncProgress(sum(n for _, n in extents))
                 self.state = "resyncing"
                 t0 = time.monotonic()
                 if not resend(cap.vol, cap.pub, cap.locks, cap.spec.block_size, extents,

@@ -21,6 +21,10 @@ class CaptureState:
     clean: bool = True
     block_size: int = 0
     volume_size: int = 0
+    #: The newest record the broker acknowledged (offset, entry digest hex): lets the
+    #: next start notice a journal that lost its history meanwhile (-1: none known).
+    last_offset: int = -1
+    last_digest: str = ""
 
 
 class StateStore:

@@ -4,22 +4,27 @@
   succeeding, the capturer goes degraded and marks; once the broker answers again a new
   epoch resends exactly the marked extents and the target converges without a reset.
 * sync, broker stopped and restarted (memory storage: every topic is gone): writes fail
-  with EIO instead of being acknowledged unjournaled; the capturer recreates its journal
-  and publishes the whole volume in a new epoch; the applier reports JournalLost with the
-  recovery command, and ``x2x apply NAME --reset`` converges.
+  with EIO instead of being acknowledged unjournaled; the capturer recreates its journal,
+  resends only its marked extents in a new epoch and marks the pair needs-resync; the
+  applier reports JournalLost with the recovery command, a replay from scratch is
+  refused, and ``x2x pair resync NAME`` (answered by the still running capturer) repairs
+  the target by block hashes, sending far less than the volume.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import time
+from pathlib import Path
 
+from infra import control
 from infra.heartbeat import read_beats
 from tests.conftest import run_x2x
 from tests.faults.conftest import TALLY, MiB, OwnBroker, Proc, converged, need
 from tests.faults.test_process_kills import start_capturer
-from tests.integration.test_nbd_capture import make_pair
+from tests.integration.test_nbd_capture import make_pair, wait_beat
 
 STALL = {"X2X_JOURNAL_STALL": "2"}  # noqa
 
@@ -101,7 +106,7 @@ def test_sync_outage_fails_writes_with_eio_and_recovers_after_a_broker_restart(
         own_broker.up()                                       # empty: memory storage
         TALLY["broker outages"] += 1
         line = cap.wait_log("broker back", timeout=60)
-        assert "the whole volume" in line and f"x2x apply {name} --reset" in line, line
+        assert "marked extents" in line and f"x2x pair resync {name}" in line, line
         try:
             newest_capture_beat(s, name, lambda b: b.epoch == 2
                                 and b.detail.get("resync") == "done")
@@ -113,11 +118,26 @@ def test_sync_outage_fails_writes_with_eio_and_recovers_after_a_broker_restart(
         assert p.returncode == 0 and "failed" not in p.stdout, p.stdout + p.stderr
         # The old checkpoint is not in the new journal: refused, with the way out.
         lost = own_broker.x2x("apply", name, "--until-caught-up", check=False)
-        assert lost.returncode != 0 and "--reset" in lost.stderr, lost.stderr
+        assert lost.returncode != 0 and f"x2x pair resync {name}" in lost.stderr, lost.stderr
+        # Replaying what is left from scratch would look consistent and be wrong: refused.
+        before = Path(spec.target).read_bytes()
+        fresh = own_broker.x2x("apply", name, "--reset", "--until-caught-up", check=False)
+        assert fresh.returncode != 0 and "cannot be rebuilt by replaying" in fresh.stderr, \
+            fresh.stderr
+        assert Path(spec.target).read_bytes() == before           # nothing applied
+        # The running capturer answers the resync: hashes, then only what differs.
+        r = own_broker.x2x("pair", "resync", name, "--json")
+        out = json.loads(r.stdout)
+        assert 0 < out["differing"] and out["resent_bytes"] < size // 2, out
+        assert control.get_pair(s, name).state == "created"  # resynced
+        p = qemu_io("write -P 0x54 12M 64k", "flush", uri=cap.uri)   # streaming goes on
+        assert p.returncode == 0 and "failed" not in p.stdout, p.stdout + p.stderr
+        own_broker.x2x("apply", name, "--until-caught-up")
+        assert converged(spec.source, spec.target)
         assert "stopped (clean)" in cap.stop()
     finally:
         cap.kill()
-    own_broker.x2x("apply", name, "--reset", "--until-caught-up")
+    own_broker.x2x("apply", name, "--until-caught-up")
     assert converged(spec.source, spec.target)
 
 
@@ -169,3 +189,42 @@ def test_degraded_heartbeat_carries_the_dirty_bytes(own_broker: OwnBroker, tmp_p
         cap.stop()
     own_broker.x2x("apply", name, "--until-caught-up")
     assert converged(spec.source, spec.target)
+
+
+def test_journal_lost_while_the_capturer_was_stopped_is_caught_at_its_next_start(
+        settings, pair_name, tmp_path):
+    """The topic is deleted and recreated while no capturer runs: the next start notices
+    that its last acknowledged record is gone before journaling anything into the new
+    topic, marks the pair, and the running capturer answers the hash resync."""
+    need("qemu-io")
+    from infra.topics import JOURNAL_CONFIG, delete_topic, ensure_topic, journal_topic
+    size = 8 * MiB
+    spec = make_pair(settings, pair_name, tmp_path, size, seed=24, data_fraction=0.5)
+    cap = start_capturer(pair_name)
+    try:
+        wait_beat(settings, pair_name, lambda b: b.detail.get("baseline") == "done")
+        run_x2x("apply", pair_name, "--until-caught-up")
+        assert "stopped (clean)" in cap.stop()
+    finally:
+        cap.kill()
+    admin = settings.check_reachable()
+    delete_topic(admin, journal_topic(pair_name))
+    time.sleep(0.5)
+    ensure_topic(admin, journal_topic(pair_name), JOURNAL_CONFIG)
+    cap = start_capturer(pair_name)
+    try:
+        assert "the journal lost its history" in cap.banner, cap.banner
+        assert f"x2x pair resync {pair_name}" in cap.banner, cap.banner
+        assert "epoch 2" in cap.banner, cap.banner
+        assert control.get_pair(settings, pair_name).journal_lost
+        p = qemu_io("write -P 0x61 3M 64k", "flush", uri=cap.uri)
+        assert p.returncode == 0 and "failed" not in p.stdout, p.stdout + p.stderr
+        r = json.loads(run_x2x("pair", "resync", pair_name, "--json").stdout)
+        assert r["differing"] == 1 and r["resent_bytes"] == 64 * 1024, r
+        assert r["bytes_sent"] < size // 10
+        assert control.get_pair(settings, pair_name).state == "created"
+        assert converged(spec.source, spec.target)
+        assert "stopped (clean)" in cap.stop()
+    finally:
+        cap.kill()
+    TALLY["broker outages"] += 1

@@ -381,14 +381,22 @@ class socketserver_on:
 
 
 
-def test_resync_refuses_while_an_nbd_capturer_serves_the_source(settings, pair_name,
-                                                                 tmp_path, live):
-    spec = make_pair(settings, pair_name, tmp_path, 4 * MiB)
+def test_resync_goes_through_the_nbd_capturer_that_serves_the_source(settings, pair_name,
+                                                                      tmp_path, live):
+    """The capturer keeps serving: it journals the hashes and the resends in its own
+    epoch, and the target ends equal to the source having received only what differed."""
+    spec = make_pair(settings, pair_name, tmp_path, 4 * MiB, data_fraction=0.25)
     cap = live(spec)
     wait_baseline(cap)
     cap.sync_point()
-    before = cap.pub.journaled
-    proc = run_x2x("pair", "resync", pair_name, check=False)
-    assert proc.returncode == 1
-    assert "an NBD capturer serves" in proc.stderr and "SIGTERM" in proc.stderr
-    assert cap.pub.journaled == before          # nothing was published
+    epoch = cap.pub.journaled.epoch
+    run_x2x("apply", pair_name, "--until-caught-up")
+    # Two blocks change after the target's last apply: only they may travel.
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0x77 {MiB} 128k", cap.uri],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(run_x2x("pair", "resync", pair_name, "--json").stdout)
+    assert (out["blocks"], out["differing"]) == (64, 2), out
+    assert out["resent_bytes"] == 2 * 65536 and out["epoch"] == epoch, out
+    assert cap.pub.journaled.epoch == epoch           # no new epoch: the live one served it
+    assert same_bytes(spec.source, spec.target)

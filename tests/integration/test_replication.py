@@ -19,9 +19,9 @@ from infra.topics import JOURNAL_CONFIG, delete_topic, ensure_topic, journal_top
 
 from journal.batch import Sequencer
 from journal.errors import (CorruptEntry, ExtentOutOfRange, JournalLost, PairNotFound, SeqGap,
-                            UnknownFingerprint)
+                            StaleEpoch, UnknownFingerprint)
 from journal.ops import Op
-from journal.pairs import PairSpec
+from journal.pairs import ControlEvent, PairSpec
 from producers.scan import scan_once
 from schemas import codec
 from tests.conftest import make_image, run_x2x, same_bytes, x2x_bin
@@ -334,3 +334,26 @@ def test_garbage_on_the_status_topic_does_not_stop_status_or_apply(settings, pai
     Applier(spec, str(dst), settings).run(until_caught_up=True)
     assert same_bytes(src, dst)
     assert pair_name in run_x2x("status").stdout
+
+
+def test_late_record_of_an_abandoned_epoch_is_skipped_and_of_any_other_refused(
+        settings, pair_name, tmp_path):
+    """A record of epoch 1 that the broker writes after epoch 2's: refused (an old capturer
+    may still publish) unless the capturer announced that it gave epoch 1 up, in which
+    case it is stale (epoch 2 resent its blocks) and skipped."""
+    spec, dst = _bad_setup(settings, pair_name, tmp_path)
+    one, two = Sequencer(pair_name, 1), Sequencer(pair_name, 2)
+    first = one.add(Op.write(0, b"A" * 4096), 1) + one.add(Op.flush(), 1)
+    late = one.add(Op.write(0, b"C" * 4096), 2) + one.add(Op.flush(), 2)
+    second = two.add(Op.write(0, b"B" * 4096), 3) + two.add(Op.flush(), 3)
+    _produce(settings, pair_name, *(codec.encode_entry(e) for e in first + second + late))
+    with pytest.raises(StaleEpoch, match="entry of epoch 1 .* arrived after epoch 2"):
+        Applier(spec, str(dst), settings).run(until_caught_up=True)
+    assert dst.read_bytes()[:4096] == b"B" * 4096        # the late record: not applied
+    control.publish(settings, ControlEvent("epoch-abandoned", pair_name, 1,
+                                           attrs={"epoch": "1", "successor": "2"}))
+    more = two.add(Op.write(4096, b"D" * 4096), 4) + two.add(Op.flush(), 4)
+    _produce(settings, pair_name, *(codec.encode_entry(e) for e in more))
+    stats = Applier(spec, str(dst), settings).run(until_caught_up=True)
+    assert stats.stale_skipped == 1
+    assert dst.read_bytes()[:8192] == b"B" * 4096 + b"D" * 4096

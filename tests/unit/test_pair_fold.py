@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from journal.blocks import Extent, format_extents, parse_extents
-from journal.pairs import ControlEvent, PairSpec, fold
+from journal.pairs import JOURNAL_LOST, ControlEvent, PairSpec, fold
 
 SPEC = PairSpec("p", "/a.img", "/b.img", 65536, 1 << 20)
 
@@ -51,6 +51,23 @@ def test_a_seal_digest_mismatch_needs_a_resync_and_promotes_nothing():
     assert st.state == "needs-resync" and not st.reversed
     # A late promoted (it cannot come from a mismatching applier) is not taken either.
     assert not fold([ev("created"), ev("resync-needed"), ev("promoted")])["p"].reversed
+
+
+def test_a_lost_journal_holds_until_a_hash_resync_and_only_then():
+    lost = [ev("created"), ev("resync-needed", cause=JOURNAL_LOST, reason="broker lost it")]
+    assert fold(lost)["p"].journal_lost
+    st = fold(lost + [ev("resynced")])["p"]
+    assert st.state == "created" and not st.journal_lost and "cause" not in st.attrs
+    # A later need of another cause is not mistaken for a lost journal.
+    st = fold(lost + [ev("resynced"), ev("resync-needed", reason="seq gap")])["p"]
+    assert st.state == "needs-resync" and not st.journal_lost
+
+
+def test_abandoned_epochs_accumulate_and_survive_other_events():
+    st = fold([ev("created"), ev("epoch-abandoned", epoch="1", successor="2"),
+               ev("resync-needed"), ev("resynced"),
+               ev("epoch-abandoned", epoch="3", successor="4"), ev("epoch-abandoned")])["p"]
+    assert st.abandoned_epochs == {1, 3}
 
 
 def test_extents_round_trip_through_their_text_form():
