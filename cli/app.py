@@ -20,6 +20,7 @@ app.add_typer(journal.app, name="journal")
 app.command()(replicate.capture)
 app.command()(replicate.apply)
 app.command()(status.status)
+app.command(name="nbd-certs")(replicate.nbd_certs)
 
 
 @app.callback()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import ssl
 import sys
 import threading
 
@@ -14,6 +15,7 @@ from consumers.applier import Applier
 from consumers.checkpoint import CheckpointStore
 from infra import control
 from infra.keys import key_for
+from infra.tls import TLSMode, create_certificates, server_context
 from journal.errors import BadInput, BrokerError
 from infra.kafka import KafkaSettings
 from journal.pairs import PairSpec
@@ -53,6 +55,13 @@ def capture(ctx: typer.Context, name: str,
                                      "write (async, default) or once journaled (sync)."),
             key_file: str = typer.Option(None, help="The pair's key file, if it is encrypted "
                                          "(default $X2X_HOME/keys/NAME.key)."),
+            tls: str = typer.Option(None, "--tls", metavar="off|on|require",
+                                    help="With --nbd: offer TLS to clients (on) or refuse "
+                                    "clients without it (require). Needs --tls-certificates."),
+            tls_certificates: str = typer.Option(
+                None, "--tls-certificates", metavar="DIR",
+                help="server-cert.pem, server-key.pem and ca-cert.pem (clients must then "
+                "present a certificate it signed); make them with 'x2x nbd-certs DIR'."),
             json_: bool = typer.Option(False, "--json", help="Print results as JSON lines.")
             ) -> None:
     """Capture a pair's source into its journal: by scanning for changed blocks, or live
@@ -60,8 +69,8 @@ def capture(ctx: typer.Context, name: str,
     if nbd is not None and (once or interval):
         raise BadInput("--nbd runs a long-lived NBD capturer; --once and --interval belong "
                        "to the scan capturer: drop one or the other")
-    if mode is not None and nbd is None:
-        raise BadInput("--mode only applies to the NBD capturer: add --nbd [HOST:]PORT")
+    if (mode is not None or tls is not None or tls_certificates) and nbd is None:
+        raise BadInput("--mode and --tls only apply to the NBD capturer: add --nbd [HOST:]PORT")
     if once and interval:
         raise BadInput("--once and --interval exclude each other: pick one")
     if interval < 0:
@@ -69,6 +78,11 @@ def capture(ctx: typer.Context, name: str,
     if nbd is not None:
         listen = parse_listen(nbd)
         mode_ = Mode.parse(mode or "async")
+        tls_mode = TLSMode.parse(tls or ("on" if tls_certificates else "off"))
+        if tls_mode is not TLSMode.OFF and not tls_certificates:
+            raise BadInput(f"--tls {tls_mode.value} needs --tls-certificates DIR (make one "
+                           f"with 'x2x nbd-certs DIR --host HOST')")
+        tls_ctx = server_context(tls_certificates) if tls_mode is not TLSMode.OFF else None
     s = settings(ctx)
     st = control.get_pair(s, name)
     spec = st.active_spec             # after a failover: the promoted side
@@ -86,7 +100,8 @@ def capture(ctx: typer.Context, name: str,
         intent.forget(name)       # else an NBD capturer would resend only marked blocks
     stop = _stop_on_signals()
     if nbd is not None:
-        _capture_nbd(spec, s, store, listen, mode_, stop, json_, key_for(spec, key_file))
+        _capture_nbd(spec, s, store, listen, mode_, stop, json_, key_for(spec, key_file),
+                     tls_ctx, tls_mode is TLSMode.REQUIRE)
         return
     while True:
         show = not json_ and sys.stderr.isatty()
@@ -101,9 +116,11 @@ def capture(ctx: typer.Context, name: str,
 
 def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
                  listen: tuple[str, int], mode: Mode, stop: threading.Event, json_: bool,
-                 key: JournalKey | None) -> None:
+                 key: JournalKey | None, tls: ssl.SSLContext | None,
+                 tls_required: bool) -> None:
     """Run the NBD capturer until ``stop``; the service does the work, this prints."""
-    cap = NBDCapture(spec, s, listen[0], listen[1], mode, store, key).start()
+    cap = NBDCapture(spec, s, listen[0], listen[1], mode, store, key, tls=tls,
+                     tls_required=tls_required).start()
     r = cap.report
     what = ("same epoch" if not r.new_epoch else "new epoch, baseline running"
             if r.resync_bytes is None else
@@ -111,6 +128,8 @@ def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
     if r.journal_lost:
         what += (f"; the journal lost its history: resync the target with 'x2x pair resync "
                  f"{spec.name}'")
+    if tls is not None:
+        what += ", TLS required" if tls_required else ", TLS offered"
     if json_:
         print_json({"event": "serving", "uri": cap.uri, "epoch": r.epoch,
                     "first_seq": r.first_seq, "mode": mode.value, "new_epoch": r.new_epoch,
@@ -179,3 +198,16 @@ def apply(ctx: typer.Context, name: str,
         f"(offset {p.offset})")
 
 
+def nbd_certs(directory: str = typer.Argument(..., metavar="DIR"),
+              host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host",
+                                             help="A name or address clients connect to "
+                                             "(repeat for several).")) -> None:
+    """Make a private CA, a server and a client certificate for NBD over TLS, in DIR (the
+    layout of qemu and libnbd; keys mode 0600)."""
+    for path in create_certificates(directory, host):
+        console.print(f"wrote {path}", highlight=False)
+    console.print(f"serve with: x2x capture NAME --nbd PORT --tls require "
+                  f"--tls-certificates {directory}", highlight=False)
+    console.print(f"clients: nbdinfo 'nbds://{host[0]}:PORT/NAME?tls-certificates="
+                  f"{directory}' (copy ca-cert.pem, client-cert.pem and client-key.pem to "
+                  f"client hosts; keep ca-key.pem offline)", highlight=False)

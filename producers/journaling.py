@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from infra.volume import Volume
-from journal.errors import BadInput, X2XError
+from journal.choices import parse_choice
+from journal.errors import X2XError
 from journal.ops import Op
 from producers.intent import IntentBitmap
 from producers.nbd import Shutdown
@@ -47,11 +48,8 @@ class Mode(str, enum.Enum):
 
     @classmethod
     def parse(cls, text: str) -> "Mode":
-        try:
-            return cls(text.lower())
-        except ValueError:
-            raise BadInput(f"--mode {text!r} is invalid: use 'async' (acknowledge after the "
-                           f"local write) or 'sync' (acknowledge once journaled)") from None
+        return parse_choice(cls, text, "--mode", "'async' (acknowledge after the local "
+                            "write) or 'sync' (acknowledge once journaled)")
 
 
 class RangeLocks:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -77,10 +78,11 @@ class ClientInfo:
 
 @dataclass
 class _Conn:
-    sock: socket.socket
+    sock: socket.socket          # an ssl.SSLSocket once STARTTLS succeeded
     info: ClientInfo
     thread: threading.Thread | None = None
     no_zeroes: bool = False
+    tls: bool = False
 
 
 @dataclass
@@ -88,6 +90,8 @@ class NBDServer:
     """Serve ``exports`` over NBD on ``host:port`` (port 0 picks a free port).
 
     ``on_disconnect`` is called with the final :class:`ClientInfo` of each client.
+    With ``tls`` clients may upgrade with NBD_OPT_STARTTLS; with ``tls_required`` too they
+    must, before any other option (infra/tls.py builds the context).
     """
 
     host: str
@@ -95,6 +99,8 @@ class NBDServer:
     exports: dict[str, Backend]
     log: logging.Logger = _log
     on_disconnect: Callable[[ClientInfo], None] | None = None
+    tls: ssl.SSLContext | None = None
+    tls_required: bool = False
     _listener: socket.socket | None = field(init=False, default=None)
     _stopping: threading.Event = field(init=False, default_factory=threading.Event)
     _accept_thread: threading.Thread | None = field(init=False, default=None)
@@ -247,6 +253,15 @@ class NBDServer:
     def _option(self, conn: _Conn, option: int, data: bytes) -> tuple[str, Backend] | None:
         """Answer one option; returns the export once the client enters transmission."""
         send = conn.sock.sendall
+        if self.tls_required and not conn.tls and option not in (p.Option.STARTTLS,
+                                                                 p.Option.ABORT):
+            if option == p.Option.EXPORT_NAME:     # it has no error reply: close
+                raise _Close("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS; this server "
+                             "requires TLS")
+            self.log.warning("NBD %s: %s refused: TLS is required and the client did not "
+                             "start it (NBD_OPT_STARTTLS)", conn.info.peer, _opt_name(option))
+            send(p.encode_option_reply(option, p.Reply.ERR_TLS_REQD))
+            return None
         if option == p.Option.EXPORT_NAME:
             return self._opt_export_name(conn, data)
         if option == p.Option.ABORT:
@@ -261,10 +276,25 @@ class NBDServer:
         elif option in (p.Option.INFO, p.Option.GO):
             return self._opt_info(conn, option, data)
         elif option == p.Option.STARTTLS:
-            send(p.encode_option_reply(option, p.Reply.ERR_POLICY))
+            self._opt_starttls(conn, data)
         else:
             send(p.encode_option_reply(option, p.Reply.ERR_UNSUP))
         return None
+
+    def _opt_starttls(self, conn: _Conn, data: bytes) -> None:
+        send = conn.sock.sendall
+        if self.tls is None:
+            send(p.encode_option_reply(p.Option.STARTTLS, p.Reply.ERR_POLICY))
+        elif data or conn.tls:
+            send(p.encode_option_reply(p.Option.STARTTLS, p.Reply.ERR_INVALID))
+        else:
+            send(p.encode_option_reply(p.Option.STARTTLS, p.Reply.ACK))
+            try:
+                conn.sock = self.tls.wrap_socket(conn.sock, server_side=True)
+            except (ssl.SSLError, OSError) as e:
+                raise _Close(f"TLS handshake failed: {e}") from None
+            conn.tls = True
+            self.log.info("NBD %s: TLS established (%s)", conn.info.peer, conn.sock.version())
 
     def _opt_export_name(self, conn: _Conn, data: bytes) -> tuple[str, Backend]:
         # EXPORT_NAME has no error reply: the spec says to close on an unknown export.
@@ -441,7 +471,7 @@ def _close_gracefully(sock: socket.socket, timeout: float = 1.0) -> None:
     """Send FIN, then drain what the client still sends for a moment: closing with unread
     data would send RST, and a RST can destroy replies the client has not read yet."""
     try:
-        sock.shutdown(socket.SHUT_WR)
+        _shutdown_socket(sock, socket.SHUT_WR)
         sock.settimeout(timeout)
         scratch = bytearray(_DISCARD_CHUNK)
         deadline = time.monotonic() + timeout
@@ -452,8 +482,10 @@ def _close_gracefully(sock: socket.socket, timeout: float = 1.0) -> None:
 
 
 def _shutdown_socket(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+    # socket.socket's own shutdown even for a TLS socket: SSLSocket.shutdown drops the
+    # TLS state, and replies still sent during a graceful stop would go out in clear.
     try:
-        sock.shutdown(how)
+        socket.socket.shutdown(sock, how)
     except OSError:
         pass  # already closed or never connected
 
@@ -463,3 +495,10 @@ def _cmd_name(kind: int) -> str:
         return f"NBD_CMD_{p.Cmd(kind).name}"
     except ValueError:
         return f"unknown command {kind}"
+
+
+def _opt_name(option: int) -> str:
+    try:
+        return f"NBD_OPT_{p.Option(option).name}"
+    except ValueError:
+        return f"unknown option {option}"

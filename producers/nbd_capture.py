@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 
+from infra import control
 from infra.heartbeat import local_beat_path
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
@@ -97,6 +99,9 @@ class NBDCapture:
     beat_interval: float = BEAT_INTERVAL
     #: Most record bytes the async spool may hold (``X2X_SPOOL_MAX``); 0: no spool.
     spool_max: int = field(default_factory=spool_max_from_env)
+    #: TLS for NBD clients (infra/tls.py); ``tls_required`` refuses plain-text clients.
+    tls: ssl.SSLContext | None = None
+    tls_required: bool = False
     report: CaptureReport = field(init=False, default_factory=CaptureReport)
     baseline: BaselineProgress | None = field(init=False, default=None)
     _stopping: threading.Event = field(init=False, default_factory=threading.Event)
@@ -123,13 +128,16 @@ class NBDCapture:
                 f"source {spec.source} is {vol.size} bytes but pair {spec.name} was created "
                 f"for {spec.volume_size}; recreate the pair for the new size")
         # Listen first: a taken port must not cost the next start a new epoch.
-        self.server = NBDServer(self.host, self.port, {})
+        self.server = NBDServer(self.host, self.port, {}, tls=self.tls,
+                                tls_required=self.tls_required)
         try:
             self.server.bind()
         except OSError as e:
             raise BadInput(f"cannot listen for NBD on {self.host}:{self.port}: {e.strerror}; "
                            f"pick another --nbd [HOST:]PORT or stop what uses it") from None
         self.port = self.server.port
+        if not self.store.incarnation:
+            self.store.incarnation = control.get_pair(self.settings, spec.name).created_at_ms
         old_state, old_hashes = self.store.load()
         lost = self._journal_lost_since(old_state)
         state, _ = plan_epoch(old_state, old_hashes, spec, vol.size)
@@ -178,9 +186,10 @@ class NBDCapture:
             self._spawn(self.recovery.baseline_thread, "x2x-baseline")
         self._spawn(self._tick_thread, "x2x-capture-tick")
         self.watch = ControlWatch(self).start()   # failover / verify / failback requests
-        log.info("capturing pair %s at %s, epoch %d from seq %d (%s mode%s)", spec.name,
+        log.info("capturing pair %s at %s, epoch %d from seq %d (%s mode%s%s)", spec.name,
                  self.uri, state.epoch, state.next_seq, self.mode.value,
-                 ", baseline running" if self.baseline else "")
+                 ", baseline running" if self.baseline else "",
+                 ", TLS required" if self.tls_required else ", TLS offered" if self.tls else "")
         self.beat(force=True)
 
     def _journal_lost_since(self, old: CaptureState | None) -> bool:
@@ -223,7 +232,8 @@ class NBDCapture:
     @property
     def uri(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"nbd://{host}:{self.port}/{self.spec.name}"
+        scheme = "nbds" if self.tls_required else "nbd"     # libnbd's URI for TLS-only
+        return f"{scheme}://{host}:{self.port}/{self.spec.name}"
 
     def serve(self, stop: threading.Event) -> CaptureReport:
         """Run until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT), then stop cleanly."""

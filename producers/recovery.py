@@ -282,8 +282,9 @@ class Recovery:
         try:
             control.get_pair(self.cap.settings, spec.name)
         except PairNotFound:
-            control.publish(self.cap.settings,
-                            ControlEvent("created", spec.name, now_ms(), spec))
+            # Stamped with its first creation time: the pair is the same one (StateStore).
+            control.publish(self.cap.settings, ControlEvent(
+                "created", spec.name, self.cap.store.incarnation or now_ms(), spec))
 
     def _resync_thread(self) -> None:
         cap = self.cap

@@ -127,10 +127,10 @@ def store_for(state: PairState) -> StateStore:
     folder (as before failover existed); the reverse direction has its own, so the two
     sides' epochs and hash maps never mix when both live on one host."""
     if not state.reversed:
-        return StateStore(state.spec.name)
+        return StateStore(state.spec.name, incarnation=state.created_at_ms)
     d: Path = pair_dir(state.spec.name) / "reverse"
     d.mkdir(parents=True, exist_ok=True)
-    return StateStore(state.spec.name, d)
+    return StateStore(state.spec.name, d, incarnation=state.created_at_ms)
 
 
 def prepare_direction(state: PairState, store: StateStore) -> bool:

@@ -6,6 +6,7 @@ changed since the last complete scan.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,11 +26,18 @@ class CaptureState:
     #: next start notice a journal that lost its history meanwhile (-1: none known).
     last_offset: int = -1
     last_digest: str = ""
+    #: When the pair this state belongs to was created (its control event): a pair
+    #: deleted and created again under the same name must not inherit it (0: unknown).
+    pair_created_ms: int = 0
 
 
 class StateStore:
-    def __init__(self, pair: str, directory: Path | None = None) -> None:
+    """``incarnation``: the pair's creation time; when set, a saved state of another
+    incarnation (a deleted pair of the same name) loads as no state at all."""
+
+    def __init__(self, pair: str, directory: Path | None = None, incarnation: int = 0) -> None:
         d = directory or pair_dir(pair)
+        self.pair, self.incarnation = pair, incarnation
         self.meta = d / "capture.json"
         self.hashes = d / "capture.hashes"
 
@@ -38,6 +46,11 @@ class StateStore:
         if raw is None:
             return None, None
         state = CaptureState(**raw)
+        if self.incarnation and state.pair_created_ms not in (0, self.incarnation):
+            logging.getLogger("x2x.capture").warning(
+                "pair %s was deleted and created again since this host last captured it: "
+                "the old capture state is set aside (a full baseline follows)", self.pair)
+            return None, None
         try:
             hashes = self.hashes.read_bytes()
         except FileNotFoundError:
@@ -46,6 +59,8 @@ class StateStore:
 
     def save(self, state: CaptureState, hashes: bytes | None = None) -> None:
         """Write hashes first, then the state that vouches for them."""
+        if self.incarnation:
+            state.pair_created_ms = self.incarnation
         if hashes is not None:
             atomic_write(self.hashes, hashes)
         write_json(self.meta, asdict(state))

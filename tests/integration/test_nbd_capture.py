@@ -353,7 +353,7 @@ def test_cli_bad_input(settings, pair_name, tmp_path):
     cases = [
         (["--nbd", "10809", "--once"], "--once and --interval belong to the scan capturer"),
         (["--nbd", "10809", "--interval", "5"], "--once and --interval belong"),
-        (["--mode", "sync"], "--mode only applies to the NBD capturer"),
+        (["--mode", "sync"], "--mode and --tls only apply to the NBD capturer"),
         (["--nbd", "99999"], "--nbd '99999' is invalid"),
         (["--nbd", "host:port"], "use [HOST:]PORT"),
         (["--nbd", "10809", "--mode", "fast"], "--mode 'fast' is invalid"),
@@ -399,4 +399,25 @@ def test_resync_goes_through_the_nbd_capturer_that_serves_the_source(settings, p
     assert (out["blocks"], out["differing"]) == (64, 2), out
     assert out["resent_bytes"] == 2 * 65536 and out["epoch"] == epoch, out
     assert cap.pub.journaled.epoch == epoch           # no new epoch: the live one served it
+    assert same_bytes(spec.source, spec.target)
+
+
+def test_a_pair_created_again_under_the_same_name_starts_afresh(settings, pair_name,
+                                                                  tmp_path, live):
+    """The saved state of a deleted pair must not be taken for this one's (its journal is
+    a new topic, not a lost one): a full baseline in epoch 1, and no needs-resync."""
+    spec = make_pair(settings, pair_name, tmp_path, 2 * MiB, data_fraction=0.5)
+    cap = live(spec)
+    wait_baseline(cap)
+    assert cap.stop().clean
+    control.delete_pair(settings, pair_name)
+    time.sleep(0.01)                                  # another creation time
+    control.create_pair(settings, spec)
+    cap = live(spec)
+    assert (cap.report.epoch, cap.report.new_epoch, cap.report.journal_lost) == (1, True, False)
+    assert cap.baseline is not None
+    wait_baseline(cap)
+    assert cap.stop().clean
+    assert control.get_pair(settings, pair_name).state == "created"
+    apply_all(settings, spec)
     assert same_bytes(spec.source, spec.target)

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -109,15 +109,15 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def serve(tmp_path: Path, exports: dict[str, tuple[int, int]], name: str = "disk.img",
-          size: int = SIZE) -> Served:
+          size: int = SIZE, **server: Any) -> Served:
     """Start a server on a fresh sparse image, one export per (offset, size) slice."""
     image = tmp_path / name
     with open(image, "wb") as f:
         f.truncate(size)
     vol = Volume(str(image), writable=True)
     backends = {n: VolumeBackend(vol, off, sz) for n, (off, sz) in exports.items()}
-    served = Served(NBDServer(HOST, 0, dict(backends), log=logging.getLogger(LOGGER)),
-                    image, backends)
+    served = Served(NBDServer(HOST, 0, dict(backends), log=logging.getLogger(LOGGER),
+                              **server), image, backends)
     served.server.on_disconnect = served.finished.append
     served.server.start()
     return served
