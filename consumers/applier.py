@@ -375,13 +375,15 @@ class Applier:
             st = control.get_pair(self.settings, self.spec.name)
         except PairNotFound:
             return
-        if st.journal_lost:
+        if not st.replayable:
+            name = self.spec.name
             raise JournalLost(
-                f"pair {self.spec.name}: its journal lost its history "
-                f"({st.attrs.get('reason', 'topic recreated or broker data lost')[:300]}), "
-                f"so {self.target} cannot be rebuilt by replaying it from the start; nothing "
-                f"was applied. Resync it by block hashes: 'x2x pair resync {self.spec.name}' "
-                f"on the source's host")
+                f"pair {name}: its journal lost its history (topic recreated or broker data "
+                f"lost), so {self.target} cannot be rebuilt by replaying it from the start; "
+                f"nothing was applied. The pair's target is repaired by block hashes: 'x2x "
+                f"pair resync {name}' on the source's host. Other replicas can be built by "
+                f"replay again once a full baseline is in the journal: restart the capturer "
+                f"with 'x2x capture {name} --resync'")
 
     # -- caught up? ----------------------------------------------------------------------
     def _capture_goal(self) -> tuple[int, int] | None:

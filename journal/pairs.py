@@ -69,6 +69,9 @@ class PairState:
     #: epoch that resends every block they may not have delivered: a record of one that
     #: the broker writes late, after the later epoch's, is stale and is skipped.
     abandoned_epochs: frozenset[int] = frozenset()
+    #: False from a journal-lost mark until a full baseline is in the journal again: until
+    #: then replaying the journal from its start cannot build a target (or a replica).
+    replayable: bool = True
 
     @property
     def active_spec(self) -> PairSpec:
@@ -130,7 +133,11 @@ def fold(events: Iterable[ControlEvent]) -> dict[str, PairState]:
         if ev.event == "deleted":
             del pairs[ev.pair]
         elif ev.event == "resync-needed":
-            pairs[ev.pair] = replace(p, state="needs-resync", attrs={**p.attrs, **ev.attrs})
+            lost = ev.attrs.get("cause") == JOURNAL_LOST
+            pairs[ev.pair] = replace(p, state="needs-resync", attrs={**p.attrs, **ev.attrs},
+                                     replayable=p.replayable and not lost)
+        elif ev.event == "baseline-complete":
+            pairs[ev.pair] = replace(p, replayable=True)
         elif ev.event == "resynced":
             pairs[ev.pair] = replace(p, state="created", attrs={
                 k: v for k, v in p.attrs.items() if k not in ("cause", "reason")})

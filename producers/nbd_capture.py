@@ -38,7 +38,8 @@ from producers.journaling import JournalingVolume, Mode, RangeLocks
 from producers.nbd import NBDServer
 from producers.publisher import JournalPublisher
 from producers.intent import IntentBitmap
-from producers.recovery import Recovery, abandon_epoch, journal_intact, mark_journal_lost
+from producers.announce import abandon_epoch, mark_journal_lost
+from producers.recovery import Recovery, journal_intact
 from producers.scan import plan_epoch
 from producers.spool import max_from_env as spool_max_from_env, Spool
 from producers.state import CaptureState, StateStore

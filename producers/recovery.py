@@ -37,8 +37,9 @@ from infra.kafka import KafkaSettings
 from infra.topics import JOURNAL_CONFIG, ensure_base_topics, ensure_topic
 from infra.volume import Volume
 from journal.errors import PairNotFound, X2XError
-from journal.pairs import JOURNAL_LOST, ControlEvent
+from journal.pairs import ControlEvent
 from journal.runs import RunBuilder, max_write as write_bound
+from producers.announce import abandon_epoch, announce_baseline, mark_journal_lost
 from producers.intent import IntentBitmap
 from producers.journaling import RangeLocks
 from producers.publisher import JournalPublisher, now_ms
@@ -136,24 +137,6 @@ def journal_intact(settings: KafkaSettings, topic: str,
         consumer.close()
 
 
-def abandon_epoch(settings: KafkaSettings, pair: str, epoch: int, successor: int) -> None:
-    """Announce, before the first record of ``successor``, that ``epoch`` is given up:
-    records of it still on their way to the broker (sent before the outage was declared)
-    may land after the successor's, and appliers then skip them instead of stopping (the
-    successor resends every block they touched, with newer data)."""
-    control.publish(settings, ControlEvent("epoch-abandoned", pair, now_ms(), attrs={
-        "epoch": str(epoch), "successor": str(successor)}))
-
-
-def mark_journal_lost(settings: KafkaSettings, pair: str, source: str, epoch: int) -> None:
-    """Say on the control topic that the journal lost its history before ``epoch``: the
-    pair needs a hash resync, and no target may be rebuilt by replaying what is left."""
-    control.publish(settings, ControlEvent("resync-needed", pair, now_ms(), attrs={
-        "cause": JOURNAL_LOST, "lost_before_epoch": str(epoch),
-        "reason": f"the broker lost the journal of pair {pair} (noticed by the capturer of "
-                  f"{source}); resync the target by block hashes: 'x2x pair resync {pair}'"}))
-
-
 class Recovery:
     """The capturer's fault handling; the capturer calls :meth:`tick` from its tick loop.
 
@@ -188,6 +171,7 @@ class Recovery:
                 cap.pub.wait_journaled(cap.baseline.flush_seq, 60.0)
                 self.intent.end(cp)
                 cp = None
+                announce_baseline(cap.settings, cap.spec.name, cap.pub.journaled.epoch)
         except X2XError as e:
             cap.backend.failed = cap.backend.failed or str(e)
         finally:

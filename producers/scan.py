@@ -18,6 +18,7 @@ from journal.blocks import HASH_LEN, block_count, hash_block
 from journal.errors import VolumeError
 from journal.pairs import PairSpec
 from journal.runs import RunBuilder, max_write as write_bound
+from producers.announce import announce_baseline
 from producers.publisher import JournalPublisher
 from producers.state import CaptureState, StateStore
 from schemas.cipher import JournalKey
@@ -82,6 +83,8 @@ def scan_once(spec: PairSpec, settings: KafkaSettings, store: StateStore | None 
             state = CaptureState(j.epoch, j.seq + 1, j.epoch_bytes, True, spec.block_size,
                                  vol.size)
             store.save(state, new_hashes)
+            if baseline:
+                announce_baseline(settings, spec.name, state.epoch)
             pub.beat("idle", {"last_scan_changed_bytes": str(changed_bytes)}, force=True)
             return ScanResult(state.epoch, first_seq, last, baseline,
                               block_count(vol.size, spec.block_size), changed, changed_bytes,

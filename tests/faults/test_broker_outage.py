@@ -227,4 +227,25 @@ def test_journal_lost_while_the_capturer_was_stopped_is_caught_at_its_next_start
         assert "stopped (clean)" in cap.stop()
     finally:
         cap.kill()
+    # The target is whole again, the journal is not: a replica cannot be built by replay...
+    replica = tmp_path / "replica.img"
+    refused = run_x2x("replica", "add", pair_name, "--target", str(replica), "--at", "now",
+                      check=False)
+    assert refused.returncode != 0 and "cannot be rebuilt by replaying" in refused.stderr, \
+        refused.stderr
+    assert not replica.exists() or not any(replica.read_bytes())
+    # ... until a full baseline is in the journal again.
+    cap = start_capturer(pair_name, "--resync")
+    try:
+        wait_beat(settings, pair_name, lambda b: b.epoch == 3
+                  and b.detail.get("baseline") == "done")
+        deadline = time.monotonic() + 30
+        while not control.get_pair(settings, pair_name).replayable:
+            assert time.monotonic() < deadline, "no baseline-complete announced"
+            time.sleep(0.2)
+        assert "stopped (clean)" in cap.stop()
+    finally:
+        cap.kill()
+    run_x2x("replica", "add", pair_name, "--target", str(replica), "--at", "now")
+    assert converged(spec.source, str(replica))
     TALLY["broker outages"] += 1

@@ -63,6 +63,16 @@ def test_a_lost_journal_holds_until_a_hash_resync_and_only_then():
     assert st.state == "needs-resync" and not st.journal_lost
 
 
+def test_a_lost_history_is_not_replayable_until_a_full_baseline_not_a_resync():
+    lost = [ev("created"), ev("resync-needed", cause=JOURNAL_LOST)]
+    assert fold([ev("created")])["p"].replayable
+    assert not fold(lost)["p"].replayable
+    assert not fold(lost + [ev("resynced")])["p"].replayable      # the target only
+    st = fold(lost + [ev("resynced"), ev("baseline-complete", epoch="4")])["p"]
+    assert st.replayable and st.state == "created"
+    assert fold([ev("created"), ev("resync-needed", reason="gap")])["p"].replayable
+
+
 def test_abandoned_epochs_accumulate_and_survive_other_events():
     st = fold([ev("created"), ev("epoch-abandoned", epoch="1", successor="2"),
                ev("resync-needed"), ev("resynced"),
