@@ -108,6 +108,7 @@ class NBDCapture:
     _stopping: threading.Event = field(init=False, default_factory=threading.Event)
     _threads: list[threading.Thread] = field(init=False, default_factory=list)
     _stopped: bool = field(init=False, default=False)
+    _state_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> "NBDCapture":
@@ -213,12 +214,20 @@ class NBDCapture:
 
     def remember_last_acked(self) -> None:
         """Keep the newest acknowledged record in the saved state (see CaptureState)."""
-        acked = self.pub.last_acked
-        if acked is None or (acked[0], acked[1].hex()) == (self.state.last_offset,
-                                                          self.state.last_digest):
-            return
-        self.state.last_offset, self.state.last_digest = acked[0], acked[1].hex()
-        self.store.save(self.state)
+        with self._state_lock:
+            acked = self.pub.last_acked
+            if acked is None or (acked[0], acked[1].hex()) == (self.state.last_offset,
+                                                              self.state.last_digest):
+                return
+            self.state.last_offset, self.state.last_digest = acked[0], acked[1].hex()
+            self.store.save(self.state)
+
+    def switch_state(self, state: CaptureState) -> None:
+        """Save and adopt a new epoch's state. Under the same lock as the heartbeat's save,
+        so an older state can never be written over it (an epoch must not repeat)."""
+        with self._state_lock:
+            self.store.save(state)
+            self.state = state
 
     def new_publisher(self, epoch: int, next_seq: int, epoch_bytes: int) -> JournalPublisher:
         """The journal publisher of an epoch; in async mode it spools a backlog to local

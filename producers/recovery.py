@@ -241,8 +241,7 @@ class Recovery:
                 return
             old.fail("superseded by a new epoch")
             old.close(timeout=0)
-            cap.store.save(state)
-            cap.state = state
+            cap.switch_state(state)
             pub = cap.new_publisher(state.epoch, 1, 0)
             cap.pub = cap.backend.pub = pub
             self.state = "resyncing"
