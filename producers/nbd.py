@@ -4,7 +4,12 @@ It knows nothing of Kafka. Each named export is a :class:`Backend` (the short su
 nbdkit plugins have: size, pread, pwrite, zero, trim, flush); the journaling volume that
 publishes writes is one such backend, a plain image file another.
 
-One thread per client connection, requests handled in order on each connection. Bad
+Per client connection, one thread reads requests (in order: payloads follow their
+headers) and a few workers serve them, so requests in flight overlap as the protocol
+allows (replies carry the client's cookie and may come in any order): a slow local
+write, a block allocation or a wait for the broker in sync mode no longer holds up the
+requests behind it. The backend keeps ordering where it matters (the journaling volume's
+range locks). A FLUSH covers the writes already replied to, as the protocol says. Bad
 input from one client closes or answers that client only, with one log line naming the
 peer; the server keeps serving everyone else. Wire formats live in ``nbdproto``.
 """
@@ -16,6 +21,7 @@ import socket
 import ssl
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
@@ -25,6 +31,11 @@ _log = logging.getLogger("x2x.nbd")
 
 _DISCARD_CHUNK = 1 << 20
 _ACCEPT_POLL_S = 0.25
+#: Workers per connection, and what one connection may have in flight (requests, and
+#: payload bytes read ahead of the workers).
+WORKERS = 8
+MAX_INFLIGHT_REQUESTS = 32
+MAX_INFLIGHT_BYTES = 64 << 20
 # The transmission flags we advertise. CAN_MULTI_CONN stays off: a backend may sit in
 # front of a journal whose FLUSH is per-connection, so cross-connection flush is not safe.
 TRANSMISSION_FLAGS = (p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA
@@ -83,6 +94,41 @@ class _Conn:
     thread: threading.Thread | None = None
     no_zeroes: bool = False
     tls: bool = False
+    #: Set once the connection must end (the backend shut down, a reply failed): the
+    #: reader stops taking requests, the workers' replies stop.
+    closing: bool = False
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    count_lock: threading.Lock = field(default_factory=threading.Lock)
+    inflight: "_Inflight | None" = None
+
+    def reply(self, header: bytes, data: bytes | None = None) -> None:
+        """Send one reply whole (replies of several workers never interleave)."""
+        with self.send_lock:
+            if not self.closing:
+                _send_all(self.sock, header, data)
+
+
+class _Inflight:
+    """Bounds what a connection has read ahead of its workers."""
+
+    def __init__(self, requests: int, nbytes: int) -> None:
+        self.max_requests, self.max_bytes = requests, nbytes
+        self.requests = self.bytes = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int) -> None:
+        with self._cond:
+            while self.requests >= self.max_requests or (
+                    self.requests and self.bytes + nbytes > self.max_bytes):
+                self._cond.wait()
+            self.requests += 1
+            self.bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.requests -= 1
+            self.bytes -= nbytes
+            self._cond.notify_all()
 
 
 @dataclass
@@ -101,6 +147,7 @@ class NBDServer:
     on_disconnect: Callable[[ClientInfo], None] | None = None
     tls: ssl.SSLContext | None = None
     tls_required: bool = False
+    workers: int = WORKERS
     _listener: socket.socket | None = field(init=False, default=None)
     _stopping: threading.Event = field(init=False, default_factory=threading.Event)
     _accept_thread: threading.Thread | None = field(init=False, default=None)
@@ -204,7 +251,9 @@ class NBDServer:
         except _Close as e:
             self.log.warning("NBD %s: %s; closing", peer, e)
         except _PeerGone as e:
-            if self._stopping.is_set():
+            if conn.closing:
+                self.log.info("NBD %s: disconnected after the export refused requests", peer)
+            elif self._stopping.is_set():
                 self.log.info("NBD %s: disconnected by server stop", peer)
             elif e.mid_message:
                 self.log.warning("NBD %s: client vanished mid-message (the partial message"
@@ -342,63 +391,106 @@ class NBDServer:
         name, backend = export
         conn.info.export = name
         self.log.info("NBD %s: serving export %r (%d bytes)", conn.info.peer, name, backend.size)
+        conn.inflight = _Inflight(MAX_INFLIGHT_REQUESTS, MAX_INFLIGHT_BYTES)
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"nbd-{conn.info.peer}")
         header = bytearray(p.REQUEST_SIZE)
-        while True:
-            _recv_into(conn.sock, memoryview(header), at_boundary=True)
-            try:
-                req = p.parse_request(header)
-            except p.ProtocolError as e:
-                raise _Close(str(e)) from None
-            if req.type == p.Cmd.DISC:
-                self.log.info("NBD %s: client disconnected (NBD_CMD_DISC)", conn.info.peer)
-                return
-            conn.info.requests += 1
-            if not self._handle(conn, backend, req):
-                return
+        try:
+            while not conn.closing:
+                _recv_into(conn.sock, memoryview(header), at_boundary=True)
+                try:
+                    req = p.parse_request(header)
+                except p.ProtocolError as e:
+                    raise _Close(str(e)) from None
+                if req.type == p.Cmd.DISC:
+                    self.log.info("NBD %s: client disconnected (NBD_CMD_DISC)", conn.info.peer)
+                    return
+                conn.info.requests += 1
+                self._take(conn, backend, req, pool)
+        finally:
+            pool.shutdown(wait=True)    # requests in flight finish and are answered
+        # A worker ended the connection (ESHUTDOWN sent, then FIN): let the client read
+        # it before the socket closes, since closing with unread data would send RST.
+        _close_gracefully(conn.sock)
 
-    def _handle(self, conn: _Conn, backend: Backend, req: p.Request) -> bool:
-        """Serve one request; False once the connection must end."""
+    def _take(self, conn: _Conn, backend: Backend, req: p.Request,
+              pool: ThreadPoolExecutor) -> None:
+        """Read one request's payload (reader thread) and hand it to a worker; requests
+        the server refuses outright are answered here."""
         peer = conn.info.peer
         if req.type == p.Cmd.WRITE and req.length > p.MAX_PAYLOAD:
             # Its payload cannot be skipped at a sane cost, so the stream is lost.
             raise _Close(f"NBD_CMD_WRITE of {req.length} bytes exceeds {p.MAX_PAYLOAD}")
         error = p.check_request(req, backend.size)
-        payload: bytearray | None = None
-        if req.type == p.Cmd.WRITE:
-            if error:
+        if error:
+            if req.type == p.Cmd.WRITE:
                 _discard(conn.sock, req.length)
-            else:
+            self.log.warning("NBD %s: %s flags=%#x offset=%d length=%d refused with %s",
+                             peer, _cmd_name(req.type), req.flags, req.offset, req.length,
+                             error.name)
+            conn.reply(p.encode_simple_reply(error, req.cookie))
+            return
+        size = req.length if req.type == p.Cmd.WRITE else 0
+        assert conn.inflight is not None
+        conn.inflight.acquire(size)
+        payload: bytearray | None = None
+        try:
+            if req.type == p.Cmd.WRITE:
                 # A fresh buffer per request, never reused: the backend may keep a
                 # view of it (the journal holds the op until the broker has it).
                 payload = bytearray(req.length)
                 _recv_into(conn.sock, memoryview(payload), at_boundary=False)
-        if error:
-            self.log.warning("NBD %s: %s flags=%#x offset=%d length=%d refused with %s",
-                             peer, _cmd_name(req.type), req.flags, req.offset, req.length,
-                             error.name)
-            conn.sock.sendall(p.encode_simple_reply(error, req.cookie))
-            return True
+        except BaseException:
+            conn.inflight.release(size)
+            raise
+        pool.submit(self._serve, conn, backend, req, payload)
+
+    def _serve(self, conn: _Conn, backend: Backend, req: p.Request,
+               payload: bytearray | None) -> None:
+        """Serve one validated request and reply (a worker thread)."""
+        assert conn.inflight is not None
+        try:
+            self._handle(conn, backend, req, payload)
+        except OSError as e:
+            # The reply could not be sent: the connection is gone; wake the reader.
+            if not conn.closing:
+                self.log.warning("NBD %s: reply to %s failed: %s", conn.info.peer,
+                                 _cmd_name(req.type), e)
+            conn.closing = True
+            _shutdown_socket(conn.sock)
+        except Exception:  # noqa: BLE001 - one request must not kill its worker silently
+            self.log.exception("NBD %s: serving %s failed", conn.info.peer, _cmd_name(req.type))
+            conn.closing = True
+            _shutdown_socket(conn.sock)
+        finally:
+            conn.inflight.release(req.length if req.type == p.Cmd.WRITE else 0)
+
+    def _handle(self, conn: _Conn, backend: Backend, req: p.Request,
+                payload: bytearray | None) -> None:
+        peer = conn.info.peer
         try:
             data = self._call(conn, backend, req, payload)
         except Shutdown as e:
             self.log.warning("NBD %s: %s refused, backend shutting down (%s); disconnecting",
                              peer, _cmd_name(req.type), e)
-            conn.sock.sendall(p.encode_simple_reply(p.Err.ESHUTDOWN, req.cookie))
-            _close_gracefully(conn.sock)
-            return False
+            with conn.send_lock:
+                if not conn.closing:
+                    conn.sock.sendall(p.encode_simple_reply(p.Err.ESHUTDOWN, req.cookie))
+                    conn.closing = True
+                    # FIN after the reply; the reader drains until the client closes.
+                    _shutdown_socket(conn.sock, socket.SHUT_WR)
+            return
         except OSError as e:
             nbd_err = p.errno_to_nbd(e.errno)
             self.log.warning("NBD %s: %s offset=%d length=%d failed: %s -> %s", peer,
                              _cmd_name(req.type), req.offset, req.length, e, nbd_err.name)
-            conn.sock.sendall(p.encode_simple_reply(nbd_err, req.cookie))
-            return True
+            conn.reply(p.encode_simple_reply(nbd_err, req.cookie))
+            return
         except Exception as e:  # noqa: BLE001 - a backend bug is an I/O error to the client
             self.log.exception("NBD %s: %s offset=%d length=%d failed: %s -> EIO", peer,
                                _cmd_name(req.type), req.offset, req.length, e)
-            conn.sock.sendall(p.encode_simple_reply(p.Err.EIO, req.cookie))
-            return True
-        _send_all(conn.sock, p.encode_simple_reply(p.Err.OK, req.cookie), data)
-        return True
+            conn.reply(p.encode_simple_reply(p.Err.EIO, req.cookie))
+            return
+        conn.reply(p.encode_simple_reply(p.Err.OK, req.cookie), data)
 
     def _call(self, conn: _Conn, backend: Backend, req: p.Request,
               payload: bytearray | None) -> bytes | None:
@@ -409,13 +501,15 @@ class NBDServer:
             data = backend.pread(offset, length) if length else b""
             if len(data) != length:
                 raise OSError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
-            conn.info.bytes_read += length
+            with conn.count_lock:       # counters shared by the workers
+                conn.info.bytes_read += length
             return data
         if kind == p.Cmd.WRITE:
             assert payload is not None
             if length:
                 backend.pwrite(offset, memoryview(payload), fua)
-            conn.info.bytes_written += length
+            with conn.count_lock:
+                conn.info.bytes_written += length
         elif kind == p.Cmd.WRITE_ZEROES:
             if length:
                 backend.zero(offset, length, fua)
