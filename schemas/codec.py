@@ -121,7 +121,7 @@ def encode_entry_parts(entry: Entry) -> list[bytes | memoryview]:
         _long(head, op.length)
         _long(head, len(op.data))
         if len(op.data) > 256:
-            parts += (head, op.data)
+            parts += (head, op.data)    # framing: always a bytearray (see _canonical)
             head = bytearray()
         else:
             head += op.data
@@ -136,8 +136,33 @@ def encode_entry_parts(entry: Entry) -> list[bytes | memoryview]:
 
 
 def decode_entry(data: bytes) -> Entry:
-    """Decode a journal record; the digest is checked by the caller, who holds the key."""
+    """Decode a journal record; the digest is checked by the caller, who holds the key.
+
+    The record must be exactly how x2x encodes what it decodes to. Avro admits other
+    spellings of the same values (fastavro reads a negative enum index as a Python list
+    index, so a flipped bit can decode to the same op), and those are refused: then no
+    altered byte of a record can pass, not even one that changes nothing."""
     r = decode(data, ENTRY)
     ops = tuple(Op(OpKind(o["kind"]), o["offset"], o["length"], o["data"]) for o in r["ops"])
-    return Entry(r["pair"], r["epoch"], r["first_seq"], r["captured_at_ms"],
-                 r["epoch_bytes"], ops, r["digest"], r["cipher"])
+    entry = Entry(r["pair"], r["epoch"], r["first_seq"], r["captured_at_ms"],
+                  r["epoch_bytes"], ops, r["digest"], r["cipher"])
+    if not _canonical(entry, data):
+        raise CorruptEntry(f"journal record of {len(data)} bytes is not encoded the way x2x "
+                           f"encodes it (an altered byte that still decodes); refused")
+    return entry
+
+
+def _canonical(entry: Entry, data: bytes) -> bool:
+    """Is ``data`` (header already checked) byte for byte the encoding of ``entry``?
+
+    Only the framing is compared: a payload part is the very bytes the decoder read at
+    that position, so once the framing before it matches, it matches too."""
+    view, pos = memoryview(data), HEADER_LEN
+    parts = encode_entry_parts(entry)
+    parts[0] = parts[0][HEADER_LEN:]
+    for part in parts:
+        n = len(part)
+        if isinstance(part, bytearray) and view[pos:pos + n].tobytes() != part:
+            return False        # framing; a decoded payload is bytes, never a bytearray
+        pos += n
+    return pos == len(data)
