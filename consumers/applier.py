@@ -29,7 +29,7 @@ from journal.errors import (BrokerError, DigestMismatch, JournalError,
 from journal.blocks import (HASH_LEN, Extent, coalesce, diff_maps, format_extents,
                             hash_buffer)
 from journal.ops import Entry, OpKind
-from journal.pairs import JOURNAL_LOST, ControlEvent, PairSpec
+from journal.pairs import JOURNAL_LOST, ControlEvent, PairSpec, PairState
 from journal.sequence import Limit, Position, Verdict, check_extents, classify
 from journal.status import latest
 from schemas import codec
@@ -358,12 +358,17 @@ class Applier:
             f"by block hashes, sending only what differs: 'x2x pair resync {self.spec.name}' "
             f"on the source's host (a running NBD capturer may keep serving)")
 
-    def _abandoned(self, epoch: int) -> bool:
-        """Did the capturer give ``epoch`` up for a later one (producers/recovery.py)?"""
+    def _pair_state(self) -> PairState | None:
+        """The pair as the control topic says now (None: not known there)."""
         try:
-            return epoch in control.get_pair(self.settings, self.spec.name).abandoned_epochs
+            return control.get_pair(self.settings, self.spec.name)
         except PairNotFound:
-            return False
+            return None
+
+    def _abandoned(self, epoch: int) -> bool:
+        """Did the capturer give ``epoch`` up for a later one (producers/announce.py)?"""
+        st = self._pair_state()
+        return st is not None and epoch in st.abandoned_epochs
 
     def _refuse_replay_after_loss(self) -> None:
         """A target built by replaying the journal from its start needs the whole history;
@@ -371,11 +376,8 @@ class Applier:
         a target that looks consistent and is not."""
         if not self.publish_status:
             return          # a scratch replay (journal check) reports on what is there
-        try:
-            st = control.get_pair(self.settings, self.spec.name)
-        except PairNotFound:
-            return
-        if not st.replayable:
+        st = self._pair_state()
+        if st is not None and not st.replayable:
             name = self.spec.name
             raise JournalLost(
                 f"pair {name}: its journal lost its history (topic recreated or broker data "

@@ -99,7 +99,8 @@ class _Conn:
     closing: bool = False
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     count_lock: threading.Lock = field(default_factory=threading.Lock)
-    inflight: "_Inflight | None" = None
+    inflight: "_Inflight" = field(default_factory=lambda: _Inflight(MAX_INFLIGHT_REQUESTS,
+                                                                     MAX_INFLIGHT_BYTES))
 
     def reply(self, header: bytes, data: bytes | None = None) -> None:
         """Send one reply whole (replies of several workers never interleave)."""
@@ -391,7 +392,6 @@ class NBDServer:
         name, backend = export
         conn.info.export = name
         self.log.info("NBD %s: serving export %r (%d bytes)", conn.info.peer, name, backend.size)
-        conn.inflight = _Inflight(MAX_INFLIGHT_REQUESTS, MAX_INFLIGHT_BYTES)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"nbd-{conn.info.peer}")
         header = bytearray(p.REQUEST_SIZE)
         try:
@@ -430,7 +430,6 @@ class NBDServer:
             conn.reply(p.encode_simple_reply(error, req.cookie))
             return
         size = req.length if req.type == p.Cmd.WRITE else 0
-        assert conn.inflight is not None
         conn.inflight.acquire(size)
         payload: bytearray | None = None
         try:
@@ -442,12 +441,12 @@ class NBDServer:
         except BaseException:
             conn.inflight.release(size)
             raise
-        pool.submit(self._serve, conn, backend, req, payload)
+        pool.submit(self._serve, conn, backend, req, payload, size)
 
     def _serve(self, conn: _Conn, backend: Backend, req: p.Request,
-               payload: bytearray | None) -> None:
-        """Serve one validated request and reply (a worker thread)."""
-        assert conn.inflight is not None
+               payload: bytearray | None, size: int) -> None:
+        """Serve one validated request and reply (a worker thread); ``size`` is what it
+        holds of the connection's read-ahead."""
         try:
             self._handle(conn, backend, req, payload)
         except OSError as e:
@@ -462,7 +461,7 @@ class NBDServer:
             conn.closing = True
             _shutdown_socket(conn.sock)
         finally:
-            conn.inflight.release(req.length if req.type == p.Cmd.WRITE else 0)
+            conn.inflight.release(size)
 
     def _handle(self, conn: _Conn, backend: Backend, req: p.Request,
                 payload: bytearray | None) -> None:

@@ -212,15 +212,21 @@ class NBDCapture:
                     old.last_offset, self.spec.name)
         return True
 
+    def _last_acked(self) -> tuple[int, str]:
+        """(offset, digest hex) of the newest acknowledged record, as CaptureState keeps
+        it; the saved one until this run has an acknowledgement."""
+        acked = self.pub.last_acked
+        if acked is None:
+            return self.state.last_offset, self.state.last_digest
+        return acked[0], acked[1].hex()
+
     def remember_last_acked(self) -> None:
         """Keep the newest acknowledged record in the saved state (see CaptureState)."""
         with self._state_lock:
-            acked = self.pub.last_acked
-            if acked is None or (acked[0], acked[1].hex()) == (self.state.last_offset,
-                                                              self.state.last_digest):
-                return
-            self.state.last_offset, self.state.last_digest = acked[0], acked[1].hex()
-            self.store.save(self.state)
+            last = self._last_acked()
+            if last != (self.state.last_offset, self.state.last_digest):
+                self.state.last_offset, self.state.last_digest = last
+                self.store.save(self.state)
 
     def switch_state(self, state: CaptureState) -> None:
         """Save and adopt a new epoch's state. Under the same lock as the heartbeat's save,
@@ -291,12 +297,9 @@ class NBDCapture:
             if self.hashes is not None:
                 refresh_hashes(self.vol, self.hashes, self.backend.dirty, self.spec.block_size)
                 hashes = bytes(self.hashes)
-            last = self.pub.last_acked
             self.store.save(CaptureState(j.epoch, j.seq + 1, j.epoch_bytes, True,
                                          self.spec.block_size, self.vol.size,
-                                         last[0] if last else self.state.last_offset,
-                                         last[1].hex() if last else self.state.last_digest),
-                            hashes)
+                                         *self._last_acked()), hashes)
         # else: the state saved at start (clean=False) stays: the next start re-baselines.
         r = self.report
         r.last_seq, r.clean, r.error = j.seq, clean, failed
