@@ -3,7 +3,8 @@
 
 * sequential: ``nbdcopy`` of 1 GiB of incompressible data into the export, as the issue
   states it: in async mode a write is acknowledged once it is on the source and the
-  journal follows (through the disk spool when the broker is slower);
+  journal follows (the backlog stays on the source, and a burst without FLUSH is shipped
+  once the clients pause, within ``X2X_ASYNC_HOLD``);
 * sequential with ``--flush``: the same, ending with a flush, which for x2x means "all of
   it acknowledged by the broker", so this time includes the whole journal;
 * random 4 KiB writes: ``qemu-img bench -w`` with a large prime stride (offsets jump

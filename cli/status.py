@@ -96,6 +96,10 @@ def _capture_cell(state: str, detail: dict[str, str]) -> str:
     if spooled:
         # Journal records queued on the source's disk for a broker slower than the writes.
         parts.append(f"{human_bytes(spooled)} spooled")
+    deferred = int(detail.get("deferred_bytes", "0") or 0)
+    if deferred:
+        # Acknowledged writes the journal has yet to read back from the source.
+        parts.append(f"{human_bytes(deferred)} unjournaled on the source")
     dirty = int(detail.get("dirty_bytes", "0") or 0)
     if dirty or state == "degraded":
         # Written on the source, not (yet) acknowledged by the broker: what a resync sends.

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from journal.digest import entry_digest
-from journal.ops import CLOSING_KINDS, Entry, Op, OpKind
+from journal.ops import CLOSING_KINDS, Deferred, Entry, Op, OpKind
 
 #: Payload bytes per Kafka record. Kept under a stock Kafka broker's message.max.bytes
 #: (1 MiB) with room for Avro framing and compression expansion of random data.
@@ -36,6 +36,11 @@ class Sequencer:
     def pending_ops(self) -> int:
         return len(self._ops)
 
+    @property
+    def max_op_data(self) -> int:
+        """The most data one op can carry; larger WRITEs are split into ops this big."""
+        return self.budget - OP_OVERHEAD
+
     def add(self, op: Op, now_ms: int) -> list[Entry]:
         """Queue ``op``; return the entries it completed (possibly none)."""
         out: list[Entry] = []
@@ -54,9 +59,13 @@ class Sequencer:
         return self._close(now_ms) if self._ops else None
 
     def _split(self, op: Op) -> list[Op]:
-        room = self.budget - OP_OVERHEAD
+        room = self.max_op_data
         if op.kind is not OpKind.WRITE or len(op.data) <= room:
             return [op]
+        if isinstance(op.data, Deferred):
+            # Bytes not read yet cannot be sliced; their maker cuts them to size.
+            raise ValueError(f"a deferred WRITE of {len(op.data)} bytes exceeds the "
+                             f"{room} bytes one op can carry")
         # Views, not copies: an op's data is never changed once the op exists.
         data = memoryview(op.data)
         return [Op.write(op.offset + i, data[i:i + room]) for i in range(0, len(data), room)]

@@ -1,8 +1,9 @@
 """Journal ops and entries: the records the capturers publish and the appliers replay."""
 from __future__ import annotations
 
+import abc
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 class OpKind(enum.Enum):
@@ -22,17 +23,38 @@ class OpKind(enum.Enum):
 CLOSING_KINDS = frozenset({OpKind.FLUSH, OpKind.SEAL})
 
 
+class Deferred(abc.ABC):
+    """A WRITE's bytes not read yet: they still lie on the source, and are read when the
+    journal gets to them (or earlier, by whoever is about to change them). Only the
+    publisher's writer ever sees one; entries are resolved before they are signed."""
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def take(self) -> bytes:
+        """The bytes, read now if nobody read them before."""
+
+    @property
+    @abc.abstractmethod
+    def early(self) -> bool:
+        """Were they read before ``take`` (so already held in memory)?"""
+
+
 @dataclass(frozen=True, slots=True)
 class Op:
     """One op; ``data`` is set for WRITE (the bytes) and SEAL (the volume digest).
 
     ``data`` may be a memoryview (the hot write path does not copy): whoever makes the
-    op promises the bytes behind it do not change afterwards."""
+    op promises the bytes behind it do not change afterwards. It may also be a
+    :class:`Deferred`, whose maker promises to read the bytes before they change."""
 
     kind: OpKind
     offset: int = 0
     length: int = 0
-    data: bytes | memoryview = b""
+    data: bytes | memoryview | Deferred = b""
 
     @staticmethod
     def write(offset: int, data: bytes | memoryview) -> "Op":
@@ -93,3 +115,24 @@ class Entry:
     @property
     def payload_bytes(self) -> int:
         return sum(op.payload_bytes for op in self.ops)
+
+
+def resolve(entry: Entry) -> tuple[Entry, int, int]:
+    """``entry`` with every :class:`Deferred` read, and of its payload the bytes that
+    were already held in memory and those read just now from the source."""
+    if not any(isinstance(op.data, Deferred) for op in entry.ops):
+        return entry, sum(len(op.data) for op in entry.ops), 0
+    held = fresh = 0
+    ops: list[Op] = []
+    for op in entry.ops:
+        if isinstance(op.data, Deferred):
+            data = op.data.take()
+            if op.data.early:
+                held += len(data)
+            else:
+                fresh += len(data)
+            op = replace(op, data=data)
+        else:
+            held += len(op.data)
+        ops.append(op)
+    return replace(entry, ops=tuple(ops)), held, fresh

@@ -8,7 +8,8 @@ matter). The baseline reader takes the same locks across "read block + append", 
 what keeps a baseline from overtaking a write (journal/DESIGN.md rule 7). The append only
 queues the op; Kafka round trips happen outside the locks.
 
-Modes: ``async`` acknowledges a write once it is on the source (the journal follows);
+Modes: ``async`` acknowledges a write once it is on the source (the journal follows,
+reading the bytes back from the source when the broker has room: producers/deferred.py);
 ``sync`` acknowledges it only once the broker acknowledged its journal entry, and fails
 it with EIO otherwise. In both modes a client FLUSH means "durable on the source and on
 the broker".
@@ -19,6 +20,7 @@ import enum
 import errno
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -26,7 +28,8 @@ from typing import Callable, Iterator
 from infra.volume import Volume
 from journal.choices import parse_choice
 from journal.errors import X2XError
-from journal.ops import Op
+from journal.ops import Op, OpKind
+from producers.deferred import DeferredWrites
 from producers.intent import IntentBitmap
 from producers.nbd import Shutdown
 from producers.publisher import JournalPublisher
@@ -38,6 +41,8 @@ log = logging.getLogger("x2x.capture")
 REGION = 4 << 20
 #: Number of lock stripes; region ``i`` uses stripe ``i % STRIPES``. 1 means one lock.
 STRIPES = 64
+#: Clients count as busy for this long after their last change (burst absorption).
+QUIET = 0.02
 
 
 class Mode(str, enum.Enum):
@@ -117,8 +122,11 @@ class JournalingVolume:
         self.failed: str | None = None
         #: The write-intent bitmap (producers/intent.py), set by the capturer.
         self.intent: IntentBitmap | None = None
+        #: Journaled writes whose bytes the journal has yet to read from the source.
+        self.deferred = DeferredWrites(vol)
         self._closing = False
         self._count_lock = threading.Lock()
+        self._last_change = 0.0
 
     # -- the Backend surface -------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
@@ -155,6 +163,10 @@ class JournalingVolume:
                 self.counters.ops += 1
                 self.counters.flushes += 1
 
+    def busy(self) -> bool:
+        """Are clients writing right now (a change within the last ``QUIET`` seconds)?"""
+        return time.monotonic() - self._last_change < QUIET
+
     # -- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
         """Refuse every further request with ESHUTDOWN (requests already running finish)."""
@@ -167,13 +179,17 @@ class JournalingVolume:
             # Never acknowledge a write the journal cannot hold.
             raise OSError(errno.EIO, f"journal unavailable: {self.failed}")
         seq = 0
+        self._last_change = time.monotonic()
         with self.locks.hold(op.offset, op.length):
             # Marked before the local write: a crash from here on resends these blocks.
             token = self.intent.mark(op.offset, op.length) if self.intent else 0
             try:
+                # Deferred ops this change overtakes keep the bytes they wrote.
+                self.deferred.read_overlapping(op.offset, op.length)
                 local()
                 self._mark_dirty(op.offset, op.length)
-                if self._journal(lambda: self.pub.append(op)) and self.mode is Mode.SYNC:
+                ops = self._journal_form(op)
+                if self._journal(lambda: self.pub.append_many(ops)) and self.mode is Mode.SYNC:
                     # Read under the lock: at or after our op, so waiting for it is enough.
                     seq = self.pub.appended_seq
             finally:
@@ -192,6 +208,17 @@ class JournalingVolume:
             self._journal(self.pub.close_entry)
             self._journal(lambda: self.pub.wait_journaled(seq, self.journal_timeout))
 
+    def _journal_form(self, op: Op) -> list[Op]:
+        """The ops that journal a change just made: an async WRITE leaves its bytes on
+        the source while the backlog fits (the client's buffer is not kept), anything
+        else carries them."""
+        pub = self.pub
+        if (op.kind is OpKind.WRITE and self.mode is Mode.ASYNC and self.failed is None
+                and pub.can_defer(op.length)):
+            return [Op.write(s.offset, s) for s in
+                    self.deferred.defer(op.offset, op.length, pub.max_op_data, pub.note_early)]
+        return [op]
+
     def _journal(self, call: Callable[[], object]) -> bool:
         """Run one publisher call. On failure: sync mode fails the request with EIO; async
         mode keeps the source available and stops journaling (degraded: the capturer's
@@ -206,6 +233,7 @@ class JournalingVolume:
             return True
         except X2XError as e:
             self.failed = str(e)
+            self.deferred.clear()       # their journal is gone; the bitmap has the blocks
             log.error("journaling stopped: %s; changed blocks are marked in the write-intent "
                       "bitmap and resent in a new epoch once the broker is back", e)
             if self.mode is Mode.SYNC:

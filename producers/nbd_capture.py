@@ -33,6 +33,7 @@ from journal.errors import BadInput, VolumeError, X2XError
 from journal.pairs import PairSpec
 from journal.ops import Op
 from producers.control_watch import ControlWatch
+from producers.deferred import hold_from_env
 from producers.baseline import BaselineProgress, new_hash_map, refresh_hashes, run_baseline
 from producers.journaling import JournalingVolume, Mode, RangeLocks
 from producers.nbd import NBDServer
@@ -100,6 +101,9 @@ class NBDCapture:
     beat_interval: float = BEAT_INTERVAL
     #: Most record bytes the async spool may hold (``X2X_SPOOL_MAX``); 0: no spool.
     spool_max: int = field(default_factory=spool_max_from_env)
+    #: Seconds an async burst may stay on the source while clients write
+    #: (``X2X_ASYNC_HOLD``, producers/deferred.py); 0 ships every write at once.
+    hold: float = field(default_factory=hold_from_env)
     #: TLS for NBD clients (infra/tls.py); ``tls_required`` refuses plain-text clients.
     tls: ssl.SSLContext | None = None
     tls_required: bool = False
@@ -241,9 +245,15 @@ class NBDCapture:
         spool = (Spool(pair_dir(self.spec.name) / "spool", self.spool_max)
                  if self.mode is Mode.ASYNC and self.spool_max else None)
         pub = JournalPublisher(self.settings, self.spec.name, epoch, next_seq, epoch_bytes,
-                               key=self.key, instance=self.spec.source, spool=spool)
+                               key=self.key, instance=self.spec.source, spool=spool,
+                               hold=self.hold if spool is not None else 0.0,
+                               busy=self._clients_busy)
         pub.heartbeat.local_copy = local_beat_path(self.spec.name, "capturer")
         return pub
+
+    def _clients_busy(self) -> bool:
+        backend = getattr(self, "backend", None)     # the first publisher comes before it
+        return backend is not None and backend.busy()
 
     @property
     def uri(self) -> str:
@@ -342,7 +352,8 @@ class NBDCapture:
         c = self.backend.counters
         d = {"capturer": "nbd", "mode": self.mode.value, "listen": self.uri,
              "clients": str(len(self.server.clients)), "captured_ops": str(c.ops),
-             "captured_bytes": str(c.bytes), "spooled_bytes": str(self.pub.spooled_bytes)}
+             "captured_bytes": str(c.bytes), "spooled_bytes": str(self.pub.spooled_bytes),
+             "deferred_bytes": str(self.pub.deferred_bytes)}
         if self.baseline is not None:
             d["baseline"] = ("done" if self.baseline.finished
                              else f"{self.baseline.percent:.0f}%")

@@ -2,8 +2,10 @@
 
 Delivery reports, not produce calls, advance the journaled position, so "journaled"
 always means "the broker acknowledged it". In-flight bytes are bounded: a caller that
-outruns the broker queues records in the local spool (producers/spool.py) while it has
-room, and waits here once it has none, instead of buffering in memory without limit.
+outruns the broker leaves its writes on the source (producers/deferred.py: the writer
+reads them when their turn comes) or queues records in the local spool
+(producers/spool.py) while there is room, and waits here once there is none, instead of
+buffering in memory without limit.
 
 Appending only numbers ops and packs them into entries (cheap, under the lock). One
 writer thread then signs, encrypts and encodes each entry and hands it to Kafka or the
@@ -27,10 +29,14 @@ from infra.topics import journal_topic
 from journal.batch import DEFAULT_BUDGET, Sequencer
 from journal.digest import digest_of
 from journal.errors import BrokerError
-from journal.ops import Entry, Op
+from journal.ops import Deferred, Entry, Op, resolve
 from producers.spool import Spool
 from schemas import codec
 from schemas.cipher import JournalKey
+
+
+#: How often a writer holding a burst looks again whether the clients went quiet.
+BUSY_POLL = 0.01
 
 
 def now_ms() -> int:
@@ -77,18 +83,25 @@ class JournalPublisher:
                  epoch_bytes: int = 0, key: JournalKey | None = None,
                  max_inflight_bytes: int = 64 << 20, budget: int = DEFAULT_BUDGET,
                  instance: str = "", spool: Spool | None = None,
-                 max_queued_bytes: int = 16 << 20) -> None:
+                 max_queued_bytes: int = 16 << 20, hold: float = 0.0,
+                 busy: Callable[[], bool] | None = None) -> None:
         self.topic = journal_topic(pair)
         self.settings = settings
         self.producer = Producer(settings.producer())
         self.seq = Sequencer(pair, epoch, next_seq, epoch_bytes, budget, sign=False)
         self.key = key
         self.max_inflight = max_inflight_bytes
-        #: Entries closed but not yet signed and handed over, oldest first, and their
-        #: payload bytes (what appenders wait on beyond ``max_queued``).
+        #: Entries closed but not yet signed and handed over, oldest first; their
+        #: payload bytes held in memory (what appenders wait on beyond ``max_queued``),
+        #: and those still on the source (deferred ops, producers/deferred.py).
         self._queue: deque[Entry] = deque()
         self._queued = 0
+        self._deferred = 0
         self.max_queued = max_queued_bytes
+        #: Burst absorption (producers/deferred.py): while ``busy()`` says clients are
+        #: writing, deferred entries younger than ``hold`` seconds stay on the source.
+        self.hold, self.busy = hold, busy
+        self._waiters = 0          # threads in wait_journaled: they want it shipped now
         self.heartbeat = HeartbeatPublisher(self.producer, pair, "capturer", instance)
         self.journaled = Journaled(epoch, next_seq - 1, epoch_bytes, 0)
         self.ops_journaled = 0
@@ -157,8 +170,35 @@ class JournalPublisher:
         # Never waits: the sequencer numbered this entry, so it must join the queue
         # before any later one (waiting for room happens after, in append).
         self._queue.append(entry)
-        self._queued += _data_bytes(entry)
+        deferred = sum(len(op.data) for op in entry.ops if isinstance(op.data, Deferred))
+        self._queued += _data_bytes(entry) - deferred
+        self._deferred += deferred
         self._cond.notify_all()
+
+    # -- deferred writes (producers/deferred.py) -----------------------------------
+    @property
+    def max_op_data(self) -> int:
+        """The most data one op carries: deferred writes are cut to this size."""
+        return self.seq.max_op_data
+
+    def can_defer(self, nbytes: int) -> bool:
+        """May ``nbytes`` more of the backlog stay on the source? Only where a spool
+        exists (async mode), and within its cap, counted together with it."""
+        with self._cond:
+            return (self.spool is not None and not self._error
+                    and self._deferred + self.spool.bytes + nbytes <= self.spool.max_bytes)
+
+    def note_early(self, nbytes: int) -> None:
+        """Deferred bytes were read before their turn (about to change on the source):
+        from now on they are held in memory."""
+        with self._cond:
+            self._deferred -= nbytes
+            self._queued += nbytes
+
+    @property
+    def deferred_bytes(self) -> int:
+        """Bytes of the backlog still on the source, to be read when their turn comes."""
+        return self._deferred
 
     # -- the writer thread ---------------------------------------------------------
     # The only thread that touches the spool or produces journal records, so records
@@ -172,7 +212,7 @@ class JournalPublisher:
                 if step == "stop":
                     return
                 if step == "drop":
-                    self._drop(held)
+                    self._drop()
                     held = None
                 elif step == "ship":
                     value = self.spool.pop()
@@ -214,12 +254,32 @@ class JournalPublisher:
                 if self.spool is not None and self.spool.fits(len(held)):
                     return "spool", None
             elif self._queue:
-                return "encode", self._queue.popleft()
+                head = self._queue[0]
+                if (not _has_deferred(head) or self._queued > self.max_queued
+                        or (window and not self._spooled and not self._holding(head))):
+                    # An entry whose bytes are still on the source waits there, not in
+                    # the spool, until the broker has room and the burst is over:
+                    # unless memory is short behind it.
+                    return "encode", self._queue.popleft()
+                if window and not self._spooled:      # held: look again soon
+                    self._cond.wait(BUSY_POLL)
+                    continue
             self._cond.wait(0.1)
 
+    def _holding(self, head: Entry) -> bool:
+        """Leave a burst's writes on the source while clients are still writing: the
+        journal (and a broker on the same machine) then takes no CPU from them. Never
+        past ``hold`` seconds, and never while anyone waits for the journal (a FLUSH)."""
+        return (self.hold > 0 and not self._waiters and self.busy is not None
+                and self.busy() and now_ms() - head.captured_at_ms < self.hold * 1000)
+
     def _encode(self, entry: Entry) -> "_Encoded":
-        """Sign (over the plaintext), encrypt, encode: outside the lock."""
-        size = _data_bytes(entry)
+        """Read deferred bytes, sign (over the plaintext), encrypt, encode: outside the
+        lock."""
+        entry, size, fresh = resolve(entry)
+        if fresh:
+            with self._cond:
+                self._deferred -= fresh
         entry = replace(entry, digest=digest_of(entry, self.key.mac_key if self.key else None))
         parts = codec.encode_entry_parts(self.key.encrypt(entry) if self.key else entry)
         return _Encoded(parts, Sent.of(entry), size)
@@ -239,12 +299,11 @@ class JournalPublisher:
                 except BufferError:        # librdkafka's queue is full: the poller frees it
                     time.sleep(0.01)
 
-    def _drop(self, held: "_Encoded | None") -> None:
+    def _drop(self) -> None:
         """After a failure or at close: nothing queued or spooled will be sent."""
         with self._cond:
-            self._queued -= sum(map(_data_bytes, self._queue))
-            self._queued -= held.data_bytes if held is not None else 0
             self._queue.clear()
+            self._queued = self._deferred = 0     # what they counted: the queue and held
             self._spooled.clear()
             self._cond.notify_all()
         if self.spool is not None:
@@ -323,17 +382,22 @@ class JournalPublisher:
         deadline = time.monotonic() + timeout
         with self._cond:
             last = self.journaled.seq
-            while self.journaled.seq < seq:
-                self._raise_if_failed()
-                if self.journaled.seq != last:
-                    last, deadline = self.journaled.seq, time.monotonic() + timeout
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise BrokerError(
-                        f"the journal of {self.topic} is not acknowledged up to seq {seq}: "
-                        f"nothing acknowledged for {timeout:.0f} s; is "
-                        f"{self.settings.bootstrap} up?")
-                self._cond.wait(min(left, 0.5))
+            self._waiters += 1
+            self._cond.notify_all()         # a held burst ships now
+            try:
+                while self.journaled.seq < seq:
+                    self._raise_if_failed()
+                    if self.journaled.seq != last:
+                        last, deadline = self.journaled.seq, time.monotonic() + timeout
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise BrokerError(
+                            f"the journal of {self.topic} is not acknowledged up to seq "
+                            f"{seq}: nothing acknowledged for {timeout:.0f} s; is "
+                            f"{self.settings.bootstrap} up?")
+                    self._cond.wait(min(left, 0.5))
+            finally:
+                self._waiters -= 1
             self._raise_if_failed()
 
     def drain(self, timeout: float = 60.0) -> None:
@@ -375,3 +439,7 @@ class _Encoded:
 
 def _data_bytes(entry: Entry) -> int:
     return sum(len(op.data) for op in entry.ops)
+
+
+def _has_deferred(entry: Entry) -> bool:
+    return any(isinstance(op.data, Deferred) for op in entry.ops)

@@ -243,6 +243,7 @@ class Recovery:
             old.close(timeout=0)
             cap.switch_state(state)
             pub = cap.new_publisher(state.epoch, 1, 0)
+            cap.backend.deferred.clear()        # promises made to the failed publisher
             cap.pub = cap.backend.pub = pub
             self.state = "resyncing"
             cap.backend.failed = None          # from here writes are journaled again

@@ -141,29 +141,90 @@ def test_qemu_img_convert_and_nbdcopy_of_256_mib(settings, pair_name, tmp_path, 
     assert same_bytes(second, spec.target)
 
 
-def test_async_backlog_goes_to_the_spool_in_order_and_flush_waits_for_it(settings, pair_name,
-                                                                        tmp_path, live):
-    """A broker slower than the writer: records queue in the disk spool (not in memory,
-    not holding the client), and a client FLUSH returns only once all are journaled."""
+def test_async_backlog_stays_on_the_source_and_flush_waits_for_it(settings, pair_name,
+                                                                   tmp_path, live):
+    """A broker that takes nothing: the acknowledged writes wait on the source itself
+    (not in memory, not copied to the spool, not holding the client), and a client FLUSH
+    returns only once the journal has read and shipped them all (rule 11)."""
     size = 64 * MiB
     spec = make_pair(settings, pair_name, tmp_path, size)
     cap = live(spec)
     wait_baseline(cap)
     cap.sync_point()
-    # A tiny in-flight window stands in for a slow broker.
-    cap.pub.max_inflight = 256 * 1024
+    cap.pub.max_inflight = -1                       # stands in for a broker that is full
     data = tmp_path / "data.img"
     with open(data, "wb") as f:
         f.write(os.urandom(size))
     run("nbdcopy", str(data), cap.uri)              # no flush: acknowledged locally
-    assert cap.pub.spool is not None and cap.pub.spool.peak > 8 * MiB
+    deadline = time.monotonic() + 5                 # the last ops close within a linger
+    while cap.pub.deferred_bytes < size and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert cap.pub.deferred_bytes == size           # every byte of it left on the source
+    assert cap.pub.spool.peak == 0 and cap.pub._queued < MiB
+    cap.pub.max_inflight = 256 * 1024               # a slow broker from now on
     run("qemu-io", "-f", "raw", "-c", "flush", cap.uri)
-    assert cap.pub.spooled_bytes == 0
+    assert cap.pub.deferred_bytes == 0 and cap.pub.spooled_bytes == 0
     assert cap.pub.journaled.seq == cap.pub.appended_seq   # the flush waited for it all
+    assert len(cap.backend.deferred) == 0
     apply_all(settings, spec)
     assert same_bytes(data, spec.target)
-    (segment,) = cap.pub.spool._segments           # drained: its disk space given back
-    assert os.fstat(segment.fd).st_size == 0
+
+
+def test_overtaken_writes_keep_their_bytes_and_go_to_the_spool_when_memory_is_short(
+        settings, pair_name, tmp_path, live):
+    """Four writes over the same 8 MiB while the broker takes nothing: each one first
+    reads the bytes of the one before (still unjournaled), which then fill memory past
+    its bound and go to the disk spool; the journal holds the four in order, each with
+    its own bytes, and the target ends with the last."""
+    size = 16 * MiB
+    spec = make_pair(settings, pair_name, tmp_path, size)
+    cap = live(spec)
+    wait_baseline(cap)
+    first = cap.sync_point() + 1
+    cap.pub.max_inflight = -1
+    written = cap.backend.counters.bytes
+    need("qemu-io")
+    # In the background: qemu-io flushes as it exits, and that waits for the broker.
+    client = subprocess.Popen(["qemu-io", "-f", "raw", *[
+        c for fill in (0x11, 0x22, 0x33, 0x44) for c in ("-c", f"write -P {fill:#x} 0 8M")],
+        cap.uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while cap.backend.counters.bytes < written + 32 * MiB:
+        assert time.monotonic() < deadline and client.poll() is None, client.stdout.read()
+        time.sleep(0.02)
+    assert cap.pub.spool.peak > 8 * MiB             # 24 MiB read early: past the 16 MiB
+    cap.pub.max_inflight = 64 * MiB
+    assert client.wait(60) == 0, client.stdout.read()
+    last = cap.sync_point()
+    writes = [op for e in journal(settings, pair_name) if e.epoch == cap.pub.journaled.epoch
+              for seq, op in enumerate(e.ops, e.first_seq)
+              if first <= seq <= last and op.kind is OpKind.WRITE]
+    assert sum(len(op.data) for op in writes) == 4 * 8 * MiB
+    by_offset: dict[int, list] = {}
+    for op in writes:                               # journal order, per offset
+        by_offset.setdefault(op.offset, []).append(op.data)
+    for offset, datas in by_offset.items():
+        fills = [d[0] for d in datas]
+        assert fills == [0x11, 0x22, 0x33, 0x44], f"offset {offset}: {fills}"
+        assert all(d == bytes([d[0]]) * len(d) for d in datas)
+    apply_all(settings, spec)
+    assert same_bytes(spec.source, spec.target)
+
+
+def test_a_held_burst_ships_once_the_clients_go_quiet(settings, pair_name, tmp_path, live):
+    """Burst absorption: with the hold far away, writes still reach the broker as soon as
+    the clients stop writing, without a FLUSH."""
+    spec = make_pair(settings, pair_name, tmp_path, 16 * MiB)
+    cap = live(spec)
+    wait_baseline(cap)
+    cap.sync_point()
+    cap.pub.hold = 3600.0
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 12M", cap.uri)
+    deadline = time.monotonic() + 30
+    while cap.pub.journaled.seq < cap.pub.appended_seq:
+        assert time.monotonic() < deadline, "a quiet source's held writes were never sent"
+        time.sleep(0.05)
+    assert cap.pub.deferred_bytes == 0
 
 
 def test_spool_off_still_replicates(settings, pair_name, tmp_path, live, monkeypatch):

@@ -9,7 +9,7 @@ from journal.blocks import (HASH_LEN, coalesce, diff_maps, hash_block, hash_buff
                             zero_hash)
 from journal.digest import digest_of
 from journal.errors import BadInput, ExtentOutOfRange, SeqGap, StaleEpoch
-from journal.ops import Entry, Op, OpKind
+from journal.ops import Deferred, Entry, Op, OpKind, resolve
 from journal.pairs import (ControlEvent, PairSpec, fold, parse_size, validate_block_size,
                            validate_name)
 from journal.runs import RunBuilder
@@ -175,3 +175,46 @@ def test_fold_control_events():
     pairs = fold(evs)
     assert list(pairs) == ["a"]
     assert pairs["a"].state == "needs-resync" and pairs["a"].attrs["reason"] == "gap"
+
+
+# -- deferred writes (rule 11) -------------------------------------------------------------
+class _Later(Deferred):
+    """Bytes an op will carry once read: the pure side of producers/deferred.SourceBytes."""
+
+    def __init__(self, data: bytes, early: bool = False) -> None:
+        self.data, self._early, self.taken = data, early, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def early(self) -> bool:
+        return self._early
+
+    def take(self) -> bytes:
+        self.taken += 1
+        return self.data
+
+
+def test_resolve_reads_deferred_bytes_and_counts_held_and_fresh():
+    fresh, early = _Later(b"a" * 100), _Later(b"b" * 30, early=True)
+    entry = Entry("p", 1, 1, 0, 0, (Op.write(0, fresh), Op.zero(100, 8),
+                                     Op.write(200, early), Op.write(300, b"c" * 5)))
+    resolved, held, read = resolve(entry)
+    assert [op.data for op in resolved.ops] == [b"a" * 100, b"", b"b" * 30, b"c" * 5]
+    assert (held, read) == (35, 100) and fresh.taken == early.taken == 1
+    # The digest is that of the bytes, as if they had never been deferred.
+    plain = Entry("p", 1, 1, 0, 0, tuple(resolved.ops))
+    assert digest_of(resolved) == digest_of(plain)
+
+
+def test_resolve_leaves_an_entry_without_deferred_ops_as_it_is():
+    entry = Entry("p", 1, 1, 0, 0, (Op.write(0, b"x" * 10), Op.flush()))
+    assert resolve(entry) == (entry, 10, 0) and resolve(entry)[0] is entry
+
+
+def test_sequencer_never_splits_deferred_bytes():
+    seq = Sequencer("p", 1, budget=1024, sign=False)
+    seq.add(Op.write(0, _Later(b"x" * seq.max_op_data)), 0)        # fits exactly
+    with pytest.raises(ValueError, match="deferred WRITE of 993 bytes exceeds the 992"):
+        seq.add(Op.write(0, _Later(b"x" * (seq.max_op_data + 1))), 0)
