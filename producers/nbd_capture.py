@@ -192,8 +192,10 @@ class NBDCapture:
             self._spawn(self.recovery.baseline_thread, "x2x-baseline")
         self._spawn(self._tick_thread, "x2x-capture-tick")
         self.watch = ControlWatch(self).start()   # failover / verify / failback requests
-        log.info("capturing pair %s at %s, epoch %d from seq %d (%s mode%s%s)", spec.name,
+        log.info("capturing pair %s at %s, epoch %d from seq %d (%s mode%s%s%s)", spec.name,
                  self.uri, state.epoch, state.next_seq, self.mode.value,
+                 f", bursts held on the source up to {self.pub.hold:g} s (X2X_ASYNC_HOLD)"
+                 if self.pub.hold else "",
                  ", baseline running" if self.baseline else "",
                  ", TLS required" if self.tls_required else ", TLS offered" if self.tls else "")
         self.beat(force=True)

@@ -227,6 +227,17 @@ def test_a_held_burst_ships_once_the_clients_go_quiet(settings, pair_name, tmp_p
     assert cap.pub.deferred_bytes == 0
 
 
+def test_capture_with_a_bad_async_hold_is_refused_before_it_serves(settings, pair_name,
+                                                                    tmp_path):
+    spec = make_pair(settings, pair_name, tmp_path, 4 * MiB)
+    proc = run_x2x("capture", pair_name, "--nbd", str(free_port()), check=False, timeout=60,
+                   env={"X2X_ASYNC_HOLD": "soon"})
+    assert proc.returncode != 0
+    assert "X2X_ASYNC_HOLD='soon' is invalid: give seconds" in proc.stdout + proc.stderr
+    assert journal(settings, pair_name) == []        # nothing journaled, nothing served
+    assert StateStore(spec.name).load() == (None, None)
+
+
 def test_spool_off_still_replicates(settings, pair_name, tmp_path, live, monkeypatch):
     monkeypatch.setenv("X2X_SPOOL_MAX", "0")
     spec = make_pair(settings, pair_name, tmp_path, 16 * MiB)
