@@ -91,10 +91,11 @@ class JournalPublisher:
         self.seq = Sequencer(pair, epoch, next_seq, epoch_bytes, budget, sign=False)
         self.key = key
         self.max_inflight = max_inflight_bytes
-        #: Entries closed but not yet signed and handed over, oldest first; their
-        #: payload bytes held in memory (what appenders wait on beyond ``max_queued``),
-        #: and those still on the source (deferred ops, producers/deferred.py).
-        self._queue: deque[Entry] = deque()
+        #: Entries closed but not yet signed and handed over, oldest first, each with
+        #: its bytes still on the source (deferred ops, producers/deferred.py); and the
+        #: payload bytes held in memory (what appenders wait on beyond ``max_queued``)
+        #: and on the source, over all of them.
+        self._queue: deque[tuple[Entry, int]] = deque()
         self._queued = 0
         self._deferred = 0
         self.max_queued = max_queued_bytes
@@ -169,9 +170,9 @@ class JournalPublisher:
     def _enqueue(self, entry: Entry) -> None:
         # Never waits: the sequencer numbered this entry, so it must join the queue
         # before any later one (waiting for room happens after, in append).
-        self._queue.append(entry)
-        deferred = sum(len(op.data) for op in entry.ops if isinstance(op.data, Deferred))
-        self._queued += _data_bytes(entry) - deferred
+        held, deferred = _payload(entry)
+        self._queue.append((entry, deferred))
+        self._queued += held
         self._deferred += deferred
         self._cond.notify_all()
 
@@ -254,13 +255,13 @@ class JournalPublisher:
                 if self.spool is not None and self.spool.fits(len(held)):
                     return "spool", None
             elif self._queue:
-                head = self._queue[0]
-                if (not _has_deferred(head) or self._queued > self.max_queued
+                head, deferred = self._queue[0]
+                if (not deferred or self._queued > self.max_queued
                         or (window and not self._spooled and not self._holding(head))):
                     # An entry whose bytes are still on the source waits there, not in
                     # the spool, until the broker has room and the burst is over:
                     # unless memory is short behind it.
-                    return "encode", self._queue.popleft()
+                    return "encode", self._queue.popleft()[0]
                 if window and not self._spooled:      # held: look again soon
                     self._cond.wait(BUSY_POLL)
                     continue
@@ -437,9 +438,12 @@ class _Encoded:
         return sum(len(p) for p in self.parts)
 
 
-def _data_bytes(entry: Entry) -> int:
-    return sum(len(op.data) for op in entry.ops)
-
-
-def _has_deferred(entry: Entry) -> bool:
-    return any(isinstance(op.data, Deferred) for op in entry.ops)
+def _payload(entry: Entry) -> tuple[int, int]:
+    """An entry's payload bytes: (held in memory, still on the source)."""
+    held = deferred = 0
+    for op in entry.ops:
+        if isinstance(op.data, Deferred):
+            deferred += len(op.data)
+        else:
+            held += len(op.data)
+    return held, deferred
