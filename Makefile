@@ -16,6 +16,7 @@ system:
 	@bash scripts/setup-system.sh
 
 setup: $(STAMP) system
+	@$(VENV)/bin/x2x broker fetch
 
 demo: setup
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh

@@ -10,8 +10,12 @@ CONTROL_TOPIC = "x2x.control"
 STATUS_TOPIC = "x2x.status"
 JOURNAL_PREFIX = "x2x.journal."
 
+#: Journal entries reach 4 MiB (infra/kafka.py); Apache Kafka's default cap per record
+#: batch is 1 MiB, so every journal topic says what it needs, on any cluster.
+MAX_MESSAGE_BYTES = str(8 * 1024 * 1024)
 #: The journal is the system of record: never expire it by time or size.
-JOURNAL_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete"}
+JOURNAL_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete",
+                  "max.message.bytes": MAX_MESSAGE_BYTES}
 CONTROL_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1"}
 STATUS_CONFIG = {"retention.ms": str(24 * 3600 * 1000)}
 

@@ -4,20 +4,20 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from infra.net import free_port  # noqa: F401  (re-exported for the tests)
+
 _names = itertools.count()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: The engine the session broker runs: Apache Kafka, as in production, unless a run asks
+#: for Tansu (X2X_TEST_ENGINE=tansu) for a quick look.
+TEST_ENGINE = os.environ.get("X2X_TEST_ENGINE", "kafka")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,9 +31,9 @@ def x2x_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def broker(x2x_home: Path):
-    """The embedded broker, started the way `x2x broker up` starts it."""
+    """The session's broker, started the way `x2x broker up` starts it."""
     from infra import broker as embedded
-    state = embedded.up(port=free_port())
+    state = embedded.up(port=free_port(), engine=TEST_ENGINE)
     os.environ["X2X_BOOTSTRAP"] = state.bootstrap
     yield state
     embedded.down()

@@ -106,11 +106,11 @@ class Proc:
 
 
 class OwnBroker:
-    """An embedded broker in an X2X_HOME of its own, on a free port: the session broker
+    """A broker (Apache Kafka, one node) in an X2X_HOME of its own, on a free port: the session broker
     is shared by every test and must never be stopped or frozen."""
 
-    def __init__(self, home: Path) -> None:
-        self.home, self.port = home, free_port()
+    def __init__(self, home: Path, engine: str = "kafka") -> None:
+        self.home, self.port, self.engine = home, free_port(), engine
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.env = {"X2X_HOME": str(home), "X2X_BOOTSTRAP": self.bootstrap}
 
@@ -124,10 +124,15 @@ class OwnBroker:
         return proc
 
     def up(self) -> None:
-        self.x2x("broker", "up", "--port", str(self.port))
+        self.x2x("broker", "up", "--port", str(self.port), "--engine", self.engine)
 
     def down(self) -> None:
         self.x2x("broker", "down", check=False)
+
+    def lose_data(self) -> None:
+        """Stopped so that it comes back empty (Tansu in memory)."""
+        assert self.engine == "tansu", "only Tansu in memory forgets by a restart"
+        self.down()
 
     @property
     def pid(self) -> int:
@@ -145,9 +150,8 @@ class OwnBroker:
         return KafkaSettings(self.bootstrap)
 
 
-@pytest.fixture
-def own_broker(tmp_path_factory: pytest.TempPathFactory):
-    b = OwnBroker(tmp_path_factory.mktemp("own-broker-home"))
+def _own(factory: pytest.TempPathFactory, engine: str):
+    b = OwnBroker(factory.mktemp("own-broker-home"), engine)
     b.up()
     try:
         yield b
@@ -157,6 +161,19 @@ def own_broker(tmp_path_factory: pytest.TempPathFactory):
         except (OSError, FileNotFoundError, KeyError, ValueError):
             pass
         b.down()
+
+
+@pytest.fixture
+def own_broker(tmp_path_factory: pytest.TempPathFactory):
+    """Apache Kafka, one node, for this test alone."""
+    yield from _own(tmp_path_factory, "kafka")
+
+
+@pytest.fixture
+def own_tansu(tmp_path_factory: pytest.TempPathFactory):
+    """Tansu in memory: a broker that comes back empty after a restart, which is the
+    engine's own behaviour (Apache Kafka keeps its log), for the journal-lost path."""
+    yield from _own(tmp_path_factory, "tansu")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

@@ -89,21 +89,21 @@ def test_async_outage_degrades_then_resends_exactly_the_marked_extents(own_broke
 
 
 def test_sync_outage_fails_writes_with_eio_and_recovers_after_a_broker_restart(
-        own_broker: OwnBroker, tmp_path):
+        own_tansu: OwnBroker, tmp_path):
     need("qemu-io")
-    s, name, size = own_broker.settings(), "outage-sync", 16 * MiB
+    s, name, size = own_tansu.settings(), "outage-sync", 16 * MiB
     spec = make_pair(s, name, tmp_path, size, seed=22, data_fraction=0.4)
-    cap = start_capturer(name, "--mode", "sync", env={**own_broker.env, **STALL},
+    cap = start_capturer(name, "--mode", "sync", env={**own_tansu.env, **STALL},
                          verbose=True)
     try:
         newest_capture_beat(s, name, lambda b: b.detail.get("baseline") == "done")
         p = qemu_io("write -P 0x51 0 1M", uri=cap.uri)
         assert p.returncode == 0 and "failed" not in p.stdout, p.stdout + p.stderr
-        own_broker.x2x("apply", name, "--until-caught-up")    # a checkpoint to lose
-        own_broker.down()
+        own_tansu.x2x("apply", name, "--until-caught-up")    # a checkpoint to lose
+        own_tansu.lose_data()
         p = qemu_io("write -P 0x52 4M 64k", uri=cap.uri)
         assert "Input/output error" in p.stdout + p.stderr, p.stdout + p.stderr
-        own_broker.up()                                       # empty: memory storage
+        own_tansu.up()                                       # empty: a new cluster
         TALLY["broker outages"] += 1
         line = cap.wait_log("broker back", timeout=60)
         assert "marked extents" in line and f"x2x pair resync {name}" in line, line
@@ -112,32 +112,32 @@ def test_sync_outage_fails_writes_with_eio_and_recovers_after_a_broker_restart(
                                 and b.detail.get("resync") == "done")
         except AssertionError:
             bs = [(b.epoch, b.state, b.at_ms, b.detail.get("resync")) for b in read_beats(s)]
-            print("BEATS", bs[-8:], own_broker.x2x("status", "--json", check=False))
+            print("BEATS", bs[-8:], own_tansu.x2x("status", "--json", check=False))
             raise AssertionError(''.join(l for l in cap.err if 'rdkafka' not in l)[-8000:]) from None
         p = qemu_io("write -P 0x53 8M 64k", "flush", uri=cap.uri)
         assert p.returncode == 0 and "failed" not in p.stdout, p.stdout + p.stderr
         # The old checkpoint is not in the new journal: refused, with the way out.
-        lost = own_broker.x2x("apply", name, "--until-caught-up", check=False)
+        lost = own_tansu.x2x("apply", name, "--until-caught-up", check=False)
         assert lost.returncode != 0 and f"x2x pair resync {name}" in lost.stderr, lost.stderr
         # Replaying what is left from scratch would look consistent and be wrong: refused.
         before = Path(spec.target).read_bytes()
-        fresh = own_broker.x2x("apply", name, "--reset", "--until-caught-up", check=False)
+        fresh = own_tansu.x2x("apply", name, "--reset", "--until-caught-up", check=False)
         assert fresh.returncode != 0 and "cannot be rebuilt by replaying" in fresh.stderr, \
             fresh.stderr
         assert Path(spec.target).read_bytes() == before           # nothing applied
         # The running capturer answers the resync: hashes, then only what differs.
-        r = own_broker.x2x("pair", "resync", name, "--json")
+        r = own_tansu.x2x("pair", "resync", name, "--json")
         out = json.loads(r.stdout)
         assert 0 < out["differing"] and out["resent_bytes"] < size // 2, out
         assert control.get_pair(s, name).state == "created"  # resynced
         p = qemu_io("write -P 0x54 12M 64k", "flush", uri=cap.uri)   # streaming goes on
         assert p.returncode == 0 and "failed" not in p.stdout, p.stdout + p.stderr
-        own_broker.x2x("apply", name, "--until-caught-up")
+        own_tansu.x2x("apply", name, "--until-caught-up")
         assert converged(spec.source, spec.target)
         assert "stopped (clean)" in cap.stop()
     finally:
         cap.kill()
-    own_broker.x2x("apply", name, "--until-caught-up")
+    own_tansu.x2x("apply", name, "--until-caught-up")
     assert converged(spec.source, spec.target)
 
 

@@ -1,5 +1,6 @@
-"""The durable embedded broker (Tansu on a local SeaweedFS) keeps journals across restarts,
-with their offsets; ``x2x broker run`` serves in the foreground and stops on SIGTERM.
+"""The durable brokers x2x runs (Apache Kafka, and Tansu on a local SeaweedFS) keep
+journals across restarts, with their offsets; ``x2x broker run`` serves in the foreground
+and stops on SIGTERM.
 
 Each test has its own X2X_HOME and ports: the session ``broker`` fixture is not touched.
 """
@@ -94,29 +95,37 @@ def _no_process_of(home: Path, port: int) -> bool:
     return True
 
 
-def test_durable_broker_keeps_records_and_offsets_across_restart(tmp_path: Path) -> None:
+#: How each durable engine is started, and where it says its data lives.
+DURABLE = {"kafka": (["--engine", "kafka"], "broker/kafka"),
+           "tansu": (["--engine", "tansu", "--durable"], "s3://tansu/")}
+
+
+@pytest.mark.parametrize("engine", sorted(DURABLE))
+def test_durable_broker_keeps_records_and_offsets_across_restart(tmp_path: Path,
+                                                                 engine: str) -> None:
+    flags, storage = DURABLE[engine]
     home, port = tmp_path / "home", free_port()
     env = _env(home)
     bootstrap = f"127.0.0.1:{port}"
     topic = "x2x.journal.durable"
     first = [f"entry-{i}".encode() for i in range(20)]
     try:
-        out = run_x2x("broker", "up", "--durable", "--port", str(port), env=env).stdout
-        assert "s3://tansu/" in out
+        out = run_x2x("broker", "up", *flags, "--port", str(port), env=env).stdout
+        assert storage in out
         _create_topic(bootstrap, topic)
         _produce(bootstrap, topic, first)
         assert _read(bootstrap, topic) == list(enumerate(first))
 
         assert "broker stopped" in run_x2x("broker", "down", env=env).stdout
         assert _no_process_of(home, port)
-        assert (home / "broker" / "seaweedfs").is_dir()
+        assert (home / "broker" / ("seaweedfs" if engine == "tansu" else "kafka")).is_dir()
 
         # The same store served again, this time by the foreground supervisor (systemd's way).
         # Output to a file: a pipe nobody reads could stall the broker once it is full.
         fg_log = tmp_path / "run.log"
         with open(fg_log, "wb") as fg_out:
-            fg = subprocess.Popen([x2x_bin(), "broker", "run", "--durable", "--port",
-                                   str(port)], env=env, stdout=fg_out, stderr=subprocess.STDOUT)
+            fg = subprocess.Popen([x2x_bin(), "broker", "run", *flags, "--port", str(port)],
+                                  env=env, stdout=fg_out, stderr=subprocess.STDOUT)
         try:
             _wait_ready(home, fg)
             assert _read(bootstrap, topic) == list(enumerate(first))
@@ -158,13 +167,32 @@ def test_broker_run_refuses_a_second_broker_and_down_stops_it(tmp_path: Path) ->
 
 
 def test_durable_and_storage_exclude_each_other(tmp_path: Path) -> None:
-    proc = run_x2x("broker", "up", "--durable", "--storage", "memory://tansu/", "--port",
-                   str(free_port()), env=_env(tmp_path / "home"), check=False)
+    proc = run_x2x("broker", "up", "--engine", "tansu", "--durable", "--storage",
+                   "memory://tansu/", "--port", str(free_port()),
+                   env=_env(tmp_path / "home"), check=False)
     assert proc.returncode == 2
     assert "exclude each other" in proc.stderr
 
 
-def test_broker_restart_mid_replication_continues_without_resync(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags, says", [
+    (["--engine", "kafka", "--durable"], "Tansu's options"),
+    (["--engine", "kafka", "--storage", "memory://tansu/"], "Tansu's options"),
+    (["--engine", "tansu", "--nodes", "3"], "Tansu runs one node"),
+    (["--engine", "kafka", "--nodes", "2"], "give 1"),
+    (["--engine", "zookeeper"], "choose one of kafka, tansu"),
+])
+def test_engine_options_that_do_not_fit_are_refused(tmp_path: Path, flags: list[str],
+                                                    says: str) -> None:
+    home = tmp_path / "home"
+    proc = run_x2x("broker", "up", *flags, "--port", str(free_port()), env=_env(home),
+                   check=False)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    assert not (home / "broker" / "broker.json").exists()
+
+
+@pytest.mark.parametrize("engine", sorted(DURABLE))
+def test_broker_restart_mid_replication_continues_without_resync(tmp_path: Path,
+                                                                 engine: str) -> None:
     """Capture, apply part, restart the durable broker, capture more: the applier resumes
     from its checkpoint (verified against the journal) in the same epoch, no resync."""
     import json
@@ -176,7 +204,7 @@ def test_broker_restart_mid_replication_continues_without_resync(tmp_path: Path)
     src = make_image(tmp_path / "src.img", 8 << 20, seed=31, data_fraction=0.6)
     dst = tmp_path / "dst.img"
     try:
-        run_x2x("broker", "up", "--durable", "--port", str(port), env=env)
+        run_x2x("broker", "up", *DURABLE[engine][0], "--port", str(port), env=env)
         run_x2x("pair", "create", "durable", "--source", str(src), "--target", str(dst),
                 "--create-target", env=env)
         run_x2x("capture", "durable", "--once", env=env)
@@ -186,7 +214,7 @@ def test_broker_restart_mid_replication_continues_without_resync(tmp_path: Path)
         run_x2x("capture", "durable", "--once", env=env)      # journaled, not yet applied
 
         run_x2x("broker", "down", env=env)
-        run_x2x("broker", "up", "--durable", "--port", str(port), env=env)
+        run_x2x("broker", "up", *DURABLE[engine][0], "--port", str(port), env=env)
 
         mutate(src, 0.05, seed=33)
         scan = json.loads(run_x2x("capture", "durable", "--once", "--json", env=env).stdout)

@@ -1,0 +1,296 @@
+"""Apache Kafka in KRaft mode as the broker x2x starts itself: the durable engine.
+
+The broker's jars are pinned by the Maven project in ``infra/kafka-broker/`` and copied
+into its ``lib/`` once (``make setup`` runs :func:`fetch`); starting a broker downloads
+nothing. One node, or three on 127.0.0.1 (``--nodes 3``), each a combined controller and
+broker with its own ports and directory under ``$X2X_HOME/broker/kafka/node-N``. Journal
+topics then get the cluster's defaults: RF 3 and ``min.insync.replicas`` 2.
+
+The cluster id and every port are chosen at the first start and kept in ``cluster.json``,
+so a restart finds the same quorum and the same data. This module builds files and
+command lines; starting, waiting and stopping processes is :mod:`infra.broker`'s.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from infra.files import read_json, write_json
+from infra.net import free_port
+from journal.errors import BadInput, BrokerError
+
+POM = Path(__file__).resolve().parent / "kafka-broker" / "pom.xml"
+MIN_JAVA = 17
+#: Per node. Two cores and 24 GiB per machine here: the heap is not what limits a broker
+#: (the page cache holds the log), so 1 GiB each leaves room for three nodes and the rest.
+DEFAULT_HEAP = "-Xms256m -Xmx1g"
+#: Kafka's own start script's collector settings (kafka-run-class.sh).
+_JVM_FLAGS = ["-server", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+              "-XX:InitiatingHeapOccupancyPercent=35", "-XX:+ExplicitGCInvokesConcurrent",
+              "-Djava.awt.headless=true"]
+#: x2x journal entries reach 4 MiB (infra/kafka.py); leave room for batching overhead.
+MESSAGE_MAX_BYTES = 8 * 1024 * 1024
+_LOG4J = """\
+status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = OUT
+logger.kafka.name = kafka
+logger.kafka.level = WARN
+logger.apache.name = org.apache.kafka
+logger.apache.level = WARN
+logger.state.name = state.change.logger
+logger.state.level = WARN
+"""
+
+
+# ---- jars and Java ----------------------------------------------------------------------
+
+def libs_dir() -> Path:
+    """Where the broker's jars are: ``X2X_KAFKA_LIBS``, else beside the pinned pom."""
+    return Path(os.environ.get("X2X_KAFKA_LIBS") or POM.parent / "lib")
+
+
+def _have_jars(libs: Path) -> bool:
+    return any(libs.glob("kafka_2.13-*.jar"))
+
+
+def fetch() -> Path:
+    """Copy the pinned broker's jars into :func:`libs_dir` unless they are there already."""
+    libs = libs_dir()
+    if _have_jars(libs):
+        return libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise BrokerError("the Apache Kafka broker's jars are not installed and Maven is "
+                          "missing to fetch them: install it (apt-get install maven), then "
+                          "run 'x2x broker fetch' (or 'make setup')")
+    proc = subprocess.run([mvn, "-q", "-B", "-f", str(POM), "package",
+                           f"-DoutputDirectory={libs}"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not _have_jars(libs):
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-12:])
+        raise BrokerError(f"fetching the Apache Kafka broker with Maven ({POM}) failed "
+                          f"with exit code {proc.returncode}; check that Maven Central can "
+                          f"be reached, then run 'x2x broker fetch' again:\n{tail}")
+    return libs
+
+
+def java() -> str:
+    """The ``java`` to run the broker with, checked to be at least Java 17."""
+    home = os.environ.get("JAVA_HOME")
+    binary = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if not binary or not Path(binary).exists():
+        raise BrokerError(f"Java {MIN_JAVA} or newer is needed to run Apache Kafka and none "
+                          f"was found: install it (apt-get install openjdk-17-jre-headless) "
+                          f"or set JAVA_HOME; or use '--engine tansu' for a quick trial")
+    out = subprocess.run([binary, "-version"], capture_output=True, text=True).stderr
+    major = java_major(out)
+    if major is None or major < MIN_JAVA:
+        raise BrokerError(f"{binary} is Java {major or 'of an unknown version'}; Apache Kafka "
+                          f"4 needs Java {MIN_JAVA} or newer: install openjdk-17-jre-headless "
+                          f"or point JAVA_HOME at a newer JDK")
+    return binary
+
+
+def java_major(version_output: str) -> int | None:
+    """17 from ``openjdk version "17.0.15"``, 8 from ``java version "1.8.0_392"``."""
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', version_output)
+    if not m:
+        return None
+    first = int(m.group(1))
+    return int(m.group(2) or 0) if first == 1 else first
+
+
+def classpath() -> str:
+    libs = libs_dir()
+    if not _have_jars(libs):
+        raise BrokerError(f"the Apache Kafka broker's jars are not in {libs}: run "
+                          f"'x2x broker fetch' (or 'make setup') once to fetch them")
+    return f"{libs}/*"
+
+
+# ---- the cluster's layout ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Node:
+    """One combined controller+broker."""
+
+    id: int
+    port: int
+    controller_port: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a cluster is made of; fixed at its first start."""
+
+    cluster_id: str
+    nodes: list[Node]
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    @property
+    def ports(self) -> list[int]:
+        return [p for n in self.nodes for p in (n.port, n.controller_port)]
+
+    def node(self, node_id: int) -> Node:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise BadInput(f"the cluster has no node {node_id}; its nodes are "
+                       f"{', '.join(str(n.id) for n in self.nodes)}")
+
+
+def cluster_dir(broker_dir: Path) -> Path:
+    d = broker_dir / "kafka"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def node_dir(broker_dir: Path, node: Node) -> Path:
+    return cluster_dir(broker_dir) / f"node-{node.id}"
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding."""
+    return base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+
+
+def layout(broker_dir: Path, port: int, nodes: int) -> Layout:
+    """The cluster kept under ``broker_dir``, or a new one on ``port`` .. ``port+nodes-1``.
+
+    A kept cluster keeps its id and controller ports (they are its quorum); its client
+    ports follow ``port``. A different node count is refused: the data belongs to the
+    quorum it was made with.
+    """
+    if nodes not in (1, 3):
+        raise BadInput(f"--nodes {nodes}: give 1 (one broker) or 3 (a cluster that "
+                       f"survives the loss of a node)")
+    path = cluster_dir(broker_dir) / "cluster.json"
+    raw = read_json(path)
+    if raw:
+        kept = Layout(raw["cluster_id"], [Node(**n) for n in raw["nodes"]])
+        if len(kept.nodes) != nodes:
+            raise BadInput(
+                f"the broker data in {cluster_dir(broker_dir)} belongs to a {len(kept.nodes)}"
+                f"-node cluster: start it with --nodes {len(kept.nodes)}, or stop it and "
+                f"remove that directory to start afresh (its journals are then lost)")
+        chosen = Layout(kept.cluster_id, [Node(n.id, port + i, n.controller_port)
+                                          for i, n in enumerate(kept.nodes)])
+    else:
+        controllers: list[int] = []
+        taken = set(range(port, port + nodes))
+        while len(controllers) < nodes:
+            p = free_port()
+            if p not in taken:
+                taken.add(p)
+                controllers.append(p)
+        chosen = Layout(new_cluster_id(), [Node(i + 1, port + i, controllers[i])
+                                           for i in range(nodes)])
+    record = {"cluster_id": chosen.cluster_id, "nodes": [asdict(n) for n in chosen.nodes]}
+    if record != raw:
+        write_json(path, record)
+    return chosen
+
+
+def properties(lay: Layout, node: Node, data: Path) -> str:
+    """The node's ``server.properties``."""
+    n = len(lay.nodes)
+    isr = 2 if n >= 3 else 1
+    voters = ",".join(f"{v.id}@127.0.0.1:{v.controller_port}" for v in lay.nodes)
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": node.id,
+        "controller.quorum.voters": voters,
+        "listeners": f"PLAINTEXT://127.0.0.1:{node.port},"
+                     f"CONTROLLER://127.0.0.1:{node.controller_port}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": data,
+        "num.partitions": 1,
+        # Every topic x2x makes gets the cluster's replication: 3 copies, 2 in sync
+        # before an acks=all write is acknowledged, on a three-node cluster.
+        "default.replication.factor": n,
+        "min.insync.replicas": isr,
+        "offsets.topic.replication.factor": n,
+        "transaction.state.log.replication.factor": n,
+        "transaction.state.log.min.isr": isr,
+        "share.coordinator.state.topic.replication.factor": n,
+        "share.coordinator.state.topic.min.isr": isr,
+        "group.initial.rebalance.delay.ms": 0,
+        # x2x creates its topics itself, with their settings; a retry after a restart
+        # must never get a journal back auto-created with the broker's defaults.
+        "auto.create.topics.enable": "false",
+        # A replica that missed acknowledged records never becomes leader.
+        "unclean.leader.election.enable": "false",
+        "message.max.bytes": MESSAGE_MAX_BYTES,
+        "replica.fetch.max.bytes": MESSAGE_MAX_BYTES,
+    }
+    return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+def _meta_cluster_id(data: Path) -> str | None:
+    try:
+        text = (data / "meta.properties").read_text()
+    except FileNotFoundError:
+        return None
+    m = re.search(r"^cluster\.id=(\S+)$", text, re.M)
+    return m.group(1) if m else None
+
+
+def prepare(broker_dir: Path, lay: Layout, jvm: str) -> None:
+    """Write every node's settings and format its storage once; idempotent."""
+    for node in lay.nodes:
+        d = node_dir(broker_dir, node)
+        data = d / "data"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "server.properties").write_text(properties(lay, node, data))
+        (d / "log4j2.properties").write_text(_LOG4J)
+        found = _meta_cluster_id(data)
+        if found is None:
+            _format(jvm, d, lay.cluster_id)
+        elif found != lay.cluster_id:
+            raise BrokerError(
+                f"{data} is formatted for Kafka cluster {found}, not {lay.cluster_id} "
+                f"recorded in {cluster_dir(broker_dir) / 'cluster.json'}: restore that "
+                f"file, or stop the broker and remove {cluster_dir(broker_dir)} to start "
+                f"afresh (its journals are then lost)")
+
+
+def _format(jvm: str, d: Path, cluster_id: str) -> None:
+    proc = subprocess.run(
+        [jvm, *_log_flags(d), "-cp", classpath(), "kafka.tools.StorageTool", "format",
+         # One argument: an id may begin with "-", which argparse takes for an option.
+         f"--cluster-id={cluster_id}", "--config", str(d / "server.properties"),
+         "--ignore-formatted"],
+        capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+        raise BrokerError(f"formatting Kafka storage in {d} failed (exit code "
+                          f"{proc.returncode}):\n{tail}")
+
+
+def _log_flags(d: Path) -> list[str]:
+    return [f"-Dlog4j2.configurationFile={d / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={d}"]
+
+
+def command(broker_dir: Path, node: Node, jvm: str) -> list[str]:
+    """The command line that runs one node in the foreground."""
+    d = node_dir(broker_dir, node)
+    heap = os.environ.get("X2X_KAFKA_HEAP", DEFAULT_HEAP).split()
+    return [jvm, *heap, *_JVM_FLAGS, *_log_flags(d), "-cp", classpath(), "kafka.Kafka",
+            str(d / "server.properties")]
