@@ -18,6 +18,9 @@ _ENGINE = typer.Option(broker.DEFAULT_ENGINE, help="kafka: Apache Kafka (KRaft),
                        "disk under $X2X_HOME/broker/kafka. tansu: Tansu, in memory unless "
                        "--durable, for quick trials.")
 _NODES = typer.Option(1, help="kafka: 1 node, or 3 (journals RF=3, min.insync.replicas=2).")
+_AUTH = typer.Option(None, help="kafka: 'scram' makes clients log in (SASL/SCRAM) and "
+                     "enforces ACLs; the admin's settings go to $X2X_HOME/broker/kafka/"
+                     "admin.properties. Fixed when the cluster is first made.")
 _STORAGE = typer.Option(None, help=f"tansu: storage engine URL (default "
                         f"{broker.MEMORY_STORAGE}).")
 _DURABLE = typer.Option(False, "--durable", help="tansu: keep journals across restarts on "
@@ -32,21 +35,25 @@ def fetch() -> None:
 
 
 @app.command()
-def up(port: int = _PORT, engine: str = _ENGINE, nodes: int = _NODES,
+def up(port: int = _PORT, engine: str = _ENGINE, nodes: int = _NODES, auth: str = _AUTH,
        storage: str = _STORAGE, durable: bool = _DURABLE) -> None:
     """Start the broker in the background (does nothing if it runs already)."""
-    state = broker.up(port, storage, durable=durable, engine=engine, nodes=nodes)
+    state = broker.up(port, storage, durable=durable, engine=engine, nodes=nodes, auth=auth)
     extra = f", S3 {state.s3_endpoint}" if state.s3_endpoint else ""
     console.print(f"broker up at [bold]{state.bootstrap}[/] ({state.engine}, "
                   f"{state.nodes} node(s), pid {state.pid}, storage {state.storage}{extra}, "
-                  f"log {state.log})")
+                  f"log {state.log})", highlight=False)
+    if state.admin_config:
+        console.print(f"clients must log in: the admin's settings are in "
+                      f"{state.admin_config}; give each service its own with "
+                      f"'x2x access grant ROLE USER --out FILE'", highlight=False)
 
 
 @app.command()
-def run(port: int = _PORT, engine: str = _ENGINE, nodes: int = _NODES,
+def run(port: int = _PORT, engine: str = _ENGINE, nodes: int = _NODES, auth: str = _AUTH,
         storage: str = _STORAGE, durable: bool = _DURABLE) -> None:
     """Run the broker in the foreground until SIGTERM or Ctrl-C (for systemd)."""
-    broker.run(port, storage, durable=durable, engine=engine, nodes=nodes)
+    broker.run(port, storage, durable=durable, engine=engine, nodes=nodes, auth=auth)
 
 
 @app.command()

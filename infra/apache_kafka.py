@@ -15,17 +15,22 @@ from __future__ import annotations
 import base64
 import os
 import re
+import secrets
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from infra.files import read_json, write_json
+from infra.files import atomic_write, read_json, write_json
 from infra.net import free_port
 from journal.errors import BadInput, BrokerError
 
 POM = Path(__file__).resolve().parent / "kafka-broker" / "pom.xml"
 MIN_JAVA = 17
+#: ``--auth``: ``none`` (PLAINTEXT, loopback only) or ``scram`` (SASL/SCRAM-SHA-512 for
+#: clients, KRaft's StandardAuthorizer, ACLs per role: infra/acl.py).
+AUTH_MODES = ("none", "scram")
+ADMIN_USER = "admin"
 #: Per node. Two cores and 24 GiB per machine here: the heap is not what limits a broker
 #: (the page cache holds the log), so 1 GiB each leaves room for three nodes and the rest.
 DEFAULT_HEAP = "-Xms256m -Xmx1g"
@@ -135,6 +140,7 @@ class Layout:
 
     cluster_id: str
     nodes: list[Node]
+    auth: str = "none"
 
     @property
     def bootstrap(self) -> str:
@@ -167,27 +173,36 @@ def new_cluster_id() -> str:
     return base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
 
 
-def layout(broker_dir: Path, port: int, nodes: int) -> Layout:
+def layout(broker_dir: Path, port: int, nodes: int, auth: str | None = None) -> Layout:
     """The cluster kept under ``broker_dir``, or a new one on ``port`` .. ``port+nodes-1``.
 
-    A kept cluster keeps its id and controller ports (they are its quorum); its client
-    ports follow ``port``. A different node count is refused: the data belongs to the
-    quorum it was made with.
+    A kept cluster keeps its id, controller ports (they are its quorum) and auth mode;
+    its client ports follow ``port``. A different node count or auth mode is refused:
+    the data belongs to the cluster it was made with. ``auth`` None: as kept, or none.
     """
     if nodes not in (1, 3):
         raise BadInput(f"--nodes {nodes}: give 1 (one broker) or 3 (a cluster that "
                        f"survives the loss of a node)")
-    path = cluster_dir(broker_dir) / "cluster.json"
+    if auth is not None and auth not in AUTH_MODES:
+        raise BadInput(f"--auth {auth!r}: choose one of {', '.join(AUTH_MODES)}")
+    here = cluster_dir(broker_dir)
+    path = here / "cluster.json"
     raw = read_json(path)
     if raw:
-        kept = Layout(raw["cluster_id"], [Node(**n) for n in raw["nodes"]])
+        kept = Layout(raw["cluster_id"], [Node(**n) for n in raw["nodes"]],
+                      raw.get("auth", "none"))
         if len(kept.nodes) != nodes:
             raise BadInput(
-                f"the broker data in {cluster_dir(broker_dir)} belongs to a {len(kept.nodes)}"
-                f"-node cluster: start it with --nodes {len(kept.nodes)}, or stop it and "
-                f"remove that directory to start afresh (its journals are then lost)")
+                f"the broker data in {here} belongs to a {len(kept.nodes)}-node cluster: "
+                f"start it with --nodes {len(kept.nodes)}, or stop it and remove that "
+                f"directory to start afresh (its journals are then lost)")
+        if auth is not None and auth != kept.auth:
+            raise BadInput(
+                f"the broker data in {here} belongs to a cluster with --auth {kept.auth}: "
+                f"start it that way, or stop it and remove that directory to start "
+                f"afresh (its journals are then lost)")
         chosen = Layout(kept.cluster_id, [Node(n.id, port + i, n.controller_port)
-                                          for i, n in enumerate(kept.nodes)])
+                                          for i, n in enumerate(kept.nodes)], kept.auth)
     else:
         controllers: list[int] = []
         taken = set(range(port, port + nodes))
@@ -197,28 +212,76 @@ def layout(broker_dir: Path, port: int, nodes: int) -> Layout:
                 taken.add(p)
                 controllers.append(p)
         chosen = Layout(new_cluster_id(), [Node(i + 1, port + i, controllers[i])
-                                           for i in range(nodes)])
-    record = {"cluster_id": chosen.cluster_id, "nodes": [asdict(n) for n in chosen.nodes]}
+                                           for i in range(nodes)], auth or "none")
+    record = {"cluster_id": chosen.cluster_id, "auth": chosen.auth,
+              "nodes": [asdict(n) for n in chosen.nodes]}
     if record != raw:
         write_json(path, record)
+    if chosen.auth == "scram":
+        _write_admin_properties(broker_dir, chosen)
     return chosen
 
 
-def properties(lay: Layout, node: Node, data: Path) -> str:
+def admin_properties_path(broker_dir: Path) -> Path:
+    return cluster_dir(broker_dir) / "admin.properties"
+
+
+def admin_properties(broker_dir: Path) -> dict[str, str]:
+    """The superuser's client settings of a ``--auth scram`` cluster ({} without auth)."""
+    from infra.kafka import load_properties
+    path = admin_properties_path(broker_dir)
+    return load_properties(str(path)) if path.exists() else {}
+
+
+def _write_admin_properties(broker_dir: Path, lay: Layout) -> None:
+    """The superuser's password is chosen once; the file follows the client ports."""
+    old = admin_properties(broker_dir)
+    password = old.get("sasl.password") or secrets.token_urlsafe(24)
+    props = {"bootstrap.servers": lay.bootstrap, "security.protocol": "SASL_PLAINTEXT",
+             "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": ADMIN_USER,
+             "sasl.password": password}
+    if props != old:
+        atomic_write(admin_properties_path(broker_dir),
+                     "".join(f"{k}={v}\n" for k, v in props.items()).encode())
+
+
+def _auth_properties(password: str) -> dict[str, object]:
+    """SASL for clients (SCRAM, users kept in the cluster's metadata) and between the
+    nodes; PLAIN with a static user on the controller listener, which SCRAM cannot serve
+    (its users live in the metadata the controllers are there to serve)."""
+    scram = ("org.apache.kafka.common.security.scram.ScramLoginModule required "
+             f'username="{ADMIN_USER}" password="{password}";')
+    plain = ("org.apache.kafka.common.security.plain.PlainLoginModule required "
+             f'username="{ADMIN_USER}" password="{password}" user_{ADMIN_USER}="{password}";')
+    return {
+        "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+        "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+        "sasl.mechanism.controller.protocol": "PLAIN",
+        "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+        "listener.name.controller.plain.sasl.jaas.config": plain,
+        "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config": scram,
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "super.users": f"User:{ADMIN_USER}",
+        "allow.everyone.if.no.acl.found": "false",
+    }
+
+
+def properties(lay: Layout, node: Node, data: Path, admin_password: str = "") -> str:
     """The node's ``server.properties``."""
     n = len(lay.nodes)
     isr = 2 if n >= 3 else 1
     voters = ",".join(f"{v.id}@127.0.0.1:{v.controller_port}" for v in lay.nodes)
-    props = {
+    client = "SASL_PLAINTEXT" if lay.auth == "scram" else "PLAINTEXT"
+    props: dict[str, object] = {
         "process.roles": "broker,controller",
         "node.id": node.id,
         "controller.quorum.voters": voters,
-        "listeners": f"PLAINTEXT://127.0.0.1:{node.port},"
+        "listeners": f"{client}://127.0.0.1:{node.port},"
                      f"CONTROLLER://127.0.0.1:{node.controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
+        "advertised.listeners": f"{client}://127.0.0.1:{node.port}",
         "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name": client,
+        "listener.security.protocol.map": f"{client}:{client},CONTROLLER:{client}",
         "log.dirs": data,
         "num.partitions": 1,
         # Every topic x2x makes gets the cluster's replication: 3 copies, 2 in sync
@@ -238,8 +301,28 @@ def properties(lay: Layout, node: Node, data: Path) -> str:
         "unclean.leader.election.enable": "false",
         "message.max.bytes": MESSAGE_MAX_BYTES,
         "replica.fetch.max.bytes": MESSAGE_MAX_BYTES,
+        # A node that died is declared dead after this long, and its partitions get new
+        # leaders; Kafka's 9 s would come close to the capturer's stall limit
+        # (X2X_JOURNAL_STALL, 10 s) after which sync writes fail with EIO.
+        "broker.session.timeout.ms": 4000,
+        "broker.heartbeat.interval.ms": 1000,
     }
+    if lay.auth == "scram":
+        props.update(_auth_properties(admin_password))
     return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+def active_controller(broker_dir: Path, lay: Layout) -> int | None:
+    """The node that leads the KRaft quorum now, as the newest quorum state on disk says
+    (clients are never told: in KRaft, DescribeCluster names a random broker)."""
+    best: tuple[int, int] | None = None
+    for node in lay.nodes:
+        raw = read_json(node_dir(broker_dir, node) / "data" / "__cluster_metadata-0"
+                        / "quorum-state")
+        if raw and raw.get("leaderId", -1) >= 0:
+            seen = (int(raw["leaderEpoch"]), int(raw["leaderId"]))
+            best = seen if best is None or seen > best else best
+    return best[1] if best else None
 
 
 def _meta_cluster_id(data: Path) -> str | None:
@@ -253,15 +336,17 @@ def _meta_cluster_id(data: Path) -> str | None:
 
 def prepare(broker_dir: Path, lay: Layout, jvm: str) -> None:
     """Write every node's settings and format its storage once; idempotent."""
+    password = admin_properties(broker_dir).get("sasl.password", "")
     for node in lay.nodes:
         d = node_dir(broker_dir, node)
         data = d / "data"
         d.mkdir(parents=True, exist_ok=True)
-        (d / "server.properties").write_text(properties(lay, node, data))
+        # 0600: with --auth it holds the superuser's password.
+        atomic_write(d / "server.properties", properties(lay, node, data, password).encode())
         (d / "log4j2.properties").write_text(_LOG4J)
         found = _meta_cluster_id(data)
         if found is None:
-            _format(jvm, d, lay.cluster_id)
+            _format(jvm, d, lay.cluster_id, password if lay.auth == "scram" else "")
         elif found != lay.cluster_id:
             raise BrokerError(
                 f"{data} is formatted for Kafka cluster {found}, not {lay.cluster_id} "
@@ -270,12 +355,16 @@ def prepare(broker_dir: Path, lay: Layout, jvm: str) -> None:
                 f"afresh (its journals are then lost)")
 
 
-def _format(jvm: str, d: Path, cluster_id: str) -> None:
+def _format(jvm: str, d: Path, cluster_id: str, admin_password: str) -> None:
+    # The superuser's SCRAM credential must be in the metadata before the first start:
+    # the nodes themselves log in with it.
+    scram = ([f"--add-scram=SCRAM-SHA-512=[name={ADMIN_USER},password={admin_password}]"]
+             if admin_password else [])
     proc = subprocess.run(
         [jvm, *_log_flags(d), "-cp", classpath(), "kafka.tools.StorageTool", "format",
          # One argument: an id may begin with "-", which argparse takes for an option.
          f"--cluster-id={cluster_id}", "--config", str(d / "server.properties"),
-         "--ignore-formatted"],
+         "--ignore-formatted", *scram],
         capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])

@@ -67,6 +67,9 @@ class BrokerState:
     engine: str = "tansu"
     #: Apache Kafka: each node's pid, by node id (a string: JSON keys are).
     node_pids: dict[str, int] = field(default_factory=dict)
+    #: ``scram``: clients authenticate; ``admin_config`` is the superuser's properties.
+    auth: str = "none"
+    admin_config: str | None = None
 
     @property
     def durable(self) -> bool:
@@ -115,10 +118,13 @@ def status() -> BrokerState | None:
     return state if alive else None
 
 
-def check_engine(engine: str, nodes: int, storage: str | None, durable: bool) -> None:
+def check_engine(engine: str, nodes: int, storage: str | None, durable: bool,
+                 auth: str | None = None) -> None:
     """Refuse option combinations an engine cannot honour, before anything starts."""
     if engine not in ENGINES:
         raise BadInput(f"--engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if engine == "tansu" and auth not in (None, "none"):
+        raise BadInput("--auth is for Apache Kafka ('--engine kafka'); Tansu has no ACLs")
     if engine == "kafka" and (storage or durable):
         raise BadInput("--storage and --durable are Tansu's options; Apache Kafka always "
                        "keeps its log on disk under $X2X_HOME/broker/kafka")
@@ -139,25 +145,31 @@ class _Started:
     expect_brokers: int = 1
     s3: tansu.ObjectStore | None = None
     node_pids: dict[str, int] = field(default_factory=dict)
+    auth: str = "none"
+    #: Client settings of the superuser, to ask a secured cluster whether it is ready.
+    admin: dict[str, str] = field(default_factory=dict)
 
     def state(self, pid: int, port: int, foreground: bool, engine: str) -> BrokerState:
         weed = self.procs.get("SeaweedFS")
+        admin_config = (str(apache_kafka.admin_properties_path(broker_dir()))
+                        if self.auth != "none" else None)
         return BrokerState(pid, port, self.bootstrap, self.storage, self.log, time.time(),
                            s3_pid=weed.pid if weed else None,
                            s3_endpoint=self.s3.endpoint if self.s3 else None,
                            foreground=foreground, engine=engine,
-                           node_pids=dict(self.node_pids))
+                           node_pids=dict(self.node_pids), auth=self.auth,
+                           admin_config=admin_config)
 
 
 def _open_log(stack: ExitStack, path: Path | None) -> IO[bytes] | None:
     return stack.enter_context(open(path, "ab")) if path else None
 
 
-def _start_kafka(port: int, nodes: int, detached: bool) -> _Started:
+def _start_kafka(port: int, nodes: int, auth: str | None, detached: bool) -> _Started:
     jvm = apache_kafka.java()
     apache_kafka.classpath()
     d = broker_dir()
-    lay = apache_kafka.layout(d, port, nodes)
+    lay = apache_kafka.layout(d, port, nodes, auth)
     taken = [p for p in lay.ports if port_open(p)]
     if taken:
         raise BrokerError(f"port(s) {', '.join(map(str, taken))} on 127.0.0.1 are taken by "
@@ -165,7 +177,8 @@ def _start_kafka(port: int, nodes: int, detached: bool) -> _Started:
     apache_kafka.prepare(d, lay, jvm)
     started = _Started({}, lay.bootstrap, str(apache_kafka.cluster_dir(d)),
                        str(apache_kafka.cluster_dir(d) / "node-*" / "broker.log")
-                       if detached else "stdout", expect_brokers=nodes)
+                       if detached else "stdout", expect_brokers=nodes, auth=lay.auth,
+                       admin=apache_kafka.admin_properties(d))
     try:
         for node in lay.nodes:
             proc = _spawn_node(d, node, jvm, detached)
@@ -215,12 +228,12 @@ def _start_tansu(port: int, storage: str | None, durable: bool, wait: float,
 
 
 def _start(engine: str, port: int, nodes: int, storage: str | None, durable: bool,
-           wait: float, detached: bool) -> _Started:
+           wait: float, detached: bool, auth: str | None = None) -> _Started:
     """Start every process of the engine and wait until the cluster answers; on any
     failure stop what was started, so nothing is left half-running."""
-    check_engine(engine, nodes, storage, durable)
+    check_engine(engine, nodes, storage, durable, auth)
     if engine == "kafka":
-        started = _start_kafka(port, nodes, detached)
+        started = _start_kafka(port, nodes, auth, detached)
     else:
         started = _start_tansu(port, storage, durable, wait, detached)
     try:
@@ -259,7 +272,8 @@ def _wait_ready(started: _Started, wait: float) -> None:
     while not all(port_open(p) for p in ports):
         alive_or_fail("listen")
         time.sleep(0.1)
-    admin = AdminClient(KafkaSettings(started.bootstrap).admin())
+    extra = {k: v for k, v in started.admin.items() if k != "bootstrap.servers"}
+    admin = AdminClient(KafkaSettings(started.bootstrap, extra).admin())
     try:
         while True:
             try:
@@ -278,12 +292,13 @@ def _wait_ready(started: _Started, wait: float) -> None:
 # ---- detached: up / down ----------------------------------------------------------------
 
 def up(port: int = DEFAULT_PORT, storage: str | None = None, wait: float = DEFAULT_WAIT,
-       durable: bool = False, engine: str = DEFAULT_ENGINE, nodes: int = 1) -> BrokerState:
+       durable: bool = False, engine: str = DEFAULT_ENGINE, nodes: int = 1,
+       auth: str | None = None) -> BrokerState:
     """Start the broker unless it is running; idempotent."""
     running = status()
     if running:
         return running
-    started = _start(engine, port, nodes, storage, durable, wait, detached=True)
+    started = _start(engine, port, nodes, storage, durable, wait, detached=True, auth=auth)
     first = next(iter(started.procs.values())) if engine == "kafka" \
         else started.procs["Tansu"]
     state = started.state(first.pid, port, foreground=False, engine=engine)
@@ -325,6 +340,12 @@ def _cluster() -> tuple[BrokerState, apache_kafka.Layout]:
     return state, apache_kafka.layout(broker_dir(), state.port, state.nodes)
 
 
+def active_controller() -> int | None:
+    """The id of the node leading the cluster's KRaft quorum."""
+    _, lay = _cluster()
+    return apache_kafka.active_controller(broker_dir(), lay)
+
+
 def stop_node(node_id: int, kill: bool = False, timeout: float = STOP_TIMEOUT) -> None:
     """Stop one node (SIGKILL with ``kill``: a crash); the others go on."""
     state, lay = _cluster()
@@ -350,7 +371,8 @@ def start_node(node_id: int, wait: float = DEFAULT_WAIT) -> BrokerState:
     proc = _spawn_node(broker_dir(), node, apache_kafka.java(), detached=True)
     # Ready when the node itself answers: the others may list it until its session ends.
     started = _Started({f"Kafka node {node_id}": proc}, f"127.0.0.1:{node.port}",
-                       state.storage, state.log)
+                       state.storage, state.log,
+                       admin=apache_kafka.admin_properties(broker_dir()))
     _wait_ready(started, wait)
     state = replace(state, node_pids={**state.node_pids, str(node_id): proc.pid},
                     pid=proc.pid if node_id == lay.nodes[0].id else state.pid)
@@ -399,7 +421,7 @@ def _reap(pid: int) -> None:
 
 def run(port: int = DEFAULT_PORT, storage: str | None = None, durable: bool = False,
         wait: float = DEFAULT_WAIT, stop_timeout: float = STOP_TIMEOUT,
-        engine: str = DEFAULT_ENGINE, nodes: int = 1) -> None:
+        engine: str = DEFAULT_ENGINE, nodes: int = 1, auth: str | None = None) -> None:
     """Run the broker in the foreground until SIGTERM/SIGINT/SIGHUP, or until it dies.
 
     The broker's output goes to this process's stdout/stderr (the journal under
@@ -417,7 +439,8 @@ def run(port: int = DEFAULT_PORT, storage: str | None = None, durable: bool = Fa
     path = _state_path()
     started: _Started | None = None
     try:
-        started = _start(engine, port, nodes, storage, durable, wait, detached=False)
+        started = _start(engine, port, nodes, storage, durable, wait, detached=False,
+                         auth=auth)
         write_json(path, asdict(started.state(os.getpid(), port, True, engine)))
         while not stop_on:
             for name, child in started.procs.items():

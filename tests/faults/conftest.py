@@ -109,9 +109,9 @@ class OwnBroker:
     """A broker (Apache Kafka, one node) in an X2X_HOME of its own, on a free port: the session broker
     is shared by every test and must never be stopped or frozen."""
 
-    def __init__(self, home: Path, engine: str = "kafka") -> None:
-        self.home, self.port, self.engine = home, free_port(), engine
-        self.bootstrap = f"127.0.0.1:{self.port}"
+    def __init__(self, home: Path, engine: str = "kafka", nodes: int = 1) -> None:
+        self.home, self.port, self.engine, self.nodes = home, free_port(), engine, nodes
+        self.bootstrap = ",".join(f"127.0.0.1:{self.port + i}" for i in range(nodes))
         self.env = {"X2X_HOME": str(home), "X2X_BOOTSTRAP": self.bootstrap}
 
     def x2x(self, *args: str, check: bool = True, timeout: float = 120
@@ -124,7 +124,8 @@ class OwnBroker:
         return proc
 
     def up(self) -> None:
-        self.x2x("broker", "up", "--port", str(self.port), "--engine", self.engine)
+        self.x2x("broker", "up", "--port", str(self.port), "--engine", self.engine,
+                 "--nodes", str(self.nodes))
 
     def down(self) -> None:
         self.x2x("broker", "down", check=False)
@@ -181,6 +182,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         return
     line = (f"x2x faults: {TALLY['capturer kills']} capturer kills, "
             f"{TALLY['applier kills']} applier kills, {TALLY['broker outages']} broker "
-            f"outages survived; bytes lost: {TALLY['bytes lost']}")
+            f"outages, {TALLY['node kills']} Kafka node kills "
+            f"({TALLY['leader elections']} partition leader and "
+            f"{TALLY['controller elections']} controller elections), "
+            f"{TALLY['node restarts']} node restarts survived; "
+            f"bytes lost: {TALLY['bytes lost']}")
     terminalreporter.write_sep("=", "fault injection")
     terminalreporter.write_line(line)
