@@ -5,7 +5,7 @@ import sys
 
 import typer
 
-from cli import broker, journal, pair, replica, replicate, status, volume
+from cli import access, broker, journal, pair, replica, replicate, status, volume
 from cli.common import Globals, err_console
 from infra import logs, telemetry
 from journal.errors import X2XError
@@ -13,6 +13,7 @@ from journal.errors import X2XError
 app = typer.Typer(help="x2x: continuous block-volume replication and migration on Kafka.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(broker.app, name="broker")
+app.add_typer(access.app, name="access")
 app.add_typer(pair.app, name="pair")
 app.add_typer(replica.app, name="replica")
 app.add_typer(volume.app, name="volume")

@@ -32,6 +32,7 @@ from journal.ops import Entry, OpKind
 from journal.pairs import JOURNAL_LOST, ControlEvent, PairSpec, PairState
 from journal.sequence import Limit, Position, Verdict, check_extents, classify
 from journal.status import latest
+from journal.roles import Role
 from schemas import codec
 from schemas.cipher import JournalKey, open_record
 
@@ -80,8 +81,11 @@ class Applier:
                  stage_limit: int = STAGE_LIMIT, limit: Limit | None = None,
                  on_checkpoint: Callable[[Position], None] | None = None,
                  publish_status: bool = True, start: Position | None = None,
-                 until: tuple[int, int] | None = None) -> None:
+                 until: tuple[int, int] | None = None, role: Role = Role.APPLIER) -> None:
         self.spec, self.target, self.settings, self.key = spec, target, settings, key
+        #: Whose control topic this applier's events go to: an applier service's, or the
+        #: operator's when a command (failover, failback) drains the target in-process.
+        self.role = role
         self.topic = journal_topic(spec.name)
         self.store = store or CheckpointStore(spec.name, target)
         self.stage_limit = stage_limit
@@ -258,7 +262,7 @@ class Applier:
             "promoted", self.spec.name, int(time.time() * 1000), attrs={
                 "volume": self.target, "epoch": str(entry.epoch), "seq": str(entry.last_seq),
                 "forced": "0", "rpo_s": "0", "rpo_ops": "0",
-                "promoted_at_ms": str(int(time.time() * 1000))}))
+                "promoted_at_ms": str(int(time.time() * 1000))}), self.role)
 
     def _compare(self, entry: Entry) -> None:
         """Apply ``entry`` op by op, comparing the target with each HASHES op after
@@ -290,7 +294,8 @@ class Applier:
                     "blocks": str(cmp.blocks), "differing": str(len(cmp.differing)),
                     # A huge diff is cut short here; the full list is in the applier's
                     # log and a second verify after --repair shows what is left.
-                    "extents": extents[:200_000], "truncated": str(int(len(extents) > 200_000))}))
+                    "extents": extents[:200_000], "truncated": str(int(len(extents) > 200_000))}),
+                self.role)
         except BrokerError as e:
             log.warning("could not publish the hash comparison of %s: %s", self.target, e)
 
@@ -419,6 +424,7 @@ class Applier:
             cause = JOURNAL_LOST if isinstance(error, JournalLost) else type(error).__name__
             control.publish(self.settings, ControlEvent(
                 "resync-needed", self.spec.name, int(time.time() * 1000),
-                attrs={"target": self.target, "reason": str(error)[:500], "cause": cause}))
+                attrs={"target": self.target, "reason": str(error)[:500], "cause": cause}),
+                self.role)
         except BrokerError:
             log.warning("could not mark pair %s as needing a resync", self.spec.name)

@@ -29,6 +29,7 @@ from journal.errors import Busy, JournalError, X2XError
 from journal.pairs import ControlEvent, PairSpec, PairState
 from journal.sequence import Position
 from journal.status import Beat, latest
+from journal.roles import Role
 from schemas.cipher import JournalKey
 
 #: A capturer heartbeat younger than this (and not stopped/sealed) means it is serving.
@@ -176,7 +177,8 @@ def failover(settings: KafkaSettings, name: str, key: JournalKey | None,
     say(f"sealed: epoch {epoch} seq {seq}, source digest {sealed['digest'][:16]}...; "
         f"draining {spec.target}")
     # ``until``: an 'x2x apply' service may have drained to the SEAL (and promoted) already.
-    applier = Applier(spec, spec.target, settings, key=key, until=(epoch, seq))
+    applier = Applier(spec, spec.target, settings, key=key, until=(epoch, seq),
+                      role=Role.OPERATOR)
     try:
         _applier_run(applier, timeout)
     except Busy:
@@ -212,7 +214,7 @@ def force_failover(settings: KafkaSettings, name: str, key: JournalKey | None, s
     control.publish(settings, ControlEvent("failover-requested", name, now_ms(),
                                            attrs={"source": spec.source, "forced": "1"}))
     say(f"draining what the journal holds onto {spec.target}")
-    applier = Applier(spec, spec.target, settings, key=key)
+    applier = Applier(spec, spec.target, settings, key=key, role=Role.OPERATOR)
     try:
         _applier_run(applier, timeout, until_caught_up=True)
     except Busy:
@@ -325,7 +327,8 @@ def _compare_from_hashes(settings: KafkaSettings, spec: PairSpec, side: CaptureS
     store = CheckpointStore(spec.name, spec.target)
     store.reset()
     applier = Applier(spec, spec.target, settings, key=key, store=store,
-                      start=Position(epoch, first - 1, offset - 1), until=(epoch, int(h["seq"])))
+                      start=Position(epoch, first - 1, offset - 1), until=(epoch, int(h["seq"])),
+                      role=Role.OPERATOR)
     say(f"comparing {spec.target} with the hashes (epoch {epoch} from seq {first})")
     _applier_run(applier, timeout)
     return _resync(settings, spec.name, spec.target, side, applier, h, key, timeout, say)
@@ -343,7 +346,8 @@ def _resync(settings: KafkaSettings, name: str, target: str, side: CaptureSide,
             f"extents: resending them")
         r = side.resend(extents)
         resent, seq = int(r["bytes"]), int(r["seq"])
-        again = Applier(applier.spec, target, settings, key=key, until=(int(r["epoch"]), seq))
+        again = Applier(applier.spec, target, settings, key=key, until=(int(r["epoch"]), seq),
+                        role=Role.OPERATOR)
         _applier_run(again, timeout)
     return Resync(cmp.blocks, len(set(cmp.differing)), extents, int(h["bytes"]), resent,
                   int(h["epoch"]), seq)
@@ -373,7 +377,8 @@ def verify(settings: KafkaSettings, name: str, key: JournalKey | None,
     say(f"hashing {spec.source} into the journal")
     h = side.hashes()
     epoch, seq = int(h["epoch"]), int(h["seq"])
-    applier = Applier(spec, spec.target, settings, key=key, until=(epoch, seq))
+    applier = Applier(spec, spec.target, settings, key=key, until=(epoch, seq),
+                      role=Role.OPERATOR)
     try:
         _applier_run(applier, timeout)
     except Busy:

@@ -1,47 +1,84 @@
-"""The control topic: pair specs and lifecycle events, published and folded."""
+"""The control topics: pair specs and lifecycle events, published and folded.
+
+Each role publishes to its own control topic (journal/roles.py says why); readers merge
+the topics and keep only events the topic's role may publish.
+"""
 from __future__ import annotations
 
+import heapq
+import logging
 import time
 from dataclasses import asdict
 
-from confluent_kafka import Producer
+from confluent_kafka import Message, Producer
 
 from infra.kafka import KafkaSettings
 from infra.reader import read_to_end
-from infra.topics import CONTROL_TOPIC, ensure_base_topics
-from journal.errors import BrokerError, PairNotFound
+from infra.topics import CONTROL_TOPICS, control_topic, ensure_base_topics
+from journal.errors import BrokerError, PairNotFound, X2XError
 from journal.pairs import ControlEvent, PairSpec, PairState, fold
+from journal.roles import Role, may_publish
 from schemas import codec
+
+log = logging.getLogger("x2x.control")
+#: Which role writes each control topic.
+ROLE_OF_TOPIC = {control_topic(r): r for r in Role}
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def publish(settings: KafkaSettings, event: ControlEvent, timeout: float = 15.0) -> None:
-    """Append ``event`` to the control topic and wait until the broker has it."""
+def publish(settings: KafkaSettings, event: ControlEvent, role: Role = Role.OPERATOR,
+            timeout: float = 15.0) -> None:
+    """Append ``event`` to ``role``'s control topic and wait until the broker has it."""
+    if not may_publish(role, event.event):
+        raise X2XError(f"a {role.value} may not publish {event.event!r} (journal/roles.py)")
     ensure_base_topics(settings.check_reachable())
     record = {"event": event.event, "pair": event.pair, "at_ms": event.at_ms,
               "spec": asdict(event.spec) if event.spec else None, "attrs": event.attrs}
     errors: list[str] = []
     producer = Producer(settings.side_producer())
-    producer.produce(CONTROL_TOPIC, codec.encode(codec.CONTROL, record), key=event.pair,
+    producer.produce(control_topic(role), codec.encode(codec.CONTROL, record),
+                     key=event.pair,
                      on_delivery=lambda err, _m: err and errors.append(err.str()))
     if producer.flush(timeout) or errors:
         raise BrokerError(f"control event {event.event} for pair {event.pair} was not "
                           f"acknowledged by {settings.bootstrap}: {errors or 'timeout'}")
 
 
+def decode_event(value: bytes) -> ControlEvent:
+    r = codec.decode(value, codec.CONTROL)
+    spec = r["spec"]
+    return ControlEvent(r["event"], r["pair"], r["at_ms"],
+                        PairSpec(name=r["pair"], **spec) if spec else None, r["attrs"])
+
+
+def accepted(msg: Message) -> ControlEvent | None:
+    """The event in ``msg`` if it decodes and its topic's role may publish it; else
+    None, with the reason logged (a foreign or forged record never stops a reader)."""
+    try:
+        ev = decode_event(msg.value())
+    except X2XError as e:
+        log.warning("skipping %s offset %d: %s", msg.topic(), msg.offset(), e)
+        return None
+    role = ROLE_OF_TOPIC.get(msg.topic(), Role.OPERATOR)
+    if not may_publish(role, ev.event):
+        log.warning("ignoring %r for pair %s on %s offset %d: a %s may not publish it",
+                    ev.event, ev.pair, msg.topic(), msg.offset(), role.value)
+        return None
+    return ev
+
+
+def _topic_events(settings: KafkaSettings, topic: str) -> list[ControlEvent]:
+    return [ev for msg in read_to_end(settings, topic) if (ev := accepted(msg)) is not None]
+
+
 def events(settings: KafkaSettings) -> list[ControlEvent]:
+    """Every accepted control event, the topics merged by time (each in its own order)."""
     ensure_base_topics(settings.check_reachable())
-    out = []
-    for msg in read_to_end(settings, CONTROL_TOPIC):
-        r = codec.decode(msg.value(), codec.CONTROL)
-        spec = r["spec"]
-        out.append(ControlEvent(r["event"], r["pair"], r["at_ms"],
-                                PairSpec(name=r["pair"], **{k: v for k, v in spec.items()})
-                                if spec else None, r["attrs"]))
-    return out
+    per_topic = [_topic_events(settings, t) for t in CONTROL_TOPICS]
+    return list(heapq.merge(*per_topic, key=lambda ev: ev.at_ms))
 
 
 def pairs(settings: KafkaSettings) -> dict[str, PairState]:

@@ -12,22 +12,15 @@ from typing import Callable, Iterator
 
 from confluent_kafka import Consumer, TopicPartition
 
+from infra.control import accepted
 from infra.kafka import KafkaSettings
-from infra.topics import CONTROL_TOPIC, ensure_base_topics
+from infra.topics import CONTROL_TOPICS, ensure_base_topics
 from journal.errors import BrokerError, X2XError
-from journal.pairs import ControlEvent, PairSpec
-from schemas import codec
+from journal.pairs import ControlEvent
 
 
 class Timeout(X2XError):
     """An expected answer did not appear on the control topic in time."""
-
-
-def decode_event(value: bytes) -> ControlEvent:
-    r = codec.decode(value, codec.CONTROL)
-    spec = r["spec"]
-    return ControlEvent(r["event"], r["pair"], r["at_ms"],
-                        PairSpec(name=r["pair"], **spec) if spec else None, r["attrs"])
 
 
 def follow(settings: KafkaSettings, since_ms: int,
@@ -37,7 +30,7 @@ def follow(settings: KafkaSettings, since_ms: int,
     ensure_base_topics(settings.check_reachable())
     consumer = Consumer(settings.consumer())
     try:
-        consumer.assign([TopicPartition(CONTROL_TOPIC, 0, 0)])
+        consumer.assign([TopicPartition(t, 0, 0) for t in CONTROL_TOPICS])
         while stop is None or not stop.is_set():
             for msg in consumer.consume(100, poll):
                 err = msg.error()
@@ -45,13 +38,10 @@ def follow(settings: KafkaSettings, since_ms: int,
                     # A broker outage is waited out (librdkafka reconnects); callers
                     # bound the wait themselves. Only a fatal error ends the follow.
                     if err.fatal():
-                        raise BrokerError(f"reading {CONTROL_TOPIC}: {err.str()}")
+                        raise BrokerError(f"reading the control topics: {err.str()}")
                     continue
-                try:
-                    ev = decode_event(msg.value())
-                except X2XError:
-                    continue
-                if ev.at_ms >= since_ms:
+                ev = accepted(msg)
+                if ev is not None and ev.at_ms >= since_ms:
                     yield ev
     finally:
         consumer.close()

@@ -18,6 +18,9 @@ from infra.files import read_json
 from journal.errors import BadInput, BrokerError
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+#: Partitions are assigned by hand; the group id only satisfies librdkafka (which still
+#: looks up its coordinator, so ACLs must let every role read this group).
+CONSUMER_GROUP = "x2x"
 #: librdkafka chatter (connection refused, retries) goes here; shown with --verbose.
 rdkafka_log = logging.getLogger("x2x.librdkafka")
 _SECRET_WORDS = ("password", "secret", "key", "token")
@@ -105,8 +108,7 @@ class KafkaSettings:
     def consumer(self, **overrides: Any) -> dict[str, Any]:
         return {
             **self._common(),
-            # Partitions are assigned by hand; the group id only satisfies librdkafka.
-            "group.id": "x2x",
+            "group.id": CONSUMER_GROUP,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "enable.partition.eof": True,

@@ -5,7 +5,11 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from journal.errors import BrokerError
+from journal.roles import Role
 
+#: The operators' control topic; capturers and appliers each publish to their own
+#: (``x2x.control.capturer``, ``x2x.control.applier``), so ACLs can keep a role to the
+#: events it may publish (journal/roles.py).
 CONTROL_TOPIC = "x2x.control"
 STATUS_TOPIC = "x2x.status"
 JOURNAL_PREFIX = "x2x.journal."
@@ -24,13 +28,35 @@ def journal_topic(pair: str) -> str:
     return JOURNAL_PREFIX + pair
 
 
+def control_topic(role: Role) -> str:
+    """Where ``role`` publishes its control events."""
+    return CONTROL_TOPIC if role is Role.OPERATOR else f"{CONTROL_TOPIC}.{role.value}"
+
+
+#: Every control topic, in the order readers merge them.
+CONTROL_TOPICS = tuple(control_topic(r) for r in Role)
+
+
+def existing(admin: AdminClient, names: tuple[str, ...] | list[str],
+             timeout: float = 15.0) -> set[str]:
+    """Which of ``names`` exist (and this client may see)."""
+    try:
+        topics = admin.list_topics(timeout=timeout).topics
+    except KafkaException as e:
+        raise BrokerError(f"cannot list topics: {e}") from None
+    return {n for n in names if n in topics and topics[n].error is None}
+
+
 def ensure_topic(admin: AdminClient, name: str, config: dict[str, str],
                  timeout: float = 15.0) -> bool:
     """Create ``name`` with one partition unless it exists; True if it was created.
 
     Idempotent, and always done before the first produce: a produce that relies on
-    auto-creation can lose records on some brokers.
+    auto-creation can lose records on some brokers. An existing topic is not created
+    again, so a principal without CREATE (a capturer under ACLs) gets through.
     """
+    if existing(admin, [name], timeout):
+        return False
     # Replication factor -1: the cluster's default (3 on a production cluster), not a
     # hard-coded 1 that would pin a journal to a single broker.
     futures = admin.create_topics([NewTopic(name, 1, -1, config=config)],
@@ -41,6 +67,11 @@ def ensure_topic(admin: AdminClient, name: str, config: dict[str, str],
     except KafkaException as e:
         if e.args and e.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
             return False
+        if e.args and e.args[0].code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                                           KafkaError.CLUSTER_AUTHORIZATION_FAILED):
+            raise BrokerError(f"topic {name} does not exist and this principal may not "
+                              f"create it: an operator creates topics ('x2x pair create')"
+                              ) from None
         raise BrokerError(f"cannot create topic {name}: {e}") from None
 
 
@@ -55,5 +86,10 @@ def delete_topic(admin: AdminClient, name: str, timeout: float = 15.0) -> None:
 
 
 def ensure_base_topics(admin: AdminClient) -> None:
-    ensure_topic(admin, CONTROL_TOPIC, CONTROL_CONFIG)
-    ensure_topic(admin, STATUS_TOPIC, STATUS_CONFIG)
+    """The control and status topics, created where missing."""
+    have = existing(admin, [*CONTROL_TOPICS, STATUS_TOPIC])
+    for name in CONTROL_TOPICS:
+        if name not in have:
+            ensure_topic(admin, name, CONTROL_CONFIG)
+    if STATUS_TOPIC not in have:
+        ensure_topic(admin, STATUS_TOPIC, STATUS_CONFIG)

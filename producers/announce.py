@@ -14,6 +14,7 @@ from infra import control
 from infra.kafka import KafkaSettings
 from journal.errors import X2XError
 from journal.pairs import JOURNAL_LOST, ControlEvent
+from journal.roles import Role
 from producers.publisher import now_ms
 
 log = logging.getLogger("x2x.capture")
@@ -25,7 +26,7 @@ def abandon_epoch(settings: KafkaSettings, pair: str, epoch: int, successor: int
     may land after the successor's, and appliers then skip them instead of stopping (the
     successor resends every block they touched, with newer data)."""
     control.publish(settings, ControlEvent("epoch-abandoned", pair, now_ms(), attrs={
-        "epoch": str(epoch), "successor": str(successor)}))
+        "epoch": str(epoch), "successor": str(successor)}), Role.CAPTURER)
 
 
 def announce_baseline(settings: KafkaSettings, pair: str, epoch: int) -> None:
@@ -33,7 +34,7 @@ def announce_baseline(settings: KafkaSettings, pair: str, epoch: int) -> None:
     replay again (after a journal loss). Not fatal: replication goes on without it."""
     try:
         control.publish(settings, ControlEvent("baseline-complete", pair, now_ms(),
-                                               attrs={"epoch": str(epoch)}))
+                                               attrs={"epoch": str(epoch)}), Role.CAPTURER)
     except X2XError as e:
         log.warning("pair %s: could not announce the baseline of epoch %d: %s", pair, epoch, e)
 
@@ -44,4 +45,5 @@ def mark_journal_lost(settings: KafkaSettings, pair: str, source: str, epoch: in
     control.publish(settings, ControlEvent("resync-needed", pair, now_ms(), attrs={
         "cause": JOURNAL_LOST, "lost_before_epoch": str(epoch),
         "reason": f"the broker lost the journal of pair {pair} (noticed by the capturer of "
-                  f"{source}); resync the target by block hashes: 'x2x pair resync {pair}'"}))
+                  f"{source}); resync the target by block hashes: 'x2x pair resync {pair}'"}),
+        Role.CAPTURER)

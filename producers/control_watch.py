@@ -23,6 +23,7 @@ from infra.control_tail import follow
 from journal.blocks import parse_extents
 from journal.errors import X2XError
 from journal.pairs import ControlEvent
+from journal.roles import Role
 from producers.resync import emit_hashes, resend_extents
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ class ControlWatch:
         try:
             control.publish(cap.settings, ControlEvent(answer[0], cap.spec.name,
                                                        int(time.time() * 1000),
-                                                       attrs={**base, **answer[1]}))
+                                                       attrs={**base, **answer[1]}),
+                            Role.CAPTURER)
         except X2XError as e:
             log.error("pair %s: could not answer %s: %s", cap.spec.name, ev.event, e)
