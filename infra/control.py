@@ -12,8 +12,9 @@ from dataclasses import asdict
 
 from confluent_kafka import Message, Producer
 
+from infra import control_cache
 from infra.kafka import KafkaSettings
-from infra.reader import read_to_end
+from infra.reader import read_many
 from infra.topics import CONTROL_TOPICS, control_topic, ensure_base_topics
 from journal.errors import BrokerError, PairNotFound, X2XError
 from journal.pairs import ControlEvent, PairSpec, PairState, fold
@@ -70,20 +71,48 @@ def accepted(msg: Message) -> ControlEvent | None:
     return ev
 
 
-def _topic_events(settings: KafkaSettings, topic: str) -> list[ControlEvent]:
-    return [ev for msg in read_to_end(settings, topic) if (ev := accepted(msg)) is not None]
+#: Events are folded in this order: by time, then by topic (operator, capturer, applier),
+#: each topic keeping its own order; a cached fold and a fresh one are then the same.
+Key = tuple[int, int]
+_RANK = {t: i for i, t in enumerate(CONTROL_TOPICS)}
 
 
-def events(settings: KafkaSettings) -> list[ControlEvent]:
-    """Every accepted control event, the topics merged by time (each in its own order)."""
-    ensure_base_topics(settings.check_reachable())
-    per_topic = [_topic_events(settings, t) for t in CONTROL_TOPICS]
-    return list(heapq.merge(*per_topic, key=lambda ev: ev.at_ms))
+def _read(settings: KafkaSettings, starts: dict[str, int]
+          ) -> tuple[list[tuple[Key, ControlEvent]], dict[str, int]]:
+    """Accepted events from ``starts`` on, in fold order, and every topic's next offset."""
+    per_topic: dict[str, list[tuple[Key, ControlEvent]]] = {t: [] for t in starts}
+    nxt = dict(starts)
+    for topic, msg in read_many(settings, starts):
+        nxt[topic] = msg.offset() + 1
+        ev = accepted(msg)
+        if ev is not None:
+            per_topic[topic].append(((ev.at_ms, _RANK.get(topic, 0)), ev))
+    return list(heapq.merge(*per_topic.values(), key=lambda ke: ke[0])), nxt
 
 
 def pairs(settings: KafkaSettings) -> dict[str, PairState]:
-    """Every current pair, folded from the control topic."""
-    return fold(events(settings))
+    """Every current pair, folded from the control topics: from this host's cached fold
+    on, reading only the events published since (infra/control_cache.py)."""
+    admin = settings.check_reachable()
+    ensure_base_topics(admin)
+    ident = control_cache.identity(admin, admin.list_topics(timeout=10).cluster_id,
+                                   CONTROL_TOPICS)
+    cached = control_cache.load(settings.bootstrap, ident) if ident else None
+    if cached is not None:
+        new, offsets = _read(settings, cached.offsets)
+        if all(k >= cached.last_key for k, _ in new):
+            if new:
+                cached = control_cache.Folded(ident, offsets, new[-1][0],
+                                              fold((ev for _, ev in new), cached.pairs))
+                control_cache.save(settings.bootstrap, cached)
+            return cached.pairs
+        log.info("a control event older than the cached fold arrived: folding again")
+    every, offsets = _read(settings, {t: 0 for t in CONTROL_TOPICS})
+    folded = fold(ev for _, ev in every)
+    if ident:
+        control_cache.save(settings.bootstrap, control_cache.Folded(
+            ident, offsets, every[-1][0] if every else (0, 0), folded))
+    return folded
 
 
 def get_pair(settings: KafkaSettings, name: str) -> PairState:

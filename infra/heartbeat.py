@@ -46,7 +46,7 @@ class HeartbeatPublisher:
                     rate_bps, detail or {})
         try:
             self.producer.produce(STATUS_TOPIC, codec.encode(codec.HEARTBEAT, asdict(beat)),
-                                  key=self.pair)
+                                  key=beat_key(self.pair, self.role, self.instance))
         except (BufferError, KafkaException):
             pass  # a status beat is never worth blocking (or failing) the journal for
         if self.local_copy is not None:
@@ -54,6 +54,11 @@ class HeartbeatPublisher:
                 write_json(self.local_copy, asdict(beat))
             except OSError as e:
                 log.debug("cannot keep the local beat in %s: %s", self.local_copy, e)
+
+
+def beat_key(pair: str, role: str, instance: str) -> str:
+    """One key per service: the status topic's compaction keeps its newest beat."""
+    return f"{pair}|{role}|{instance}"
 
 
 def _beat_file(role: str) -> str:

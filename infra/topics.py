@@ -21,7 +21,13 @@ MAX_MESSAGE_BYTES = str(8 * 1024 * 1024)
 JOURNAL_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete",
                   "max.message.bytes": MAX_MESSAGE_BYTES}
 CONTROL_CONFIG = {"retention.ms": "-1", "retention.bytes": "-1"}
-STATUS_CONFIG = {"retention.ms": str(24 * 3600 * 1000)}
+#: Heartbeats are keyed by pair, role and instance, and only the newest of each matters:
+#: compaction keeps the topic at about one record per service however long they run
+#: (segments roll every 10 s so the cleaner can reach them), and a service gone for a
+#: day disappears with its last beat.
+STATUS_CONFIG = {"cleanup.policy": "compact,delete", "retention.ms": str(24 * 3600 * 1000),
+                 "segment.ms": "10000", "min.cleanable.dirty.ratio": "0.01",
+                 "delete.retention.ms": "60000"}
 
 
 def journal_topic(pair: str) -> str:

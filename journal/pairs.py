@@ -113,16 +113,18 @@ def _epoch(ev: "ControlEvent") -> int:
         return 0
 
 
-def fold(events: Iterable[ControlEvent]) -> dict[str, PairState]:
-    """Current pairs after applying ``events`` in order; unknown events are ignored so an
-    older x2x can still read a newer control topic.
+def fold(events: Iterable[ControlEvent],
+         start: dict[str, PairState] | None = None) -> dict[str, PairState]:
+    """Current pairs after applying ``events`` in order to ``start`` (a fold of the
+    events before them, or nothing); unknown events are ignored so an older x2x can
+    still read a newer control topic.
 
     Lifecycle: created -failover-requested-> failing-over -promoted-> promoted (direction
     reversed) -failback-started-> failing-back -failback-done-> replicating; a failed
     failover (failover-failed) returns to the state before it; resync-needed (e.g. a SEAL
     digest mismatch) wins over everything until resynced.
     """
-    pairs: dict[str, PairState] = {}
+    pairs: dict[str, PairState] = dict(start or {})
     for ev in events:
         p = pairs.get(ev.pair)
         if ev.event == "created" and ev.spec is not None:

@@ -325,8 +325,11 @@ def test_garbage_on_the_status_topic_does_not_stop_status_or_apply(settings, pai
     from infra.topics import STATUS_TOPIC, ensure_base_topics
     ensure_base_topics(settings.check_reachable())      # x2x never produces to a missing topic
     p = Producer(settings.producer())
-    p.produce(STATUS_TOPIC, b"not a heartbeat")
-    assert p.flush(10) == 0
+    errors: list[str] = []
+    # Keyed: the status topic is compacted, and Kafka refuses a record without a key there.
+    p.produce(STATUS_TOPIC, b"not a heartbeat", key=b"garbage",
+              on_delivery=lambda err, _m: err and errors.append(err.str()))
+    assert p.flush(10) == 0 and not errors, errors
     src = make_image(tmp_path / "src.img", MiB, seed=4)
     dst = tmp_path / "dst.img"
     spec = create(settings, pair_name, src, dst)
