@@ -1,5 +1,12 @@
-"""``python -m bench [--quick] [--out DIR] [--only NAME ...]``: every scenario, side by side
-with its peers, on an embedded broker of its own; writes DIR/latest.json and latest.md."""
+"""``python -m bench [--quick] [--out DIR] [--only NAME ...] [--engines E,...]``: every
+scenario, side by side with its peers, on brokers of its own; writes DIR/latest.json and
+latest.md.
+
+The first engine (Apache Kafka, one node) runs every scenario; the others (a three-node
+Kafka cluster with acks=all and min.insync.replicas=2, Tansu in memory) run the ones
+where the broker is what is measured: pipeline, replay and lag (RPO), each against a
+bare confluent-kafka loop on the same broker; the scale scenario runs on the cluster.
+Their rows are keyed ``NAME@ENGINE``."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +15,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -25,18 +31,45 @@ SCENARIOS = {
     "sparse_baseline": "bench.sparse_baseline",
     "replay": "bench.replay",
     "memory": "bench.memory",
+    "scale": "bench.scale",
 }
 #: Run order differs: replay reuses the pipeline's journal, and memory lists the peaks of
 #: every x2x child the other scenarios ran.
 RUN_ORDER = ["pipeline", "replay", "nbd_capture", "lag", "resync", "sparse_baseline",
-             "memory"]
+             "scale", "memory"]
+#: Scenarios that every engine runs (the broker is what they measure).
+PER_ENGINE = ["pipeline", "replay", "lag"]
+#: Engine name -> how ``x2x broker up`` starts it, and how the table names it.
+ENGINES = {"kafka": ({"engine": "kafka", "nodes": 1}, "Apache Kafka 1 node"),
+           "kafka-3": ({"engine": "kafka", "nodes": 3},
+                       "Apache Kafka 3 nodes, RF 3, min.insync.replicas 2, acks=all"),
+           "tansu": ({"engine": "tansu"}, "Tansu, memory storage")}
 DEFAULT_OUT = Path(__file__).parent / "results"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def plan(engines: list[str], only: list[str] | None) -> list[tuple[str, str]]:
+    """(engine, scenario) in run order: everything on the first engine (scale on the
+    cluster when there is one), the broker-bound scenarios on the others."""
+    steps = []
+    scale_on = "kafka-3" if "kafka-3" in engines else engines[0]
+    for i, engine in enumerate(engines):
+        keys = [k for k in RUN_ORDER if k != "scale"] if i == 0 else list(PER_ENGINE)
+        if engine == scale_on:
+            keys.insert(keys.index("memory") if "memory" in keys else len(keys), "scale")
+        steps += [(engine, k) for k in keys if not only or k in only]
+    return steps
+
+
+def result_key(engines: list[str], engine: str, key: str) -> str:
+    return key if engine == engines[0] else f"{key}@{engine}"
+
+
+def _order(engines: list[str]):
+    """Table order: engine by engine, each in the scenarios' own order."""
+    def key(rkey: str) -> tuple[int, int]:
+        name, _, engine = rkey.partition("@")
+        return engines.index(engine or engines[0]), list(SCENARIOS).index(name)
+    return key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,38 +81,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="NAME",
                     help=f"Run only these scenarios: {', '.join(SCENARIOS)}.")
     ap.add_argument("--keep", action="store_true", help="Keep the work directory.")
+    ap.add_argument("--engines", default=None,
+                    help=f"Comma-separated, first runs everything: {', '.join(ENGINES)} "
+                         f"(default all three; kafka alone with --quick).")
     args = ap.parse_args(argv)
+    engines = (args.engines or ("kafka" if args.quick else ",".join(ENGINES))).split(",")
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        ap.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
 
     work = Path(tempfile.mkdtemp(prefix="x2x-bench-"))
-    # Everything x2x reads from the environment points at this run only: its own state
-    # directory and its own broker, inherited by every x2x child process.
-    os.environ["X2X_HOME"] = str(work / "home")
     for var in ("X2X_KAFKA_CONFIG", "X2X_COMPRESSION"):
         os.environ.pop(var, None)
     from infra import broker
     from infra.kafka import KafkaSettings
+    from infra.net import free_port
     from bench.common import Context
 
     started = time.time()
-    state = broker.up(port=_free_port())
-    os.environ["X2X_BOOTSTRAP"] = state.bootstrap
-    ctx = Context(args.quick, KafkaSettings.resolve(state.bootstrap), work / "data")
     results: dict[str, Any] = {}
+    steps = plan(engines, args.only)
     try:
-        for key in [k for k in RUN_ORDER if not args.only or k in args.only]:
-            mod = importlib.import_module(SCENARIOS[key])
-            print(f"[bench] {key}: {mod.TITLE}", file=sys.stderr, flush=True)
-            t0 = time.monotonic()
+        for engine in dict.fromkeys(e for e, _ in steps):
+            # Everything x2x reads from the environment points at this engine's run only:
+            # its own state directory and broker, inherited by every x2x child process.
+            os.environ["X2X_HOME"] = str(work / f"home-{engine}")
+            print(f"[bench] starting {ENGINES[engine][1]}", file=sys.stderr, flush=True)
+            state = broker.up(port=free_port(), **ENGINES[engine][0])
+            os.environ["X2X_BOOTSTRAP"] = state.bootstrap
+            ctx = Context(args.quick, KafkaSettings.resolve(state.bootstrap),
+                          work / f"data-{engine}")
             try:
-                results[key] = mod.run(ctx)
-            except Exception as e:  # one broken scenario must not lose the others' figures
-                traceback.print_exc()
-                results[key] = {"title": mod.TITLE, "error": f"{type(e).__name__}: {e}"}
-            results[key]["wall_seconds"] = round(time.monotonic() - t0, 2)
-            print(f"[bench] {key}: done in {results[key]['wall_seconds']} s",
-                  file=sys.stderr, flush=True)
+                for _, key in [s for s in steps if s[0] == engine]:
+                    rkey = result_key(engines, engine, key)
+                    results[rkey] = _run_one(key, ctx)
+                    results[rkey]["broker"] = ENGINES[engine][1]
+            finally:
+                broker.down()
     finally:
-        broker.down()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -88,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                  "wall_seconds": round(time.time() - started, 1),
                  "machine": platform.platform(), "cpus": os.cpu_count(),
                  "python": platform.python_version(),
-                 "broker": "embedded Tansu (memory storage), one partition per topic",
+                 "broker": "; ".join(f"{e}: {ENGINES[e][1]}" for e in engines)
+                           + "; one partition per topic",
                  "ratio": "x2x / peer; 'better' says which direction wins"},
-        "scenarios": {k: results[k] for k in SCENARIOS if k in results},
+        "scenarios": {k: results[k] for k in sorted(results, key=_order(engines))},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -99,6 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"written to {args.out / 'latest.json'} and {args.out / 'latest.md'}")
     return 1 if any("error" in r for r in results.values()) else 0
+
+
+def _run_one(key: str, ctx: Any) -> dict[str, Any]:
+    mod = importlib.import_module(SCENARIOS[key])
+    print(f"[bench] {key}: {mod.TITLE}", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    try:
+        result = mod.run(ctx)
+    except Exception as e:  # one broken scenario must not lose the others' figures
+        traceback.print_exc()
+        result = {"title": mod.TITLE, "error": f"{type(e).__name__}: {e}"}
+    result["wall_seconds"] = round(time.monotonic() - t0, 2)
+    print(f"[bench] {key}: done in {result['wall_seconds']} s", file=sys.stderr, flush=True)
+    return result
 
 
 def _fmt(v: Any) -> str:
