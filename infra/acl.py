@@ -128,3 +128,18 @@ def revoke(admin: AdminClient, user: str) -> int:
 
 def properties_text(props: dict[str, str]) -> str:
     return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+def table() -> list[str]:
+    """The grants of every role as Markdown table rows (docs/security.md prints them)."""
+    resources: dict[str, dict[Role, list[str]]] = {}
+    for role in Role:
+        for g in grants(role):
+            name = (f"topic `{g.name}<pair>`" if g.pattern == ResourcePatternType.PREFIXED
+                    else f"{g.resource.name.lower()} `{g.name}`")
+            resources.setdefault(name, {}).setdefault(role, []).append(g.operation.name)
+    header = ["| resource | " + " | ".join(r.value for r in Role) + " |",
+              "| --- |" + " --- |" * len(Role)]
+    return header + [f"| {name} | " + " | ".join(", ".join(ops.get(r, [])) or "-"
+                                                 for r in Role) + " |"
+                     for name, ops in resources.items()]

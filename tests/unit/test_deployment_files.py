@@ -156,3 +156,11 @@ def test_kafka_compose_is_a_three_broker_kraft_cluster() -> None:
         assert env["CLUSTER_ID"] == brokers[next(iter(brokers))]["environment"]["CLUSTER_ID"]
         assert any(str(v).endswith(":/var/lib/kafka/data") for v in svc["volumes"])
     assert len(voters.split(",")) == 3
+
+
+def test_security_doc_lists_exactly_the_acls_each_role_gets() -> None:
+    from infra import acl
+    doc = (ROOT / "docs" / "security.md").read_text()
+    rows = acl.table()
+    missing = [r for r in rows if r not in doc]
+    assert not missing, f"docs/security.md does not match infra/acl.py: {missing}"
