@@ -31,7 +31,7 @@ from journal.errors import X2XError
 from journal.ops import Op, OpKind
 from producers.deferred import DeferredWrites
 from producers.intent import IntentBitmap
-from producers.nbd import Shutdown
+from nbd.server import Shutdown
 from producers.publisher import JournalPublisher
 
 log = logging.getLogger("x2x.capture")
@@ -104,7 +104,7 @@ class CaptureCounters:
 
 
 class JournalingVolume:
-    """A :class:`producers.nbd.Backend` over the source volume that journals every change.
+    """A :class:`nbd.server.Backend` over the source volume that journals every change.
 
     ``dirty`` marks blocks written since the hash map was last true, so the capturer can
     re-hash just those at a clean stop instead of hashing on the write path.
@@ -134,7 +134,7 @@ class JournalingVolume:
         return self.vol.pread(offset, length)
 
     def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
-        # No copy: the server hands each request a buffer of its own (producers/nbd.py).
+        # No copy: the server hands each request a buffer of its own (nbd/server.py).
         self._change(Op.write(offset, data), fua, lambda: self.vol.pwrite(offset, data))
 
     def zero(self, offset: int, length: int, fua: bool) -> None:

@@ -1,6 +1,6 @@
 """The NBD capturer as a service: serve the source over NBD, journal every change.
 
-Wiring only: :class:`producers.nbd.NBDServer` speaks the protocol,
+Wiring only: :class:`nbd.server.NBDServer` speaks the protocol,
 :class:`producers.journaling.JournalingVolume` writes and journals, and
 :func:`producers.baseline.run_baseline` publishes the whole source in a new epoch while
 clients already write. This module decides the epoch, runs the heartbeat/linger loop and
@@ -36,7 +36,7 @@ from producers.control_watch import ControlWatch
 from producers.deferred import hold_from_env
 from producers.baseline import BaselineProgress, new_hash_map, refresh_hashes, run_baseline
 from producers.journaling import JournalingVolume, Mode, RangeLocks
-from producers.nbd import NBDServer
+from nbd.server import NBDServer
 from producers.publisher import JournalPublisher
 from producers.intent import IntentBitmap
 from producers.announce import abandon_epoch, mark_journal_lost

@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from infra.volume import Volume
-from producers import nbdproto as p
-from producers.nbd import ClientInfo, NBDServer, Shutdown
+from nbd import proto as p
+from nbd.server import ClientInfo, NBDServer, Shutdown
 
 MiB = 1 << 20
 SIZE = 64 * MiB

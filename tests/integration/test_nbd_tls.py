@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from infra.tls import create_certificates, server_context
-from producers import nbdproto as p
+from nbd import proto as p
 from tests.conftest import run_x2x
 from tests.integration.test_nbd_server import (HOST, LOGGER, MiB, RawClient, Served,
                                                image_bytes, logged, run, serve)

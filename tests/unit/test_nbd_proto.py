@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from producers import nbdproto as p
+from nbd import proto as p
 from tests.fuzz import count
 
 u16 = st.integers(0, 2**16 - 1)

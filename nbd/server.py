@@ -11,7 +11,7 @@ write, a block allocation or a wait for the broker in sync mode no longer holds 
 requests behind it. The backend keeps ordering where it matters (the journaling volume's
 range locks). A FLUSH covers the writes already replied to, as the protocol says. Bad
 input from one client closes or answers that client only, with one log line naming the
-peer; the server keeps serving everyone else. Wire formats live in ``nbdproto``.
+peer; the server keeps serving everyone else. Wire formats live in ``nbd.proto``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
-from producers import nbdproto as p
+from nbd import proto as p
 
 _log = logging.getLogger("x2x.nbd")
 
