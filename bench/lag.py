@@ -23,13 +23,14 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from bench.common import (MiB, Context, capture, delete_pair, empty_image, figure, finish,
                           make_pair, percentile, pool, same_volume, start, x2x_cmd)
+from infra.net import free_port
 from infra.heartbeat import read_beats
 from journal.status import latest, pair_status
+from journal.clock import now_ms
 
 TITLE = "Lag under load: RPO and lag in ops at 50% of the measured maximum write rate"
 WRITE_SIZE = 64 * 1024
@@ -44,12 +45,6 @@ class Sample:
     rpo_s: float
     lag_ops: int
     captured_seq: int
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(port: int, proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
@@ -107,7 +102,7 @@ def _writer(path: str, size: int, rate: float, stop: threading.Event,
 
 
 def _sample(ctx: Context, name: str, target: str) -> Sample | None:
-    st = pair_status(name, latest(read_beats(ctx.settings)), int(time.time() * 1000))
+    st = pair_status(name, latest(read_beats(ctx.settings)), now_ms())
     reps = [r for r in st.replicas if r.target == target]
     if not reps or reps[0].lag_ops is None:
         return None
@@ -135,7 +130,7 @@ def run(ctx: Context) -> dict[str, Any]:
     spec = make_pair(ctx, "lag", src, dst)
     why_not_nbd = nbd_unavailable()
     mnt = d / "nbd-disk"
-    port = _free_port()
+    port = free_port()
     fuse: subprocess.Popen[bytes] | None = None
     cap_proc = app_proc = None
     try:

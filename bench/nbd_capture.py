@@ -27,16 +27,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from infra.net import free_port
 
 MiB = 1 << 20
 RESULTS = Path(__file__).parent / "results" / "nbd_capture.json"
 STRIDE = 4096 * 7919      # a prime number of pages: offsets visit the volume out of order
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 20.0) -> None:

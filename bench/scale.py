@@ -19,7 +19,8 @@ from infra import control
 from infra.net import free_port
 from infra.reader import read_many
 from infra.topics import CONTROL_TOPICS, control_topic, ensure_base_topics
-from journal.pairs import ControlEvent, PairSpec
+from journal.clock import now_ms
+from journal.pairs import PairSpec
 from journal.roles import Role
 from schemas import codec
 
@@ -44,7 +45,7 @@ def _populate(ctx: Context, npairs: int, nevents: int, d: Path) -> list[str]:
     producer = Producer(ctx.settings.side_producer(**{"linger.ms": 20}))
     for n in range(max(0, nevents - npairs)):
         name = names[n % npairs]
-        record = {"event": "baseline-complete", "pair": name, "at_ms": control.now_ms(),
+        record = {"event": "baseline-complete", "pair": name, "at_ms": now_ms(),
                   "spec": None, "attrs": {"epoch": str(1 + n // npairs)}}
         producer.produce(control_topic(Role.CAPTURER), codec.encode(codec.CONTROL, record),
                          key=name)

@@ -16,6 +16,7 @@ from infra import control, telemetry
 from infra.heartbeat import read_beats, read_local_beats
 from journal.errors import BadInput, BrokerError, X2XError
 from journal.status import latest, pair_status
+from journal.clock import now_ms
 
 
 def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this pair."),
@@ -35,7 +36,7 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
     if name:
         pairs = {name: control.get_pair(s, name)}
     beats = latest(read_beats(s))
-    now = int(time.time() * 1000)
+    now = now_ms()
     rows = [pair_status(p, beats, now) for p in sorted(pairs)]
     m = telemetry.metrics()      # with --watch and an exporter, x2x status exports lag/RPO
     for r in rows:
@@ -67,7 +68,7 @@ def _local_fallback(error: BrokerError, name: str | None, json_: bool) -> None:
     beats = [b for b in read_local_beats() if name is None or b.pair == name]
     if not beats:
         return
-    now = int(time.time() * 1000)
+    now = now_ms()
     if json_:
         print_json({"error": str(error), "local_capturers": [
             {**asdict(b), "age_s": (now - b.at_ms) / 1000} for b in beats]})

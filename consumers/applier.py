@@ -21,6 +21,7 @@ from consumers.writer import apply_entry, apply_op
 from infra import control, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
+from infra.reader import check_record
 from infra.topics import ensure_base_topics, journal_topic
 from infra.volume import Volume, volume_digest
 from journal.errors import (BrokerError, DigestMismatch, JournalError,
@@ -31,9 +32,9 @@ from journal.blocks import (HASH_LEN, Extent, coalesce, diff_maps, format_extent
 from journal.ops import Entry, OpKind
 from journal.pairs import JOURNAL_LOST, ControlEvent, PairSpec, PairState
 from journal.sequence import Limit, Position, Verdict, check_extents, classify
-from journal.status import latest
+from journal.status import newest
 from journal.roles import Role
-from schemas import codec
+from journal.clock import now_ms
 from schemas.cipher import JournalKey, open_record
 
 log = logging.getLogger("x2x.applier")
@@ -259,10 +260,10 @@ class Applier:
                                        != os.path.realpath(self.spec.target)):
             return      # a replica or a scratch replay is never promoted
         control.publish(self.settings, ControlEvent(
-            "promoted", self.spec.name, int(time.time() * 1000), attrs={
+            "promoted", self.spec.name, now_ms(), attrs={
                 "volume": self.target, "epoch": str(entry.epoch), "seq": str(entry.last_seq),
                 "forced": "0", "rpo_s": "0", "rpo_ops": "0",
-                "promoted_at_ms": str(int(time.time() * 1000))}), self.role)
+                "promoted_at_ms": str(now_ms())}), self.role)
 
     def _compare(self, entry: Entry) -> None:
         """Apply ``entry`` op by op, comparing the target with each HASHES op after
@@ -289,7 +290,7 @@ class Applier:
         extents = format_extents(cmp.extents(self.spec.block_size, self.vol.size))
         try:
             control.publish(self.settings, ControlEvent(
-                "hashes-compared", self.spec.name, int(time.time() * 1000), attrs={
+                "hashes-compared", self.spec.name, now_ms(), attrs={
                     "target": self.target, "epoch": str(cmp.epoch), "seq": str(cmp.seq),
                     "blocks": str(cmp.blocks), "differing": str(len(cmp.differing)),
                     # A huge diff is cut short here; the full list is in the applier's
@@ -319,7 +320,7 @@ class Applier:
         self.checkpointed = self._pos
         self._last_digest = entry.digest.hex()
         self.store.save(Checkpoint(self.spec.name, self.target, self._pos, self._last_digest,
-                                   int(time.time() * 1000)))
+                                   now_ms()))
         self.stats.checkpoints += 1
         self._publish_comparison(self._pos)
         if self.on_checkpoint:
@@ -339,20 +340,10 @@ class Applier:
         self.checkpointed = self._pos = cp.position
         self._last_digest = cp.entry_digest
         consumer.assign([TopicPartition(self.topic, 0, cp.position.offset)])
-        deadline = time.monotonic() + VERIFY_TIMEOUT
-        while time.monotonic() < deadline:
-            for msg in consumer.consume(1, 0.5):
-                err = msg.error()
-                if err is not None and err.code() != KafkaError._PARTITION_EOF:
-                    if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                        raise self._lost(cp, "the topic does not exist")
-                    raise BrokerError(f"reading {self.topic}: {err.str()}")
-                if err is not None or msg.offset() != cp.position.offset:
-                    raise self._lost(cp, "the journal ends before it")
-                if codec.decode_entry(msg.value()).digest.hex() != cp.entry_digest:
-                    raise self._lost(cp, "a different record stands at that offset")
-                return
-        raise self._lost(cp, f"no record at that offset within {VERIFY_TIMEOUT:.0f} s")
+        why = check_record(consumer, self.topic, cp.position.offset,
+                           bytes.fromhex(cp.entry_digest), VERIFY_TIMEOUT)
+        if why is not None:
+            raise self._lost(cp, why)
 
     def _lost(self, cp: Checkpoint, why: str) -> JournalLost:
         p = cp.position
@@ -394,12 +385,8 @@ class Applier:
 
     # -- caught up? ----------------------------------------------------------------------
     def _capture_goal(self) -> tuple[int, int] | None:
-        beats = [b for (p, r, _), b in latest(read_beats(self.settings)).items()
-                 if p == self.spec.name and r == "capturer"]
-        if not beats:
-            return None
-        b = max(beats, key=lambda b: b.at_ms)
-        return b.epoch, b.seq
+        b = newest(read_beats(self.settings), self.spec.name, "capturer")
+        return (b.epoch, b.seq) if b is not None else None
 
     def _reached(self, goal: tuple[int, int]) -> bool:
         # An unflushed tail stays staged and unapplied: the target ends at its last
@@ -423,7 +410,7 @@ class Applier:
         try:
             cause = JOURNAL_LOST if isinstance(error, JournalLost) else type(error).__name__
             control.publish(self.settings, ControlEvent(
-                "resync-needed", self.spec.name, int(time.time() * 1000),
+                "resync-needed", self.spec.name, now_ms(),
                 attrs={"target": self.target, "reason": str(error)[:500], "cause": cause}),
                 self.role)
         except BrokerError:

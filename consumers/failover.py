@@ -28,8 +28,9 @@ from journal.blocks import Extent, format_extents, parse_extents
 from journal.errors import Busy, JournalError, X2XError
 from journal.pairs import ControlEvent, PairSpec, PairState
 from journal.sequence import Position
-from journal.status import Beat, latest
+from journal.status import Beat, newest
 from journal.roles import Role
+from journal.clock import now_ms
 from schemas.cipher import JournalKey
 
 #: A capturer heartbeat younger than this (and not stopped/sealed) means it is serving.
@@ -58,19 +59,14 @@ class CaptureSide(Protocol):
     def resend(self, extents: list[Extent]) -> dict[str, str]: ...
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
 
 def serving_capturer(settings: KafkaSettings, pair: str, volume: str,
                      nbd_only: bool = False) -> Beat | None:
     """The newest heartbeat of a capturer running on ``volume`` now, or None; with
     ``nbd_only`` only an NBD capturer (the one that answers control requests)."""
-    beats = [b for (p, r, i), b in latest(read_beats(settings)).items()
-             if p == pair and r == "capturer" and i == volume]
-    if not beats:
+    b = newest(read_beats(settings), pair, "capturer", volume)
+    if b is None:
         return None
-    b = max(beats, key=lambda b: b.at_ms)
     fresh = (now_ms() - b.at_ms) / 1000 < FRESH_S
     if nbd_only and b.detail.get("capturer") != "nbd":
         return None
@@ -78,9 +74,7 @@ def serving_capturer(settings: KafkaSettings, pair: str, volume: str,
 
 
 def last_capture_beat(settings: KafkaSettings, pair: str, volume: str) -> Beat | None:
-    beats = [b for (p, r, i), b in latest(read_beats(settings)).items()
-             if p == pair and r == "capturer" and i == volume]
-    return max(beats, key=lambda b: b.at_ms) if beats else None
+    return newest(read_beats(settings), pair, "capturer", volume)
 
 
 class RemoteCapture:
@@ -417,9 +411,8 @@ def _verify_by_service(settings: KafkaSettings, name: str, target: str, side: Ca
         goal = (int(r["epoch"]), int(r["seq"]))
         deadline = time.monotonic() + timeout
         while True:
-            beats = [b for (p, role, i), b in latest(read_beats(settings)).items()
-                     if p == name and role == "applier" and i == target]
-            if beats and (beats[0].epoch, beats[0].seq) >= goal:
+            b = newest(read_beats(settings), name, "applier", target)
+            if b is not None and (b.epoch, b.seq) >= goal:
                 break
             if time.monotonic() > deadline:
                 raise X2XError(f"the applier of {target} did not apply the resent extents "

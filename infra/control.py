@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import time
 from dataclasses import asdict
 
 from confluent_kafka import Message, Producer
@@ -19,15 +18,13 @@ from infra.topics import CONTROL_TOPICS, control_topic, ensure_base_topics
 from journal.errors import BrokerError, PairNotFound, X2XError
 from journal.pairs import ControlEvent, PairSpec, PairState, fold
 from journal.roles import Role, may_publish
+from journal.clock import now_ms
 from schemas import codec
 
 log = logging.getLogger("x2x.control")
 #: Which role writes each control topic.
 ROLE_OF_TOPIC = {control_topic(r): r for r in Role}
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def publish(settings: KafkaSettings, event: ControlEvent, role: Role = Role.OPERATOR,

@@ -17,6 +17,7 @@ from infra.reader import read_to_end
 from infra.topics import STATUS_TOPIC
 from journal.status import Beat
 from journal.errors import X2XError
+from journal.clock import now_ms
 from schemas import codec
 
 log = logging.getLogger("x2x.status")
@@ -42,7 +43,7 @@ class HeartbeatPublisher:
             return
         self._last = now
         beat = Beat(self.pair, self.role, self.instance, socket.gethostname(), os.getpid(),
-                    int(time.time() * 1000), state, epoch, seq, epoch_bytes, captured_at_ms,
+                    now_ms(), state, epoch, seq, epoch_bytes, captured_at_ms,
                     rate_bps, detail or {})
         try:
             self.producer.produce(STATUS_TOPIC, codec.encode(codec.HEARTBEAT, asdict(beat)),

@@ -50,3 +50,33 @@ def read_many(settings: KafkaSettings, starts: dict[str, int],
                                   f"broker up?")
     finally:
         consumer.close()
+
+
+def check_record(consumer: Consumer, topic: str, offset: int, digest: bytes,
+                 timeout: float) -> str | None:
+    """Why the record at ``offset`` of ``topic`` is not the journal entry with ``digest``
+    that x2x last saw there, or None if it is. ``consumer`` is assigned at ``offset``
+    and, on None, positioned just after it. A broker that lost its data, a recreated
+    topic, a shorter log or someone else's record there all give a reason."""
+    from schemas import codec
+    from journal.errors import X2XError
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for msg in consumer.consume(1, 0.2):
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    return "the topic does not exist"
+                if err.code() in (KafkaError._PARTITION_EOF, KafkaError.OFFSET_OUT_OF_RANGE):
+                    return "the journal ends before it"
+                if err.fatal():
+                    raise BrokerError(f"reading {topic}: {err.str()}")
+                continue                    # transient: librdkafka retries
+            if msg.offset() != offset:
+                return "the journal ends before it"
+            try:
+                found = codec.decode_entry(msg.value()).digest
+            except X2XError:
+                return "a record that is not an x2x journal entry stands at that offset"
+            return None if found == digest else "a different record stands at that offset"
+    return f"no record at that offset within {timeout:.0f} s"

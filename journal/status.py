@@ -66,6 +66,14 @@ def latest(beats: Iterable[Beat]) -> dict[tuple[str, str, str], Beat]:
     return out
 
 
+def newest(beats: Iterable[Beat], pair: str, role: str,
+           instance: str | None = None) -> Beat | None:
+    """The newest beat of ``pair``'s ``role`` (on ``instance``, if given), or None."""
+    found = [b for b in beats if b.pair == pair and b.role == role
+             and (instance is None or b.instance == instance)]
+    return max(found, key=lambda b: b.at_ms) if found else None
+
+
 def replica_status(cap: Beat | None, app: Beat, now_ms: int) -> ReplicaStatus:
     lag_ops = lag_bytes = rpo = None
     if cap is not None:

@@ -15,7 +15,7 @@ from infra.kafka import KafkaSettings
 from journal.errors import X2XError
 from journal.pairs import JOURNAL_LOST, ControlEvent
 from journal.roles import Role
-from producers.publisher import now_ms
+from journal.clock import now_ms
 
 log = logging.getLogger("x2x.capture")
 

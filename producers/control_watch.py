@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING
 
 from infra import control
@@ -24,6 +23,7 @@ from journal.blocks import parse_extents
 from journal.errors import X2XError
 from journal.pairs import ControlEvent
 from journal.roles import Role
+from journal.clock import now_ms
 from producers.resync import emit_hashes, resend_extents
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ class ControlWatch:
 
     def __init__(self, cap: "NBDCapture") -> None:
         self.cap = cap
-        self.started_ms = int(time.time() * 1000)
+        self.started_ms = now_ms()
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="x2x-control-watch",
                                         daemon=True)
@@ -81,7 +81,7 @@ class ControlWatch:
             if cap._stopped:
                 raise X2XError("the capturer is stopping")
             if ev.event == "failover-requested":
-                refused_at = int(time.time() * 1000)
+                refused_at = now_ms()
                 report = cap.stop(seal=True)
                 if not report.clean:
                     raise X2XError(f"the capturer could not seal cleanly: "
@@ -104,7 +104,7 @@ class ControlWatch:
             answer = ("request-failed", {"reason": f"{ev.event}: {e}"[:500]})
         try:
             control.publish(cap.settings, ControlEvent(answer[0], cap.spec.name,
-                                                       int(time.time() * 1000),
+                                                       now_ms(),
                                                        attrs={**base, **answer[1]}),
                             Role.CAPTURER)
         except X2XError as e:

@@ -30,6 +30,7 @@ from journal.batch import DEFAULT_BUDGET, Sequencer
 from journal.digest import digest_of
 from journal.errors import BrokerError
 from journal.ops import Deferred, Entry, Op, resolve
+from journal.clock import now_ms
 from producers.spool import Spool
 from schemas import codec
 from schemas.cipher import JournalKey
@@ -38,9 +39,6 @@ from schemas.cipher import JournalKey
 #: How often a writer holding a burst looks again whether the clients went quiet.
 BUSY_POLL = 0.01
 
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(slots=True)

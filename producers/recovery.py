@@ -30,10 +30,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from infra import control
 from infra.kafka import KafkaSettings
+from infra.reader import check_record
 from infra.topics import JOURNAL_CONFIG, ensure_base_topics, ensure_topic
 from infra.volume import Volume
 from journal.errors import PairNotFound, X2XError
@@ -42,9 +43,9 @@ from journal.runs import RunBuilder, max_write as write_bound
 from producers.announce import abandon_epoch, announce_baseline, mark_journal_lost
 from producers.intent import IntentBitmap
 from producers.journaling import RangeLocks
-from producers.publisher import JournalPublisher, now_ms
+from journal.clock import now_ms
+from producers.publisher import JournalPublisher
 from producers.state import CaptureState
-from schemas import codec
 
 if TYPE_CHECKING:
     from producers.nbd_capture import NBDCapture
@@ -117,22 +118,7 @@ def journal_intact(settings: KafkaSettings, topic: str,
     consumer = Consumer(settings.consumer())
     try:
         consumer.assign([TopicPartition(topic, 0, offset)])
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            msg = consumer.poll(0.2)
-            if msg is None:
-                continue
-            err = msg.error()
-            if err is not None:
-                if err.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART,
-                                  KafkaError.OFFSET_OUT_OF_RANGE):
-                    return False
-                continue
-            try:
-                return msg.offset() == offset and codec.decode_entry(msg.value()).digest == digest
-            except X2XError:
-                return False        # not one of our records: someone else's journal now
-        return False
+        return check_record(consumer, topic, offset, digest, timeout) is None
     finally:
         consumer.close()
 

@@ -15,7 +15,6 @@ in the CLI on a capturer state continued from the StateStore (:class:`LocalCaptu
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -29,6 +28,7 @@ from journal.errors import VolumeError, X2XError
 from journal.ops import Op
 from journal.pairs import PairSpec, PairState
 from journal.runs import RunBuilder, max_write as write_bound
+from journal.clock import now_ms
 from producers.baseline import new_hash_map
 from producers.journaling import RangeLocks
 from producers.publisher import JournalPublisher, Sent
@@ -222,7 +222,7 @@ class LocalCapture:
 
     def seal(self) -> dict[str, str]:
         """SEAL the source as it is (nothing serves it, so nothing writes to it)."""
-        refused_at = int(time.time() * 1000)
+        refused_at = now_ms()
         digest = b""
 
         def work(vol: Volume, pub: JournalPublisher) -> Published:

@@ -69,16 +69,10 @@ def run_x2x(*args: str, check: bool = True, timeout: float = 300,
 
 def make_image(path: Path, size: int, seed: int = 1, data_fraction: float = 0.5,
                block: int = 64 * 1024) -> Path:
-    """A sparse image where about ``data_fraction`` of the blocks hold random data."""
-    import random
-    rng = random.Random(seed)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for off in range(0, size, block):
-            if rng.random() < data_fraction:
-                f.seek(off)
-                f.write(rng.randbytes(min(block, size - off)))
-    return path
+    """A sparse image where about ``data_fraction`` of the blocks hold random data (the
+    benchmarks' maker, so tests and benchmarks build their volumes one way)."""
+    from bench.common import sparse_image
+    return sparse_image(path, size, data_fraction, seed=seed, block=block)
 
 
 def same_bytes(a: Path | str, b: Path | str, length: int | None = None) -> bool:

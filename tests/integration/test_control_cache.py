@@ -11,6 +11,7 @@ import pytest
 
 from infra import control
 from infra.paths import x2x_home
+from journal.clock import now_ms
 from journal.pairs import ControlEvent, PairSpec
 from journal.roles import Role
 
@@ -39,11 +40,11 @@ def test_cached_fold_equals_a_fresh_one_and_follows_new_events(settings, pair_na
     first = control.pairs(settings)                       # builds the cache
     doc = json.loads(_cache_file().read_text())
     assert pair_name in doc["pairs"] and all(v >= 0 for v in doc["offsets"].values())
-    ev = ControlEvent("epoch-abandoned", pair_name, control.now_ms(),
+    ev = ControlEvent("epoch-abandoned", pair_name, now_ms(),
                       attrs={"epoch": "3", "successor": "4"})
     control.publish(settings, ev, Role.CAPTURER)
     control.publish(settings, ControlEvent("failover-requested", pair_name,
-                                           control.now_ms()))
+                                           now_ms()))
     cached = control.pairs(settings)                      # from the cache on
     assert cached[pair_name].abandoned_epochs == frozenset({3})
     assert cached[pair_name].state == "failing-over"

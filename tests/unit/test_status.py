@@ -28,3 +28,13 @@ def test_replica_behind_an_epoch_lags_by_the_whole_new_epoch():
                     beat("applier", 90, 1900, epoch=1, instance="t")])
     (rep,) = pair_status("p", beats, 3000).replicas
     assert (rep.lag_ops, rep.lag_bytes) == (7, 700)
+
+
+def test_newest_beat_of_a_role_on_an_instance():
+    from journal.status import newest
+    beats = [beat("capturer", 1, 100, instance="a"), beat("capturer", 2, 300, instance="b"),
+             beat("capturer", 3, 200, instance="a"), beat("applier", 9, 900, instance="a")]
+    assert newest(beats, "p", "capturer").seq == 2
+    assert newest(beats, "p", "capturer", "a").seq == 3
+    assert newest(beats, "p", "applier", "b") is None
+    assert newest(beats, "other", "capturer") is None
