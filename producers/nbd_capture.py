@@ -41,9 +41,8 @@ from producers.publisher import JournalPublisher
 from producers.intent import IntentBitmap
 from producers.announce import abandon_epoch, mark_journal_lost
 from producers.recovery import Recovery, journal_intact
-from producers.scan import plan_epoch
 from producers.spool import max_from_env as spool_max_from_env, Spool
-from producers.state import CaptureState, StateStore
+from producers.state import CaptureState, StateStore, plan_start
 from schemas.cipher import JournalKey
 
 log = logging.getLogger("x2x.capture")
@@ -146,19 +145,13 @@ class NBDCapture:
             self.store.incarnation = control.get_pair(self.settings, spec.name).created_at_ms
         old_state, old_hashes = self.store.load()
         lost = self._journal_lost_since(old_state)
-        state, _ = plan_epoch(old_state, old_hashes, spec, vol.size)
-        # plan_epoch hands back the saved state only when it was clean: same epoch then.
-        continuing = state.clean and not lost
-        if old_state is not None and not continuing:
-            state = CaptureState(old_state.epoch + 1, 1, 0, False, spec.block_size, vol.size)
-            if not lost:    # until this epoch's first ack, the old record is the reference
-                state.last_offset, state.last_digest = (old_state.last_offset,
-                                                        old_state.last_digest)
+        state, _ = plan_start(old_state, old_hashes, spec.block_size, vol.size, lost)
+        continuing = state is old_state
         # After an unclean stop the write-intent bitmap, if trusted, bounds the resend
         # (producers/intent.py); without it, a full baseline.
         self.intent = IntentBitmap.open(spec.name, spec.block_size, vol.size)
         resync = not continuing and old_state is not None and self.intent.trusted
-        # Continuing implies a saved map that fits (plan_epoch checks it); a new epoch
+        # Continuing implies a saved map that fits (plan_start checks it); a new epoch
         # gets a fresh one, filled by the baseline.
         self.hashes = (bytearray(old_hashes) if continuing and old_hashes is not None
                        else new_hash_map(vol.size, spec.block_size))
@@ -309,9 +302,8 @@ class NBDCapture:
             if self.hashes is not None:
                 refresh_hashes(self.vol, self.hashes, self.backend.dirty, self.spec.block_size)
                 hashes = bytes(self.hashes)
-            self.store.save(CaptureState(j.epoch, j.seq + 1, j.epoch_bytes, True,
-                                         self.spec.block_size, self.vol.size,
-                                         *self._last_acked()), hashes)
+            self.store.save(CaptureState.closed(j, self.spec.block_size, self.vol.size,
+                                                *self._last_acked()), hashes)
         # else: the state saved at start (clean=False) stays: the next start re-baselines.
         r = self.report
         r.last_seq, r.clean, r.error = j.seq, clean, failed

@@ -37,6 +37,7 @@ from infra.kafka import KafkaSettings
 from infra.reader import check_record
 from infra.topics import JOURNAL_CONFIG, ensure_base_topics, ensure_topic
 from infra.volume import Volume
+from journal.epochs import after_outage
 from journal.errors import PairNotFound, X2XError
 from journal.pairs import ControlEvent
 from journal.runs import RunBuilder, max_write as write_bound
@@ -215,8 +216,8 @@ class Recovery:
                 return                       # still down; tick tries again
             old = cap.pub
             intact = journal_intact(cap.settings, old.topic, old.last_acked)
-            state = CaptureState(cap.state.epoch + 1, 1, 0, False, cap.spec.block_size,
-                                 cap.vol.size)
+            state = CaptureState.opening(after_outage(cap.state.epoch), cap.spec.block_size,
+                                         cap.vol.size)
             try:
                 ensure_topic(admin, old.topic, JOURNAL_CONFIG)
                 ensure_base_topics(admin)

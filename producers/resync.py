@@ -24,6 +24,7 @@ from infra.paths import pair_dir
 from infra.topics import JOURNAL_CONFIG, ensure_topic, journal_topic
 from infra.volume import Volume, volume_digest
 from journal.blocks import Extent, HASH_LEN, block_count, hash_buffer
+from journal.epochs import after_promotion
 from journal.errors import VolumeError, X2XError
 from journal.ops import Op
 from journal.pairs import PairSpec, PairState
@@ -138,11 +139,10 @@ def prepare_direction(state: PairState, store: StateStore) -> bool:
     epoch of the journal, without a baseline: the promoted volume equals the source at
     the SEAL (or last consistency point), and its target is brought level by failback's
     hash comparison, not by a full copy. Returns True when a new epoch was prepared."""
-    if state.promoted_epoch == 0:
-        return False
     saved, _ = store.load()
-    if saved is not None and saved.epoch > state.promoted_epoch:
-        return False            # this side already captures in an epoch after the promotion
+    epoch = after_promotion(state.promoted_epoch, saved.epoch if saved else None)
+    if epoch is None:
+        return False            # nothing promoted, or this side captures above it already
     spec = state.active_spec
     with Volume(spec.source) as vol:
         hashes = new_hash_map(vol.size, spec.block_size)
@@ -153,8 +153,9 @@ def prepare_direction(state: PairState, store: StateStore) -> bool:
             first = base // spec.block_size
             hashes[first * HASH_LEN:first * HASH_LEN + -(-len(view) // spec.block_size)
                    * HASH_LEN] = b"".join(hash_buffer(view, spec.block_size))
-        store.save(CaptureState(state.promoted_epoch + 1, 1, 0, True, spec.block_size,
-                                vol.size), bytes(hashes))
+        opening = CaptureState.opening(epoch, spec.block_size, vol.size)
+        opening.clean = True    # nothing to resend: the hash map describes the volume
+        store.save(opening, bytes(hashes))
     return True
 
 
@@ -203,8 +204,7 @@ class LocalCapture:
             result = work(vol, pub)
             pub.drain()
             j = pub.journaled
-            store.save(CaptureState(j.epoch, j.seq + 1, j.epoch_bytes, True,
-                                    saved.block_size, saved.volume_size))
+            store.save(CaptureState.closed(j, saved.block_size, saved.volume_size))
             pub.beat("stopped", force=True)
             return result
         finally:

@@ -20,7 +20,7 @@ from journal.pairs import PairSpec
 from journal.runs import RunBuilder, max_write as write_bound
 from producers.announce import announce_baseline
 from producers.publisher import JournalPublisher
-from producers.state import CaptureState, StateStore
+from producers.state import CaptureState, StateStore, plan_start
 from schemas.cipher import JournalKey
 
 CHUNK = 8 << 20
@@ -40,22 +40,6 @@ class ScanResult:
     seconds: float
 
 
-def plan_epoch(state: CaptureState | None, hashes: bytes | None, spec: PairSpec,
-               volume_size: int) -> tuple[CaptureState, bytes | None]:
-    """Decide where this scan continues: same epoch, or a new one (and against which map)."""
-    nblocks = block_count(volume_size, spec.block_size)
-    usable = (state is not None and hashes is not None
-              and state.block_size == spec.block_size and state.volume_size == volume_size
-              and len(hashes) == nblocks * HASH_LEN)
-    if usable and state.clean and state.epoch > 0:
-        return state, hashes
-    # A new epoch: first run, a run that died mid-scan, or a changed volume. A known map
-    # still bounds what must be resent; without one it is a full baseline.
-    epoch = (state.epoch if state else 0) + 1
-    return CaptureState(epoch, 1, 0, False, spec.block_size, volume_size), \
-        (hashes if usable else None)
-
-
 def scan_once(spec: PairSpec, settings: KafkaSettings, store: StateStore | None = None,
               progress: Progress | None = None, key: JournalKey | None = None) -> ScanResult:
     """Scan the source once and journal what changed, ending with a FLUSH."""
@@ -67,7 +51,7 @@ def scan_once(spec: PairSpec, settings: KafkaSettings, store: StateStore | None 
                 f"source {spec.source} is {vol.size} bytes but pair {spec.name} was created "
                 f"for {spec.volume_size}; recreate the pair for the new size")
         old_state, old_hashes = store.load()
-        state, known = plan_epoch(old_state, old_hashes, spec, vol.size)
+        state, known = plan_start(old_state, old_hashes, spec.block_size, vol.size)
         baseline = known is None
         state.clean = False
         store.save(state)
@@ -80,8 +64,7 @@ def scan_once(spec: PairSpec, settings: KafkaSettings, store: StateStore | None 
             last = pub.flush_point()
             pub.drain()
             j = pub.journaled
-            state = CaptureState(j.epoch, j.seq + 1, j.epoch_bytes, True, spec.block_size,
-                                 vol.size)
+            state = CaptureState.closed(j, spec.block_size, vol.size)
             store.save(state, new_hashes)
             if baseline:
                 announce_baseline(settings, spec.name, state.epoch)

@@ -9,9 +9,20 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 from infra.files import atomic_write, read_json, write_json
 from infra.paths import pair_dir
+from journal import epochs
+from journal.blocks import HASH_LEN, block_count
+
+
+class Position(Protocol):
+    """What the publisher says the broker acknowledged last (``publisher.Journaled``)."""
+
+    epoch: int
+    seq: int
+    epoch_bytes: int
 
 
 @dataclass
@@ -29,6 +40,38 @@ class CaptureState:
     #: When the pair this state belongs to was created (its control event): a pair
     #: deleted and created again under the same name must not inherit it (0: unknown).
     pair_created_ms: int = 0
+
+    @classmethod
+    def opening(cls, epoch: int, block_size: int, volume_size: int) -> "CaptureState":
+        """A new epoch from seq 1, not clean until it stops cleanly."""
+        return cls(epoch, 1, 0, False, block_size, volume_size)
+
+    @classmethod
+    def closed(cls, journaled: Position, block_size: int, volume_size: int,
+               last_offset: int = -1, last_digest: str = "") -> "CaptureState":
+        """After a clean stop: everything up to ``journaled`` is in the journal."""
+        return cls(journaled.epoch, journaled.seq + 1, journaled.epoch_bytes, True,
+                   block_size, volume_size, last_offset, last_digest)
+
+
+def plan_start(saved: CaptureState | None, hashes: bytes | None, block_size: int,
+               volume_size: int, journal_lost: bool = False
+               ) -> tuple[CaptureState, bytes | None]:
+    """The state a capturer starts with (journal/epochs.py decides the epoch), and the
+    saved hash map where it still bounds what must be sent (None: a full baseline)."""
+    fits = (saved is not None and hashes is not None and saved.block_size == block_size
+            and saved.volume_size == volume_size
+            and len(hashes) == block_count(volume_size, block_size) * HASH_LEN)
+    start = epochs.at_start(
+        None if saved is None else epochs.Saved(saved.epoch, saved.clean, fits), journal_lost)
+    if start.continuing and saved is not None:
+        return saved, hashes
+    state = CaptureState.opening(start.epoch, block_size, volume_size)
+    if saved is not None and not journal_lost:
+        # Until this epoch's first acknowledgement, the last record of the old one is
+        # what a later start checks the journal against.
+        state.last_offset, state.last_digest = saved.last_offset, saved.last_digest
+    return state, hashes if start.map_usable else None
 
 
 class StateStore:
