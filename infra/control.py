@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import threading
 from dataclasses import asdict
 
 from confluent_kafka import Message, Producer
@@ -27,16 +28,32 @@ ROLE_OF_TOPIC = {control_topic(r): r for r in Role}
 
 
 
+#: One producer per cluster and credentials for the life of the process, made after the
+#: control topics were found or created: a service publishing an event now and then
+#: must not open a new connection (and ask for the topics) each time.
+_producers: dict[tuple[str, tuple[tuple[str, str], ...]], Producer] = {}
+_producers_lock = threading.Lock()
+
+
+def _producer(settings: KafkaSettings) -> Producer:
+    key = (settings.bootstrap, tuple(sorted(settings.extra.items())))
+    with _producers_lock:
+        producer = _producers.get(key)
+        if producer is None:
+            ensure_base_topics(settings.check_reachable())
+            producer = _producers[key] = Producer(settings.side_producer())
+        return producer
+
+
 def publish(settings: KafkaSettings, event: ControlEvent, role: Role = Role.OPERATOR,
             timeout: float = 15.0) -> None:
     """Append ``event`` to ``role``'s control topic and wait until the broker has it."""
     if not may_publish(role, event.event):
         raise X2XError(f"a {role.value} may not publish {event.event!r} (journal/roles.py)")
-    ensure_base_topics(settings.check_reachable())
     record = {"event": event.event, "pair": event.pair, "at_ms": event.at_ms,
               "spec": asdict(event.spec) if event.spec else None, "attrs": event.attrs}
     errors: list[str] = []
-    producer = Producer(settings.side_producer())
+    producer = _producer(settings)
     producer.produce(control_topic(role), codec.encode(codec.CONTROL, record),
                      key=event.pair,
                      on_delivery=lambda err, _m: err and errors.append(err.str()))
