@@ -36,6 +36,11 @@ _ACCEPT_POLL_S = 0.25
 WORKERS = 8
 MAX_INFLIGHT_REQUESTS = 32
 MAX_INFLIGHT_BYTES = 64 << 20
+#: A client must finish the handshake (TLS included) within this time: a connection that
+#: sends nothing would otherwise hold its thread for ever, before any authentication.
+HANDSHAKE_TIMEOUT = 30.0
+#: Connections served at once; more are closed at accept, with one log line per second.
+MAX_CONNECTIONS = 128
 # The transmission flags we advertise. CAN_MULTI_CONN stays off: a backend may sit in
 # front of a journal whose FLUSH is per-connection, so cross-connection flush is not safe.
 TRANSMISSION_FLAGS = (p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA
@@ -149,11 +154,15 @@ class NBDServer:
     tls: ssl.SSLContext | None = None
     tls_required: bool = False
     workers: int = WORKERS
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
     _listener: socket.socket | None = field(init=False, default=None)
     _stopping: threading.Event = field(init=False, default_factory=threading.Event)
     _accept_thread: threading.Thread | None = field(init=False, default=None)
     _conns: dict[int, _Conn] = field(init=False, default_factory=dict)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _refused: int = field(init=False, default=0)
+    _refused_logged: float = field(init=False, default=0.0)
 
     # --- lifecycle ------------------------------------------------------------------------
     def bind(self) -> None:
@@ -191,7 +200,13 @@ class NBDServer:
                 self.log.warning("NBD accept failed: %s", e)
                 time.sleep(_ACCEPT_POLL_S)
                 continue
-            self._spawn(sock, addr)
+            try:
+                self._spawn(sock, addr)
+            except RuntimeError as e:   # no thread to be had: refuse this one, go on
+                self.log.error("NBD %s:%s refused: cannot start a thread for it (%s)",
+                               addr[0], addr[1], e)
+                sock.close()
+                time.sleep(_ACCEPT_POLL_S)
 
     def stop(self, timeout: float = 5.0, grace: float = 0.0) -> None:
         """Stop accepting, disconnect every client and join all threads.
@@ -234,21 +249,46 @@ class NBDServer:
         if self._stopping.is_set():  # accepted while stop() ran: it would never be joined
             sock.close()
             return
-        sock.settimeout(None)
+        with self._lock:
+            full = len(self._conns) >= self.max_connections
+        if full:
+            self._refuse(sock, addr)
+            return
+        sock.settimeout(self.handshake_timeout)     # until an export is chosen
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = _Conn(sock, ClientInfo(peer=f"{addr[0]}:{addr[1]}", connected_at=time.time()))
         conn.thread = threading.Thread(target=self._serve_client, args=(conn,),
                                        name=f"nbd-client-{conn.info.peer}", daemon=True)
         with self._lock:
             self._conns[id(conn)] = conn
-        conn.thread.start()
+        try:
+            conn.thread.start()
+        except RuntimeError:
+            with self._lock:
+                self._conns.pop(id(conn), None)
+            raise
+
+    def _refuse(self, sock: socket.socket, addr: tuple) -> None:
+        """Close a connection over the cap; one log line a second says how many."""
+        sock.close()
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 1.0:
+            self.log.warning("NBD %s:%s refused: %d connections already (the cap); %d "
+                             "refused since the last warning", addr[0], addr[1],
+                             self.max_connections, self._refused)
+            self._refused, self._refused_logged = 0, now
 
     def _serve_client(self, conn: _Conn) -> None:
         peer = conn.info.peer
         try:
             export = self._handshake(conn)
             if export is not None:
+                conn.sock.settimeout(None)      # requests may pause as long as they like
                 self._transmission(conn, export)
+        except TimeoutError:
+            self.log.warning("NBD %s: no complete handshake within %.0f s; closing", peer,
+                             self.handshake_timeout)
         except _Close as e:
             self.log.warning("NBD %s: %s; closing", peer, e)
         except _PeerGone as e:
@@ -429,7 +469,8 @@ class NBDServer:
                              error.name)
             conn.reply(p.encode_simple_reply(error, req.cookie))
             return
-        size = req.length if req.type == p.Cmd.WRITE else 0
+        # Reads count too: their reply data is held until it is sent.
+        size = req.length if req.type in (p.Cmd.WRITE, p.Cmd.READ) else 0
         conn.inflight.acquire(size)
         payload: bytearray | None = None
         try:
@@ -515,6 +556,10 @@ class NBDServer:
         elif kind == p.Cmd.TRIM:
             if length:
                 backend.trim(offset, length)
+                if fua:
+                    # The backend's trim has no FUA of its own: FUA asks for the trim to
+                    # be durable before the reply, which a flush (of everything) gives.
+                    backend.flush()
         elif kind == p.Cmd.FLUSH:
             backend.flush()
         return None

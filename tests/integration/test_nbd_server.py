@@ -515,3 +515,68 @@ def test_stop_disconnects_clients_and_joins_threads(tmp_path: Path) -> None:
     assert threading.active_count() <= before - 4  # 3 client threads + the accept thread
     with pytest.raises(OSError):
         socket.create_connection((HOST, served.server.port), timeout=1).close()
+
+
+# --- holding the server before authentication ---------------------------------------------
+def _idle(port: int) -> socket.socket:
+    """A connection that says nothing."""
+    return socket.create_connection((HOST, port), timeout=10)
+
+
+def test_a_client_silent_in_the_handshake_is_closed_after_the_timeout(
+        tmp_path: Path, caplog_nbd: pytest.LogCaptureFixture) -> None:
+    served = serve(tmp_path, {"disk": (0, MiB)}, size=MiB, handshake_timeout=0.5)
+    try:
+        s = _idle(served.server.port)
+        s.recv(p.SERVER_GREETING_SIZE)             # the greeting, then silence
+        assert s.recv(1) == b""                    # closed by the server, not by us
+        line = logged(caplog_nbd, "no complete handshake within")
+        assert "closing" in line
+        s.close()
+        # Once an export is chosen the timeout no longer applies: requests may pause.
+        c = RawClient(served.server.port)
+        c.go("disk")
+        time.sleep(1.0)
+        assert c.request(p.Cmd.FLUSH) == (0, b"")
+        c.close()
+    finally:
+        served.server.stop(5)
+
+
+def test_a_connection_flood_leaves_legitimate_clients_served(
+        tmp_path: Path, caplog_nbd: pytest.LogCaptureFixture) -> None:
+    """40 silent connections against a cap of 8: the server holds at most 8, refuses
+    the rest with a log line, drops the silent ones at the handshake timeout, and
+    nbdinfo (retried as a user would) gets its answer."""
+    need("nbdinfo")
+    served = serve(tmp_path, {"disk": (0, MiB)}, size=MiB, handshake_timeout=1.0,
+                   max_connections=8)
+    flood = [_idle(served.server.port) for _ in range(40)]
+    try:
+        wait_for(lambda: len(served.server.clients) >= 8, 5, "8 held connections")
+        assert len(served.server.clients) <= 8
+        assert "the cap" in logged(caplog_nbd, "connections already")
+        deadline = time.monotonic() + 20
+        while True:
+            got = run("nbdinfo", "--json", served.uri("disk"), check=False)
+            if got.returncode == 0:
+                break
+            assert time.monotonic() < deadline, got.stderr
+            time.sleep(0.3)
+        assert json.loads(got.stdout)["exports"][0]["export-size"] == MiB
+        assert len(served.server.clients) <= 8
+    finally:
+        for s in flood:
+            s.close()
+        served.server.stop(5)
+
+
+def test_trim_with_fua_is_durable_before_the_reply(srv: Served,
+                                                   raw: Callable[..., RawClient]) -> None:
+    c = raw()
+    c.go("disk")
+    before = srv.backends["disk"].flushes
+    assert c.request(p.Cmd.TRIM, 0, 65536, flags=p.CMD_FLAG_FUA) == (0, b"")
+    assert srv.backends["disk"].flushes == before + 1
+    assert c.request(p.Cmd.TRIM, 65536, 65536) == (0, b"")     # without FUA: no flush
+    assert srv.backends["disk"].flushes == before + 1
