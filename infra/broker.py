@@ -420,7 +420,7 @@ def _reap(pid: int) -> None:
 # ---- foreground: run --------------------------------------------------------------------
 
 def run(port: int = DEFAULT_PORT, storage: str | None = None, durable: bool = False,
-        wait: float = DEFAULT_WAIT, stop_timeout: float = STOP_TIMEOUT,
+        wait: float = DEFAULT_WAIT,
         engine: str = DEFAULT_ENGINE, nodes: int = 1, auth: str | None = None) -> None:
     """Run the broker in the foreground until SIGTERM/SIGINT/SIGHUP, or until it dies.
 
