@@ -21,6 +21,7 @@ import re
 import ssl
 import threading
 import time
+from typing import Callable
 from dataclasses import dataclass, field
 
 from infra import control
@@ -112,6 +113,10 @@ class NBDCapture:
     _threads: list[threading.Thread] = field(init=False, default_factory=list)
     _stopped: bool = field(init=False, default=False)
     _state_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    #: Set when a background thread died of an unexpected error: the capturer then stops
+    #: (``serve`` returns, the CLI exits non-zero) so that its service manager restarts
+    #: it, instead of serving on without heartbeats, stall detection or recovery.
+    fatal: str | None = field(init=False, default=None)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> "NBDCapture":
@@ -260,7 +265,8 @@ class NBDCapture:
         """Run until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT), then stop cleanly."""
         try:
             while not stop.wait(0.5) and not self._stopped:   # a SEAL stops it too
-                pass
+                if self.fatal is not None:
+                    break
         finally:
             if hasattr(self, "watch"):
                 self.watch.halt()       # lets a SEAL in progress finish and be announced
@@ -370,8 +376,23 @@ class NBDCapture:
         self.pub.beat(state, self.detail(), force=force, rate_bps=rate)
 
     # -- background threads -------------------------------------------------------------
-    def _spawn(self, target, name: str) -> None:
-        t = threading.Thread(target=target, name=name, daemon=True)
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        """Run ``target`` in a background thread that, if it dies of an unexpected error,
+        stops the capturer with one log line naming it (see ``fatal``)."""
+        def guarded() -> None:
+            try:
+                target()
+            except Exception as e:  # noqa: BLE001 - whatever it was, serving on is worse
+                self.fatal = f"background thread {name} failed: {type(e).__name__}: {e}"
+                self.backend.failed = self.backend.failed or self.fatal
+                log.critical("pair %s: %s; stopping the capturer (its service manager "
+                             "restarts it; the write-intent bitmap resends what may be "
+                             "missing)", self.spec.name, self.fatal, exc_info=True)
+
+        # Finished threads are dropped: recovery attempts during a long outage must not
+        # pile up here.
+        self._threads = [t for t in self._threads if t.is_alive()]
+        t = threading.Thread(target=guarded, name=name, daemon=True)
         self._threads.append(t)
         t.start()
 
