@@ -9,7 +9,7 @@ from rich.table import Table
 from cli.common import console, err_console, human_bytes, print_json, settings
 from infra import control
 from producers.resync import LocalCapture
-from infra.keys import key_for_create
+from infra.keys import key_for_create, retire_key
 from infra.volume import volume_size
 from journal.errors import VolumeError
 from journal.pairs import PairSpec, parse_size, validate_block_size, validate_name
@@ -89,9 +89,12 @@ def show(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--jso
 
 @app.command()
 def delete(ctx: typer.Context, name: str) -> None:
-    """Delete a pair and its journal topic (volumes are left untouched)."""
+    """Delete a pair and its journal topic (volumes are left untouched); its key on this
+    host is retired, so a new pair of the same name gets a new one."""
     control.delete_pair(settings(ctx), name)
-    console.print(f"pair {name} deleted")
+    retired = retire_key(name)
+    console.print(f"pair {name} deleted" + (f"; its key was moved to {retired}"
+                                            if retired else ""), highlight=False)
 
 
 # -- failover, failback, verify: the steps live in consumers/failover.py; the capturer's

@@ -1,6 +1,7 @@
 """Finding a pair's journal key: ``--key-file`` or ``$X2X_HOME/keys/<pair>.key``."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from infra.paths import x2x_home
@@ -17,11 +18,34 @@ def default_key_path(pair: str) -> Path:
 
 def key_for_create(pair: str, key_file: str | None, encrypt: bool) -> JournalKey | None:
     """The key a new pair is created with: read from ``key_file`` if it exists, else
-    generated there (or at the default path with ``encrypt``)."""
+    generated there; with ``encrypt``, always a new key at the default path. A key left
+    there by an earlier pair of the same name is never taken silently: its journal
+    records would pass as the new pair's."""
     if not key_file and not encrypt:
         return None
-    path = Path(key_file) if key_file else default_key_path(pair)
-    return load_key(path) if path.exists() else create_key(path)
+    if key_file:
+        path = Path(key_file)
+        return load_key(path) if path.exists() else create_key(path)
+    path = default_key_path(pair)
+    if path.exists():
+        old = load_key(path)
+        raise BadInput(f"a key for a pair named {pair} is already at {path} (key id "
+                       f"{old.key_id}), left by an earlier pair of that name: move it away "
+                       f"to get a new key, or pass --key-file {path} to use it on purpose")
+    return create_key(path)
+
+
+def retire_key(pair: str) -> Path | None:
+    """Move the pair's default key out of the way (kept, to read its old journal), so a
+    new pair of the same name gets a new key; returns where it went."""
+    path = default_key_path(pair)
+    if not path.exists():
+        return None
+    retired = path.parent / "retired"
+    retired.mkdir(mode=0o700, exist_ok=True)
+    dest = retired / f"{pair}.{load_key(path).key_id}.{int(time.time())}.key"
+    path.rename(dest)
+    return dest
 
 
 def key_for(spec: PairSpec, key_file: str | None) -> JournalKey | None:

@@ -2,6 +2,8 @@
 record refused with a message naming what is wrong, nothing applied."""
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,27 @@ def test_reordered_entry_is_a_gap(settings, secure_pair):
     key = _key(key_file)
     ahead = lambda seq: _next(spec, key, Op.write(0, b"Y" * 4096), Op.flush(), seq=seq + 40)
     _hostile(settings, spec, key, ahead, SeqGap, "jumps from seq")
+
+
+def test_a_pair_created_again_never_inherits_the_old_key(settings, pair_name, tmp_path):
+    """Deleting a pair retires its key on this host; the next --encrypt gets a new one,
+    so records sealed with the old key do not pass as the new pair's."""
+    from tests.conftest import make_image
+    src = make_image(tmp_path / "s.img", 1 << 20, seed=8)
+    args = ["pair", "create", pair_name, "--source", str(src), "--target",
+            str(tmp_path / "t.img"), "--create-target", "--encrypt"]
+    first = run_x2x(*args)
+    deleted = run_x2x("pair", "delete", pair_name).stdout
+    assert "its key was moved to" in deleted, deleted
+    retired = list((Path(os.environ["X2X_HOME"]) / "keys" / "retired").glob(f"{pair_name}.*"))
+    assert len(retired) == 1
+    second = run_x2x(*args)
+    old_id = re.search(r"key id (\S+)", first.stdout).group(1)
+    new_id = re.search(r"key id (\S+)", second.stdout).group(1)
+    assert old_id and new_id and old_id != new_id
+    # A key left at the default path (the pair was deleted on another host) is not taken.
+    run_x2x("pair", "delete", pair_name)
+    retired[0].rename(Path(os.environ["X2X_HOME"]) / "keys" / f"{pair_name}.key")
+    again = run_x2x(*args, check=False)
+    assert again.returncode == 2 and "left by an earlier pair" in again.stderr, again.stderr
+    assert "--key-file" in again.stderr
