@@ -74,6 +74,8 @@ class Checkpoint:
     acknowledged (one byte per block, 1 = candidate)."""
 
     candidates: bytes | None          # None: every block (a baseline or a resync)
+    #: The journal generation the point began in (see ``reset_candidates``).
+    generation: int = 0
 
 
 @dataclass
@@ -118,6 +120,7 @@ class IntentBitmap:
         self._cp_lock = threading.Lock()
         # Blocks whose request finished (appended, or given up on) since the last begin().
         self._since = bytearray(self.blocks)
+        self._generation = 0
         self._active: dict[int, _Token] = {}
         self._next_token = 0
 
@@ -136,10 +139,23 @@ class IntentBitmap:
             self._active[self._next_token] = _Token(first, end)
             return self._next_token
 
-    def done(self, token: int) -> None:
+    def done(self, token: int, appended: bool = True) -> None:
+        """The request's op was appended to the journal (``appended``), or journaling
+        gave up on it: then its blocks stay marked and are no point's candidates, so
+        only a resend (a full point) may clear them."""
         with self._lock:
             t = self._active.pop(token)
-            self._since[t.first:t.end] = b"\x01" * (t.end - t.first)
+            if appended:
+                self._since[t.first:t.end] = b"\x01" * (t.end - t.first)
+
+    def reset_candidates(self) -> None:
+        """The journal the candidates were appended to is gone (an outage, a new epoch):
+        forget them, and make every point begun before now clear nothing. Call before a
+        new publisher takes writes; until a full point resends them, marked blocks stay
+        marked whatever client FLUSHes come in between."""
+        with self._lock:
+            self._generation += 1
+            self._since = bytearray(self.blocks)
 
     def sync(self) -> None:
         """msync: what a client FLUSH or FUA write is promised (see the module doc)."""
@@ -156,13 +172,15 @@ class IntentBitmap:
         with self._lock:
             cand = None if full else bytes(self._since)
             self._since = bytearray(self.blocks)
-        return Checkpoint(cand)
+            return Checkpoint(cand, self._generation)
 
     def end(self, cp: Checkpoint) -> int:
         """The point's FLUSH is acknowledged: clear its candidates that no request touched
         since :meth:`begin` and none is touching now. Returns how many blocks it cleared."""
         try:
             with self._lock:
+                if cp.generation != self._generation:
+                    return 0        # its FLUSH went to a journal since given up
                 cand = (int.from_bytes(cp.candidates, "little") if cp.candidates is not None
                         else int.from_bytes(b"\x01" * self.blocks, "little"))
                 keep = int.from_bytes(self._since, "little")
@@ -184,6 +202,8 @@ class IntentBitmap:
         try:
             if cp.candidates is not None:
                 with self._lock:
+                    if cp.generation != self._generation:
+                        return      # those ops went to a journal since given up
                     merged = (int.from_bytes(cp.candidates, "little")
                               | int.from_bytes(self._since, "little"))
                     self._since = bytearray(merged.to_bytes(self.blocks, "little"))

@@ -183,18 +183,20 @@ class JournalingVolume:
         with self.locks.hold(op.offset, op.length):
             # Marked before the local write: a crash from here on resends these blocks.
             token = self.intent.mark(op.offset, op.length) if self.intent else 0
+            appended = False
             try:
                 # Deferred ops this change overtakes keep the bytes they wrote.
                 self.deferred.read_overlapping(op.offset, op.length)
                 local()
                 self._mark_dirty(op.offset, op.length)
                 ops = self._journal_form(op)
-                if self._journal(lambda: self.pub.append_many(ops)) and self.mode is Mode.SYNC:
+                appended = self._journal(lambda: self.pub.append_many(ops))
+                if appended and self.mode is Mode.SYNC:
                     # Read under the lock: at or after our op, so waiting for it is enough.
                     seq = self.pub.appended_seq
             finally:
                 if token:
-                    self.intent.done(token)
+                    self.intent.done(token, appended)
         if fua:
             self.vol.fsync()
             if self.intent is not None:

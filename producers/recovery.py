@@ -233,6 +233,10 @@ class Recovery:
             cap.backend.deferred.clear()        # promises made to the failed publisher
             cap.pub = cap.backend.pub = pub
             self.state = "resyncing"
+            # Before writes are journaled again: what was appended to the failed journal
+            # is no candidate of any point, so a client FLUSH in the new epoch cannot
+            # clear a block before the resync below has resent it.
+            self.intent.reset_candidates()
             cap.backend.failed = None          # from here writes are journaled again
             self.outages += 1
             if not intact:
