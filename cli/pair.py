@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from cli.common import console, err_console, human_bytes, print_json, settings
-from infra import control
+from infra import control, pins
 from producers.resync import LocalCapture
 from infra.keys import key_for_create, retire_key
 from infra.volume import volume_size
@@ -92,6 +92,7 @@ def delete(ctx: typer.Context, name: str) -> None:
     """Delete a pair and its journal topic (volumes are left untouched); its key on this
     host is retired, so a new pair of the same name gets a new one."""
     control.delete_pair(settings(ctx), name)
+    pins.forget(name)
     retired = retire_key(name)
     console.print(f"pair {name} deleted" + (f"; its key was moved to {retired}"
                                             if retired else ""), highlight=False)

@@ -13,7 +13,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingCol
 from cli.common import console, err_console, human_bytes, print_json, settings
 from consumers.applier import Applier
 from consumers.checkpoint import CheckpointStore
-from infra import control
+from infra import control, pins
 from infra.keys import key_for
 from infra.tls import TLSMode, create_certificates, server_context
 from journal.errors import BadInput, BrokerError
@@ -62,7 +62,10 @@ def capture(ctx: typer.Context, name: str,
                 None, "--tls-certificates", metavar="DIR",
                 help="server-cert.pem, server-key.pem and ca-cert.pem (clients must then "
                 "present a certificate it signed); make them with 'x2x nbd-certs DIR'."),
-            json_: bool = typer.Option(False, "--json", help="Print results as JSON lines.")
+            json_: bool = typer.Option(False, "--json", help="Print results as JSON lines."),
+            accept_spec_change: bool = typer.Option(
+                False, "--accept-spec-change", help="The pair's source, target or key id "
+                "changed on the control topic on purpose: pin the new ones on this host.")
             ) -> None:
     """Capture a pair's source into its journal: by scanning for changed blocks, or live
     over NBD with --nbd."""
@@ -85,6 +88,7 @@ def capture(ctx: typer.Context, name: str,
         tls_ctx = server_context(tls_certificates) if tls_mode is not TLSMode.OFF else None
     s = settings(ctx)
     st = control.get_pair(s, name)
+    pins.check(st.spec, accept_spec_change)
     spec = st.active_spec             # after a failover: the promoted side
     store = store_for(st)
     if st.state == "failing-over":
@@ -171,10 +175,15 @@ def apply(ctx: typer.Context, name: str,
                                      "the journal from its start."),
           key_file: str = typer.Option(None, help="The pair's key file, if it is encrypted "
                                        "(default $X2X_HOME/keys/NAME.key)."),
-          json_: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+          json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+          accept_spec_change: bool = typer.Option(
+              False, "--accept-spec-change", help="The pair's source, target or key id "
+              "changed on the control topic on purpose: pin the new ones on this host.")
+          ) -> None:
     """Apply a pair's journal to its target, from the target's checkpoint."""
     s = settings(ctx)
     st = control.get_pair(s, name)
+    pins.check(st.spec, accept_spec_change)
     spec = st.active_spec
     if st.state in ("promoted", "failing-back") and (target is None or target == spec.target):
         raise BadInput(f"pair {name} was failed over to {spec.source}; its old source "

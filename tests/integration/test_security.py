@@ -15,6 +15,7 @@ from infra import control
 from infra.reader import read_to_end
 from infra.topics import journal_topic
 from journal.batch import Sequencer
+from journal.clock import now_ms
 from journal.errors import CorruptEntry, ExtentOutOfRange, ReplayedEntry, SeqGap
 from journal.ops import Op
 from journal.pairs import PairSpec
@@ -178,3 +179,54 @@ def test_a_pair_created_again_never_inherits_the_old_key(settings, pair_name, tm
     again = run_x2x(*args, check=False)
     assert again.returncode == 2 and "left by an earlier pair" in again.stderr, again.stderr
     assert "--key-file" in again.stderr
+
+
+def _forge_created(settings, spec: PairSpec) -> None:
+    """What whoever can write x2x.control can do: publish a new spec for a pair."""
+    from dataclasses import asdict
+    from infra.topics import CONTROL_TOPIC
+    record = {"event": "created", "pair": spec.name, "at_ms": now_ms(),
+              "spec": {k: v for k, v in asdict(spec).items() if k != "name"}, "attrs": {}}
+    p = Producer(settings.producer())
+    errors: list[str] = []
+    p.produce(CONTROL_TOPIC, codec.encode(codec.CONTROL, record), key=spec.name,
+              on_delivery=lambda err, _m: err and errors.append(err.str()))
+    assert p.flush(10) == 0 and not errors, errors
+
+
+def test_a_forged_spec_cannot_redirect_the_applier_or_turn_encryption_off(
+        settings, pair_name, tmp_path):
+    from tests.conftest import make_image
+    src = make_image(tmp_path / "src.img", 2 << 20, seed=9)
+    dst, elsewhere = tmp_path / "dst.img", tmp_path / "system-disk.img"
+    elsewhere.write_bytes(b"precious" * 1024)
+    run_x2x("pair", "create", pair_name, "--source", str(src), "--target", str(dst),
+            "--create-target", "--encrypt")
+    run_x2x("capture", pair_name, "--once")
+    run_x2x("apply", pair_name, "--until-caught-up")        # pins this host's view
+    assert same_bytes(src, dst)
+    spec = control.get_pair(settings, pair_name).spec
+    before = elsewhere.read_bytes()
+    # Another target: refused, nothing written anywhere.
+    _forge_created(settings, PairSpec(pair_name, spec.source, str(elsewhere),
+                                      spec.block_size, spec.volume_size, spec.key_id))
+    r = run_x2x("apply", pair_name, "--until-caught-up", check=False)
+    assert r.returncode == 2 and "--accept-spec-change" in r.stderr, r.stderr
+    assert str(elsewhere) in r.stderr and "Nothing was read or written" in r.stderr
+    assert elsewhere.read_bytes() == before
+    # Encryption off: refused by the capturer and the applier alike.
+    _forge_created(settings, PairSpec(pair_name, spec.source, spec.target,
+                                      spec.block_size, spec.volume_size, ""))
+    for cmd in (["apply", pair_name, "--until-caught-up"], ["capture", pair_name, "--once"]):
+        r = run_x2x(*cmd, check=False)
+        assert r.returncode == 2 and "key_id" in r.stderr, r.stderr
+    # The operator restores the pair: services go on without any confirmation.
+    _forge_created(settings, spec)
+    run_x2x("apply", pair_name, "--until-caught-up")
+    # A change made on purpose is confirmed on the host, once.
+    moved = tmp_path / "moved.img"
+    moved.write_bytes(dst.read_bytes())
+    _forge_created(settings, PairSpec(pair_name, spec.source, str(moved), spec.block_size,
+                                      spec.volume_size, spec.key_id))
+    run_x2x("apply", pair_name, "--until-caught-up", "--accept-spec-change")
+    run_x2x("apply", pair_name, "--until-caught-up")
