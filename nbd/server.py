@@ -156,6 +156,9 @@ class NBDServer:
     workers: int = WORKERS
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
+    #: Called after each request's reply with (export, command, seconds from the request
+    #: read to its reply sent); ``command`` in lower case (``write``, ``flush`` ...).
+    on_request: Callable[[str, str, float], None] | None = None
     _listener: socket.socket | None = field(init=False, default=None)
     _stopping: threading.Event = field(init=False, default_factory=threading.Event)
     _accept_thread: threading.Thread | None = field(init=False, default=None)
@@ -471,6 +474,7 @@ class NBDServer:
             return
         # Reads count too: their reply data is held until it is sent.
         size = req.length if req.type in (p.Cmd.WRITE, p.Cmd.READ) else 0
+        t0 = time.monotonic()
         conn.inflight.acquire(size)
         payload: bytearray | None = None
         try:
@@ -482,14 +486,17 @@ class NBDServer:
         except BaseException:
             conn.inflight.release(size)
             raise
-        pool.submit(self._serve, conn, backend, req, payload, size)
+        pool.submit(self._serve, conn, backend, req, payload, size, t0)
 
     def _serve(self, conn: _Conn, backend: Backend, req: p.Request,
-               payload: bytearray | None, size: int) -> None:
+               payload: bytearray | None, size: int, t0: float) -> None:
         """Serve one validated request and reply (a worker thread); ``size`` is what it
-        holds of the connection's read-ahead."""
+        holds of the connection's read-ahead, ``t0`` when its header was read."""
         try:
             self._handle(conn, backend, req, payload)
+            if self.on_request is not None:
+                self.on_request(conn.info.export or "", p.Cmd(req.type).name.lower(),
+                                time.monotonic() - t0)
         except OSError as e:
             # The reply could not be sent: the connection is gone; wake the reader.
             if not conn.closing:

@@ -24,7 +24,7 @@ import time
 from typing import Callable
 from dataclasses import dataclass, field
 
-from infra import control
+from infra import control, telemetry
 from infra.heartbeat import local_beat_path
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
@@ -139,7 +139,9 @@ class NBDCapture:
                 f"for {spec.volume_size}; recreate the pair for the new size")
         # Listen first: a taken port must not cost the next start a new epoch.
         self.server = NBDServer(self.host, self.port, {}, tls=self.tls,
-                                tls_required=self.tls_required)
+                                tls_required=self.tls_required,
+                                on_request=lambda export, command, seconds:
+                                telemetry.metrics().nbd_request(export, command, seconds))
         try:
             self.server.bind()
         except OSError as e:
@@ -374,6 +376,11 @@ class NBDCapture:
         rate = (total - last_b) / max(now - last_t, 1e-3)
         self._rate_mark = (now, total)
         self.pub.beat(state, self.detail(), force=force, rate_bps=rate)
+        # Baseline and resend progress, 0..1, for dashboards (the beat carries the %).
+        for running in (self.baseline, self.recovery.progress):
+            if running is not None:
+                telemetry.metrics().progress(self.spec.name, "capturer",
+                                             running.percent / 100.0)
 
     # -- background threads -------------------------------------------------------------
     def _spawn(self, target: Callable[[], None], name: str) -> None:

@@ -23,6 +23,7 @@ from typing import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from infra import telemetry
 from infra.heartbeat import HeartbeatPublisher
 from infra.kafka import KafkaSettings
 from infra.topics import journal_topic
@@ -83,6 +84,7 @@ class JournalPublisher:
                  instance: str = "", spool: Spool | None = None,
                  max_queued_bytes: int = 16 << 20, hold: float = 0.0,
                  busy: Callable[[], bool] | None = None) -> None:
+        self.pair = pair
         self.topic = journal_topic(pair)
         self.settings = settings
         self.producer = Producer(settings.producer())
@@ -328,6 +330,7 @@ class JournalPublisher:
                 time.sleep(0.1)
 
     def _delivered(self, err: KafkaError | None, msg: Message) -> None:
+        acked = (0, 0)
         with self._cond:
             self._inflight -= len(msg.value() or b"")
             entry = self._pending.popleft()
@@ -336,13 +339,19 @@ class JournalPublisher:
                                f"{self.topic} was not acknowledged by "
                                f"{self.settings.bootstrap}: {err.str()}")
             else:
+                before = self.journaled
                 self.journaled = Journaled(entry.epoch, entry.last_seq, entry.epoch_bytes,
                                            entry.captured_at_ms)
-                self.ops_journaled += entry.last_seq - entry.first_seq + 1
+                ops = entry.last_seq - entry.first_seq + 1
+                acked = (ops, entry.epoch_bytes - (before.epoch_bytes
+                                                   if before.epoch == entry.epoch else 0))
+                self.ops_journaled += ops
                 self.last_acked = (msg.offset(), entry.digest)
                 if self.on_delivered is not None:
                     self.on_delivered(entry, msg.offset())
             self._cond.notify_all()
+        if acked[0]:
+            telemetry.metrics().captured(self.pair, acked[0], max(0, acked[1]))
 
     def stalled_for(self) -> float:
         """Seconds the oldest record handed to Kafka has waited for its acknowledgement

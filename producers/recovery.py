@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from confluent_kafka import Consumer, TopicPartition
 
-from infra import control
+from infra import control, telemetry
 from infra.kafka import KafkaSettings
 from infra.reader import check_record
 from infra.topics import JOURNAL_CONFIG, ensure_base_topics, ensure_topic
@@ -153,7 +153,9 @@ class Recovery:
         cp = self.intent.begin(blocking=True, full=True)
         self.intent.set_all()
         try:
-            cap._baseline_thread()
+            with telemetry.span("x2x.baseline", pair=cap.spec.name,
+                                epoch=cap.pub.journaled.epoch):
+                cap._baseline_thread()
             if cap.baseline is not None and cap.baseline.finished:
                 cap.pub.wait_journaled(cap.baseline.flush_seq, 60.0)
                 self.intent.end(cp)
@@ -270,9 +272,11 @@ class Recovery:
                 self.progress = ResyncProgress(sum(n for _, n in extents))
                 self.state = "resyncing"
                 t0 = time.monotonic()
-                if not resend(cap.vol, cap.pub, cap.locks, cap.spec.block_size, extents,
-                              self.progress, cap._stopping):
-                    return
+                with telemetry.span("x2x.resync", pair=cap.spec.name,
+                                    bytes=self.progress.total):
+                    if not resend(cap.vol, cap.pub, cap.locks, cap.spec.block_size, extents,
+                                  self.progress, cap._stopping):
+                        return
                 cap.pub.wait_journaled(self.progress.flush_seq, 120.0)
                 self.intent.end(cp)
                 cp = None
