@@ -44,8 +44,10 @@ def _stop_on_signals() -> threading.Event:
 def capture(ctx: typer.Context, name: str,
             once: bool = typer.Option(False, "--once", help="Scan once and exit (default)."),
             interval: float = typer.Option(0.0, help="Scan again every SECONDS, until stopped."),
-            resync: bool = typer.Option(False, help="Forget the hash map: publish a full "
-                                        "baseline in a new epoch."),
+            rebaseline: bool = typer.Option(False, "--rebaseline", "--resync",
+                                            help="Forget the hash map: publish a full "
+                                            "baseline in a new epoch (--resync is its "
+                                            "former name)."),
             nbd: str = typer.Option(None, "--nbd", metavar="[HOST:]PORT",
                                     help="Serve the source over NBD (export name = pair name) "
                                     "and journal every write, until SIGTERM/SIGINT. HOST is "
@@ -93,9 +95,9 @@ def capture(ctx: typer.Context, name: str,
     store = store_for(st)
     if st.state == "failing-over":
         raise BadInput(f"pair {name} is failing over; wait for 'x2x pair failover' to end")
-    if not resync:
+    if not rebaseline:
         prepare_direction(st, store)  # promoted side: new epoch, no baseline
-    if resync:
+    if rebaseline:
         state, _ = store.load()
         if state:
             state.clean = False
@@ -127,8 +129,8 @@ def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
                      tls_required=tls_required).start()
     r = cap.report
     what = ("same epoch" if not r.new_epoch else "new epoch, baseline running"
-            if r.resync_bytes is None else
-            f"new epoch, resending {r.resync_bytes} marked bytes")
+            if r.resend_bytes is None else
+            f"new epoch, resending {r.resend_bytes} marked bytes")
     if r.journal_lost:
         what += (f"; the journal lost its history: resync the target with 'x2x pair resync "
                  f"{spec.name}'")
@@ -137,7 +139,7 @@ def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
     if json_:
         print_json({"event": "serving", "uri": cap.uri, "epoch": r.epoch,
                     "first_seq": r.first_seq, "mode": mode.value, "new_epoch": r.new_epoch,
-                    "resync_bytes": r.resync_bytes, "journal_lost": r.journal_lost})
+                    "resend_bytes": r.resend_bytes, "journal_lost": r.journal_lost})
     else:
         console.print(f"serving {cap.uri} ({mode.value} mode); epoch {r.epoch} from seq "
                       f"{r.first_seq} ({what}); stop with SIGTERM or Ctrl-C", highlight=False)

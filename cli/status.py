@@ -91,8 +91,8 @@ def _capture_cell(state: str, detail: dict[str, str]) -> str:
              human_bytes(int(detail.get("captured_bytes", "0") or 0))]
     if detail.get("baseline", "done") != "done":
         parts.append(f"baseline {detail['baseline']}")
-    if detail.get("resync", "done") != "done":
-        parts.append(f"resync {detail['resync']}")
+    if detail.get("resend", "done") != "done":
+        parts.append(f"resend {detail['resend']}")
     spooled = int(detail.get("spooled_bytes", "0") or 0)
     if spooled:
         # Journal records queued on the source's disk for a broker slower than the writes.

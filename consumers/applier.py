@@ -381,7 +381,7 @@ class Applier:
                 f"nothing was applied. The pair's target is repaired by block hashes: 'x2x "
                 f"pair resync {name}' on the source's host. Other replicas can be built by "
                 f"replay again once a full baseline is in the journal: restart the capturer "
-                f"with 'x2x capture {name} --resync'")
+                f"with 'x2x capture {name} --rebaseline'")
 
     # -- caught up? ----------------------------------------------------------------------
     def _capture_goal(self) -> tuple[int, int] | None:

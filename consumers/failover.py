@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 
 from consumers.applier import Applier, Comparison
 from consumers.checkpoint import CheckpointStore
-from infra import control
+from infra import control, telemetry
 from infra.control_tail import wait_event
 from infra.heartbeat import read_beats
 from infra.kafka import KafkaSettings
@@ -141,6 +141,7 @@ def _pair(settings: KafkaSettings, name: str) -> PairState:
     return control.get_pair(settings, name)
 
 
+@telemetry.traced("x2x.failover")
 def failover(settings: KafkaSettings, name: str, key: JournalKey | None,
              local: Callable[[PairState], CaptureSide], say: Say,
              timeout: float = 300.0) -> FailoverResult:
@@ -191,6 +192,7 @@ def failover(settings: KafkaSettings, name: str, key: JournalKey | None,
                           sealed["digest"])
 
 
+@telemetry.traced("x2x.failover")
 def force_failover(settings: KafkaSettings, name: str, key: JournalKey | None, say: Say,
                    timeout: float = 300.0) -> FailoverResult:
     """Unplanned failover: drain what the journal holds, promote at the last consistency
@@ -231,7 +233,10 @@ def force_failover(settings: KafkaSettings, name: str, key: JournalKey | None, s
 
 
 @dataclass
-class Resync:
+class HashDiff:
+    """What comparing the block hashes of both sides found (verify, failback, resync),
+    and what was sent to make them equal."""
+
     blocks: int
     differing: int
     extents: list[Extent]
@@ -253,9 +258,10 @@ def _side(settings: KafkaSettings, st: PairState,
     return local(st)
 
 
+@telemetry.traced("x2x.failback")
 def failback(settings: KafkaSettings, name: str, key: JournalKey | None,
              local: Callable[[PairState], CaptureSide], say: Say,
-             timeout: float = 300.0) -> Resync:
+             timeout: float = 300.0) -> HashDiff:
     """Make the old source the target of the promoted side: HASHES of the promoted side
     in its epoch, compared on the old source at the same journal point; only differing
     blocks are resent; then the old source follows the journal like any target."""
@@ -285,9 +291,10 @@ def failback(settings: KafkaSettings, name: str, key: JournalKey | None,
     return r
 
 
+@telemetry.traced("x2x.resync")
 def resync(settings: KafkaSettings, name: str, key: JournalKey | None,
            local: Callable[[PairState], CaptureSide], say: Say,
-           timeout: float = 300.0) -> Resync:
+           timeout: float = 300.0) -> HashDiff:
     """The journal was lost under the target (topic recreated, broker data gone): the
     source publishes block HASHES (through its running NBD capturer, or here in a new
     epoch), the target compares them from a reset checkpoint, and only the differing
@@ -309,7 +316,7 @@ def resync(settings: KafkaSettings, name: str, key: JournalKey | None,
 
 def _compare_from_hashes(settings: KafkaSettings, spec: PairSpec, side: CaptureSide,
                          key: JournalKey | None, timeout: float, say: Say,
-                         what: str) -> Resync:
+                         what: str) -> HashDiff:
     """HASHES of the source into the journal; the target, its checkpoint reset, applies
     from that entry and compares; the differing extents are resent and applied."""
     say(f"hashing {spec.source} into the journal")
@@ -330,7 +337,7 @@ def _compare_from_hashes(settings: KafkaSettings, spec: PairSpec, side: CaptureS
 
 def _resync(settings: KafkaSettings, name: str, target: str, side: CaptureSide,
             applier: Applier, h: dict[str, str], key: JournalKey | None, timeout: float,
-            say: Say) -> Resync:
+            say: Say) -> HashDiff:
     cmp = _gather(applier, h)
     extents = cmp.extents(applier.spec.block_size, applier.spec.volume_size)
     resent = 0
@@ -343,7 +350,7 @@ def _resync(settings: KafkaSettings, name: str, target: str, side: CaptureSide,
         again = Applier(applier.spec, target, settings, key=key, until=(int(r["epoch"]), seq),
                         role=Role.OPERATOR)
         _applier_run(again, timeout)
-    return Resync(cmp.blocks, len(set(cmp.differing)), extents, int(h["bytes"]), resent,
+    return HashDiff(cmp.blocks, len(set(cmp.differing)), extents, int(h["bytes"]), resent,
                   int(h["epoch"]), seq)
 
 
@@ -359,9 +366,10 @@ def _gather(applier: Applier, h: dict[str, str]) -> Comparison:
     return out
 
 
+@telemetry.traced("x2x.verify")
 def verify(settings: KafkaSettings, name: str, key: JournalKey | None,
            local: Callable[[PairState], CaptureSide], say: Say, repair: bool = False,
-           timeout: float = 300.0) -> Resync:
+           timeout: float = 300.0) -> HashDiff:
     """Compare source and target at one journal point without stopping replication."""
     st = _pair(settings, name)
     if not st.replicating:
@@ -379,14 +387,14 @@ def verify(settings: KafkaSettings, name: str, key: JournalKey | None,
         return _verify_by_service(settings, name, spec.target, side, h, repair, timeout, say)
     if not repair:
         cmp = _gather(applier, h)
-        return Resync(cmp.blocks, len(set(cmp.differing)),
+        return HashDiff(cmp.blocks, len(set(cmp.differing)),
                       cmp.extents(spec.block_size, spec.volume_size), int(h["bytes"]), 0,
                       epoch, seq)
     return _resync(settings, name, spec.target, side, applier, h, key, timeout, say)
 
 
 def _verify_by_service(settings: KafkaSettings, name: str, target: str, side: CaptureSide,
-                       h: dict[str, str], repair: bool, timeout: float, say: Say) -> Resync:
+                       h: dict[str, str], repair: bool, timeout: float, say: Say) -> HashDiff:
     """The target's running applier compares; its answer comes as hashes-compared."""
     say(f"an 'x2x apply' service holds {target}: waiting for its comparison")
     epoch, first, last = h["epoch"], int(h["first_seq"]), int(h["seq"])
@@ -418,7 +426,7 @@ def _verify_by_service(settings: KafkaSettings, name: str, target: str, side: Ca
                 raise X2XError(f"the applier of {target} did not apply the resent extents "
                                f"within {timeout:.0f} s")
             time.sleep(0.5)
-    return Resync(blocks, differing, extents, int(h["bytes"]), resent, int(h["epoch"]),
+    return HashDiff(blocks, differing, extents, int(h["bytes"]), resent, int(h["epoch"]),
                   int(h["seq"]))
 
 

@@ -12,6 +12,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from consumers.applier import Applier, ApplyStats
 from consumers.checkpoint import CheckpointStore
+from infra import telemetry
 from infra.kafka import KafkaSettings
 from infra.topics import journal_topic
 from journal.errors import BadInput, JournalLost
@@ -111,4 +112,5 @@ def build(spec: PairSpec, target: str, settings: KafkaSettings, limit: Limit | N
     ensure_target(target, spec.volume_size)
     applier = Applier(spec, target, settings, key=key,
                       store=CheckpointStore(spec.name, target), limit=limit)
-    return applier, applier.run(stop=stop)
+    with telemetry.span("x2x.replica.build", pair=spec.name, target=target):
+        return applier, applier.run(stop=stop)

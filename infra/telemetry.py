@@ -23,18 +23,21 @@ Attributes are the same everywhere: ``pair``, ``role`` (``capturer``/``applier``
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace as otel_trace
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from journal.errors import BadInput
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 SCOPE = "x2x"
 EXPORTERS = ("otlp", "console", "none")
@@ -210,6 +213,19 @@ def span(name: str, **attrs: Any) -> Iterator[otel_trace.Span]:
     with _current.tracer.start_as_current_span(
             name, attributes={k: v for k, v in attrs.items() if v is not None}) as s:
         yield s
+
+
+def traced(name: str) -> Callable[[F], F]:
+    """Run ``f(settings, pair, ...)``, a long operation on one pair, in a span ``name``
+    carrying the pair's name."""
+    def wrap(f: F) -> F:
+        @functools.wraps(f)
+        def inner(*args: Any, **kw: Any) -> Any:
+            pair = args[1] if len(args) > 1 else kw.get("name", "")
+            with span(name, pair=str(pair)):
+                return f(*args, **kw)
+        return inner  # type: ignore[return-value]
+    return wrap
 
 
 def setup(exporter: str | None = None, service_name: str = "x2x",

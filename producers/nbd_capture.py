@@ -76,7 +76,7 @@ class CaptureReport:
     first_seq: int = 0
     last_seq: int = 0
     new_epoch: bool = False
-    resync_bytes: int | None = None   # an unclean restart resent only the marked extents
+    resend_bytes: int | None = None   # an unclean restart resent only the marked extents
     baseline_finished: bool = False
     ops: int = 0
     bytes: int = 0
@@ -170,7 +170,7 @@ class NBDCapture:
         self.state = state
         self.report = CaptureReport(state.epoch, state.next_seq, state.next_seq - 1,
                                     new_epoch=not continuing,
-                                    resync_bytes=self.intent.dirty_bytes() if resync else None,
+                                    resend_bytes=self.intent.dirty_bytes() if resync else None,
                                     journal_lost=lost)
         if lost:
             ensure_topic(self.settings.check_reachable(), journal_topic(spec.name),
@@ -186,7 +186,7 @@ class NBDCapture:
         self.server.exports[spec.name] = self.backend
         self.server.start()
         if resync:
-            self.recovery.resync_at_start()
+            self.recovery.resend_at_start()
         elif not continuing:
             self.baseline = BaselineProgress(vol.size)
             self._spawn(self.recovery.baseline_thread, "x2x-baseline")
@@ -365,7 +365,7 @@ class NBDCapture:
         return d
 
     def beat(self, state: str | None = None, force: bool = False) -> None:
-        state = state or self.recovery.state_name()     # degraded / resyncing
+        state = state or self.recovery.state_name()     # degraded / resending
         if state is None:
             state = ("journal-failed" if self.backend.failed else
                      "baseline" if self.baseline and not self.baseline.finished else

@@ -61,7 +61,7 @@ RETRY = 1.0
 
 
 @dataclass
-class ResyncProgress:
+class ResendProgress:
     """A resend of marked extents in progress (for heartbeats and the final report)."""
 
     total: int
@@ -75,7 +75,7 @@ class ResyncProgress:
 
 
 def resend(vol: Volume, pub: JournalPublisher, locks: RangeLocks, block_size: int,
-           extents: list[tuple[int, int]], progress: ResyncProgress,
+           extents: list[tuple[int, int]], progress: ResendProgress,
            stop: threading.Event | None = None) -> bool:
     """Journal the current content of ``extents`` in the publisher's epoch, then a FLUSH.
 
@@ -127,24 +127,24 @@ def journal_intact(settings: KafkaSettings, topic: str,
 class Recovery:
     """The capturer's fault handling; the capturer calls :meth:`tick` from its tick loop.
 
-    States: ``capturing``, ``degraded`` (journal down, writes only marked), ``resyncing``
+    States: ``capturing``, ``degraded`` (journal down, writes only marked), ``resending``
     (a new epoch resending marked extents; client writes are journaled meanwhile)."""
 
     def __init__(self, cap: "NBDCapture", intent: IntentBitmap) -> None:
         self.cap, self.intent = cap, intent
         self.state = "capturing"
-        self.progress: ResyncProgress | None = None
+        self.progress: ResendProgress | None = None
         self.outages = 0              # times the journal went down and came back
-        self._busy = threading.Lock()  # one recovery or resync at a time
+        self._busy = threading.Lock()  # one recovery or resend at a time
         self._next_try = 0.0
         self._degraded_at: float | None = None
 
     # -- start ----------------------------------------------------------------------
-    def resync_at_start(self) -> None:
+    def resend_at_start(self) -> None:
         """After an unclean stop, in the start's new epoch: resend the marked extents."""
-        self.progress = ResyncProgress(self.intent.dirty_bytes())
-        self.state = "resyncing"
-        self.cap._spawn(self._resync_thread, "x2x-resync")
+        self.progress = ResendProgress(self.intent.dirty_bytes())
+        self.state = "resending"
+        self.cap._spawn(self._resend_thread, "x2x-resend")
 
     def baseline_thread(self) -> None:
         """The capturer's full baseline, with every bit set until its FLUSH is
@@ -196,7 +196,7 @@ class Recovery:
     def detail(self) -> dict[str, str]:
         d = {"dirty_bytes": str(self.intent.dirty_bytes())}
         if self.progress is not None:
-            d["resync"] = ("done" if self.progress.finished else
+            d["resend"] = ("done" if self.progress.finished else
                            f"{self.progress.percent:.0f}%")
         if self.outages:
             d["outages"] = str(self.outages)
@@ -234,10 +234,10 @@ class Recovery:
             pub = cap.new_publisher(state.epoch, 1, 0)
             cap.backend.deferred.clear()        # promises made to the failed publisher
             cap.pub = cap.backend.pub = pub
-            self.state = "resyncing"
+            self.state = "resending"
             # Before writes are journaled again: what was appended to the failed journal
             # is no candidate of any point, so a client FLUSH in the new epoch cannot
-            # clear a block before the resync below has resent it.
+            # clear a block before the resend below has sent it again.
             self.intent.reset_candidates()
             cap.backend.failed = None          # from here writes are journaled again
             self.outages += 1
@@ -250,7 +250,7 @@ class Recovery:
                         f"keeps serving and answers it)")
         finally:
             self._busy.release()
-        self._resync_thread()
+        self._resend_thread()
 
     def _ensure_pair_known(self) -> None:
         """A broker that lost its data lost the pair too: publish it again, so appliers
@@ -263,16 +263,16 @@ class Recovery:
             control.publish(self.cap.settings, ControlEvent(
                 "created", spec.name, self.cap.store.incarnation or now_ms(), spec))
 
-    def _resync_thread(self) -> None:
+    def _resend_thread(self) -> None:
         cap = self.cap
         with self._busy:
             cp = self.intent.begin(blocking=True, full=True)
             try:
                 extents = list(self.intent.extents())
-                self.progress = ResyncProgress(sum(n for _, n in extents))
-                self.state = "resyncing"
+                self.progress = ResendProgress(sum(n for _, n in extents))
+                self.state = "resending"
                 t0 = time.monotonic()
-                with telemetry.span("x2x.resync", pair=cap.spec.name,
+                with telemetry.span("x2x.resend", pair=cap.spec.name,
                                     bytes=self.progress.total):
                     if not resend(cap.vol, cap.pub, cap.locks, cap.spec.block_size, extents,
                                   self.progress, cap._stopping):
@@ -292,7 +292,7 @@ class Recovery:
                 cap.beat(force=True)
             except X2XError as e:
                 cap.backend.failed = cap.backend.failed or str(e)
-                log.error("pair %s: resync failed: %s", cap.spec.name, e)
+                log.error("pair %s: resend of the marked extents failed: %s", cap.spec.name, e)
             finally:
                 if cp is not None:
                     self.intent.abort(cp)

@@ -73,7 +73,7 @@ def test_async_outage_degrades_then_resends_exactly_the_marked_extents(own_broke
         line = cap.wait_log("broker back", timeout=60)
         assert "resends the marked extents" in line, line
         beat = newest_capture_beat(s, name, lambda b: b.epoch == 2
-                                   and b.detail.get("resync") == "done")
+                                   and b.detail.get("resend") == "done")
         assert beat.state == "capturing"
         print(f"async outage: degraded and back in {time.monotonic() - t0:.1f} s")
         assert "stopped (clean)" in cap.stop()
@@ -110,9 +110,9 @@ def test_sync_outage_fails_writes_with_eio_and_recovers_after_a_broker_restart(
         assert "marked extents" in line and f"x2x pair resync {name}" in line, line
         try:
             newest_capture_beat(s, name, lambda b: b.epoch == 2
-                                and b.detail.get("resync") == "done")
+                                and b.detail.get("resend") == "done")
         except AssertionError:
-            bs = [(b.epoch, b.state, b.at_ms, b.detail.get("resync")) for b in read_beats(s)]
+            bs = [(b.epoch, b.state, b.at_ms, b.detail.get("resend")) for b in read_beats(s)]
             print("BEATS", bs[-8:], own_tansu.x2x("status", "--json", check=False))
             raise AssertionError(''.join(l for l in cap.err if 'rdkafka' not in l)[-8000:]) from None
         p = qemu_io("write -P 0x53 8M 64k", "flush", uri=cap.uri)
@@ -183,7 +183,7 @@ def test_degraded_heartbeat_carries_the_dirty_bytes(own_broker: OwnBroker, tmp_p
         while cap.recovery.state != "capturing" or cap.intent.dirty_bytes():
             assert time.monotonic() < deadline, cap.detail()
             time.sleep(0.1)
-        assert cap.detail()["resync"] == "done" and cap.detail()["outages"] == "1"
+        assert cap.detail()["resend"] == "done" and cap.detail()["outages"] == "1"
         assert cap.stop().clean
     finally:
         own_broker.thaw()
@@ -236,7 +236,7 @@ def test_journal_lost_while_the_capturer_was_stopped_is_caught_at_its_next_start
         refused.stderr
     assert not replica.exists() or not any(replica.read_bytes())
     # ... until a full baseline is in the journal again.
-    cap = start_capturer(pair_name, "--resync")
+    cap = start_capturer(pair_name, "--rebaseline")
     try:
         wait_beat(settings, pair_name, lambda b: b.epoch == 3
                   and b.detail.get("baseline") == "done")

@@ -76,7 +76,7 @@ def test_capturer_sigkill_mid_workload_resends_the_marked_extents(settings, pair
             assert m, cap.banner
             resent.append(int(m.group(1)))
             wait_beat(settings, pair_name,
-                      lambda b: b.epoch == epoch and b.detail.get("resync") == "done")
+                      lambda b: b.epoch == epoch and b.detail.get("resend") == "done")
         # A last workload that completes, then a clean stop.
         out = subprocess.run(qemu_io_writes(cap.uri, rng, size, 50, 10) + [], text=True,
                              capture_output=True, timeout=120)

@@ -378,7 +378,7 @@ def test_sync_mode_keeps_every_acknowledged_write_through_sigkill(settings, pair
     try:
         assert "epoch 2 from seq 1 (new epoch, resending" in again.banner, again.banner
         wait_beat(settings, pair_name,
-                  lambda b: b.epoch == 2 and b.detail.get("resync") == "done")
+                  lambda b: b.epoch == 2 and b.detail.get("resend") == "done")
         out, _ = again.stop()
         assert "stopped (clean)" in out
     finally:

@@ -66,3 +66,18 @@ def test_capturer_emits_journaled_ops_nbd_latency_progress_and_a_baseline_span(
         if cap is not None:
             cap.stop()
         telemetry.setup("none")
+
+
+def test_a_replica_build_is_a_span(settings, pair_name, tmp_path):
+    from consumers.replica import build, make_limit
+    _, _, spans = telemetry.setup_in_memory()
+    try:
+        src = make_image(tmp_path / "src.img", 1 * MiB, seed=11, data_fraction=1.0)
+        spec = create(settings, pair_name, src, tmp_path / "dst.img")
+        last = scan_once(spec, settings).last_seq
+        build(spec, str(tmp_path / "replica.img"), settings,
+              make_limit(settings, pair_name, None, f"1:{last}", None))
+        found = [s for s in spans.get_finished_spans() if s.name == "x2x.replica.build"]
+        assert found and found[0].attributes["pair"] == pair_name
+    finally:
+        telemetry.setup("none")

@@ -95,9 +95,9 @@ def test_status_capture_cell_shows_degraded_and_dirty_bytes():
                                       "captured_ops": "5", "captured_bytes": "1048576",
                                       "dirty_bytes": str(3 << 20), "baseline": "done"})
     assert cell.startswith("degraded (") and "3.0 MiB dirty" in cell
-    cell = _capture_cell("resyncing", {"capturer": "nbd", "dirty_bytes": "0",
-                                       "resync": "40%"})
-    assert "resync 40%" in cell
+    cell = _capture_cell("resending", {"capturer": "nbd", "dirty_bytes": "0",
+                                       "resend": "40%"})
+    assert "resend 40%" in cell
     cell = _capture_cell("capturing", {"capturer": "nbd", "spooled_bytes": str(5 << 30)})
     assert "5.0 GiB spooled" in cell
 
@@ -141,7 +141,7 @@ _STEPS = st.lists(st.one_of(
     st.tuples(st.just("flush"), st.just(0)),
     st.tuples(st.just("outage"), st.just(0)),
     st.tuples(st.just("back"), st.just(0)),
-    st.tuples(st.just("resync"), st.just(0))), max_size=60)
+    st.tuples(st.just("resend"), st.just(0))), max_size=60)
 
 
 class _Capture:
@@ -151,7 +151,7 @@ class _Capture:
 
     def __init__(self, bm: IntentBitmap) -> None:
         self.bm = bm
-        self.up, self.failed, self.needs_resync = True, False, False
+        self.up, self.failed, self.needs_resend = True, False, False
         self.source: dict[int, int] = {}     # block -> version written by the client
         self.acked: dict[int, int] = {}      # block -> version the broker acknowledged
         self.pending: list[tuple[int, int]] = []   # appended, not acknowledged yet
@@ -192,17 +192,17 @@ class _Capture:
 
     def back(self) -> None:
         """The broker answers again: a new publisher, then writes are journaled again;
-        the resync of the marked blocks comes later (a thread of its own)."""
+        the resend of the marked blocks comes later (a thread of its own)."""
         if self.up and not self.failed:
             return
         if not self.failed:
             self.outage_noticed()
         self.up = True
         self.bm.reset_candidates()
-        self.failed, self.needs_resync = False, True
+        self.failed, self.needs_resend = False, True
 
-    def resync(self) -> None:
-        if not self.needs_resync or self.failed or not self.up:
+    def resend(self) -> None:
+        if not self.needs_resend or self.failed or not self.up:
             return
         cp = self.bm.begin(blocking=True, full=True)
         for offset, length in self.bm.extents():
@@ -211,7 +211,7 @@ class _Capture:
                     self.pending.append((block, self.source[block]))
         self._ack_all()
         self.bm.end(cp)
-        self.needs_resync = False
+        self.needs_resend = False
 
     def unprotected(self) -> list[int]:
         """Blocks whose content the broker lacks and whose bit is clear: lost writes."""
