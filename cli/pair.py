@@ -9,7 +9,7 @@ from rich.table import Table
 from cli.common import console, err_console, human_bytes, print_json, settings
 from infra import control, pins
 from producers.resync import LocalCapture
-from infra.keys import key_for_create, retire_key
+from infra.keys import key_for_create, remember_file, retire_key
 from infra.volume import volume_size
 from journal.errors import VolumeError
 from journal.pairs import PairSpec, parse_size, validate_block_size, validate_name
@@ -76,10 +76,15 @@ def list_(ctx: typer.Context, json_: bool = typer.Option(False, "--json")) -> No
 @app.command()
 def show(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--json")) -> None:
     """Show one pair."""
+    from infra.keys import lookup
     p = control.get_pair(settings(ctx), name)
+    # A keyed pair's events are checked only where its key is (docs/security.md).
+    signed = ("no: the pair has no key" if not p.spec.key_id else
+              "yes" if lookup(p.spec) else "NOT CHECKED: the pair's key is not on this host")
     value = {**asdict(p.spec), "state": p.state, "created_at_ms": p.created_at_ms,
              "reversed": p.reversed, "active_source": p.active_spec.source,
-             "journal_topic": f"x2x.journal.{name}", "attrs": p.attrs}
+             "journal_topic": f"x2x.journal.{name}", "events_verified": signed,
+             "attrs": p.attrs}
     if json_:
         print_json(value)
         return
@@ -88,9 +93,12 @@ def show(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--jso
 
 
 @app.command()
-def delete(ctx: typer.Context, name: str) -> None:
+def delete(ctx: typer.Context, name: str,
+           key_file: str = typer.Option(None, help="The pair's key file, if encrypted and "
+                                                   "not at the default path.")) -> None:
     """Delete a pair and its journal topic (volumes are left untouched); its key on this
     host is retired, so a new pair of the same name gets a new one."""
+    remember_file(key_file)
     control.delete_pair(settings(ctx), name)
     pins.forget(name)
     retired = retire_key(name)
@@ -117,6 +125,7 @@ def failover(ctx: typer.Context, name: str,
     from consumers import failover as fo
     from infra.keys import key_for
     s = settings(ctx)
+    remember_file(key_file)
     st = control.get_pair(s, name)
     key = key_for(st.spec, key_file)
     if force:
@@ -148,6 +157,7 @@ def failback(ctx: typer.Context, name: str,
     from consumers import failover as fo
     from infra.keys import key_for
     s = settings(ctx)
+    remember_file(key_file)
     key = key_for(control.get_pair(s, name).spec, key_file)
     r = fo.failback(s, name, key, lambda st_: LocalCapture(st_, s, key), _say, timeout)
     _print_resync(r, json_, f"failback done: the old source follows epoch {r.epoch} from seq "
@@ -165,6 +175,7 @@ def verify(ctx: typer.Context, name: str,
     from consumers import failover as fo
     from infra.keys import key_for
     s = settings(ctx)
+    remember_file(key_file)
     key = key_for(control.get_pair(s, name).spec, key_file)
     r = fo.verify(s, name, key, lambda st_: LocalCapture(st_, s, key), _say, repair, timeout)
     _print_resync(r, json_, "repaired" if repair and r.differing else "")
@@ -183,6 +194,7 @@ def resync(ctx: typer.Context, name: str,
     from consumers import failover as fo
     from infra.keys import key_for
     s = settings(ctx)
+    remember_file(key_file)
     key = key_for(control.get_pair(s, name).spec, key_file)
     r = fo.resync(s, name, key, lambda st_: LocalCapture(st_, s, key, new_epoch=True), _say,
                   timeout)

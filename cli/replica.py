@@ -7,7 +7,7 @@ from cli.common import console, human_bytes, print_json, settings
 from cli.replicate import _stop_on_signals
 from consumers import replica
 from infra import control
-from infra.keys import key_for
+from infra.keys import key_for, remember_file
 
 app = typer.Typer(help="Build extra replicas, live or at a point in time.",
                   no_args_is_help=True)
@@ -25,6 +25,7 @@ def add(ctx: typer.Context, name: str,
         json_: bool = typer.Option(False, "--json")) -> None:
     """Replay the pair's journal onto TARGET: live-following until stopped, or up to a point."""
     s = settings(ctx)
+    remember_file(key_file)
     spec = control.get_pair(s, name).spec
     limit = replica.make_limit(s, name, at, seq, offset)
     applier, stats = replica.build(spec, target, s, limit, stop=_stop_on_signals(),

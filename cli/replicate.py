@@ -14,7 +14,7 @@ from cli.common import console, err_console, human_bytes, print_json, settings
 from consumers.applier import Applier
 from consumers.checkpoint import CheckpointStore
 from infra import control, pins
-from infra.keys import key_for
+from infra.keys import key_for, remember_file
 from infra.tls import TLSMode, create_certificates, server_context
 from journal.errors import BadInput, BrokerError
 from infra.kafka import KafkaSettings
@@ -89,6 +89,7 @@ def capture(ctx: typer.Context, name: str,
                            f"with 'x2x nbd-certs DIR --host HOST')")
         tls_ctx = server_context(tls_certificates) if tls_mode is not TLSMode.OFF else None
     s = settings(ctx)
+    remember_file(key_file)
     st = control.get_pair(s, name)
     pins.check(st.spec, accept_spec_change)
     spec = st.active_spec             # after a failover: the promoted side
@@ -184,6 +185,7 @@ def apply(ctx: typer.Context, name: str,
           ) -> None:
     """Apply a pair's journal to its target, from the target's checkpoint."""
     s = settings(ctx)
+    remember_file(key_file)
     st = control.get_pair(s, name)
     pins.check(st.spec, accept_spec_change)
     spec = st.active_spec

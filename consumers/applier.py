@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from consumers.checkpoint import Checkpoint, CheckpointStore
 from consumers.writer import apply_entry, apply_op
-from infra import control, telemetry
+from infra import control, keys, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
 from infra.reader import check_record
@@ -83,7 +83,10 @@ class Applier:
                  on_checkpoint: Callable[[Position], None] | None = None,
                  publish_status: bool = True, start: Position | None = None,
                  until: tuple[int, int] | None = None, role: Role = Role.APPLIER) -> None:
-        self.spec, self.target, self.settings, self.key = spec, target, settings, key
+        self.spec, self.target, self.settings = spec, target, settings
+        # Bound to the pair's incarnation, and known to the control plane, which signs
+        # this applier's events and beats with it.
+        self.key = keys.remember(key).bound(spec.incarnation) if key else None
         #: Whose control topic this applier's events go to: an applier service's, or the
         #: operator's when a command (failover, failback) drains the target in-process.
         self.role = role
@@ -135,7 +138,8 @@ class Applier:
                     f"{self.target}) or choose another target")
             self.vol = vol
             producer = Producer(self.settings.side_producer(**{"linger.ms": 50}))
-            beats = HeartbeatPublisher(producer, self.spec.name, "applier", self.target)
+            beats = HeartbeatPublisher(producer, self.spec.name, "applier", self.target,
+                                       key=self.key)
             consumer = Consumer(self.settings.consumer())
             try:
                 self._start(consumer)
@@ -385,7 +389,8 @@ class Applier:
 
     # -- caught up? ----------------------------------------------------------------------
     def _capture_goal(self) -> tuple[int, int] | None:
-        b = newest(read_beats(self.settings), self.spec.name, "capturer")
+        b = newest(read_beats(self.settings, {self.spec.name: self.spec}, strict=True),
+                   self.spec.name, "capturer")
         return (b.epoch, b.seq) if b is not None else None
 
     def _reached(self, goal: tuple[int, int]) -> bool:

@@ -60,11 +60,18 @@ class CaptureSide(Protocol):
 
 
 
+def _beats(settings: KafkaSettings, pair: str) -> list[Beat]:
+    """The status topic's beats; of a keyed pair only those signed with its key, since
+    what follows acts on them (a forged beat must not set a forced failover's goal)."""
+    st = control.pairs(settings).get(pair)
+    return read_beats(settings, {pair: st.spec} if st else None, strict=True)
+
+
 def serving_capturer(settings: KafkaSettings, pair: str, volume: str,
                      nbd_only: bool = False) -> Beat | None:
     """The newest heartbeat of a capturer running on ``volume`` now, or None; with
     ``nbd_only`` only an NBD capturer (the one that answers control requests)."""
-    b = newest(read_beats(settings), pair, "capturer", volume)
+    b = newest(_beats(settings, pair), pair, "capturer", volume)
     if b is None:
         return None
     fresh = (now_ms() - b.at_ms) / 1000 < FRESH_S
@@ -74,7 +81,7 @@ def serving_capturer(settings: KafkaSettings, pair: str, volume: str,
 
 
 def last_capture_beat(settings: KafkaSettings, pair: str, volume: str) -> Beat | None:
-    return newest(read_beats(settings), pair, "capturer", volume)
+    return newest(_beats(settings, pair), pair, "capturer", volume)
 
 
 class RemoteCapture:
@@ -419,7 +426,7 @@ def _verify_by_service(settings: KafkaSettings, name: str, target: str, side: Ca
         goal = (int(r["epoch"]), int(r["seq"]))
         deadline = time.monotonic() + timeout
         while True:
-            b = newest(read_beats(settings), name, "applier", target)
+            b = newest(_beats(settings, name), name, "applier", target)
             if b is not None and (b.epoch, b.seq) >= goal:
                 break
             if time.monotonic() > deadline:

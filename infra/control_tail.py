@@ -12,11 +12,11 @@ from typing import Callable, Iterator
 
 from confluent_kafka import Consumer, TopicPartition
 
-from infra.control import accepted
+from infra.control import accepted, pairs, trusted
 from infra.kafka import KafkaSettings
 from infra.topics import CONTROL_TOPICS, ensure_base_topics
 from journal.errors import BrokerError, X2XError
-from journal.pairs import ControlEvent
+from journal.pairs import ControlEvent, fold
 
 
 class Timeout(X2XError):
@@ -26,8 +26,10 @@ class Timeout(X2XError):
 def follow(settings: KafkaSettings, since_ms: int,
            stop: threading.Event | None = None, poll: float = 0.2) -> Iterator[ControlEvent]:
     """Yield control events stamped at or after ``since_ms``, as they arrive, until
-    ``stop`` is set or the caller stops iterating. Foreign records are skipped."""
+    ``stop`` is set or the caller stops iterating. Foreign records are skipped, and so
+    are a keyed pair's events not signed with its key (infra/control.trusted)."""
     ensure_base_topics(settings.check_reachable())
+    known = pairs(settings)
     consumer = Consumer(settings.consumer())
     try:
         consumer.assign([TopicPartition(t, 0, 0) for t in CONTROL_TOPICS])
@@ -41,8 +43,12 @@ def follow(settings: KafkaSettings, since_ms: int,
                         raise BrokerError(f"reading the control topics: {err.str()}")
                     continue
                 ev = accepted(msg)
-                if ev is not None and ev.at_ms >= since_ms:
-                    yield ev
+                if ev is None or ev.at_ms < since_ms or trusted(
+                        known, ev, msg.value(), f"{msg.topic()} offset {msg.offset()}"
+                )[0] is False:
+                    continue
+                known = fold((ev,), known)
+                yield ev
     finally:
         consumer.close()
 

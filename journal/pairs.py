@@ -45,6 +45,9 @@ class PairSpec:
     block_size: int
     volume_size: int
     key_id: str = ""        # set when the journal is encrypted and authenticated
+    #: When the pair's ``created`` event was stamped (ms): tells a pair from an earlier
+    #: one of the same name. Set by the fold, never published (the event carries it).
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,7 @@ def fold(events: Iterable[ControlEvent],
     for ev in events:
         p = pairs.get(ev.pair)
         if ev.event == "created" and ev.spec is not None:
-            pairs[ev.pair] = PairState(ev.spec, ev.at_ms)
+            pairs[ev.pair] = PairState(replace(ev.spec, incarnation=ev.at_ms), ev.at_ms)
             continue
         if p is None:
             continue
@@ -162,3 +165,18 @@ def fold(events: Iterable[ControlEvent],
         elif ev.event == "failback-done" and p.state == "failing-back":
             pairs[ev.pair] = replace(p, state="replicating")
     return pairs
+
+
+def signer(pairs: dict[str, PairState], ev: ControlEvent) -> PairSpec | None:
+    """The spec whose key must have signed ``ev`` for the fold to take it, or None.
+
+    A keyed pair's events are all signed with its key, its ``created`` included, so whoever
+    may only write the control topics can neither replace the pair's spec (turn encryption
+    off, point it at another device) nor drive its lifecycle. An unkeyed pair has no key:
+    ACLs and the services' pins protect it (docs/security.md)."""
+    p = pairs.get(ev.pair)
+    if p is not None:
+        return p.spec if p.spec.key_id else None
+    if ev.event == "created" and ev.spec is not None and ev.spec.key_id:
+        return replace(ev.spec, incarnation=ev.at_ms)
+    return None

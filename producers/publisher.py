@@ -23,7 +23,7 @@ from typing import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from infra import telemetry
+from infra import keys, telemetry
 from infra.heartbeat import HeartbeatPublisher
 from infra.kafka import KafkaSettings
 from infra.topics import journal_topic
@@ -89,7 +89,7 @@ class JournalPublisher:
         self.settings = settings
         self.producer = Producer(settings.producer())
         self.seq = Sequencer(pair, epoch, next_seq, epoch_bytes, budget, sign=False)
-        self.key = key
+        self.key = keys.remember(key) if key else None   # the control plane signs with it
         self.max_inflight = max_inflight_bytes
         #: Entries closed but not yet signed and handed over, oldest first, each with
         #: its bytes still on the source (deferred ops, producers/deferred.py); and the
@@ -103,7 +103,7 @@ class JournalPublisher:
         #: writing, deferred entries younger than ``hold`` seconds stay on the source.
         self.hold, self.busy = hold, busy
         self._waiters = 0          # threads in wait_journaled: they want it shipped now
-        self.heartbeat = HeartbeatPublisher(self.producer, pair, "capturer", instance)
+        self.heartbeat = HeartbeatPublisher(self.producer, pair, "capturer", instance, key=key)
         self.journaled = Journaled(epoch, next_seq - 1, epoch_bytes, 0)
         self.ops_journaled = 0
         self.bytes_sent = 0            # record bytes handed to Kafka (before compression)
