@@ -52,9 +52,11 @@ def capture(ctx: typer.Context, name: str,
                                     help="Serve the source over NBD (export name = pair name) "
                                     "and journal every write, until SIGTERM/SIGINT. HOST is "
                                     "127.0.0.1 unless given; NBD's usual port is 10809."),
-            mode: str = typer.Option(None, "--mode", metavar="async|sync",
-                                     help="With --nbd: acknowledge writes after the local "
-                                     "write (async, default) or once journaled (sync)."),
+            mode: str = typer.Option(None, "--mode", metavar="async|flush-sync|sync",
+                                     help="With --nbd: what a client waits for. async "
+                                     "(default): the source only, the journal follows; "
+                                     "flush-sync: a FLUSH also waits for the journal; sync: "
+                                     "every write waits for the journal."),
             key_file: str = typer.Option(None, help="The pair's key file, if it is encrypted "
                                          "(default $X2X_HOME/keys/NAME.key)."),
             tls: str = typer.Option(None, "--tls", metavar="off|on|require",

@@ -8,11 +8,21 @@ matter). The baseline reader takes the same locks across "read block + append", 
 what keeps a baseline from overtaking a write (journal/DESIGN.md rule 7). The append only
 queues the op; Kafka round trips happen outside the locks.
 
-Modes: ``async`` acknowledges a write once it is on the source (the journal follows,
-reading the bytes back from the source when the broker has room: producers/deferred.py);
-``sync`` acknowledges it only once the broker acknowledged its journal entry, and fails
-it with EIO otherwise. In both modes a client FLUSH means "durable on the source and on
-the broker".
+Modes (what a client waits for):
+
+- ``async``: a write is acknowledged once it is on the source, and a FLUSH once the writes
+  before it are durable on the source (fsync); the FLUSH keeps its place in the journal
+  and ships behind the data, so it is still a consistency point on every target. The
+  application runs at the source's speed; the RPO is the journal's lag (DRBD protocol A).
+- ``flush-sync``: writes as in async, a FLUSH returns only once everything before it is
+  journaled (DRBD protocol B): RPO 0 at every FLUSH, at a broker round trip per FLUSH.
+- ``sync``: a write is acknowledged only once the broker acknowledged its journal entry,
+  and fails with EIO otherwise (DRBD protocol C).
+
+In async and flush-sync the journal reads a write's bytes back from the source when the
+broker has room (producers/deferred.py). The write-intent bitmap keeps every write a
+crash of the capturer's host may have left unjournaled: an async FLUSH's consistency
+point clears its blocks only once that FLUSH is journaled (:meth:`JournalingVolume.settle`).
 """
 from __future__ import annotations
 
@@ -30,7 +40,7 @@ from journal.choices import parse_choice
 from journal.errors import X2XError
 from journal.ops import Op, OpKind
 from producers.deferred import DeferredWrites
-from producers.intent import IntentBitmap
+from producers.intent import Checkpoint, IntentBitmap
 from nbd.server import Shutdown
 from producers.publisher import JournalPublisher
 
@@ -46,15 +56,22 @@ QUIET = 0.02
 
 
 class Mode(str, enum.Enum):
-    """When a client's write is acknowledged."""
+    """When a client's write and FLUSH are acknowledged (see the module doc)."""
 
-    ASYNC = "async"   # after the local write; the journal follows
-    SYNC = "sync"     # after the broker acknowledged the journal entry
+    ASYNC = "async"             # both on the source; the journal follows
+    FLUSH_SYNC = "flush-sync"   # writes on the source, FLUSH once journaled
+    SYNC = "sync"               # each write once journaled
 
     @classmethod
     def parse(cls, text: str) -> "Mode":
-        return parse_choice(cls, text, "--mode", "'async' (acknowledge after the local "
-                            "write) or 'sync' (acknowledge once journaled)")
+        return parse_choice(cls, text, "--mode", "'async' (the application waits for the "
+                            "source only), 'flush-sync' (a FLUSH also waits for the "
+                            "journal) or 'sync' (every write waits for the journal)")
+
+    @property
+    def defers(self) -> bool:
+        """Do writes return before their journal entry is acknowledged?"""
+        return self is not Mode.SYNC
 
 
 class RangeLocks:
@@ -127,6 +144,10 @@ class JournalingVolume:
         self._closing = False
         self._count_lock = threading.Lock()
         self._last_change = 0.0
+        #: async mode: the consistency point whose FLUSH is on its way to the broker (the
+        #: publisher it went to, its seq, the bitmap's checkpoint); one at a time.
+        self._point: tuple[JournalPublisher, int, Checkpoint] | None = None
+        self._point_lock = threading.Lock()
 
     # -- the Backend surface -------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
@@ -151,6 +172,9 @@ class JournalingVolume:
         if self.intent is not None:
             self.intent.sync()
             cp = self.intent.begin()      # before the FLUSH op: what it may clear
+        if self.mode is Mode.ASYNC:
+            self._flush_behind(cp)
+            return
         ok = False
         try:
             ok = self._journal(lambda: self.pub.wait_journaled(self.pub.flush_point(),
@@ -162,6 +186,41 @@ class JournalingVolume:
             with self._count_lock:
                 self.counters.ops += 1
                 self.counters.flushes += 1
+
+    def _flush_behind(self, cp: Checkpoint | None) -> None:
+        """async FLUSH: queue the consistency point behind the data and return; the
+        bitmap's point ends when the broker has it (:meth:`settle`)."""
+        pub, at = self.pub, [0]
+
+        def append() -> None:
+            at[0] = pub.flush_point()
+        ok = self._journal(append)
+        if cp is not None:
+            if ok:
+                with self._point_lock:
+                    self._point = (pub, at[0], cp)
+            else:
+                self.intent.abort(cp)
+        with self._count_lock:
+            self.counters.ops += 1
+            self.counters.flushes += 1
+        self.settle()
+
+    def settle(self) -> None:
+        """End the pending consistency point once its FLUSH is journaled, or give it up
+        if its journal failed (its blocks stay marked and are resent). Called at every
+        FLUSH and from the capturer's tick."""
+        with self._point_lock:
+            if self._point is None:
+                return
+            pub, seq, cp = self._point
+            if pub is self.pub and self.failed is None:
+                if pub.journaled.seq < seq:
+                    return
+                self.intent.end(cp)
+            else:
+                self.intent.abort(cp)
+            self._point = None
 
     def busy(self) -> bool:
         """Are clients writing right now (a change within the last ``QUIET`` seconds)?"""
@@ -215,7 +274,7 @@ class JournalingVolume:
         the source while the backlog fits (the client's buffer is not kept), anything
         else carries them."""
         pub = self.pub
-        if (op.kind is OpKind.WRITE and self.mode is Mode.ASYNC and self.failed is None
+        if (op.kind is OpKind.WRITE and self.mode.defers and self.failed is None
                 and pub.can_defer(op.length)):
             return [Op.write(s.offset, s) for s in
                     self.deferred.defer(op.offset, op.length, pub.max_op_data, pub.note_early)]
@@ -234,13 +293,20 @@ class JournalingVolume:
             call()
             return True
         except X2XError as e:
-            self.failed = str(e)
-            self.deferred.clear()       # their journal is gone; the bitmap has the blocks
-            log.error("journaling stopped: %s; changed blocks are marked in the write-intent "
-                      "bitmap and resent in a new epoch once the broker is back", e)
+            self.degrade(str(e))
             if self.mode is Mode.SYNC:
                 raise OSError(errno.EIO, f"journal unavailable: {e}") from None
             return False
+
+    def degrade(self, why: str) -> None:
+        """Journaling stopped (a failed publisher, a stalled broker): writes go on being
+        kept on the source and marked, and the capturer's recovery resends them."""
+        if self.failed is not None:
+            return
+        self.failed = why
+        self.deferred.clear()       # their journal is gone; the bitmap has the blocks
+        log.error("journaling stopped: %s; changed blocks are marked in the write-intent "
+                  "bitmap and resent in a new epoch once the broker is back", why)
 
     def _mark_dirty(self, offset: int, length: int) -> None:
         if length <= 0:

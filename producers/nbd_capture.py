@@ -37,6 +37,7 @@ from producers.control_watch import ControlWatch
 from producers.deferred import hold_from_env
 from producers.baseline import BaselineProgress, new_hash_map, refresh_hashes, run_baseline
 from producers.journaling import JournalingVolume, Mode, RangeLocks
+from journal.status import CAPTURE_BEAT_S
 from nbd.server import NBDServer
 from producers.publisher import JournalPublisher
 from producers.intent import IntentBitmap
@@ -49,7 +50,7 @@ from schemas.cipher import JournalKey
 log = logging.getLogger("x2x.capture")
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 10809
-BEAT_INTERVAL = 2.0
+BEAT_INTERVAL = CAPTURE_BEAT_S
 #: How long queued ops may wait for more company before they are sent as an entry.
 LINGER = 0.05
 #: How long a clean stop lets requests in flight finish.
@@ -245,7 +246,7 @@ class NBDCapture:
         """The journal publisher of an epoch; in async mode it spools a backlog to local
         disk (producers/spool.py) instead of holding clients at the broker's pace."""
         spool = (Spool(pair_dir(self.spec.name) / "spool", self.spool_max)
-                 if self.mode is Mode.ASYNC and self.spool_max else None)
+                 if self.mode.defers and self.spool_max else None)
         pub = JournalPublisher(self.settings, self.spec.name, epoch, next_seq, epoch_bytes,
                                key=self.key, instance=self.spec.source, spool=spool,
                                hold=self.hold if spool is not None else 0.0,
@@ -299,6 +300,7 @@ class NBDCapture:
                 self.pub.flush_point()
             if failed is None:
                 self.pub.drain()
+                self.backend.settle()
         except X2XError as e:
             failed = self.backend.failed = str(e)
         baseline_done = self.baseline is None or self.baseline.finished
@@ -425,6 +427,7 @@ class NBDCapture:
             try:
                 if self.backend.failed is None:
                     self.pub.close_entry()
+                self.backend.settle()     # an async FLUSH's point ends once journaled
                 self.recovery.tick()      # stall check; degraded -> recover when back
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.beat_interval

@@ -172,10 +172,14 @@ class Recovery:
         cap = self.cap
         if cap.backend.failed is None:
             stalled = cap.pub.stalled_for()
-            if stalled > STALL:
-                cap.pub.fail(f"the broker at {cap.settings.bootstrap} acknowledged nothing of "
-                             f"{cap.pub.topic} for {stalled:.0f} s")
-            return
+            if stalled <= STALL:
+                return
+            why = (f"the broker at {cap.settings.bootstrap} acknowledged nothing of "
+                   f"{cap.pub.topic} for {stalled:.0f} s")
+            cap.pub.fail(why)
+            # Degrade now, not at the next client request: in async mode no FLUSH waits
+            # for the journal, and a quiet client would leave the outage unnoticed.
+            cap.backend.degrade(why)
         if self.state != "degraded":
             self.state = "degraded"
             self._degraded_at = time.monotonic()
