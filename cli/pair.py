@@ -9,7 +9,7 @@ from rich.table import Table
 from cli.common import console, err_console, human_bytes, print_json, settings
 from infra import control, pins
 from producers.resync import LocalCapture
-from infra.keys import key_for_create, remember_file, retire_key
+from infra.keys import key_for_create, lookup, remember_file, retire_key
 from infra.volume import volume_size
 from journal.errors import VolumeError
 from journal.pairs import PairSpec, parse_size, validate_block_size, validate_name
@@ -76,7 +76,6 @@ def list_(ctx: typer.Context, json_: bool = typer.Option(False, "--json")) -> No
 @app.command()
 def show(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--json")) -> None:
     """Show one pair."""
-    from infra.keys import lookup
     p = control.get_pair(settings(ctx), name)
     # A keyed pair's events are checked only where its key is (docs/security.md).
     signed = ("no: the pair has no key" if not p.spec.key_id else

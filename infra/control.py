@@ -23,7 +23,6 @@ from journal.pairs import ControlEvent, PairSpec, PairState, fold, signer
 from journal.roles import Role, may_publish
 from journal.clock import now_ms
 from schemas import codec
-from schemas.cipher import same_mac
 
 log = logging.getLogger("x2x.control")
 #: Which role writes each control topic.
@@ -110,11 +109,8 @@ def trusted(folded: dict[str, PairState], ev: ControlEvent, data: bytes,
     key = keys.lookup(spec)
     if key is None:
         return None, b""
-    try:
-        mac, body = codec.signed_body(codec.CONTROL, data)
-    except X2XError:
-        mac, body = b"", b""
-    if mac and same_mac(key.control_mac(body), mac):
+    mac = codec.verified_mac(codec.CONTROL, data, key.control_mac)
+    if mac is not None:
         return True, mac
     log.warning("ignoring %r for pair %s at %s: it is not signed with the pair's key (forged, "
                 "altered, or left by an earlier pair of this name)", ev.event, ev.pair, where)

@@ -27,7 +27,7 @@ from journal.status import Beat
 from journal.errors import X2XError
 from journal.clock import now_ms
 from schemas import codec
-from schemas.cipher import JournalKey, same_mac
+from schemas.cipher import JournalKey
 
 log = logging.getLogger("x2x.status")
 
@@ -124,8 +124,7 @@ def _signed(spec: PairSpec, data: bytes, strict: bool, where: str) -> bool:
     key = keys.lookup(spec)
     if key is None:
         return not strict
-    mac, body = codec.signed_body(codec.HEARTBEAT, data)
-    if mac and same_mac(key.status_mac(body), mac):
+    if codec.verified_mac(codec.HEARTBEAT, data, key.status_mac) is not None:
         return True
     log.info("skipping %s: a beat of pair %s not signed with its key", where, spec.name)
     return False

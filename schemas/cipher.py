@@ -14,7 +14,6 @@ incarnation, so nothing its predecessor wrote passes as the new pair's.
 """
 from __future__ import annotations
 
-import hmac
 import os
 import struct
 from dataclasses import dataclass, replace
@@ -172,8 +171,3 @@ def open_record(data: bytes, pair: str, key: JournalKey | None, where: str) -> E
                            f"{entry.first_seq}..{entry.last_seq}): the record was altered, "
                            f"corrupted or forged; nothing of it was applied")
     return entry
-
-
-def same_mac(a: bytes, b: bytes) -> bool:
-    """Constant-time comparison of two MACs."""
-    return hmac.compare_digest(a, b)

@@ -6,6 +6,7 @@ refused by name, so a foreign or future writer is caught before anything is appl
 """
 from __future__ import annotations
 
+import hmac
 import io
 import json
 from importlib import resources
@@ -82,6 +83,16 @@ def signed_body(schema: _Schema, data: bytes) -> tuple[bytes, bytes]:
     with an empty MAC (so any other spelling of the same values verifies alike)."""
     record = decode(data, schema)
     return bytes(record.get("mac") or b""), encode(schema, {**record, "mac": b""})
+
+
+def verified_mac(schema: _Schema, data: bytes, mac: Callable[[bytes], bytes]) -> bytes | None:
+    """The MAC ``data`` carries if it is the one ``mac`` gives (compared in constant
+    time), else None: unsigned, altered, signed with another key, or not decodable."""
+    try:
+        carried, body = signed_body(schema, data)
+    except CorruptEntry:        # UnknownFingerprint included
+        return None
+    return carried if carried and hmac.compare_digest(mac(body), carried) else None
 
 
 def decode(data: bytes, expected: _Schema) -> dict[str, Any]:
