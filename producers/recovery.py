@@ -40,12 +40,12 @@ from infra.volume import Volume
 from journal.epochs import after_outage
 from journal.errors import PairNotFound, X2XError
 from journal.pairs import ControlEvent
-from journal.runs import RunBuilder, max_write as write_bound
 from producers.announce import abandon_epoch, announce_baseline, mark_journal_lost
 from producers.intent import IntentBitmap
 from producers.journaling import RangeLocks
 from journal.clock import now_ms
 from producers.publisher import JournalPublisher
+from producers.regions import journal_regions
 from producers.state import CaptureState
 
 if TYPE_CHECKING:
@@ -81,26 +81,11 @@ def resend(vol: Volume, pub: JournalPublisher, locks: RangeLocks, block_size: in
 
     One lock region at a time, read and appended under its lock; zero blocks go as ZERO
     ops. Returns False if ``stop`` was set first (nothing is then promised)."""
-    region = locks.region
-    max_write = write_bound(block_size)
-    runs = RunBuilder(max_write)
-    buf = bytearray(region)
-    for offset, length in extents:
-        pos, end = offset, offset + length
-        while pos < end:
-            if stop is not None and stop.is_set():
-                return False
-            chunk = min(end, (pos // region + 1) * region) - pos
-            view = memoryview(buf)[:chunk]
-            with locks.hold(pos, chunk):
-                vol.readinto(pos, view)
-                for off in range(0, chunk, block_size):
-                    block = view[off:off + block_size]
-                    pub.append_many(runs.add_block(pos + off, block)[0])
-                # The ops point into ``buf``: close the run before it is reused.
-                pub.append_many(runs.finish())
-            progress.done += chunk
-            pos += chunk
+    def count(_base: int, view: memoryview, _written: list[int]) -> None:
+        progress.done += len(view)
+
+    if not journal_regions(vol, pub, locks, block_size, extents, count, stop):
+        return False
     progress.flush_seq = pub.flush_point()
     return True
 
