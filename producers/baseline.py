@@ -4,8 +4,8 @@ Non-zero blocks go out as WRITE ops and zero runs as ZERO ops (the same run coal
 the scan capturer), one lock region at a time (producers/regions.py). Each region is read
 and appended while holding that region's range lock, the same lock a client write to
 those blocks takes across "local write + append", so a baseline op never lands in the
-journal after a newer write to the same block (journal/DESIGN.md rule 7). A FLUSH ends the baseline: from that
-consistency point on the target holds the whole source.
+journal after a newer write to the same block (journal/DESIGN.md rule 7). A FLUSH ends
+the baseline: from that consistency point on the target holds the whole source.
 
 The block hash map is filled on the way (hashing happens outside the lock); blocks
 written later are only marked dirty on the write path and re-hashed at a clean stop
