@@ -9,8 +9,9 @@ everything before the op and then hashes its target compares like with like.
 Resend: the current content of given extents, read under the same locks, as WRITE/ZERO
 ops, then a FLUSH.
 
-These run inside a live NBD capturer (producers/control_watch.py) or, when none runs,
-in the CLI on a capturer state continued from the StateStore (:class:`LocalCapture`).
+These run inside a live NBD capturer (asked through producers/control_watch.py) or,
+when none runs, in the CLI on a capturer state continued from the StateStore
+(:class:`LocalCapture`).
 """
 from __future__ import annotations
 
