@@ -497,7 +497,7 @@ class NBDCapture:
                     done = run_baseline(self.vol, pub, self.locks, self.spec.block_size,
                                         self.hash_map, progress, self._stopping)
                 except X2XError as e:
-                    self.health.fail(str(e))
+                    self._failed(pub, str(e))
                     log.error("baseline of pair %s failed: %s", name, e)
                     return
             if not done:
@@ -511,10 +511,16 @@ class NBDCapture:
                 cp = None
                 announce_baseline(self.settings, name, pub.journaled.epoch)
         except X2XError as e:
-            self.health.fail(str(e))
+            self._failed(pub, str(e))
         finally:
             if cp is not None:
                 self.intent.abort(cp)
+
+    def _failed(self, pub: JournalPublisher, reason: str) -> None:
+        """``pub`` failed: the capturer is degraded, unless a new epoch already replaced
+        that publisher (its failure then says nothing about the new one)."""
+        if pub is self.pub:
+            self.health.fail(reason)
 
     def _tick_thread(self) -> None:
         """Send lingering ops as an entry when the workload pauses; beat every interval."""
