@@ -40,6 +40,7 @@ from journal.choices import parse_choice
 from journal.errors import X2XError
 from journal.ops import Op, OpKind
 from producers.deferred import DeferredWrites
+from producers.health import Condition, Health
 from producers.intent import Checkpoint, IntentBitmap
 from nbd.server import Shutdown
 from producers.publisher import JournalPublisher
@@ -125,20 +126,25 @@ class JournalingVolume:
 
     ``dirty`` marks blocks written since the hash map was last true, so the capturer can
     re-hash just those at a clean stop instead of hashing on the write path.
+
+    The publisher is the capturer's to replace (:meth:`use`); each request takes it once,
+    under its range lock, so a request never mixes two epochs' publishers. A failed journal is reported to the
+    capturer's :class:`~producers.health.Health`, which every request consults.
     """
 
     def __init__(self, vol: Volume, pub: JournalPublisher, mode: Mode, block_size: int,
-                 locks: RangeLocks | None = None, journal_timeout: float = 60.0) -> None:
+                 locks: RangeLocks | None = None, journal_timeout: float = 60.0,
+                 health: Health | None = None,
+                 intent: IntentBitmap | None = None) -> None:
         self.vol, self.pub, self.mode, self.block_size = vol, pub, mode, block_size
         self.size = vol.size
         self.locks = locks or RangeLocks()
         self.journal_timeout = journal_timeout
         self.counters = CaptureCounters()
         self.dirty = bytearray(-(-vol.size // block_size))
-        #: Why journaling stopped (the publisher failed); None while it works.
-        self.failed: str | None = None
-        #: The write-intent bitmap (producers/intent.py), set by the capturer.
-        self.intent: IntentBitmap | None = None
+        self.health = health or Health()
+        #: The write-intent bitmap (producers/intent.py).
+        self.intent = intent
         #: Journaled writes whose bytes the journal has yet to read from the source.
         self.deferred = DeferredWrites(vol)
         self._closing = False
@@ -172,12 +178,13 @@ class JournalingVolume:
         if self.intent is not None:
             self.intent.sync()
             cp = self.intent.begin()      # before the FLUSH op: what it may clear
+        pub = self.pub
         if self.mode is Mode.ASYNC:
-            self._flush_behind(cp)
+            self._flush_behind(pub, cp)
             return
         ok = False
         try:
-            ok = self._journal(lambda: self.pub.wait_journaled(self.pub.flush_point(),
+            ok = self._journal(pub, lambda: pub.wait_journaled(pub.flush_point(),
                                                                self.journal_timeout))
         finally:    # sync mode raises EIO: the point must still be closed
             if cp is not None:
@@ -187,14 +194,14 @@ class JournalingVolume:
                 self.counters.ops += 1
                 self.counters.flushes += 1
 
-    def _flush_behind(self, cp: Checkpoint | None) -> None:
+    def _flush_behind(self, pub: JournalPublisher, cp: Checkpoint | None) -> None:
         """async FLUSH: queue the consistency point behind the data and return; the
         bitmap's point ends when the broker has it (:meth:`settle`)."""
-        pub, at = self.pub, [0]
+        at = [0]
 
         def append() -> None:
             at[0] = pub.flush_point()
-        ok = self._journal(append)
+        ok = self._journal(pub, append)
         if cp is not None:
             if ok:
                 with self._point_lock:
@@ -214,7 +221,7 @@ class JournalingVolume:
             if self._point is None:
                 return
             pub, seq, cp = self._point
-            if pub is self.pub and self.failed is None:
+            if pub is self.pub and self.health.condition is not Condition.DEGRADED:
                 if pub.journaled.seq < seq:
                     return
                 self.intent.end(cp)
@@ -227,6 +234,12 @@ class JournalingVolume:
         return time.monotonic() - self._last_change < QUIET
 
     # -- lifecycle ----------------------------------------------------------------------
+    def use(self, pub: JournalPublisher) -> None:
+        """Journal into ``pub`` from now on (the capturer's new epoch). The promises made
+        to the old publisher go with it: its journal is gone, the bitmap has the blocks."""
+        self.deferred.clear()
+        self.pub = pub
+
     def close(self) -> None:
         """Refuse every further request with ESHUTDOWN (requests already running finish)."""
         self._closing = True
@@ -234,9 +247,10 @@ class JournalingVolume:
     # -- internals ----------------------------------------------------------------------
     def _change(self, op: Op, fua: bool, local: Callable[[], None]) -> None:
         self._check_open()
-        if self.failed is not None and self.mode is Mode.SYNC:
+        failed = self.health.reason
+        if failed is not None and self.mode is Mode.SYNC:
             # Never acknowledge a write the journal cannot hold.
-            raise OSError(errno.EIO, f"journal unavailable: {self.failed}")
+            raise OSError(errno.EIO, f"journal unavailable: {failed}")
         seq = 0
         self._last_change = time.monotonic()
         with self.locks.hold(op.offset, op.length):
@@ -248,11 +262,15 @@ class JournalingVolume:
                 self.deferred.read_overlapping(op.offset, op.length)
                 local()
                 self._mark_dirty(op.offset, op.length)
-                ops = self._journal_form(op)
-                appended = self._journal(lambda: self.pub.append_many(ops))
+                # Taken once, here: after the mark and the local write, as a new epoch's
+                # resend reads the marks only once the new publisher is in place, so a
+                # change either reaches that publisher or is resent by it.
+                pub = self.pub
+                ops = self._journal_form(pub, op)
+                appended = self._journal(pub, lambda: pub.append_many(ops))
                 if appended and self.mode is Mode.SYNC:
                     # Read under the lock: at or after our op, so waiting for it is enough.
-                    seq = self.pub.appended_seq
+                    seq = pub.appended_seq
             finally:
                 if token:
                     self.intent.done(token, appended)
@@ -266,47 +284,53 @@ class JournalingVolume:
         if seq:
             # The op may sit in a half-full entry: send it now. Whatever other writers
             # queued meanwhile rides along (group commit).
-            self._journal(self.pub.close_entry)
-            self._journal(lambda: self.pub.wait_journaled(seq, self.journal_timeout))
+            self._journal(pub, pub.close_entry)
+            self._journal(pub, lambda: pub.wait_journaled(seq, self.journal_timeout))
 
-    def _journal_form(self, op: Op) -> list[Op]:
+    def _journal_form(self, pub: JournalPublisher, op: Op) -> list[Op]:
         """The ops that journal a change just made: an async WRITE leaves its bytes on
         the source while the backlog fits (the client's buffer is not kept), anything
         else carries them."""
-        pub = self.pub
-        if (op.kind is OpKind.WRITE and self.mode.defers and self.failed is None
+        if (op.kind is OpKind.WRITE and self.mode.defers
+                and self.health.condition is not Condition.DEGRADED
                 and pub.can_defer(op.length)):
             return [Op.write(s.offset, s) for s in
                     self.deferred.defer(op.offset, op.length, pub.max_op_data, pub.note_early)]
         return [op]
 
-    def _journal(self, call: Callable[[], object]) -> bool:
-        """Run one publisher call. On failure: sync mode fails the request with EIO; async
-        mode keeps the source available and stops journaling (degraded: the capturer's
-        recovery resends the marked blocks in a new epoch). Returns whether journaling
-        still works."""
-        if self.failed is not None:
+    def _journal(self, pub: JournalPublisher, call: Callable[[], object]) -> bool:
+        """Run one call of ``pub``, this request's publisher. On failure: sync mode fails
+        the request with EIO; async mode keeps the source available and stops journaling
+        (degraded: the capturer's recovery resends the marked blocks in a new epoch).
+        Returns whether journaling still works."""
+        failed = self.health.reason
+        if failed is not None:
             if self.mode is Mode.SYNC:
-                raise OSError(errno.EIO, f"journal unavailable: {self.failed}")
+                raise OSError(errno.EIO, f"journal unavailable: {failed}")
             return False
         try:
             call()
             return True
         except X2XError as e:
-            self.degrade(str(e))
+            # A new epoch may have replaced this request's publisher meanwhile: its
+            # change stays marked in the bitmap and the new epoch's resend journals it.
+            self.degrade(str(e), pub)
             if self.mode is Mode.SYNC:
                 raise OSError(errno.EIO, f"journal unavailable: {e}") from None
             return False
 
-    def degrade(self, why: str) -> None:
-        """Journaling stopped (a failed publisher, a stalled broker): writes go on being
-        kept on the source and marked, and the capturer's recovery resends them."""
-        if self.failed is not None:
+    def degrade(self, why: str, pub: JournalPublisher | None = None) -> None:
+        """Journaling into ``pub`` (default: the current publisher) stopped, a failed
+        publisher or a stalled broker: writes go on being kept on the source and marked,
+        and the capturer's recovery resends them in a new epoch."""
+        if pub is not None and pub is not self.pub:
             return
-        self.failed = why
         self.deferred.clear()       # their journal is gone; the bitmap has the blocks
-        log.error("journaling stopped: %s; changed blocks are marked in the write-intent "
-                  "bitmap and resent in a new epoch once the broker is back", why)
+        self.health.fail(why)
+
+    def mark_all_dirty(self) -> None:
+        """Every block's hash is unknown (re-hashed at the clean stop)."""
+        self.dirty[:] = b"\x01" * len(self.dirty)
 
     def _mark_dirty(self, offset: int, length: int) -> None:
         if length <= 0:

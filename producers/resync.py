@@ -9,15 +9,16 @@ everything before the op and then hashes its target compares like with like.
 Resend: the current content of given extents, read under the same locks, as WRITE/ZERO
 ops, then a FLUSH.
 
-These run inside a live NBD capturer (producers/control_watch.py) or, when none runs,
-in the CLI on a capturer state continued from the StateStore (:class:`LocalCapture`).
+These run inside a live NBD capturer (asked through producers/control_watch.py) or,
+when none runs, in the CLI on a capturer state continued from the StateStore
+(:class:`LocalCapture`).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
@@ -28,11 +29,11 @@ from journal.epochs import after_promotion
 from journal.errors import VolumeError, X2XError
 from journal.ops import Op
 from journal.pairs import PairSpec, PairState
-from journal.runs import RunBuilder, max_write as write_bound
 from journal.clock import now_ms
 from producers.baseline import new_hash_map
 from producers.journaling import RangeLocks
 from producers.publisher import JournalPublisher, Sent
+from producers.regions import journal_regions
 from producers.state import CaptureState, StateStore
 from schemas.cipher import JournalKey
 
@@ -99,24 +100,21 @@ def resend_extents(vol: Volume, pub: JournalPublisher, locks: RangeLocks,
                    extents: list[Extent], block_size: int, timeout: float = 120.0) -> Published:
     """Journal the current content of ``extents`` (WRITE, or ZERO for zero blocks) then a
     FLUSH; wait until the broker has them."""
-    max_write = write_bound(block_size)
     first = pub.appended_seq + 1
     sent = 0
-    for ext in extents:
-        if ext.offset < 0 or ext.end > vol.size:
-            raise VolumeError(f"extent {ext.offset}+{ext.length} lies outside the source "
-                              f"{vol.path} ({vol.size} bytes)")
-        for base in range(ext.offset, ext.end, max_write):
-            view = memoryview(bytearray(min(max_write, ext.end - base)))
-            runs = RunBuilder(max_write)
-            with locks.hold(base, len(view)):
-                vol.readinto(base, view)
-                for off in range(0, len(view), block_size):
-                    block = view[off:off + block_size]
-                    ops, data = runs.add_block(base + off, block)
-                    pub.append_many(ops)
-                    sent += len(block) if data else 0
-                pub.append_many(runs.finish())
+
+    def spans() -> Iterator[tuple[int, int]]:
+        for ext in extents:     # checked as reached, as the extents are journaled
+            if ext.offset < 0 or ext.end > vol.size:
+                raise VolumeError(f"extent {ext.offset}+{ext.length} lies outside the "
+                                  f"source {vol.path} ({vol.size} bytes)")
+            yield ext.offset, ext.length
+
+    def count(_base: int, view: memoryview, written: list[int]) -> None:
+        nonlocal sent
+        sent += sum(len(view[off:off + block_size]) for off in written)
+
+    journal_regions(vol, pub, locks, block_size, spans(), count)
     flush = pub.flush_point()
     pub.wait_journaled(flush, timeout)
     return Published(pub.journaled.epoch, first, -1, flush, sent)
