@@ -24,6 +24,17 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
 
+def open_volume(text: str, writable: bool = False) -> "Volume":
+    """Open a pair's source or target wherever it lives (infra/images.py): a raw file or
+    block device directly, an image in another format or an NBD export over NBD."""
+    from infra.images import locate
+    loc = locate(text)
+    if loc.kind == "local":
+        return Volume(loc.path, writable)
+    from infra.nbd_volume import NBDVolume
+    return NBDVolume(loc, writable)  # type: ignore[return-value]
+
+
 def volume_size(path: str) -> int:
     """Size in bytes of an image file or block device; raises VolumeError if missing."""
     try:
@@ -135,16 +146,22 @@ class Volume:
 
 
 def volume_digest(path: str, length: int | None = None, chunk: int = 8 << 20) -> bytes:
-    """blake3 of the first ``length`` bytes of a volume (all of it by default)."""
+    """blake3 of the first ``length`` bytes of a volume (all of it by default), wherever
+    it lives (:func:`open_volume`)."""
+    with open_volume(path) as vol:
+        return digest_of(vol, length, chunk)
+
+
+def digest_of(vol: "Volume", length: int | None = None, chunk: int = 8 << 20) -> bytes:
+    """blake3 of the first ``length`` bytes of an open volume (all of it by default)."""
     import blake3
     h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    with Volume(path) as vol:
-        end = vol.size if length is None else length
-        if end > vol.size:
-            raise VolumeError(f"{path} is {vol.size} bytes, shorter than {end}")
-        buf = bytearray(chunk)
-        for off in range(0, end, chunk):
-            view = memoryview(buf)[:min(chunk, end - off)]
-            vol.readinto(off, view)
-            h.update(view)
+    end = vol.size if length is None else length
+    if end > vol.size:
+        raise VolumeError(f"{vol.path} is {vol.size} bytes, shorter than {end}")
+    buf = bytearray(chunk)
+    for off in range(0, end, chunk):
+        view = memoryview(buf)[:min(chunk, end - off)]
+        vol.readinto(off, view)
+        h.update(view)
     return h.digest()

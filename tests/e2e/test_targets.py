@@ -1,0 +1,259 @@
+"""Targets in the destination's format, NBD targets and sources, block devices (V2P).
+
+- every image format x2x writes (qcow2, vmdk, vhdx, vdi, vhd): `pair create --target
+  disk.FMT --create-target`, scan capture, `x2x apply`: the image holds the source
+  byte for byte (read back through qemu-nbd); a qcow2 stays thin when blocks are zeroed.
+- an NBD URI as target and as scan source (qemu-nbd serving raw files over TCP).
+- a loop device as target: the same path as a file.
+- an NBD target that goes away mid-apply (its qemu-nbd killed right after a checkpoint,
+  back a second later): the applier reconnects, resumes from its checkpoint, loses nothing.
+- bad input: unknown format, qemu-img missing, a target smaller than the source, an
+  image of another format, an unreachable NBD server, --create-target on an NBD URI, an
+  NBD source for the NBD capturer; each a clear error and nothing left behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from consumers.applier import Applier
+from infra import control
+from infra.kafka import KafkaSettings
+from tests.conftest import free_port, make_image, run_x2x, same_bytes
+
+MiB = 1 << 20
+
+
+def _need(*tools: str) -> None:
+    for t in tools:
+        if shutil.which(t) is None:
+            pytest.skip(f"{t} is not installed (scripts/setup-system.sh installs it)")
+
+
+def _empty(path: Path) -> Path:
+    path.write_bytes(b"")
+    return path
+
+
+def _allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+@contextlib.contextmanager
+def nbd_server(image: Path, export: str, port: int | None = None, read_only: bool = False
+               ) -> Iterator[tuple[subprocess.Popen, str]]:
+    """qemu-nbd serving a raw file on 127.0.0.1 (a peer's NBD server, not x2x's)."""
+    port = port or free_port()
+    args = ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-x", export,
+            "--persistent", "--shared", "4", *(["-r"] if read_only else []), str(image)]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE)
+    try:
+        _wait_port(port, proc)
+        yield proc, f"nbd://127.0.0.1:{port}/{export}"
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _wait_port(port: int, proc: subprocess.Popen) -> None:
+    import socket
+    deadline = time.monotonic() + 15
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"qemu-nbd did not listen on {port}"
+            time.sleep(0.05)
+
+
+def _replicate(name: str) -> None:
+    run_x2x("capture", name, "--once")
+    run_x2x("apply", name, "--until-caught-up")
+
+
+def _digest(volume: str) -> str:
+    return run_x2x("volume", "digest", volume).stdout.split()[0]
+
+
+# -- image formats -------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vhdx", "vdi", "vhd"])
+def test_image_target_holds_the_source(broker, pair_name, tmp_path, fmt):
+    _need("qemu-img", "qemu-nbd")
+    src = make_image(tmp_path / "src.img", 24 * MiB, seed=3)
+    target = tmp_path / f"disk.{fmt}"
+    out = run_x2x("pair", "create", pair_name, "--source", str(src), "--target", str(target),
+                  "--create-target").stdout
+    assert str(target) in out
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(target)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["format"] == ("vpc" if fmt == "vhd" else fmt)
+    _replicate(pair_name)
+    assert _digest(str(target))[:16] == _digest(str(src))[:16]
+    # The image reads back as the source through qemu itself, not only through x2x.
+    raw = tmp_path / "back.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(target), str(raw)], check=True)
+    assert same_bytes(raw, src, 24 * MiB)
+
+
+def test_qcow2_stays_thin_and_format_flag_wins(broker, pair_name, tmp_path):
+    """Zeroed blocks leave the image (WRITE_ZEROES may deallocate), and --target-format
+    names the format when the extension does not."""
+    _need("qemu-img", "qemu-nbd")
+    src = make_image(tmp_path / "src.img", 64 * MiB, seed=5, data_fraction=0.75)
+    target = tmp_path / "disk.img"
+    run_x2x("pair", "create", pair_name, "--source", str(src), "--target", str(target),
+            "--target-format", "qcow2", "--create-target")
+    st = control.get_pair(KafkaSettings.resolve(broker.bootstrap), pair_name)
+    assert st.spec.target == f"qcow2:{target}"
+    _replicate(pair_name)
+    full = _allocated(target)
+    assert full >= 40 * MiB
+    with open(src, "r+b") as f:            # the guest zeroes most of its disk
+        f.write(bytes(48 * MiB))
+    _replicate(pair_name)
+    assert _digest(f"qcow2:{target}") == _digest(str(src))
+    assert _allocated(target) < full - 32 * MiB, (full, _allocated(target))
+
+
+# -- NBD URIs and block devices --------------------------------------------------------------
+def test_nbd_source_and_nbd_target(broker, pair_name, tmp_path):
+    _need("qemu-nbd")
+    src = make_image(tmp_path / "src.img", 32 * MiB, seed=7)
+    dst = tmp_path / "remote-target.img"
+    os.truncate(_empty(dst), 32 * MiB)
+    with nbd_server(src, "src", read_only=True) as (_, src_uri), \
+            nbd_server(dst, "dst") as (_, dst_uri):
+        run_x2x("pair", "create", pair_name, "--source", src_uri, "--target", dst_uri)
+        _replicate(pair_name)
+        assert _digest(dst_uri) == _digest(src_uri)
+        refused = run_x2x("capture", pair_name, "--nbd", str(free_port()), check=False)
+        assert refused.returncode == 2
+        assert "capture it by scanning" in refused.stderr
+    assert same_bytes(dst, src)
+
+
+def test_block_device_target(broker, pair_name, tmp_path):
+    """V2P: a block device (a loop device here) takes the same path as a file."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control"):
+        pytest.skip("needs root and loop devices")
+    src = make_image(tmp_path / "src.img", 32 * MiB, seed=9)
+    backing = tmp_path / "disk.bin"
+    with open(backing, "wb") as f:
+        f.write(os.urandom(40 * MiB))        # stale bytes the replication must replace
+    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    try:
+        run_x2x("pair", "create", pair_name, "--source", str(src), "--target", dev)
+        _replicate(pair_name)
+        assert run_x2x("volume", "digest", dev, "--length", str(32 * MiB)).stdout.split()[0] \
+            == _digest(str(src))
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+# -- an NBD target that goes away ------------------------------------------------------------
+def test_nbd_target_lost_mid_apply_resumes_from_checkpoint(broker, pair_name, tmp_path,
+                                                           settings):
+    _need("qemu-nbd")
+    src = make_image(tmp_path / "src.img", 32 * MiB, seed=11)
+    dst = tmp_path / "target.img"
+    os.truncate(_empty(dst), 32 * MiB)
+    port = free_port()
+    state: dict[str, object] = {}
+    with nbd_server(dst, "t", port) as (proc, uri):
+        run_x2x("pair", "create", pair_name, "--source", str(src), "--target", uri)
+        run_x2x("capture", pair_name, "--once")          # consistency point 1
+        for seed in (12, 13, 14):                        # three more
+            with open(src, "r+b") as f:
+                f.seek(seed * MiB)
+                f.write(os.urandom(4 * MiB))
+            run_x2x("capture", pair_name, "--once")
+        spec = control.get_pair(settings, pair_name).spec
+
+        def back_later() -> None:
+            time.sleep(1.5)
+            state["server"] = subprocess.Popen(
+                ["qemu-nbd", "-f", "raw", "-b", "127.0.0.1", "-p", str(port), "-x", "t",
+                 "--persistent", "--shared", "4", str(dst)], stderr=subprocess.PIPE)
+
+        def on_checkpoint(pos) -> None:
+            if "killed_at" not in state:              # the target's server dies
+                proc.kill()
+                proc.wait()
+                state["killed_at"] = pos
+                threading.Thread(target=back_later, daemon=True).start()
+        try:
+            applier = Applier(spec, uri, settings, on_checkpoint=on_checkpoint)
+            stats = applier.run(until_caught_up=True)
+        finally:
+            server = state.get("server")
+            if isinstance(server, subprocess.Popen):
+                server.terminate()
+                server.wait(10)
+    assert "killed_at" in state
+    assert stats.reconnects >= 1, stats
+    assert stats.stopped_by == "caught-up"
+    assert applier.checkpointed.seq > state["killed_at"].seq
+    assert same_bytes(dst, src)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def _refused(*args: str, code: int | None = None, env: dict[str, str] | None = None) -> str:
+    r = run_x2x(*args, check=False, env=env)
+    assert r.returncode != 0, r.stdout
+    if code is not None:
+        assert r.returncode == code, r.stderr
+    return " ".join(r.stderr.split())
+
+
+def test_bad_targets_are_refused_and_nothing_is_left(broker, pair_name, tmp_path):
+    _need("qemu-img", "qemu-nbd")
+    src = make_image(tmp_path / "src.img", 16 * MiB, seed=1)
+    create = ("pair", "create", pair_name, "--source", str(src))
+
+    err = _refused(*create, "--target", str(tmp_path / "a.img"), "--target-format", "qcow3",
+                   "--create-target", code=2)
+    assert "unknown disk format 'qcow3'" in err and "qcow2" in err
+    assert not (tmp_path / "a.img").exists()
+
+    bare = {"PATH": str(Path(sys.executable).parent)}    # no qemu-img on the PATH
+    err = _refused(*create, "--target", str(tmp_path / "b.qcow2"), "--create-target", env=bare)
+    assert "needs qemu-img" in err and "apt-get install qemu-utils" in err
+    assert not (tmp_path / "b.qcow2").exists()
+
+    small = tmp_path / "small.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(small), "8M"], check=True)
+    err = _refused(*create, "--target", str(small))
+    assert "smaller than source" in err and f"qemu-img resize {small} {16 * MiB}" in err
+
+    wrong = tmp_path / "really-raw.qcow2"
+    os.truncate(_empty(wrong), 16 * MiB)
+    err = _refused(*create, "--target", str(wrong), code=2)
+    assert "holds a raw image, not qcow2" in err and "--target-format raw" in err
+
+    err = _refused(*create, "--target", f"nbd://127.0.0.1:{free_port()}/x")
+    assert "cannot connect to NBD server 127.0.0.1" in err
+
+    err = _refused(*create, "--target", "nbd://127.0.0.1/x", "--create-target", code=2)
+    assert "cannot create it; drop --create-target" in err
+
+    # The pair exists already: the image made for the second create goes again.
+    run_x2x(*create, "--target", str(tmp_path / "first.qcow2"), "--create-target")
+    err = _refused(*create, "--target", str(tmp_path / "second.qcow2"), "--create-target")
+    assert pair_name in err
+    assert not (tmp_path / "second.qcow2").exists()
+    assert control.get_pair(KafkaSettings.resolve(broker.bootstrap),
+                            pair_name).spec.target == str(tmp_path / "first.qcow2")
