@@ -131,6 +131,7 @@ class FailoverResult:
     rpo_max_s: float | None = None
     digest: str = ""
     warnings: list[str] = field(default_factory=list)
+    promoted_at_ms: int = 0
 
 
 def _applier_run(applier: Applier, timeout: float, **kw) -> str:
@@ -200,7 +201,7 @@ def failover(settings: KafkaSettings, name: str, key: JournalKey | None,
                     if ev.pair == name and ev.event == "resync-needed" else None)
     downtime = (int(ev.attrs["promoted_at_ms"]) - int(sealed["refused_at_ms"])) / 1000
     return FailoverResult(name, spec.target, epoch, seq, False, downtime, 0.0, 0,
-                          sealed["digest"])
+                          sealed["digest"], promoted_at_ms=int(ev.attrs["promoted_at_ms"]))
 
 
 @telemetry.traced("x2x.failover")

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Installs the Debian packages x2x's tests and demos use (NBD clients, fuse, ext4 tools, PostgreSQL for the database crash test and benchmark,
+# Installs the Debian packages x2x's tests and demos use (NBD clients, fuse, ext4 tools, PostgreSQL for the database crash test and benchmark, QEMU for cutover,
 # and Java 17 with Maven for the Apache Kafka broker), when run as root and they are missing. Without root it says what is missing; the tests
 # that need those tools then skip with that reason.
 set -euo pipefail
-packages=(qemu-utils libnbd-bin nbdkit fuse3 e2fsprogs rsync postgresql)
+# qemu-system-x86 and busybox-static: x2x cutover boots targets, and its tests build a small
+# Debian guest (kernel .deb fetched by the test with apt-get download, busybox initramfs).
+packages=(qemu-utils libnbd-bin nbdkit fuse3 e2fsprogs rsync postgresql qemu-system-x86 busybox-static)
 missing=()
 # Java and Maven may come from elsewhere than Debian (a JDK in /opt, SDKMAN): only ask for
 # Debian's when there is none at all.
