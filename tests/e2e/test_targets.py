@@ -257,3 +257,21 @@ def test_bad_targets_are_refused_and_nothing_is_left(broker, pair_name, tmp_path
     assert not (tmp_path / "second.qcow2").exists()
     assert control.get_pair(KafkaSettings.resolve(broker.bootstrap),
                             pair_name).spec.target == str(tmp_path / "first.qcow2")
+
+
+def test_failback_from_a_promoted_qcow2(broker, pair_name, tmp_path):
+    """After a failover the qcow2 is the source: it is read through qemu-nbd (hashes,
+    resends, SEAL digest), never as the raw bytes of its container."""
+    _need("qemu-img", "qemu-nbd", "qemu-io")
+    src = make_image(tmp_path / "src.img", 16 * MiB, seed=21)
+    target = tmp_path / "disk.qcow2"
+    run_x2x("pair", "create", pair_name, "--source", str(src), "--target", str(target),
+            "--create-target")
+    _replicate(pair_name)
+    run_x2x("pair", "failover", pair_name)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 2M", str(target)],
+                   check=True, capture_output=True)          # the promoted side is written
+    assert _digest(str(target)) != _digest(str(src))
+    out = run_x2x("pair", "failback", pair_name).stdout
+    assert "32 of 256 blocks differ" in out, out
+    assert _digest(str(src)) == _digest(str(target))
