@@ -19,8 +19,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from journal.errors import BadInput, VolumeError
+from journal.errors import BadInput, VolumeError, VolumeLost
 from nbd import client as nbd
+from nbd import proto
 
 #: Formats x2x writes, by the name users give (qemu's name may differ: VHD is ``vpc``).
 FORMATS = {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vhdx": "vhdx", "vdi": "vdi",
@@ -152,7 +153,9 @@ def open_nbd(uri: str, timeout: float = 30.0) -> nbd.Client:
         raise BadInput(str(e)) from None
     try:
         return nbd.Client.open(address, timeout)
-    except (nbd.Disconnected, nbd.NBDError) as e:
+    except nbd.Disconnected as e:
+        raise VolumeLost(str(e)) from None        # may come back: the applier retries
+    except (nbd.NBDError, proto.ProtocolError) as e:
         raise VolumeError(str(e)) from None
 
 

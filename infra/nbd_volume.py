@@ -35,17 +35,15 @@ class NBDVolume:
         self.reconnect()
 
     def reconnect(self) -> None:
-        """(Re)open the connection; raises VolumeLost while the server is unreachable."""
+        """(Re)open the connection; raises VolumeLost while the server is unreachable,
+        VolumeError when it refuses (no such export, TLS required or failing)."""
         if self.client is not None:
             self.client.close()
             self.client = None
-        try:
-            if self.server is not None and not self.server.alive:
-                self.server.start()
-            uri = self.server.uri if self.server is not None else self.loc.path
-            self.client = open_nbd(uri)
-        except VolumeError as e:
-            raise VolumeLost(str(e)) from None
+        if self.server is not None and not self.server.alive:
+            self.server.start()         # x2x's own qemu-nbd died: a new one
+        uri = self.server.uri if self.server is not None else self.loc.path
+        self.client = open_nbd(uri)     # VolumeLost while unreachable, VolumeError if refused
         self.size = self.client.size
         if self.writable and self.client.can(proto.FLAG_READ_ONLY):
             self.close()
@@ -69,7 +67,8 @@ class NBDVolume:
             raise VolumeLost(f"{self.path} is not connected")
         try:
             return fn()
-        except nbd.Disconnected as e:
+        except (nbd.Disconnected, proto.ProtocolError) as e:
+            self.client.close()         # a garbled stream is as good as a lost one
             raise VolumeLost(f"{self.path}: {e}") from None
         except nbd.NBDError as e:
             raise VolumeError(str(e)) from None

@@ -30,8 +30,12 @@ MAX_REQUEST = 4 << 20
 SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix")
 
 
-class NBDError(OSError):
-    """The server answered an option or a request with an error."""
+class NBDError(Exception):
+    """The server refused an option or a request (``errno``: the request's error)."""
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class Disconnected(ConnectionError):
@@ -141,7 +145,7 @@ class Client:
     def _handshake(self) -> None:
         greeting = proto.parse_server_greeting(self._recv(proto.SERVER_GREETING_SIZE))
         if not greeting.flags & proto.FLAG_FIXED_NEWSTYLE:
-            raise NBDError(0, f"NBD server {self.address.describe()} does not speak fixed "
+            raise NBDError(f"NBD server {self.address.describe()} does not speak fixed "
                               f"newstyle")
         cflags = proto.FLAG_C_FIXED_NEWSTYLE
         if greeting.flags & proto.FLAG_NO_ZEROES:
@@ -153,7 +157,16 @@ class Client:
             host = self.address.host or None
             if host is None:
                 ctx.check_hostname = False
-            self._sock = ctx.wrap_socket(self._sock, server_hostname=host)
+            try:
+                self._sock = ctx.wrap_socket(self._sock, server_hostname=host)
+            except ssl.SSLError as e:
+                raise NBDError(f"TLS with NBD server {self.address.describe()} failed: "
+                               f"{e.reason or e}; name the directory holding its CA's "
+                               f"ca-cert.pem (and client-cert.pem, client-key.pem) with "
+                               f"?tls-certificates=DIR") from None
+            except OSError as e:
+                raise Disconnected(f"lost NBD server {self.address.describe()} during the "
+                                   f"TLS handshake: {e.strerror or e}") from None
         self._go()
 
     def _go(self) -> None:
@@ -172,24 +185,24 @@ class Client:
                 elif isinstance(info, proto.BlockSize):
                     self.max_request = max(min(MAX_REQUEST, info.maximum), info.minimum, 512)
         if not got_export:
-            raise NBDError(0, f"NBD server {self.address.describe()} did not tell the "
+            raise NBDError(f"NBD server {self.address.describe()} did not tell the "
                               f"export's size")
 
     def _option(self, option: int, data: bytes = b"") -> bytes:
         self._send(proto.encode_option_request(option, data))
         header, reply = self._option_reply(option)
         if header.reply != Reply.ACK:
-            raise NBDError(0, f"NBD server {self.address.describe()}: unexpected reply "
+            raise NBDError(f"NBD server {self.address.describe()}: unexpected reply "
                               f"{header.reply} to option {option}")
         return reply
 
     def _option_reply(self, option: int) -> tuple[proto.OptionReplyHeader, bytes]:
         header = proto.parse_option_reply_header(self._recv(proto.OPTION_REPLY_HEADER_SIZE))
         if header.length > proto.MAX_OPTION_DATA:
-            raise NBDError(0, f"option reply of {header.length} bytes is too large")
+            raise NBDError(f"option reply of {header.length} bytes is too large")
         data = self._recv(header.length) if header.length else b""
         if header.reply & (1 << 31):
-            raise NBDError(0, self._option_error(option, header.reply, data))
+            raise NBDError(self._option_error(option, header.reply, data))
         return header, data
 
     def _option_error(self, option: int, reply: int, data: bytes) -> str:
@@ -285,8 +298,8 @@ class Client:
             raise Disconnected(f"NBD server {self.address.describe()} answered request "
                                f"{r.cookie}, expected {self._cookie}")
         if r.error:
-            raise NBDError(r.error, f"NBD server {self.address.describe()}: {cmd.name} at "
-                                    f"offset {offset} failed: {os.strerror(r.error)}")
+            raise NBDError(f"NBD server {self.address.describe()}: {cmd.name} at offset "
+                           f"{offset} failed: {os.strerror(r.error)}", r.error)
 
     def _send(self, data: bytes) -> None:
         if self._sock is None:
@@ -306,8 +319,8 @@ class Client:
     def _recv_into(self, view: memoryview) -> None:
         r = proto.parse_simple_reply(self._recv(proto.SIMPLE_REPLY_SIZE))
         if r.error:
-            raise NBDError(r.error, f"NBD server {self.address.describe()}: READ failed: "
-                                    f"{os.strerror(r.error)}")
+            raise NBDError(f"NBD server {self.address.describe()}: READ failed: "
+                           f"{os.strerror(r.error)}", r.error)
         self._recv_raw(view)
 
     def _recv_raw(self, view: memoryview) -> None:
@@ -320,7 +333,7 @@ class Client:
                 if n == 0:
                     raise ConnectionResetError(0, "closed by the server")
                 got += n
-        except (OSError, proto.ProtocolError) as e:
+        except OSError as e:
             self.close()
             raise Disconnected(f"lost NBD server {self.address.describe()}: "
                                f"{getattr(e, 'strerror', None) or e}") from None

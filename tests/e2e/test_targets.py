@@ -164,6 +164,37 @@ def test_block_device_target(broker, pair_name, tmp_path):
         subprocess.run(["losetup", "-d", dev], capture_output=True)
 
 
+def test_nbds_target_with_client_certificates(broker, pair_name, tmp_path):
+    """nbds:// with ?tls-certificates=DIR (x2x nbd-certs makes it; qemu-nbd checks the
+    client certificate); plain nbd:// to it and nbds:// without the CA are refused."""
+    _need("qemu-nbd")
+    certs = tmp_path / "certs"
+    run_x2x("nbd-certs", str(certs))
+    src = make_image(tmp_path / "src.img", 16 * MiB, seed=17)
+    dst = tmp_path / "tls-target.img"
+    os.truncate(_empty(dst), 16 * MiB)
+    port = free_port()
+    proc = subprocess.Popen(
+        ["qemu-nbd", "--object", f"tls-creds-x509,id=tls0,dir={certs},endpoint=server,"
+         "verify-peer=on", "--tls-creds", "tls0", "-f", "raw", "-b", "127.0.0.1", "-p",
+         str(port), "-x", "t", "--persistent", str(dst)], stderr=subprocess.PIPE)
+    try:
+        _wait_port(port, proc)
+        err = _refused("pair", "create", pair_name, "--source", str(src), "--target",
+                       f"nbd://127.0.0.1:{port}/t")
+        assert "requires TLS: use an nbds:// URI" in err
+        err = _refused("pair", "create", pair_name, "--source", str(src), "--target",
+                       f"nbds://127.0.0.1:{port}/t")
+        assert "TLS with NBD server" in err and "?tls-certificates=DIR" in err
+        uri = f"nbds://127.0.0.1:{port}/t?tls-certificates={certs}"
+        run_x2x("pair", "create", pair_name, "--source", str(src), "--target", uri)
+        _replicate(pair_name)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert same_bytes(dst, src)
+
+
 # -- an NBD target that goes away ------------------------------------------------------------
 def test_nbd_target_lost_mid_apply_resumes_from_checkpoint(broker, pair_name, tmp_path,
                                                            settings):
