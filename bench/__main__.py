@@ -33,11 +33,12 @@ SCENARIOS = {
     "memory": "bench.memory",
     "scale": "bench.scale",
     "pgbench": "bench.pgbench",
+    "cutover": "bench.cutover",
 }
 #: Run order differs: replay reuses the pipeline's journal, and memory lists the peaks of
 #: every x2x child the other scenarios ran.
 RUN_ORDER = ["pipeline", "replay", "nbd_capture", "lag", "resync", "sparse_baseline",
-             "pgbench", "scale", "memory"]
+             "pgbench", "cutover", "scale", "memory"]
 #: Scenarios that every engine runs (the broker is what they measure).
 PER_ENGINE = ["pipeline", "replay", "lag"]
 #: Engine name -> how ``x2x broker up`` starts it, and how the table names it.

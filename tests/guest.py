@@ -173,12 +173,17 @@ def build(workdir: Path) -> Guest:
     return Guest(kernel, initrd)
 
 
-def system_disk(path: Path, size: int, token: str) -> Path:
-    """A raw ext4 image holding x2x-boot.sh and ``token``."""
+def system_disk(path: Path, size: int, token: str, payload: int = 0) -> Path:
+    """A raw ext4 image holding x2x-boot.sh and ``token`` (and ``payload`` bytes of
+    random data in payload.bin, for a disk with something on it)."""
     root = path.parent / (path.name + ".root")
     root.mkdir(exist_ok=True)
     (root / "x2x-boot.sh").write_text(_BOOT_SH)
     (root / "token").write_text(token + "\n")
+    if payload:
+        with open(root / "payload.bin", "wb") as f:
+            for _ in range(0, payload, 1 << 20):
+                f.write(os.urandom(min(1 << 20, payload)))
     with open(path, "wb") as f:
         f.truncate(size)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(root), str(path)], check=True)
