@@ -14,10 +14,10 @@ import logging
 
 from journal.errors import VolumeError, VolumeLost
 from infra.images import ImageServer, Location, open_nbd
+from infra.volume import write_zeros
 from nbd import client as nbd
 from nbd import proto
 
-_ZERO_CHUNK = bytes(1 << 20)
 log = logging.getLogger("x2x.volume")
 
 
@@ -89,11 +89,7 @@ class NBDVolume:
         if self.client is not None and self.client.can(proto.FLAG_SEND_WRITE_ZEROES):
             self._io(lambda: self.client.write_zeroes(offset, length))
             return
-        end = offset + length
-        while offset < end:
-            n = min(len(_ZERO_CHUNK), end - offset)
-            self.pwrite(offset, memoryview(_ZERO_CHUNK)[:n])
-            offset += n
+        write_zeros(self, offset, length)   # type: ignore[arg-type]
 
     def fsync(self) -> None:
         """NBD FLUSH; returns only once the server acknowledged it."""

@@ -135,14 +135,19 @@ class Volume:
         self._write_zeros(offset, length)
 
     def _write_zeros(self, offset: int, length: int) -> None:
-        end = offset + length
-        while offset < end:
-            n = min(len(_ZERO_CHUNK), end - offset)
-            self.pwrite(offset, memoryview(_ZERO_CHUNK)[:n])
-            offset += n
+        write_zeros(self, offset, length)
 
     def fsync(self) -> None:
         os.fsync(self.fd)
+
+
+def write_zeros(vol: "Volume", offset: int, length: int) -> None:
+    """Zero a range by writing zeros, for volumes that cannot deallocate it."""
+    end = offset + length
+    while offset < end:
+        n = min(len(_ZERO_CHUNK), end - offset)
+        vol.pwrite(offset, memoryview(_ZERO_CHUNK)[:n])
+        offset += n
 
 
 def volume_digest(path: str, length: int | None = None, chunk: int = 8 << 20) -> bytes:
