@@ -12,7 +12,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from consumers.applier import Applier, ApplyStats
 from consumers.checkpoint import CheckpointStore
-from infra import telemetry
+from infra import images, telemetry
 from infra.kafka import KafkaSettings
 from infra.topics import journal_topic
 from journal.errors import BadInput, JournalLost
@@ -96,10 +96,11 @@ def make_limit(settings: KafkaSettings, pair: str, at: str | None, seq: str | No
 
 
 def ensure_target(path: str, size: int) -> None:
-    """Create a missing image file, sparse, of the volume's size (devices must exist)."""
-    if not os.path.exists(path):
-        with open(path, "wb") as f:
-            f.truncate(size)
+    """Create a missing target of the volume's size: a sparse raw file, or an empty image
+    in the format its name says (drill.qcow2); devices and NBD exports must exist."""
+    loc = images.locate(path)
+    if loc.kind != "nbd":
+        images.create(loc, size)
 
 
 def build(spec: PairSpec, target: str, settings: KafkaSettings, limit: Limit | None,

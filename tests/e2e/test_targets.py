@@ -306,3 +306,19 @@ def test_failback_from_a_promoted_qcow2(broker, pair_name, tmp_path):
     out = run_x2x("pair", "failback", pair_name).stdout
     assert "32 of 256 blocks differ" in out, out
     assert _digest(str(src)) == _digest(str(target))
+
+
+def test_replica_in_qcow2(broker, pair_name, tmp_path):
+    """A replica (a drill copy) can be an image too: created in its format, not as a raw
+    file with an image's name."""
+    _need("qemu-img", "qemu-nbd")
+    src = make_image(tmp_path / "src.img", 16 * MiB, seed=31)
+    run_x2x("pair", "create", pair_name, "--source", str(src), "--target",
+            str(tmp_path / "t.img"), "--create-target")
+    run_x2x("capture", pair_name, "--once")
+    drill = tmp_path / "drill.qcow2"
+    run_x2x("replica", "add", pair_name, "--target", str(drill), "--at", "now")
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(drill)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["format"] == "qcow2"
+    assert _digest(str(drill)) == _digest(str(src))
