@@ -82,29 +82,22 @@ def _busybox() -> str | None:
 
 
 def _kernel_deb() -> Path:
-    """The Debian kernel .deb, downloaded once into CACHE."""
+    """The Debian kernel .deb, downloaded once into CACHE (setup-system.sh does it first)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     found = sorted(CACHE.glob("linux-image-*-amd64_*.deb"))
     if found:
         return found[-1]
-    dep = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True,
-                         text=True).stdout
-    names = [ln.split(":", 1)[1].strip() for ln in dep.splitlines()
-             if ln.strip().startswith("Depends: linux-image-")]
-    if not names:
+    names: list[str] = []
+    for _ in range(2):      # without apt lists apt-cache knows nothing: update once
+        dep = subprocess.run(["apt-cache", "depends", "linux-image-amd64"],
+                             capture_output=True, text=True).stdout
+        names = [ln.split(":", 1)[1].strip() for ln in dep.splitlines()
+                 if ln.strip().startswith("Depends: linux-image-")]
+        if names:
+            break
         subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
-        return _kernel_deb_after_update()
     subprocess.run(["apt-get", "download", names[0]], cwd=CACHE, check=True,
                    capture_output=True)
-    return sorted(CACHE.glob("linux-image-*-amd64_*.deb"))[-1]
-
-
-def _kernel_deb_after_update() -> Path:
-    dep = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], capture_output=True,
-                         text=True, check=True).stdout
-    name = next(ln.split(":", 1)[1].strip() for ln in dep.splitlines()
-                if ln.strip().startswith("Depends: linux-image-"))
-    subprocess.run(["apt-get", "download", name], cwd=CACHE, check=True, capture_output=True)
     return sorted(CACHE.glob("linux-image-*-amd64_*.deb"))[-1]
 
 
