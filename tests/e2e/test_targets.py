@@ -241,6 +241,35 @@ def test_nbd_target_lost_mid_apply_resumes_from_checkpoint(broker, pair_name, tm
     assert same_bytes(dst, src)
 
 
+def test_own_qemu_nbd_killed_mid_apply_is_restarted(broker, pair_name, tmp_path, settings):
+    """The qemu-nbd x2x runs for a qcow2 target dies: a new one is started, applying
+    resumes from the checkpoint, the image ends equal to the source."""
+    _need("qemu-img", "qemu-nbd")
+    src = make_image(tmp_path / "src.img", 32 * MiB, seed=41)
+    target = tmp_path / "disk.qcow2"
+    run_x2x("pair", "create", pair_name, "--source", str(src), "--target", str(target),
+            "--create-target")
+    for seed in (None, 42, 43):
+        if seed:
+            with open(src, "r+b") as f:
+                f.seek(seed % 8 * 3 * MiB)
+                f.write(os.urandom(3 * MiB))
+        run_x2x("capture", pair_name, "--once")
+    spec = control.get_pair(settings, pair_name).spec
+    killed: list[int] = []
+
+    def on_checkpoint(pos) -> None:
+        if not killed:
+            proc = applier.vol.server.proc
+            killed.append(proc.pid)
+            proc.kill()
+            proc.wait()
+    applier = Applier(spec, str(target), settings, on_checkpoint=on_checkpoint)
+    stats = applier.run(until_caught_up=True)
+    assert killed and stats.reconnects >= 1 and stats.stopped_by == "caught-up", stats
+    assert _digest(str(target)) == _digest(str(src))
+
+
 # -- bad input ---------------------------------------------------------------------------------
 def _refused(*args: str, code: int | None = None, env: dict[str, str] | None = None) -> str:
     r = run_x2x(*args, check=False, env=env)
