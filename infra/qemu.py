@@ -53,6 +53,9 @@ class BootSpec:
                 raise BadInput(f"{what} {path} does not exist")
         if self.initrd and not self.kernel:
             raise BadInput("--initrd needs --kernel")
+        if self.disk.startswith("nbds"):
+            raise BadInput(f"QEMU reaches {self.disk.split('?')[0]} only with a TLS object "
+                           f"of its own; boot it yourself (--no-boot)")
 
 
 @dataclass

@@ -133,6 +133,11 @@ def test_cutover_bad_input_changes_nothing(broker, pair_name, tmp_path):
     code, err = refused("--test", "--accel", "tcg")
     assert "holds no consistency point" in err
     run_x2x("capture", pair_name, "--once")
+    # No boot loader on random bytes: the firmware finds nothing, the marker never comes.
+    code, err = refused("--test", "--accel", "tcg", "--boot-timeout", "5", "--up-marker",
+                        "NEVER")
+    assert code == 1 and "did not come up within 5 s" in err and "copy was removed" in err
+    assert not list(pair_dir(pair_name).glob("test-launch-*"))
     t0 = time.monotonic()
     out = run_x2x("cutover", pair_name, "--no-boot").stdout
     assert "writes stopped -> target promoted" in out and "not booted" in out
