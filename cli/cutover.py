@@ -2,6 +2,9 @@
 The steps live in consumers/cutover.py; this parses and prints."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from dataclasses import asdict
 
 import typer
@@ -11,7 +14,9 @@ from consumers import cutover as co
 from infra import control
 from infra.keys import key_for, remember_file
 from infra.qemu import BootSpec
-from journal.errors import BadInput
+from infra.paths import pair_dir
+from journal.errors import BadInput, BrokerError
+from producers.nbd_capture import parse_listen
 from producers.resync import LocalCapture
 
 
@@ -33,6 +38,12 @@ def cutover(ctx: typer.Context, name: str,
             cpus: int = typer.Option(1, help="Guest vCPUs."),
             accel: str = typer.Option("auto", metavar="auto|kvm|tcg", help="auto: KVM where "
                                       "it works, else TCG (emulation)."),
+            serve: str = typer.Option(None, "--serve", metavar="[HOST:]PORT",
+                                      help="Boot the guest from the promoted volume served "
+                                      "by 'x2x capture NAME --nbd [HOST:]PORT' (started "
+                                      "here, left running), so its writes are journaled "
+                                      "for failback from the first one. Raw file or "
+                                      "device targets."),
             up_marker: str = typer.Option("login:", help="Text on the guest's serial console "
                                           "that means it is up."),
             boot_timeout: float = typer.Option(300.0, help="Seconds to wait for the marker."),
@@ -57,14 +68,51 @@ def cutover(ctx: typer.Context, name: str,
                                 f"{boot_timeout:.0f} s (no {up_marker!r} on its serial "
                                 f"console); the copy was removed, replication goes on")
         return
+    if serve is not None:
+        if no_boot:
+            raise BadInput("--serve boots the guest from the capturer's export; --no-boot "
+                           "boots nothing: pick one")
+        listen = parse_listen(serve)
     r = co.cutover(s, name, key, lambda st: LocalCapture(st, s, key), _say, spec, up_marker,
-                   boot_timeout, timeout)
+                   boot_timeout, timeout,
+                   serve=(lambda: _serve(ctx, name, listen, key_file)) if serve else None)
     _print_cutover(r, json_)
     if r.boot is not None and not r.boot.up:
         raise co.GuestNotUp(f"pair {name}: the target is promoted, but the guest did not show "
                             f"{up_marker!r} within {boot_timeout:.0f} s; QEMU "
                             + (f"is still running (pid {r.boot.pid})" if r.boot.pid
                                else "ended") + f", serial console in {r.boot.serial_log}")
+
+
+def _serve(ctx: typer.Context, name: str, listen: tuple[str, int],
+           key_file: str | None) -> str:
+    """Start 'x2x capture NAME --nbd HOST:PORT' for the promoted side, detached (it keeps
+    serving the guest after this command ends), with this command's broker options; its
+    NBD URI once it serves."""
+    log_path = pair_dir(name) / "vm" / "capture.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    host, port = listen
+    g = ctx.find_root().obj
+    args = [sys.executable, "-m", "cli"]
+    for option, value in (("--bootstrap", g.bootstrap), ("--kafka-config", g.kafka_config),
+                          ("--compression", g.compression)):
+        if value:
+            args += [option, value]
+    args += ["capture", name, "--nbd", f"{host}:{port}"]
+    if key_file:
+        args += ["--key-file", key_file]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while "serving" not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise BrokerError(f"pair {name}: the capturer of the promoted side did not start "
+                              f"serving: {log_path.read_text()[-1000:]}")
+        time.sleep(0.1)
+    _say(f"the promoted side is served by 'x2x capture {name}' (pid {proc.pid}, log "
+         f"{log_path})")
+    return f"nbd://{host}:{port}/{name}"
 
 
 def _print_test(r: co.TestLaunchResult, json_: bool) -> None:

@@ -28,7 +28,7 @@ from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
 from infra.qemu import Boot, BootSpec, boot
 from journal.clock import now_ms
-from journal.errors import JournalLost, X2XError
+from journal.errors import BadInput, JournalLost, X2XError
 from journal.pairs import PairState
 from journal.sequence import Limit
 from schemas.cipher import JournalKey
@@ -85,20 +85,27 @@ def _report(b: Boot, keep: bool) -> BootReport:
 def cutover(settings: KafkaSettings, name: str, key: JournalKey | None,
             local: Callable[[PairState], fo.CaptureSide], say: Say,
             spec: BootSpec | None, marker: str, boot_timeout: float,
-            timeout: float = 300.0) -> CutoverResult:
-    """Planned failover, then (unless ``spec`` is None) boot the promoted target."""
+            timeout: float = 300.0, serve: Callable[[], str] | None = None) -> CutoverResult:
+    """Planned failover, then (unless ``spec`` is None) boot the promoted target; with
+    ``serve`` the guest's disk is what it returns (the promoted volume served by an NBD
+    capturer, so the new side's writes are journaled from its first one)."""
     st = control.get_pair(settings, name)
     target = st.active_spec.target
     if spec is not None:
         spec.disk = target
         spec.check()            # before anything changes: a missing qemu stops us here
+    if serve is not None and images.locate(target).kind != "local":
+        raise BadInput(f"--serve needs a raw file or block device target (the NBD capturer "
+                       f"serves those); {target} is not one")
     r = fo.failover(settings, name, key, local, say, timeout)
     stopped_ms = r.promoted_at_ms - int((r.downtime_s or 0.0) * 1000)
     out = CutoverResult(name, r.promoted, r.epoch, r.seq, r.digest, r.downtime_s or 0.0,
                         downtime_s=r.downtime_s, warnings=r.warnings)
     if spec is None:
         return out
-    say(f"booting {target} with QEMU")
+    if serve is not None:
+        spec.disk = serve()
+    say(f"booting {spec.disk} with QEMU")
     b = boot(spec, pair_dir(name) / "vm", marker, boot_timeout, say)
     out.boot = _report(b, keep=True)
     if b.up_after_s is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from infra import control
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
 from tests import guest
-from tests.conftest import run_x2x, x2x_bin
+from tests.conftest import free_port, run_x2x, x2x_bin
 
 MiB = 1 << 20
 
@@ -143,3 +144,59 @@ def test_cutover_bad_input_changes_nothing(broker, pair_name, tmp_path):
     assert "writes stopped -> target promoted" in out and "not booted" in out
     assert _state(broker, pair_name) == "promoted"
     assert time.monotonic() - t0 < 120
+
+
+def test_cutover_serves_the_promoted_side_and_fails_back(broker, pair_name, tmp_path,
+                                                         debian_guest):
+    """--serve: the guest boots from the promoted raw volume through 'x2x capture --nbd',
+    so what it writes (its ext4 mount) is journaled; after it stops, failback brings the
+    old source level with only the blocks the guest changed."""
+    src = guest.system_disk(tmp_path / "system.img", 64 * MiB, "one")
+    target = tmp_path / "target.img"
+    run_x2x("pair", "create", pair_name, "--source", str(src), "--target", str(target),
+            "--create-target")
+    run_x2x("capture", pair_name, "--once")
+    run_x2x("apply", pair_name, "--until-caught-up")
+    guest.set_token(src, "two")
+    run_x2x("capture", pair_name, "--once")
+    before = run_x2x("volume", "digest", str(target)).stdout.split()[0]
+    port = free_port()
+    r = run_x2x("cutover", pair_name, "--serve", str(port), *debian_guest.boot_args(),
+                "--accel", "tcg", "--up-marker", f"{guest.MARKER} two", "--boot-timeout",
+                "240", "--json", timeout=500)
+    report = json.loads(r.stdout)
+    capturer = int(re.search(r"\(pid (\d+), log", r.stderr).group(1))
+    try:
+        assert report["boot"]["up"], report
+        deadline = time.monotonic() + 120           # the guest powers itself off
+        while report["boot"]["pid"] and _alive(report["boot"]["pid"]):
+            assert time.monotonic() < deadline, "the guest did not power off"
+            time.sleep(0.5)
+    finally:
+        if report["boot"]["pid"] and _alive(report["boot"]["pid"]):
+            os.kill(report["boot"]["pid"], signal.SIGTERM)
+        os.kill(capturer, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while _alive(capturer) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert run_x2x("volume", "digest", str(target)).stdout.split()[0] != before, \
+        "the guest wrote nothing through the capturer"
+    out = run_x2x("pair", "failback", pair_name).stdout
+    m = re.search(r"(\d+) of (\d+) blocks differ", out)
+    assert m and 0 < int(m.group(1)) < int(m.group(2)) // 4, out
+    assert run_x2x("volume", "digest", str(src)).stdout.split()[0] == \
+        run_x2x("volume", "digest", str(target)).stdout.split()[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:        # a child of ours that ended but was not reaped yet is not alive
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
