@@ -23,10 +23,12 @@ from confluent_kafka.admin import AdminClient
 
 from infra.files import atomic_write, read_json
 from infra.paths import x2x_home
+from journal.history import HistorySettings
 from journal.pairs import PairSpec, PairState
 
 log = logging.getLogger("x2x.control")
-_VERSION = 1
+#: 2: PairState holds the history window (a version-1 fold may have skipped its events).
+_VERSION = 2
 
 
 @dataclass
@@ -67,7 +69,8 @@ def _state_to_json(p: PairState) -> dict:
 
 
 def _state_from_json(raw: dict) -> PairState:
-    p = PairState(**{**raw, "spec": PairSpec(**raw["spec"])})
+    p = PairState(**{**raw, "spec": PairSpec(**raw["spec"]),
+                     "history": HistorySettings(**raw.get("history", {}))})
     return replace(p, abandoned_epochs=frozenset(raw["abandoned_epochs"]))
 
 

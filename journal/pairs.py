@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 from journal.errors import BadInput
+from journal.history import HistorySettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -72,6 +73,8 @@ class PairState:
     #: False from a journal-lost mark until a full baseline is in the journal again: until
     #: then replaying the journal from its start cannot build a target (or a replica).
     replayable: bool = True
+    #: The history window and journal limit (journal/history.py); default: keep forever.
+    history: HistorySettings = HistorySettings()
 
     @property
     def active_spec(self) -> PairSpec:
@@ -101,6 +104,9 @@ class ControlEvent:
 #: The ``cause`` of a ``resync-needed`` event when the journal lost its history (topic
 #: recreated, broker data gone): only a hash resync repairs the target then.
 JOURNAL_LOST = "journal-lost"
+
+#: The operator set or changed a pair's history window (attrs: HistorySettings.to_attrs).
+HISTORY_SET = "history-set"
 
 #: States a failover, verify or failback may start from.
 STEADY = ("created", "replicating")
@@ -138,6 +144,8 @@ def fold(events: Iterable[ControlEvent],
             lost = ev.attrs.get("cause") == JOURNAL_LOST
             pairs[ev.pair] = replace(p, state="needs-resync", attrs={**p.attrs, **ev.attrs},
                                      replayable=p.replayable and not lost)
+        elif ev.event == HISTORY_SET:
+            pairs[ev.pair] = replace(p, history=HistorySettings.from_attrs(ev.attrs))
         elif ev.event == "baseline-complete":
             pairs[ev.pair] = replace(p, replayable=True)
         elif ev.event == "resynced":
