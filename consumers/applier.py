@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (Consumer, KafkaError, KafkaException, Message, Producer,
+                             TopicPartition)
 
 from consumers.checkpoint import Checkpoint, CheckpointStore
 from consumers.writer import apply_entry, apply_op
@@ -24,7 +25,7 @@ from infra.kafka import KafkaSettings
 from infra.reader import check_record
 from infra.topics import ensure_base_topics, journal_topic
 from infra.volume import Volume, volume_digest
-from journal.errors import (BrokerError, DigestMismatch, JournalError,
+from journal.errors import (BehindBase, BrokerError, DigestMismatch, JournalError,
                             JournalLost, PairNotFound, ReplayedEntry, StaleEpoch,
                             VolumeError)
 from journal.blocks import (HASH_LEN, Extent, coalesce, diff_maps, format_extents,
@@ -110,6 +111,10 @@ class Applier:
         self._staged_bytes = 0
         self._last_digest = ""
         self._t0 = time.monotonic()
+        #: A point-in-time replica that reached its point needs no more of the journal:
+        #: its last beat says so, and the history base stops holding records for it.
+        self.released = False
+        self._final_state = "stopped"
 
     @property
     def read_position(self) -> Position:
@@ -141,12 +146,19 @@ class Applier:
                 self._start(consumer)
                 self.stats.stopped_by = self._loop(consumer, beats, producer, stop,
                                                    until_caught_up, on_progress)
+            except BehindBase:
+                # The journal is fine: only this reader fell behind the history base, and
+                # it comes back by a re-seed (the error says how), not by a pair resync.
+                self._final_state = "behind-base"
+                raise
             except JournalError as e:
                 self._mark_resync(e)
                 raise
             finally:
                 consumer.close()
-                self._beat(beats, "stopped", force=True)
+                self.released = (self.stats.stopped_by == "limit" and os.path.realpath(
+                    self.target) != os.path.realpath(self.spec.target))
+                self._beat(beats, self._final_state, force=True)
                 producer.flush(5)
         self.stats.seconds = time.monotonic() - t0
         return self.stats
@@ -329,14 +341,22 @@ class Applier:
     # -- start: resume from the checkpoint, proving the journal still holds it ----------
     def _start(self, consumer: Consumer) -> None:
         cp = self.store.load()
+        low = self._journal_start(consumer)
         if cp is None and self.start is not None:
+            if self.start.offset + 1 < low:
+                raise self._behind(self.start, low)
             self.checkpointed = self._pos = self.start
             consumer.assign([TopicPartition(self.topic, 0, self.start.offset + 1)])
             return
         if cp is None:
             self._refuse_replay_after_loss()
+            st = self._pair_state() if low > 0 and self.publish_status else None
+            if st is not None and st.history.bounded:
+                raise self._behind(None, low)
             consumer.assign([TopicPartition(self.topic, 0, 0)])
             return
+        if cp.position.offset < low:
+            raise self._behind(cp.position, low)
         self.checkpointed = self._pos = cp.position
         self._last_digest = cp.entry_digest
         consumer.assign([TopicPartition(self.topic, 0, cp.position.offset)])
@@ -344,6 +364,29 @@ class Applier:
                            bytes.fromhex(cp.entry_digest), VERIFY_TIMEOUT)
         if why is not None:
             raise self._lost(cp, why)
+
+    def _journal_start(self, consumer: Consumer) -> int:
+        """The journal's first offset (0 when the broker does not say)."""
+        try:
+            low, _ = consumer.get_watermark_offsets(TopicPartition(self.topic, 0),
+                                                    timeout=VERIFY_TIMEOUT, cached=False)
+            return max(low, 0)
+        except KafkaException:
+            return 0        # the checks against the checkpoint's record still run
+
+    def _behind(self, pos: Position | None, low: int) -> BehindBase:
+        name = self.spec.name
+        need = (f"its checkpoint (epoch {pos.epoch} seq {pos.seq}) at offset {pos.offset}"
+                if pos is not None else "the journal from its first record")
+        own = os.path.realpath(self.target) == os.path.realpath(self.spec.target)
+        way = (f"x2x apply {name} --reseed" if own
+               else f"x2x replica add {name} --target {self.target} --reseed")
+        return BehindBase(
+            f"pair {name}: {self.target} needs {need}, but {self.topic} now starts at "
+            f"offset {low}: the history base applied the records before it and they were "
+            f"deleted (this reader was not registered then: silent for longer than the "
+            f"reader TTL, or new). Nothing was applied. Re-seed it from the history base "
+            f"(a copy of the base and its checkpoint), then it follows: '{way}'")
 
     def _lost(self, cp: Checkpoint, why: str) -> JournalLost:
         p = cp.position
@@ -401,8 +444,12 @@ class Applier:
             telemetry.metrics().checkpoint_age(
                 self.spec.name, max(0.0, time.time() - p.captured_at_ms / 1000), self.target)
         rate = self.stats.bytes_applied / max(time.monotonic() - self._t0, 1e-3)
+        # "needs": the first journal offset this reader still reads (its checkpoint's
+        # record, checked again at its next start); the history base deletes nothing
+        # from there on (journal/history.py). Empty: released.
+        needs = "" if self.released else str(max(p.offset, 0))
         beats.beat(state, p.epoch, p.seq, p.epoch_bytes, p.captured_at_ms, rate,
-                   {"staged_bytes": str(self._staged_bytes)}, force)
+                   {"staged_bytes": str(self._staged_bytes), "needs": needs}, force)
 
     def _mark_resync(self, error: JournalError) -> None:
         if not self.publish_status:

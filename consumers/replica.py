@@ -10,14 +10,15 @@ import time
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from consumers import seed
 from consumers.applier import Applier, ApplyStats
 from consumers.checkpoint import CheckpointStore
-from infra import telemetry
+from infra import retention, telemetry
 from infra.kafka import KafkaSettings
 from infra.topics import journal_topic
 from journal.errors import BadInput, JournalLost
-from journal.pairs import PairSpec
-from journal.sequence import Limit
+from journal.pairs import PairSpec, PairState
+from journal.sequence import Limit, Position
 from schemas import codec
 from schemas.cipher import JournalKey
 
@@ -104,13 +105,48 @@ def ensure_target(path: str, size: int) -> None:
 
 def build(spec: PairSpec, target: str, settings: KafkaSettings, limit: Limit | None,
           stop: threading.Event | None = None,
-          key: JournalKey | None = None) -> tuple[Applier, ApplyStats]:
-    """Replay the journal onto ``target`` (its own checkpoint); stops at ``limit`` if set."""
+          key: JournalKey | None = None, origin: str | None = None) -> tuple[Applier, ApplyStats]:
+    """Replay the journal onto ``target`` (its own checkpoint); stops at ``limit`` if set.
+    With ``origin`` (the history base), ``target`` is first seeded from it."""
     if os.path.realpath(target) in (os.path.realpath(spec.source), os.path.realpath(spec.target)):
         raise BadInput(f"{target} is the pair's own source or target; a replica needs its "
                        f"own volume")
     ensure_target(target, spec.volume_size)
+    if origin is not None:
+        seed_within(spec, origin, target, settings, limit)
     applier = Applier(spec, target, settings, key=key,
                       store=CheckpointStore(spec.name, target), limit=limit)
     with telemetry.span("x2x.replica.build", pair=spec.name, target=target):
         return applier, applier.run(stop=stop)
+
+
+def _too_early(spec: PairSpec, limit: Limit, pos: Position) -> BadInput:
+    when = dt.datetime.fromtimestamp(pos.captured_at_ms / 1000, dt.timezone.utc)
+    return BadInput(
+        f"pair {spec.name}: that point lies before the oldest one that can be restored, "
+        f"the history base's position (epoch {pos.epoch} seq {pos.seq}, offset "
+        f"{pos.offset}, captured {when.isoformat(timespec='seconds')}); the records before "
+        f"it have left the journal. Choose a point after it, or a longer window next time "
+        f"('x2x pair history {spec.name} --history ...')")
+
+
+def seed_within(spec: PairSpec, origin: str, target: str, settings: KafkaSettings,
+                limit: Limit | None) -> None:
+    """Seed ``target`` from the history base ``origin``, refusing (before the copy, and
+    after it, as the base may move meanwhile) a point-in-time limit the base has passed."""
+    cp = CheckpointStore(spec.name, origin).load()
+    if cp is not None and limit is not None and limit.precedes(cp.position):
+        raise _too_early(spec, limit, cp.position)
+    new = seed.seed(spec, origin, target, settings)
+    if limit is not None and limit.precedes(new.position):
+        CheckpointStore(spec.name, target).reset()
+        raise _too_early(spec, limit, new.position)
+
+
+def needs_seed(settings: KafkaSettings, state: PairState, target: str) -> bool:
+    """Must a new replica start from the history base? Yes when it has no checkpoint and
+    the journal of a windowed pair no longer starts at offset 0."""
+    if CheckpointStore(state.spec.name, target).load() is not None or not state.history.bounded:
+        return False
+    low, _ = retention.watermarks(settings, state.spec.name)
+    return low > 0

@@ -17,7 +17,8 @@ from infra.kafka import KafkaSettings
 from infra.reader import read_many
 from infra.topics import CONTROL_TOPICS, control_topic, ensure_base_topics
 from journal.errors import BrokerError, PairNotFound, X2XError
-from journal.pairs import ControlEvent, PairSpec, PairState, fold
+from journal.history import HistorySettings
+from journal.pairs import HISTORY_SET, ControlEvent, PairSpec, PairState, fold
 from journal.roles import Role, may_publish
 from journal.clock import now_ms
 from schemas import codec
@@ -138,7 +139,8 @@ def get_pair(settings: KafkaSettings, name: str) -> PairState:
     return found[name]
 
 
-def create_pair(settings: KafkaSettings, spec: PairSpec) -> None:
+def create_pair(settings: KafkaSettings, spec: PairSpec,
+                history: HistorySettings = HistorySettings()) -> None:
     """Publish a pair and create its journal topic; refuses an existing name."""
     from infra.topics import JOURNAL_CONFIG, ensure_topic, journal_topic
     from journal.errors import PairExists
@@ -151,6 +153,18 @@ def create_pair(settings: KafkaSettings, spec: PairSpec) -> None:
                          f"delete it first with 'x2x pair delete {spec.name}'")
     ensure_topic(admin, journal_topic(spec.name), JOURNAL_CONFIG)
     publish(settings, ControlEvent("created", spec.name, now_ms(), spec))
+    if history.bounded:
+        set_history(settings, spec.name, history)
+
+
+def set_history(settings: KafkaSettings, name: str, history: HistorySettings) -> PairState:
+    """Set or change a pair's history window: the journal's segment size first (so the
+    disk follows deletions from the start), then the event the history base obeys."""
+    from infra.retention import set_segment_bytes
+    state = get_pair(settings, name)
+    set_segment_bytes(settings, name, history.segment_bytes)
+    publish(settings, ControlEvent(HISTORY_SET, name, now_ms(), attrs=history.to_attrs()))
+    return state
 
 
 def delete_pair(settings: KafkaSettings, name: str) -> PairState:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from journal.errors import BadInput
+from journal.status import Beat
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
 _MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -176,3 +177,20 @@ def oldest_restorable_ms(low: int, first: Mark | None, base: Mark | None) -> int
     if low <= 0:
         return first.captured_at_ms if first is not None else None
     return base.captured_at_ms if base is not None else None
+
+
+def readers_of(beats: Iterable[Beat], pair: str) -> list[Reader]:
+    """The registered readers of ``pair``'s journal: every applier and replica, as its
+    newest heartbeat says. A beat without ``needs`` (an x2x from before history windows)
+    holds the whole journal: its checkpoint's offset is unknown."""
+    newest: dict[str, Beat] = {}
+    for b in beats:
+        if b.pair == pair and b.role == "applier":
+            if b.instance not in newest or newest[b.instance].at_ms <= b.at_ms:
+                newest[b.instance] = b
+    out = []
+    for b in newest.values():
+        raw = b.detail.get("needs")
+        needs = 0 if raw is None else (int(raw) if raw.lstrip("-").isdigit() else None)
+        out.append(Reader(b.instance, needs, b.at_ms))
+    return out

@@ -6,6 +6,7 @@ from hypothesis import given, strategies as st
 
 from journal.errors import BadInput
 from journal.history import (HistorySettings, Mark, Reader, base_cut_ms, deletable_below,
+                             readers_of,
                              format_duration, held_payload, oldest_restorable_ms,
                              parse_duration)
 from journal.pairs import HISTORY_SET, ControlEvent, PairSpec, fold
@@ -102,3 +103,14 @@ def test_held_bytes_and_the_oldest_restorable_point() -> None:
     assert oldest_restorable_ms(0, first, base) == 100    # nothing deleted yet
     assert oldest_restorable_ms(20, first, base) == 500   # from the base on
     assert oldest_restorable_ms(20, first, None) is None
+
+
+def test_readers_register_through_their_newest_heartbeat() -> None:
+    from journal.status import Beat
+
+    def beat(inst, at, **detail):
+        return Beat("p", "applier", inst, "h", 1, at, "following", 1, 1, 1, 1, 0.0, detail)
+    beats = [beat("t", 1, needs="5"), beat("t", 2, needs="9"), beat("pit", 3, needs=""),
+             beat("old", 4), Beat("q", "applier", "x", "h", 1, 5, "s", 1, 1, 1, 1)]
+    got = {r.instance: r.needs for r in readers_of(beats, "p")}
+    assert got == {"t": 9, "pit": None, "old": 0}

@@ -1,0 +1,152 @@
+"""The history base: a volume on the target side that follows the pair's history window.
+
+Every cycle it applies the consistency points that left the window (an Applier with a
+capture-time limit: only whole consistency points, its own checkpoint), then deletes
+the journal's records below what journal/history.py allows: never above its own
+checkpoint, never above what a registered reader still needs. The journal then holds
+the window plus the lag of the slowest reader, not the volume's whole history; new
+replicas and point-in-time copies start from a copy of the base (consumers/seed.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from confluent_kafka import Producer
+
+from consumers.applier import Applier
+from consumers.checkpoint import CheckpointStore
+from infra import control, retention
+from infra.heartbeat import HeartbeatPublisher, read_beats
+from infra.kafka import KafkaSettings
+from journal.clock import now_ms
+from journal.errors import BehindBase, Busy
+from journal.history import (READER_TTL_MS, HistorySettings, Mark, base_cut_ms,
+                             deletable_below, held_payload, oldest_restorable_ms,
+                             readers_of)
+from journal.pairs import PairSpec
+from journal.sequence import Limit, Position
+from journal.status import Beat, newest
+from schemas.cipher import JournalKey
+
+log = logging.getLogger("x2x.base")
+
+
+@dataclass
+class BaseReport:
+    """One cycle of the base, as its heartbeat and ``x2x status`` show it."""
+
+    window_ms: int | None
+    position: Position              # the base's checkpoint
+    low: int                        # the journal's first offset after this cycle
+    high: int                       # the next offset to be written
+    deleted: int                    # records deleted this cycle
+    held_payload: int | None        # journal payload bytes from ``low`` to the head
+    oldest_ms: int | None           # capture time of the oldest record kept
+    restorable_ms: int | None       # the oldest point a replica can be built at
+    holding: str                    # the reader that keeps records below the base, if any
+
+    def detail(self) -> dict[str, str]:
+        def s(v: int | None) -> str:
+            return "" if v is None else str(v)
+        return {"window_ms": s(self.window_ms), "low": str(self.low), "high": str(self.high),
+                "base_offset": str(self.position.offset), "held_payload": s(self.held_payload),
+                "oldest_ms": s(self.oldest_ms), "restorable_ms": s(self.restorable_ms),
+                "holding": self.holding}
+
+
+def interval_for(history: HistorySettings) -> float:
+    """Seconds between cycles: a tenth of the window, from 0.5 s to 30 s."""
+    if history.window_ms is None:
+        return 30.0
+    return min(30.0, max(0.5, history.window_ms / 10_000))
+
+
+class HistoryBase:
+    """Runs the history base of one pair on one volume."""
+
+    def __init__(self, spec: PairSpec, volume: str, settings: KafkaSettings,
+                 key: JournalKey | None = None, reader_ttl_ms: int = READER_TTL_MS,
+                 interval: float | None = None) -> None:
+        self.spec, self.volume, self.settings, self.key = spec, volume, settings, key
+        self.reader_ttl_ms, self.interval = reader_ttl_ms, interval
+        self.store = CheckpointStore(spec.name, volume)
+        self._oldest: Mark | None = None
+        self._producer = Producer(settings.side_producer())
+        self._beats = HeartbeatPublisher(self._producer, spec.name, "base", volume)
+        self.reports: list[BaseReport] = []
+
+    def run(self, stop: threading.Event) -> None:
+        """Cycle until ``stop``; the window is read again every cycle, so a change with
+        'x2x pair history' takes effect without a restart."""
+        if not os.path.exists(self.volume):
+            with open(self.volume, "wb") as f:
+                f.truncate(self.spec.volume_size)
+        try:
+            while not stop.is_set():
+                history = control.get_pair(self.settings, self.spec.name).history
+                self.reports.append(self.cycle(history, stop))
+                del self.reports[:-100]
+                stop.wait(self.interval or interval_for(history))
+        finally:
+            self._producer.flush(5)
+
+    def cycle(self, history: HistorySettings, stop: threading.Event | None = None
+              ) -> BaseReport:
+        """Apply what left the window, then delete what nobody needs any more."""
+        now = now_ms()
+        cut = base_cut_ms(now, history)
+        low, high = retention.watermarks(self.settings, self.spec.name)
+        cp = self.store.load()
+        if cut is not None:
+            if cp is None and low > 0:
+                raise BehindBase(
+                    f"pair {self.spec.name}: the history base {self.volume} has no "
+                    f"checkpoint but the journal starts at offset {low}: its history is gone. "
+                    f"Seed it from a target stopped at its checkpoint: stop the pair's "
+                    f"applier, then 'x2x base {self.spec.name} --volume {self.volume} "
+                    f"--seed-from {self.spec.target}'")
+            try:
+                Applier(self.spec, self.volume, self.settings, key=self.key,
+                        store=self.store, limit=Limit(at_ms=cut),
+                        publish_status=False).run(stop=stop)
+            except Busy:
+                log.info("pair %s: the base is being copied (a seed); next cycle",
+                         self.spec.name)
+            cp = self.store.load()
+        pos = cp.position if cp is not None else Position()
+        beats = read_beats(self.settings)
+        deleted, holding = 0, ""
+        if cut is not None:
+            readers = readers_of(beats, self.spec.name)
+            safe = deletable_below(pos.offset, readers, low, now, self.reader_ttl_ms)
+            if 0 <= safe < pos.offset:
+                holding = next((r.instance for r in readers
+                                if r.needs is not None and max(r.needs, 0) == safe), "")
+            if safe > low:
+                new_low = max(retention.delete_below(self.settings, self.spec.name, safe), safe)
+                deleted, low = new_low - low, new_low
+                log.info("pair %s: deleted journal records below offset %d (base at %d)",
+                         self.spec.name, low, pos.offset)
+        report = self._report(history, beats, pos, low, high, deleted, holding)
+        self._beats.beat("following" if cut is not None else "idle (no window)",
+                         pos.epoch, pos.seq, pos.epoch_bytes, pos.captured_at_ms,
+                         detail=report.detail(), force=True)
+        self._producer.poll(0)
+        return report
+
+    def _report(self, history: HistorySettings, beats: list[Beat], pos: Position, low: int,
+                high: int, deleted: int, holding: str) -> BaseReport:
+        if self._oldest is None or self._oldest.offset < low:
+            self._oldest = retention.mark_at(self.settings, self.spec.name, low)
+        oldest = self._oldest
+        cap = newest(beats, self.spec.name, "capturer")
+        held = (held_payload(oldest, cap.epoch, cap.epoch_bytes) if cap is not None
+                else None)
+        base = (Mark(pos.offset, pos.epoch, pos.epoch_bytes, 0, pos.captured_at_ms)
+                if pos.offset >= 0 else None)
+        return BaseReport(history.window_ms, pos, low, high, deleted, held,
+                          oldest.captured_at_ms if oldest else None,
+                          oldest_restorable_ms(low, oldest, base), holding)
