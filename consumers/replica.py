@@ -6,20 +6,16 @@ from __future__ import annotations
 import datetime as dt
 import os
 import threading
-import time
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from consumers import seed
 from consumers.applier import Applier, ApplyStats
 from consumers.checkpoint import CheckpointStore
 from infra import retention, telemetry
 from infra.kafka import KafkaSettings
-from infra.topics import journal_topic
-from journal.errors import BadInput, JournalLost
+from journal.errors import BadInput
 from journal.pairs import PairSpec, PairState
 from journal.sequence import Limit, Position
-from schemas import codec
 from schemas.cipher import JournalKey
 
 
@@ -51,26 +47,6 @@ def parse_seq(text: str) -> tuple[int, int]:
                        f"or SEQ for epoch 1") from None
 
 
-def first_capture_ms(settings: KafkaSettings, pair: str, timeout: float = 10.0) -> int | None:
-    """Capture time of the journal's first entry, or None for an empty journal."""
-    consumer = Consumer(settings.consumer())
-    try:
-        consumer.assign([TopicPartition(journal_topic(pair), 0, 0)])
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for msg in consumer.consume(1, 0.2):
-                err = msg.error()
-                if err is None:
-                    return codec.decode_entry(msg.value()).captured_at_ms
-                if err.code() == KafkaError._PARTITION_EOF:
-                    return None
-                if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                    raise JournalLost(f"the journal topic {journal_topic(pair)} does not exist")
-        return None
-    finally:
-        consumer.close()
-
-
 def make_limit(settings: KafkaSettings, pair: str, at: str | None, seq: str | None,
                offset: int | None) -> Limit | None:
     """Validate the point-in-time options into a Limit (None: live-follow)."""
@@ -80,14 +56,20 @@ def make_limit(settings: KafkaSettings, pair: str, at: str | None, seq: str | No
         raise BadInput(f"--offset must be 0 or more, got {offset}")
     if at is not None:
         at_ms = parse_at(at)
-        first = first_capture_ms(settings, pair)
+        first = retention.mark_at(settings, pair, 0)
         if first is None:
             raise BadInput(f"the journal of pair {pair} is empty: nothing to recover yet")
-        if at_ms < first:
+        when = dt.datetime.fromtimestamp(first.captured_at_ms / 1000, dt.timezone.utc)
+        if at_ms < first.captured_at_ms and first.offset > 0:
+            raise BadInput(
+                f"--at {at} lies before the oldest point that can be restored: pair {pair} "
+                f"keeps a history window and its journal now starts with a record captured "
+                f"{when.isoformat()}; the history base holds the state before that as one "
+                f"point ('x2x status' shows the oldest restorable time)")
+        if at_ms < first.captured_at_ms:
             raise BadInput(
                 f"--at {at} is before the journal's first entry (captured "
-                f"{dt.datetime.fromtimestamp(first / 1000, dt.timezone.utc).isoformat()}); "
-                f"there is no consistent state that early")
+                f"{when.isoformat()}); there is no consistent state that early")
         return Limit(at_ms=at_ms)
     if seq is not None:
         return Limit(epoch_seq=parse_seq(seq))
@@ -123,7 +105,7 @@ def build(spec: PairSpec, target: str, settings: KafkaSettings, limit: Limit | N
 def _too_early(spec: PairSpec, limit: Limit, pos: Position) -> BadInput:
     when = dt.datetime.fromtimestamp(pos.captured_at_ms / 1000, dt.timezone.utc)
     return BadInput(
-        f"pair {spec.name}: that point lies before the oldest one that can be restored, "
+        f"pair {spec.name}: that point lies before the oldest point that can be restored, "
         f"the history base's position (epoch {pos.epoch} seq {pos.seq}, offset "
         f"{pos.offset}, captured {when.isoformat(timespec='seconds')}); the records before "
         f"it have left the journal. Choose a point after it, or a longer window next time "

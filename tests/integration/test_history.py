@@ -162,7 +162,7 @@ def test_point_in_time_inside_the_window_and_a_replica_behind_the_base(
         # A point before the base is refused, saying what the oldest one is.
         proc = run_x2x("replica", "add", spec.name, "--target", str(tmp_path / "old.img"),
                        "--base", base_img, "--at", snaps[0][0], check=False)
-        assert proc.returncode == 2 and "before the oldest one that can be restored" in \
+        assert proc.returncode == 2 and "before the oldest point that can be restored" in \
             proc.stderr, proc.stderr
     finally:
         base.close()
