@@ -6,6 +6,7 @@ broker's bytes is the same: the window, the base's cycle, Kafka's retention chec
 one segment."""
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import threading
@@ -106,6 +107,8 @@ def test_soak_20x_the_volume_keeps_broker_bytes_bounded_and_loses_nothing(
                 break
             time.sleep(1)
         low, high = retention.watermarks(settings, spec.name)
+        time.sleep(0.5)                       # a base beat after the last deletion
+        (st,) = json.loads(run_x2x("status", spec.name, "--json").stdout)
     finally:
         base.close()
         app.close()
@@ -120,6 +123,12 @@ def test_soak_20x_the_volume_keeps_broker_bytes_bounded_and_loses_nothing(
     assert low > 0, "the base deleted nothing"
     assert peak < written / 2, "broker bytes grew with what was written"
     assert held <= 4 * MiB
+    # Status: the window configured and actual, what the journal holds, the oldest point.
+    h = st["history"]
+    assert st["history_window_ms"] == 2000 and h["window_ms"] == 2000
+    assert h["low"] >= low - 10 and h["high"] >= h["low"]
+    assert h["restorable_ms"] is not None and h["held_payload"] is not None
+    assert st["history_warnings"] == []
     # Nothing lost: the pair's target (a registered reader) equals the source ...
     Applier(spec, spec.target, settings).run(until_caught_up=True)
     assert same_bytes(spec.source, spec.target)
