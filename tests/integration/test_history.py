@@ -98,7 +98,7 @@ def test_soak_20x_the_volume_keeps_broker_bytes_bounded_and_loses_nothing(
             if i == 10:                       # a restart of the base keeps the window
                 base.close()
                 base = Running(base_of(spec, settings, tmp_path).run)
-            time.sleep(0.5)
+            time.sleep(1.0)                   # ~8 MiB/s: the run outlasts the bound below
         # Settle: the window passes, the base applies, Kafka's check frees the segments.
         deadline = time.monotonic() + 40
         while time.monotonic() < deadline:
