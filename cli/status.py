@@ -75,6 +75,12 @@ def history_warnings(r: PairStatus, st: PairState) -> list[str]:
         return [f"pair {r.pair} has a history window but no history base runs: its journal "
                 f"grows without bound; start one with 'x2x base {r.pair} --volume PATH'"]
     out = []
+    if h.shrunk:
+        actual = "?" if h.actual_ms is None else format_age(h.actual_ms)
+        out.append(f"the journal is over its limit ({want.describe()}): the history base "
+                   f"applies early and the window is down to {actual}; writes on the source "
+                   f"go on. Give the journal more room, a shorter --history, or find what "
+                   f"writes so much")
     if h.holding:
         out.append(f"{h.holding} keeps journal records below the base (it lags, or "
                    f"stopped); the journal holds more than the window until it catches up "

@@ -14,8 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from confluent_kafka import (Consumer, KafkaError, KafkaException, Message, Producer,
-                             TopicPartition)
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from consumers.checkpoint import Checkpoint, CheckpointStore
 from consumers.writer import apply_entry, apply_op
@@ -23,6 +22,7 @@ from infra import control, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
 from infra.reader import check_record
+from infra.retention import offsets_of
 from infra.topics import ensure_base_topics, journal_topic
 from infra.volume import Volume, volume_digest
 from journal.errors import (BehindBase, BrokerError, DigestMismatch, JournalError,
@@ -30,6 +30,7 @@ from journal.errors import (BehindBase, BrokerError, DigestMismatch, JournalErro
                             VolumeError)
 from journal.blocks import (HASH_LEN, Extent, coalesce, diff_maps, format_extents,
                             hash_buffer)
+from journal.history import BaseLimit
 from journal.ops import Entry, OpKind
 from journal.pairs import JOURNAL_LOST, ControlEvent, PairSpec, PairState
 from journal.sequence import Limit, Position, Verdict, check_extents, classify
@@ -80,7 +81,7 @@ class Applier:
 
     def __init__(self, spec: PairSpec, target: str, settings: KafkaSettings,
                  key: JournalKey | None = None, store: CheckpointStore | None = None,
-                 stage_limit: int = STAGE_LIMIT, limit: Limit | None = None,
+                 stage_limit: int = STAGE_LIMIT, limit: Limit | BaseLimit | None = None,
                  on_checkpoint: Callable[[Position], None] | None = None,
                  publish_status: bool = True, start: Position | None = None,
                  until: tuple[int, int] | None = None, role: Role = Role.APPLIER) -> None:
@@ -368,10 +369,9 @@ class Applier:
     def _journal_start(self, consumer: Consumer) -> int:
         """The journal's first offset (0 when the broker does not say)."""
         try:
-            low, _ = consumer.get_watermark_offsets(TopicPartition(self.topic, 0),
-                                                    timeout=VERIFY_TIMEOUT, cached=False)
+            low, _ = offsets_of(consumer, self.topic, VERIFY_TIMEOUT)
             return max(low, 0)
-        except KafkaException:
+        except BrokerError:
             return 0        # the checks against the checkpoint's record still run
 
     def _behind(self, pos: Position | None, low: int) -> BehindBase:

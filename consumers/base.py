@@ -18,16 +18,16 @@ from confluent_kafka import Producer
 
 from consumers.applier import Applier
 from consumers.checkpoint import CheckpointStore
-from infra import control, retention
+from infra import control, retention, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
 from journal.clock import now_ms
 from journal.errors import BehindBase, Busy
-from journal.history import (READER_TTL_MS, HistorySettings, Mark, base_cut_ms,
+from journal.history import (READER_TTL_MS, HistorySettings, Mark, base_limit,
                              deletable_below, held_payload, oldest_restorable_ms,
                              readers_of)
 from journal.pairs import PairSpec
-from journal.sequence import Limit, Position
+from journal.sequence import Position
 from journal.status import Beat, newest
 from schemas.cipher import JournalKey
 
@@ -47,6 +47,7 @@ class BaseReport:
     oldest_ms: int | None           # capture time of the oldest record kept
     restorable_ms: int | None       # the oldest point a replica can be built at
     holding: str                    # the reader that keeps records below the base, if any
+    shrunk: bool = False            # over the journal limit: applied early this cycle
 
     def detail(self) -> dict[str, str]:
         def s(v: int | None) -> str:
@@ -54,7 +55,7 @@ class BaseReport:
         return {"window_ms": s(self.window_ms), "low": str(self.low), "high": str(self.high),
                 "base_offset": str(self.position.offset), "held_payload": s(self.held_payload),
                 "oldest_ms": s(self.oldest_ms), "restorable_ms": s(self.restorable_ms),
-                "holding": self.holding}
+                "holding": self.holding, "shrunk": str(int(self.shrunk))}
 
 
 def interval_for(history: HistorySettings) -> float:
@@ -95,12 +96,17 @@ class HistoryBase:
 
     def cycle(self, history: HistorySettings, stop: threading.Event | None = None
               ) -> BaseReport:
-        """Apply what left the window, then delete what nobody needs any more."""
+        """Apply what left the window (and more, early, when the journal is over its
+        limit), then delete what nobody needs any more."""
         now = now_ms()
-        cut = base_cut_ms(now, history)
         low, high = retention.watermarks(self.settings, self.spec.name)
+        beats = read_beats(self.settings)
+        cap = newest(beats, self.spec.name, "capturer")
+        held_before = self._held(low, cap)
+        limit = base_limit(now, history, held_before, cap.epoch if cap else 0,
+                           cap.epoch_bytes if cap else 0)
         cp = self.store.load()
-        if cut is not None:
+        if limit is not None:
             if cp is None and low > 0:
                 raise BehindBase(
                     f"pair {self.spec.name}: the history base {self.volume} has no "
@@ -108,18 +114,21 @@ class HistoryBase:
                     f"Seed it from a target stopped at its checkpoint: stop the pair's "
                     f"applier, then 'x2x base {self.spec.name} --volume {self.volume} "
                     f"--seed-from {self.spec.target}'")
+            if limit.keep_bytes is not None:
+                log.warning("pair %s: the journal holds %d bytes, over its limit of %d: the "
+                            "history base applies early and the window shrinks (writes on "
+                            "the source go on)", self.spec.name, held_before,
+                            history.journal_max)
             try:
                 Applier(self.spec, self.volume, self.settings, key=self.key,
-                        store=self.store, limit=Limit(at_ms=cut),
-                        publish_status=False).run(stop=stop)
+                        store=self.store, limit=limit, publish_status=False).run(stop=stop)
             except Busy:
                 log.info("pair %s: the base is being copied (a seed); next cycle",
                          self.spec.name)
             cp = self.store.load()
         pos = cp.position if cp is not None else Position()
-        beats = read_beats(self.settings)
         deleted, holding = 0, ""
-        if cut is not None:
+        if limit is not None:
             readers = readers_of(beats, self.spec.name)
             safe = deletable_below(pos.offset, readers, low, now, self.reader_ttl_ms)
             if 0 <= safe < pos.offset:
@@ -130,23 +139,41 @@ class HistoryBase:
                 deleted, low = new_low - low, new_low
                 log.info("pair %s: deleted journal records below offset %d (base at %d)",
                          self.spec.name, low, pos.offset)
-        report = self._report(history, beats, pos, low, high, deleted, holding)
-        self._beats.beat("following" if cut is not None else "idle (no window)",
+        early = limit is not None and limit.keep_bytes is not None
+        # The window stays shrunk while the base stands inside it (applied early).
+        shrunk = early or (limit is not None and pos.captured_at_ms > limit.cut_ms)
+        report = self._report(history, cap, pos, low, high, deleted, holding, shrunk, early,
+                              now)
+        self._beats.beat("following" if limit is not None else "idle (no window)",
                          pos.epoch, pos.seq, pos.epoch_bytes, pos.captured_at_ms,
                          detail=report.detail(), force=True)
         self._producer.poll(0)
         return report
 
-    def _report(self, history: HistorySettings, beats: list[Beat], pos: Position, low: int,
-                high: int, deleted: int, holding: str) -> BaseReport:
+    def _held(self, low: int, cap: Beat | None) -> int | None:
+        """Payload bytes the journal holds from ``low`` to the capturer's head; across
+        epochs, the head's epoch alone (a lower bound)."""
         if self._oldest is None or self._oldest.offset < low:
             self._oldest = retention.mark_at(self.settings, self.spec.name, low)
+        if cap is None:
+            return None
+        held = held_payload(self._oldest, cap.epoch, cap.epoch_bytes)
+        return cap.epoch_bytes if held is None else held
+
+    def _report(self, history: HistorySettings, cap: Beat | None, pos: Position, low: int,
+                high: int, deleted: int, holding: str, shrunk: bool, early: bool,
+                now: int) -> BaseReport:
+        self._held(low, cap)                  # the journal's oldest record, after deletion
         oldest = self._oldest
-        cap = newest(beats, self.spec.name, "capturer")
         held = (held_payload(oldest, cap.epoch, cap.epoch_bytes) if cap is not None
                 else None)
         base = (Mark(pos.offset, pos.epoch, pos.epoch_bytes, 0, pos.captured_at_ms)
                 if pos.offset >= 0 else None)
-        return BaseReport(history.window_ms, pos, low, high, deleted, held,
-                          oldest.captured_at_ms if oldest else None,
-                          oldest_restorable_ms(low, oldest, base), holding)
+        report = BaseReport(history.window_ms, pos, low, high, deleted, held,
+                            oldest.captured_at_ms if oldest else None,
+                            oldest_restorable_ms(low, oldest, base), holding, shrunk)
+        telemetry.metrics().history(
+            self.spec.name, self.volume, held,
+            None if oldest is None else max(0.0, (now - oldest.captured_at_ms) / 1000),
+            early)
+        return report

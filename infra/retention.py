@@ -18,14 +18,26 @@ from journal.history import Mark
 from schemas import codec
 
 
+def offsets_of(consumer: Consumer, topic: str, timeout: float = 10.0) -> tuple[int, int]:
+    """(first offset held, next offset to be written) of partition 0 of ``topic``. A new
+    consumer may not know the partition yet ("unknown partition"): asked again until
+    ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.get_watermark_offsets(TopicPartition(topic, 0),
+                                                  timeout=max(1.0, timeout / 5), cached=False)
+        except KafkaException as e:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"cannot read the offsets of {topic}: {e}") from None
+            time.sleep(0.2)
+
+
 def watermarks(settings: KafkaSettings, pair: str, timeout: float = 10.0) -> tuple[int, int]:
     """(first offset held, next offset to be written) of the pair's journal."""
     consumer = Consumer(settings.consumer())
     try:
-        return consumer.get_watermark_offsets(TopicPartition(journal_topic(pair), 0),
-                                              timeout=timeout, cached=False)
-    except KafkaException as e:
-        raise BrokerError(f"cannot read the offsets of {journal_topic(pair)}: {e}") from None
+        return offsets_of(consumer, journal_topic(pair), timeout)
     finally:
         consumer.close()
 

@@ -10,10 +10,11 @@ without a broker.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from journal.errors import BadInput
+from journal.ops import Entry
 from journal.status import Beat
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
@@ -114,6 +115,59 @@ def base_cut_ms(now_ms: int, settings: HistorySettings) -> int | None:
     if settings.window_ms is None:
         return None
     return now_ms - settings.window_ms
+
+
+#: Over its limit, the base applies early until the journal above it holds this share of
+#: the limit: room for the writes of a few cycles, so it does not apply early every cycle.
+EARLY_SHARE = 0.8
+
+
+@dataclass
+class BaseLimit:
+    """Where the history base stops this cycle (an Applier limit: the applier stops
+    before the first entry that exceeds it and drops an unfinished consistency point, so
+    only whole consistency points are applied).
+
+    A consistency point has left the window when its closing entry was captured at or
+    before ``cut_ms``. With ``keep_bytes`` (the journal is over its limit) the base also
+    applies early, one whole consistency point after another, as long as more than
+    ``keep_bytes`` of payload of the capturer's epoch lie from the point's first entry to
+    the head: afterwards at most ``keep_bytes`` remain above the base. The window shrinks;
+    the source is never held back. Asked about every entry in journal order, it
+    remembers whether the point in hand was begun early."""
+
+    cut_ms: int
+    head_epoch: int = 0
+    head_epoch_bytes: int = 0
+    keep_bytes: int | None = None
+    _early: bool = field(default=False, compare=False, repr=False)
+
+    def exceeded_by(self, entry: Entry, offset: int) -> bool:
+        exceeded = entry.captured_at_ms > self.cut_ms and not self._early_ok(entry)
+        if not exceeded and self.keep_bytes is not None:
+            self._early = not entry.closes_consistency_point
+        return exceeded
+
+    def _early_ok(self, entry: Entry) -> bool:
+        if self.keep_bytes is None or entry.epoch > self.head_epoch:
+            return False
+        if self._early or entry.epoch < self.head_epoch:
+            return True               # the point in hand, or an older epoch: all of it
+        from_here = self.head_epoch_bytes - (entry.epoch_bytes - entry.payload_bytes)
+        return from_here > self.keep_bytes
+
+
+def base_limit(now_ms: int, settings: HistorySettings, held: int | None, head_epoch: int,
+               head_epoch_bytes: int) -> BaseLimit | None:
+    """This cycle's limit of the base; None when the pair keeps its whole journal.
+    ``held``: payload bytes the journal holds (a lower bound will do)."""
+    cut = base_cut_ms(now_ms, settings)
+    if cut is None:
+        return None
+    limit = settings.journal_max
+    if limit is None or held is None or held <= limit:
+        return BaseLimit(cut)
+    return BaseLimit(cut, head_epoch, head_epoch_bytes, int(limit * EARLY_SHARE))
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ class HistoryStatus:
     restorable_ms: int | None       # capture time of the oldest point a replica can have
     holding: str                    # a reader keeping records below the base, if any
     seen_s_ago: float
+    shrunk: bool = False            # over --journal-max: the base applied early
 
 
 def _num(detail: dict[str, str], key: str) -> int | None:
@@ -69,7 +70,7 @@ def history_status(base: Beat, now_ms: int) -> HistoryStatus:
                          None if oldest is None else max(0, now_ms - oldest),
                          _num(d, "held_payload"), _num(d, "low") or 0, _num(d, "high") or 0,
                          _num(d, "restorable_ms"), d.get("holding", ""),
-                         (now_ms - base.at_ms) / 1000)
+                         (now_ms - base.at_ms) / 1000, d.get("shrunk") == "1")
 
 
 @dataclass(frozen=True)

@@ -188,3 +188,40 @@ def test_point_in_time_inside_the_window_and_a_replica_behind_the_base(
     run_x2x("replica", "add", spec.name, "--target", str(early), "--base", base_img,
             "--reseed", "--at", "now")
     assert same_bytes(early, spec.source)
+
+
+def test_over_its_limit_the_window_shrinks_with_a_warning_and_writes_go_on(
+        settings, pair_name, tmp_path, caplog):
+    spec = windowed(settings, pair_name, tmp_path, window="1h")    # limit 16 MiB
+    rng = random.Random(3)
+    base = Running(base_of(spec, settings, tmp_path).run)
+    app = Running(lambda stop: Applier(spec, spec.target, settings).run(stop=stop))
+    written = 0
+    try:
+        for _ in range(8):                    # 64 MiB into a 1 h window: 4x the limit
+            rewrite(Path(spec.source), rng)
+            t0 = time.monotonic()
+            written += scan_once(spec, settings).bytes_sent
+            assert time.monotonic() - t0 < 30   # the source is never held back
+            time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while True:
+            (st,) = json.loads(run_x2x("status", spec.name, "--json").stdout)
+            h = st["history"]
+            if h["held_payload"] is not None and h["held_payload"] <= 16 * MiB:
+                break
+            assert time.monotonic() < deadline, h
+            time.sleep(1)
+    finally:
+        base.close()
+        app.close()
+    assert written >= 64 * MiB
+    assert h["shrunk"] and h["actual_ms"] < 3_600_000 and h["low"] > 0
+    assert any("over its limit" in w for w in st["history_warnings"])
+    assert "over its limit" in caplog.text and "applies early" in caplog.text
+    # Nothing lost: the target follows, and a replica from the base equals the source.
+    Applier(spec, spec.target, settings).run(until_caught_up=True)
+    assert same_bytes(spec.source, spec.target)
+    run_x2x("replica", "add", spec.name, "--target", str(tmp_path / "r.img"),
+            "--base", str(tmp_path / "base.img"), "--at", "now")
+    assert same_bytes(spec.source, tmp_path / "r.img")

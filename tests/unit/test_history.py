@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 from journal.errors import BadInput
 from journal.history import (HistorySettings, Mark, Reader, base_cut_ms, deletable_below,
-                             readers_of,
+                             base_limit, readers_of,
                              format_duration, held_payload, oldest_restorable_ms,
                              parse_duration)
 from journal.pairs import HISTORY_SET, ControlEvent, PairSpec, fold
@@ -114,3 +114,55 @@ def test_readers_register_through_their_newest_heartbeat() -> None:
              beat("old", 4), Beat("q", "applier", "x", "h", 1, 5, "s", 1, 1, 1, 1)]
     got = {r.instance: r.needs for r in readers_of(beats, "p")}
     assert got == {"t": 9, "pit": None, "old": 0}
+
+
+def _entry(epoch: int, epoch_bytes: int, at: int, payload: int = 0, closing: bool = True):
+    from journal.ops import Entry, Op
+    ops = ((Op.write(0, bytes(payload)),) if payload else ()) + ((Op.flush(),) if closing
+                                                                   else ())
+    return Entry("p", epoch, 1, at, epoch_bytes, ops)
+
+
+def test_within_its_limit_the_base_applies_only_what_left_the_window() -> None:
+    h = HistorySettings(60_000, 100 << 20)
+    lim = base_limit(NOW, h, 50 << 20, 2, 50 << 20)
+    assert lim.keep_bytes is None
+    assert not lim.exceeded_by(_entry(2, 1, NOW - 60_000), 0)
+    assert lim.exceeded_by(_entry(2, 1, NOW - 59_999), 0)
+    assert base_limit(NOW, HistorySettings(), 10**12, 2, 0) is None
+
+
+def test_over_its_limit_the_base_applies_whole_points_early_until_the_share_is_left() -> None:
+    h = HistorySettings(60_000, 100 << 20)
+    recent = NOW - 1000                                  # well inside the window
+    lim = base_limit(NOW, h, 150 << 20, 2, 150 << 20)
+    assert lim.keep_bytes == 80 << 20
+    assert not lim.exceeded_by(_entry(2, 60 << 20, recent), 0)   # 90 MiB from its start
+    # A point begun early is applied whole, though less than the share remains after it.
+    lim = base_limit(NOW, h, 150 << 20, 2, 150 << 20)
+    assert not lim.exceeded_by(_entry(2, 69 << 20, recent, 1024, closing=False), 0)
+    assert not lim.exceeded_by(_entry(2, 100 << 20, recent), 0)
+    assert lim.exceeded_by(_entry(2, 101 << 20, recent), 0)      # 50 MiB left: kept
+    lim = base_limit(NOW, h, 150 << 20, 2, 150 << 20)
+    assert not lim.exceeded_by(_entry(1, 10**12, recent), 0)     # an older epoch goes
+    assert lim.exceeded_by(_entry(3, 0, recent), 0)              # newer than the head
+
+
+@given(st.integers(16 << 20, 1 << 30), st.lists(st.integers(1, 8 << 20), min_size=1,
+                                                  max_size=40))
+def test_early_apply_leaves_at_most_the_share_of_the_limit_above_the_base(limit, sizes) -> None:
+    """Points of random sizes, all inside the window: the base applies a prefix of whole
+    points, and what remains above it is at most the share (and no more was applied
+    than needed)."""
+    head = sum(sizes)
+    lim = base_limit(NOW, HistorySettings(60_000, limit), head, 1, head)
+    done, last_from = 0, None
+    for n in sizes:
+        if lim.exceeded_by(_entry(1, done + n, NOW, payload=n), 0):
+            break
+        last_from, done = head - done, done + n
+    if lim.keep_bytes is None:
+        assert head <= limit and done == 0
+    else:
+        assert head - done <= lim.keep_bytes
+        assert last_from is not None and last_from > lim.keep_bytes
