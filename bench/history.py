@@ -70,8 +70,14 @@ def run(ctx: Context) -> dict[str, Any]:
         while not same_volume(src, spec.target) and time.monotonic() < deadline:
             time.sleep(0.5)
         window_s = HistorySettings.parse(window, None).window_ms / 1000
-        time.sleep(window_s + 7)             # the window passes, Kafka frees the segments
-        end = partition_bytes(broker_dir(), journal_topic(spec.name))
+        time.sleep(window_s)                 # the window passes
+        segment = HistorySettings(1, size * 4).segment_bytes
+        deadline = time.monotonic() + 30     # Kafka's retention check frees the segments
+        while True:
+            end = partition_bytes(broker_dir(), journal_topic(spec.name))
+            if end <= 2 * segment or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         low, high = watermarks(ctx.settings, spec.name)
         cpu = {"base": _cpu_seconds(base.pid), "applier": _cpu_seconds(applier.pid)}
         wrote = {"base": _write_bytes(base.pid), "applier": _write_bytes(applier.pid)}

@@ -225,3 +225,31 @@ def test_over_its_limit_the_window_shrinks_with_a_warning_and_writes_go_on(
     run_x2x("replica", "add", spec.name, "--target", str(tmp_path / "r.img"),
             "--base", str(tmp_path / "base.img"), "--at", "now")
     assert same_bytes(spec.source, tmp_path / "r.img")
+
+
+def test_the_window_is_set_at_create_changed_later_and_shown(settings, pair_name, tmp_path):
+    from confluent_kafka.admin import ConfigResource, ResourceType
+    src = make_image(tmp_path / "src.img", SIZE, seed=9)
+    out = run_x2x("pair", "create", pair_name, "--source", str(src), "--target",
+                  str(tmp_path / "dst.img"), "--create-target", "--history", "24h",
+                  "--journal-max", "50GiB").stdout
+    assert "history 1d, max 53687091200 bytes" in out
+    show = json.loads(run_x2x("pair", "show", pair_name, "--json").stdout)
+    assert show["history"] == "1d, max 53687091200 bytes"
+
+    def segment_bytes() -> int:
+        res = ConfigResource(ResourceType.TOPIC, journal_topic(pair_name))
+        admin = settings.check_reachable()    # held: its futures die with it
+        cfg = admin.describe_configs([res])[res].result()
+        return int(cfg["segment.bytes"].value)
+    assert segment_bytes() == 1 << 30              # 50GiB / 16, at most 1 GiB
+    run_x2x("pair", "history", pair_name, "--history", "90m")
+    assert control.get_pair(settings, pair_name).history == HistorySettings(90 * 60_000)
+    assert segment_bytes() == 64 * MiB
+    # No base runs yet: status says the journal grows, and how to start one.
+    text = run_x2x("status", pair_name).stdout
+    assert "no base running" in text and f"x2x base {pair_name} --volume" in text
+    proc = run_x2x("pair", "history", pair_name, "--history", "2 weeks", check=False)
+    assert proc.returncode == 2 and "not a duration" in proc.stderr
+    run_x2x("pair", "history", pair_name, "--history", "forever")
+    assert not control.get_pair(settings, pair_name).history.bounded
