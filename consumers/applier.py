@@ -342,34 +342,42 @@ class Applier:
     # -- start: resume from the checkpoint, proving the journal still holds it ----------
     def _start(self, consumer: Consumer) -> None:
         cp = self.store.load()
+        # The journal's start is a hint only (some brokers answer ListOffsets wrongly):
+        # a reader is behind the base when the record it needs is gone *and* lies below it.
         low = self._journal_start(consumer)
         if cp is None and self.start is not None:
-            if self.start.offset + 1 < low:
+            if self.start.offset + 1 < low and self._bounded():
                 raise self._behind(self.start, low)
             self.checkpointed = self._pos = self.start
             consumer.assign([TopicPartition(self.topic, 0, self.start.offset + 1)])
             return
         if cp is None:
             self._refuse_replay_after_loss()
-            st = self._pair_state() if low > 0 and self.publish_status else None
-            if st is not None and st.history.bounded:
+            if low > 0 and self._bounded():
                 raise self._behind(None, low)
             consumer.assign([TopicPartition(self.topic, 0, 0)])
             return
-        if cp.position.offset < low:
-            raise self._behind(cp.position, low)
         self.checkpointed = self._pos = cp.position
         self._last_digest = cp.entry_digest
         consumer.assign([TopicPartition(self.topic, 0, cp.position.offset)])
         why = check_record(consumer, self.topic, cp.position.offset,
                            bytes.fromhex(cp.entry_digest), VERIFY_TIMEOUT)
+        if why is not None and cp.position.offset < low:
+            raise self._behind(cp.position, low)
         if why is not None:
             raise self._lost(cp, why)
+
+    def _bounded(self) -> bool:
+        """Does the pair keep a history window (so a base may have deleted records)?"""
+        if not self.publish_status:
+            return False        # a scratch replay reports on what is there
+        st = self._pair_state()
+        return st is not None and st.history.bounded
 
     def _journal_start(self, consumer: Consumer) -> int:
         """The journal's first offset (0 when the broker does not say)."""
         try:
-            low, _ = offsets_of(consumer, self.topic, VERIFY_TIMEOUT)
+            low, _ = offsets_of(consumer, self.topic, 3.0)
             return max(low, 0)
         except BrokerError:
             return 0        # the checks against the checkpoint's record still run
@@ -384,8 +392,8 @@ class Applier:
         return BehindBase(
             f"pair {name}: {self.target} needs {need}, but {self.topic} now starts at "
             f"offset {low}: the history base applied the records before it and they were "
-            f"deleted (this reader was not registered then: silent for longer than the "
-            f"reader TTL, or new). Nothing was applied. Re-seed it from the history base "
+            f"deleted (this reader was not registered then: new, released at its point in "
+            f"time, or silent for longer than the reader TTL). Nothing was applied. Re-seed it from the history base "
             f"(a copy of the base and its checkpoint), then it follows: '{way}'")
 
     def _lost(self, cp: Checkpoint, why: str) -> JournalLost:

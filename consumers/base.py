@@ -22,7 +22,7 @@ from infra import control, retention, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
 from journal.clock import now_ms
-from journal.errors import BehindBase, Busy
+from journal.errors import BehindBase, BrokerError, Busy
 from journal.history import (READER_TTL_MS, HistorySettings, Mark, base_limit,
                              deletable_below, held_payload, oldest_restorable_ms,
                              readers_of)
@@ -86,10 +86,16 @@ class HistoryBase:
             with open(self.volume, "wb") as f:
                 f.truncate(self.spec.volume_size)
         try:
+            history = HistorySettings()
             while not stop.is_set():
-                history = control.get_pair(self.settings, self.spec.name).history
-                self.reports.append(self.cycle(history, stop))
-                del self.reports[:-100]
+                try:
+                    history = control.get_pair(self.settings, self.spec.name).history
+                    self.reports.append(self.cycle(history, stop))
+                    del self.reports[:-100]
+                except BrokerError as e:
+                    # The broker comes back; nothing was deleted that the rules forbid.
+                    log.warning("pair %s: history base cycle failed, retrying: %s",
+                                self.spec.name, e)
                 stop.wait(self.interval or interval_for(history))
         finally:
             self._producer.flush(5)
