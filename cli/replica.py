@@ -6,7 +6,7 @@ import typer
 from cli.common import console, human_bytes, print_json, settings
 from cli.replicate import _stop_on_signals
 from consumers import replica
-from consumers.seed import find_base
+from consumers.seed import find_base, register
 from infra import control
 from infra.keys import key_for
 
@@ -48,3 +48,17 @@ def add(ctx: typer.Context, name: str,
                   f"{human_bytes(stats.bytes_applied)} in {stats.seconds:.2f} s; at consistency "
                   f"point epoch {p.epoch} seq {p.seq} (offset {p.offset}); stopped by "
                   f"{stats.stopped_by}")
+
+
+@app.command()
+def release(ctx: typer.Context, name: str,
+            target: str = typer.Option(..., help="The replica that no longer follows.")
+            ) -> None:
+    """Tell the history base that TARGET needs none of the journal any more (a replica
+    given up); until then a stopped replica holds the journal at its checkpoint for the
+    reader TTL. It can come back later with 'x2x replica add NAME --target T --reseed'."""
+    s = settings(ctx)
+    control.get_pair(s, name)
+    register(s, name, target, None, state="released")
+    console.print(f"{target} released: the history base no longer keeps pair {name}'s "
+                  f"journal for it", highlight=False)

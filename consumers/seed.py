@@ -40,17 +40,19 @@ def find_base(settings: KafkaSettings, pair: str) -> str:
     return b.instance
 
 
-def register(settings: KafkaSettings, pair: str, target: str, pos: Position,
+def register(settings: KafkaSettings, pair: str, target: str, pos: Position | None,
              state: str = "seeded") -> None:
-    """Say on x2x.status, acknowledged, that ``target`` needs the journal from ``pos``:
-    done before the base is unlocked, so its next deletion already respects it."""
+    """Say on x2x.status, acknowledged, that ``target`` needs the journal from ``pos``
+    (done before the base is unlocked, so its next deletion already respects it), or
+    with ``pos=None`` that it needs nothing any more (released)."""
     producer = Producer(settings.side_producer())
+    p = pos or Position()
     HeartbeatPublisher(producer, pair, "applier", target).beat(
-        state, pos.epoch, pos.seq, pos.epoch_bytes, pos.captured_at_ms,
-        detail={"needs": str(max(pos.offset, 0))}, force=True)
+        state, p.epoch, p.seq, p.epoch_bytes, p.captured_at_ms,
+        detail={"needs": "" if pos is None else str(max(pos.offset, 0))}, force=True)
     if producer.flush(15):
-        raise BrokerError(f"could not register {target} as a reader of pair {pair} on "
-                          f"{settings.bootstrap}; nothing was seeded")
+        raise BrokerError(f"could not tell {settings.bootstrap} what {target} needs of "
+                          f"pair {pair}'s journal; try again")
 
 
 def seed(spec: PairSpec, origin: str, target: str, settings: KafkaSettings,

@@ -22,7 +22,8 @@ from infra.apache_kafka import partition_bytes
 from infra.broker import broker_dir
 from infra.topics import journal_topic
 from journal.errors import BehindBase
-from journal.history import HistorySettings
+from journal.history import HistorySettings, readers_of
+from infra.heartbeat import read_beats
 from journal.pairs import PairSpec
 from producers.scan import scan_once
 from tests.conftest import make_image, run_x2x, same_bytes
@@ -188,6 +189,13 @@ def test_point_in_time_inside_the_window_and_a_replica_behind_the_base(
     run_x2x("replica", "add", spec.name, "--target", str(early), "--base", base_img,
             "--reseed", "--at", "now")
     assert same_bytes(early, spec.source)
+    # A replica given up on holds nothing.
+    # A seeded point-in-time replica that reached its point (the journal's end) too.
+    run_x2x("replica", "add", spec.name, "--target", str(tmp_path / "pit2.img"),
+            "--base", base_img, "--seq", "99:1")
+    run_x2x("replica", "release", spec.name, "--target", str(early))
+    needs = {r.instance: r.needs for r in readers_of(read_beats(settings), spec.name)}
+    assert needs[str(early)] is None and needs[str(tmp_path / "pit2.img")] is None
 
 
 def test_over_its_limit_the_window_shrinks_with_a_warning_and_writes_go_on(
