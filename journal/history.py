@@ -50,6 +50,14 @@ def format_duration(ms: int) -> str:
     return f"{ms}ms"
 
 
+def format_size(n: int) -> str:
+    """The largest exact binary unit, as --journal-max takes it: 50GiB, 1536MiB, 1000B."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n}B"
+
+
 @dataclass(frozen=True)
 class HistorySettings:
     """A pair's history window and journal limit; ``window_ms=None``: keep forever."""
@@ -98,7 +106,7 @@ class HistorySettings:
         if self.window_ms is None:
             return "forever"
         text = format_duration(self.window_ms)
-        return text + (f", max {self.journal_max} bytes" if self.journal_max else "")
+        return text + (f", max {format_size(self.journal_max)}" if self.journal_max else "")
 
     @property
     def segment_bytes(self) -> int:

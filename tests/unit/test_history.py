@@ -34,6 +34,13 @@ def test_bad_settings_are_refused_with_the_way_out(history, limit, words) -> Non
         HistorySettings.parse(history, limit)
 
 
+@given(st.integers(16 << 20, 1 << 50))
+def test_a_size_prints_back_to_itself(n: int) -> None:
+    from journal.history import format_size
+    from journal.pairs import parse_size
+    assert parse_size(format_size(n)) == n
+
+
 @given(st.integers(1, 30 * 86_400_000))
 def test_a_duration_prints_back_to_itself(ms: int) -> None:
     assert parse_duration(format_duration(ms)) == ms
