@@ -135,7 +135,9 @@ class HistoryBase:
         pos = cp.position if cp is not None else Position()
         deleted, holding = 0, ""
         if limit is not None:
-            readers = readers_of(beats, self.spec.name)
+            # Readers are read after the apply: a replica seeded while the base was
+            # unlocked registered (acknowledged) before the base could move past it.
+            readers = readers_of(read_beats(self.settings), self.spec.name)
             safe = deletable_below(pos.offset, readers, low, now, self.reader_ttl_ms)
             if 0 <= safe < pos.offset:
                 holding = next((r.instance for r in readers

@@ -99,6 +99,10 @@ def test_soak_20x_the_volume_keeps_broker_bytes_bounded_and_loses_nothing(
             if i == 10:                       # a restart of the base keeps the window
                 base.close()
                 base = Running(base_of(spec, settings, tmp_path).run)
+            if i == 14:                       # the applier stops for a while: it still
+                app.close()                   # holds what it needs, and resumes
+            if i == 16:
+                app = Running(lambda stop: Applier(spec, spec.target, settings).run(stop=stop))
             time.sleep(1.0)                   # ~8 MiB/s: the run outlasts the bound below
         # Settle: the window passes, the base applies, Kafka's check frees the segments.
         deadline = time.monotonic() + 40
