@@ -79,7 +79,8 @@ def show(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--jso
     p = control.get_pair(settings(ctx), name)
     value = {**asdict(p.spec), "state": p.state, "created_at_ms": p.created_at_ms,
              "reversed": p.reversed, "active_source": p.active_spec.source,
-             "journal_topic": f"x2x.journal.{name}", "attrs": p.attrs}
+             "journal_topic": f"x2x.journal.{name}", "reason": p.reason, "cause": p.cause,
+             "promotion": asdict(p.promotion) if p.promotion else None}
     if json_:
         print_json(value)
         return

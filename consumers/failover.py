@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, TypeVar
 
 from consumers.applier import Applier, Comparison
 from consumers.checkpoint import CheckpointStore
@@ -24,9 +24,13 @@ from infra import control, telemetry
 from infra.control_tail import wait_event
 from infra.heartbeat import read_beats
 from infra.kafka import KafkaSettings
-from journal.blocks import Extent, format_extents, parse_extents
+from journal.blocks import Extent
 from journal.errors import Busy, JournalError, X2XError
-from journal.pairs import ControlEvent, PairSpec, PairState
+from journal.events import (Event, FailbackDone, FailbackStarted, FailoverFailed,
+                            FailoverRequested, HashesCompared, HashesPublished,
+                            HashesRequested, Promoted, RequestFailed, ResendRequested, Resent,
+                            Resynced, ResyncNeeded, Sealed)
+from journal.pairs import PairSpec, PairState
 from journal.sequence import Position
 from journal.status import Beat, newest
 from journal.roles import Role
@@ -52,11 +56,14 @@ class Diverged(X2XError):
 
 
 class CaptureSide(Protocol):
-    """The capturer's part; each returns the attrs of its answer event."""
+    """The capturer's part; each returns its answer, the event a live capturer publishes."""
 
-    def seal(self) -> dict[str, str]: ...
-    def hashes(self) -> dict[str, str]: ...
-    def resend(self, extents: list[Extent]) -> dict[str, str]: ...
+    def seal(self) -> Sealed: ...
+    def hashes(self) -> HashesPublished: ...
+    def resend(self, extents: list[Extent]) -> Resent: ...
+
+
+A = TypeVar("A", Sealed, HashesPublished, Resent)
 
 
 
@@ -83,29 +90,34 @@ class RemoteCapture:
     def __init__(self, settings: KafkaSettings, pair: str, source: str) -> None:
         self.settings, self.pair, self.source = settings, pair, source
 
-    def _ask(self, event: str, answer: str, attrs: dict[str, str] | None = None,
-             timeout: float = ANSWER_TIMEOUT) -> dict[str, str]:
+    def _ask(self, make: Callable[..., Event], answer: type[A],
+             timeout: float = ANSWER_TIMEOUT) -> A:
+        """Publish the request ``make`` builds and wait for its ``answer``."""
         request, since = uuid.uuid4().hex[:12], now_ms()
-        control.publish(self.settings, ControlEvent(event, self.pair, since, attrs={
-            "request": request, "source": self.source, **(attrs or {})}))
-        mine = lambda ev: ev.pair == self.pair and ev.attrs.get("request") == request  # noqa: E731
-        ev = wait_event(
-            self.settings, since, lambda ev: mine(ev) and ev.event == answer, timeout,
-            f"the capturer of {self.source} did not answer {event}; is it still running? "
+        ev = make(pair=self.pair, at_ms=since, source=self.source, request=request)
+        control.publish(self.settings, ev)
+
+        def mine(got: Event) -> bool:
+            return got.pair == self.pair and getattr(got, "request", None) == request
+
+        got = wait_event(
+            self.settings, since, lambda got: mine(got) and isinstance(got, answer), timeout,
+            f"the capturer of {self.source} did not answer {ev.NAME}; is it still running? "
             f"(x2x status {self.pair})",
-            fail=lambda ev: (f"pair {self.pair}: the capturer of {self.source} failed: "
-                             f"{ev.attrs.get('reason')}") if mine(ev)
-            and ev.event == "request-failed" else None)
-        return dict(ev.attrs)
+            fail=lambda got: (f"pair {self.pair}: the capturer of {self.source} failed: "
+                              f"{got.reason}")
+            if mine(got) and isinstance(got, RequestFailed) else None)
+        assert isinstance(got, answer)
+        return got
 
-    def seal(self) -> dict[str, str]:
-        return self._ask("failover-requested", "sealed", {"forced": "0"})
+    def seal(self) -> Sealed:
+        return self._ask(lambda **kw: FailoverRequested(forced=False, **kw), Sealed)
 
-    def hashes(self) -> dict[str, str]:
-        return self._ask("hashes-requested", "hashes-published")
+    def hashes(self) -> HashesPublished:
+        return self._ask(HashesRequested, HashesPublished)
 
-    def resend(self, extents: list[Extent]) -> dict[str, str]:
-        return self._ask("resend-requested", "resent", {"extents": format_extents(extents)})
+    def resend(self, extents: list[Extent]) -> Resent:
+        return self._ask(lambda **kw: ResendRequested(extents=tuple(extents), **kw), Resent)
 
 
 @dataclass
@@ -158,18 +170,15 @@ def failover(settings: KafkaSettings, name: str, key: JournalKey | None,
             sealed = RemoteCapture(settings, name, spec.source).seal()
         else:
             say(f"no capturer serves {spec.source}: sealing it from here")
-            control.publish(settings, ControlEvent("failover-requested", name, since,
-                                                   attrs={"source": spec.source,
-                                                          "forced": "0"}))
+            control.publish(settings, FailoverRequested(pair=name, at_ms=since,
+                                                        source=spec.source, forced=False))
             sealed = local(st).seal()
-            control.publish(settings, ControlEvent("sealed", name, now_ms(), attrs={
-                "source": spec.source, **sealed}))
+            control.publish(settings, sealed)
     except X2XError as e:
-        control.publish(settings, ControlEvent("failover-failed", name, now_ms(),
-                                               attrs={"reason": str(e)[:500]}))
+        control.publish(settings, FailoverFailed(pair=name, reason=str(e)[:500]))
         raise
-    epoch, seq = int(sealed["epoch"]), int(sealed["seq"])
-    say(f"sealed: epoch {epoch} seq {seq}, source digest {sealed['digest'][:16]}...; "
+    epoch, seq = sealed.epoch, sealed.seq
+    say(f"sealed: epoch {epoch} seq {seq}, source digest {sealed.digest.hex()[:16]}...; "
         f"draining {spec.target}")
     # ``until``: an 'x2x apply' service may have drained to the SEAL (and promoted) already.
     applier = Applier(spec, spec.target, settings, key=key, until=(epoch, seq),
@@ -182,14 +191,15 @@ def failover(settings: KafkaSettings, name: str, key: JournalKey | None,
         # The applier marked the pair needs-resync (a SEAL digest mismatch among others).
         raise type(e)(f"{e}. Failover of pair {name} FAILED: nothing was promoted") from None
     ev = wait_event(settings, since,
-                    lambda ev: ev.pair == name and ev.event == "promoted", timeout,
+                    lambda ev: ev.pair == name and isinstance(ev, Promoted), timeout,
                     f"the target {spec.target} was not promoted",
                     fail=lambda ev: (f"failover of pair {name} FAILED, nothing promoted: "
-                                     f"{ev.attrs.get('reason')}")
-                    if ev.pair == name and ev.event == "resync-needed" else None)
-    downtime = (int(ev.attrs["promoted_at_ms"]) - int(sealed["refused_at_ms"])) / 1000
+                                     f"{ev.reason}")
+                    if ev.pair == name and isinstance(ev, ResyncNeeded) else None)
+    assert isinstance(ev, Promoted)
+    downtime = (ev.promoted_at_ms - sealed.refused_at_ms) / 1000
     return FailoverResult(name, spec.target, epoch, seq, False, downtime, 0.0, 0,
-                          sealed["digest"])
+                          sealed.digest.hex())
 
 
 @telemetry.traced("x2x.failover")
@@ -207,8 +217,7 @@ def force_failover(settings: KafkaSettings, name: str, key: JournalKey | None, s
         warnings.append(
             f"the capturer of {spec.source} still looks alive; if the source comes back it "
             f"must not serve writes again: failback refuses while it does")
-    control.publish(settings, ControlEvent("failover-requested", name, now_ms(),
-                                           attrs={"source": spec.source, "forced": "1"}))
+    control.publish(settings, FailoverRequested(pair=name, source=spec.source, forced=True))
     say(f"draining what the journal holds onto {spec.target}")
     applier = Applier(spec, spec.target, settings, key=key, role=Role.OPERATOR)
     try:
@@ -224,10 +233,9 @@ def force_failover(settings: KafkaSettings, name: str, key: JournalKey | None, s
     rpo_ops = known[1] - applied.seq if known[0] == applied.epoch else known[1]
     rpo_s = max(0.0, (known[2] - applied.captured_at_ms) / 1000) if rpo_ops else 0.0
     epoch = max(known[0], applied.epoch)
-    control.publish(settings, ControlEvent("promoted", name, now_ms(), attrs={
-        "volume": spec.target, "epoch": str(epoch), "seq": str(applied.seq), "forced": "1",
-        "rpo_s": f"{rpo_s:.3f}", "rpo_ops": str(rpo_ops),
-        "promoted_at_ms": str(now_ms())}))
+    control.publish(settings, Promoted(
+        pair=name, volume=spec.target, epoch=epoch, seq=applied.seq, forced=True,
+        rpo_s=round(rpo_s, 3), rpo_ops=rpo_ops, promoted_at_ms=now_ms()))
     return FailoverResult(name, spec.target, applied.epoch, applied.seq, True, None, rpo_s,
                           rpo_ops, "", warnings)
 
@@ -280,14 +288,12 @@ def failback(settings: KafkaSettings, name: str, key: JournalKey | None,
             f"Nothing was changed. Stop the capturer of {spec.target} (its writes since the "
             f"promotion will be overwritten by those of {spec.source}), then run "
             f"'x2x pair failback {name}' again")
-    control.publish(settings, ControlEvent("failback-started", name, now_ms(),
-                                           attrs={"target": spec.target}))
+    control.publish(settings, FailbackStarted(pair=name, target=spec.target))
     side = _side(settings, st, local)
     # The old source's history as a source means nothing as a target.
     r = _compare_from_hashes(settings, spec, side, key, timeout, say, "failback")
-    control.publish(settings, ControlEvent("failback-done", name, now_ms(), attrs={
-        "target": spec.target, "differing": str(r.differing),
-        "bytes_sent": str(r.bytes_sent)}))
+    control.publish(settings, FailbackDone(pair=name, target=spec.target,
+                                           differing=r.differing, bytes_sent=r.bytes_sent))
     return r
 
 
@@ -308,9 +314,8 @@ def resync(settings: KafkaSettings, name: str, key: JournalKey | None,
     side = _side(settings, st, local)
     # Whatever the target applied before, it is checked block by block, not trusted.
     r = _compare_from_hashes(settings, spec, side, key, timeout, say, "resync")
-    control.publish(settings, ControlEvent("resynced", name, now_ms(), attrs={
-        "target": spec.target, "differing": str(r.differing),
-        "bytes_sent": str(r.bytes_sent), "epoch": str(r.epoch)}))
+    control.publish(settings, Resynced(pair=name, target=spec.target, differing=r.differing,
+                                       bytes_sent=r.bytes_sent, epoch=r.epoch))
     return r
 
 
@@ -321,14 +326,14 @@ def _compare_from_hashes(settings: KafkaSettings, spec: PairSpec, side: CaptureS
     from that entry and compares; the differing extents are resent and applied."""
     say(f"hashing {spec.source} into the journal")
     h = side.hashes()
-    epoch, first, offset = int(h["epoch"]), int(h["first_seq"]), int(h["offset"])
+    epoch, first, offset = h.epoch, h.first_seq, h.offset
     if offset < 0:
         raise X2XError(f"pair {spec.name}: the journal offset of the HASHES entry is "
                        f"unknown; run 'x2x pair {what} {spec.name}' again")
     store = CheckpointStore(spec.name, spec.target)
     store.reset()
     applier = Applier(spec, spec.target, settings, key=key, store=store,
-                      start=Position(epoch, first - 1, offset - 1), until=(epoch, int(h["seq"])),
+                      start=Position(epoch, first - 1, offset - 1), until=(epoch, h.seq),
                       role=Role.OPERATOR)
     say(f"comparing {spec.target} with the hashes (epoch {epoch} from seq {first})")
     _applier_run(applier, timeout)
@@ -336,28 +341,28 @@ def _compare_from_hashes(settings: KafkaSettings, spec: PairSpec, side: CaptureS
 
 
 def _resync(settings: KafkaSettings, name: str, target: str, side: CaptureSide,
-            applier: Applier, h: dict[str, str], key: JournalKey | None, timeout: float,
+            applier: Applier, h: HashesPublished, key: JournalKey | None, timeout: float,
             say: Say) -> HashDiff:
     cmp = _gather(applier, h)
     extents = cmp.extents(applier.spec.block_size, applier.spec.volume_size)
     resent = 0
-    seq = int(h["seq"])
+    seq = h.seq
     if extents:
         say(f"{len(set(cmp.differing))} of {cmp.blocks} blocks differ in {len(extents)} "
             f"extents: resending them")
         r = side.resend(extents)
-        resent, seq = int(r["bytes"]), int(r["seq"])
-        again = Applier(applier.spec, target, settings, key=key, until=(int(r["epoch"]), seq),
+        resent, seq = r.bytes, r.seq
+        again = Applier(applier.spec, target, settings, key=key, until=(r.epoch, seq),
                         role=Role.OPERATOR)
         _applier_run(again, timeout)
-    return HashDiff(cmp.blocks, len(set(cmp.differing)), extents, int(h["bytes"]), resent,
-                  int(h["epoch"]), seq)
+    return HashDiff(cmp.blocks, len(set(cmp.differing)), extents, h.bytes, resent, h.epoch,
+                    seq)
 
 
-def _gather(applier: Applier, h: dict[str, str]) -> Comparison:
+def _gather(applier: Applier, h: HashesPublished) -> Comparison:
     """One request's HASHES may span several consistency points (client FLUSHes land
     between them): merge the comparisons of the checkpoints in its seq range."""
-    epoch, first, last = int(h["epoch"]), int(h["first_seq"]), int(h["seq"])
+    epoch, first, last = h.epoch, h.first_seq, h.seq
     out = Comparison(epoch, last)
     for c in applier.comparisons:
         if c.epoch == epoch and first <= c.seq <= last:
@@ -378,7 +383,7 @@ def verify(settings: KafkaSettings, name: str, key: JournalKey | None,
     side = _side(settings, st, local)
     say(f"hashing {spec.source} into the journal")
     h = side.hashes()
-    epoch, seq = int(h["epoch"]), int(h["seq"])
+    epoch, seq = h.epoch, h.seq
     applier = Applier(spec, spec.target, settings, key=key, until=(epoch, seq),
                       role=Role.OPERATOR)
     try:
@@ -388,35 +393,33 @@ def verify(settings: KafkaSettings, name: str, key: JournalKey | None,
     if not repair:
         cmp = _gather(applier, h)
         return HashDiff(cmp.blocks, len(set(cmp.differing)),
-                      cmp.extents(spec.block_size, spec.volume_size), int(h["bytes"]), 0,
-                      epoch, seq)
+                        cmp.extents(spec.block_size, spec.volume_size), h.bytes, 0, epoch, seq)
     return _resync(settings, name, spec.target, side, applier, h, key, timeout, say)
 
 
 def _verify_by_service(settings: KafkaSettings, name: str, target: str, side: CaptureSide,
-                       h: dict[str, str], repair: bool, timeout: float, say: Say) -> HashDiff:
+                       h: HashesPublished, repair: bool, timeout: float,
+                       say: Say) -> HashDiff:
     """The target's running applier compares; its answer comes as hashes-compared."""
     say(f"an 'x2x apply' service holds {target}: waiting for its comparison")
-    epoch, first, last = h["epoch"], int(h["first_seq"]), int(h["seq"])
-    parts: list[ControlEvent] = []
+    epoch, first, last = h.epoch, h.first_seq, h.seq
+    parts: list[HashesCompared] = []
 
-    def part(ev: ControlEvent) -> bool:
-        if (ev.pair == name and ev.event == "hashes-compared" and ev.attrs.get("target")
-                == target and ev.attrs.get("epoch") == epoch
-                and first <= int(ev.attrs.get("seq", "0")) <= last):
+    def part(ev: Event) -> bool:
+        if (isinstance(ev, HashesCompared) and ev.pair == name and ev.target == target
+                and ev.epoch == epoch and first <= ev.seq <= last):
             parts.append(ev)
-            return int(ev.attrs["seq"]) == last
+            return ev.seq == last
         return False
     wait_event(settings, 0, part, timeout, f"the applier of {target} did not compare")
-    extents = sorted({e for ev in parts for e in parse_extents(ev.attrs.get("extents", ""))},
-                     key=lambda e: e.offset)
-    blocks = sum(int(ev.attrs.get("blocks", "0")) for ev in parts)
-    differing = sum(int(ev.attrs.get("differing", "0")) for ev in parts)
+    extents = sorted({e for ev in parts for e in ev.extents}, key=lambda e: e.offset)
+    blocks = sum(ev.blocks for ev in parts)
+    differing = sum(ev.differing for ev in parts)
     resent = 0
     if repair and extents:
         r = side.resend(extents)
-        resent = int(r["bytes"])
-        goal = (int(r["epoch"]), int(r["seq"]))
+        resent = r.bytes
+        goal = (r.epoch, r.seq)
         deadline = time.monotonic() + timeout
         while True:
             b = newest(read_beats(settings), name, "applier", target)
@@ -426,8 +429,7 @@ def _verify_by_service(settings: KafkaSettings, name: str, target: str, side: Ca
                 raise X2XError(f"the applier of {target} did not apply the resent extents "
                                f"within {timeout:.0f} s")
             time.sleep(0.5)
-    return HashDiff(blocks, differing, extents, int(h["bytes"]), resent, int(h["epoch"]),
-                  int(h["seq"]))
+    return HashDiff(blocks, differing, extents, h.bytes, resent, h.epoch, h.seq)
 
 
 def _not_steady(st: PairState, what: str) -> str:
@@ -437,7 +439,7 @@ def _not_steady(st: PairState, what: str) -> str:
         return (f"pair {name} was already failed over: {side} is promoted and the old source "
                 f"is not a target yet. To {what} again, first run 'x2x pair failback {name}'")
     if st.state == "needs-resync":
-        return (f"pair {name} needs a resync ({st.attrs.get('reason', '')[:200]}); cannot "
+        return (f"pair {name} needs a resync ({st.reason[:200]}); cannot "
                 f"{what} until 'x2x pair resync {name}' has repaired the target")
     return f"pair {name} is {st.state}; cannot {what} now: wait for it to finish or check " \
         f"'x2x pair show {name}'"

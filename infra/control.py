@@ -8,8 +8,6 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
-from dataclasses import asdict
-
 from confluent_kafka import Message, Producer
 
 from infra import control_cache
@@ -17,10 +15,10 @@ from infra.kafka import KafkaSettings
 from infra.reader import read_many
 from infra.topics import CONTROL_TOPICS, control_topic, ensure_base_topics
 from journal.errors import BrokerError, PairNotFound, X2XError
-from journal.pairs import ControlEvent, PairSpec, PairState, fold
+from journal.events import Created, Deleted, Event
+from journal.pairs import PairSpec, PairState, fold
 from journal.roles import Role, may_publish
-from journal.clock import now_ms
-from schemas import codec
+from schemas.control import decode_event, encode_event
 
 log = logging.getLogger("x2x.control")
 #: Which role writes each control topic.
@@ -45,42 +43,37 @@ def _producer(settings: KafkaSettings) -> Producer:
         return producer
 
 
-def publish(settings: KafkaSettings, event: ControlEvent, role: Role = Role.OPERATOR,
+def publish(settings: KafkaSettings, event: Event, role: Role = Role.OPERATOR,
             timeout: float = 15.0) -> None:
     """Append ``event`` to ``role``'s control topic and wait until the broker has it."""
-    if not may_publish(role, event.event):
-        raise X2XError(f"a {role.value} may not publish {event.event!r} (journal/roles.py)")
-    record = {"event": event.event, "pair": event.pair, "at_ms": event.at_ms,
-              "spec": asdict(event.spec) if event.spec else None, "attrs": event.attrs}
+    if not may_publish(role, type(event)):
+        raise X2XError(f"a {role.value} may not publish {event.NAME!r} (journal/roles.py)")
     errors: list[str] = []
     producer = _producer(settings)
-    producer.produce(control_topic(role), codec.encode(codec.CONTROL, record),
-                     key=event.pair,
+    producer.produce(control_topic(role), encode_event(event), key=event.pair,
                      on_delivery=lambda err, _m: err and errors.append(err.str()))
     if producer.flush(timeout) or errors:
-        raise BrokerError(f"control event {event.event} for pair {event.pair} was not "
+        raise BrokerError(f"control event {event.NAME} for pair {event.pair} was not "
                           f"acknowledged by {settings.bootstrap}: {errors or 'timeout'}")
 
 
-def decode_event(value: bytes) -> ControlEvent:
-    r = codec.decode(value, codec.CONTROL)
-    spec = r["spec"]
-    return ControlEvent(r["event"], r["pair"], r["at_ms"],
-                        PairSpec(name=r["pair"], **spec) if spec else None, r["attrs"])
-
-
-def accepted(msg: Message) -> ControlEvent | None:
-    """The event in ``msg`` if it decodes and its topic's role may publish it; else
-    None, with the reason logged (a foreign or forged record never stops a reader)."""
+def accepted(msg: Message) -> Event | None:
+    """The event in ``msg`` if it decodes, is of a kind this x2x knows and its topic's
+    role may publish it; else None, with the reason logged (a foreign, forged or newer
+    record never stops a reader)."""
     try:
         ev = decode_event(msg.value())
     except X2XError as e:
         log.warning("skipping %s offset %d: %s", msg.topic(), msg.offset(), e)
         return None
+    if ev is None:
+        log.debug("skipping %s offset %d: a kind of event this x2x does not know",
+                  msg.topic(), msg.offset())
+        return None
     role = ROLE_OF_TOPIC.get(msg.topic(), Role.OPERATOR)
-    if not may_publish(role, ev.event):
+    if not may_publish(role, type(ev)):
         log.warning("ignoring %r for pair %s on %s offset %d: a %s may not publish it",
-                    ev.event, ev.pair, msg.topic(), msg.offset(), role.value)
+                    ev.NAME, ev.pair, msg.topic(), msg.offset(), role.value)
         return None
     return ev
 
@@ -92,9 +85,9 @@ _RANK = {t: i for i, t in enumerate(CONTROL_TOPICS)}
 
 
 def _read(settings: KafkaSettings, starts: dict[str, int]
-          ) -> tuple[list[tuple[Key, ControlEvent]], dict[str, int]]:
+          ) -> tuple[list[tuple[Key, Event]], dict[str, int]]:
     """Accepted events from ``starts`` on, in fold order, and every topic's next offset."""
-    per_topic: dict[str, list[tuple[Key, ControlEvent]]] = {t: [] for t in starts}
+    per_topic: dict[str, list[tuple[Key, Event]]] = {t: [] for t in starts}
     nxt = dict(starts)
     for topic, msg in read_many(settings, starts):
         nxt[topic] = msg.offset() + 1
@@ -150,13 +143,13 @@ def create_pair(settings: KafkaSettings, spec: PairSpec) -> None:
         raise PairExists(f"pair {spec.name!r} exists already ({s.source} -> {s.target}); "
                          f"delete it first with 'x2x pair delete {spec.name}'")
     ensure_topic(admin, journal_topic(spec.name), JOURNAL_CONFIG)
-    publish(settings, ControlEvent("created", spec.name, now_ms(), spec))
+    publish(settings, Created(pair=spec.name, spec=spec))
 
 
 def delete_pair(settings: KafkaSettings, name: str) -> PairState:
     """Delete a pair and its journal; targets and their data are left as they are."""
     from infra.topics import delete_topic, journal_topic
     state = get_pair(settings, name)
-    publish(settings, ControlEvent("deleted", name, now_ms()))
+    publish(settings, Deleted(pair=name))
     delete_topic(settings.check_reachable(), journal_topic(name))
     return state

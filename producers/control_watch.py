@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 
 from infra import control
 from infra.control_tail import follow
-from journal.blocks import parse_extents
 from journal.errors import X2XError
-from journal.pairs import ControlEvent
+from journal.events import (REQUESTS, Event, FailoverRequested, HashesPublished,
+                            HashesRequested, RequestFailed, ResendRequested, Resent,
+                            Sealed)
 from journal.roles import Role
 from journal.clock import now_ms
 from producers.resync import emit_hashes, resend_extents
@@ -53,59 +54,57 @@ class ControlWatch:
 
     def _run(self) -> None:
         spec = self.cap.spec
-        served: set[tuple[str, str, int]] = set()
+        served: set[tuple[str, str | None, int]] = set()
         while not self._halt.is_set():
             try:
                 for ev in follow(self.cap.settings, self.started_ms, self._halt):
-                    if ev.pair != spec.name or ev.attrs.get("source") != spec.source:
+                    if not isinstance(ev, REQUESTS) or ev.pair != spec.name \
+                            or ev.source != spec.source:
                         continue
-                    if ev.attrs.get("forced") == "1":
+                    if isinstance(ev, FailoverRequested) and ev.forced:
                         continue    # a forced failover promotes without the source's part
-                    key = (ev.event, ev.attrs.get("request", ""), ev.at_ms)
-                    if ev.event not in ("failover-requested", "hashes-requested",
-                                        "resend-requested") or key in served:
+                    key = (ev.NAME, ev.request, ev.at_ms)
+                    if key in served:
                         continue
                     served.add(key)     # a re-read after a reconnect must not redo it
                     self._serve(ev)
-                    if ev.event == "failover-requested":
+                    if isinstance(ev, FailoverRequested):
                         return
             except X2XError as e:
                 # The broker is unreachable: keep capturing, listen again shortly.
                 log.warning("pair %s: control watch interrupted: %s", spec.name, e)
                 self._halt.wait(2.0)
 
-    def _serve(self, ev: ControlEvent) -> None:
-        cap, request = self.cap, ev.attrs.get("request", "")
-        base = {"request": request, "source": cap.spec.source}
+    def _serve(self, ev: FailoverRequested | HashesRequested | ResendRequested) -> None:
+        cap = self.cap
+        name, source, request = cap.spec.name, cap.spec.source, ev.request
+        answer: Event
         try:
             if cap._stopped:
                 raise X2XError("the capturer is stopping")
-            if ev.event == "failover-requested":
+            if isinstance(ev, FailoverRequested):
                 refused_at = now_ms()
                 report = cap.stop(seal=True)
                 if not report.clean:
                     raise X2XError(f"the capturer could not seal cleanly: "
                                    f"{report.error or 'baseline not finished'}")
-                answer = ("sealed", {"epoch": str(report.epoch), "seq": str(report.last_seq),
-                                     "digest": cap.sealed_digest.hex(),
-                                     "refused_at_ms": str(refused_at)})
-            elif ev.event == "hashes-requested":
+                answer = Sealed(pair=name, source=source, request=request, epoch=report.epoch,
+                                seq=report.last_seq, digest=cap.sealed_digest,
+                                refused_at_ms=refused_at)
+            elif isinstance(ev, HashesRequested):
                 p = emit_hashes(cap.vol, cap.pub, cap.locks, cap.spec.block_size)
                 cap.beat(force=True)
-                answer = ("hashes-published", p.attrs())
+                answer = p.answer(HashesPublished, name, source, request)
             else:
-                p = resend_extents(cap.vol, cap.pub, cap.locks,
-                                   parse_extents(ev.attrs.get("extents", "")),
+                p = resend_extents(cap.vol, cap.pub, cap.locks, list(ev.extents),
                                    cap.spec.block_size)
                 cap.beat(force=True)
-                answer = ("resent", p.attrs())
+                answer = p.answer(Resent, name, source, request)
         except (X2XError, OSError, ValueError) as e:
-            log.error("pair %s: %s failed: %s", cap.spec.name, ev.event, e)
-            answer = ("request-failed", {"reason": f"{ev.event}: {e}"[:500]})
+            log.error("pair %s: %s failed: %s", name, ev.NAME, e)
+            answer = RequestFailed(pair=name, source=source, request=request,
+                                   reason=f"{ev.NAME}: {e}"[:500])
         try:
-            control.publish(cap.settings, ControlEvent(answer[0], cap.spec.name,
-                                                       now_ms(),
-                                                       attrs={**base, **answer[1]}),
-                            Role.CAPTURER)
+            control.publish(cap.settings, answer, Role.CAPTURER)
         except X2XError as e:
-            log.error("pair %s: could not answer %s: %s", cap.spec.name, ev.event, e)
+            log.error("pair %s: could not answer %s: %s", name, ev.NAME, e)

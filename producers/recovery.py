@@ -39,7 +39,7 @@ from infra.topics import JOURNAL_CONFIG, ensure_base_topics, ensure_topic
 from infra.volume import Volume
 from journal.epochs import after_outage
 from journal.errors import PairNotFound, X2XError
-from journal.pairs import ControlEvent
+from journal.events import Created
 from journal.runs import RunBuilder, max_write as write_bound
 from producers.announce import abandon_epoch, announce_baseline, mark_journal_lost
 from producers.intent import IntentBitmap
@@ -260,8 +260,8 @@ class Recovery:
             control.get_pair(self.cap.settings, spec.name)
         except PairNotFound:
             # Stamped with its first creation time: the pair is the same one (StateStore).
-            control.publish(self.cap.settings, ControlEvent(
-                "created", spec.name, self.cap.store.incarnation or now_ms(), spec))
+            control.publish(self.cap.settings, Created(
+                pair=spec.name, at_ms=self.cap.store.incarnation or now_ms(), spec=spec))
 
     def _resend_thread(self) -> None:
         cap = self.cap

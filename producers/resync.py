@@ -26,6 +26,7 @@ from infra.volume import Volume, volume_digest
 from journal.blocks import Extent, HASH_LEN, block_count, hash_buffer
 from journal.epochs import after_promotion
 from journal.errors import VolumeError, X2XError
+from journal.events import HashesPublished, Resent, Sealed
 from journal.ops import Op
 from journal.pairs import PairSpec, PairState
 from journal.runs import RunBuilder, max_write as write_bound
@@ -51,10 +52,12 @@ class Published:
     flush_seq: int          # the FLUSH that ends them
     bytes: int              # record payload sent for them (hash map or resent data)
 
-    def attrs(self) -> dict[str, str]:
-        return {"epoch": str(self.epoch), "first_seq": str(self.first_seq),
-                "offset": str(self.offset), "seq": str(self.flush_seq),
-                "bytes": str(self.bytes)}
+    def answer(self, kind: type[HashesPublished] | type[Resent], pair: str, source: str,
+               request: str | None = None) -> HashesPublished | Resent:
+        """The control event that answers a request with where its ops landed."""
+        return kind(pair=pair, source=source, request=request, epoch=self.epoch,
+                    first_seq=self.first_seq, offset=self.offset, seq=self.flush_seq,
+                    bytes=self.bytes)
 
 
 class _OffsetOf:
@@ -211,16 +214,19 @@ class LocalCapture:
             pub.close()
             vol.close()
 
-    # The CaptureSide surface of consumers/failover.py: each returns its answer's attrs.
-    def hashes(self) -> dict[str, str]:
-        return self._run(lambda vol, pub: emit_hashes(vol, pub, RangeLocks(),
-                                                      self.spec.block_size)).attrs()
+    # The CaptureSide surface of consumers/failover.py: each returns its answer, as the
+    # event a live capturer would have published.
+    def hashes(self) -> HashesPublished:
+        p = self._run(lambda vol, pub: emit_hashes(vol, pub, RangeLocks(),
+                                                   self.spec.block_size))
+        return p.answer(HashesPublished, self.spec.name, self.spec.source)
 
-    def resend(self, extents: list[Extent]) -> dict[str, str]:
-        return self._run(lambda vol, pub: resend_extents(vol, pub, RangeLocks(), extents,
-                                                         self.spec.block_size)).attrs()
+    def resend(self, extents: list[Extent]) -> Resent:
+        p = self._run(lambda vol, pub: resend_extents(vol, pub, RangeLocks(), extents,
+                                                      self.spec.block_size))
+        return p.answer(Resent, self.spec.name, self.spec.source)
 
-    def seal(self) -> dict[str, str]:
+    def seal(self) -> Sealed:
         """SEAL the source as it is (nothing serves it, so nothing writes to it)."""
         refused_at = now_ms()
         digest = b""
@@ -233,5 +239,5 @@ class LocalCapture:
             pub.wait_journaled(seq)
             return Published(pub.journaled.epoch, seq, -1, seq, 0)
         p = self._run(work)
-        return {"epoch": str(p.epoch), "seq": str(p.flush_seq), "digest": digest.hex(),
-                "refused_at_ms": str(refused_at)}
+        return Sealed(pair=self.spec.name, source=self.spec.source, epoch=p.epoch,
+                      seq=p.flush_seq, digest=digest, refused_at_ms=refused_at)
