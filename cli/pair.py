@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -13,6 +14,9 @@ from infra.keys import key_for_create, lookup, remember_file, retire_key
 from infra.volume import volume_size
 from journal.errors import VolumeError
 from journal.pairs import PairSpec, parse_size, validate_block_size, validate_name
+
+if TYPE_CHECKING:
+    from consumers.failover import Operation
 
 app = typer.Typer(help="Create, list, show and delete replication pairs.", no_args_is_help=True)
 
@@ -83,7 +87,8 @@ def show(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--jso
     value = {**asdict(p.spec), "state": p.state, "created_at_ms": p.created_at_ms,
              "reversed": p.reversed, "active_source": p.active_spec.source,
              "journal_topic": f"x2x.journal.{name}", "events_verified": signed,
-             "attrs": p.attrs}
+             "reason": p.reason, "cause": p.cause,
+             "promotion": asdict(p.promotion) if p.promotion else None}
     if json_:
         print_json(value)
         return
@@ -111,6 +116,20 @@ def _say(msg: str) -> None:
     err_console.print(f"[dim]...[/] {msg}", highlight=False)
 
 
+def _operation(ctx: typer.Context, name: str, key_file: str | None, timeout: float,
+               new_epoch: bool = False) -> Operation:
+    """The command's context for consumers/failover.py: this host does the capturer's
+    part (LocalCapture) when no live NBD capturer serves the source; ``new_epoch``: it
+    starts a new epoch (the journal lost the old one)."""
+    from consumers.failover import Operation
+    from infra.keys import key_for
+    s = settings(ctx)
+    remember_file(key_file)
+    key = key_for(control.get_pair(s, name).spec, key_file)
+    return Operation(s, name, key, lambda st: LocalCapture(st, s, key, new_epoch=new_epoch),
+                     _say, timeout)
+
+
 @app.command()
 def failover(ctx: typer.Context, name: str,
              force: bool = typer.Option(False, "--force", help="The source is lost: promote "
@@ -122,15 +141,8 @@ def failover(ctx: typer.Context, name: str,
     """Promote the target: planned (source seals, target drains and is verified, RPO 0)
     or --force (source lost)."""
     from consumers import failover as fo
-    from infra.keys import key_for
-    s = settings(ctx)
-    remember_file(key_file)
-    st = control.get_pair(s, name)
-    key = key_for(st.spec, key_file)
-    if force:
-        r = fo.force_failover(s, name, key, _say, timeout)
-    else:
-        r = fo.failover(s, name, key, lambda st_: LocalCapture(st_, s, key), _say, timeout)
+    op = _operation(ctx, name, key_file, timeout)
+    r = fo.force_failover(op) if force else fo.failover(op)
     if json_:
         print_json(asdict(r))
         return
@@ -158,11 +170,7 @@ def failback(ctx: typer.Context, name: str,
              json_: bool = typer.Option(False, "--json")) -> None:
     """Make the old source the target of the promoted side, sending only differing blocks."""
     from consumers import failover as fo
-    from infra.keys import key_for
-    s = settings(ctx)
-    remember_file(key_file)
-    key = key_for(control.get_pair(s, name).spec, key_file)
-    r = fo.failback(s, name, key, lambda st_: LocalCapture(st_, s, key), _say, timeout)
+    r = fo.failback(_operation(ctx, name, key_file, timeout))
     _print_resync(r, json_, f"failback done: the old source follows epoch {r.epoch} from seq "
                   f"{r.seq}; keep it following with 'x2x apply {name}'")
 
@@ -176,14 +184,11 @@ def verify(ctx: typer.Context, name: str,
            json_: bool = typer.Option(False, "--json")) -> None:
     """Compare source and target block hashes at one journal point, while replicating."""
     from consumers import failover as fo
-    from infra.keys import key_for
-    s = settings(ctx)
-    remember_file(key_file)
-    key = key_for(control.get_pair(s, name).spec, key_file)
-    r = fo.verify(s, name, key, lambda st_: LocalCapture(st_, s, key), _say, repair, timeout)
+    from journal.reports import Diverged
+    r = fo.verify(_operation(ctx, name, key_file, timeout), repair)
     _print_resync(r, json_, "repaired" if repair and r.differing else "")
     if r.differing and not repair:
-        raise fo.Diverged(f"pair {name}: {r.differing} blocks of the target differ from the "
+        raise Diverged(f"pair {name}: {r.differing} blocks of the target differ from the "
                           f"source; run 'x2x pair verify {name} --repair' to resend them")
 
 
@@ -195,12 +200,7 @@ def resync(ctx: typer.Context, name: str,
     """After the journal was lost: compare block hashes in a new epoch and resend only the
     blocks of the target that differ (no full copy)."""
     from consumers import failover as fo
-    from infra.keys import key_for
-    s = settings(ctx)
-    remember_file(key_file)
-    key = key_for(control.get_pair(s, name).spec, key_file)
-    r = fo.resync(s, name, key, lambda st_: LocalCapture(st_, s, key, new_epoch=True), _say,
-                  timeout)
+    r = fo.resync(_operation(ctx, name, key_file, timeout, new_epoch=True))
     _print_resync(r, json_, f"resynced: the target follows epoch {r.epoch} from seq {r.seq}; "
                   f"keep it following with 'x2x apply {name}'")
 

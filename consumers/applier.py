@@ -27,10 +27,10 @@ from infra.volume import Volume, volume_digest
 from journal.errors import (BrokerError, DigestMismatch, JournalError,
                             JournalLost, PairNotFound, ReplayedEntry, StaleEpoch,
                             VolumeError)
-from journal.blocks import (HASH_LEN, Extent, coalesce, diff_maps, format_extents,
-                            hash_buffer)
+from journal.blocks import HASH_LEN, Extent, coalesce, diff_maps, hash_buffer
 from journal.ops import Entry, OpKind
-from journal.pairs import JOURNAL_LOST, ControlEvent, PairSpec, PairState
+from journal.events import HashesCompared, Promoted, ResyncNeeded
+from journal.pairs import JOURNAL_LOST, PairSpec, PairState
 from journal.sequence import Limit, Position, Verdict, check_extents, classify
 from journal.status import newest
 from journal.roles import Role
@@ -41,6 +41,19 @@ log = logging.getLogger("x2x.applier")
 STAGE_LIMIT = 64 << 20
 CONSUME_BATCH = 32
 VERIFY_TIMEOUT = 15.0
+#: At most this many characters of extents (``offset+length,``) in a hashes-compared
+#: event, so one event stays far below the broker's record size limit.
+EXTENTS_CHARS = 200_000
+
+
+def _within(extents: list[Extent], chars: int) -> list[Extent]:
+    """The first extents whose ``offset+length`` list fits in ``chars`` characters."""
+    used = 0
+    for i, e in enumerate(extents):
+        used += len(f"{e.offset}+{e.length}") + (1 if i else 0)
+        if used > chars:
+            return extents[:i]
+    return extents
 
 
 @dataclass
@@ -263,11 +276,9 @@ class Applier:
         if not self.publish_status or (os.path.realpath(self.target)
                                        != os.path.realpath(self.spec.target)):
             return      # a replica or a scratch replay is never promoted
-        control.publish(self.settings, ControlEvent(
-            "promoted", self.spec.name, now_ms(), attrs={
-                "volume": self.target, "epoch": str(entry.epoch), "seq": str(entry.last_seq),
-                "forced": "0", "rpo_s": "0", "rpo_ops": "0",
-                "promoted_at_ms": str(now_ms())}), self.role)
+        control.publish(self.settings, Promoted(
+            pair=self.spec.name, volume=self.target, epoch=entry.epoch, seq=entry.last_seq,
+            forced=False, rpo_s=0.0, rpo_ops=0, promoted_at_ms=now_ms()), self.role)
 
     def _compare(self, entry: Entry) -> None:
         """Apply ``entry`` op by op, comparing the target with each HASHES op after
@@ -291,16 +302,15 @@ class Applier:
         self.comparisons.append(cmp)
         if not self.publish_status:
             return
-        extents = format_extents(cmp.extents(self.spec.block_size, self.vol.size))
+        extents = cmp.extents(self.spec.block_size, self.vol.size)
+        # A huge diff is cut short here; the full list is in the applier's log and a
+        # second verify after --repair shows what is left.
+        shown = _within(extents, EXTENTS_CHARS)
         try:
-            control.publish(self.settings, ControlEvent(
-                "hashes-compared", self.spec.name, now_ms(), attrs={
-                    "target": self.target, "epoch": str(cmp.epoch), "seq": str(cmp.seq),
-                    "blocks": str(cmp.blocks), "differing": str(len(cmp.differing)),
-                    # A huge diff is cut short here; the full list is in the applier's
-                    # log and a second verify after --repair shows what is left.
-                    "extents": extents[:200_000], "truncated": str(int(len(extents) > 200_000))}),
-                self.role)
+            control.publish(self.settings, HashesCompared(
+                pair=self.spec.name, target=self.target, epoch=cmp.epoch, seq=cmp.seq,
+                blocks=cmp.blocks, differing=len(cmp.differing), extents=tuple(shown),
+                truncated=len(shown) < len(extents)), self.role)
         except BrokerError as e:
             log.warning("could not publish the hash comparison of %s: %s", self.target, e)
 
@@ -414,9 +424,8 @@ class Applier:
             return
         try:
             cause = JOURNAL_LOST if isinstance(error, JournalLost) else type(error).__name__
-            control.publish(self.settings, ControlEvent(
-                "resync-needed", self.spec.name, now_ms(),
-                attrs={"target": self.target, "reason": str(error)[:500], "cause": cause}),
-                self.role)
+            control.publish(self.settings, ResyncNeeded(
+                pair=self.spec.name, target=self.target, reason=str(error)[:500],
+                cause=cause), self.role)
         except BrokerError:
             log.warning("could not mark pair %s as needing a resync", self.spec.name)
