@@ -8,7 +8,7 @@ from rich.table import Table
 from cli.common import console, err_console, human_bytes, print_json, settings
 from consumers import check
 from infra import control
-from infra.keys import key_for
+from infra.keys import key_for, remember_file
 from journal.pairs import parse_size
 
 app = typer.Typer(help="Inspect and check a pair's journal.", no_args_is_help=True)
@@ -34,6 +34,7 @@ def check_cmd(ctx: typer.Context, name: str,
     Exits 0 when every point is clean (points before mkfs count as not-a-filesystem, not
     as failures), 3 when any point is unclean or no point holds a filesystem."""
     s = settings(ctx)
+    remember_file(key_file)
     spec = control.get_pair(s, name).spec
     size = parse_size(target_size) if target_size else None
     show_progress = not json_ and err_console.is_terminal

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -9,11 +10,14 @@ from rich.table import Table
 from cli.common import console, err_console, human_bytes, print_json, settings
 from infra import control, pins
 from producers.resync import LocalCapture
-from infra.keys import key_for_create, retire_key
+from infra.keys import key_for_create, lookup, remember_file, retire_key
 from infra.volume import volume_size
 from journal.errors import VolumeError
 from journal.history import HistorySettings
 from journal.pairs import PairSpec, parse_size, validate_block_size, validate_name
+
+if TYPE_CHECKING:
+    from consumers.failover import Operation
 
 app = typer.Typer(help="Create, list, show and delete replication pairs.", no_args_is_help=True)
 
@@ -98,10 +102,14 @@ def list_(ctx: typer.Context, json_: bool = typer.Option(False, "--json")) -> No
 def show(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--json")) -> None:
     """Show one pair."""
     p = control.get_pair(settings(ctx), name)
+    # A keyed pair's events are checked only where its key is (docs/security.md).
+    signed = ("no: the pair has no key" if not p.spec.key_id else
+              "yes" if lookup(p.spec) else "NOT CHECKED: the pair's key is not on this host")
     value = {**asdict(p.spec), "state": p.state, "created_at_ms": p.created_at_ms,
              "reversed": p.reversed, "active_source": p.active_spec.source,
              "journal_topic": f"x2x.journal.{name}", "history": p.history.describe(),
-             "attrs": p.attrs}
+             "events_verified": signed, "reason": p.reason, "cause": p.cause,
+             "promotion": asdict(p.promotion) if p.promotion else None}
     if json_:
         print_json(value)
         return
@@ -110,9 +118,12 @@ def show(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--jso
 
 
 @app.command()
-def delete(ctx: typer.Context, name: str) -> None:
+def delete(ctx: typer.Context, name: str,
+           key_file: str = typer.Option(None, help="The pair's key file, if encrypted and "
+                                                   "not at the default path.")) -> None:
     """Delete a pair and its journal topic (volumes are left untouched); its key on this
     host is retired, so a new pair of the same name gets a new one."""
+    remember_file(key_file)
     control.delete_pair(settings(ctx), name)
     pins.forget(name)
     retired = retire_key(name)
@@ -126,6 +137,20 @@ def _say(msg: str) -> None:
     err_console.print(f"[dim]...[/] {msg}", highlight=False)
 
 
+def _operation(ctx: typer.Context, name: str, key_file: str | None, timeout: float,
+               new_epoch: bool = False) -> Operation:
+    """The command's context for consumers/failover.py: this host does the capturer's
+    part (LocalCapture) when no live NBD capturer serves the source; ``new_epoch``: it
+    starts a new epoch (the journal lost the old one)."""
+    from consumers.failover import Operation
+    from infra.keys import key_for
+    s = settings(ctx)
+    remember_file(key_file)
+    key = key_for(control.get_pair(s, name).spec, key_file)
+    return Operation(s, name, key, lambda st: LocalCapture(st, s, key, new_epoch=new_epoch),
+                     _say, timeout)
+
+
 @app.command()
 def failover(ctx: typer.Context, name: str,
              force: bool = typer.Option(False, "--force", help="The source is lost: promote "
@@ -137,14 +162,8 @@ def failover(ctx: typer.Context, name: str,
     """Promote the target: planned (source seals, target drains and is verified, RPO 0)
     or --force (source lost)."""
     from consumers import failover as fo
-    from infra.keys import key_for
-    s = settings(ctx)
-    st = control.get_pair(s, name)
-    key = key_for(st.spec, key_file)
-    if force:
-        r = fo.force_failover(s, name, key, _say, timeout)
-    else:
-        r = fo.failover(s, name, key, lambda st_: LocalCapture(st_, s, key), _say, timeout)
+    op = _operation(ctx, name, key_file, timeout)
+    r = fo.force_failover(op) if force else fo.failover(op)
     if json_:
         print_json(asdict(r))
         return
@@ -153,6 +172,10 @@ def failover(ctx: typer.Context, name: str,
     if r.forced:
         console.print(f"promoted {r.promoted} (forced) at epoch {r.epoch} seq {r.seq}; "
                       f"RPO {r.rpo_s:.1f} s, {r.rpo_ops} ops lost", highlight=False)
+        if r.rpo_max_s is None or r.rpo_max_s > r.rpo_s + 0.05:
+            bound = "unknown" if r.rpo_max_s is None else f"at most {r.rpo_max_s:.1f} s"
+            console.print(f"RPO bound: {bound} (writes the source acknowledged after its "
+                          f"last heartbeat are unknown here)", highlight=False)
     else:
         console.print(f"promoted {r.promoted} at epoch {r.epoch} seq {r.seq}; digest verified "
                       f"{r.digest[:16]}...; downtime {r.downtime_s:.2f} s; RPO 0",
@@ -168,10 +191,7 @@ def failback(ctx: typer.Context, name: str,
              json_: bool = typer.Option(False, "--json")) -> None:
     """Make the old source the target of the promoted side, sending only differing blocks."""
     from consumers import failover as fo
-    from infra.keys import key_for
-    s = settings(ctx)
-    key = key_for(control.get_pair(s, name).spec, key_file)
-    r = fo.failback(s, name, key, lambda st_: LocalCapture(st_, s, key), _say, timeout)
+    r = fo.failback(_operation(ctx, name, key_file, timeout))
     _print_resync(r, json_, f"failback done: the old source follows epoch {r.epoch} from seq "
                   f"{r.seq}; keep it following with 'x2x apply {name}'")
 
@@ -185,13 +205,11 @@ def verify(ctx: typer.Context, name: str,
            json_: bool = typer.Option(False, "--json")) -> None:
     """Compare source and target block hashes at one journal point, while replicating."""
     from consumers import failover as fo
-    from infra.keys import key_for
-    s = settings(ctx)
-    key = key_for(control.get_pair(s, name).spec, key_file)
-    r = fo.verify(s, name, key, lambda st_: LocalCapture(st_, s, key), _say, repair, timeout)
+    from journal.reports import Diverged
+    r = fo.verify(_operation(ctx, name, key_file, timeout), repair)
     _print_resync(r, json_, "repaired" if repair and r.differing else "")
     if r.differing and not repair:
-        raise fo.Diverged(f"pair {name}: {r.differing} blocks of the target differ from the "
+        raise Diverged(f"pair {name}: {r.differing} blocks of the target differ from the "
                           f"source; run 'x2x pair verify {name} --repair' to resend them")
 
 
@@ -203,11 +221,7 @@ def resync(ctx: typer.Context, name: str,
     """After the journal was lost: compare block hashes in a new epoch and resend only the
     blocks of the target that differ (no full copy)."""
     from consumers import failover as fo
-    from infra.keys import key_for
-    s = settings(ctx)
-    key = key_for(control.get_pair(s, name).spec, key_file)
-    r = fo.resync(s, name, key, lambda st_: LocalCapture(st_, s, key, new_epoch=True), _say,
-                  timeout)
+    r = fo.resync(_operation(ctx, name, key_file, timeout, new_epoch=True))
     _print_resync(r, json_, f"resynced: the target follows epoch {r.epoch} from seq {r.seq}; "
                   f"keep it following with 'x2x apply {name}'")
 

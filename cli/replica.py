@@ -8,7 +8,7 @@ from cli.replicate import _stop_on_signals
 from consumers import replica
 from consumers.seed import find_base, register
 from infra import control
-from infra.keys import key_for
+from infra.keys import key_for, remember_file
 
 app = typer.Typer(help="Build extra replicas, live or at a point in time.",
                   no_args_is_help=True)
@@ -31,6 +31,7 @@ def add(ctx: typer.Context, name: str,
     """Replay the pair's journal onto TARGET: live-following until stopped, or up to a point.
     Once history has left the journal, the replica starts from a copy of the history base."""
     s = settings(ctx)
+    remember_file(key_file)
     st = control.get_pair(s, name)
     spec = st.spec
     limit = replica.make_limit(s, name, at, seq, offset)

@@ -14,18 +14,18 @@ from cli.common import console, err_console, human_bytes, print_json, settings
 from consumers.applier import Applier
 from consumers.checkpoint import CheckpointStore
 from infra import control, pins
-from infra.keys import key_for
+from infra.keys import key_for, remember_file
 from infra.tls import TLSMode, create_certificates, server_context
 from journal.errors import BadInput, BrokerError
 from infra.kafka import KafkaSettings
 from journal.pairs import PairSpec
+from journal.plans import apply_target
 from producers.journaling import Mode
 from producers.nbd_capture import NBDCapture, parse_listen
 from schemas.cipher import JournalKey
 from producers.scan import ScanResult, scan_once
-from producers.resync import prepare_direction, store_for
+from producers.direction import prepare_capture
 from producers.state import StateStore
-from producers import intent
 
 
 def _progress(enabled: bool) -> Progress:
@@ -52,9 +52,11 @@ def capture(ctx: typer.Context, name: str,
                                     help="Serve the source over NBD (export name = pair name) "
                                     "and journal every write, until SIGTERM/SIGINT. HOST is "
                                     "127.0.0.1 unless given; NBD's usual port is 10809."),
-            mode: str = typer.Option(None, "--mode", metavar="async|sync",
-                                     help="With --nbd: acknowledge writes after the local "
-                                     "write (async, default) or once journaled (sync)."),
+            mode: str = typer.Option(None, "--mode", metavar="async|flush-sync|sync",
+                                     help="With --nbd: what a client waits for. async "
+                                     "(default): the source only, the journal follows; "
+                                     "flush-sync: a FLUSH also waits for the journal; sync: "
+                                     "every write waits for the journal."),
             key_file: str = typer.Option(None, help="The pair's key file, if it is encrypted "
                                          "(default $X2X_HOME/keys/NAME.key)."),
             tls: str = typer.Option(None, "--tls", metavar="off|on|require",
@@ -89,21 +91,11 @@ def capture(ctx: typer.Context, name: str,
                            f"with 'x2x nbd-certs DIR --host HOST')")
         tls_ctx = server_context(tls_certificates) if tls_mode is not TLSMode.OFF else None
     s = settings(ctx)
+    remember_file(key_file)
     st = control.get_pair(s, name)
     pins.check(st.spec, accept_spec_change)
     spec = st.active_spec             # after a failover: the promoted side
-    store = store_for(st)
-    if st.state == "failing-over":
-        raise BadInput(f"pair {name} is failing over; wait for 'x2x pair failover' to end")
-    if not rebaseline:
-        prepare_direction(st, store)  # promoted side: new epoch, no baseline
-    if rebaseline:
-        state, _ = store.load()
-        if state:
-            state.clean = False
-            store.save(state)
-        store.hashes.unlink(missing_ok=True)
-        intent.forget(name)       # else an NBD capturer would resend only marked blocks
+    store = prepare_capture(st, rebaseline)
     stop = _stop_on_signals()
     if nbd is not None:
         _capture_nbd(spec, s, store, listen, mode_, stop, json_, key_for(spec, key_file),
@@ -188,14 +180,11 @@ def apply(ctx: typer.Context, name: str,
           ) -> None:
     """Apply a pair's journal to its target, from the target's checkpoint."""
     s = settings(ctx)
+    remember_file(key_file)
     st = control.get_pair(s, name)
     pins.check(st.spec, accept_spec_change)
     spec = st.active_spec
-    if st.state in ("promoted", "failing-back") and (target is None or target == spec.target):
-        raise BadInput(f"pair {name} was failed over to {spec.source}; its old source "
-                       f"{spec.target} becomes a target with 'x2x pair failback {name}', "
-                       f"which compares both sides first")
-    target = target or spec.target
+    target = apply_target(st, target)
     store = CheckpointStore(name, target)
     if reset:
         store.reset()

@@ -36,7 +36,7 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
         raise
     if name:
         pairs = {name: control.get_pair(s, name)}
-    beats = latest(read_beats(s))
+    beats = latest(read_beats(s, {n: p.spec for n, p in pairs.items()}))
     now = now_ms()
     rows = [pair_status(p, beats, now) for p in sorted(pairs)]
     m = telemetry.metrics()      # with --watch and an exporter, x2x status exports lag/RPO

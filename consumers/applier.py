@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from consumers.checkpoint import Checkpoint, CheckpointStore
 from consumers.writer import apply_entry, apply_op
-from infra import control, telemetry
+from infra import control, keys, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
 from infra.reader import check_record
@@ -28,11 +28,11 @@ from infra.volume import Volume, volume_digest
 from journal.errors import (BehindBase, BrokerError, DigestMismatch, JournalError,
                             JournalLost, PairNotFound, ReplayedEntry, StaleEpoch,
                             VolumeError)
-from journal.blocks import (HASH_LEN, Extent, coalesce, diff_maps, format_extents,
-                            hash_buffer)
+from journal.blocks import HASH_LEN, Extent, coalesce, diff_maps, hash_buffer
 from journal.history import BaseLimit
 from journal.ops import Entry, OpKind
-from journal.pairs import JOURNAL_LOST, ControlEvent, PairSpec, PairState
+from journal.events import HashesCompared, Promoted, ResyncNeeded
+from journal.pairs import JOURNAL_LOST, PairSpec, PairState
 from journal.sequence import Limit, Position, Verdict, check_extents, classify
 from journal.status import newest
 from journal.roles import Role
@@ -43,6 +43,19 @@ log = logging.getLogger("x2x.applier")
 STAGE_LIMIT = 64 << 20
 CONSUME_BATCH = 32
 VERIFY_TIMEOUT = 15.0
+#: At most this many characters of extents (``offset+length,``) in a hashes-compared
+#: event, so one event stays far below the broker's record size limit.
+EXTENTS_CHARS = 200_000
+
+
+def _within(extents: list[Extent], chars: int) -> list[Extent]:
+    """The first extents whose ``offset+length`` list fits in ``chars`` characters."""
+    used = 0
+    for i, e in enumerate(extents):
+        used += len(f"{e.offset}+{e.length}") + (1 if i else 0)
+        if used > chars:
+            return extents[:i]
+    return extents
 
 
 @dataclass
@@ -85,7 +98,10 @@ class Applier:
                  on_checkpoint: Callable[[Position], None] | None = None,
                  publish_status: bool = True, start: Position | None = None,
                  until: tuple[int, int] | None = None, role: Role = Role.APPLIER) -> None:
-        self.spec, self.target, self.settings, self.key = spec, target, settings, key
+        self.spec, self.target, self.settings = spec, target, settings
+        # Bound to the pair's incarnation, and known to the control plane, which signs
+        # this applier's events and beats with it.
+        self.key = keys.remember(key).bound(spec.incarnation) if key else None
         #: Whose control topic this applier's events go to: an applier service's, or the
         #: operator's when a command (failover, failback) drains the target in-process.
         self.role = role
@@ -141,7 +157,8 @@ class Applier:
                     f"{self.target}) or choose another target")
             self.vol = vol
             producer = Producer(self.settings.side_producer(**{"linger.ms": 50}))
-            beats = HeartbeatPublisher(producer, self.spec.name, "applier", self.target)
+            beats = HeartbeatPublisher(producer, self.spec.name, "applier", self.target,
+                                       key=self.key)
             consumer = Consumer(self.settings.consumer())
             try:
                 self._start(consumer)
@@ -272,11 +289,9 @@ class Applier:
         if not self.publish_status or (os.path.realpath(self.target)
                                        != os.path.realpath(self.spec.target)):
             return      # a replica or a scratch replay is never promoted
-        control.publish(self.settings, ControlEvent(
-            "promoted", self.spec.name, now_ms(), attrs={
-                "volume": self.target, "epoch": str(entry.epoch), "seq": str(entry.last_seq),
-                "forced": "0", "rpo_s": "0", "rpo_ops": "0",
-                "promoted_at_ms": str(now_ms())}), self.role)
+        control.publish(self.settings, Promoted(
+            pair=self.spec.name, volume=self.target, epoch=entry.epoch, seq=entry.last_seq,
+            forced=False, rpo_s=0.0, rpo_ops=0, promoted_at_ms=now_ms()), self.role)
 
     def _compare(self, entry: Entry) -> None:
         """Apply ``entry`` op by op, comparing the target with each HASHES op after
@@ -300,16 +315,15 @@ class Applier:
         self.comparisons.append(cmp)
         if not self.publish_status:
             return
-        extents = format_extents(cmp.extents(self.spec.block_size, self.vol.size))
+        extents = cmp.extents(self.spec.block_size, self.vol.size)
+        # A huge diff is cut short here; the full list is in the applier's log and a
+        # second verify after --repair shows what is left.
+        shown = _within(extents, EXTENTS_CHARS)
         try:
-            control.publish(self.settings, ControlEvent(
-                "hashes-compared", self.spec.name, now_ms(), attrs={
-                    "target": self.target, "epoch": str(cmp.epoch), "seq": str(cmp.seq),
-                    "blocks": str(cmp.blocks), "differing": str(len(cmp.differing)),
-                    # A huge diff is cut short here; the full list is in the applier's
-                    # log and a second verify after --repair shows what is left.
-                    "extents": extents[:200_000], "truncated": str(int(len(extents) > 200_000))}),
-                self.role)
+            control.publish(self.settings, HashesCompared(
+                pair=self.spec.name, target=self.target, epoch=cmp.epoch, seq=cmp.seq,
+                blocks=cmp.blocks, differing=len(cmp.differing), extents=tuple(shown),
+                truncated=len(shown) < len(extents)), self.role)
         except BrokerError as e:
             log.warning("could not publish the hash comparison of %s: %s", self.target, e)
 
@@ -436,7 +450,8 @@ class Applier:
 
     # -- caught up? ----------------------------------------------------------------------
     def _capture_goal(self) -> tuple[int, int] | None:
-        b = newest(read_beats(self.settings), self.spec.name, "capturer")
+        b = newest(read_beats(self.settings, {self.spec.name: self.spec}, strict=True),
+                   self.spec.name, "capturer")
         return (b.epoch, b.seq) if b is not None else None
 
     def _reached(self, goal: tuple[int, int]) -> bool:
@@ -464,9 +479,8 @@ class Applier:
             return
         try:
             cause = JOURNAL_LOST if isinstance(error, JournalLost) else type(error).__name__
-            control.publish(self.settings, ControlEvent(
-                "resync-needed", self.spec.name, now_ms(),
-                attrs={"target": self.target, "reason": str(error)[:500], "cause": cause}),
-                self.role)
+            control.publish(self.settings, ResyncNeeded(
+                pair=self.spec.name, target=self.target, reason=str(error)[:500],
+                cause=cause), self.role)
         except BrokerError:
             log.warning("could not mark pair %s as needing a resync", self.spec.name)

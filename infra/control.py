@@ -1,27 +1,28 @@
 """The control topics: pair specs and lifecycle events, published and folded.
 
 Each role publishes to its own control topic (journal/roles.py says why); readers merge
-the topics and keep only events the topic's role may publish.
+the topics and keep only events the topic's role may publish. A keyed pair's events are
+signed with the pair's key and a reader that holds the key folds only those that verify
+(journal/pairs.signer says which key must have signed an event; docs/security.md).
 """
 from __future__ import annotations
 
 import heapq
 import logging
 import threading
-from dataclasses import asdict
-
 from confluent_kafka import Message, Producer
 
-from infra import control_cache
+from infra import control_cache, keys
 from infra.kafka import KafkaSettings
 from infra.reader import read_many
 from infra.topics import CONTROL_TOPICS, control_topic, ensure_base_topics
-from journal.errors import BrokerError, PairNotFound, X2XError
+from journal.errors import BadInput, BrokerError, PairNotFound, X2XError
+from journal.events import Created, Deleted, Event, HistorySet
 from journal.history import HistorySettings
-from journal.pairs import HISTORY_SET, ControlEvent, PairSpec, PairState, fold
+from journal.pairs import PairSpec, PairState, fold, signer
 from journal.roles import Role, may_publish
-from journal.clock import now_ms
 from schemas import codec
+from schemas.control import decode_event, encode_event
 
 log = logging.getLogger("x2x.control")
 #: Which role writes each control topic.
@@ -46,44 +47,93 @@ def _producer(settings: KafkaSettings) -> Producer:
         return producer
 
 
-def publish(settings: KafkaSettings, event: ControlEvent, role: Role = Role.OPERATOR,
+def publish(settings: KafkaSettings, event: Event, role: Role = Role.OPERATOR,
             timeout: float = 15.0) -> None:
     """Append ``event`` to ``role``'s control topic and wait until the broker has it."""
-    if not may_publish(role, event.event):
-        raise X2XError(f"a {role.value} may not publish {event.event!r} (journal/roles.py)")
-    record = {"event": event.event, "pair": event.pair, "at_ms": event.at_ms,
-              "spec": asdict(event.spec) if event.spec else None, "attrs": event.attrs}
+    if not may_publish(role, type(event)):
+        raise X2XError(f"a {role.value} may not publish {event.NAME!r} (journal/roles.py)")
+    data = encode_event(event)
+    spec = signer(pairs(settings), event)
+    if spec is not None:
+        key = keys.lookup(spec)
+        if key is None:
+            raise BadInput(
+                f"pair {event.pair} is encrypted: its control events are signed with its key "
+                f"(id {spec.key_id}), which this host does not have; pass --key-file or copy "
+                f"the key to {keys.default_key_path(event.pair)}. Nothing was published")
+        data = codec.sign(codec.CONTROL, data, key.control_mac)
     errors: list[str] = []
     producer = _producer(settings)
-    producer.produce(control_topic(role), codec.encode(codec.CONTROL, record),
-                     key=event.pair,
+    producer.produce(control_topic(role), data, key=event.pair,
                      on_delivery=lambda err, _m: err and errors.append(err.str()))
     if producer.flush(timeout) or errors:
-        raise BrokerError(f"control event {event.event} for pair {event.pair} was not "
+        raise BrokerError(f"control event {event.NAME} for pair {event.pair} was not "
                           f"acknowledged by {settings.bootstrap}: {errors or 'timeout'}")
 
 
-def decode_event(value: bytes) -> ControlEvent:
-    r = codec.decode(value, codec.CONTROL)
-    spec = r["spec"]
-    return ControlEvent(r["event"], r["pair"], r["at_ms"],
-                        PairSpec(name=r["pair"], **spec) if spec else None, r["attrs"])
-
-
-def accepted(msg: Message) -> ControlEvent | None:
-    """The event in ``msg`` if it decodes and its topic's role may publish it; else
-    None, with the reason logged (a foreign or forged record never stops a reader)."""
+def accepted(msg: Message) -> Event | None:
+    """The event in ``msg`` if it decodes, is of a kind this x2x knows and its topic's
+    role may publish it; else None, with the reason logged (a foreign, forged or newer
+    record never stops a reader)."""
     try:
         ev = decode_event(msg.value())
     except X2XError as e:
         log.warning("skipping %s offset %d: %s", msg.topic(), msg.offset(), e)
         return None
+    if ev is None:
+        log.debug("skipping %s offset %d: a kind of event this x2x does not know",
+                  msg.topic(), msg.offset())
+        return None
     role = ROLE_OF_TOPIC.get(msg.topic(), Role.OPERATOR)
-    if not may_publish(role, ev.event):
+    if not may_publish(role, type(ev)):
         log.warning("ignoring %r for pair %s on %s offset %d: a %s may not publish it",
-                    ev.event, ev.pair, msg.topic(), msg.offset(), role.value)
+                    ev.NAME, ev.pair, msg.topic(), msg.offset(), role.value)
         return None
     return ev
+
+
+def trusted(folded: dict[str, PairState], ev: Event, data: bytes,
+            where: str) -> tuple[bool | None, bytes]:
+    """May ``ev`` (encoded as ``data``) be folded into ``folded``? True: it needs no
+    signature or carries the right one; False: it needs one and does not (logged); None:
+    it needs one and the key is not on this host, so it cannot be checked here. Also the
+    MAC it carries (empty for an unkeyed pair)."""
+    spec = signer(folded, ev)
+    if spec is None:
+        return True, b""
+    key = keys.lookup(spec)
+    if key is None:
+        return None, b""
+    mac = codec.verified_mac(codec.CONTROL, data, key.control_mac)
+    if mac is not None:
+        return True, mac
+    log.warning("ignoring %r for pair %s at %s: it is not signed with the pair's key (forged, "
+                "altered, or left by an earlier pair of this name)", ev.NAME, ev.pair, where)
+    return False, b""
+
+
+def fold_trusted(events: list[tuple[Event, bytes, str]],
+                 start: dict[str, PairState] | None = None
+                 ) -> tuple[dict[str, PairState], set[str]]:
+    """Fold the events ``trusted`` admits, in order; also the key ids of the pairs whose
+    signed events could not be checked here (taken as they are: this host can only show
+    them). A signed event seen twice (a genuine record produced again) counts once."""
+    folded, unchecked, seen = dict(start or {}), set(), set()
+    for ev, data, where in events:
+        verdict, mac = trusted(folded, ev, data, where)
+        if verdict is False or (mac and mac in seen):
+            continue
+        seen.add(mac)
+        if verdict is None:
+            unchecked.add(signer(folded, ev).key_id)
+        folded = fold((ev,), folded)
+    return folded, unchecked
+
+
+def _checkable_now(cached: control_cache.Folded) -> bool:
+    """Is a key whose pair's events the cached fold could not check here now?"""
+    return any(p.spec.key_id in cached.unchecked and keys.lookup(p.spec)
+               for p in cached.pairs.values())
 
 
 #: Events are folded in this order: by time, then by topic (operator, capturer, applier),
@@ -92,16 +142,21 @@ Key = tuple[int, int]
 _RANK = {t: i for i, t in enumerate(CONTROL_TOPICS)}
 
 
+Read = tuple[Key, tuple[Event, bytes, str]]
+
+
 def _read(settings: KafkaSettings, starts: dict[str, int]
-          ) -> tuple[list[tuple[Key, ControlEvent]], dict[str, int]]:
-    """Accepted events from ``starts`` on, in fold order, and every topic's next offset."""
-    per_topic: dict[str, list[tuple[Key, ControlEvent]]] = {t: [] for t in starts}
+          ) -> tuple[list[Read], dict[str, int]]:
+    """Accepted events from ``starts`` on, in fold order, each with its record and where it
+    is, and every topic's next offset."""
+    per_topic: dict[str, list[Read]] = {t: [] for t in starts}
     nxt = dict(starts)
     for topic, msg in read_many(settings, starts):
         nxt[topic] = msg.offset() + 1
         ev = accepted(msg)
         if ev is not None:
-            per_topic[topic].append(((ev.at_ms, _RANK.get(topic, 0)), ev))
+            per_topic[topic].append(((ev.at_ms, _RANK.get(topic, 0)),
+                                     (ev, msg.value(), f"{topic} offset {msg.offset()}")))
     return list(heapq.merge(*per_topic.values(), key=lambda ke: ke[0])), nxt
 
 
@@ -113,20 +168,24 @@ def pairs(settings: KafkaSettings) -> dict[str, PairState]:
     ident = control_cache.identity(admin, admin.list_topics(timeout=10).cluster_id,
                                    CONTROL_TOPICS)
     cached = control_cache.load(settings.bootstrap, ident) if ident else None
+    if cached is not None and _checkable_now(cached):
+        log.info("a pair's key is here now: folding its events again, checked")
+        cached = None
     if cached is not None:
         new, offsets = _read(settings, cached.offsets)
         if all(k >= cached.last_key for k, _ in new):
             if new:
-                cached = control_cache.Folded(ident, offsets, new[-1][0],
-                                              fold((ev for _, ev in new), cached.pairs))
-                control_cache.save(settings.bootstrap, cached)
+                folded, unchecked = fold_trusted([e for _, e in new], cached.pairs)
+                control_cache.save(settings.bootstrap, control_cache.Folded(
+                    ident, offsets, new[-1][0], folded, cached.unchecked | unchecked))
+                return folded
             return cached.pairs
         log.info("a control event older than the cached fold arrived: folding again")
     every, offsets = _read(settings, {t: 0 for t in CONTROL_TOPICS})
-    folded = fold(ev for _, ev in every)
+    folded, unchecked = fold_trusted([e for _, e in every])
     if ident:
         control_cache.save(settings.bootstrap, control_cache.Folded(
-            ident, offsets, every[-1][0] if every else (0, 0), folded))
+            ident, offsets, every[-1][0] if every else (0, 0), folded, frozenset(unchecked)))
     return folded
 
 
@@ -152,7 +211,7 @@ def create_pair(settings: KafkaSettings, spec: PairSpec,
         raise PairExists(f"pair {spec.name!r} exists already ({s.source} -> {s.target}); "
                          f"delete it first with 'x2x pair delete {spec.name}'")
     ensure_topic(admin, journal_topic(spec.name), JOURNAL_CONFIG)
-    publish(settings, ControlEvent("created", spec.name, now_ms(), spec))
+    publish(settings, Created(pair=spec.name, spec=spec))
     if history.bounded:
         set_history(settings, spec.name, history)
 
@@ -163,7 +222,8 @@ def set_history(settings: KafkaSettings, name: str, history: HistorySettings) ->
     from infra.retention import set_segment_bytes
     state = get_pair(settings, name)
     set_segment_bytes(settings, name, history.segment_bytes)
-    publish(settings, ControlEvent(HISTORY_SET, name, now_ms(), attrs=history.to_attrs()))
+    publish(settings, HistorySet(pair=name, window_ms=history.window_ms,
+                                 journal_max=history.journal_max))
     return state
 
 
@@ -171,6 +231,6 @@ def delete_pair(settings: KafkaSettings, name: str) -> PairState:
     """Delete a pair and its journal; targets and their data are left as they are."""
     from infra.topics import delete_topic, journal_topic
     state = get_pair(settings, name)
-    publish(settings, ControlEvent("deleted", name, now_ms()))
+    publish(settings, Deleted(pair=name))
     delete_topic(settings.check_reachable(), journal_topic(name))
     return state

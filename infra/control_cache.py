@@ -23,12 +23,13 @@ from confluent_kafka.admin import AdminClient
 
 from infra.files import atomic_write, read_json
 from infra.paths import x2x_home
+from journal.events import Promoted
 from journal.history import HistorySettings
 from journal.pairs import PairSpec, PairState
 
 log = logging.getLogger("x2x.control")
-#: 2: PairState holds the history window (a version-1 fold may have skipped its events).
-_VERSION = 2
+_VERSION = 4      # 4: the history window; 3: typed PairState (reason, cause, promotion),
+#: specs carry their incarnation, folds verify signed events
 
 
 @dataclass
@@ -40,6 +41,9 @@ class Folded:
     offsets: dict[str, int]
     last_key: tuple[int, int]
     pairs: dict[str, PairState]
+    #: Key ids of keyed pairs whose signed events this host could not check (their key
+    #: was not here): once one of those keys is here, the fold is made again.
+    unchecked: frozenset[str] = frozenset()
 
 
 def identity(admin: AdminClient, cluster_id: str | None, topics: tuple[str, ...]) -> str | None:
@@ -69,7 +73,8 @@ def _state_to_json(p: PairState) -> dict:
 
 
 def _state_from_json(raw: dict) -> PairState:
-    p = PairState(**{**raw, "spec": PairSpec(**raw["spec"]),
+    promotion = raw["promotion"] and Promoted(**raw["promotion"])
+    p = PairState(**{**raw, "spec": PairSpec(**raw["spec"]), "promotion": promotion,
                      "history": HistorySettings(**raw.get("history", {}))})
     return replace(p, abandoned_epochs=frozenset(raw["abandoned_epochs"]))
 
@@ -86,7 +91,8 @@ def load(bootstrap: str, ident: str) -> Folded | None:
         at_ms, rank = raw["last_key"]
         return Folded(ident, {k: int(v) for k, v in raw["offsets"].items()},
                       (int(at_ms), int(rank)),
-                      {k: _state_from_json(v) for k, v in raw["pairs"].items()})
+                      {k: _state_from_json(v) for k, v in raw["pairs"].items()},
+                      frozenset(raw.get("unchecked", ())))
     except (KeyError, TypeError, ValueError) as e:
         log.info("ignoring the control cache: %s", e)
         return None
@@ -95,7 +101,8 @@ def load(bootstrap: str, ident: str) -> Folded | None:
 def save(bootstrap: str, folded: Folded) -> None:
     doc = {"version": _VERSION, "identity": folded.identity, "offsets": folded.offsets,
            "last_key": list(folded.last_key),
-           "pairs": {k: _state_to_json(v) for k, v in folded.pairs.items()}}
+           "pairs": {k: _state_to_json(v) for k, v in folded.pairs.items()},
+           "unchecked": sorted(folded.unchecked)}
     try:
         atomic_write(_path(bootstrap), json.dumps(doc, sort_keys=True).encode())
     except OSError as e:

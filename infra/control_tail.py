@@ -12,11 +12,12 @@ from typing import Callable, Iterator
 
 from confluent_kafka import Consumer, TopicPartition
 
-from infra.control import accepted
+from infra.control import accepted, pairs, trusted
 from infra.kafka import KafkaSettings
 from infra.topics import CONTROL_TOPICS, ensure_base_topics
 from journal.errors import BrokerError, X2XError
-from journal.pairs import ControlEvent
+from journal.events import Event
+from journal.pairs import fold
 
 
 class Timeout(X2XError):
@@ -24,10 +25,12 @@ class Timeout(X2XError):
 
 
 def follow(settings: KafkaSettings, since_ms: int,
-           stop: threading.Event | None = None, poll: float = 0.2) -> Iterator[ControlEvent]:
+           stop: threading.Event | None = None, poll: float = 0.2) -> Iterator[Event]:
     """Yield control events stamped at or after ``since_ms``, as they arrive, until
-    ``stop`` is set or the caller stops iterating. Foreign records are skipped."""
+    ``stop`` is set or the caller stops iterating. Foreign records are skipped, and so
+    are a keyed pair's events not signed with its key (infra/control.trusted)."""
     ensure_base_topics(settings.check_reachable())
+    known = pairs(settings)
     consumer = Consumer(settings.consumer())
     try:
         consumer.assign([TopicPartition(t, 0, 0) for t in CONTROL_TOPICS])
@@ -41,15 +44,19 @@ def follow(settings: KafkaSettings, since_ms: int,
                         raise BrokerError(f"reading the control topics: {err.str()}")
                     continue
                 ev = accepted(msg)
-                if ev is not None and ev.at_ms >= since_ms:
-                    yield ev
+                if ev is None or ev.at_ms < since_ms or trusted(
+                        known, ev, msg.value(), f"{msg.topic()} offset {msg.offset()}"
+                )[0] is False:
+                    continue
+                known = fold((ev,), known)
+                yield ev
     finally:
         consumer.close()
 
 
 def wait_event(settings: KafkaSettings, since_ms: int,
-               match: Callable[[ControlEvent], bool], timeout: float, what: str,
-               fail: Callable[[ControlEvent], str | None] | None = None) -> ControlEvent:
+               match: Callable[[Event], bool], timeout: float, what: str,
+               fail: Callable[[Event], str | None] | None = None) -> Event:
     """The first event since ``since_ms`` for which ``match`` holds; raises Timeout after
     ``timeout`` seconds, or X2XError with the reason ``fail`` returns for an event."""
     stop = threading.Event()

@@ -1,4 +1,9 @@
-"""Heartbeats on ``x2x.status``: published by capturers and appliers, read by ``x2x status``."""
+"""Heartbeats on ``x2x.status``: published by capturers and appliers, read by ``x2x status``.
+
+A keyed pair's beats are signed with its key. Readers that act on a beat (a forced
+failover's goal, an applier's catch-up goal) take only beats that verify; ``x2x status``
+drops the ones that fail and shows the ones it cannot check (no key on this host).
+"""
 from __future__ import annotations
 
 import logging
@@ -7,6 +12,7 @@ import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Mapping
 
 from confluent_kafka import KafkaException, Producer
 
@@ -15,10 +21,13 @@ from infra.kafka import KafkaSettings
 from infra.paths import pair_dir, x2x_home
 from infra.reader import read_to_end
 from infra.topics import STATUS_TOPIC
+from infra import keys
+from journal.pairs import PairSpec
 from journal.status import Beat
 from journal.errors import X2XError
 from journal.clock import now_ms
 from schemas import codec
+from schemas.cipher import JournalKey
 
 log = logging.getLogger("x2x.status")
 
@@ -27,9 +36,9 @@ class HeartbeatPublisher:
     """Publishes beats through a producer the caller already polls; never blocks."""
 
     def __init__(self, producer: Producer, pair: str, role: str, instance: str,
-                 interval: float = 2.0) -> None:
+                 interval: float = 2.0, key: JournalKey | None = None) -> None:
         self.producer, self.pair, self.role, self.instance = producer, pair, role, instance
-        self.interval = interval
+        self.interval, self.key = interval, key
         self._last = 0.0
         #: Also keep the newest beat in this file: ``x2x status`` on this host shows it
         #: when the broker cannot be reached, which is when "degraded" matters most.
@@ -45,8 +54,11 @@ class HeartbeatPublisher:
         beat = Beat(self.pair, self.role, self.instance, socket.gethostname(), os.getpid(),
                     now_ms(), state, epoch, seq, epoch_bytes, captured_at_ms,
                     rate_bps, detail or {})
+        data = codec.encode(codec.HEARTBEAT, asdict(beat))
+        if self.key is not None:
+            data = codec.sign(codec.HEARTBEAT, data, self.key.status_mac)
         try:
-            self.producer.produce(STATUS_TOPIC, codec.encode(codec.HEARTBEAT, asdict(beat)),
+            self.producer.produce(STATUS_TOPIC, data,
                                   key=beat_key(self.pair, self.role, self.instance))
         except (BufferError, KafkaException):
             pass  # a status beat is never worth blocking (or failing) the journal for
@@ -84,15 +96,35 @@ def read_local_beats() -> list[Beat]:
     return beats
 
 
-def read_beats(settings: KafkaSettings) -> list[Beat]:
+def read_beats(settings: KafkaSettings, specs: Mapping[str, PairSpec] | None = None,
+               strict: bool = False) -> list[Beat]:
     """Every heartbeat on the status topic; foreign or damaged records are skipped, since
-    status is advisory and must never stop replication."""
+    status is advisory and must never stop replication. With ``specs``, a beat of a keyed
+    pair among them is skipped unless signed with the pair's key; one whose key is not on
+    this host is kept, unless ``strict`` (for a reader that acts on it)."""
     beats = []
     for m in read_to_end(settings, STATUS_TOPIC):
+        where = f"{STATUS_TOPIC} offset {m.offset()}"
         try:
-            beats.append(Beat(**codec.decode(m.value(), codec.HEARTBEAT)))
+            record = codec.decode(m.value(), codec.HEARTBEAT)
+            record.pop("mac", None)
+            beat = Beat(**record)
         except X2XError as e:
             # info, not warning: the record stays in the topic and would be reported again
             # on every read; operators see it with --verbose.
-            log.info("skipping %s offset %d: %s", STATUS_TOPIC, m.offset(), e)
+            log.info("skipping %s: %s", where, e)
+            continue
+        spec = (specs or {}).get(beat.pair)
+        if spec is None or not spec.key_id or _signed(spec, m.value(), strict, where):
+            beats.append(beat)
     return beats
+
+
+def _signed(spec: PairSpec, data: bytes, strict: bool, where: str) -> bool:
+    key = keys.lookup(spec)
+    if key is None:
+        return not strict
+    if codec.verified_mac(codec.HEARTBEAT, data, key.status_mac) is not None:
+        return True
+    log.info("skipping %s: a beat of pair %s not signed with its key", where, spec.name)
+    return False

@@ -239,14 +239,13 @@ def span(name: str, **attrs: Any) -> Iterator[otel_trace.Span]:
 
 
 def traced(name: str) -> Callable[[F], F]:
-    """Run ``f(settings, pair, ...)``, a long operation on one pair, in a span ``name``
+    """Run ``f(op, ...)``, a long operation on the pair ``op.pair``, in a span ``name``
     carrying the pair's name."""
     def wrap(f: F) -> F:
         @functools.wraps(f)
-        def inner(*args: Any, **kw: Any) -> Any:
-            pair = args[1] if len(args) > 1 else kw.get("name", "")
-            with span(name, pair=str(pair)):
-                return f(*args, **kw)
+        def inner(op: Any, *args: Any, **kw: Any) -> Any:
+            with span(name, pair=str(op.pair)):
+                return f(op, *args, **kw)
         return inner  # type: ignore[return-value]
     return wrap
 

@@ -90,18 +90,6 @@ class HistorySettings:
                            "(e.g. --history 24h --journal-max 50GiB)")
         return HistorySettings(window, limit)
 
-    # Control events carry strings (attrs); these two are the only spelling of them.
-    def to_attrs(self) -> dict[str, str]:
-        return {"window_ms": "" if self.window_ms is None else str(self.window_ms),
-                "journal_max": "" if self.journal_max is None else str(self.journal_max)}
-
-    @staticmethod
-    def from_attrs(attrs: dict[str, str]) -> "HistorySettings":
-        def num(key: str) -> int | None:
-            v = attrs.get(key, "")
-            return int(v) if v.isdigit() else None
-        return HistorySettings(num("window_ms"), num("journal_max"))
-
     def describe(self) -> str:
         if self.window_ms is None:
             return "forever"

@@ -9,6 +9,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 
+#: A capturer beats this often: what it did after its last beat is unknown to the others.
+CAPTURE_BEAT_S = 2.0
+
+
 @dataclass(frozen=True)
 class Beat:
     """One heartbeat, as published on ``x2x.status``."""

@@ -1,11 +1,11 @@
 """The live baseline: publish every block of the source while clients keep writing to it.
 
 Non-zero blocks go out as WRITE ops and zero runs as ZERO ops (the same run coalescing as
-the scan capturer), one lock region at a time. Each region is read and appended while
-holding that region's range lock, the same lock a client write to those blocks takes
-across "local write + append", so a baseline op never lands in the journal after a newer
-write to the same block (journal/DESIGN.md rule 7). A FLUSH ends the baseline: from that
-consistency point on the target holds the whole source.
+the scan capturer), one lock region at a time (producers/regions.py). Each region is read
+and appended while holding that region's range lock, the same lock a client write to
+those blocks takes across "local write + append", so a baseline op never lands in the
+journal after a newer write to the same block (journal/DESIGN.md rule 7). A FLUSH ends
+the baseline: from that consistency point on the target holds the whole source.
 
 The block hash map is filled on the way (hashing happens outside the lock); blocks
 written later are only marked dirty on the write path and re-hashed at a clean stop
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 from infra.volume import Volume
 from journal.blocks import HASH_LEN, block_count, hash_block, zero_hash
-from journal.runs import RunBuilder, max_write as write_bound
 from producers.journaling import RangeLocks
 from producers.publisher import JournalPublisher
+from producers.regions import journal_regions
 
 
 @dataclass
@@ -53,38 +53,21 @@ def run_baseline(vol: Volume, pub: JournalPublisher, locks: RangeLocks, block_si
     the target is not a copy of the source: the next start must begin a new epoch).
     """
     t0 = time.monotonic()
-    region = locks.region
-    if region % block_size:
-        raise ValueError(f"lock region {region} is not a multiple of block size {block_size}")
-    max_write = write_bound(block_size)
-    runs = RunBuilder(max_write)
-    buf = bytearray(region)
-    for base in range(0, vol.size, region):
-        if stop is not None and stop.is_set():
-            return False
-        view = memoryview(buf)[:min(region, vol.size - base)]
-        nonzero: list[int] = []
-        with locks.hold(base, len(view)):
-            vol.readinto(base, view)
-            for off in range(0, len(view), block_size):
-                block = view[off:off + block_size]
-                ops, data = runs.add_block(base + off, block)
-                pub.append_many(ops)
-                if data:
-                    nonzero.append(off)
-            # The run's blocks point into ``buf``: close it before the buffer is reused,
-            # and before the lock is released.
-            pub.append_many(runs.finish())
+
+    def hash_piece(base: int, view: memoryview, written: list[int]) -> None:
         # The buffer still holds what was journaled; hash it without holding up writers.
         # A write that came in meanwhile marked its blocks dirty, to be re-hashed later.
-        first, sent = base // block_size, set(nonzero)
+        first, sent = base // block_size, set(written)
         for off in range(0, len(view), block_size):
             index = first + off // block_size
             block = view[off:off + block_size]
             hashes[index * HASH_LEN:(index + 1) * HASH_LEN] = (
                 hash_block(block) if off in sent else zero_hash(len(block)))
-        progress.blocks_sent += len(nonzero)
+        progress.blocks_sent += len(written)
         progress.done += len(view)
+
+    if not journal_regions(vol, pub, locks, block_size, [(0, vol.size)], hash_piece, stop):
+        return False
     progress.flush_seq = pub.flush_point()
     progress.finished = True
     progress.seconds = time.monotonic() - t0

@@ -10,33 +10,53 @@
 
 Any failure answers ``request-failed`` with the reason, so the waiting command fails with
 it instead of timing out. Only events stamped after the capturer started are acted on.
+
+The watch only listens and answers: the capture service does the work, through the
+three calls of :class:`Requests`.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from infra import control
 from infra.control_tail import follow
-from journal.blocks import parse_extents
+from infra.kafka import KafkaSettings
 from journal.errors import X2XError
-from journal.pairs import ControlEvent
+from journal.events import (REQUESTS, Event, FailoverRequested, HashesPublished,
+                            HashesRequested, RequestFailed, ResendRequested, Resent,
+                            Sealed)
 from journal.roles import Role
 from journal.clock import now_ms
-from producers.resync import emit_hashes, resend_extents
-
-if TYPE_CHECKING:
-    from producers.nbd_capture import NBDCapture
 
 log = logging.getLogger("x2x.capture")
+
+
+class Requests(Protocol):
+    """What a running capturer does for the watch; each returns the event that answers
+    the request, or raises X2XError (OSError, ValueError) with the reason it could not."""
+
+    def seal(self, ev: FailoverRequested) -> Sealed:
+        """Refuse writes, journal SEAL, drain and stop."""
+        ...
+
+    def hashes(self, ev: HashesRequested) -> HashesPublished:
+        """Journal HASHES of the whole volume and a FLUSH."""
+        ...
+
+    def resend(self, ev: ResendRequested) -> Resent:
+        """Journal the current content of the request's extents and a FLUSH."""
+        ...
 
 
 class ControlWatch:
     """A daemon thread serving one capturer's requests, one at a time, in order."""
 
-    def __init__(self, cap: "NBDCapture") -> None:
-        self.cap = cap
+    def __init__(self, pair: str, source: str, settings: KafkaSettings,
+                 requests: Requests) -> None:
+        self.pair, self.source, self.settings = pair, source, settings
+        self.requests = requests
         self.started_ms = now_ms()
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, name="x2x-control-watch",
@@ -52,60 +72,41 @@ class ControlWatch:
             self._thread.join()     # a request in progress finishes and is answered
 
     def _run(self) -> None:
-        spec = self.cap.spec
-        served: set[tuple[str, str, int]] = set()
+        served: set[tuple[str, str | None, int]] = set()
         while not self._halt.is_set():
             try:
-                for ev in follow(self.cap.settings, self.started_ms, self._halt):
-                    if ev.pair != spec.name or ev.attrs.get("source") != spec.source:
+                for ev in follow(self.settings, self.started_ms, self._halt):
+                    if not isinstance(ev, REQUESTS) or ev.pair != self.pair \
+                            or ev.source != self.source:
                         continue
-                    if ev.attrs.get("forced") == "1":
+                    if isinstance(ev, FailoverRequested) and ev.forced:
                         continue    # a forced failover promotes without the source's part
-                    key = (ev.event, ev.attrs.get("request", ""), ev.at_ms)
-                    if ev.event not in ("failover-requested", "hashes-requested",
-                                        "resend-requested") or key in served:
+                    key = (ev.NAME, ev.request, ev.at_ms)
+                    if key in served:
                         continue
                     served.add(key)     # a re-read after a reconnect must not redo it
                     self._serve(ev)
-                    if ev.event == "failover-requested":
+                    if isinstance(ev, FailoverRequested):
                         return
             except X2XError as e:
                 # The broker is unreachable: keep capturing, listen again shortly.
-                log.warning("pair %s: control watch interrupted: %s", spec.name, e)
+                log.warning("pair %s: control watch interrupted: %s", self.pair, e)
                 self._halt.wait(2.0)
 
-    def _serve(self, ev: ControlEvent) -> None:
-        cap, request = self.cap, ev.attrs.get("request", "")
-        base = {"request": request, "source": cap.spec.source}
+    def _serve(self, ev: FailoverRequested | HashesRequested | ResendRequested) -> None:
+        answer: Event
         try:
-            if cap._stopped:
-                raise X2XError("the capturer is stopping")
-            if ev.event == "failover-requested":
-                refused_at = now_ms()
-                report = cap.stop(seal=True)
-                if not report.clean:
-                    raise X2XError(f"the capturer could not seal cleanly: "
-                                   f"{report.error or 'baseline not finished'}")
-                answer = ("sealed", {"epoch": str(report.epoch), "seq": str(report.last_seq),
-                                     "digest": cap.sealed_digest.hex(),
-                                     "refused_at_ms": str(refused_at)})
-            elif ev.event == "hashes-requested":
-                p = emit_hashes(cap.vol, cap.pub, cap.locks, cap.spec.block_size)
-                cap.beat(force=True)
-                answer = ("hashes-published", p.attrs())
+            if isinstance(ev, FailoverRequested):
+                answer = self.requests.seal(ev)
+            elif isinstance(ev, HashesRequested):
+                answer = self.requests.hashes(ev)
             else:
-                p = resend_extents(cap.vol, cap.pub, cap.locks,
-                                   parse_extents(ev.attrs.get("extents", "")),
-                                   cap.spec.block_size)
-                cap.beat(force=True)
-                answer = ("resent", p.attrs())
+                answer = self.requests.resend(ev)
         except (X2XError, OSError, ValueError) as e:
-            log.error("pair %s: %s failed: %s", cap.spec.name, ev.event, e)
-            answer = ("request-failed", {"reason": f"{ev.event}: {e}"[:500]})
+            log.error("pair %s: %s failed: %s", self.pair, ev.NAME, e)
+            answer = RequestFailed(pair=self.pair, source=self.source, request=ev.request,
+                                   reason=f"{ev.NAME}: {e}"[:500])
         try:
-            control.publish(cap.settings, ControlEvent(answer[0], cap.spec.name,
-                                                       now_ms(),
-                                                       attrs={**base, **answer[1]}),
-                            Role.CAPTURER)
+            control.publish(self.settings, answer, Role.CAPTURER)
         except X2XError as e:
-            log.error("pair %s: could not answer %s: %s", cap.spec.name, ev.event, e)
+            log.error("pair %s: could not answer %s: %s", self.pair, ev.NAME, e)

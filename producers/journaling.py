@@ -8,11 +8,21 @@ matter). The baseline reader takes the same locks across "read block + append", 
 what keeps a baseline from overtaking a write (journal/DESIGN.md rule 7). The append only
 queues the op; Kafka round trips happen outside the locks.
 
-Modes: ``async`` acknowledges a write once it is on the source (the journal follows,
-reading the bytes back from the source when the broker has room: producers/deferred.py);
-``sync`` acknowledges it only once the broker acknowledged its journal entry, and fails
-it with EIO otherwise. In both modes a client FLUSH means "durable on the source and on
-the broker".
+Modes (what a client waits for):
+
+- ``async``: a write is acknowledged once it is on the source, and a FLUSH once the writes
+  before it are durable on the source (fsync); the FLUSH keeps its place in the journal
+  and ships behind the data, so it is still a consistency point on every target. The
+  application runs at the source's speed; the RPO is the journal's lag (DRBD protocol A).
+- ``flush-sync``: writes as in async, a FLUSH returns only once everything before it is
+  journaled (DRBD protocol B): RPO 0 at every FLUSH, at a broker round trip per FLUSH.
+- ``sync``: a write is acknowledged only once the broker acknowledged its journal entry,
+  and fails with EIO otherwise (DRBD protocol C).
+
+In async and flush-sync the journal reads a write's bytes back from the source when the
+broker has room (producers/deferred.py). The write-intent bitmap keeps every write a
+crash of the capturer's host may have left unjournaled: an async FLUSH's consistency
+point clears its blocks only once that FLUSH is journaled (:meth:`JournalingVolume.settle`).
 """
 from __future__ import annotations
 
@@ -30,7 +40,8 @@ from journal.choices import parse_choice
 from journal.errors import X2XError
 from journal.ops import Op, OpKind
 from producers.deferred import DeferredWrites
-from producers.intent import IntentBitmap
+from producers.health import Condition, Health
+from producers.intent import Checkpoint, IntentBitmap
 from nbd.server import Shutdown
 from producers.publisher import JournalPublisher
 
@@ -46,15 +57,22 @@ QUIET = 0.02
 
 
 class Mode(str, enum.Enum):
-    """When a client's write is acknowledged."""
+    """When a client's write and FLUSH are acknowledged (see the module doc)."""
 
-    ASYNC = "async"   # after the local write; the journal follows
-    SYNC = "sync"     # after the broker acknowledged the journal entry
+    ASYNC = "async"             # both on the source; the journal follows
+    FLUSH_SYNC = "flush-sync"   # writes on the source, FLUSH once journaled
+    SYNC = "sync"               # each write once journaled
 
     @classmethod
     def parse(cls, text: str) -> "Mode":
-        return parse_choice(cls, text, "--mode", "'async' (acknowledge after the local "
-                            "write) or 'sync' (acknowledge once journaled)")
+        return parse_choice(cls, text, "--mode", "'async' (the application waits for the "
+                            "source only), 'flush-sync' (a FLUSH also waits for the "
+                            "journal) or 'sync' (every write waits for the journal)")
+
+    @property
+    def defers(self) -> bool:
+        """Do writes return before their journal entry is acknowledged?"""
+        return self is not Mode.SYNC
 
 
 class RangeLocks:
@@ -108,25 +126,34 @@ class JournalingVolume:
 
     ``dirty`` marks blocks written since the hash map was last true, so the capturer can
     re-hash just those at a clean stop instead of hashing on the write path.
+
+    The publisher is the capturer's to replace (:meth:`use`); each request takes it once,
+    under its range lock, so a request never mixes two epochs' publishers. A failed journal is reported to the
+    capturer's :class:`~producers.health.Health`, which every request consults.
     """
 
     def __init__(self, vol: Volume, pub: JournalPublisher, mode: Mode, block_size: int,
-                 locks: RangeLocks | None = None, journal_timeout: float = 60.0) -> None:
+                 locks: RangeLocks | None = None, journal_timeout: float = 60.0,
+                 health: Health | None = None,
+                 intent: IntentBitmap | None = None) -> None:
         self.vol, self.pub, self.mode, self.block_size = vol, pub, mode, block_size
         self.size = vol.size
         self.locks = locks or RangeLocks()
         self.journal_timeout = journal_timeout
         self.counters = CaptureCounters()
         self.dirty = bytearray(-(-vol.size // block_size))
-        #: Why journaling stopped (the publisher failed); None while it works.
-        self.failed: str | None = None
-        #: The write-intent bitmap (producers/intent.py), set by the capturer.
-        self.intent: IntentBitmap | None = None
+        self.health = health or Health()
+        #: The write-intent bitmap (producers/intent.py).
+        self.intent = intent
         #: Journaled writes whose bytes the journal has yet to read from the source.
         self.deferred = DeferredWrites(vol)
         self._closing = False
         self._count_lock = threading.Lock()
         self._last_change = 0.0
+        #: async mode: the consistency point whose FLUSH is on its way to the broker (the
+        #: publisher it went to, its seq, the bitmap's checkpoint); one at a time.
+        self._point: tuple[JournalPublisher, int, Checkpoint] | None = None
+        self._point_lock = threading.Lock()
 
     # -- the Backend surface -------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
@@ -151,9 +178,13 @@ class JournalingVolume:
         if self.intent is not None:
             self.intent.sync()
             cp = self.intent.begin()      # before the FLUSH op: what it may clear
+        pub = self.pub
+        if self.mode is Mode.ASYNC:
+            self._flush_behind(pub, cp)
+            return
         ok = False
         try:
-            ok = self._journal(lambda: self.pub.wait_journaled(self.pub.flush_point(),
+            ok = self._journal(pub, lambda: pub.wait_journaled(pub.flush_point(),
                                                                self.journal_timeout))
         finally:    # sync mode raises EIO: the point must still be closed
             if cp is not None:
@@ -163,11 +194,52 @@ class JournalingVolume:
                 self.counters.ops += 1
                 self.counters.flushes += 1
 
+    def _flush_behind(self, pub: JournalPublisher, cp: Checkpoint | None) -> None:
+        """async FLUSH: queue the consistency point behind the data and return; the
+        bitmap's point ends when the broker has it (:meth:`settle`)."""
+        at = [0]
+
+        def append() -> None:
+            at[0] = pub.flush_point()
+        ok = self._journal(pub, append)
+        if cp is not None:
+            if ok:
+                with self._point_lock:
+                    self._point = (pub, at[0], cp)
+            else:
+                self.intent.abort(cp)
+        with self._count_lock:
+            self.counters.ops += 1
+            self.counters.flushes += 1
+        self.settle()
+
+    def settle(self) -> None:
+        """End the pending consistency point once its FLUSH is journaled, or give it up
+        if its journal failed (its blocks stay marked and are resent). Called at every
+        FLUSH and from the capturer's tick."""
+        with self._point_lock:
+            if self._point is None:
+                return
+            pub, seq, cp = self._point
+            if pub is self.pub and self.health.condition is not Condition.DEGRADED:
+                if pub.journaled.seq < seq:
+                    return
+                self.intent.end(cp)
+            else:
+                self.intent.abort(cp)
+            self._point = None
+
     def busy(self) -> bool:
         """Are clients writing right now (a change within the last ``QUIET`` seconds)?"""
         return time.monotonic() - self._last_change < QUIET
 
     # -- lifecycle ----------------------------------------------------------------------
+    def use(self, pub: JournalPublisher) -> None:
+        """Journal into ``pub`` from now on (the capturer's new epoch). The promises made
+        to the old publisher go with it: its journal is gone, the bitmap has the blocks."""
+        self.deferred.clear()
+        self.pub = pub
+
     def close(self) -> None:
         """Refuse every further request with ESHUTDOWN (requests already running finish)."""
         self._closing = True
@@ -175,9 +247,10 @@ class JournalingVolume:
     # -- internals ----------------------------------------------------------------------
     def _change(self, op: Op, fua: bool, local: Callable[[], None]) -> None:
         self._check_open()
-        if self.failed is not None and self.mode is Mode.SYNC:
+        failed = self.health.reason
+        if failed is not None and self.mode is Mode.SYNC:
             # Never acknowledge a write the journal cannot hold.
-            raise OSError(errno.EIO, f"journal unavailable: {self.failed}")
+            raise OSError(errno.EIO, f"journal unavailable: {failed}")
         seq = 0
         self._last_change = time.monotonic()
         with self.locks.hold(op.offset, op.length):
@@ -189,11 +262,15 @@ class JournalingVolume:
                 self.deferred.read_overlapping(op.offset, op.length)
                 local()
                 self._mark_dirty(op.offset, op.length)
-                ops = self._journal_form(op)
-                appended = self._journal(lambda: self.pub.append_many(ops))
+                # Taken once, here: after the mark and the local write, as a new epoch's
+                # resend reads the marks only once the new publisher is in place, so a
+                # change either reaches that publisher or is resent by it.
+                pub = self.pub
+                ops = self._journal_form(pub, op)
+                appended = self._journal(pub, lambda: pub.append_many(ops))
                 if appended and self.mode is Mode.SYNC:
                     # Read under the lock: at or after our op, so waiting for it is enough.
-                    seq = self.pub.appended_seq
+                    seq = pub.appended_seq
             finally:
                 if token:
                     self.intent.done(token, appended)
@@ -207,40 +284,53 @@ class JournalingVolume:
         if seq:
             # The op may sit in a half-full entry: send it now. Whatever other writers
             # queued meanwhile rides along (group commit).
-            self._journal(self.pub.close_entry)
-            self._journal(lambda: self.pub.wait_journaled(seq, self.journal_timeout))
+            self._journal(pub, pub.close_entry)
+            self._journal(pub, lambda: pub.wait_journaled(seq, self.journal_timeout))
 
-    def _journal_form(self, op: Op) -> list[Op]:
+    def _journal_form(self, pub: JournalPublisher, op: Op) -> list[Op]:
         """The ops that journal a change just made: an async WRITE leaves its bytes on
         the source while the backlog fits (the client's buffer is not kept), anything
         else carries them."""
-        pub = self.pub
-        if (op.kind is OpKind.WRITE and self.mode is Mode.ASYNC and self.failed is None
+        if (op.kind is OpKind.WRITE and self.mode.defers
+                and self.health.condition is not Condition.DEGRADED
                 and pub.can_defer(op.length)):
             return [Op.write(s.offset, s) for s in
                     self.deferred.defer(op.offset, op.length, pub.max_op_data, pub.note_early)]
         return [op]
 
-    def _journal(self, call: Callable[[], object]) -> bool:
-        """Run one publisher call. On failure: sync mode fails the request with EIO; async
-        mode keeps the source available and stops journaling (degraded: the capturer's
-        recovery resends the marked blocks in a new epoch). Returns whether journaling
-        still works."""
-        if self.failed is not None:
+    def _journal(self, pub: JournalPublisher, call: Callable[[], object]) -> bool:
+        """Run one call of ``pub``, this request's publisher. On failure: sync mode fails
+        the request with EIO; async mode keeps the source available and stops journaling
+        (degraded: the capturer's recovery resends the marked blocks in a new epoch).
+        Returns whether journaling still works."""
+        failed = self.health.reason
+        if failed is not None:
             if self.mode is Mode.SYNC:
-                raise OSError(errno.EIO, f"journal unavailable: {self.failed}")
+                raise OSError(errno.EIO, f"journal unavailable: {failed}")
             return False
         try:
             call()
             return True
         except X2XError as e:
-            self.failed = str(e)
-            self.deferred.clear()       # their journal is gone; the bitmap has the blocks
-            log.error("journaling stopped: %s; changed blocks are marked in the write-intent "
-                      "bitmap and resent in a new epoch once the broker is back", e)
+            # A new epoch may have replaced this request's publisher meanwhile: its
+            # change stays marked in the bitmap and the new epoch's resend journals it.
+            self.degrade(str(e), pub)
             if self.mode is Mode.SYNC:
                 raise OSError(errno.EIO, f"journal unavailable: {e}") from None
             return False
+
+    def degrade(self, why: str, pub: JournalPublisher | None = None) -> None:
+        """Journaling into ``pub`` (default: the current publisher) stopped, a failed
+        publisher or a stalled broker: writes go on being kept on the source and marked,
+        and the capturer's recovery resends them in a new epoch."""
+        if pub is not None and pub is not self.pub:
+            return
+        self.deferred.clear()       # their journal is gone; the bitmap has the blocks
+        self.health.fail(why)
+
+    def mark_all_dirty(self) -> None:
+        """Every block's hash is unknown (re-hashed at the clean stop)."""
+        self.dirty[:] = b"\x01" * len(self.dirty)
 
     def _mark_dirty(self, offset: int, length: int) -> None:
         if length <= 0:

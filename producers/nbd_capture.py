@@ -13,6 +13,13 @@ A start that finds the state unclean (the last run died) begins a new epoch that
 the extents the write-intent bitmap marks (producers/intent.py), or a full baseline when
 there is no trusted bitmap. Broker outages while running are handled by
 producers/recovery.py (degraded, then a new epoch resending the marked extents).
+
+This service is the one owner of the capture's state: the epoch and its publisher (only
+:meth:`NBDCapture.begin_epoch` replaces it), the baseline, the hash map, the background
+threads, and the :class:`~producers.health.Health` that says whether the journal works.
+Its helpers get narrow interfaces: recovery the :class:`~producers.recovery.Capture`
+protocol, the control watch the :class:`~producers.control_watch.Requests` calls, the
+journaling backend the publisher to use and the health to report to.
 """
 from __future__ import annotations
 
@@ -30,18 +37,24 @@ from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
 from infra.topics import JOURNAL_CONFIG, ensure_topic, journal_topic
 from infra.volume import Volume, volume_digest
+from journal.clock import now_ms
 from journal.errors import BadInput, VolumeError, X2XError
+from journal.events import (FailoverRequested, HashesPublished, HashesRequested,
+                            ResendRequested, Resent, Sealed)
 from journal.pairs import PairSpec
 from journal.ops import Op
 from producers.control_watch import ControlWatch
 from producers.deferred import hold_from_env
 from producers.baseline import BaselineProgress, new_hash_map, refresh_hashes, run_baseline
+from producers.health import Condition, Health
 from producers.journaling import JournalingVolume, Mode, RangeLocks
+from journal.status import CAPTURE_BEAT_S
 from nbd.server import NBDServer
 from producers.publisher import JournalPublisher
 from producers.intent import IntentBitmap
-from producers.announce import abandon_epoch, mark_journal_lost
+from producers.announce import abandon_epoch, announce_baseline, mark_journal_lost
 from producers.recovery import Recovery, journal_intact
+from producers.resync import emit_hashes, resend_extents
 from producers.spool import max_from_env as spool_max_from_env, Spool
 from producers.state import CaptureState, StateStore, plan_start
 from schemas.cipher import JournalKey
@@ -49,7 +62,7 @@ from schemas.cipher import JournalKey
 log = logging.getLogger("x2x.capture")
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 10809
-BEAT_INTERVAL = 2.0
+BEAT_INTERVAL = CAPTURE_BEAT_S
 #: How long queued ops may wait for more company before they are sent as an entry.
 LINGER = 0.05
 #: How long a clean stop lets requests in flight finish.
@@ -109,6 +122,8 @@ class NBDCapture:
     tls_required: bool = False
     report: CaptureReport = field(init=False, default_factory=CaptureReport)
     baseline: BaselineProgress | None = field(init=False, default=None)
+    #: Whether the journal takes what clients write; written only through its methods.
+    health: Health = field(init=False)
     _stopping: threading.Event = field(init=False, default_factory=threading.Event)
     _threads: list[threading.Thread] = field(init=False, default_factory=list)
     _stopped: bool = field(init=False, default=False)
@@ -117,6 +132,9 @@ class NBDCapture:
     #: (``serve`` returns, the CLI exits non-zero) so that its service manager restarts
     #: it, instead of serving on without heartbeats, stall detection or recovery.
     fatal: str | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.health = Health(self.spec.name)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> "NBDCapture":
@@ -160,8 +178,8 @@ class NBDCapture:
         resync = not continuing and old_state is not None and self.intent.trusted
         # Continuing implies a saved map that fits (plan_start checks it); a new epoch
         # gets a fresh one, filled by the baseline.
-        self.hashes = (bytearray(old_hashes) if continuing and old_hashes is not None
-                       else new_hash_map(vol.size, spec.block_size))
+        self.hash_map = (bytearray(old_hashes) if continuing and old_hashes is not None
+                         else new_hash_map(vol.size, spec.block_size))
         # From now until a clean stop the saved map is stale; a scan after a crash must
         # not diff against it, so it goes (a clean stop writes the refreshed one).
         self.store.hashes.unlink(missing_ok=True)
@@ -180,18 +198,20 @@ class NBDCapture:
             # The last run died: records it had sent may still be written late.
             abandon_epoch(self.settings, spec.name, old_state.epoch, state.epoch)
         self.pub = self.new_publisher(state.epoch, state.next_seq, state.epoch_bytes)
-        self.backend = JournalingVolume(vol, self.pub, self.mode, spec.block_size, self.locks)
-        self.backend.intent = self.intent
-        self.recovery = Recovery(self, self.intent)
+        self.backend = JournalingVolume(vol, self.pub, self.mode, spec.block_size, self.locks,
+                                        health=self.health, intent=self.intent)
+        self.recovery = Recovery(self, spec, self.settings, vol, self.locks, self.intent,
+                                 self.health, self._stopping, self.store.incarnation)
         self.server.exports[spec.name] = self.backend
         self.server.start()
         if resync:
             self.recovery.resend_at_start()
         elif not continuing:
             self.baseline = BaselineProgress(vol.size)
-            self._spawn(self.recovery.baseline_thread, "x2x-baseline")
-        self._spawn(self._tick_thread, "x2x-capture-tick")
-        self.watch = ControlWatch(self).start()   # failover / verify / failback requests
+            self.spawn(self._baseline_thread, "x2x-baseline")
+        self.spawn(self._tick_thread, "x2x-capture-tick")
+        # failover / verify / failback requests
+        self.watch = ControlWatch(spec.name, spec.source, self.settings, self).start()
         log.info("capturing pair %s at %s, epoch %d from seq %d (%s mode%s%s%s)", spec.name,
                  self.uri, state.epoch, state.next_seq, self.mode.value,
                  f", bursts held on the source up to {self.pub.hold:g} s (X2X_ASYNC_HOLD)"
@@ -234,18 +254,43 @@ class NBDCapture:
                 self.state.last_offset, self.state.last_digest = last
                 self.store.save(self.state)
 
-    def switch_state(self, state: CaptureState) -> None:
-        """Save and adopt a new epoch's state. Under the same lock as the heartbeat's save,
-        so an older state can never be written over it (an epoch must not repeat)."""
+    @property
+    def epoch(self) -> int:
+        """The epoch being captured."""
+        return self.state.epoch
+
+    def begin_epoch(self, state: CaptureState) -> JournalPublisher:
+        """Retire the current publisher and journal into a fresh one in ``state``'s epoch
+        (recovery, once the broker is back): the one place the publisher is replaced.
+        Each reader takes ``self.pub`` once per call, so none mixes two publishers."""
+        old = self.pub
+        old.fail("superseded by a new epoch")
+        old.close(timeout=0)
+        pub = self.new_publisher(state.epoch, state.next_seq, state.epoch_bytes)
+        # Under the heartbeat's lock: an older state can never be saved over this one (an
+        # epoch must not repeat), and the state and its publisher change together.
         with self._state_lock:
             self.store.save(state)
-            self.state = state
+            self.state, self.pub = state, pub
+        self.backend.use(pub)
+        return pub
+
+    def resent(self) -> None:
+        """Recovery journaled every marked extent again in this epoch."""
+        if self.baseline is not None and not self.baseline.finished:
+            self.baseline = None      # superseded: this epoch holds every block
+        # The hash map is not known for what was resent: re-hash at the clean stop.
+        self.backend.mark_all_dirty()
+
+    def degrade(self, why: str) -> None:
+        """Journaling stopped (recovery found the broker stalled)."""
+        self.backend.degrade(why)
 
     def new_publisher(self, epoch: int, next_seq: int, epoch_bytes: int) -> JournalPublisher:
         """The journal publisher of an epoch; in async mode it spools a backlog to local
         disk (producers/spool.py) instead of holding clients at the broker's pace."""
         spool = (Spool(pair_dir(self.spec.name) / "spool", self.spool_max)
-                 if self.mode is Mode.ASYNC and self.spool_max else None)
+                 if self.mode.defers and self.spool_max else None)
         pub = JournalPublisher(self.settings, self.spec.name, epoch, next_seq, epoch_bytes,
                                key=self.key, instance=self.spec.source, spool=spool,
                                hold=self.hold if spool is not None else 0.0,
@@ -289,27 +334,33 @@ class NBDCapture:
         self._stopping.set()
         for t in self._threads:
             t.join()
-        failed = self.backend.failed
+        pub = self.pub          # no epoch can begin any more: the threads are gone
+        failed = self.health.reason
         try:
             self.vol.fsync()
             if failed is None and seal:
                 self.sealed_digest = volume_digest(self.spec.source)
-                self.pub.append(Op.seal(self.vol.size, self.sealed_digest))
+                pub.append(Op.seal(self.vol.size, self.sealed_digest))
             elif failed is None:
-                self.pub.flush_point()
+                pub.flush_point()
             if failed is None:
-                self.pub.drain()
+                pub.drain()
+                self.backend.settle()
         except X2XError as e:
-            failed = self.backend.failed = str(e)
+            failed = str(e)
+            self.health.fail(failed)
         baseline_done = self.baseline is None or self.baseline.finished
-        j = self.pub.journaled
-        clean = failed is None and baseline_done and self.recovery.settled()
+        j = pub.journaled
+        # Capturing: not degraded, and no resend left unfinished.
+        clean = (failed is None and baseline_done
+                 and self.health.condition is Condition.CAPTURING)
         if clean:
             self.intent.clear_all()       # the journal holds everything: nothing to resend
             hashes = None
-            if self.hashes is not None:
-                refresh_hashes(self.vol, self.hashes, self.backend.dirty, self.spec.block_size)
-                hashes = bytes(self.hashes)
+            if self.hash_map is not None:
+                refresh_hashes(self.vol, self.hash_map, self.backend.dirty,
+                               self.spec.block_size)
+                hashes = bytes(self.hash_map)
             self.store.save(CaptureState.closed(j, self.spec.block_size, self.vol.size,
                                                 *self._last_acked()), hashes)
         # else: the state saved at start (clean=False) stays: the next start re-baselines.
@@ -322,7 +373,7 @@ class NBDCapture:
             self.beat(state=("sealed" if seal else "stopped") if clean else "stopped-unclean",
                       force=True)
         finally:
-            self.pub.close()
+            pub.close()
             self.vol.close()
             self.intent.close()
         return r
@@ -345,45 +396,84 @@ class NBDCapture:
         """Journal a FLUSH now, wait until the broker holds everything up to it, and
         announce it in a heartbeat; returns its seq. (What a client FLUSH does, minus the
         fsync, for operators and tests.)"""
-        seq = self.pub.flush_point()
-        self.pub.wait_journaled(seq, timeout)
+        pub = self.pub
+        seq = pub.flush_point()
+        pub.wait_journaled(seq, timeout)
         self.beat(force=True)
         return seq
 
-    def detail(self) -> dict[str, str]:
+    def detail(self, pub: JournalPublisher | None = None) -> dict[str, str]:
+        """The heartbeat's detail (of ``pub``, the current publisher by default)."""
+        pub = pub or self.pub
         c = self.backend.counters
         d = {"capturer": "nbd", "mode": self.mode.value, "listen": self.uri,
              "clients": str(len(self.server.clients)), "captured_ops": str(c.ops),
-             "captured_bytes": str(c.bytes), "spooled_bytes": str(self.pub.spooled_bytes),
-             "deferred_bytes": str(self.pub.deferred_bytes)}
-        if self.baseline is not None:
-            d["baseline"] = ("done" if self.baseline.finished
-                             else f"{self.baseline.percent:.0f}%")
-        if self.backend.failed:
-            d["error"] = self.backend.failed[:300]
-        d.update(self.recovery.detail())     # dirty_bytes, resync progress, outages
+             "captured_bytes": str(c.bytes), "spooled_bytes": str(pub.spooled_bytes),
+             "deferred_bytes": str(pub.deferred_bytes)}
+        baseline = self.baseline
+        if baseline is not None:
+            d["baseline"] = "done" if baseline.finished else f"{baseline.percent:.0f}%"
+        reason = self.health.reason
+        if reason:
+            d["error"] = reason[:300]
+        d.update(self.recovery.detail())     # dirty_bytes, resend progress, outages
         return d
 
     def beat(self, state: str | None = None, force: bool = False) -> None:
-        state = state or self.recovery.state_name()     # degraded / resending
+        """Publish a heartbeat: ``state``, or the health's (degraded / resending), or
+        ``baseline`` while one runs, else ``capturing``."""
+        pub, baseline = self.pub, self.baseline
         if state is None:
-            state = ("journal-failed" if self.backend.failed else
-                     "baseline" if self.baseline and not self.baseline.finished else
-                     "capturing")
+            condition = self.health.condition
+            state = (condition.value if condition is not Condition.CAPTURING else
+                     "baseline" if baseline and not baseline.finished else "capturing")
         now = time.monotonic()
         last_t, last_b = getattr(self, "_rate_mark", (self._t0, 0))
-        total = self.backend.counters.bytes + (self.baseline.done if self.baseline else 0)
+        total = self.backend.counters.bytes + (baseline.done if baseline else 0)
         rate = (total - last_b) / max(now - last_t, 1e-3)
         self._rate_mark = (now, total)
-        self.pub.beat(state, self.detail(), force=force, rate_bps=rate)
+        pub.beat(state, self.detail(pub), force=force, rate_bps=rate)
         # Baseline and resend progress, 0..1, for dashboards (the beat carries the %).
-        for running in (self.baseline, self.recovery.progress):
+        for running in (baseline, self.recovery.progress):
             if running is not None:
                 telemetry.metrics().progress(self.spec.name, "capturer",
                                              running.percent / 100.0)
 
+    # -- what the control watch asks (producers/control_watch.py) -------------------------
+    def seal(self, ev: FailoverRequested) -> Sealed:
+        """Planned failover: refuse writes, journal SEAL, drain, stop; the ``sealed``
+        answer (epoch, seq, digest, refused_at_ms)."""
+        self._check_serving()
+        refused_at = now_ms()
+        report = self.stop(seal=True)
+        if not report.clean:
+            raise X2XError(f"the capturer could not seal cleanly: "
+                           f"{report.error or 'baseline not finished'}")
+        return Sealed(pair=self.spec.name, source=self.spec.source, request=ev.request,
+                      epoch=report.epoch, seq=report.last_seq, digest=self.sealed_digest,
+                      refused_at_ms=refused_at)
+
+    def hashes(self, ev: HashesRequested) -> HashesPublished:
+        """Journal HASHES of the whole source and a FLUSH; where they landed."""
+        self._check_serving()
+        p = emit_hashes(self.vol, self.pub, self.locks, self.spec.block_size)
+        self.beat(force=True)
+        return p.answer(HashesPublished, self.spec.name, self.spec.source, ev.request)
+
+    def resend(self, ev: ResendRequested) -> Resent:
+        """Journal the current content of the request's extents and a FLUSH."""
+        self._check_serving()
+        p = resend_extents(self.vol, self.pub, self.locks, list(ev.extents),
+                           self.spec.block_size)
+        self.beat(force=True)
+        return p.answer(Resent, self.spec.name, self.spec.source, ev.request)
+
+    def _check_serving(self) -> None:
+        if self._stopped:
+            raise X2XError("the capturer is stopping")
+
     # -- background threads -------------------------------------------------------------
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
+    def spawn(self, target: Callable[[], None], name: str) -> None:
         """Run ``target`` in a background thread that, if it dies of an unexpected error,
         stops the capturer with one log line naming it (see ``fatal``)."""
         def guarded() -> None:
@@ -391,7 +481,7 @@ class NBDCapture:
                 target()
             except Exception as e:  # noqa: BLE001 - whatever it was, serving on is worse
                 self.fatal = f"background thread {name} failed: {type(e).__name__}: {e}"
-                self.backend.failed = self.backend.failed or self.fatal
+                self.health.fail(self.fatal)
                 log.critical("pair %s: %s; stopping the capturer (its service manager "
                              "restarts it; the write-intent bitmap resends what may be "
                              "missing)", self.spec.name, self.fatal, exc_info=True)
@@ -404,33 +494,56 @@ class NBDCapture:
         t.start()
 
     def _baseline_thread(self) -> None:
-        assert self.baseline is not None and self.hashes is not None
+        """The full baseline, with every bit of the write-intent bitmap set until its
+        FLUSH is acknowledged: a crash half-way resends only what it had not journaled."""
+        progress, pub, name = self.baseline, self.pub, self.spec.name
+        assert progress is not None and self.hash_map is not None
+        cp = self.intent.begin(blocking=True, full=True)
+        self.intent.set_all()
         try:
-            done = run_baseline(self.vol, self.pub, self.locks, self.spec.block_size,
-                                self.hashes, self.baseline, self._stopping)
-        except X2XError as e:
-            self.backend.failed = self.backend.failed or str(e)
-            log.error("baseline of pair %s failed: %s", self.spec.name, e)
-            return
-        if done:
+            with telemetry.span("x2x.baseline", pair=name, epoch=pub.journaled.epoch):
+                try:
+                    done = run_baseline(self.vol, pub, self.locks, self.spec.block_size,
+                                        self.hash_map, progress, self._stopping)
+                except X2XError as e:
+                    self._failed(pub, str(e))
+                    log.error("baseline of pair %s failed: %s", name, e)
+                    return
+            if not done:
+                return
             log.info("baseline of pair %s done: %d bytes in %.1f s, FLUSH at seq %d",
-                     self.spec.name, self.baseline.total, self.baseline.seconds,
-                     self.baseline.flush_seq)
+                     name, progress.total, progress.seconds, progress.flush_seq)
             self.beat(force=True)
+            if self.baseline is progress:       # not superseded by a resend meanwhile
+                pub.wait_journaled(progress.flush_seq, 60.0)
+                self.intent.end(cp)
+                cp = None
+                announce_baseline(self.settings, name, pub.journaled.epoch)
+        except X2XError as e:
+            self._failed(pub, str(e))
+        finally:
+            if cp is not None:
+                self.intent.abort(cp)
+
+    def _failed(self, pub: JournalPublisher, reason: str) -> None:
+        """``pub`` failed: the capturer is degraded, unless a new epoch already replaced
+        that publisher (its failure then says nothing about the new one)."""
+        if pub is self.pub:
+            self.health.fail(reason)
 
     def _tick_thread(self) -> None:
         """Send lingering ops as an entry when the workload pauses; beat every interval."""
         next_beat = time.monotonic() + self.beat_interval
         while not self._stopping.wait(LINGER):
             try:
-                if self.backend.failed is None:
+                if self.health.condition is not Condition.DEGRADED:
                     self.pub.close_entry()
+                self.backend.settle()     # an async FLUSH's point ends once journaled
                 self.recovery.tick()      # stall check; degraded -> recover when back
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.beat_interval
                     self.beat(force=True)
                     self.remember_last_acked()
             except X2XError as e:
-                self.backend.failed = self.backend.failed or str(e)
+                self.health.fail(str(e))
                 log.error("journaling of pair %s stopped: %s", self.spec.name, e)
-

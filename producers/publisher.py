@@ -23,7 +23,7 @@ from typing import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from infra import telemetry
+from infra import keys, telemetry
 from infra.heartbeat import HeartbeatPublisher
 from infra.kafka import KafkaSettings
 from infra.topics import journal_topic
@@ -89,7 +89,7 @@ class JournalPublisher:
         self.settings = settings
         self.producer = Producer(settings.producer())
         self.seq = Sequencer(pair, epoch, next_seq, epoch_bytes, budget, sign=False)
-        self.key = key
+        self.key = keys.remember(key) if key else None   # the control plane signs with it
         self.max_inflight = max_inflight_bytes
         #: Entries closed but not yet signed and handed over, oldest first, each with
         #: its bytes still on the source (deferred ops, producers/deferred.py); and the
@@ -103,7 +103,8 @@ class JournalPublisher:
         #: writing, deferred entries younger than ``hold`` seconds stay on the source.
         self.hold, self.busy = hold, busy
         self._waiters = 0          # threads in wait_journaled: they want it shipped now
-        self.heartbeat = HeartbeatPublisher(self.producer, pair, "capturer", instance)
+        self._appended_at = 0      # capture time of the newest op appended (ms)
+        self.heartbeat = HeartbeatPublisher(self.producer, pair, "capturer", instance, key=key)
         self.journaled = Journaled(epoch, next_seq - 1, epoch_bytes, 0)
         self.ops_journaled = 0
         self.bytes_sent = 0            # record bytes handed to Kafka (before compression)
@@ -135,7 +136,8 @@ class JournalPublisher:
         writer is more than ``max_queued`` bytes behind."""
         with self._cond:
             self._raise_if_failed()
-            for entry in self.seq.add(op, now_ms()):
+            self._appended_at = now = now_ms()
+            for entry in self.seq.add(op, now):
                 self._enqueue(entry)
             while self._queued > self.max_queued:
                 self._cond.wait(0.1)
@@ -418,8 +420,13 @@ class JournalPublisher:
     def beat(self, state: str, detail: dict[str, str] | None = None, force: bool = False,
              rate_bps: float = 0.0) -> None:
         j = self.journaled
+        with self._cond:
+            # What clients were told is done and the journal may not hold yet: a forced
+            # failover counts it as lost when the source dies (its RPO report).
+            ahead = {"appended_seq": str(self.seq.next_seq + self.seq.pending_ops - 1),
+                     "appended_at_ms": str(self._appended_at or j.captured_at_ms)}
         self.heartbeat.beat(state, j.epoch, j.seq, j.epoch_bytes, j.captured_at_ms,
-                            rate_bps, detail, force)
+                            rate_bps, {**(detail or {}), **ahead}, force)
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush heartbeats and stop the threads; call drain() first to keep ops."""

@@ -27,8 +27,8 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -39,17 +39,16 @@ from infra.topics import JOURNAL_CONFIG, ensure_base_topics, ensure_topic
 from infra.volume import Volume
 from journal.epochs import after_outage
 from journal.errors import PairNotFound, X2XError
-from journal.pairs import ControlEvent
-from journal.runs import RunBuilder, max_write as write_bound
-from producers.announce import abandon_epoch, announce_baseline, mark_journal_lost
+from journal.events import Created
+from journal.pairs import PairSpec
+from producers.announce import abandon_epoch, mark_journal_lost
+from producers.health import Condition, Health
 from producers.intent import IntentBitmap
 from producers.journaling import RangeLocks
 from journal.clock import now_ms
 from producers.publisher import JournalPublisher
+from producers.regions import journal_regions
 from producers.state import CaptureState
-
-if TYPE_CHECKING:
-    from producers.nbd_capture import NBDCapture
 
 log = logging.getLogger("x2x.capture")
 
@@ -81,26 +80,11 @@ def resend(vol: Volume, pub: JournalPublisher, locks: RangeLocks, block_size: in
 
     One lock region at a time, read and appended under its lock; zero blocks go as ZERO
     ops. Returns False if ``stop`` was set first (nothing is then promised)."""
-    region = locks.region
-    max_write = write_bound(block_size)
-    runs = RunBuilder(max_write)
-    buf = bytearray(region)
-    for offset, length in extents:
-        pos, end = offset, offset + length
-        while pos < end:
-            if stop is not None and stop.is_set():
-                return False
-            chunk = min(end, (pos // region + 1) * region) - pos
-            view = memoryview(buf)[:chunk]
-            with locks.hold(pos, chunk):
-                vol.readinto(pos, view)
-                for off in range(0, chunk, block_size):
-                    block = view[off:off + block_size]
-                    pub.append_many(runs.add_block(pos + off, block)[0])
-                # The ops point into ``buf``: close the run before it is reused.
-                pub.append_many(runs.finish())
-            progress.done += chunk
-            pos += chunk
+    def count(_base: int, view: memoryview, _written: list[int]) -> None:
+        progress.done += len(view)
+
+    if not journal_regions(vol, pub, locks, block_size, extents, count, stop):
+        return False
     progress.flush_seq = pub.flush_point()
     return True
 
@@ -124,129 +108,137 @@ def journal_intact(settings: KafkaSettings, topic: str,
         consumer.close()
 
 
+class Capture(Protocol):
+    """What recovery asks of the capture service, which alone owns the epoch, the
+    publisher and the background threads (producers/nbd_capture.py)."""
+
+    @property
+    def pub(self) -> JournalPublisher:
+        """The current epoch's publisher; take it once per use (an epoch replaces it)."""
+        ...
+
+    @property
+    def epoch(self) -> int: ...
+
+    def begin_epoch(self, state: CaptureState) -> JournalPublisher:
+        """Retire the current publisher, save and adopt ``state``, and journal into a
+        fresh publisher of its epoch from now on; returns it."""
+        ...
+
+    def spawn(self, target: Callable[[], None], name: str) -> None: ...
+
+    def resent(self) -> None:
+        """Every marked extent is journaled again in this epoch (an unfinished baseline
+        is superseded; the hash map must be refreshed at the clean stop)."""
+        ...
+
+    def beat(self, state: str | None = None, force: bool = False) -> None: ...
+
+    def degrade(self, why: str) -> None:
+        """Journaling stopped: writes are kept on the source and marked from now on."""
+        ...
+
+
+@dataclass
 class Recovery:
     """The capturer's fault handling; the capturer calls :meth:`tick` from its tick loop.
 
-    States: ``capturing``, ``degraded`` (journal down, writes only marked), ``resending``
-    (a new epoch resending marked extents; client writes are journaled meanwhile)."""
+    It reads and changes the capturer's :class:`~producers.health.Health` (degraded when
+    the journal fails, resending in a new epoch, capturing once the resend is
+    acknowledged) and asks the capture service for a new epoch when the broker is back."""
 
-    def __init__(self, cap: "NBDCapture", intent: IntentBitmap) -> None:
-        self.cap, self.intent = cap, intent
-        self.state = "capturing"
-        self.progress: ResendProgress | None = None
-        self.outages = 0              # times the journal went down and came back
-        self._busy = threading.Lock()  # one recovery or resend at a time
-        self._next_try = 0.0
-        self._degraded_at: float | None = None
+    capture: Capture
+    spec: PairSpec
+    settings: KafkaSettings
+    vol: Volume
+    locks: RangeLocks
+    intent: IntentBitmap
+    health: Health
+    #: Set when the capturer stops: a resend ends early, no recovery starts.
+    stopping: threading.Event
+    #: The pair's creation time, to publish it again to a broker that lost it.
+    incarnation: int | None = None
+    progress: ResendProgress | None = field(init=False, default=None)
+    outages: int = field(init=False, default=0)     # times the journal went down and came back
+    _busy: threading.Lock = field(init=False, default_factory=threading.Lock)  # one at a time
+    _next_try: float = field(init=False, default=0.0)
 
     # -- start ----------------------------------------------------------------------
     def resend_at_start(self) -> None:
         """After an unclean stop, in the start's new epoch: resend the marked extents."""
         self.progress = ResendProgress(self.intent.dirty_bytes())
-        self.state = "resending"
-        self.cap._spawn(self._resend_thread, "x2x-resend")
-
-    def baseline_thread(self) -> None:
-        """The capturer's full baseline, with every bit set until its FLUSH is
-        acknowledged: a crash half-way resends only what it had not journaled."""
-        cap = self.cap
-        cp = self.intent.begin(blocking=True, full=True)
-        self.intent.set_all()
-        try:
-            with telemetry.span("x2x.baseline", pair=cap.spec.name,
-                                epoch=cap.pub.journaled.epoch):
-                cap._baseline_thread()
-            if cap.baseline is not None and cap.baseline.finished:
-                cap.pub.wait_journaled(cap.baseline.flush_seq, 60.0)
-                self.intent.end(cp)
-                cp = None
-                announce_baseline(cap.settings, cap.spec.name, cap.pub.journaled.epoch)
-        except X2XError as e:
-            cap.backend.failed = cap.backend.failed or str(e)
-        finally:
-            if cp is not None:
-                self.intent.abort(cp)
+        self.health.resending()
+        self.capture.spawn(self._resend_thread, "x2x-resend")
 
     # -- the tick loop ------------------------------------------------------------------
     def tick(self) -> None:
-        cap = self.cap
-        if cap.backend.failed is None:
-            stalled = cap.pub.stalled_for()
-            if stalled > STALL:
-                cap.pub.fail(f"the broker at {cap.settings.bootstrap} acknowledged nothing of "
-                             f"{cap.pub.topic} for {stalled:.0f} s")
+        """Declare a stalled journal failed; while degraded, try to recover every RETRY s."""
+        if self.health.condition is not Condition.DEGRADED:
+            pub = self.capture.pub
+            stalled = pub.stalled_for()
+            if stalled <= STALL:
+                return
+            why = (f"the broker at {self.settings.bootstrap} acknowledged nothing of "
+                   f"{pub.topic} for {stalled:.0f} s")
+            pub.fail(why)
+            # Degrade now, not at the next client request: in async mode no FLUSH waits
+            # for the journal, and a quiet client would leave the outage unnoticed.
+            self.capture.degrade(why)
             return
-        if self.state != "degraded":
-            self.state = "degraded"
-            self._degraded_at = time.monotonic()
-            log.error("pair %s degraded: %s; writes are kept on the source and marked; "
-                      "marked extents are resent when the broker is back", cap.spec.name,
-                      cap.backend.failed)
         if time.monotonic() >= self._next_try and not self._busy.locked():
             self._next_try = time.monotonic() + RETRY
-            cap._spawn(self._recover, "x2x-recover")
-
-    def settled(self) -> bool:
-        """Nothing left to resend: the stop may be clean."""
-        return self.state == "capturing"
-
-    def state_name(self) -> str | None:
-        return None if self.state == "capturing" else self.state
+            self.capture.spawn(self._recover, "x2x-recover")
 
     def detail(self) -> dict[str, str]:
+        """Heartbeat detail: marked bytes, resend progress, outages, time degraded."""
         d = {"dirty_bytes": str(self.intent.dirty_bytes())}
         if self.progress is not None:
             d["resend"] = ("done" if self.progress.finished else
                            f"{self.progress.percent:.0f}%")
         if self.outages:
             d["outages"] = str(self.outages)
-        if self._degraded_at is not None and self.state == "degraded":
-            d["degraded_s"] = f"{time.monotonic() - self._degraded_at:.0f}"
+        degraded = self.health.degraded_for()
+        if degraded is not None:
+            d["degraded_s"] = f"{degraded:.0f}"
         return d
 
     # -- recovery -----------------------------------------------------------------------
     def _recover(self) -> None:
         if not self._busy.acquire(blocking=False):
             return
-        cap = self.cap
+        name = self.spec.name
         try:
-            if cap._stopping.is_set():
+            if self.stopping.is_set():
                 return
             try:
-                admin = cap.settings.check_reachable(timeout=2.0)
+                admin = self.settings.check_reachable(timeout=2.0)
             except X2XError:
                 return                       # still down; tick tries again
-            old = cap.pub
-            intact = journal_intact(cap.settings, old.topic, old.last_acked)
-            state = CaptureState.opening(after_outage(cap.state.epoch), cap.spec.block_size,
-                                         cap.vol.size)
+            old, epoch = self.capture.pub, self.capture.epoch
+            intact = journal_intact(self.settings, old.topic, old.last_acked)
+            state = CaptureState.opening(after_outage(epoch), self.spec.block_size,
+                                         self.vol.size)
             try:
                 ensure_topic(admin, old.topic, JOURNAL_CONFIG)
                 ensure_base_topics(admin)
                 self._ensure_pair_known()
-                abandon_epoch(cap.settings, cap.spec.name, cap.state.epoch, state.epoch)
+                abandon_epoch(self.settings, name, epoch, state.epoch)
             except X2XError as e:
-                log.warning("pair %s: broker back but not ready: %s", cap.spec.name, e)
+                log.warning("pair %s: broker back but not ready: %s", name, e)
                 return
-            old.fail("superseded by a new epoch")
-            old.close(timeout=0)
-            cap.switch_state(state)
-            pub = cap.new_publisher(state.epoch, 1, 0)
-            cap.backend.deferred.clear()        # promises made to the failed publisher
-            cap.pub = cap.backend.pub = pub
-            self.state = "resending"
+            self.capture.begin_epoch(state)
             # Before writes are journaled again: what was appended to the failed journal
             # is no candidate of any point, so a client FLUSH in the new epoch cannot
             # clear a block before the resend below has sent it again.
             self.intent.reset_candidates()
-            cap.backend.failed = None          # from here writes are journaled again
+            self.health.resending()           # from here writes are journaled again
             self.outages += 1
             if not intact:
-                mark_journal_lost(cap.settings, cap.spec.name, cap.spec.source, state.epoch)
+                mark_journal_lost(self.settings, name, self.spec.source, state.epoch)
             log.warning("pair %s: broker back; epoch %d resends the marked extents%s",
-                        cap.spec.name, state.epoch, "" if intact else
+                        name, state.epoch, "" if intact else
                         f"; the journal lost its records, so the target must be resynced by "
-                        f"block hashes: run 'x2x pair resync {cap.spec.name}' (this capturer "
+                        f"block hashes: run 'x2x pair resync {name}' (this capturer "
                         f"keeps serving and answers it)")
         finally:
             self._busy.release()
@@ -255,44 +247,40 @@ class Recovery:
     def _ensure_pair_known(self) -> None:
         """A broker that lost its data lost the pair too: publish it again, so appliers
         find it (they then report JournalLost and are reset by the operator)."""
-        spec = self.cap.spec
+        spec = self.spec
         try:
-            control.get_pair(self.cap.settings, spec.name)
+            control.get_pair(self.settings, spec.name)
         except PairNotFound:
             # Stamped with its first creation time: the pair is the same one (StateStore).
-            control.publish(self.cap.settings, ControlEvent(
-                "created", spec.name, self.cap.store.incarnation or now_ms(), spec))
+            control.publish(self.settings, Created(
+                pair=spec.name, at_ms=self.incarnation or now_ms(), spec=spec))
 
     def _resend_thread(self) -> None:
-        cap = self.cap
+        name = self.spec.name
         with self._busy:
+            pub = self.capture.pub
             cp = self.intent.begin(blocking=True, full=True)
             try:
                 extents = list(self.intent.extents())
                 self.progress = ResendProgress(sum(n for _, n in extents))
-                self.state = "resending"
                 t0 = time.monotonic()
-                with telemetry.span("x2x.resend", pair=cap.spec.name,
-                                    bytes=self.progress.total):
-                    if not resend(cap.vol, cap.pub, cap.locks, cap.spec.block_size, extents,
-                                  self.progress, cap._stopping):
+                with telemetry.span("x2x.resend", pair=name, bytes=self.progress.total):
+                    if not resend(self.vol, pub, self.locks, self.spec.block_size, extents,
+                                  self.progress, self.stopping):
                         return
-                cap.pub.wait_journaled(self.progress.flush_seq, 120.0)
+                pub.wait_journaled(self.progress.flush_seq, 120.0)
                 self.intent.end(cp)
                 cp = None
                 self.progress.finished = True
-                if cap.baseline is not None and not cap.baseline.finished:
-                    cap.baseline = None      # superseded: this epoch holds every block
-                # The hash map is not known for what was resent: re-hash at the clean stop.
-                cap.backend.dirty[:] = b"\x01" * len(cap.backend.dirty)
-                self.state = "capturing"
+                self.capture.resent()
+                self.health.resent()
                 log.info("pair %s: resent %d bytes in %d extents in %.1f s, FLUSH at seq %d",
-                         cap.spec.name, self.progress.total, len(extents),
+                         name, self.progress.total, len(extents),
                          time.monotonic() - t0, self.progress.flush_seq)
-                cap.beat(force=True)
+                self.capture.beat(force=True)
             except X2XError as e:
-                cap.backend.failed = cap.backend.failed or str(e)
-                log.error("pair %s: resend of the marked extents failed: %s", cap.spec.name, e)
+                self.health.fail(str(e))
+                log.error("pair %s: resend of the marked extents failed: %s", name, e)
             finally:
                 if cp is not None:
                     self.intent.abort(cp)

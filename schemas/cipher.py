@@ -1,10 +1,16 @@
 """End-to-end protection of a pair's journal with a key only the two ends hold.
 
-Each op's data is encrypted with AES-256-GCM (random 96-bit nonce; the op's pair, epoch,
-seq, kind, offset and length as associated data), and the whole entry — header, order,
-seqs, plaintext — is authenticated by a keyed blake3 MAC in the entry's digest field. So
-a party with write access to the topic cannot inject, reorder, replay or alter writes
-without the applier refusing them, and one with read access learns nothing of the data.
+Each op's data is encrypted with AES-256-GCM (random 96-bit nonce; the op's pair,
+incarnation, epoch, seq, kind, offset and length as associated data), and the whole entry —
+header, order, seqs, plaintext — is authenticated by a keyed blake3 MAC in the entry's
+digest field. So a party with write access to the topic cannot inject, reorder, replay or
+alter writes without the applier refusing them, and one with read access learns nothing of
+the data. The same key signs the pair's control events and heartbeats (docs/security.md).
+
+Every MAC key is derived per purpose (entry, control, status: a MAC of one kind never
+passes as another) and bound to the pair's *incarnation*, the time its ``created`` event
+was stamped: a pair deleted and created again under the same name and key has a new
+incarnation, so nothing its predecessor wrote passes as the new pair's.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ CIPHER = "aes-256-gcm"
 KEY_LEN = 32
 NONCE_LEN = 12
 _KINDS = {kind: i for i, kind in enumerate(OpKind)}
-_AAD = struct.Struct("<qqBqq")          # epoch, seq, kind, offset, length
+_AAD = struct.Struct("<qqqBqq")         # incarnation, epoch, seq, kind, offset, length
+_INCARNATION = struct.Struct("<q")
 
 
 def _derive(context: str, key: bytes) -> bytes:
@@ -35,9 +42,11 @@ def _derive(context: str, key: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class JournalKey:
-    """A pair's key: AES-256-GCM for payloads, keyed blake3 for the entry MAC."""
+    """A pair's key: AES-256-GCM for payloads, keyed blake3 for the MACs of entries,
+    control events and heartbeats; ``incarnation`` is the pair's (see the module doc)."""
 
     raw: bytes
+    incarnation: int = 0
 
     def __post_init__(self) -> None:
         if len(self.raw) != KEY_LEN:
@@ -48,9 +57,29 @@ class JournalKey:
         """Safe to publish: identifies the key without revealing it."""
         return _derive("key id", self.raw)[:8].hex()
 
+    def bound(self, incarnation: int) -> "JournalKey":
+        """This key for the pair incarnation created at ``incarnation`` (ms)."""
+        return replace(self, incarnation=incarnation)
+
+    def _mac_key(self, purpose: str) -> bytes:
+        return blake3.blake3(_INCARNATION.pack(self.incarnation),
+                             key=_derive(purpose, self.raw)).digest()
+
     @property
     def mac_key(self) -> bytes:
-        return _derive("entry mac", self.raw)
+        return self._mac_key("entry mac")
+
+    def control_mac(self, body: bytes) -> bytes:
+        """MAC of an encoded control event (with its own MAC field empty)."""
+        return blake3.blake3(body, key=self._mac_key("control mac")).digest()
+
+    def status_mac(self, body: bytes) -> bytes:
+        """MAC of an encoded heartbeat (with its own MAC field empty)."""
+        return blake3.blake3(body, key=self._mac_key("status mac")).digest()
+
+    def _aad(self, entry: Entry, seq: int, op: Op) -> bytes:
+        return entry.pair.encode() + _AAD.pack(self.incarnation, entry.epoch, seq,
+                                               _KINDS[op.kind], op.offset, op.length)
 
     def _aead(self) -> AESGCM:
         return AESGCM(_derive("payload encryption", self.raw))
@@ -58,12 +87,11 @@ class JournalKey:
     def encrypt(self, entry: Entry) -> Entry:
         """Encrypt the data of every op that carries data (the digest stays as it is)."""
         aead, ops = self._aead(), []
-        name = entry.pair.encode()
         for seq, op in enumerate(entry.ops, entry.first_seq):
             if op.data:
                 nonce = os.urandom(NONCE_LEN)
-                aad = name + _AAD.pack(entry.epoch, seq, _KINDS[op.kind], op.offset, op.length)
-                op = Op(op.kind, op.offset, op.length, nonce + aead.encrypt(nonce, op.data, aad))
+                op = Op(op.kind, op.offset, op.length,
+                        nonce + aead.encrypt(nonce, op.data, self._aad(entry, seq, op)))
             ops.append(op)
         return replace(entry, ops=tuple(ops), cipher=CIPHER)
 
@@ -74,19 +102,19 @@ class JournalKey:
                                f" but pair {entry.pair} requires {CIPHER}: it was not written "
                                f"by the pair's capturer; nothing of it was applied")
         aead, ops = self._aead(), []
-        name = entry.pair.encode()
         for seq, op in enumerate(entry.ops, entry.first_seq):
             if op.data:
                 if len(op.data) < NONCE_LEN + 16:
                     raise CorruptEntry(f"op seq {seq} at {where} is too short to be encrypted")
-                aad = name + _AAD.pack(entry.epoch, seq, _KINDS[op.kind], op.offset, op.length)
+                aad = self._aad(entry, seq, op)
                 try:
                     plain = aead.decrypt(op.data[:NONCE_LEN], op.data[NONCE_LEN:], aad)
                 except InvalidTag:
                     raise CorruptEntry(
                         f"op seq {seq} at {where} fails authentication: forged with another "
-                        f"key, altered, or moved from another place in the journal; nothing "
-                        f"of the entry was applied") from None
+                        f"key, altered, moved from another place in the journal or left by "
+                        f"an earlier pair of this name; nothing of the entry was applied"
+                    ) from None
                 op = Op(op.kind, op.offset, op.length, plain)
             ops.append(op)
         return replace(entry, ops=tuple(ops), cipher="")

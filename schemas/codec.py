@@ -6,10 +6,11 @@ refused by name, so a foreign or future writer is caught before anything is appl
 """
 from __future__ import annotations
 
+import hmac
 import io
 import json
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 
 import fastavro
 import fastavro.schema
@@ -27,12 +28,22 @@ class _Schema:
         self.parsed = fastavro.parse_schema(raw)
         canonical = fastavro.schema.to_parsing_canonical_form(self.parsed)
         self.fingerprint = bytes.fromhex(fastavro.schema.fingerprint(canonical, "CRC-64-AVRO"))
-        self.name = raw["name"]
+        self.name, self.filename = raw["name"], filename
 
 
 ENTRY = _Schema("entry.avsc")
 CONTROL = _Schema("control.avsc")
 HEARTBEAT = _Schema("heartbeat.avsc")
+#: Records that carry the pair key's MAC of themselves (encoded with the field empty).
+_SIGNED = (CONTROL, HEARTBEAT)
+
+
+def _without_mac(current: _Schema) -> _Schema:
+    """``current`` as it was before its ``mac`` field: records of the x2x before signed
+    control events and heartbeats stay readable (they read with an empty MAC)."""
+    raw = json.loads(resources.files(__package__).joinpath(current.filename).read_text())
+    raw["fields"] = [f for f in raw["fields"] if f["name"] != "mac"]
+    return _Schema(current.filename, raw)
 
 
 def _entry_before_hashes() -> _Schema:
@@ -45,18 +56,43 @@ def _entry_before_hashes() -> _Schema:
 
 
 ENTRY_V1 = _entry_before_hashes()
-_BY_FINGERPRINT = {s.fingerprint: s for s in (ENTRY, CONTROL, HEARTBEAT, ENTRY_V1)}
-#: Older schemas a record may be written with, by the schema it is read as.
-_OLDER = {ENTRY_V1: ENTRY}
+CONTROL_V1, HEARTBEAT_V1 = _without_mac(CONTROL), _without_mac(HEARTBEAT)
+#: Older schemas a record may be written with, and the schema it is read as.
+_OLDER = {ENTRY_V1: ENTRY, CONTROL_V1: CONTROL, HEARTBEAT_V1: HEARTBEAT}
+_BY_FINGERPRINT = {s.fingerprint: s for s in (ENTRY, CONTROL, HEARTBEAT, *_OLDER)}
 
 
 def encode(schema: _Schema, record: dict[str, Any]) -> bytes:
     """Single-object encoding of ``record`` under ``schema``."""
+    if schema in _SIGNED and not record.get("mac"):
+        record = {**record, "mac": b""}
     out = io.BytesIO()
     out.write(MAGIC)
     out.write(schema.fingerprint)
     fastavro.schemaless_writer(out, schema.parsed, record)
     return out.getvalue()
+
+
+def sign(schema: _Schema, data: bytes, mac: Callable[[bytes], bytes]) -> bytes:
+    """``data`` (a record of ``schema`` with an empty MAC) with its MAC filled in."""
+    return encode(schema, {**decode(data, schema), "mac": mac(data)})
+
+
+def signed_body(schema: _Schema, data: bytes) -> tuple[bytes, bytes]:
+    """The MAC a record carries and what it was computed over: the record re-encoded
+    with an empty MAC (so any other spelling of the same values verifies alike)."""
+    record = decode(data, schema)
+    return bytes(record.get("mac") or b""), encode(schema, {**record, "mac": b""})
+
+
+def verified_mac(schema: _Schema, data: bytes, mac: Callable[[bytes], bytes]) -> bytes | None:
+    """The MAC ``data`` carries if it is the one ``mac`` gives (compared in constant
+    time), else None: unsigned, altered, signed with another key, or not decodable."""
+    try:
+        carried, body = signed_body(schema, data)
+    except CorruptEntry:        # UnknownFingerprint included
+        return None
+    return carried if carried and hmac.compare_digest(mac(body), carried) else None
 
 
 def decode(data: bytes, expected: _Schema) -> dict[str, Any]:
@@ -74,7 +110,8 @@ def decode(data: bytes, expected: _Schema) -> dict[str, Any]:
         raise CorruptEntry(f"record is a {schema.name}, expected a {expected.name}")
     try:
         body = io.BytesIO(memoryview(data)[HEADER_LEN:])
-        record = fastavro.schemaless_reader(body, schema.parsed, None)
+        reader = expected.parsed if schema is not expected else None
+        record = fastavro.schemaless_reader(body, schema.parsed, reader)
         if body.tell() != len(data) - HEADER_LEN:
             raise ValueError(f"{len(data) - HEADER_LEN - body.tell()} trailing bytes")
     except Exception as e:  # fastavro raises many types on garbage; all mean the same here

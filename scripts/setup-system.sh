@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Installs the Debian packages x2x's tests and demos use (NBD clients, fuse, ext4 tools,
+# Installs the Debian packages x2x's tests and demos use (NBD clients, fuse, ext4 tools, PostgreSQL for the database crash test and benchmark,
 # and Java 17 with Maven for the Apache Kafka broker), when run as root and they are missing. Without root it says what is missing; the tests
 # that need those tools then skip with that reason.
 set -euo pipefail
-packages=(qemu-utils libnbd-bin nbdkit fuse3 e2fsprogs rsync)
+packages=(qemu-utils libnbd-bin nbdkit fuse3 e2fsprogs rsync postgresql)
 missing=()
 # Java and Maven may come from elsewhere than Debian (a JDK in /opt, SDKMAN): only ask for
 # Debian's when there is none at all.

@@ -43,11 +43,14 @@ BLOCK = 65536
 
 # -- helpers -------------------------------------------------------------------------------
 @contextlib.contextmanager
-def capturer(name: str, log: Path) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`x2x capture NAME --nbd PORT` as a child process; yields it and its NBD URI."""
+def capturer(name: str, log: Path, mode: str = "async"
+             ) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`x2x capture NAME --nbd PORT --mode MODE` as a child process; yields it and its
+    NBD URI."""
     port = free_port()
     out = open(log, "w+")
-    proc = subprocess.Popen([x2x_bin(), "capture", name, "--nbd", f"127.0.0.1:{port}"],
+    proc = subprocess.Popen([x2x_bin(), "capture", name, "--nbd", f"127.0.0.1:{port}",
+                             "--mode", mode],
                             stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -105,6 +108,14 @@ def mounted_export(uri: str, work: Path, mkfs: bool = False) -> Iterator[Path]:
         except subprocess.TimeoutExpired:
             fuse.kill()
             fuse.wait(10)
+
+
+def abandon_export(mnt: Path, work: Path) -> None:
+    """Undo a :func:`mounted_export` whose server died: the filesystem on the dead export
+    cannot be unmounted cleanly, so lazily, then its loop device and FUSE mount."""
+    quietly("umount", "-l", str(mnt))
+    quietly("sh", "-c", f"losetup -j {work}/fuse/disk | cut -d: -f1 | xargs -r losetup -d")
+    quietly("fusermount3", "-u", "-z", str(work / "fuse"))
 
 
 @contextlib.contextmanager
@@ -250,7 +261,9 @@ def test_forced_failover_while_writing_keeps_every_fsynced_file(settings, pair_n
         finally:
             os.close(d)
 
-    with capturer(pair_name, tmp_path / "cap-a.log") as (proc, uri):
+    # flush-sync: every fsync waits for the journal, so every fsynced file must survive.
+    # (In async mode an fsync waits for the source only: tests/e2e/test_postgres_async.py.)
+    with capturer(pair_name, tmp_path / "cap-a.log", "flush-sync") as (proc, uri):
         with contextlib.ExitStack() as stack:
             mnt = stack.enter_context(mounted_export(uri, tmp_path, mkfs=True))
             t = threading.Thread(target=writer, args=(mnt,), daemon=True)
@@ -261,12 +274,8 @@ def test_forced_failover_while_writing_keeps_every_fsynced_file(settings, pair_n
             proc.wait(10)
             stop.set()
             t.join(20)
-            # The filesystem on the dead export cannot be unmounted cleanly: lazily.
-            quietly("umount", "-l", str(mnt))
             stack.pop_all()
-            quietly("sh", "-c", f"losetup -j {tmp_path}/fuse/disk | cut -d: -f1 | "
-                    f"xargs -r losetup -d")
-            quietly("fusermount3", "-u", "-z", str(tmp_path / "fuse"))
+            abandon_export(mnt, tmp_path)
     assert len(before_kill) > 20, f"the writer made too little progress: {errors}"
     out = run_x2x("pair", "failover", pair_name, "--force")
     rpo = number(r"RPO ([\d.]+) s", out.stdout)

@@ -149,6 +149,7 @@ def test_degraded_heartbeat_carries_the_dirty_bytes(own_broker: OwnBroker, tmp_p
     resync's FLUSH is acknowledged."""
     need("qemu-io")
     import producers.recovery as recovery
+    from producers.health import Condition
     from producers.nbd_capture import NBDCapture
     monkeypatch.setattr(recovery, "STALL", 2.0)
     s, name = own_broker.settings(), "outage-inproc"
@@ -163,12 +164,12 @@ def test_degraded_heartbeat_carries_the_dirty_bytes(own_broker: OwnBroker, tmp_p
         p = qemu_io("write -P 0x61 0 256k", "write -P 0x62 4M 64k", "flush", uri=cap.uri)
         assert p.returncode == 0 and "failed" not in p.stdout, p.stdout + p.stderr
         deadline = time.monotonic() + 30
-        while cap.recovery.state != "degraded":
+        while cap.health.condition is not Condition.DEGRADED:
             assert time.monotonic() < deadline, cap.detail()
             time.sleep(0.1)
         detail = cap.detail()
         assert int(detail["dirty_bytes"]) == 256 * 1024 + 64 * 1024, detail
-        assert cap.recovery.state_name() == "degraded"
+        assert cap.health.reason and cap.detail()["error"] == cap.health.reason[:300]
         # x2x status on this host, broker unreachable: the error, and what the capturer
         # last said (its beat after going degraded, kept locally).
         cap.beat(force=True)
@@ -180,7 +181,7 @@ def test_degraded_heartbeat_carries_the_dirty_bytes(own_broker: OwnBroker, tmp_p
         own_broker.thaw()
         TALLY["broker outages"] += 1
         deadline = time.monotonic() + 60
-        while cap.recovery.state != "capturing" or cap.intent.dirty_bytes():
+        while cap.health.condition is not Condition.CAPTURING or cap.intent.dirty_bytes():
             assert time.monotonic() < deadline, cap.detail()
             time.sleep(0.1)
         assert cap.detail()["resend"] == "done" and cap.detail()["outages"] == "1"

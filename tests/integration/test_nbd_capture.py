@@ -142,14 +142,16 @@ def test_qemu_img_convert_and_nbdcopy_of_256_mib(settings, pair_name, tmp_path, 
     assert same_bytes(second, spec.target)
 
 
-def test_async_backlog_stays_on_the_source_and_flush_waits_for_it(settings, pair_name,
-                                                                   tmp_path, live):
+@pytest.mark.parametrize("mode", [Mode.ASYNC, Mode.FLUSH_SYNC])
+def test_async_backlog_stays_on_the_source_and_flush_waits_as_the_mode_says(
+        settings, pair_name, tmp_path, live, mode):
     """A broker that takes nothing: the acknowledged writes wait on the source itself
-    (not in memory, not copied to the spool, not holding the client), and a client FLUSH
-    returns only once the journal has read and shipped them all (rule 11)."""
+    (not in memory, not copied to the spool, not holding the client). A client FLUSH
+    returns at once in async mode, the journal following with the FLUSH in its place,
+    and only once the journal has read and shipped them all in flush-sync (rule 11)."""
     size = 64 * MiB
     spec = make_pair(settings, pair_name, tmp_path, size)
-    cap = live(spec)
+    cap = live(spec, mode)
     wait_baseline(cap)
     cap.sync_point()
     cap.pub.max_inflight = -1                       # stands in for a broker that is full
@@ -164,9 +166,19 @@ def test_async_backlog_stays_on_the_source_and_flush_waits_for_it(settings, pair
     assert cap.pub.spool.peak == 0 and cap.pub._queued < MiB
     cap.pub.max_inflight = 256 * 1024               # a slow broker from now on
     run("qemu-io", "-f", "raw", "-c", "flush", cap.uri)
-    assert cap.pub.deferred_bytes == 0 and cap.pub.spooled_bytes == 0
-    assert cap.pub.journaled.seq == cap.pub.appended_seq   # the flush waited for it all
-    assert len(cap.backend.deferred) == 0
+    if mode is Mode.FLUSH_SYNC:
+        assert cap.pub.deferred_bytes == 0 and cap.pub.spooled_bytes == 0
+        assert cap.pub.journaled.seq == cap.pub.appended_seq   # it waited for it all
+        assert len(cap.backend.deferred) == 0
+    else:
+        assert cap.pub.deferred_bytes > size // 2      # it returned, the journal follows
+        flush = cap.pub.appended_seq                   # the FLUSH, behind the data
+        cap.pub.max_inflight = 64 * MiB
+        assert cap.intent.dirty_blocks() > 0           # kept until the broker has them
+        cap.pub.wait_journaled(flush)
+        assert cap.pub.deferred_bytes == 0 and len(cap.backend.deferred) == 0
+        cap.backend.settle()                           # what the capturer's tick does
+        assert cap.intent.dirty_blocks() == 0          # the FLUSH's point cleared them
     apply_all(settings, spec)
     assert same_bytes(data, spec.target)
 

@@ -12,6 +12,7 @@ from confluent_kafka import Producer
 from consumers.applier import Applier
 from consumers.checkpoint import CheckpointStore
 from infra import control
+from infra.keys import key_for
 from infra.reader import read_to_end
 from infra.topics import journal_topic
 from journal.batch import Sequencer
@@ -96,14 +97,9 @@ def _next(spec: PairSpec, key: JournalKey, *ops: Op, seq: int, pair: str | None 
     return codec.encode_entry(key.encrypt(entry))
 
 
-def _key(key_file: Path) -> JournalKey:
-    from schemas.cipher import load_key
-    return load_key(key_file)
-
-
 def test_forged_entry_with_the_wrong_key(settings, secure_pair):
     spec, key_file = secure_pair
-    key = _key(key_file)
+    key = key_for(spec, str(key_file))
     forged = lambda seq: _next(spec, JournalKey(bytes(32)), Op.write(0, b"EVIL" * 1024),
                                Op.flush(), seq=seq)
     _hostile(settings, spec, key, forged, CorruptEntry, "fails authentication")
@@ -111,7 +107,7 @@ def test_forged_entry_with_the_wrong_key(settings, secure_pair):
 
 def test_replayed_old_entry(settings, secure_pair):
     spec, key_file = secure_pair
-    key = _key(key_file)
+    key = key_for(spec, str(key_file))
     scan_once(spec, settings, key=key)
     first = next(iter(read_to_end(settings, journal_topic(spec.name)))).value()
     _hostile(settings, spec, key, first, ReplayedEntry, "replayed an old entry")
@@ -119,7 +115,7 @@ def test_replayed_old_entry(settings, secure_pair):
 
 def test_bit_flipped_payload(settings, secure_pair):
     spec, key_file = secure_pair
-    key = _key(key_file)
+    key = key_for(spec, str(key_file))
     scan_once(spec, settings, key=key)
     good = next(iter(read_to_end(settings, journal_topic(spec.name)))).value()
     flipped = bytearray(good)
@@ -129,7 +125,7 @@ def test_bit_flipped_payload(settings, secure_pair):
 
 def test_truncated_record(settings, secure_pair):
     spec, key_file = secure_pair
-    key = _key(key_file)
+    key = key_for(spec, str(key_file))
     scan_once(spec, settings, key=key)
     good = next(iter(read_to_end(settings, journal_topic(spec.name)))).value()
     _hostile(settings, spec, key, good[: len(good) // 3], CorruptEntry, "does not decode")
@@ -137,7 +133,7 @@ def test_truncated_record(settings, secure_pair):
 
 def test_record_from_another_pairs_topic(settings, secure_pair):
     spec, key_file = secure_pair
-    key = _key(key_file)
+    key = key_for(spec, str(key_file))
     other = lambda seq: _next(spec, key, Op.write(0, b"X" * 4096), Op.flush(), seq=seq,
                               pair="another-pair")
     _hostile(settings, spec, key, other, CorruptEntry, "belongs to pair 'another-pair'")
@@ -145,14 +141,14 @@ def test_record_from_another_pairs_topic(settings, secure_pair):
 
 def test_absurd_lengths(settings, secure_pair):
     spec, key_file = secure_pair
-    key = _key(key_file)
+    key = key_for(spec, str(key_file))
     huge = lambda seq: _next(spec, key, Op.zero(0, 1 << 62), Op.flush(), seq=seq)
     _hostile(settings, spec, key, huge, ExtentOutOfRange, "outside the target")
 
 
 def test_reordered_entry_is_a_gap(settings, secure_pair):
     spec, key_file = secure_pair
-    key = _key(key_file)
+    key = key_for(spec, str(key_file))
     ahead = lambda seq: _next(spec, key, Op.write(0, b"Y" * 4096), Op.flush(), seq=seq + 40)
     _hostile(settings, spec, key, ahead, SeqGap, "jumps from seq")
 
@@ -181,27 +177,35 @@ def test_a_pair_created_again_never_inherits_the_old_key(settings, pair_name, tm
     assert "--key-file" in again.stderr
 
 
-def _forge_created(settings, spec: PairSpec) -> None:
-    """What whoever can write x2x.control can do: publish a new spec for a pair."""
+def _forge(settings, event: str, pair: str, spec: PairSpec | None = None,
+           **attrs: str) -> None:
+    """What whoever can write x2x.control can do: publish any event for a pair."""
     from dataclasses import asdict
     from infra.topics import CONTROL_TOPIC
-    record = {"event": "created", "pair": spec.name, "at_ms": now_ms(),
-              "spec": {k: v for k, v in asdict(spec).items() if k != "name"}, "attrs": {}}
+    fields = {k: v for k, v in asdict(spec).items() if k not in ("name", "incarnation")} \
+        if spec else None
+    record = {"event": event, "pair": pair, "at_ms": now_ms(), "spec": fields,
+              "attrs": attrs}
     p = Producer(settings.producer())
     errors: list[str] = []
-    p.produce(CONTROL_TOPIC, codec.encode(codec.CONTROL, record), key=spec.name,
+    p.produce(CONTROL_TOPIC, codec.encode(codec.CONTROL, record), key=pair,
               on_delivery=lambda err, _m: err and errors.append(err.str()))
     assert p.flush(10) == 0 and not errors, errors
 
 
-def test_a_forged_spec_cannot_redirect_the_applier_or_turn_encryption_off(
+def _forge_created(settings, spec: PairSpec) -> None:
+    _forge(settings, "created", spec.name, spec)
+
+
+def test_a_forged_spec_cannot_redirect_the_applier_of_an_unkeyed_pair(
         settings, pair_name, tmp_path):
+    """An unkeyed pair has no key to sign with: the services' pins protect it."""
     from tests.conftest import make_image
     src = make_image(tmp_path / "src.img", 2 << 20, seed=9)
     dst, elsewhere = tmp_path / "dst.img", tmp_path / "system-disk.img"
     elsewhere.write_bytes(b"precious" * 1024)
     run_x2x("pair", "create", pair_name, "--source", str(src), "--target", str(dst),
-            "--create-target", "--encrypt")
+            "--create-target")
     run_x2x("capture", pair_name, "--once")
     run_x2x("apply", pair_name, "--until-caught-up")        # pins this host's view
     assert same_bytes(src, dst)
@@ -209,14 +213,14 @@ def test_a_forged_spec_cannot_redirect_the_applier_or_turn_encryption_off(
     before = elsewhere.read_bytes()
     # Another target: refused, nothing written anywhere.
     _forge_created(settings, PairSpec(pair_name, spec.source, str(elsewhere),
-                                      spec.block_size, spec.volume_size, spec.key_id))
+                                      spec.block_size, spec.volume_size))
     r = run_x2x("apply", pair_name, "--until-caught-up", check=False)
     assert r.returncode == 2 and "--accept-spec-change" in r.stderr, r.stderr
     assert str(elsewhere) in r.stderr and "Nothing was read or written" in r.stderr
     assert elsewhere.read_bytes() == before
-    # Encryption off: refused by the capturer and the applier alike.
+    # Encryption on with a key nobody has: refused by the capturer and the applier alike.
     _forge_created(settings, PairSpec(pair_name, spec.source, spec.target,
-                                      spec.block_size, spec.volume_size, ""))
+                                      spec.block_size, spec.volume_size, "0123456789abcdef"))
     for cmd in (["apply", pair_name, "--until-caught-up"], ["capture", pair_name, "--once"]):
         r = run_x2x(*cmd, check=False)
         assert r.returncode == 2 and "key_id" in r.stderr, r.stderr
@@ -227,6 +231,6 @@ def test_a_forged_spec_cannot_redirect_the_applier_or_turn_encryption_off(
     moved = tmp_path / "moved.img"
     moved.write_bytes(dst.read_bytes())
     _forge_created(settings, PairSpec(pair_name, spec.source, str(moved), spec.block_size,
-                                      spec.volume_size, spec.key_id))
+                                      spec.volume_size))
     run_x2x("apply", pair_name, "--until-caught-up", "--accept-spec-change")
     run_x2x("apply", pair_name, "--until-caught-up")

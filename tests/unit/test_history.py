@@ -9,7 +9,9 @@ from journal.history import (HistorySettings, Mark, Reader, base_cut_ms, deletab
                              base_limit, readers_of,
                              format_duration, held_payload, oldest_restorable_ms,
                              parse_duration)
-from journal.pairs import HISTORY_SET, ControlEvent, PairSpec, fold
+from journal.events import Created, HistorySet
+from journal.pairs import PairSpec, fold
+from schemas.control import decode_event, encode_event
 
 GiB = 1 << 30
 NOW = 10**12
@@ -47,19 +49,20 @@ def test_a_duration_prints_back_to_itself(ms: int) -> None:
 
 
 @given(st.one_of(st.none(), st.integers(1000, 10**9)), st.one_of(st.none(), st.integers(16 << 20, 1 << 50)))
-def test_settings_round_trip_through_event_attrs(window, limit) -> None:
+def test_settings_round_trip_through_the_control_record(window, limit) -> None:
     h = HistorySettings(window, limit)
-    assert HistorySettings.from_attrs(h.to_attrs()) == h
+    ev = decode_event(encode_event(HistorySet(pair="p", window_ms=window, journal_max=limit)))
+    assert HistorySettings(ev.window_ms, ev.journal_max) == h
     assert 1 << 20 <= h.segment_bytes <= 1 << 30
 
 
 def test_the_window_is_folded_from_the_control_topic_and_changes_later() -> None:
     spec = PairSpec("p", "/a", "/b", 65536, 1 << 20)
-    evs = [ControlEvent("created", "p", 0, spec)]
+    evs = [Created(pair="p", at_ms=0, spec=spec)]
     assert not fold(evs)["p"].history.bounded          # old pairs keep everything
-    evs.append(ControlEvent(HISTORY_SET, "p", 1, attrs=HistorySettings(3_600_000).to_attrs()))
+    evs.append(HistorySet(pair="p", at_ms=1, window_ms=3_600_000))
     assert fold(evs)["p"].history.window_ms == 3_600_000
-    evs.append(ControlEvent(HISTORY_SET, "p", 2, attrs=HistorySettings().to_attrs()))
+    evs.append(HistorySet(pair="p", at_ms=2))
     assert not fold(evs)["p"].history.bounded
 
 

@@ -1,0 +1,155 @@
+"""Scenario: a database on the capture. PostgreSQL's pgbench (TPC-B-like, 4 clients) on
+ext4 over nbdfuse and a loop device, the export served by qemu-nbd (the peer, over a unix
+socket, its best case) and by ``x2x capture --nbd`` in each mode with an applier
+following; RPO sampled from the heartbeats while pgbench runs, as ``x2x status`` shows it.
+
+Every commit is a FLUSH: in async mode it waits for the source only, in flush-sync for
+the journal too, in sync every write does (producers/journaling.py)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from bench.common import (Context, delete_pair, empty_image, figure, finish, make_pair,
+                          percentile, require, start, x2x_cmd)
+from bench.postgres import Postgres, missing, workdir
+from infra.heartbeat import read_beats
+from infra.net import free_port, port_open
+from journal.clock import now_ms
+from journal.status import latest, pair_status
+
+TITLE = "A database on the capture: pgbench tps on ext4 over NBD, x2x modes vs qemu-nbd"
+MiB = 1 << 20
+MODES = ("async", "flush-sync", "sync")
+
+
+def _wait(check, what: str, proc: subprocess.Popen | None = None,
+          timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the server exited ({proc.returncode})")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not ready after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _mounted(uri: str, work: Path) -> Iterator[Path]:
+    """nbdfuse -> loop -> mkfs.ext4 -> mount, in a directory postgres can reach."""
+    disk, mnt, pidfile = work / "disk", work / "mnt", work / "nbdfuse.pid"
+    pidfile.unlink(missing_ok=True)         # the previous server's: not ready yet
+    disk.touch()
+    mnt.mkdir(exist_ok=True)
+    fuse = subprocess.Popen(["nbdfuse", "-P", str(pidfile), str(disk), uri],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    loop = ""
+    try:
+        _wait(pidfile.exists, "nbdfuse", fuse)
+        loop = subprocess.run(["losetup", "--find", "--show", str(disk)], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E",
+                        "lazy_itable_init=0,lazy_journal_init=0", loop], check=True)
+        subprocess.run(["mount", "-t", "ext4", loop, str(mnt)], check=True)
+        os.chmod(mnt, 0o755)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], capture_output=True)
+        subprocess.run(["fusermount3", "-u", str(disk)], capture_output=True)
+        fuse.wait(30)
+
+
+def _pgbench(uri: str, work: Path, scale: int, seconds: int,
+             during: threading.Event | None = None) -> float:
+    with _mounted(uri, work) as mnt:
+        pg = Postgres(mnt / "pgdata", free_port())
+        pg.init()
+        pg.start()
+        try:
+            pg.init_bench(scale)
+            if during is not None:
+                during.set()
+            return pg.tps(4, seconds)
+        finally:
+            pg.stop()
+
+
+def _qemu_nbd(work: Path, size: int, scale: int, seconds: int) -> float:
+    image, sock = empty_image(work / "qemu.img", size), work / "qemu.sock"
+    proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "-x", "disk", "-k", str(sock), "-t",
+                             str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(sock.exists, "qemu-nbd", proc)
+        return _pgbench(f"nbd+unix:///disk?socket={sock}", work, scale, seconds)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        image.unlink()
+
+
+def _x2x(ctx: Context, work: Path, mode: str, size: int, scale: int,
+         seconds: int) -> tuple[float, list[float]]:
+    src, dst = empty_image(work / "src.img", size), work / "dst.img"
+    spec = make_pair(ctx, "pgbench", src, dst)
+    port = free_port()
+    cap = start([*x2x_cmd(), "capture", spec.name, "--nbd", f"127.0.0.1:{port}", "--mode",
+                 mode])
+    app = start([*x2x_cmd(), "apply", spec.name])
+    running, stop, rpos = threading.Event(), threading.Event(), []
+
+    def sample() -> None:
+        running.wait()
+        while not stop.wait(0.5):
+            st = pair_status(spec.name, latest(read_beats(ctx.settings)), now_ms())
+            rpos.extend(r.rpo_s or 0.0 for r in st.replicas if r.target == str(dst))
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        _wait(lambda: port_open(port), "x2x capture", cap)
+        tps = _pgbench(f"nbd://127.0.0.1:{port}/{spec.name}", work, scale, seconds, running)
+    finally:
+        stop.set()
+        running.set()
+        sampler.join(10)
+        for proc in (cap, app):
+            proc.send_signal(signal.SIGTERM)
+        finish(cap, ctx, f"capturer (nbd {mode}, pgbench)", "pgbench")
+        finish(app, ctx, "applier (pgbench)", "pgbench")
+        delete_pair(ctx, spec)
+        for p in (src, dst):
+            p.unlink(missing_ok=True)
+    return tps, rpos
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    why = (None if os.geteuid() == 0 else "needs root (loop devices and mounts)") \
+        or require("nbdfuse", "qemu-nbd", "mkfs.ext4", "losetup") or missing()
+    if why:
+        return {"skipped": why}
+    size, scale, seconds = ctx.size(1 << 30, 256 * MiB), ctx.size(10, 1), ctx.size(30, 5)
+    work = workdir()
+    try:
+        peer = _qemu_nbd(work, size, scale, seconds)
+        figures, details = [], {"qemu_nbd_tps": peer}
+        for mode in MODES:
+            tps, rpos = _x2x(ctx, work, mode, size, scale, seconds)
+            p50, p99 = percentile(rpos, 50), percentile(rpos, 99)
+            # The RPO beside the speed it was bought with, as the heartbeats report it.
+            figures.append(figure(f"pgbench tps, {mode} (RPO p50/p99 {p50:.2f}/{p99:.2f} s)",
+                                  "tps", tps, "qemu-nbd", peer, "higher"))
+            details[f"{mode}_tps"] = tps
+            details[f"{mode}_rpo_p50_s"], details[f"{mode}_rpo_p99_s"] = p50, p99
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], capture_output=True)
+    return {"title": TITLE, "figures": figures,
+            "sizes": {"volume_bytes": size, "pgbench_scale": scale, "seconds": seconds,
+                      "clients": 4},
+            "details": details}
