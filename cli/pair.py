@@ -13,6 +13,7 @@ from producers.resync import LocalCapture
 from infra.keys import key_for_create, lookup, remember_file, retire_key
 from infra.volume import volume_size
 from journal.errors import VolumeError
+from journal.history import HistorySettings
 from journal.pairs import PairSpec, parse_size, validate_block_size, validate_name
 
 if TYPE_CHECKING:
@@ -32,9 +33,15 @@ def create(ctx: typer.Context, name: str,
                                         "this key (32 bytes; generated, mode 0600, if missing)."),
            encrypt: bool = typer.Option(False, help="Like --key-file, with a key generated at "
                                         "$X2X_HOME/keys/NAME.key."),
+           history: str = typer.Option(None, help="Keep this much history in the journal "
+                                       "(e.g. 24h, 7d; default: forever); older records go "
+                                       "to a history base ('x2x base NAME --volume PATH')."),
+           journal_max: str = typer.Option(None, help="Hard limit of the journal's size "
+                                           "(e.g. 50GiB); needs --history."),
            ) -> None:
     """Create a pair and its journal topic x2x.journal.NAME."""
     validate_name(name)
+    window = HistorySettings.parse(history, journal_max)
     bs = validate_block_size(parse_size(block_size))
     size = volume_size(source)
     if size == 0:
@@ -47,10 +54,24 @@ def create(ctx: typer.Context, name: str,
                           f"({size} bytes); grow it with 'truncate -s {size} {target}'")
     key = key_for_create(name, key_file, encrypt)
     spec = PairSpec(name, source, target, bs, size, key.key_id if key else "")
-    control.create_pair(settings(ctx), spec)
+    control.create_pair(settings(ctx), spec, window)
     console.print(f"pair [bold]{name}[/]: {source} -> {target}, {human_bytes(size)}, "
-                  f"block {human_bytes(bs)}; journal x2x.journal.{name}"
-                  + (f"; encrypted, key id {key.key_id}" if key else ""))
+                  f"block {human_bytes(bs)}; journal x2x.journal.{name}, history "
+                  f"{window.describe()}" + (f"; encrypted, key id {key.key_id}" if key else ""))
+
+
+@app.command("history")
+def history_(ctx: typer.Context, name: str,
+             history: str = typer.Option(..., help="The new window (e.g. 1h, 7d), or "
+                                         "'forever' to keep the whole journal again."),
+             journal_max: str = typer.Option(None, help="Hard limit of the journal's size "
+                                             "(e.g. 10GiB).")) -> None:
+    """Change a pair's history window; the history base follows at its next cycle."""
+    window = HistorySettings.parse(history, journal_max)
+    control.set_history(settings(ctx), name, window)
+    console.print(f"pair {name}: history {window.describe()}"
+                  + ("" if window.bounded else "; records already deleted stay deleted"),
+                  highlight=False)
 
 
 def _create_sparse(path: str, size: int) -> None:
@@ -86,8 +107,8 @@ def show(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--jso
               "yes" if lookup(p.spec) else "NOT CHECKED: the pair's key is not on this host")
     value = {**asdict(p.spec), "state": p.state, "created_at_ms": p.created_at_ms,
              "reversed": p.reversed, "active_source": p.active_spec.source,
-             "journal_topic": f"x2x.journal.{name}", "events_verified": signed,
-             "reason": p.reason, "cause": p.cause,
+             "journal_topic": f"x2x.journal.{name}", "history": p.history.describe(),
+             "events_verified": signed, "reason": p.reason, "cause": p.cause,
              "promotion": asdict(p.promotion) if p.promotion else None}
     if json_:
         print_json(value)

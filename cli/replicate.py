@@ -167,6 +167,10 @@ def apply(ctx: typer.Context, name: str,
                                                "point the capturer journaled is applied."),
           reset: bool = typer.Option(False, help="Forget this target's checkpoint and replay "
                                      "the journal from its start."),
+          reseed: bool = typer.Option(False, "--reseed", help="Start again from a copy of the "
+                                      "history base (a target that fell behind it)."),
+          base: str = typer.Option(None, help="With --reseed: the history base's volume "
+                                   "(default: the base running on this host)."),
           key_file: str = typer.Option(None, help="The pair's key file, if it is encrypted "
                                        "(default $X2X_HOME/keys/NAME.key)."),
           json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -184,6 +188,12 @@ def apply(ctx: typer.Context, name: str,
     store = CheckpointStore(name, target)
     if reset:
         store.reset()
+    if reseed:
+        from consumers.seed import find_base, seed
+        cp = seed(spec, base or find_base(s, name), target, s)
+        err_console.print(f"seeded {target} from the history base at epoch "
+                          f"{cp.position.epoch} seq {cp.position.seq} (offset "
+                          f"{cp.position.offset})", highlight=False)
     applier = Applier(spec, target, s, key=key_for(spec, key_file), store=store)
     stop = _stop_on_signals()
     stats = applier.run(until_caught_up=until_caught_up, stop=stop)

@@ -17,7 +17,8 @@ from infra.kafka import KafkaSettings
 from infra.reader import read_many
 from infra.topics import CONTROL_TOPICS, control_topic, ensure_base_topics
 from journal.errors import BadInput, BrokerError, PairNotFound, X2XError
-from journal.events import Created, Deleted, Event
+from journal.events import Created, Deleted, Event, HistorySet
+from journal.history import HistorySettings
 from journal.pairs import PairSpec, PairState, fold, signer
 from journal.roles import Role, may_publish
 from schemas import codec
@@ -197,7 +198,8 @@ def get_pair(settings: KafkaSettings, name: str) -> PairState:
     return found[name]
 
 
-def create_pair(settings: KafkaSettings, spec: PairSpec) -> None:
+def create_pair(settings: KafkaSettings, spec: PairSpec,
+                history: HistorySettings = HistorySettings()) -> None:
     """Publish a pair and create its journal topic; refuses an existing name."""
     from infra.topics import JOURNAL_CONFIG, ensure_topic, journal_topic
     from journal.errors import PairExists
@@ -210,6 +212,19 @@ def create_pair(settings: KafkaSettings, spec: PairSpec) -> None:
                          f"delete it first with 'x2x pair delete {spec.name}'")
     ensure_topic(admin, journal_topic(spec.name), JOURNAL_CONFIG)
     publish(settings, Created(pair=spec.name, spec=spec))
+    if history.bounded:
+        set_history(settings, spec.name, history)
+
+
+def set_history(settings: KafkaSettings, name: str, history: HistorySettings) -> PairState:
+    """Set or change a pair's history window: the journal's segment size first (so the
+    disk follows deletions from the start), then the event the history base obeys."""
+    from infra.retention import set_segment_bytes
+    state = get_pair(settings, name)
+    set_segment_bytes(settings, name, history.segment_bytes)
+    publish(settings, HistorySet(pair=name, window_ms=history.window_ms,
+                                 journal_max=history.journal_max))
+    return state
 
 
 def delete_pair(settings: KafkaSettings, name: str) -> PairState:

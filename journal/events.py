@@ -104,6 +104,16 @@ class FailbackDone(_Repaired):
     NAME: ClassVar[str] = "failback-done"
 
 
+@dataclass(frozen=True, kw_only=True)
+class HistorySet(Event):
+    """The pair keeps ``window_ms`` of history (None: forever) in at most ``journal_max``
+    bytes of journal (None: no limit); journal/history.py."""
+
+    NAME: ClassVar[str] = "history-set"
+    window_ms: int | None = None
+    journal_max: int | None = None
+
+
 # -- requests to a capturer and its answers ------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class _ToSource(Event):
@@ -222,6 +232,7 @@ class HashesCompared(Event):
 #: Every kind, by wire name.
 KINDS: dict[str, type[Event]] = {k.NAME: k for k in (
     Created, Deleted, ResyncNeeded, Resynced, FailoverFailed, FailbackStarted, FailbackDone,
+    HistorySet,
     FailoverRequested, Sealed, HashesRequested, ResendRequested, HashesPublished, Resent,
     RequestFailed, BaselineComplete, EpochAbandoned, Promoted, HashesCompared)}
 

@@ -8,7 +8,8 @@ from typing import Iterable
 from journal.errors import BadInput
 from journal.events import (BaselineComplete, Created, Deleted, EpochAbandoned, Event,
                             FailbackDone, FailbackStarted, FailoverFailed, FailoverRequested,
-                            Promoted, ResyncNeeded, Resynced)
+                            HistorySet, Promoted, ResyncNeeded, Resynced)
+from journal.history import HistorySettings
 from journal.spec import PairSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -73,6 +74,8 @@ class PairState:
     #: False from a journal-lost mark until a full baseline is in the journal again: until
     #: then replaying the journal from its start cannot build a target (or a replica).
     replayable: bool = True
+    #: The history window and journal limit (journal/history.py); default: keep forever.
+    history: HistorySettings = HistorySettings()
 
     @property
     def active_spec(self) -> PairSpec:
@@ -124,6 +127,8 @@ def fold(events: Iterable[Event],
                 lost = ev.cause == JOURNAL_LOST
                 pairs[ev.pair] = replace(p, state="needs-resync", reason=ev.reason,
                                          cause=ev.cause, replayable=p.replayable and not lost)
+            case HistorySet():
+                pairs[ev.pair] = replace(p, history=HistorySettings(ev.window_ms, ev.journal_max))
             case BaselineComplete():
                 pairs[ev.pair] = replace(p, replayable=True)
             case Resynced():

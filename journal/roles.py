@@ -28,8 +28,8 @@ _O, _C, _A = Role.OPERATOR, Role.CAPTURER, Role.APPLIER
 #: The events a capturer or an applier may publish. The operator may publish every
 #: event (its commands also run the capture or apply step themselves: a failover drains
 #: the target in-process); capturers and appliers only what their own job says. Pair
-#: lifecycle (created, deleted, failover-requested, failback-*, resynced) and requests
-#: to capturers are the operator's alone.
+#: lifecycle (created, deleted, failover-requested, failback-*, resynced,
+#: history-set) and requests to capturers are the operator's alone.
 PUBLISHERS: dict[type[Event], frozenset[Role]] = {
     # Answers of a live capturer to an operator's request.
     Sealed: frozenset({_C}),
