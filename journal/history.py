@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from journal.errors import BadInput
+from journal.units import parse_size
 from journal.ops import Entry
 from journal.status import Beat
 
@@ -78,7 +79,6 @@ class HistorySettings:
             if not MIN_WINDOW_MS <= window <= MAX_WINDOW_MS:
                 raise BadInput(f"--history {history} is outside 1s..30d; choose a window in "
                                f"that range, or 'forever' to keep the whole journal")
-        from journal.pairs import parse_size   # journal.pairs imports this module
         limit = None
         if journal_max is not None and journal_max.strip().lower() not in ("none", ""):
             limit = parse_size(journal_max)

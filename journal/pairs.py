@@ -11,10 +11,9 @@ from journal.events import (BaselineComplete, Created, Deleted, EpochAbandoned, 
                             HistorySet, Promoted, ResyncNeeded, Resynced)
 from journal.history import HistorySettings
 from journal.spec import PairSpec
+from journal.units import parse_size  # noqa: F401 - re-exported beside the other pair rules
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MIN_BLOCK, MAX_BLOCK = 4096, 4 << 20
 
 
@@ -24,16 +23,6 @@ def validate_name(name: str) -> str:
         raise BadInput(f"pair name {name!r} is invalid: use 1-200 letters, digits, '.', '_' "
                        f"or '-', starting with a letter or digit")
     return name
-
-
-def parse_size(text: str) -> int:
-    """``64KiB``, ``1M``, ``4096`` -> bytes (binary units)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise BadInput(f"size {text!r} is invalid: use a number with an optional unit, "
-                       f"e.g. 64KiB, 1MiB, 4096")
-    unit = (m.group(2) or "").upper()[:1]
-    return int(m.group(1)) * _UNITS[unit if unit != "B" else ""]
 
 
 def validate_block_size(size: int) -> int:
