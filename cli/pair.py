@@ -12,7 +12,7 @@ from infra import control, pins
 from producers.resync import LocalCapture
 from infra.keys import key_for_create, lookup, remember_file, retire_key
 from infra.volume import volume_size
-from journal.errors import VolumeError
+from journal.errors import BadInput, VolumeError
 from journal.history import HistorySettings
 from journal.pairs import PairSpec, parse_size, validate_block_size, validate_name
 
@@ -156,14 +156,24 @@ def failover(ctx: typer.Context, name: str,
              force: bool = typer.Option(False, "--force", help="The source is lost: promote "
                                         "the target at its last consistency point and report "
                                         "the RPO."),
+             at: str = typer.Option(None, help="With --force: promote the last consistency "
+                                    "point captured at or before this time (ISO-8601 or "
+                                    "'now'), anywhere in the history window."),
+             base: str = typer.Option(None, help="With --at: the history base's volume "
+                                      "(default: the base running on this host)."),
              key_file: str = typer.Option(None, help="The pair's key file, if encrypted."),
              timeout: float = typer.Option(300.0, help="Seconds to wait for each step."),
              json_: bool = typer.Option(False, "--json")) -> None:
     """Promote the target: planned (source seals, target drains and is verified, RPO 0)
-    or --force (source lost)."""
+    or --force (source lost), optionally at an earlier point (--at)."""
     from consumers import failover as fo
+    from consumers.replica import make_limit
+    if (at is not None or base is not None) and not force:
+        raise BadInput("--at and --base go with --force: a failover to an earlier point "
+                       "gives up what the source wrote after it")
     op = _operation(ctx, name, key_file, timeout)
-    r = fo.force_failover(op) if force else fo.failover(op)
+    limit = make_limit(op.settings, name, at, None, None)
+    r = fo.force_failover(op, limit, base) if force else fo.failover(op)
     if json_:
         print_json(asdict(r))
         return

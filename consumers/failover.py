@@ -14,20 +14,22 @@ without ``--repair``.
 """
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
+from consumers import replica, seed
 from consumers.applier import Applier, Comparison
 from consumers.capture_side import CaptureSide, RemoteCapture
 from consumers.checkpoint import CheckpointStore
-from infra import control, telemetry
+from infra import control, retention, telemetry
 from infra.control_tail import wait_event
 from infra.heartbeat import read_beats
 from infra.kafka import KafkaSettings
 from journal.clock import now_ms
-from journal.errors import Busy, JournalError, X2XError
+from journal.errors import BadInput, Busy, JournalError, X2XError
 from journal.events import (FailbackDone, FailbackStarted, FailoverFailed, FailoverRequested,
                             HashesCompared, HashesPublished, Promoted, Resynced, ResyncNeeded,
                             Sealed)
@@ -35,7 +37,7 @@ from journal.pairs import PairSpec, PairState
 from journal.plans import Command, Plan, Sides, forced_loss, plan
 from journal.reports import FailoverReport, HashDiff
 from journal.roles import Role
-from journal.sequence import Position
+from journal.sequence import Limit, Position
 from journal.status import Beat, newest
 from schemas.cipher import JournalKey
 
@@ -146,20 +148,31 @@ def _seal(op: Operation, st: PairState, p: Plan, since: int) -> Sealed:
 
 
 @telemetry.traced("x2x.failover")
-def force_failover(op: Operation) -> FailoverReport:
+def force_failover(op: Operation, limit: Limit | None = None,
+                   base: str | None = None) -> FailoverReport:
     """Unplanned failover: drain what the journal holds, promote at the last consistency
-    point, report the RPO against what the source was last known to have captured."""
-    _, p = _begin(op, Command.FORCE_FAILOVER)
+    point (with a ``limit``: the last one at or before it, anywhere in the history
+    window), report the RPO against what the source was last known to have captured."""
+    st, p = _begin(op, Command.FORCE_FAILOVER)
     spec = p.spec
     control.publish(op.settings, FailoverRequested(pair=op.pair, source=spec.source,
                                                    forced=True))
-    op.say(f"draining what the journal holds onto {spec.target}")
-    applier = Applier(spec, spec.target, op.settings, key=op.key, role=Role.OPERATOR)
     try:
-        _applier_run(applier, op.timeout, until_caught_up=True)
-    except Busy:
-        raise Busy(f"an 'x2x apply' service holds {spec.target}; stop it (the forced "
-                   f"failover drains the journal itself) and run the command again") from None
+        if limit is not None:
+            _rewind(op, st, spec, limit, base)
+        op.say(f"draining what the journal holds onto {spec.target}"
+               + ("" if limit is None else f", up to {_when(limit.at_ms or 0)}"))
+        applier = Applier(spec, spec.target, op.settings, key=op.key, role=Role.OPERATOR,
+                          limit=limit)
+        try:
+            _applier_run(applier, op.timeout, until_caught_up=True)
+        except Busy:
+            raise Busy(f"an 'x2x apply' service holds {spec.target}; stop it (the forced "
+                       f"failover drains the journal itself) and run the command again"
+                       ) from None
+    except X2XError as e:
+        control.publish(op.settings, FailoverFailed(pair=op.pair, reason=str(e)[:500]))
+        raise
     applied = applier.checkpointed
     loss = forced_loss(applied, applier.read_position,
                        newest(_beats(op), op.pair, "capturer", spec.source))
@@ -169,6 +182,43 @@ def force_failover(op: Operation) -> FailoverReport:
     return FailoverReport(op.pair, spec.target, applied.epoch, applied.seq, True, None,
                           loss.seconds, loss.ops, "", list(p.warnings),
                           rpo_max_s=loss.max_seconds)
+
+
+def _rewind(op: Operation, st: PairState, spec: PairSpec, limit: Limit,
+            base: str | None) -> None:
+    """Bring a target that applied past ``limit`` back before it: a copy of the history
+    base (or, for a journal that still starts with its full baseline, the whole journal
+    replayed from its start), after which draining up to ``limit`` lands on the point."""
+    store = CheckpointStore(op.pair, spec.target)
+    cp = store.load()
+    if cp is None or not limit.precedes(cp.position):
+        return                      # at or before the point: draining up to it is enough
+    when = _when(limit.at_ms or 0)
+    if base is None:
+        try:
+            base = seed.find_base(op.settings, op.pair)
+        except seed.NoBase:
+            base = None
+    if base is not None:
+        op.say(f"{spec.target} applied past {when}: copying the history base {base} onto "
+               f"it, then the journal up to that point")
+        replica.seed_within(spec, base, spec.target, op.settings, limit)
+        return
+    low, _ = retention.watermarks(op.settings, op.pair)
+    if low > 0 or not st.replayable:
+        raise BadInput(
+            f"pair {op.pair}: {spec.target} applied past {when} and no history base runs on "
+            f"this host to bring it back; give the base's volume with --base PATH (or run "
+            f"'x2x base {op.pair} --volume PATH' from now on). Nothing was promoted")
+    op.say(f"{spec.target} applied past {when}: replaying the journal onto it from its "
+           f"start (its full baseline) up to that point")
+    with store.lock():
+        store.reset()
+
+
+def _when(at_ms: int) -> str:
+    return dt.datetime.fromtimestamp(at_ms / 1000, dt.timezone.utc).isoformat(
+        timespec="seconds")
 
 
 # -- failback, resync, verify: comparing block hashes ----------------------------------------

@@ -61,11 +61,12 @@ class Running:
             raise self.error
 
 
-def windowed(settings, name: str, tmp_path: Path, window: str = "2s") -> PairSpec:
+def windowed(settings, name: str, tmp_path: Path, window: str = "2s",
+             limit: str = "16MiB") -> PairSpec:
     src = make_image(tmp_path / "src.img", SIZE, seed=5, data_fraction=1.0)
     spec = create(settings, name, src, tmp_path / "dst.img")
     # 16 MiB limit: 1 MiB segments, so the disk follows the deletions closely.
-    control.set_history(settings, name, HistorySettings.parse(window, "16MiB"))
+    control.set_history(settings, name, HistorySettings.parse(window, limit))
     return spec
 
 
@@ -269,3 +270,70 @@ def test_the_window_is_set_at_create_changed_later_and_shown(settings, pair_name
     assert proc.returncode == 2 and "not a duration" in proc.stderr
     run_x2x("pair", "history", pair_name, "--history", "forever")
     assert not control.get_pair(settings, pair_name).history.bounded
+
+
+def _stamp() -> str:
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+            + f".{int(time.time() * 1000) % 1000:03d}Z")
+
+
+def _versions(spec: PairSpec, settings, tmp_path: Path, n: int) -> list[tuple[str, Path]]:
+    """``n`` rewrites of the source, each scanned, copied and stamped."""
+    rng, snaps = random.Random(4), []
+    for i in range(n):
+        rewrite(Path(spec.source), rng)
+        scan_once(spec, settings)
+        snap = tmp_path / f"v{i}.img"
+        shutil.copy(spec.source, snap)
+        snaps.append((_stamp(), snap))
+        time.sleep(0.4)
+    return snaps
+
+
+def test_forced_failover_to_a_point_inside_the_window(settings, pair_name, tmp_path):
+    # A limit the run stays under: the window alone decides what leaves the journal.
+    spec = windowed(settings, pair_name, tmp_path, window="4s", limit="256MiB")
+    base_img = str(tmp_path / "base.img")
+    scan_once(spec, settings)
+    base = Running(base_of(spec, settings, tmp_path).run)
+    app = Running(lambda stop: Applier(spec, spec.target, settings).run(stop=stop))
+    try:
+        snaps = _versions(spec, settings, tmp_path, 12)
+        deadline = time.monotonic() + 30
+        while not same_bytes(spec.target, spec.source) and time.monotonic() < deadline:
+            time.sleep(0.3)
+    finally:
+        app.close()             # the disaster: the applier service is stopped, and no
+        base.close()            # base cycle moves the window meanwhile
+    assert same_bytes(spec.target, spec.source)
+    assert retention.watermarks(settings, spec.name)[0] > 0, "the base deleted nothing"
+    # Bad input first: each refused by name, nothing promoted.
+    proc = run_x2x("pair", "failover", spec.name, "--at", snaps[-2][0], check=False)
+    assert proc.returncode == 2 and "--force" in proc.stderr, proc.stderr
+    proc = run_x2x("pair", "failover", spec.name, "--force", "--base", base_img, "--at",
+                   snaps[0][0], check=False)
+    assert proc.returncode == 2 and "before the oldest point that can be restored" in \
+        proc.stderr, proc.stderr
+    assert control.get_pair(settings, spec.name).state == "created"
+    # Ransomware struck after the point: the target, already past it, comes back to it.
+    at, snap = snaps[-3]
+    out = run_x2x("pair", "failover", spec.name, "--force", "--base", base_img, "--at", at)
+    assert "promoted" in out.stdout and "copying the history base" in out.stderr, out
+    assert same_bytes(spec.target, snap)
+    assert not same_bytes(spec.target, spec.source)
+    st = control.get_pair(settings, spec.name)
+    assert st.state == "promoted" and st.promotion.forced and st.promotion.rpo_ops > 0
+
+
+def test_forced_failover_to_an_earlier_point_of_a_journal_kept_whole(
+        settings, pair_name, tmp_path):
+    src = make_image(tmp_path / "src.img", SIZE, seed=6, data_fraction=1.0)
+    spec = create(settings, pair_name, src, tmp_path / "dst.img")
+    scan_once(spec, settings)
+    snaps = _versions(spec, settings, tmp_path, 4)
+    Applier(spec, spec.target, settings).run(until_caught_up=True)
+    at, snap = snaps[1]
+    out = run_x2x("pair", "failover", spec.name, "--force", "--at", at)
+    assert "from its start" in out.stderr, out.stderr
+    assert same_bytes(spec.target, snap)
+    assert control.get_pair(settings, spec.name).state == "promoted"
