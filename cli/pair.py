@@ -74,6 +74,36 @@ def history_(ctx: typer.Context, name: str,
                   highlight=False)
 
 
+@app.command("auto-failover")
+def auto_failover_(ctx: typer.Context, name: str,
+                   after: str = typer.Option(None, help="Promote the target once the source "
+                                             "is silent this long (e.g. 30s, 2m)."),
+                   lease: str = typer.Option(None, help="The source's lease: it stops "
+                                             "acknowledging writes once it could not renew "
+                                             "it this long (default: --after less the "
+                                             "margin)."),
+                   off: bool = typer.Option(False, "--off", help="Failover is the "
+                                            "operator's act again.")) -> None:
+    """Enable (or turn off) automatic failover: 'x2x watch' on the target side promotes
+    the target when the source is lost; the source fences itself first."""
+    from journal.fencing import auto_failover, margin_ms
+    from journal.history import parse_duration
+    if off == (after is not None) or (off and lease is not None):
+        raise BadInput("give --after [--lease], or --off")
+    auto = None if off else auto_failover(
+        parse_duration(after, "--after"),
+        parse_duration(lease, "--lease") if lease is not None else None)
+    control.set_auto_failover(settings(ctx), name, auto)
+    if auto is None:
+        console.print(f"pair {name}: automatic failover off", highlight=False)
+        return
+    console.print(f"pair {name}: automatic failover after {auto.after_ms / 1000:g} s of "
+                  f"silence; the source's lease is {auto.lease_ms / 1000:g} s (margin "
+                  f"{margin_ms(auto.after_ms) / 1000:g} s). Restart the capturer so it holds "
+                  f"the lease, and run 'x2x watch {name}' on the target host instead of "
+                  f"'x2x apply {name}'", highlight=False)
+
+
 def _create_sparse(path: str, size: int) -> None:
     import os
     if os.path.exists(path):
@@ -109,7 +139,8 @@ def show(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--jso
              "reversed": p.reversed, "active_source": p.active_spec.source,
              "journal_topic": f"x2x.journal.{name}", "history": p.history.describe(),
              "events_verified": signed, "reason": p.reason, "cause": p.cause,
-             "promotion": asdict(p.promotion) if p.promotion else None}
+             "promotion": asdict(p.promotion) if p.promotion else None,
+             "auto_failover": asdict(p.auto) if p.auto else None}
     if json_:
         print_json(value)
         return

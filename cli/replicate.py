@@ -66,6 +66,10 @@ def capture(ctx: typer.Context, name: str,
                 None, "--tls-certificates", metavar="DIR",
                 help="server-cert.pem, server-key.pem and ca-cert.pem (clients must then "
                 "present a certificate it signed); make them with 'x2x nbd-certs DIR'."),
+            on_fence: str = typer.Option(None, "--on-fence", metavar="CMD", help="With "
+                                         "automatic failover: a shell command run when "
+                                         "the lease lapses and writes stop (X2X_PAIR, "
+                                         "X2X_EPOCH, X2X_REASON in its environment)."),
             json_: bool = typer.Option(False, "--json", help="Print results as JSON lines."),
             accept_spec_change: bool = typer.Option(
                 False, "--accept-spec-change", help="The pair's source, target or key id "
@@ -76,8 +80,9 @@ def capture(ctx: typer.Context, name: str,
     if nbd is not None and (once or interval):
         raise BadInput("--nbd runs a long-lived NBD capturer; --once and --interval belong "
                        "to the scan capturer: drop one or the other")
-    if (mode is not None or tls is not None or tls_certificates) and nbd is None:
-        raise BadInput("--mode and --tls only apply to the NBD capturer: add --nbd [HOST:]PORT")
+    if (mode is not None or tls is not None or tls_certificates or on_fence) and nbd is None:
+        raise BadInput("--mode, --tls and --on-fence only apply to the NBD capturer: add "
+                       "--nbd [HOST:]PORT")
     if once and interval:
         raise BadInput("--once and --interval exclude each other: pick one")
     if interval < 0:
@@ -99,7 +104,7 @@ def capture(ctx: typer.Context, name: str,
     stop = _stop_on_signals()
     if nbd is not None:
         _capture_nbd(spec, s, store, listen, mode_, stop, json_, key_for(spec, key_file),
-                     tls_ctx, tls_mode is TLSMode.REQUIRE)
+                     tls_ctx, tls_mode is TLSMode.REQUIRE, on_fence)
         return
     while True:
         show = not json_ and sys.stderr.isatty()
@@ -115,10 +120,10 @@ def capture(ctx: typer.Context, name: str,
 def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
                  listen: tuple[str, int], mode: Mode, stop: threading.Event, json_: bool,
                  key: JournalKey | None, tls: ssl.SSLContext | None,
-                 tls_required: bool) -> None:
+                 tls_required: bool, on_fence: str | None = None) -> None:
     """Run the NBD capturer until ``stop``; the service does the work, this prints."""
     cap = NBDCapture(spec, s, listen[0], listen[1], mode, store, key, tls=tls,
-                     tls_required=tls_required).start()
+                     tls_required=tls_required, on_fence=on_fence).start()
     r = cap.report
     what = ("same epoch" if not r.new_epoch else "new epoch, baseline running"
             if r.resend_bytes is None else
@@ -128,6 +133,9 @@ def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
                  f"{spec.name}'")
     if tls is not None:
         what += ", TLS required" if tls_required else ", TLS offered"
+    if cap.lease is not None:
+        what += (f"; automatic failover: holding a {cap.lease.lease_s:g} s lease, writes "
+                 f"stop if it lapses")
     if json_:
         print_json({"event": "serving", "uri": cap.uri, "epoch": r.epoch,
                     "first_seq": r.first_seq, "mode": mode.value, "new_epoch": r.new_epoch,

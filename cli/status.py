@@ -16,7 +16,7 @@ from infra import control, telemetry
 from infra.heartbeat import read_beats, read_local_beats
 from journal.errors import BadInput, BrokerError, X2XError
 from journal.pairs import PairState
-from journal.status import PairStatus, latest, pair_status
+from journal.status import PairStatus, latest, newest, pair_status
 from journal.clock import now_ms
 
 
@@ -46,7 +46,9 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
     if json_:
         print_json([{**r.as_dict(), "state": pairs[r.pair].state,
                      "history_window_ms": pairs[r.pair].history.window_ms,
-                     "history_warnings": history_warnings(r, pairs[r.pair])} for r in rows])
+                     "history_warnings": history_warnings(r, pairs[r.pair]),
+                     "auto_failover": auto_failover(pairs[r.pair], beats.values(), now)}
+                    for r in rows])
         return
     table = Table("pair", "state", "capture", "captured", "target", "applied", "lag ops",
                   "lag bytes", "RPO s", "rate")
@@ -64,6 +66,46 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
                           f"{human_bytes(rep.rate_bps)}/s")
     console.print(table)
     _history_table(rows, pairs, now)
+    _failover_table(pairs, beats.values(), now)
+
+
+def auto_failover(st: PairState, beats, now: int) -> dict | None:
+    """A pair's automatic failover as status shows it: the settings, the source's lease
+    and each watcher's verdict (consumers/watch.py), from their heartbeats."""
+    if st.auto is None:
+        return None
+    name = st.spec.name
+    cap = newest(beats, name, "capturer", st.active_spec.source)
+    return {"after_ms": st.auto.after_ms, "lease_ms": st.auto.lease_ms,
+            "source_lease_ms": int(cap.detail["lease_ms"]) if cap is not None
+            and cap.detail.get("lease_ms", "").isdigit() else None,
+            "source_state": cap.state if cap is not None else None,
+            "watchers": [{"host": b.host, "target": b.instance, "state": b.state,
+                          "failover_in_s": b.detail.get("failover_in_s"),
+                          "reason": b.detail.get("reason", ""),
+                          "seen_s_ago": (now - b.at_ms) / 1000}
+                         for b in beats if b.pair == name and b.role == "watcher"]}
+
+
+def _failover_table(pairs: dict[str, PairState], beats, now: int) -> None:
+    shown = {n: auto_failover(p, beats, now) for n, p in pairs.items() if p.auto}
+    if not shown:
+        return
+    table = Table("pair", "after", "lease", "source", "watcher", "failover in", "why",
+                  title="automatic failover")
+    for name, a in shown.items():
+        lease = (f"{a['source_lease_ms'] / 1000:g} s held" if a["source_lease_ms"] else
+                 "NOT HELD")
+        source = f"{a['source_state'] or '-'}, {lease}"
+        ws = a["watchers"] or [None]
+        for w in ws:
+            table.add_row(name, f"{a['after_ms'] / 1000:g} s", f"{a['lease_ms'] / 1000:g} s",
+                          source, "none running" if w is None else
+                          f"{w['host']} {w['state']} ({w['seen_s_ago']:.0f} s ago)",
+                          "-" if w is None or w["failover_in_s"] is None
+                          else f"{w['failover_in_s']} s",
+                          "" if w is None else w["reason"][:80])
+    console.print(table)
 
 
 def history_warnings(r: PairStatus, st: PairState) -> list[str]:

@@ -176,12 +176,13 @@ def force_failover(op: Operation, limit: Limit | None = None,
     applied = applier.checkpointed
     loss = forced_loss(applied, applier.read_position,
                        newest(_beats(op), op.pair, "capturer", spec.source))
-    control.publish(op.settings, Promoted(
+    promoted = Promoted(
         pair=op.pair, volume=spec.target, epoch=loss.epoch, seq=applied.seq, forced=True,
-        rpo_s=round(loss.seconds, 3), rpo_ops=loss.ops, promoted_at_ms=now_ms()))
+        rpo_s=round(loss.seconds, 3), rpo_ops=loss.ops, promoted_at_ms=now_ms())
+    control.publish(op.settings, promoted)
     return FailoverReport(op.pair, spec.target, applied.epoch, applied.seq, True, None,
                           loss.seconds, loss.ops, "", list(p.warnings),
-                          rpo_max_s=loss.max_seconds)
+                          rpo_max_s=loss.max_seconds, promoted_at_ms=promoted.promoted_at_ms)
 
 
 def _rewind(op: Operation, st: PairState, spec: PairSpec, limit: Limit,

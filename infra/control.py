@@ -17,7 +17,8 @@ from infra.kafka import KafkaSettings
 from infra.reader import read_many
 from infra.topics import CONTROL_TOPICS, control_topic, ensure_base_topics
 from journal.errors import BadInput, BrokerError, PairNotFound, X2XError
-from journal.events import Created, Deleted, Event, HistorySet
+from journal.events import AutoFailoverSet, Created, Deleted, Event, HistorySet
+from journal.fencing import AutoFailover
 from journal.history import HistorySettings
 from journal.pairs import PairSpec, PairState, fold, signer
 from journal.roles import Role, may_publish
@@ -224,6 +225,15 @@ def set_history(settings: KafkaSettings, name: str, history: HistorySettings) ->
     set_segment_bytes(settings, name, history.segment_bytes)
     publish(settings, HistorySet(pair=name, window_ms=history.window_ms,
                                  journal_max=history.journal_max))
+    return state
+
+
+def set_auto_failover(settings: KafkaSettings, name: str,
+                      auto: AutoFailover | None) -> PairState:
+    """Turn a pair's automatic failover on (``auto``) or off (None)."""
+    state = get_pair(settings, name)
+    publish(settings, AutoFailoverSet(pair=name, after_ms=auto and auto.after_ms,
+                                      lease_ms=auto and auto.lease_ms))
     return state
 
 

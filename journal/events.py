@@ -114,6 +114,17 @@ class HistorySet(Event):
     journal_max: int | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class AutoFailoverSet(Event):
+    """Automatic failover: promote the target after ``after_ms`` of silence of the
+    source, whose capturer holds a lease of ``lease_ms`` (journal/fencing.py); both
+    None: off."""
+
+    NAME: ClassVar[str] = "auto-failover-set"
+    after_ms: int | None = None
+    lease_ms: int | None = None
+
+
 # -- requests to a capturer and its answers ------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class _ToSource(Event):
@@ -232,7 +243,7 @@ class HashesCompared(Event):
 #: Every kind, by wire name.
 KINDS: dict[str, type[Event]] = {k.NAME: k for k in (
     Created, Deleted, ResyncNeeded, Resynced, FailoverFailed, FailbackStarted, FailbackDone,
-    HistorySet,
+    HistorySet, AutoFailoverSet,
     FailoverRequested, Sealed, HashesRequested, ResendRequested, HashesPublished, Resent,
     RequestFailed, BaselineComplete, EpochAbandoned, Promoted, HashesCompared)}
 

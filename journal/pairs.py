@@ -6,12 +6,13 @@ from dataclasses import dataclass, replace
 from typing import Iterable
 
 from journal.errors import BadInput
-from journal.events import (BaselineComplete, Created, Deleted, EpochAbandoned, Event,
+from journal.events import (AutoFailoverSet, BaselineComplete, Created, Deleted, EpochAbandoned, Event,
                             FailbackDone, FailbackStarted, FailoverFailed, FailoverRequested,
                             HistorySet, Promoted, ResyncNeeded, Resynced)
+from journal.fencing import AutoFailover
 from journal.history import HistorySettings
 from journal.spec import PairSpec
-from journal.units import parse_size  # noqa: F401 - re-exported beside the other pair rules
+from journal.units import parse_size  # noqa: F401  (re-exported beside the pair rules)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 MIN_BLOCK, MAX_BLOCK = 4096, 4 << 20
@@ -65,6 +66,8 @@ class PairState:
     replayable: bool = True
     #: The history window and journal limit (journal/history.py); default: keep forever.
     history: HistorySettings = HistorySettings()
+    #: Automatic failover (journal/fencing.py); None: failover is the operator's act.
+    auto: AutoFailover | None = None
 
     @property
     def active_spec(self) -> PairSpec:
@@ -116,6 +119,10 @@ def fold(events: Iterable[Event],
                 lost = ev.cause == JOURNAL_LOST
                 pairs[ev.pair] = replace(p, state="needs-resync", reason=ev.reason,
                                          cause=ev.cause, replayable=p.replayable and not lost)
+            case AutoFailoverSet():
+                auto = (None if ev.after_ms is None or ev.lease_ms is None
+                        else AutoFailover(ev.after_ms, ev.lease_ms))
+                pairs[ev.pair] = replace(p, auto=auto)
             case HistorySet():
                 pairs[ev.pair] = replace(p, history=HistorySettings(ev.window_ms, ev.journal_max))
             case BaselineComplete():

@@ -29,6 +29,8 @@ class FailoverReport:
     warnings: list[str] = field(default_factory=list)
     #: Forced: the most the target can miss (journal/plans.Loss.max_seconds).
     rpo_max_s: float | None = None
+    #: When the promotion was stamped: tells it from another one of the same failover.
+    promoted_at_ms: int = 0
 
 
 @dataclass

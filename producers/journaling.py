@@ -135,7 +135,8 @@ class JournalingVolume:
     def __init__(self, vol: Volume, pub: JournalPublisher, mode: Mode, block_size: int,
                  locks: RangeLocks | None = None, journal_timeout: float = 60.0,
                  health: Health | None = None,
-                 intent: IntentBitmap | None = None) -> None:
+                 intent: IntentBitmap | None = None,
+                 fence: Callable[[], str | None] | None = None) -> None:
         self.vol, self.pub, self.mode, self.block_size = vol, pub, mode, block_size
         self.size = vol.size
         self.locks = locks or RangeLocks()
@@ -143,6 +144,8 @@ class JournalingVolume:
         self.counters = CaptureCounters()
         self.dirty = bytearray(-(-vol.size // block_size))
         self.health = health or Health()
+        #: Why writes must be refused (a lapsed lease, producers/lease.py), or None.
+        self.fence = fence
         #: The write-intent bitmap (producers/intent.py).
         self.intent = intent
         #: Journaled writes whose bytes the journal has yet to read from the source.
@@ -189,6 +192,7 @@ class JournalingVolume:
         finally:    # sync mode raises EIO: the point must still be closed
             if cp is not None:
                 (self.intent.end if ok else self.intent.abort)(cp)
+        self._check_fence()
         if ok:
             with self._count_lock:
                 self.counters.ops += 1
@@ -286,6 +290,7 @@ class JournalingVolume:
             # queued meanwhile rides along (group commit).
             self._journal(pub, pub.close_entry)
             self._journal(pub, lambda: pub.wait_journaled(seq, self.journal_timeout))
+        self._check_fence()     # a request that waited past the lease is not acknowledged
 
     def _journal_form(self, pub: JournalPublisher, op: Op) -> list[Op]:
         """The ops that journal a change just made: an async WRITE leaves its bytes on
@@ -342,4 +347,11 @@ class JournalingVolume:
     def _check_open(self) -> None:
         if self._closing:
             raise Shutdown("the capturer is stopping")
+        self._check_fence()
+
+    def _check_fence(self) -> None:
+        fenced = self.fence() if self.fence is not None else None
+        if fenced is not None:
+            # Never acknowledge a write the promoted target would not have.
+            raise OSError(errno.EIO, f"fenced: {fenced}")
 

@@ -31,7 +31,7 @@ import time
 from typing import Callable
 from dataclasses import dataclass, field
 
-from infra import control, telemetry
+from infra import control, hooks, telemetry
 from infra.heartbeat import local_beat_path
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
@@ -48,6 +48,7 @@ from producers.deferred import hold_from_env
 from producers.baseline import BaselineProgress, new_hash_map, refresh_hashes, run_baseline
 from producers.health import Condition, Health
 from producers.journaling import JournalingVolume, Mode, RangeLocks
+from producers.lease import Lease
 from journal.status import CAPTURE_BEAT_S
 from nbd.server import NBDServer
 from producers.publisher import JournalPublisher
@@ -120,6 +121,8 @@ class NBDCapture:
     #: TLS for NBD clients (infra/tls.py); ``tls_required`` refuses plain-text clients.
     tls: ssl.SSLContext | None = None
     tls_required: bool = False
+    #: Run when the lease lapses and the capturer fences itself (infra/hooks.py).
+    on_fence: str | None = None
     report: CaptureReport = field(init=False, default_factory=CaptureReport)
     baseline: BaselineProgress | None = field(init=False, default=None)
     #: Whether the journal takes what clients write; written only through its methods.
@@ -132,6 +135,8 @@ class NBDCapture:
     #: (``serve`` returns, the CLI exits non-zero) so that its service manager restarts
     #: it, instead of serving on without heartbeats, stall detection or recovery.
     fatal: str | None = field(init=False, default=None)
+    lease: Lease | None = field(init=False, default=None)
+    _fence_told: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.health = Health(self.spec.name)
@@ -166,8 +171,13 @@ class NBDCapture:
             raise BadInput(f"cannot listen for NBD on {self.host}:{self.port}: {e.strerror}; "
                            f"pick another --nbd [HOST:]PORT or stop what uses it") from None
         self.port = self.server.port
+        pair = control.get_pair(self.settings, spec.name)
         if not self.store.incarnation:
-            self.store.incarnation = control.get_pair(self.settings, spec.name).created_at_ms
+            self.store.incarnation = pair.created_at_ms
+        # Automatic failover: hold a lease, renewed by heartbeats (journal/fencing.py).
+        self.lease = Lease(spec.name, pair.auto.lease_ms / 1000) if pair.auto else None
+        if pair.auto:
+            self.beat_interval = min(self.beat_interval, pair.auto.renew_s)
         old_state, old_hashes = self.store.load()
         lost = self._journal_lost_since(old_state)
         state, _ = plan_start(old_state, old_hashes, spec.block_size, vol.size, lost)
@@ -199,7 +209,8 @@ class NBDCapture:
             abandon_epoch(self.settings, spec.name, old_state.epoch, state.epoch)
         self.pub = self.new_publisher(state.epoch, state.next_seq, state.epoch_bytes)
         self.backend = JournalingVolume(vol, self.pub, self.mode, spec.block_size, self.locks,
-                                        health=self.health, intent=self.intent)
+                                        health=self.health, intent=self.intent,
+                                        fence=self.lease.check if self.lease else None)
         self.recovery = Recovery(self, spec, self.settings, vol, self.locks, self.intent,
                                  self.health, self._stopping, self.store.incarnation)
         self.server.exports[spec.name] = self.backend
@@ -422,17 +433,24 @@ class NBDCapture:
     def beat(self, state: str | None = None, force: bool = False) -> None:
         """Publish a heartbeat: ``state``, or the health's (degraded / resending), or
         ``baseline`` while one runs, else ``capturing``."""
-        pub, baseline = self.pub, self.baseline
+        pub, baseline, lease = self.pub, self.baseline, self.lease
         if state is None:
             condition = self.health.condition
-            state = (condition.value if condition is not Condition.CAPTURING else
+            state = ("fenced" if lease and lease.fenced else
+                     condition.value if condition is not Condition.CAPTURING else
                      "baseline" if baseline and not baseline.finished else "capturing")
         now = time.monotonic()
         last_t, last_b = getattr(self, "_rate_mark", (self._t0, 0))
         total = self.backend.counters.bytes + (baseline.done if baseline else 0)
         rate = (total - last_b) / max(now - last_t, 1e-3)
         self._rate_mark = (now, total)
-        pub.beat(state, self.detail(pub), force=force, rate_bps=rate)
+        detail, acked = self.detail(pub), None
+        if lease is not None:
+            # Every beat renews the lease once the broker has it (journal/fencing.py).
+            detail["lease_ms"] = str(int(lease.lease_s * 1000))
+            sent = time.monotonic()
+            acked, force = (lambda: lease.renewed(sent)), True
+        pub.beat(state, detail, force=force, rate_bps=rate, acked=acked)
         # Baseline and resend progress, 0..1, for dashboards (the beat carries the %).
         for running in (baseline, self.recovery.progress):
             if running is not None:
@@ -531,6 +549,17 @@ class NBDCapture:
         if pub is self.pub:
             self.health.fail(reason)
 
+    def _fenced(self) -> bool:
+        """Has the lease lapsed? The first time: say so and run the fence hook."""
+        if self.lease is None or self.lease.check() is None:
+            return False
+        if not self._fence_told:
+            self._fence_told = True
+            self.beat(force=True)         # heard only if the broker is reachable again
+            hooks.run(self.on_fence, "fence", pair=self.spec.name, epoch=self.epoch,
+                      volume=self.spec.source, reason=self.lease.fenced)
+        return True
+
     def _tick_thread(self) -> None:
         """Send lingering ops as an entry when the workload pauses; beat every interval."""
         next_beat = time.monotonic() + self.beat_interval
@@ -539,6 +568,8 @@ class NBDCapture:
                 if self.health.condition is not Condition.DEGRADED:
                     self.pub.close_entry()
                 self.backend.settle()     # an async FLUSH's point ends once journaled
+                if self._fenced():
+                    continue              # no new epoch, no resend: the target may be promoted
                 self.recovery.tick()      # stall check; degraded -> recover when back
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.beat_interval

@@ -418,7 +418,7 @@ class JournalPublisher:
         self.wait_journaled(last, timeout)
 
     def beat(self, state: str, detail: dict[str, str] | None = None, force: bool = False,
-             rate_bps: float = 0.0) -> None:
+             rate_bps: float = 0.0, acked: Callable[[], None] | None = None) -> None:
         j = self.journaled
         with self._cond:
             # What clients were told is done and the journal may not hold yet: a forced
@@ -426,7 +426,7 @@ class JournalPublisher:
             ahead = {"appended_seq": str(self.seq.next_seq + self.seq.pending_ops - 1),
                      "appended_at_ms": str(self._appended_at or j.captured_at_ms)}
         self.heartbeat.beat(state, j.epoch, j.seq, j.epoch_bytes, j.captured_at_ms,
-                            rate_bps, {**(detail or {}), **ahead}, force)
+                            rate_bps, {**(detail or {}), **ahead}, force, acked)
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush heartbeats and stop the threads; call drain() first to keep ops."""
