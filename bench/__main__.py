@@ -26,6 +26,7 @@ from typing import Any
 SCENARIOS = {
     "pipeline": "bench.pipeline",
     "nbd_capture": "bench.nbd",
+    "nbd_multiconn": "bench.nbd_multiconn",
     "lag": "bench.lag",
     "resync": "bench.resync",
     "sparse_baseline": "bench.sparse_baseline",
@@ -36,7 +37,7 @@ SCENARIOS = {
 }
 #: Run order differs: replay reuses the pipeline's journal, and memory lists the peaks of
 #: every x2x child the other scenarios ran.
-RUN_ORDER = ["pipeline", "replay", "nbd_capture", "lag", "resync", "sparse_baseline",
+RUN_ORDER = ["pipeline", "replay", "nbd_capture", "nbd_multiconn", "lag", "resync", "sparse_baseline",
              "pgbench", "scale", "memory"]
 #: Scenarios that every engine runs (the broker is what they measure).
 PER_ENGINE = ["pipeline", "replay", "lag"]
