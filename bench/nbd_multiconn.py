@@ -25,8 +25,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -146,20 +144,9 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=512)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    for tool in ("nbdcopy", "nbdinfo", "qemu-nbd"):
-        if not shutil.which(tool):
-            sys.exit(f"{tool} is not installed (apt-get install libnbd-bin qemu-utils)")
-    home = Path(tempfile.mkdtemp(prefix="x2x-bench-"))
-    os.environ["X2X_HOME"] = str(home / "home")
-    from infra import broker
-    from infra.kafka import KafkaSettings
-    state = broker.up(port=free_port())
-    os.environ["X2X_BOOTSTRAP"] = state.bootstrap
-    try:
-        res = measure(home, args.size_mib * MiB, KafkaSettings.resolve(state.bootstrap))
-    finally:
-        broker.down()
-        shutil.rmtree(home, ignore_errors=True)
+    from bench.common import standalone
+    with standalone(("nbdcopy", "nbdinfo", "qemu-nbd")) as (home, settings):
+        res = measure(home, args.size_mib * MiB, settings)
     figs = figures(res)
     for f in figs:
         print(f"{f['metric']:<72} {f['x2x']:>8.0f} vs {f['peer']:>8.0f} {f['unit']}"
