@@ -137,9 +137,12 @@ class Volume:
 
     def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
         """Allocation of ``[offset, offset + length)`` as consecutive ``(length, hole)``
-        runs from ``offset``: at least one, at most ``limit`` (then they cover a prefix).
-        A hole holds no blocks and reads as zeros (SEEK_HOLE/SEEK_DATA); a block device,
-        or a filesystem without them, is all data."""
+        runs from ``offset``: at least one (none for an empty range), at most ``limit``
+        (then they cover a prefix). A hole holds no blocks and reads as zeros
+        (SEEK_HOLE/SEEK_DATA); a block device, or a filesystem without them, is all data.
+        Past the end (never asked by the NBD server) is data."""
+        if length <= 0:
+            return []
         end = min(offset + length, self.size)
         if end <= offset:
             return [(length, False)]
