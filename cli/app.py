@@ -5,7 +5,7 @@ import sys
 
 import typer
 
-from cli import access, broker, journal, pair, replica, replicate, status, volume
+from cli import access, base, broker, journal, pair, replica, replicate, status, volume
 from cli.common import Globals, err_console
 from infra import logs, telemetry
 from journal.errors import X2XError
@@ -20,6 +20,7 @@ app.add_typer(volume.app, name="volume")
 app.add_typer(journal.app, name="journal")
 app.command()(replicate.capture)
 app.command()(replicate.apply)
+app.command()(base.base)
 app.command()(status.status)
 app.command(name="nbd-certs")(replicate.nbd_certs)
 

@@ -19,13 +19,13 @@ from infra.tls import TLSMode, create_certificates, server_context
 from journal.errors import BadInput, BrokerError
 from infra.kafka import KafkaSettings
 from journal.pairs import PairSpec
+from journal.plans import apply_target
 from producers.journaling import Mode
 from producers.nbd_capture import NBDCapture, parse_listen
 from schemas.cipher import JournalKey
 from producers.scan import ScanResult, scan_once
-from producers.resync import prepare_direction, store_for
+from producers.direction import prepare_capture
 from producers.state import StateStore
-from producers import intent
 
 
 def _progress(enabled: bool) -> Progress:
@@ -95,18 +95,7 @@ def capture(ctx: typer.Context, name: str,
     st = control.get_pair(s, name)
     pins.check(st.spec, accept_spec_change)
     spec = st.active_spec             # after a failover: the promoted side
-    store = store_for(st)
-    if st.state == "failing-over":
-        raise BadInput(f"pair {name} is failing over; wait for 'x2x pair failover' to end")
-    if not rebaseline:
-        prepare_direction(st, store)  # promoted side: new epoch, no baseline
-    if rebaseline:
-        state, _ = store.load()
-        if state:
-            state.clean = False
-            store.save(state)
-        store.hashes.unlink(missing_ok=True)
-        intent.forget(name)       # else an NBD capturer would resend only marked blocks
+    store = prepare_capture(st, rebaseline)
     stop = _stop_on_signals()
     if nbd is not None:
         _capture_nbd(spec, s, store, listen, mode_, stop, json_, key_for(spec, key_file),
@@ -178,6 +167,10 @@ def apply(ctx: typer.Context, name: str,
                                                "point the capturer journaled is applied."),
           reset: bool = typer.Option(False, help="Forget this target's checkpoint and replay "
                                      "the journal from its start."),
+          reseed: bool = typer.Option(False, "--reseed", help="Start again from a copy of the "
+                                      "history base (a target that fell behind it)."),
+          base: str = typer.Option(None, help="With --reseed: the history base's volume "
+                                   "(default: the base running on this host)."),
           key_file: str = typer.Option(None, help="The pair's key file, if it is encrypted "
                                        "(default $X2X_HOME/keys/NAME.key)."),
           json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -191,14 +184,16 @@ def apply(ctx: typer.Context, name: str,
     st = control.get_pair(s, name)
     pins.check(st.spec, accept_spec_change)
     spec = st.active_spec
-    if st.state in ("promoted", "failing-back") and (target is None or target == spec.target):
-        raise BadInput(f"pair {name} was failed over to {spec.source}; its old source "
-                       f"{spec.target} becomes a target with 'x2x pair failback {name}', "
-                       f"which compares both sides first")
-    target = target or spec.target
+    target = apply_target(st, target)
     store = CheckpointStore(name, target)
     if reset:
         store.reset()
+    if reseed:
+        from consumers.seed import find_base, seed
+        cp = seed(spec, base or find_base(s, name), target, s)
+        err_console.print(f"seeded {target} from the history base at epoch "
+                          f"{cp.position.epoch} seq {cp.position.seq} (offset "
+                          f"{cp.position.offset})", highlight=False)
     applier = Applier(spec, target, s, key=key_for(spec, key_file), store=store)
     stop = _stop_on_signals()
     stats = applier.run(until_caught_up=until_caught_up, stop=stop)

@@ -208,3 +208,44 @@ def volume_digest(path: str, length: int | None = None, chunk: int = 8 << 20) ->
             vol.readinto(off, view)
             h.update(view)
     return h.digest()
+
+
+def _data_extents(vol: Volume, length: int) -> list[tuple[int, int]]:
+    """The ranges of ``[0, length)`` that hold data (:meth:`Volume.extents`); all of it
+    where the file system or device does not tell."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < length:
+        for n, hole in vol.extents(pos, length - pos, 1024):
+            if not hole:
+                if out and out[-1][1] == pos:
+                    out[-1] = (out[-1][0], pos + n)
+                else:
+                    out.append((pos, pos + n))
+            pos += n
+    return out
+
+
+def copy_sparse(src: str, dst: str, length: int, chunk: int = 8 << 20) -> int:
+    """Make the first ``length`` bytes of ``dst`` equal those of ``src``, reading only
+    the data extents of ``src`` and leaving holes (or zeros, on a device) for the rest and
+    for zero chunks; fsynced. Returns the bytes written."""
+    written = 0
+    with Volume(src) as s, Volume(dst, writable=True) as d:
+        if s.size < length or d.size < length:
+            raise VolumeError(f"copying {length} bytes from {src} ({s.size}) to {dst} "
+                              f"({d.size}): one of them is too small")
+        pos = 0
+        for start, end in _data_extents(s, length):
+            d.zero(pos, start - pos)
+            for off in range(start, end, chunk):
+                data = s.pread(off, min(chunk, end - off))
+                if data.count(0) == len(data):
+                    d.zero(off, len(data))
+                else:
+                    d.pwrite(off, data)
+                    written += len(data)
+            pos = end
+        d.zero(pos, length - pos)
+        d.fsync()
+    return written

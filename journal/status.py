@@ -46,6 +46,38 @@ class ReplicaStatus:
 
 
 @dataclass(frozen=True)
+class HistoryStatus:
+    """What the pair's history base said in its newest beat (consumers/base.py)."""
+
+    base: str                       # the base's volume
+    state: str
+    window_ms: int | None           # as the base applies it
+    actual_ms: int | None           # age of the oldest record the journal holds
+    held_payload: int | None        # journal payload bytes from its start to the head
+    low: int                        # journal offsets held: low..high
+    high: int
+    restorable_ms: int | None       # capture time of the oldest point a replica can have
+    holding: str                    # a reader keeping records below the base, if any
+    seen_s_ago: float
+    shrunk: bool = False            # over --journal-max: the base applied early
+
+
+def _num(detail: dict[str, str], key: str) -> int | None:
+    v = detail.get(key, "")
+    return int(v) if v.lstrip("-").isdigit() else None
+
+
+def history_status(base: Beat, now_ms: int) -> HistoryStatus:
+    d = base.detail
+    oldest = _num(d, "oldest_ms")
+    return HistoryStatus(base.instance, base.state, _num(d, "window_ms"),
+                         None if oldest is None else max(0, now_ms - oldest),
+                         _num(d, "held_payload"), _num(d, "low") or 0, _num(d, "high") or 0,
+                         _num(d, "restorable_ms"), d.get("holding", ""),
+                         (now_ms - base.at_ms) / 1000, d.get("shrunk") == "1")
+
+
+@dataclass(frozen=True)
 class PairStatus:
     pair: str
     capture_state: str
@@ -55,6 +87,7 @@ class PairStatus:
     capture_seen_s_ago: float | None
     capture_detail: dict[str, str]
     replicas: list[ReplicaStatus]
+    history: HistoryStatus | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,6 +133,8 @@ def pair_status(pair: str, beats: dict[tuple[str, str, str], Beat], now_ms: int)
     caps = [b for (p, r, _), b in beats.items() if p == pair and r == "capturer"]
     cap = max(caps, key=lambda b: b.at_ms) if caps else None
     apps = [b for (p, r, _), b in beats.items() if p == pair and r == "applier"]
+    bases = [b for (p, r, _), b in beats.items() if p == pair and r == "base"]
+    base = max(bases, key=lambda b: b.at_ms) if bases else None
     return PairStatus(
         pair=pair,
         capture_state=cap.state if cap else "no capturer seen",
@@ -109,4 +144,5 @@ def pair_status(pair: str, beats: dict[tuple[str, str, str], Beat], now_ms: int)
         capture_seen_s_ago=(now_ms - cap.at_ms) / 1000 if cap else None,
         capture_detail=dict(cap.detail) if cap else {},
         replicas=[replica_status(cap, a, now_ms) for a in sorted(apps, key=lambda b: b.instance)],
+        history=history_status(base, now_ms) if base is not None else None,
     )

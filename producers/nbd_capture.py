@@ -37,9 +37,10 @@ from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
 from infra.topics import JOURNAL_CONFIG, ensure_topic, journal_topic
 from infra.volume import Volume, volume_digest
-from journal.blocks import Extent
 from journal.clock import now_ms
 from journal.errors import BadInput, VolumeError, X2XError
+from journal.events import (FailoverRequested, HashesPublished, HashesRequested,
+                            ResendRequested, Resent, Sealed)
 from journal.pairs import PairSpec
 from journal.ops import Op
 from producers.control_watch import ControlWatch
@@ -439,7 +440,7 @@ class NBDCapture:
                                              running.percent / 100.0)
 
     # -- what the control watch asks (producers/control_watch.py) -------------------------
-    def seal(self) -> dict[str, str]:
+    def seal(self, ev: FailoverRequested) -> Sealed:
         """Planned failover: refuse writes, journal SEAL, drain, stop; the ``sealed``
         answer (epoch, seq, digest, refused_at_ms)."""
         self._check_serving()
@@ -448,22 +449,24 @@ class NBDCapture:
         if not report.clean:
             raise X2XError(f"the capturer could not seal cleanly: "
                            f"{report.error or 'baseline not finished'}")
-        return {"epoch": str(report.epoch), "seq": str(report.last_seq),
-                "digest": self.sealed_digest.hex(), "refused_at_ms": str(refused_at)}
+        return Sealed(pair=self.spec.name, source=self.spec.source, request=ev.request,
+                      epoch=report.epoch, seq=report.last_seq, digest=self.sealed_digest,
+                      refused_at_ms=refused_at)
 
-    def hashes(self) -> dict[str, str]:
-        """Journal HASHES of the whole source and a FLUSH; the answer's attrs."""
+    def hashes(self, ev: HashesRequested) -> HashesPublished:
+        """Journal HASHES of the whole source and a FLUSH; where they landed."""
         self._check_serving()
         p = emit_hashes(self.vol, self.pub, self.locks, self.spec.block_size)
         self.beat(force=True)
-        return p.attrs()
+        return p.answer(HashesPublished, self.spec.name, self.spec.source, ev.request)
 
-    def resend(self, extents: list[Extent]) -> dict[str, str]:
-        """Journal the current content of ``extents`` and a FLUSH; the answer's attrs."""
+    def resend(self, ev: ResendRequested) -> Resent:
+        """Journal the current content of the request's extents and a FLUSH."""
         self._check_serving()
-        p = resend_extents(self.vol, self.pub, self.locks, extents, self.spec.block_size)
+        p = resend_extents(self.vol, self.pub, self.locks, list(ev.extents),
+                           self.spec.block_size)
         self.beat(force=True)
-        return p.attrs()
+        return p.answer(Resent, self.spec.name, self.spec.source, ev.request)
 
     def _check_serving(self) -> None:
         if self._stopped:

@@ -38,3 +38,14 @@ def test_newest_beat_of_a_role_on_an_instance():
     assert newest(beats, "p", "capturer", "a").seq == 3
     assert newest(beats, "p", "applier", "b") is None
     assert newest(beats, "other", "capturer") is None
+
+
+def test_the_history_base_beat_gives_the_window_held_bytes_and_oldest_point():
+    base = Beat("p", "base", "/b.img", "h", 1, 5000, "following", 1, 9, 900, 1000, 0.0,
+                {"window_ms": "60000", "low": "40", "high": "90", "held_payload": "12345",
+                 "oldest_ms": "2000", "restorable_ms": "1000", "holding": ""})
+    st = pair_status("p", latest([beat("capturer", 20, 2000), base]), now_ms=6000)
+    h = st.history
+    assert (h.window_ms, h.actual_ms, h.held_payload) == (60000, 4000, 12345)
+    assert (h.low, h.high, h.restorable_ms, h.base) == (40, 90, 1000, "/b.img")
+    assert pair_status("p", latest([beat("capturer", 20, 2000)]), 6000).history is None

@@ -53,6 +53,18 @@ def test_counters_gauges_and_histogram_are_read_back(mem) -> None:
     assert hist["write"].bucket_counts[telemetry.LATENCY_BUCKETS_S.index(0.0005)] == 1
 
 
+def test_the_history_base_reports_held_bytes_window_and_early_applies(mem) -> None:
+    _, reader, _ = mem
+    m = telemetry.metrics()
+    m.history("web", "/b.img", held=5000, window_s=60.0, early=False)
+    m.history("web", "/b.img", held=9000, window_s=30.0, early=True)
+    got = telemetry.points(reader)
+    a = {"pair": "web", "role": "base", "target": "/b.img"}
+    assert got["x2x.history.held"] == [(a, 9000.0)]
+    assert got["x2x.history.window"] == [(a, 30.0)]
+    assert got["x2x.history.early"] == [(a, 1)]
+
+
 def test_unknown_lag_stops_reporting_the_series(mem) -> None:
     _, reader, _ = mem
     m = telemetry.metrics()
