@@ -168,6 +168,10 @@ def test_multi_conn_a_flush_on_one_connection_covers_every_connection(
     writers = [r for r in finished if r.bytes_written]
     assert len(writers) == 4, finished                  # the copy really used 4 connections
     assert same_bytes(data, spec.source)
+    # Block status through the journaling volume: the source's data is the image's.
+    extents = json.loads(run("nbdinfo", "--map", "--json", cap.uri))
+    assert sum(e["length"] for e in extents if e["type"] == 0) == os.stat(data).st_blocks * 512
+    assert sum(e["length"] for e in extents) == size
     run("qemu-io", "-f", "raw", "-c", "flush", cap.uri)
     flush = cap.pub.appended_seq                        # nothing appended since: its FLUSH
     if mode is Mode.FLUSH_SYNC:
