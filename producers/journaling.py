@@ -158,10 +158,39 @@ class JournalingVolume:
         self._point: tuple[JournalPublisher, int, Checkpoint] | None = None
         self._point_lock = threading.Lock()
 
+    #: NBD_FLAG_CAN_MULTI_CONN holds for this backend: a FLUSH on one connection covers
+    #: the completed writes of every connection, on the source and in the journal.
+    #: Every connection of the export shares this one object (nbd_capture.py registers
+    #: it once), so they share ``vol``, ``pub`` and the intent bitmap. A write is replied
+    #: to only after :meth:`_change` returned, i.e. after its local write and after its
+    #: op was appended to ``pub`` (under its range lock). :meth:`flush` then fsyncs the
+    #: one shared volume fd (the source: every connection's writes) and syncs the
+    #: bitmap, and appends a FLUSH op to the one publisher, whose seq comes after every
+    #: op appended before it, whichever connection appended it. So the FLUSH is a
+    #: consistency point covering all of them: flush-sync and sync wait until the broker
+    #: has it all; async returns once the source is durable and the FLUSH ships behind
+    #: that same data. FUA fsyncs the same shared volume. There is no per-connection
+    #: cache anywhere (reads go to the volume), so one connection's FLUSH/FUA is seen
+    #: by all.
+    multi_conn = True
+
     # -- the Backend surface -------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
         # No lock: a read racing a write may see either, as on any disk.
         return self.vol.pread(offset, length)
+
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        # The source's own allocation: every change reaches it before its reply, and a
+        # ZERO or TRIM punches holes there (infra/volume.py), so its holes are zeros.
+        return self.vol.extents(offset, length, limit)
+
+    def zero_is_fast(self) -> bool:
+        # A ZERO op is journaled without data whatever the volume, so fast depends on
+        # the source alone: a punched hole, or a device that offloads write-zeroes.
+        return self.vol.zero_is_fast()
+
+    def cache(self, offset: int, length: int) -> None:
+        self.vol.cache(offset, length)
 
     def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
         # No copy: the server hands each request a buffer of its own (nbd/server.py).
