@@ -64,6 +64,9 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 10809
 BEAT_INTERVAL = CAPTURE_BEAT_S
 #: How long queued ops may wait for more company before they are sent as an entry.
 LINGER = 0.05
+#: Default of ``--cut-interval``: seconds between consistency points the capturer makes on
+#: its own while clients write without FLUSH (journal/DESIGN.md rule 13).
+CUT_INTERVAL = 1.0
 #: How long a clean stop lets requests in flight finish.
 STOP_GRACE = 10.0
 _LISTEN = re.compile(r"^(?:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):)?(?P<port>\d+)$")
@@ -116,6 +119,9 @@ class NBDCapture:
     #: Seconds an async burst may stay on the source while clients write
     #: (``X2X_ASYNC_HOLD``, producers/deferred.py); 0 ships every write at once.
     hold: float = field(default_factory=hold_from_env)
+    #: Seconds between the capturer's own consistency points while clients write without
+    #: FLUSH (``--cut-interval``); 0: only client FLUSHes are consistency points.
+    cut_interval: float = CUT_INTERVAL
     #: TLS for NBD clients (infra/tls.py); ``tls_required`` refuses plain-text clients.
     tls: ssl.SSLContext | None = None
     tls_required: bool = False
@@ -407,7 +413,8 @@ class NBDCapture:
         c = self.backend.counters
         d = {"capturer": "nbd", "mode": self.mode.value, "listen": self.uri,
              "clients": str(len(self.server.clients)), "captured_ops": str(c.ops),
-             "captured_bytes": str(c.bytes), "spooled_bytes": str(pub.spooled_bytes),
+             "captured_bytes": str(c.bytes), "cuts": str(c.cuts),
+             "spooled_bytes": str(pub.spooled_bytes),
              "deferred_bytes": str(pub.deferred_bytes)}
         baseline = self.baseline
         if baseline is not None:
@@ -529,10 +536,13 @@ class NBDCapture:
             self.health.fail(reason)
 
     def _tick_thread(self) -> None:
-        """Send lingering ops as an entry when the workload pauses; beat every interval."""
+        """Send lingering ops as an entry when the workload pauses; cut a consistency
+        point when clients wrote without FLUSH for ``cut_interval``; beat every interval."""
         next_beat = time.monotonic() + self.beat_interval
         while not self._stopping.wait(LINGER):
             try:
+                if self.cut_interval:
+                    self.backend.cut(self.cut_interval)
                 if self.health.condition is not Condition.DEGRADED:
                     self.pub.close_entry()
                 self.backend.settle()     # an async FLUSH's point ends once journaled

@@ -30,7 +30,7 @@ from infra.topics import journal_topic
 from journal.batch import DEFAULT_BUDGET, Sequencer
 from journal.digest import digest_of
 from journal.errors import BrokerError
-from journal.ops import Deferred, Entry, Op, resolve
+from journal.ops import CLOSING_KINDS, Deferred, Entry, Op, resolve
 from journal.clock import now_ms
 from producers.spool import Spool
 from schemas import codec
@@ -104,6 +104,10 @@ class JournalPublisher:
         self.hold, self.busy = hold, busy
         self._waiters = 0          # threads in wait_journaled: they want it shipped now
         self._appended_at = 0      # capture time of the newest op appended (ms)
+        #: The newest consistency point appended (FLUSH or SEAL): its seq, and when
+        #: (monotonic); a cut is due once writes follow it (journal/DESIGN.md rule 13).
+        self._point_seq = next_seq - 1
+        self._point_at = time.monotonic()
         self.heartbeat = HeartbeatPublisher(self.producer, pair, "capturer", instance, key=key)
         self.journaled = Journaled(epoch, next_seq - 1, epoch_bytes, 0)
         self.ops_journaled = 0
@@ -139,6 +143,9 @@ class JournalPublisher:
             self._appended_at = now = now_ms()
             for entry in self.seq.add(op, now):
                 self._enqueue(entry)
+            if op.kind in CLOSING_KINDS:
+                self._point_seq = self.seq.next_seq - 1
+                self._point_at = time.monotonic()
             while self._queued > self.max_queued:
                 self._cond.wait(0.1)
                 self._raise_if_failed()
@@ -161,6 +168,13 @@ class JournalPublisher:
             seq = self.seq.next_seq + self.seq.pending_ops
             self.append(Op.flush())
             return seq
+
+    def cut_due(self, interval: float) -> bool:
+        """Have ops been appended since the last consistency point, and is that point at
+        least ``interval`` seconds old? (When the capturer cuts on its own.)"""
+        with self._cond:
+            return (self.seq.next_seq + self.seq.pending_ops - 1 > self._point_seq
+                    and time.monotonic() - self._point_at >= interval)
 
     def close_entry(self) -> None:
         """Send whatever ops are queued as an entry now (e.g. when the workload pauses)."""

@@ -438,7 +438,9 @@ def test_cli_bad_input(settings, pair_name, tmp_path):
     cases = [
         (["--nbd", "10809", "--once"], "--once and --interval belong to the scan capturer"),
         (["--nbd", "10809", "--interval", "5"], "--once and --interval belong"),
-        (["--mode", "sync"], "--mode and --tls only apply to the NBD capturer"),
+        (["--mode", "sync"], "--mode, --cut-interval and --tls only apply to the NBD"),
+        (["--cut-interval", "2"], "--cut-interval and --tls only apply to the NBD"),
+        (["--nbd", "10809", "--cut-interval", "-1"], "--cut-interval must be seconds"),
         (["--nbd", "99999"], "--nbd '99999' is invalid"),
         (["--nbd", "host:port"], "use [HOST:]PORT"),
         (["--nbd", "10809", "--mode", "fast"], "--mode 'fast' is invalid"),
