@@ -28,7 +28,7 @@ from journal.blocks import Extent, format_extents, parse_extents
 from journal.errors import Busy, JournalError, X2XError
 from journal.pairs import ControlEvent, PairSpec, PairState
 from journal.sequence import Position
-from journal.status import CAPTURE_BEAT_S, Beat, newest
+from journal.status import Acknowledged, Beat, forced_loss, newest
 from journal.roles import Role
 from journal.clock import now_ms
 from schemas.cipher import JournalKey
@@ -228,45 +228,19 @@ def force_failover(settings: KafkaSettings, name: str, key: JournalKey | None, s
         raise Busy(f"an 'x2x apply' service holds {spec.target}; stop it (the forced "
                    f"failover drains the journal itself) and run the command again") from None
     applied, seen = applier.checkpointed, applier.read_position
-    beat = last_capture_beat(settings, name, spec.source)
-    known = (seen.epoch, seen.seq, seen.captured_at_ms)
-    if beat is not None:
-        # What the source had acknowledged to its clients, journaled or not (async mode
-        # acknowledges before the journal has it), as of its last heartbeat.
-        ahead = (beat.epoch, _count(beat.detail.get("appended_seq"), beat.seq),
-                 _count(beat.detail.get("appended_at_ms"), beat.captured_at_ms))
-        if ahead[:2] > known[:2]:
-            known = ahead
-    rpo_ops = known[1] - applied.seq if known[0] == applied.epoch else known[1]
-    rpo_s = max(0.0, (known[2] - applied.captured_at_ms) / 1000) if rpo_ops else 0.0
-    rpo_max_s = _rpo_bound(beat, rpo_s, applied.captured_at_ms)
-    epoch = max(known[0], applied.epoch)
+    # What the source's clients were told is done, journaled or not, as of its last
+    # heartbeat, against what the target holds (journal/status.py).
+    loss = forced_loss(last_capture_beat(settings, name, spec.source), applied.epoch,
+                       applied.seq, applied.epoch_bytes, applied.captured_at_ms,
+                       Acknowledged.journaled(seen.epoch, seen.seq, seen.epoch_bytes,
+                                              seen.captured_at_ms))
+    rpo_s, rpo_ops, rpo_max_s, epoch = loss.rpo_s, loss.ops, loss.rpo_max_s, loss.epoch
     control.publish(settings, ControlEvent("promoted", name, now_ms(), attrs={
         "volume": spec.target, "epoch": str(epoch), "seq": str(applied.seq), "forced": "1",
         "rpo_s": f"{rpo_s:.3f}", "rpo_ops": str(rpo_ops),
         "promoted_at_ms": str(now_ms())}))
     return FailoverResult(name, spec.target, applied.epoch, applied.seq, True, None, rpo_s,
                           rpo_ops, rpo_max_s=rpo_max_s, warnings=warnings)
-
-
-def _rpo_bound(beat: Beat | None, rpo_s: float, applied_ms: int) -> float | None:
-    """The most a forced failover can have lost: everything the source may have taken
-    between the last applied write and its last sign of life (its last beat plus the beat
-    interval); only what the journal knows when the source stopped cleanly."""
-    if beat is None:
-        return None
-    if beat.state in ("stopped", "sealed"):
-        return rpo_s
-    seen_until = beat.at_ms + int(CAPTURE_BEAT_S * 1000)
-    return max(rpo_s, (seen_until - applied_ms) / 1000) if applied_ms else None
-
-
-def _count(text: str | None, default: int) -> int:
-    """A number a heartbeat's detail carries, or ``default`` if absent or not a number."""
-    try:
-        return int(text) if text is not None else default
-    except ValueError:
-        return default
 
 
 @dataclass

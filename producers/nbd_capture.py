@@ -439,6 +439,10 @@ class NBDCapture:
         rate = (total - last_b) / max(now - last_t, 1e-3)
         self._rate_mark = (now, total)
         pub.beat(state, self.detail(pub), force=force, rate_bps=rate)
+        since = pub.unjournaled_since_ms()
+        telemetry.metrics().unjournaled(
+            self.spec.name, pub.unjournaled_bytes,
+            max(0.0, (now_ms() - since) / 1000) if since else 0.0)
         # Baseline and resend progress, 0..1, for dashboards (the beat carries the %).
         for running in (baseline, self.recovery.progress):
             if running is not None:

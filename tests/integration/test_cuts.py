@@ -9,6 +9,7 @@ journaled. Targets are polled with a timeout; nothing asserts on a duration.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
@@ -21,7 +22,7 @@ import pytest
 from consumers.applier import Applier
 from journal.pairs import PairSpec
 from producers.nbd_capture import NBDCapture
-from tests.conftest import same_bytes
+from tests.conftest import run_x2x, same_bytes
 from tests.e2e.test_ext4_nbd import _requirements, quietly, sh
 from tests.integration.test_nbd_capture import live, make_pair, need, run, wait_baseline  # noqa: F401
 
@@ -180,3 +181,39 @@ def test_no_cut_interval_leaves_the_target_at_the_last_client_flush(settings, pa
         converged(spec)
     finally:
         cap.stop()
+
+
+# -- lag and RPO count what the journal does not hold yet -----------------------------------
+def test_status_counts_a_held_burst_as_lag_with_a_non_zero_rpo(settings, pair_name,
+                                                               tmp_path, live, following):
+    spec = make_pair(settings, pair_name, tmp_path, 32 * MiB)
+    cap = started(live, spec)
+    following(spec)
+    cap.pub.max_inflight = -1                       # stands in for a broker that is full
+    burst = 16 * MiB
+    run("nbdcopy", str(random_file(tmp_path / "data.img", burst)), cap.uri)
+    deadline = time.monotonic() + CONVERGE_S
+    while True:                                     # beats are 2 s apart: poll
+        (st,) = json.loads(run_x2x("status", pair_name, "--json").stdout)
+        (rep,) = st["replicas"] or [None]
+        detail = st["capture_detail"]
+        if (rep and rep["lag_bytes"] and rep["lag_bytes"] >= burst
+                and int(detail.get("unjournaled_bytes", 0)) >= burst):
+            break
+        assert time.monotonic() < deadline, f"the held burst never showed as lag: {st}"
+        time.sleep(0.5)
+    assert rep["lag_ops"] >= burst // cap.pub.max_op_data
+    assert rep["rpo_s"] > 0
+    assert int(detail["deferred_bytes"]) > 0        # held on the source itself
+    assert cap.pub.journaled.seq < cap.pub.appended_seq
+    cap.pub.max_inflight = 64 * MiB                 # the broker takes it again
+    converged(spec)
+    deadline = time.monotonic() + CONVERGE_S
+    while True:
+        (st,) = json.loads(run_x2x("status", pair_name, "--json").stdout)
+        (rep,) = st["replicas"]
+        if rep["lag_ops"] == 0:
+            break
+        assert time.monotonic() < deadline, f"the lag never went back to 0: {st}"
+        time.sleep(0.5)
+    assert rep["rpo_s"] == 0.0 and rep["lag_bytes"] == 0
