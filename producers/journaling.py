@@ -155,6 +155,10 @@ class JournalingVolume:
         #: publisher it went to, its seq, the bitmap's checkpoint); one at a time.
         self._point: tuple[JournalPublisher, int, Checkpoint] | None = None
         self._point_lock = threading.Lock()
+        #: A consistency point went by without a bitmap point (another one was open): the
+        #: next cut makes one even if no write came since, so the bitmap clears what is
+        #: journaled without waiting for the next write.
+        self._owed = False
 
     # -- the Backend surface -------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
@@ -179,6 +183,7 @@ class JournalingVolume:
         if self.intent is not None:
             self.intent.sync()
             cp = self.intent.begin()      # before the FLUSH op: what it may clear
+            self._owed = self._owed or cp is None
         pub = self.pub
         if self.mode is Mode.ASYNC:
             self._flush_behind(pub, cp)
@@ -222,12 +227,14 @@ class JournalingVolume:
         broker has it, as for an async FLUSH (:meth:`settle`). Called from the capturer's
         tick; returns whether it cut."""
         pub = self.pub
+        owed = self._owed and self._point is None
         if (self._closing or self.health.condition is Condition.DEGRADED
-                or not pub.cut_due(interval)):
+                or not pub.cut_due(interval, idle=owed)):
             return False
         # Before the FLUSH op: what it may clear (None while another point is open:
-        # clearing is then left to a later point).
+        # clearing is then owed to a later point).
         cp = self.intent.begin() if self.intent is not None else None
+        self._owed = self.intent is not None and cp is None
         try:
             seq = pub.flush_point()
         except X2XError as e:

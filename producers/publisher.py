@@ -180,11 +180,12 @@ class JournalPublisher:
             self.append(Op.flush())
             return seq
 
-    def cut_due(self, interval: float) -> bool:
-        """Have ops been appended since the last consistency point, and is that point at
-        least ``interval`` seconds old? (When the capturer cuts on its own.)"""
+    def cut_due(self, interval: float, idle: bool = False) -> bool:
+        """Have ops been appended since the last consistency point (or, with ``idle``,
+        not necessarily), and is that point at least ``interval`` seconds old? (When the
+        capturer cuts on its own.)"""
         with self._cond:
-            return (self.seq.next_seq + self.seq.pending_ops - 1 > self._point_seq
+            return ((idle or self.seq.next_seq + self.seq.pending_ops - 1 > self._point_seq)
                     and time.monotonic() - self._point_at >= interval)
 
     def close_entry(self) -> None:

@@ -160,6 +160,37 @@ def test_dd_direct_through_a_loop_device_without_fsync_reaches_the_target(
             fuse.wait(10)
 
 
+def test_a_cut_clears_the_write_intent_bitmap_only_once_the_broker_has_it(
+        settings, pair_name, tmp_path, live):
+    """Like an async FLUSH's point, a cut's point clears the blocks written before it only
+    once its FLUSH is journaled: while the broker takes nothing they stay marked (a crash
+    resends them), and once it has them they clear with no client FLUSH at all."""
+    spec = make_pair(settings, pair_name, tmp_path, 16 * MiB)
+    cap = started(live, spec)
+    deadline = time.monotonic() + CONVERGE_S
+    while cap.intent.dirty_blocks():            # the baseline's point ends
+        assert time.monotonic() < deadline, "the baseline's blocks never cleared"
+        time.sleep(0.1)
+    cap.pub.max_inflight = -1                   # stands in for a broker that is full
+    cuts = cap.backend.counters.cuts
+    run("nbdcopy", str(random_file(tmp_path / "data.img", 8 * MiB)), cap.uri)
+    written = cap.pub.appended_seq
+    deadline = time.monotonic() + CONVERGE_S
+    while cap.pub.cut_due(0) or cap.backend.counters.cuts == cuts:
+        assert time.monotonic() < deadline, "the capturer never cut after the writes"
+        time.sleep(0.1)
+    assert cap.pub.appended_seq > written       # the cut's FLUSH, behind the writes
+    time.sleep(0.5)                             # ticks settle meanwhile: nothing to end
+    assert cap.intent.dirty_blocks() == 8 * MiB // spec.block_size
+    assert cap.pub.journaled.seq < written
+    cap.pub.max_inflight = 64 * MiB             # the broker takes it again
+    deadline = time.monotonic() + CONVERGE_S
+    while cap.intent.dirty_blocks():
+        assert time.monotonic() < deadline, "the cut's point never cleared the bitmap"
+        time.sleep(0.1)
+    assert cap.backend.counters.flushes == 0
+
+
 def test_no_cut_interval_leaves_the_target_at_the_last_client_flush(settings, pair_name,
                                                                     tmp_path, following):
     """--cut-interval 0: the former behaviour, only client FLUSHes are consistency
