@@ -14,6 +14,7 @@ missing. Every FUSE mount and child process is undone in finally blocks.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -21,12 +22,13 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from journal.status import CAPTURE_BEAT_S
 from tests.conftest import run_x2x, x2x_bin
-from tests.e2e.test_ext4_nbd import _requirements
+from tests.e2e.test_ext4_nbd import _requirements, fuse_file
 from tests.e2e.test_failover import capturer, new_pair
 from tests.integration.test_nbd_capture import wait_beat
 
@@ -74,6 +76,13 @@ def on_target(target: str, blocks: int) -> set[int]:
     return found
 
 
+@contextlib.contextmanager
+def fuse_file_after_baseline(settings, name: str, uri: str, work: Path) -> Iterator[Path]:
+    wait_beat(settings, name, lambda b: b.detail.get("baseline") == "done")
+    with fuse_file(uri, work) as disk:
+        yield disk
+
+
 def status_of(name: str) -> dict:
     (st,) = json.loads(run_x2x("status", name, "--json").stdout)
     return st
@@ -87,23 +96,14 @@ def test_forced_failover_during_a_held_burst_reports_what_the_target_misses(
     spec = new_pair(settings, pair_name, tmp_path, size)
     # The burst stays on the source as long as the writer keeps writing.
     monkeypatch.setenv("X2X_ASYNC_HOLD", "120")
-    fuse_dir, pidfile = tmp_path / "fuse", tmp_path / "nbdfuse.pid"
-    fuse_dir.mkdir()
     applier_log = open(tmp_path / "apply.log", "w")
     applier = subprocess.Popen([x2x_bin(), "apply", pair_name], stdout=applier_log,
                                stderr=subprocess.STDOUT)
-    writer = fuse = None
+    writer = None
     try:
-        with capturer(pair_name, tmp_path / "cap.log", "async") as (proc, uri):
-            wait_beat(settings, pair_name, lambda b: b.detail.get("baseline") == "done")
-            fuse = subprocess.Popen(["nbdfuse", "-P", str(pidfile), str(fuse_dir / "disk"),
-                                     uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            deadline = time.monotonic() + 20
-            while not pidfile.exists():
-                assert fuse.poll() is None, f"nbdfuse exited: {fuse.stderr.read().decode()}"
-                assert time.monotonic() < deadline, "nbdfuse did not become ready"
-                time.sleep(0.05)
-            writer = TaggedWriter(fuse_dir / "disk", blocks)
+        with (capturer(pair_name, tmp_path / "cap.log", "async") as (proc, uri),
+              fuse_file_after_baseline(settings, pair_name, uri, tmp_path) as disk):
+            writer = TaggedWriter(disk, blocks)
             writer.start()
             deadline = time.monotonic() + 30
             while True:             # status during the burst: lag, and a non-zero RPO
@@ -122,18 +122,10 @@ def test_forced_failover_during_a_held_burst_reports_what_the_target_misses(
             killed_at = time.time()
             proc.wait(10)
             writer.stop.set()
-            subprocess.run(["fusermount3", "-u", "-z", str(fuse_dir)], capture_output=True)
-            writer.join(30)
     finally:
         if writer is not None:
             writer.stop.set()
-        subprocess.run(["fusermount3", "-u", "-z", str(fuse_dir)], capture_output=True)
-        if fuse is not None:
-            try:
-                fuse.wait(30)
-            except subprocess.TimeoutExpired:
-                fuse.kill()
-                fuse.wait(10)
+            writer.join(30)
         applier.terminate()             # a forced failover drains the journal itself
         applier.wait(60)
         applier_log.close()
