@@ -539,13 +539,21 @@ class NBDCapture:
         if pub is self.pub:
             self.health.fail(reason)
 
+    def _may_cut(self) -> bool:
+        """Cuts are made where the target can be consistent: not while a baseline or a
+        resend runs (the target is consistent only from its own FLUSH on), nor while
+        degraded."""
+        baseline = self.baseline
+        return (self.cut_interval > 0 and self.health.condition is Condition.CAPTURING
+                and (baseline is None or baseline.finished))
+
     def _tick_thread(self) -> None:
         """Send lingering ops as an entry when the workload pauses; cut a consistency
         point when clients wrote without FLUSH for ``cut_interval``; beat every interval."""
         next_beat = time.monotonic() + self.beat_interval
         while not self._stopping.wait(LINGER):
             try:
-                if self.cut_interval:
+                if self._may_cut():
                     self.backend.cut(self.cut_interval)
                 if self.health.condition is not Condition.DEGRADED:
                     self.pub.close_entry()
