@@ -119,6 +119,7 @@ class CaptureCounters:
     ops: int = 0          # WRITE, ZERO, TRIM and FLUSH requests journaled
     bytes: int = 0        # payload bytes of those requests
     flushes: int = 0
+    cuts: int = 0         # consistency points the capturer made on its own (no client FLUSH)
 
 
 class JournalingVolume:
@@ -157,6 +158,10 @@ class JournalingVolume:
         #: publisher it went to, its seq, the bitmap's checkpoint); one at a time.
         self._point: tuple[JournalPublisher, int, Checkpoint] | None = None
         self._point_lock = threading.Lock()
+        #: A consistency point went by without a bitmap point (another one was open): the
+        #: next cut makes one even if no write came since, so the bitmap clears what is
+        #: journaled without waiting for the next write.
+        self._owed = False
 
     #: NBD_FLAG_CAN_MULTI_CONN holds for this backend: a FLUSH on one connection covers
     #: the completed writes of every connection, on the source and in the journal.
@@ -210,6 +215,7 @@ class JournalingVolume:
         if self.intent is not None:
             self.intent.sync()
             cp = self.intent.begin()      # before the FLUSH op: what it may clear
+            self._owed = self._owed or cp is None
         pub = self.pub
         if self.mode is Mode.ASYNC:
             self._flush_behind(pub, cp)
@@ -245,6 +251,36 @@ class JournalingVolume:
             self.counters.ops += 1
             self.counters.flushes += 1
         self.settle()
+
+    def cut(self, interval: float) -> bool:
+        """A consistency point without a client FLUSH, once writes have followed the last
+        point for ``interval`` seconds (journal/DESIGN.md rule 16): a FLUSH op appended
+        behind every write completed so far, with no fsync of the source, so it claims
+        nothing about the source's durability. The bitmap's point for it ends once the
+        broker has it, as for an async FLUSH (:meth:`settle`). Called from the capturer's
+        tick; returns whether it cut."""
+        pub = self.pub
+        owed = self._owed and self._point is None
+        if (self._closing or self.health.condition is Condition.DEGRADED
+                or not pub.cut_due(interval, idle=owed)):
+            return False
+        # Before the FLUSH op: what it may clear (None while another point is open:
+        # clearing is then owed to a later point).
+        cp = self.intent.begin() if self.intent is not None else None
+        self._owed = self.intent is not None and cp is None
+        try:
+            seq = pub.flush_point()
+        except X2XError as e:
+            if cp is not None:
+                self.intent.abort(cp)
+            self.degrade(str(e), pub)
+            return False
+        if cp is not None:
+            with self._point_lock:
+                self._point = (pub, seq, cp)
+        with self._count_lock:
+            self.counters.cuts += 1
+        return True
 
     def settle(self) -> None:
         """End the pending consistency point once its FLUSH is journaled, or give it up
