@@ -26,19 +26,21 @@ from typing import Any
 SCENARIOS = {
     "pipeline": "bench.pipeline",
     "nbd_capture": "bench.nbd",
+    "nbd_multiconn": "bench.nbd_multiconn",
     "lag": "bench.lag",
     "resync": "bench.resync",
     "sparse_baseline": "bench.sparse_baseline",
     "replay": "bench.replay",
     "memory": "bench.memory",
     "scale": "bench.scale",
+    "history": "bench.history",
     "pgbench": "bench.pgbench",
     "cutover": "bench.cutover",
 }
 #: Run order differs: replay reuses the pipeline's journal, and memory lists the peaks of
 #: every x2x child the other scenarios ran.
-RUN_ORDER = ["pipeline", "replay", "nbd_capture", "lag", "resync", "sparse_baseline",
-             "pgbench", "cutover", "scale", "memory"]
+RUN_ORDER = ["pipeline", "replay", "nbd_capture", "nbd_multiconn", "lag", "resync",
+             "sparse_baseline", "history", "pgbench", "cutover", "scale", "memory"]
 #: Scenarios that every engine runs (the broker is what they measure).
 PER_ENGINE = ["pipeline", "replay", "lag"]
 #: Engine name -> how ``x2x broker up`` starts it, and how the table names it.

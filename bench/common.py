@@ -8,10 +8,12 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from infra.kafka import KafkaSettings
 
@@ -51,6 +53,32 @@ class Context:
         d = self.workdir / scenario
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+
+#: The Debian package of each client a scenario may need.
+_PACKAGES = {"nbdcopy": "libnbd-bin", "nbdinfo": "libnbd-bin", "qemu-img": "qemu-utils",
+             "qemu-nbd": "qemu-utils"}
+
+
+@contextmanager
+def standalone(tools: tuple[str, ...]) -> Iterator[tuple[Path, KafkaSettings]]:
+    """For a scenario run alone (``python -m bench.NAME``): exits unless ``tools`` are
+    installed; yields a work directory and the settings of a one-node broker of its own
+    (X2X_HOME and X2X_BOOTSTRAP point at them), both gone afterwards."""
+    for tool in tools:
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is not installed (apt-get install {_PACKAGES.get(tool, tool)})")
+    from infra import broker
+    from infra.net import free_port
+    home = Path(tempfile.mkdtemp(prefix="x2x-bench-"))
+    os.environ["X2X_HOME"] = str(home / "home")
+    state = broker.up(port=free_port())
+    os.environ["X2X_BOOTSTRAP"] = state.bootstrap
+    try:
+        yield home, KafkaSettings.resolve(state.bootstrap)
+    finally:
+        broker.down()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def figure(metric: str, unit: str, x2x: float, peer_name: str, peer: float,

@@ -23,8 +23,6 @@ import platform
 import shutil
 import socket
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from infra.net import free_port
@@ -223,20 +221,10 @@ def main() -> None:
     ap.add_argument("--rand-count", type=int, default=20000)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
-    for tool in ("nbdcopy", "qemu-img", "qemu-nbd"):
-        if not shutil.which(tool):
-            sys.exit(f"{tool} is not installed (apt-get install libnbd-bin qemu-utils)")
+    from bench.common import standalone
     size = args.size_mib * MiB
-    home = Path(tempfile.mkdtemp(prefix="x2x-bench-"))
-    os.environ["X2X_HOME"] = str(home / "home")
-    from infra import broker
-    state = broker.up(port=free_port())
-    os.environ["X2X_BOOTSTRAP"] = state.bootstrap
-    try:
+    with standalone(("nbdcopy", "qemu-img", "qemu-nbd")) as (home, _):
         results = measure(home, size, args.rand_count)
-    finally:
-        broker.down()
-        shutil.rmtree(home, ignore_errors=True)
     r = ratios(results)
     print(f"{'':16}{'seq MB/s':>10}{'seq+flush MB/s':>16}{'rand 4 KiB IOPS':>18}")
     for name, res in results.items():

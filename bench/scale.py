@@ -19,10 +19,10 @@ from infra import control
 from infra.net import free_port
 from infra.reader import read_many
 from infra.topics import CONTROL_TOPICS, control_topic, ensure_base_topics
-from journal.clock import now_ms
+from journal.events import BaselineComplete
 from journal.pairs import PairSpec
 from journal.roles import Role
-from schemas import codec
+from schemas.control import encode_event
 
 TITLE = "Scale: 200 pairs, 10,000 control events: status, show, service starts"
 _RUNS = 3
@@ -45,10 +45,8 @@ def _populate(ctx: Context, npairs: int, nevents: int, d: Path) -> list[str]:
     producer = Producer(ctx.settings.side_producer(**{"linger.ms": 20}))
     for n in range(max(0, nevents - npairs)):
         name = names[n % npairs]
-        record = {"event": "baseline-complete", "pair": name, "at_ms": now_ms(),
-                  "spec": None, "attrs": {"epoch": str(1 + n // npairs)}}
-        producer.produce(control_topic(Role.CAPTURER), codec.encode(codec.CONTROL, record),
-                         key=name)
+        ev = BaselineComplete(pair=name, epoch=1 + n // npairs)
+        producer.produce(control_topic(Role.CAPTURER), encode_event(ev), key=name)
         producer.poll(0)
     if producer.flush(60):
         raise RuntimeError("control events were not all acknowledged")

@@ -5,7 +5,8 @@ import sys
 
 import typer
 
-from cli import access, broker, cutover, journal, pair, replica, replicate, status, volume
+from cli import (access, base, broker, cutover, journal, pair, replica, replicate, status,
+                 volume, watch)
 from cli.common import Globals, err_console
 from infra import logs, telemetry
 from journal.errors import X2XError
@@ -20,6 +21,8 @@ app.add_typer(volume.app, name="volume")
 app.add_typer(journal.app, name="journal")
 app.command()(replicate.capture)
 app.command()(replicate.apply)
+app.command()(base.base)
+app.command()(watch.watch)
 app.command()(status.status)
 app.command()(cutover.cutover)
 app.command(name="nbd-certs")(replicate.nbd_certs)

@@ -9,15 +9,13 @@ from dataclasses import asdict
 
 import typer
 
-from cli.common import console, err_console, human_bytes, print_json, settings
+from cli.common import console, err_console, human_bytes, print_json
+from cli.pair import _operation
 from consumers import cutover as co
-from infra import control
-from infra.keys import key_for, remember_file
 from infra.qemu import BootSpec
 from infra.paths import pair_dir
 from journal.errors import BadInput, BrokerError
 from producers.nbd_capture import parse_listen
-from producers.resync import LocalCapture
 
 
 def _say(msg: str) -> None:
@@ -55,13 +53,11 @@ def cutover(ctx: typer.Context, name: str,
     boot the target with QEMU, reporting the downtime in its parts."""
     if test and no_boot:
         raise BadInput("--test boots a copy; --no-boot boots nothing: pick one")
-    s = settings(ctx)
-    remember_file(key_file)
-    key = key_for(control.get_pair(s, name).spec, key_file)
+    op = _operation(ctx, name, key_file, timeout)
     spec = None if no_boot else BootSpec("", kernel or "", initrd or "", append or "",
                                          memory, cpus, accel)
     if test:
-        r = co.test_launch(s, name, key, _say, spec, up_marker, boot_timeout)
+        r = co.test_launch(op.settings, name, op.key, _say, spec, up_marker, boot_timeout)
         _print_test(r, json_)
         if not r.boot.up:
             raise co.GuestNotUp(f"pair {name}: the test launch did not come up within "
@@ -73,8 +69,7 @@ def cutover(ctx: typer.Context, name: str,
             raise BadInput("--serve boots the guest from the capturer's export; --no-boot "
                            "boots nothing: pick one")
         listen = parse_listen(serve)
-    r = co.cutover(s, name, key, lambda st: LocalCapture(st, s, key), _say, spec, up_marker,
-                   boot_timeout, timeout,
+    r = co.cutover(op, spec, up_marker, boot_timeout,
                    serve=(lambda: _serve(ctx, name, listen, key_file)) if serve else None)
     _print_cutover(r, json_)
     if r.boot is not None and not r.boot.up:

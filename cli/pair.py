@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -11,8 +12,12 @@ from cli.common import console, err_console, human_bytes, print_json, settings
 from infra import control, images, pins
 from producers.resync import LocalCapture
 from infra.keys import key_for_create, lookup, remember_file, retire_key
-from journal.errors import VolumeError
+from journal.errors import BadInput, VolumeError
+from journal.history import HistorySettings
 from journal.pairs import PairSpec, parse_size, validate_block_size, validate_name
+
+if TYPE_CHECKING:
+    from consumers.failover import Operation
 
 app = typer.Typer(help="Create, list, show and delete replication pairs.", no_args_is_help=True)
 
@@ -36,9 +41,15 @@ def create(ctx: typer.Context, name: str,
                                         "this key (32 bytes; generated, mode 0600, if missing)."),
            encrypt: bool = typer.Option(False, help="Like --key-file, with a key generated at "
                                         "$X2X_HOME/keys/NAME.key."),
+           history: str = typer.Option(None, help="Keep this much history in the journal "
+                                       "(e.g. 24h, 7d; default: forever); older records go "
+                                       "to a history base ('x2x base NAME --volume PATH')."),
+           journal_max: str = typer.Option(None, help="Hard limit of the journal's size "
+                                           "(e.g. 50GiB); needs --history."),
            ) -> None:
     """Create a pair and its journal topic x2x.journal.NAME."""
     validate_name(name)
+    window = HistorySettings.parse(history, journal_max)
     bs = validate_block_size(parse_size(block_size))
     src = images.locate(source)
     size = images.size(src)
@@ -55,14 +66,58 @@ def create(ctx: typer.Context, name: str,
                               f"({size} bytes); {_grow_hint(dst, size)}")
         key = key_for_create(name, key_file, encrypt)
         spec = PairSpec(name, src.text, target, bs, size, key.key_id if key else "")
-        control.create_pair(settings(ctx), spec)
+        control.create_pair(settings(ctx), spec, window)
     except BaseException:
         if created:
             os.unlink(dst.path)
         raise
     console.print(f"pair [bold]{name}[/]: {source} -> {target}, {human_bytes(size)}, "
-                  f"block {human_bytes(bs)}; journal x2x.journal.{name}"
-                  + (f"; encrypted, key id {key.key_id}" if key else ""))
+                  f"block {human_bytes(bs)}; journal x2x.journal.{name}, history "
+                  f"{window.describe()}" + (f"; encrypted, key id {key.key_id}" if key else ""))
+
+
+@app.command("history")
+def history_(ctx: typer.Context, name: str,
+             history: str = typer.Option(..., help="The new window (e.g. 1h, 7d), or "
+                                         "'forever' to keep the whole journal again."),
+             journal_max: str = typer.Option(None, help="Hard limit of the journal's size "
+                                             "(e.g. 10GiB).")) -> None:
+    """Change a pair's history window; the history base follows at its next cycle."""
+    window = HistorySettings.parse(history, journal_max)
+    control.set_history(settings(ctx), name, window)
+    console.print(f"pair {name}: history {window.describe()}"
+                  + ("" if window.bounded else "; records already deleted stay deleted"),
+                  highlight=False)
+
+
+@app.command("auto-failover")
+def auto_failover_(ctx: typer.Context, name: str,
+                   after: str = typer.Option(None, help="Promote the target once the source "
+                                             "is silent this long (e.g. 30s, 2m)."),
+                   lease: str = typer.Option(None, help="The source's lease: it stops "
+                                             "acknowledging writes once it could not renew "
+                                             "it this long (default: --after less the "
+                                             "margin)."),
+                   off: bool = typer.Option(False, "--off", help="Failover is the "
+                                            "operator's act again.")) -> None:
+    """Enable (or turn off) automatic failover: 'x2x watch' on the target side promotes
+    the target when the source is lost; the source fences itself first."""
+    from journal.fencing import auto_failover, margin_ms
+    from journal.history import parse_duration
+    if off == (after is not None) or (off and lease is not None):
+        raise BadInput("give --after [--lease], or --off")
+    auto = None if off else auto_failover(
+        parse_duration(after, "--after"),
+        parse_duration(lease, "--lease") if lease is not None else None)
+    control.set_auto_failover(settings(ctx), name, auto)
+    if auto is None:
+        console.print(f"pair {name}: automatic failover off", highlight=False)
+        return
+    console.print(f"pair {name}: automatic failover after {auto.after_ms / 1000:g} s of "
+                  f"silence; the source's lease is {auto.lease_ms / 1000:g} s (margin "
+                  f"{margin_ms(auto.after_ms) / 1000:g} s). Restart the capturer so it holds "
+                  f"the lease, and run 'x2x watch {name}' on the target host instead of "
+                  f"'x2x apply {name}'", highlight=False)
 
 
 def _grow_hint(dst: images.Location, size: int) -> str:
@@ -100,8 +155,10 @@ def show(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--jso
               "yes" if lookup(p.spec) else "NOT CHECKED: the pair's key is not on this host")
     value = {**asdict(p.spec), "state": p.state, "created_at_ms": p.created_at_ms,
              "reversed": p.reversed, "active_source": p.active_spec.source,
-             "journal_topic": f"x2x.journal.{name}", "events_verified": signed,
-             "attrs": p.attrs}
+             "journal_topic": f"x2x.journal.{name}", "history": p.history.describe(),
+             "events_verified": signed, "reason": p.reason, "cause": p.cause,
+             "promotion": asdict(p.promotion) if p.promotion else None,
+             "auto_failover": asdict(p.auto) if p.auto else None}
     if json_:
         print_json(value)
         return
@@ -129,26 +186,43 @@ def _say(msg: str) -> None:
     err_console.print(f"[dim]...[/] {msg}", highlight=False)
 
 
+def _operation(ctx: typer.Context, name: str, key_file: str | None, timeout: float,
+               new_epoch: bool = False) -> Operation:
+    """The command's context for consumers/failover.py: this host does the capturer's
+    part (LocalCapture) when no live NBD capturer serves the source; ``new_epoch``: it
+    starts a new epoch (the journal lost the old one)."""
+    from consumers.failover import Operation
+    from infra.keys import key_for
+    s = settings(ctx)
+    remember_file(key_file)
+    key = key_for(control.get_pair(s, name).spec, key_file)
+    return Operation(s, name, key, lambda st: LocalCapture(st, s, key, new_epoch=new_epoch),
+                     _say, timeout)
+
+
 @app.command()
 def failover(ctx: typer.Context, name: str,
              force: bool = typer.Option(False, "--force", help="The source is lost: promote "
                                         "the target at its last consistency point and report "
                                         "the RPO."),
+             at: str = typer.Option(None, help="With --force: promote the last consistency "
+                                    "point captured at or before this time (ISO-8601 or "
+                                    "'now'), anywhere in the history window."),
+             base: str = typer.Option(None, help="With --at: the history base's volume "
+                                      "(default: the base running on this host)."),
              key_file: str = typer.Option(None, help="The pair's key file, if encrypted."),
              timeout: float = typer.Option(300.0, help="Seconds to wait for each step."),
              json_: bool = typer.Option(False, "--json")) -> None:
     """Promote the target: planned (source seals, target drains and is verified, RPO 0)
-    or --force (source lost)."""
+    or --force (source lost), optionally at an earlier point (--at)."""
     from consumers import failover as fo
-    from infra.keys import key_for
-    s = settings(ctx)
-    remember_file(key_file)
-    st = control.get_pair(s, name)
-    key = key_for(st.spec, key_file)
-    if force:
-        r = fo.force_failover(s, name, key, _say, timeout)
-    else:
-        r = fo.failover(s, name, key, lambda st_: LocalCapture(st_, s, key), _say, timeout)
+    from consumers.replica import make_limit
+    if (at is not None or base is not None) and not force:
+        raise BadInput("--at and --base go with --force: a failover to an earlier point "
+                       "gives up what the source wrote after it")
+    op = _operation(ctx, name, key_file, timeout)
+    limit = make_limit(op.settings, name, at, None, None)
+    r = fo.force_failover(op, limit, base) if force else fo.failover(op)
     if json_:
         print_json(asdict(r))
         return
@@ -176,11 +250,7 @@ def failback(ctx: typer.Context, name: str,
              json_: bool = typer.Option(False, "--json")) -> None:
     """Make the old source the target of the promoted side, sending only differing blocks."""
     from consumers import failover as fo
-    from infra.keys import key_for
-    s = settings(ctx)
-    remember_file(key_file)
-    key = key_for(control.get_pair(s, name).spec, key_file)
-    r = fo.failback(s, name, key, lambda st_: LocalCapture(st_, s, key), _say, timeout)
+    r = fo.failback(_operation(ctx, name, key_file, timeout))
     _print_resync(r, json_, f"failback done: the old source follows epoch {r.epoch} from seq "
                   f"{r.seq}; keep it following with 'x2x apply {name}'")
 
@@ -194,14 +264,11 @@ def verify(ctx: typer.Context, name: str,
            json_: bool = typer.Option(False, "--json")) -> None:
     """Compare source and target block hashes at one journal point, while replicating."""
     from consumers import failover as fo
-    from infra.keys import key_for
-    s = settings(ctx)
-    remember_file(key_file)
-    key = key_for(control.get_pair(s, name).spec, key_file)
-    r = fo.verify(s, name, key, lambda st_: LocalCapture(st_, s, key), _say, repair, timeout)
+    from journal.reports import Diverged
+    r = fo.verify(_operation(ctx, name, key_file, timeout), repair)
     _print_resync(r, json_, "repaired" if repair and r.differing else "")
     if r.differing and not repair:
-        raise fo.Diverged(f"pair {name}: {r.differing} blocks of the target differ from the "
+        raise Diverged(f"pair {name}: {r.differing} blocks of the target differ from the "
                           f"source; run 'x2x pair verify {name} --repair' to resend them")
 
 
@@ -213,12 +280,7 @@ def resync(ctx: typer.Context, name: str,
     """After the journal was lost: compare block hashes in a new epoch and resend only the
     blocks of the target that differ (no full copy)."""
     from consumers import failover as fo
-    from infra.keys import key_for
-    s = settings(ctx)
-    remember_file(key_file)
-    key = key_for(control.get_pair(s, name).spec, key_file)
-    r = fo.resync(s, name, key, lambda st_: LocalCapture(st_, s, key, new_epoch=True), _say,
-                  timeout)
+    r = fo.resync(_operation(ctx, name, key_file, timeout, new_epoch=True))
     _print_resync(r, json_, f"resynced: the target follows epoch {r.epoch} from seq {r.seq}; "
                   f"keep it following with 'x2x apply {name}'")
 

@@ -19,13 +19,13 @@ from infra.tls import TLSMode, create_certificates, server_context
 from journal.errors import BadInput, BrokerError
 from infra.kafka import KafkaSettings
 from journal.pairs import PairSpec
+from journal.plans import apply_target
 from producers.journaling import Mode
-from producers.nbd_capture import NBDCapture, parse_listen
+from producers.nbd_capture import CUT_INTERVAL, NBDCapture, parse_listen
 from schemas.cipher import JournalKey
 from producers.scan import ScanResult, scan_once
-from producers.resync import prepare_direction, store_for
+from producers.direction import prepare_capture
 from producers.state import StateStore
-from producers import intent
 
 
 def _progress(enabled: bool) -> Progress:
@@ -57,6 +57,12 @@ def capture(ctx: typer.Context, name: str,
                                      "(default): the source only, the journal follows; "
                                      "flush-sync: a FLUSH also waits for the journal; sync: "
                                      "every write waits for the journal."),
+            cut_interval: float = typer.Option(
+                None, "--cut-interval", metavar="SECONDS",
+                help="With --nbd: while clients write without FLUSH, make a consistency "
+                "point on the target every SECONDS (default 1; 0: only at client FLUSHes). "
+                "It makes the target a crash-consistent copy; it does not make the source "
+                "durable."),
             key_file: str = typer.Option(None, help="The pair's key file, if it is encrypted "
                                          "(default $X2X_HOME/keys/NAME.key)."),
             tls: str = typer.Option(None, "--tls", metavar="off|on|require",
@@ -66,6 +72,10 @@ def capture(ctx: typer.Context, name: str,
                 None, "--tls-certificates", metavar="DIR",
                 help="server-cert.pem, server-key.pem and ca-cert.pem (clients must then "
                 "present a certificate it signed); make them with 'x2x nbd-certs DIR'."),
+            on_fence: str = typer.Option(None, "--on-fence", metavar="CMD", help="With "
+                                         "automatic failover: a shell command run when "
+                                         "the lease lapses and writes stop (X2X_PAIR, "
+                                         "X2X_EPOCH, X2X_REASON in its environment)."),
             json_: bool = typer.Option(False, "--json", help="Print results as JSON lines."),
             accept_spec_change: bool = typer.Option(
                 False, "--accept-spec-change", help="The pair's source, target or key id "
@@ -76,8 +86,13 @@ def capture(ctx: typer.Context, name: str,
     if nbd is not None and (once or interval):
         raise BadInput("--nbd runs a long-lived NBD capturer; --once and --interval belong "
                        "to the scan capturer: drop one or the other")
-    if (mode is not None or tls is not None or tls_certificates) and nbd is None:
-        raise BadInput("--mode and --tls only apply to the NBD capturer: add --nbd [HOST:]PORT")
+    if (mode is not None or tls is not None or tls_certificates or on_fence
+            or cut_interval is not None) and nbd is None:
+        raise BadInput("--mode, --cut-interval, --tls and --on-fence only apply to the NBD "
+                       "capturer: add --nbd [HOST:]PORT")
+    if cut_interval is not None and not 0 <= cut_interval <= 3600:
+        raise BadInput(f"--cut-interval must be seconds from 0 to 3600 (0: only client "
+                       f"FLUSHes), got {cut_interval:g}")
     if once and interval:
         raise BadInput("--once and --interval exclude each other: pick one")
     if interval < 0:
@@ -99,22 +114,12 @@ def capture(ctx: typer.Context, name: str,
         raise BadInput(f"the NBD capturer serves a local raw file or block device; the "
                        f"source {spec.source} is not one: capture it by scanning "
                        f"('x2x capture {name} --once' or --interval SECONDS)")
-    store = store_for(st)
-    if st.state == "failing-over":
-        raise BadInput(f"pair {name} is failing over; wait for 'x2x pair failover' to end")
-    if not rebaseline:
-        prepare_direction(st, store)  # promoted side: new epoch, no baseline
-    if rebaseline:
-        state, _ = store.load()
-        if state:
-            state.clean = False
-            store.save(state)
-        store.hashes.unlink(missing_ok=True)
-        intent.forget(name)       # else an NBD capturer would resend only marked blocks
+    store = prepare_capture(st, rebaseline)
     stop = _stop_on_signals()
     if nbd is not None:
         _capture_nbd(spec, s, store, listen, mode_, stop, json_, key_for(spec, key_file),
-                     tls_ctx, tls_mode is TLSMode.REQUIRE)
+                     tls_ctx, tls_mode is TLSMode.REQUIRE,
+                     CUT_INTERVAL if cut_interval is None else cut_interval, on_fence)
         return
     while True:
         show = not json_ and sys.stderr.isatty()
@@ -130,10 +135,11 @@ def capture(ctx: typer.Context, name: str,
 def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
                  listen: tuple[str, int], mode: Mode, stop: threading.Event, json_: bool,
                  key: JournalKey | None, tls: ssl.SSLContext | None,
-                 tls_required: bool) -> None:
+                 tls_required: bool, cut_interval: float, on_fence: str | None = None) -> None:
     """Run the NBD capturer until ``stop``; the service does the work, this prints."""
     cap = NBDCapture(spec, s, listen[0], listen[1], mode, store, key, tls=tls,
-                     tls_required=tls_required).start()
+                     tls_required=tls_required, cut_interval=cut_interval,
+                     on_fence=on_fence).start()
     r = cap.report
     what = ("same epoch" if not r.new_epoch else "new epoch, baseline running"
             if r.resend_bytes is None else
@@ -143,6 +149,9 @@ def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
                  f"{spec.name}'")
     if tls is not None:
         what += ", TLS required" if tls_required else ", TLS offered"
+    if cap.lease is not None:
+        what += (f"; automatic failover: holding a {cap.lease.lease_s:g} s lease, writes "
+                 f"stop if it lapses")
     if json_:
         print_json({"event": "serving", "uri": cap.uri, "epoch": r.epoch,
                     "first_seq": r.first_seq, "mode": mode.value, "new_epoch": r.new_epoch,
@@ -182,6 +191,10 @@ def apply(ctx: typer.Context, name: str,
                                                "point the capturer journaled is applied."),
           reset: bool = typer.Option(False, help="Forget this target's checkpoint and replay "
                                      "the journal from its start."),
+          reseed: bool = typer.Option(False, "--reseed", help="Start again from a copy of the "
+                                      "history base (a target that fell behind it)."),
+          base: str = typer.Option(None, help="With --reseed: the history base's volume "
+                                   "(default: the base running on this host)."),
           key_file: str = typer.Option(None, help="The pair's key file, if it is encrypted "
                                        "(default $X2X_HOME/keys/NAME.key)."),
           json_: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -195,14 +208,16 @@ def apply(ctx: typer.Context, name: str,
     st = control.get_pair(s, name)
     pins.check(st.spec, accept_spec_change)
     spec = st.active_spec
-    if st.state in ("promoted", "failing-back") and (target is None or target == spec.target):
-        raise BadInput(f"pair {name} was failed over to {spec.source}; its old source "
-                       f"{spec.target} becomes a target with 'x2x pair failback {name}', "
-                       f"which compares both sides first")
-    target = target or spec.target
+    target = apply_target(st, target)
     store = CheckpointStore(name, target)
     if reset:
         store.reset()
+    if reseed:
+        from consumers.seed import find_base, seed
+        cp = seed(spec, base or find_base(s, name), target, s)
+        err_console.print(f"seeded {target} from the history base at epoch "
+                          f"{cp.position.epoch} seq {cp.position.seq} (offset "
+                          f"{cp.position.offset})", highlight=False)
     applier = Applier(spec, target, s, key=key_for(spec, key_file), store=store)
     stop = _stop_on_signals()
     stats = applier.run(until_caught_up=until_caught_up, stop=stop)

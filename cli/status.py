@@ -15,7 +15,8 @@ from cli.common import console, human_bytes, print_json, settings
 from infra import control, telemetry
 from infra.heartbeat import read_beats, read_local_beats
 from journal.errors import BadInput, BrokerError, X2XError
-from journal.status import latest, pair_status
+from journal.pairs import PairState
+from journal.status import PairStatus, latest, newest, pair_status
 from journal.clock import now_ms
 
 
@@ -24,7 +25,9 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
            watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until Ctrl-C."),
            interval: float = typer.Option(2.0, help="Seconds between --watch refreshes.")
            ) -> None:
-    """Show per pair: captured seq, applied seq, lag in ops and bytes, RPO."""
+    """Show per pair: captured seq, applied seq, lag in ops and bytes, RPO. Lag and RPO
+    count every write a client was told is done and a target does not have, journaled
+    or not; the RPO is the age of the oldest of them (at most)."""
     if watch:
         return watch_status(ctx, name, json_, interval)
     s = settings(ctx)
@@ -43,7 +46,11 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
         for rep in r.replicas:
             m.lag(r.pair, rep.lag_ops, rep.lag_bytes, rep.rpo_s, target=rep.target)
     if json_:
-        print_json([{**r.as_dict(), "state": pairs[r.pair].state} for r in rows])
+        print_json([{**r.as_dict(), "state": pairs[r.pair].state,
+                     "history_window_ms": pairs[r.pair].history.window_ms,
+                     "history_warnings": history_warnings(r, pairs[r.pair]),
+                     "auto_failover": auto_failover(pairs[r.pair], beats.values(), now)}
+                    for r in rows])
         return
     table = Table("pair", "state", "capture", "captured", "target", "applied", "lag ops",
                   "lag bytes", "RPO s", "rate")
@@ -60,6 +67,104 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
                           _opt(rep.rpo_s, lambda v: f"{v:.1f}"),
                           f"{human_bytes(rep.rate_bps)}/s")
     console.print(table)
+    _history_table(rows, pairs, now)
+    _failover_table(pairs, beats.values(), now)
+
+
+def auto_failover(st: PairState, beats, now: int) -> dict | None:
+    """A pair's automatic failover as status shows it: the settings, the source's lease
+    and each watcher's verdict (consumers/watch.py), from their heartbeats."""
+    if st.auto is None:
+        return None
+    name = st.spec.name
+    cap = newest(beats, name, "capturer", st.active_spec.source)
+    return {"after_ms": st.auto.after_ms, "lease_ms": st.auto.lease_ms,
+            "source_lease_ms": int(cap.detail["lease_ms"]) if cap is not None
+            and cap.detail.get("lease_ms", "").isdigit() else None,
+            "source_state": cap.state if cap is not None else None,
+            "watchers": [{"host": b.host, "target": b.instance, "state": b.state,
+                          "failover_in_s": b.detail.get("failover_in_s"),
+                          "reason": b.detail.get("reason", ""),
+                          "seen_s_ago": (now - b.at_ms) / 1000}
+                         for b in beats if b.pair == name and b.role == "watcher"]}
+
+
+def _failover_table(pairs: dict[str, PairState], beats, now: int) -> None:
+    shown = {n: auto_failover(p, beats, now) for n, p in pairs.items() if p.auto}
+    if not shown:
+        return
+    table = Table("pair", "after", "lease", "source", "watcher", "failover in", "why",
+                  title="automatic failover")
+    for name, a in shown.items():
+        lease = (f"{a['source_lease_ms'] / 1000:g} s held" if a["source_lease_ms"] else
+                 "NOT HELD")
+        source = f"{a['source_state'] or '-'}, {lease}"
+        ws = a["watchers"] or [None]
+        for w in ws:
+            table.add_row(name, f"{a['after_ms'] / 1000:g} s", f"{a['lease_ms'] / 1000:g} s",
+                          source, "none running" if w is None else
+                          f"{w['host']} {w['state']} ({w['seen_s_ago']:.0f} s ago)",
+                          "-" if w is None or w["failover_in_s"] is None
+                          else f"{w['failover_in_s']} s",
+                          "" if w is None else w["reason"][:80])
+    console.print(table)
+
+
+def history_warnings(r: PairStatus, st: PairState) -> list[str]:
+    """What an operator must know about a pair's bounded journal."""
+    h, want = r.history, st.history
+    if not want.bounded:
+        return []
+    if h is None:
+        return [f"pair {r.pair} has a history window but no history base runs: its journal "
+                f"grows without bound; start one with 'x2x base {r.pair} --volume PATH'"]
+    out = []
+    if h.shrunk:
+        actual = "?" if h.actual_ms is None else format_age(h.actual_ms)
+        out.append(f"the journal is over its limit ({want.describe()}): the history base "
+                   f"applies early and the window is down to {actual}; writes on the source "
+                   f"go on. Give the journal more room, a shorter --history, or find what "
+                   f"writes so much")
+    if h.holding:
+        out.append(f"{h.holding} keeps journal records below the base (it lags, or "
+                   f"stopped); the journal holds more than the window until it catches up "
+                   f"or its registration expires")
+    if h.seen_s_ago > 120:
+        out.append(f"the history base {h.base} has not reported for {h.seen_s_ago:.0f} s")
+    return out
+
+
+def _history_table(rows: list[PairStatus], pairs: dict[str, PairState], now: int) -> None:
+    shown = [r for r in rows if pairs[r.pair].history.bounded or r.history is not None]
+    if not shown:
+        return
+    table = Table("pair", "window", "actual", "held (payload)", "offsets", "oldest restorable",
+                  "base", title="history")
+    warnings = []
+    for r in shown:
+        h = r.history
+        want = pairs[r.pair].history
+        if h is None:
+            table.add_row(r.pair, want.describe(), "-", "-", "-", "-", "no base running")
+        else:
+            table.add_row(
+                r.pair, want.describe(), _opt(h.actual_ms, format_age),
+                _opt(h.held_payload, human_bytes), f"{h.low}..{h.high}",
+                _opt(h.restorable_ms, lambda ms: f"{_utc(ms)} ({format_age(now - ms)} ago)"),
+                f"{h.base} ({h.state})")
+        warnings += history_warnings(r, pairs[r.pair])
+    console.print(table)
+    for w in warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+def format_age(ms: int) -> str:
+    s = ms / 1000
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def _utc(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
 
 
 def _local_fallback(error: BrokerError, name: str | None, json_: bool) -> None:
@@ -100,7 +205,12 @@ def _capture_cell(state: str, detail: dict[str, str]) -> str:
     deferred = int(detail.get("deferred_bytes", "0") or 0)
     if deferred:
         # Acknowledged writes the journal has yet to read back from the source.
-        parts.append(f"{human_bytes(deferred)} unjournaled on the source")
+        parts.append(f"{human_bytes(deferred)} held on the source")
+    unjournaled = int(detail.get("unjournaled_bytes", "0") or 0)
+    if unjournaled:
+        # Everything acknowledged to clients the broker does not hold yet (held, queued,
+        # spooled, in flight): counted in every target's lag and RPO.
+        parts.append(f"{human_bytes(unjournaled)} not journaled yet")
     dirty = int(detail.get("dirty_bytes", "0") or 0)
     if dirty or state == "degraded":
         # Written on the source, not (yet) acknowledged by the broker: what a resync sends.

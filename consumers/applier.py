@@ -22,15 +22,17 @@ from infra import control, keys, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
 from infra.reader import check_record
+from infra.retention import offsets_of
 from infra.topics import ensure_base_topics, journal_topic
 from infra.volume import digest_of, open_volume
-from journal.errors import (BrokerError, DigestMismatch, JournalError,
+from journal.errors import (BehindBase, BrokerError, DigestMismatch, JournalError,
                             JournalLost, PairNotFound, ReplayedEntry, StaleEpoch,
                             VolumeError, VolumeLost)
-from journal.blocks import (HASH_LEN, Extent, coalesce, diff_maps, format_extents,
-                            hash_buffer)
+from journal.blocks import HASH_LEN, Extent, coalesce, diff_maps, hash_buffer
+from journal.history import BaseLimit
 from journal.ops import Entry, OpKind
-from journal.pairs import JOURNAL_LOST, ControlEvent, PairSpec, PairState
+from journal.events import HashesCompared, Promoted, ResyncNeeded
+from journal.pairs import JOURNAL_LOST, PairSpec, PairState
 from journal.sequence import Limit, Position, Verdict, check_extents, classify
 from journal.status import newest
 from journal.roles import Role
@@ -41,6 +43,19 @@ log = logging.getLogger("x2x.applier")
 STAGE_LIMIT = 64 << 20
 CONSUME_BATCH = 32
 VERIFY_TIMEOUT = 15.0
+#: At most this many characters of extents (``offset+length,``) in a hashes-compared
+#: event, so one event stays far below the broker's record size limit.
+EXTENTS_CHARS = 200_000
+
+
+def _within(extents: list[Extent], chars: int) -> list[Extent]:
+    """The first extents whose ``offset+length`` list fits in ``chars`` characters."""
+    used = 0
+    for i, e in enumerate(extents):
+        used += len(f"{e.offset}+{e.length}") + (1 if i else 0)
+        if used > chars:
+            return extents[:i]
+    return extents
 #: How long the applier keeps trying to reach a target served over NBD that went away.
 TARGET_RETRY_S = float(os.environ.get("X2X_TARGET_RETRY_S", "300"))
 
@@ -82,7 +97,7 @@ class Applier:
 
     def __init__(self, spec: PairSpec, target: str, settings: KafkaSettings,
                  key: JournalKey | None = None, store: CheckpointStore | None = None,
-                 stage_limit: int = STAGE_LIMIT, limit: Limit | None = None,
+                 stage_limit: int = STAGE_LIMIT, limit: Limit | BaseLimit | None = None,
                  on_checkpoint: Callable[[Position], None] | None = None,
                  publish_status: bool = True, start: Position | None = None,
                  until: tuple[int, int] | None = None, role: Role = Role.APPLIER) -> None:
@@ -116,6 +131,10 @@ class Applier:
         self._staged_bytes = 0
         self._last_digest = ""
         self._t0 = time.monotonic()
+        #: A point-in-time replica that reached its point needs no more of the journal:
+        #: its last beat says so, and the history base stops holding records for it.
+        self.released = False
+        self._final_state = "stopped"
 
     @property
     def read_position(self) -> Position:
@@ -153,12 +172,19 @@ class Applier:
                     except VolumeLost as e:
                         if not self._resume(consumer, e, stop):
                             self.stats.stopped_by = "signal"
+            except BehindBase:
+                # The journal is fine: only this reader fell behind the history base, and
+                # it comes back by a re-seed (the error says how), not by a pair resync.
+                self._final_state = "behind-base"
+                raise
             except JournalError as e:
                 self._mark_resync(e)
                 raise
             finally:
                 consumer.close()
-                self._beat(beats, "stopped", force=True)
+                self.released = (self.stats.stopped_by == "limit" and os.path.realpath(
+                    self.target) != os.path.realpath(self.spec.target))
+                self._beat(beats, self._final_state, force=True)
                 producer.flush(5)
         self.stats.seconds = time.monotonic() - t0
         return self.stats
@@ -302,11 +328,9 @@ class Applier:
         if not self.publish_status or (os.path.realpath(self.target)
                                        != os.path.realpath(self.spec.target)):
             return      # a replica or a scratch replay is never promoted
-        control.publish(self.settings, ControlEvent(
-            "promoted", self.spec.name, now_ms(), attrs={
-                "volume": self.target, "epoch": str(entry.epoch), "seq": str(entry.last_seq),
-                "forced": "0", "rpo_s": "0", "rpo_ops": "0",
-                "promoted_at_ms": str(now_ms())}), self.role)
+        control.publish(self.settings, Promoted(
+            pair=self.spec.name, volume=self.target, epoch=entry.epoch, seq=entry.last_seq,
+            forced=False, rpo_s=0.0, rpo_ops=0, promoted_at_ms=now_ms()), self.role)
 
     def _compare(self, entry: Entry) -> None:
         """Apply ``entry`` op by op, comparing the target with each HASHES op after
@@ -330,16 +354,15 @@ class Applier:
         self.comparisons.append(cmp)
         if not self.publish_status:
             return
-        extents = format_extents(cmp.extents(self.spec.block_size, self.vol.size))
+        extents = cmp.extents(self.spec.block_size, self.vol.size)
+        # A huge diff is cut short here; the full list is in the applier's log and a
+        # second verify after --repair shows what is left.
+        shown = _within(extents, EXTENTS_CHARS)
         try:
-            control.publish(self.settings, ControlEvent(
-                "hashes-compared", self.spec.name, now_ms(), attrs={
-                    "target": self.target, "epoch": str(cmp.epoch), "seq": str(cmp.seq),
-                    "blocks": str(cmp.blocks), "differing": str(len(cmp.differing)),
-                    # A huge diff is cut short here; the full list is in the applier's
-                    # log and a second verify after --repair shows what is left.
-                    "extents": extents[:200_000], "truncated": str(int(len(extents) > 200_000))}),
-                self.role)
+            control.publish(self.settings, HashesCompared(
+                pair=self.spec.name, target=self.target, epoch=cmp.epoch, seq=cmp.seq,
+                blocks=cmp.blocks, differing=len(cmp.differing), extents=tuple(shown),
+                truncated=len(shown) < len(extents)), self.role)
         except BrokerError as e:
             log.warning("could not publish the hash comparison of %s: %s", self.target, e)
 
@@ -372,12 +395,19 @@ class Applier:
     # -- start: resume from the checkpoint, proving the journal still holds it ----------
     def _start(self, consumer: Consumer) -> None:
         cp = self.store.load()
+        # The journal's start is a hint only (some brokers answer ListOffsets wrongly):
+        # a reader is behind the base when the record it needs is gone *and* lies below it.
+        low = self._journal_start(consumer)
         if cp is None and self.start is not None:
+            if self.start.offset + 1 < low and self._bounded():
+                raise self._behind(self.start, low)
             self.checkpointed = self._pos = self.start
             consumer.assign([TopicPartition(self.topic, 0, self.start.offset + 1)])
             return
         if cp is None:
             self._refuse_replay_after_loss()
+            if low > 0 and self._bounded():
+                raise self._behind(None, low)
             consumer.assign([TopicPartition(self.topic, 0, 0)])
             return
         self.checkpointed = self._pos = cp.position
@@ -385,8 +415,39 @@ class Applier:
         consumer.assign([TopicPartition(self.topic, 0, cp.position.offset)])
         why = check_record(consumer, self.topic, cp.position.offset,
                            bytes.fromhex(cp.entry_digest), VERIFY_TIMEOUT)
+        if why is not None and cp.position.offset < low:
+            raise self._behind(cp.position, low)
         if why is not None:
             raise self._lost(cp, why)
+
+    def _bounded(self) -> bool:
+        """Does the pair keep a history window (so a base may have deleted records)?"""
+        if not self.publish_status:
+            return False        # a scratch replay reports on what is there
+        st = self._pair_state()
+        return st is not None and st.history.bounded
+
+    def _journal_start(self, consumer: Consumer) -> int:
+        """The journal's first offset (0 when the broker does not say)."""
+        try:
+            low, _ = offsets_of(consumer, self.topic, 3.0)
+            return max(low, 0)
+        except BrokerError:
+            return 0        # the checks against the checkpoint's record still run
+
+    def _behind(self, pos: Position | None, low: int) -> BehindBase:
+        name = self.spec.name
+        need = (f"its checkpoint (epoch {pos.epoch} seq {pos.seq}) at offset {pos.offset}"
+                if pos is not None else "the journal from its first record")
+        own = os.path.realpath(self.target) == os.path.realpath(self.spec.target)
+        way = (f"x2x apply {name} --reseed" if own
+               else f"x2x replica add {name} --target {self.target} --reseed")
+        return BehindBase(
+            f"pair {name}: {self.target} needs {need}, but {self.topic} now starts at "
+            f"offset {low}: the history base applied the records before it and they were "
+            f"deleted (this reader was not registered then: new, released at its point in "
+            f"time, or silent for longer than the reader TTL). Nothing was applied. Re-seed it from the history base "
+            f"(a copy of the base and its checkpoint), then it follows: '{way}'")
 
     def _lost(self, cp: Checkpoint, why: str) -> JournalLost:
         p = cp.position
@@ -445,17 +506,20 @@ class Applier:
             telemetry.metrics().checkpoint_age(
                 self.spec.name, max(0.0, time.time() - p.captured_at_ms / 1000), self.target)
         rate = self.stats.bytes_applied / max(time.monotonic() - self._t0, 1e-3)
+        # "needs": the first journal offset this reader still reads (its checkpoint's
+        # record, checked again at its next start); the history base deletes nothing
+        # from there on (journal/history.py). Empty: released.
+        needs = "" if self.released else str(max(p.offset, 0))
         beats.beat(state, p.epoch, p.seq, p.epoch_bytes, p.captured_at_ms, rate,
-                   {"staged_bytes": str(self._staged_bytes)}, force)
+                   {"staged_bytes": str(self._staged_bytes), "needs": needs}, force)
 
     def _mark_resync(self, error: JournalError) -> None:
         if not self.publish_status:
             return
         try:
             cause = JOURNAL_LOST if isinstance(error, JournalLost) else type(error).__name__
-            control.publish(self.settings, ControlEvent(
-                "resync-needed", self.spec.name, now_ms(),
-                attrs={"target": self.target, "reason": str(error)[:500], "cause": cause}),
-                self.role)
+            control.publish(self.settings, ResyncNeeded(
+                pair=self.spec.name, target=self.target, reason=str(error)[:500],
+                cause=cause), self.role)
         except BrokerError:
             log.warning("could not mark pair %s as needing a resync", self.spec.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Iterator
 from pathlib import Path
@@ -48,17 +49,25 @@ class CheckpointStore:
         self.path.unlink(missing_ok=True)
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold the target exclusively: two appliers on one target would interleave."""
+    def lock(self, wait: float = 0.0) -> Iterator[None]:
+        """Hold the target exclusively: two appliers on one target would interleave.
+        ``wait``: seconds to keep trying (a history base frees its lock between cycles)."""
         lock_path = self.path.with_suffix(".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                raise Busy(f"another applier (pid {holder}) is applying pair {self.pair} to "
-                           f"{self.target}; stop it first, or wait for it to finish") from None
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() < deadline:
+                        time.sleep(0.05)
+                        continue
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise Busy(f"another applier (pid {holder}) is applying pair {self.pair} "
+                               f"to {self.target}; stop it first, or wait for it to finish"
+                               ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield

@@ -29,7 +29,7 @@ from infra.paths import pair_dir
 from infra.qemu import Boot, BootSpec, boot
 from journal.clock import now_ms
 from journal.errors import BadInput, JournalLost, X2XError
-from journal.pairs import PairState
+from journal.plans import NotReady
 from journal.sequence import Limit
 from schemas.cipher import JournalKey
 
@@ -82,14 +82,13 @@ def _report(b: Boot, keep: bool) -> BootReport:
                       b.serial_tail())
 
 
-def cutover(settings: KafkaSettings, name: str, key: JournalKey | None,
-            local: Callable[[PairState], fo.CaptureSide], say: Say,
-            spec: BootSpec | None, marker: str, boot_timeout: float,
-            timeout: float = 300.0, serve: Callable[[], str] | None = None) -> CutoverResult:
+def cutover(op: fo.Operation, spec: BootSpec | None, marker: str, boot_timeout: float,
+            serve: Callable[[], str] | None = None) -> CutoverResult:
     """Planned failover, then (unless ``spec`` is None) boot the promoted target; with
     ``serve`` the guest's disk is what it returns (the promoted volume served by an NBD
     capturer, so the new side's writes are journaled from its first one)."""
-    st = control.get_pair(settings, name)
+    name, say = op.pair, op.say
+    st = control.get_pair(op.settings, name)
     target = st.active_spec.target
     if spec is not None:
         spec.disk = target
@@ -97,7 +96,7 @@ def cutover(settings: KafkaSettings, name: str, key: JournalKey | None,
     if serve is not None and images.locate(target).kind != "local":
         raise BadInput(f"--serve needs a raw file or block device target (the NBD capturer "
                        f"serves those); {target} is not one")
-    r = fo.failover(settings, name, key, local, say, timeout)
+    r = fo.failover(op)
     stopped_ms = r.promoted_at_ms - int((r.downtime_s or 0.0) * 1000)
     out = CutoverResult(name, r.promoted, r.epoch, r.seq, r.digest, r.downtime_s or 0.0,
                         downtime_s=r.downtime_s, warnings=r.warnings)
@@ -121,7 +120,7 @@ def test_launch(settings: KafkaSettings, name: str, key: JournalKey | None, say:
     """Copy the newest consistency point, boot it with a throw-away overlay, clean up."""
     st = control.get_pair(settings, name)
     if not st.replicating:
-        raise fo.NotReady(f"pair {name} is {st.state}: a test launch copies a pair that is "
+        raise NotReady(f"pair {name} is {st.state}: a test launch copies a pair that is "
                           f"replicating ('x2x pair show {name}')")
     if not st.replayable:
         raise JournalLost(f"pair {name}: its journal lost its history, so no copy can be "

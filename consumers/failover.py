@@ -1,10 +1,12 @@
-"""Failover, failback and verify: the steps, each waiting on control events with a timeout.
+"""Failover, failback, resync and verify: a plan's steps, performed in order, each
+waiting on control events with a timeout.
 
-The capturer's part (SEAL, HASHES, resend) is done by the live NBD capturer when one
-serves the source (requests on x2x.control, see producers/control_watch.py), else by the
-CLI on this host (:class:`CaptureSide` given by the caller). The target's part is done
-here by an in-process :class:`Applier` unless an ``x2x apply`` service holds the target
-(it then does the same work and the answers arrive as control events).
+journal/plans.py decides (may the command start, who does the capturer's part, what to
+warn of); this module does the steps; journal/reports.py is what they report and the CLI
+prints. The capturer's part is a :class:`CaptureSide` (consumers/capture_side.py). The
+target's part is done here by an in-process :class:`Applier` unless an ``x2x apply``
+service holds the target (it then does the same work and the answers arrive as control
+events).
 
 Every step is safe to repeat: a failed failover leaves the pair as it was
 (failover-failed), a failback can be rerun from ``failing-back``, verify changes nothing
@@ -12,126 +14,73 @@ without ``--repair``.
 """
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Callable
 
+from consumers import replica, seed
 from consumers.applier import Applier, Comparison
+from consumers.capture_side import CaptureSide, RemoteCapture
 from consumers.checkpoint import CheckpointStore
-from infra import control, telemetry
+from infra import control, retention, telemetry
 from infra.control_tail import wait_event
 from infra.heartbeat import read_beats
 from infra.kafka import KafkaSettings
-from journal.blocks import Extent, format_extents, parse_extents
-from journal.errors import Busy, JournalError, X2XError
-from journal.pairs import ControlEvent, PairSpec, PairState
-from journal.sequence import Position
-from journal.status import CAPTURE_BEAT_S, Beat, newest
-from journal.roles import Role
 from journal.clock import now_ms
+from journal.errors import BadInput, Busy, JournalError, X2XError
+from journal.events import (FailbackDone, FailbackStarted, FailoverFailed, FailoverRequested,
+                            HashesCompared, HashesPublished, Promoted, Resynced, ResyncNeeded,
+                            Sealed)
+from journal.pairs import PairSpec, PairState
+from journal.plans import Command, Plan, Sides, plan
+from journal.reports import FailoverReport, HashDiff
+from journal.roles import Role
+from journal.sequence import Limit, Position
+from journal.status import Acknowledged, Beat, forced_loss, newest
 from schemas.cipher import JournalKey
 
-#: A capturer heartbeat younger than this (and not stopped/sealed) means it is serving.
-FRESH_S = 8.0
-ANSWER_TIMEOUT = 120.0
 Say = Callable[[str], None]
 
 
-class NotReady(X2XError):
-    """The pair is not in a state this command can start from."""
+@dataclass(frozen=True)
+class Operation:
+    """One operator command on one pair: what all of its steps share."""
+
+    settings: KafkaSettings
+    pair: str
+    key: JournalKey | None
+    #: This host's capturer part, used when no live NBD capturer serves the source.
+    local: Callable[[PairState], CaptureSide]
+    say: Say                 # progress, one line a step
+    timeout: float = 300.0   # for each step
 
 
-class SplitBrain(X2XError):
-    """Both sides of a pair took writes after a promotion."""
-
-
-class Diverged(X2XError):
-    """verify found target blocks that differ from the source."""
-
-
-class CaptureSide(Protocol):
-    """The capturer's part; each returns the attrs of its answer event."""
-
-    def seal(self) -> dict[str, str]: ...
-    def hashes(self) -> dict[str, str]: ...
-    def resend(self, extents: list[Extent]) -> dict[str, str]: ...
-
-
-
-def _beats(settings: KafkaSettings, pair: str) -> list[Beat]:
+def signed_beats(settings: KafkaSettings, pair: str) -> list[Beat]:
     """The status topic's beats; of a keyed pair only those signed with its key, since
     what follows acts on them (a forged beat must not set a forced failover's goal)."""
     st = control.pairs(settings).get(pair)
     return read_beats(settings, {pair: st.spec} if st else None, strict=True)
 
 
-def serving_capturer(settings: KafkaSettings, pair: str, volume: str,
-                     nbd_only: bool = False) -> Beat | None:
-    """The newest heartbeat of a capturer running on ``volume`` now, or None; with
-    ``nbd_only`` only an NBD capturer (the one that answers control requests)."""
-    b = newest(_beats(settings, pair), pair, "capturer", volume)
-    if b is None:
-        return None
-    fresh = (now_ms() - b.at_ms) / 1000 < FRESH_S
-    if nbd_only and b.detail.get("capturer") != "nbd":
-        return None
-    return b if fresh and b.state not in ("stopped", "sealed", "stopped-unclean") else None
+def _beats(op: Operation) -> list[Beat]:
+    return signed_beats(op.settings, op.pair)
 
 
-def last_capture_beat(settings: KafkaSettings, pair: str, volume: str) -> Beat | None:
-    return newest(_beats(settings, pair), pair, "capturer", volume)
+def _begin(op: Operation, command: Command) -> tuple[PairState, Plan]:
+    """The pair's state and the plan for ``command`` (raises if it cannot start)."""
+    st = control.get_pair(op.settings, op.pair)
+    spec, beats = st.active_spec, _beats(op)
+    sides = Sides(newest(beats, op.pair, "capturer", spec.source),
+                  newest(beats, op.pair, "capturer", spec.target), now_ms())
+    return st, plan(command, st, sides)
 
 
-class RemoteCapture:
-    """Asks the live NBD capturer of ``source`` through the control topic."""
-
-    def __init__(self, settings: KafkaSettings, pair: str, source: str) -> None:
-        self.settings, self.pair, self.source = settings, pair, source
-
-    def _ask(self, event: str, answer: str, attrs: dict[str, str] | None = None,
-             timeout: float = ANSWER_TIMEOUT) -> dict[str, str]:
-        request, since = uuid.uuid4().hex[:12], now_ms()
-        control.publish(self.settings, ControlEvent(event, self.pair, since, attrs={
-            "request": request, "source": self.source, **(attrs or {})}))
-        mine = lambda ev: ev.pair == self.pair and ev.attrs.get("request") == request  # noqa: E731
-        ev = wait_event(
-            self.settings, since, lambda ev: mine(ev) and ev.event == answer, timeout,
-            f"the capturer of {self.source} did not answer {event}; is it still running? "
-            f"(x2x status {self.pair})",
-            fail=lambda ev: (f"pair {self.pair}: the capturer of {self.source} failed: "
-                             f"{ev.attrs.get('reason')}") if mine(ev)
-            and ev.event == "request-failed" else None)
-        return dict(ev.attrs)
-
-    def seal(self) -> dict[str, str]:
-        return self._ask("failover-requested", "sealed", {"forced": "0"})
-
-    def hashes(self) -> dict[str, str]:
-        return self._ask("hashes-requested", "hashes-published")
-
-    def resend(self, extents: list[Extent]) -> dict[str, str]:
-        return self._ask("resend-requested", "resent", {"extents": format_extents(extents)})
-
-
-@dataclass
-class FailoverResult:
-    pair: str
-    promoted: str
-    epoch: int
-    seq: int
-    forced: bool
-    downtime_s: float | None = None
-    rpo_s: float = 0.0
-    rpo_ops: int = 0
-    #: Forced: the most the target can miss. Writes the source took after its last
-    #: heartbeat are unknown here (async mode acknowledges them before the journal has
-    #: them), so the RPO is known only up to that; None when no beat was ever seen.
-    rpo_max_s: float | None = None
-    digest: str = ""
-    warnings: list[str] = field(default_factory=list)
-    promoted_at_ms: int = 0
+def _side(op: Operation, st: PairState, p: Plan) -> CaptureSide:
+    if p.ask_capturer:
+        return RemoteCapture(op.settings, op.pair, p.spec.source)
+    return op.local(st)
 
 
 def _applier_run(applier: Applier, timeout: float, **kw) -> str:
@@ -149,333 +98,268 @@ def _applier_run(applier: Applier, timeout: float, **kw) -> str:
     return stats.stopped_by
 
 
-def _pair(settings: KafkaSettings, name: str) -> PairState:
-    return control.get_pair(settings, name)
-
-
+# -- failover ------------------------------------------------------------------------------
 @telemetry.traced("x2x.failover")
-def failover(settings: KafkaSettings, name: str, key: JournalKey | None,
-             local: Callable[[PairState], CaptureSide], say: Say,
-             timeout: float = 300.0) -> FailoverResult:
+def failover(op: Operation) -> FailoverReport:
     """Planned failover: SEAL on the source, drain and verify on the target, promote."""
-    st = _pair(settings, name)
-    if not st.replicating:
-        raise NotReady(_not_steady(st, "fail over"))
-    spec = st.active_spec
-    since = now_ms()
+    st, p = _begin(op, Command.FAILOVER)
+    spec, since = p.spec, now_ms()
     try:
-        if serving_capturer(settings, name, spec.source, nbd_only=True):
-            say(f"asking the capturer of {spec.source} to refuse writes and seal")
-            # Publishes failover-requested (with a request id) and waits for sealed.
-            sealed = RemoteCapture(settings, name, spec.source).seal()
-        else:
-            say(f"no capturer serves {spec.source}: sealing it from here")
-            control.publish(settings, ControlEvent("failover-requested", name, since,
-                                                   attrs={"source": spec.source,
-                                                          "forced": "0"}))
-            sealed = local(st).seal()
-            control.publish(settings, ControlEvent("sealed", name, now_ms(), attrs={
-                "source": spec.source, **sealed}))
+        sealed = _seal(op, st, p, since)
     except X2XError as e:
-        control.publish(settings, ControlEvent("failover-failed", name, now_ms(),
-                                               attrs={"reason": str(e)[:500]}))
+        control.publish(op.settings, FailoverFailed(pair=op.pair, reason=str(e)[:500]))
         raise
-    epoch, seq = int(sealed["epoch"]), int(sealed["seq"])
-    say(f"sealed: epoch {epoch} seq {seq}, source digest {sealed['digest'][:16]}...; "
-        f"draining {spec.target}")
+    op.say(f"sealed: epoch {sealed.epoch} seq {sealed.seq}, source digest "
+           f"{sealed.digest.hex()[:16]}...; draining {spec.target}")
     # ``until``: an 'x2x apply' service may have drained to the SEAL (and promoted) already.
-    applier = Applier(spec, spec.target, settings, key=key, until=(epoch, seq),
-                      role=Role.OPERATOR)
+    applier = Applier(spec, spec.target, op.settings, key=op.key,
+                      until=(sealed.epoch, sealed.seq), role=Role.OPERATOR)
     try:
-        _applier_run(applier, timeout)
+        _applier_run(applier, op.timeout)
     except Busy:
-        say(f"an 'x2x apply' service holds {spec.target}: waiting for it to reach the SEAL")
+        op.say(f"an 'x2x apply' service holds {spec.target}: waiting for it to reach the SEAL")
     except JournalError as e:
         # The applier marked the pair needs-resync (a SEAL digest mismatch among others).
-        raise type(e)(f"{e}. Failover of pair {name} FAILED: nothing was promoted") from None
-    ev = wait_event(settings, since,
-                    lambda ev: ev.pair == name and ev.event == "promoted", timeout,
+        raise type(e)(f"{e}. Failover of pair {op.pair} FAILED: nothing was promoted") from None
+    ev = wait_event(op.settings, since,
+                    lambda ev: ev.pair == op.pair and isinstance(ev, Promoted), op.timeout,
                     f"the target {spec.target} was not promoted",
-                    fail=lambda ev: (f"failover of pair {name} FAILED, nothing promoted: "
-                                     f"{ev.attrs.get('reason')}")
-                    if ev.pair == name and ev.event == "resync-needed" else None)
-    downtime = (int(ev.attrs["promoted_at_ms"]) - int(sealed["refused_at_ms"])) / 1000
-    return FailoverResult(name, spec.target, epoch, seq, False, downtime, 0.0, 0,
-                          sealed["digest"], promoted_at_ms=int(ev.attrs["promoted_at_ms"]))
+                    fail=lambda ev: (f"failover of pair {op.pair} FAILED, nothing promoted: "
+                                     f"{ev.reason}")
+                    if ev.pair == op.pair and isinstance(ev, ResyncNeeded) else None)
+    assert isinstance(ev, Promoted)
+    return FailoverReport(op.pair, spec.target, sealed.epoch, sealed.seq, False,
+                          (ev.promoted_at_ms - sealed.refused_at_ms) / 1000, 0.0, 0,
+                          sealed.digest.hex(), promoted_at_ms=ev.promoted_at_ms)
+
+
+def _seal(op: Operation, st: PairState, p: Plan, since: int) -> Sealed:
+    """The source refuses writes and journals SEAL: its live capturer, or this host."""
+    if p.ask_capturer:
+        op.say(f"asking the capturer of {p.spec.source} to refuse writes and seal")
+        # Publishes failover-requested (with a request id) and waits for sealed.
+        return RemoteCapture(op.settings, op.pair, p.spec.source).seal()
+    op.say(f"no capturer serves {p.spec.source}: sealing it from here")
+    control.publish(op.settings, FailoverRequested(pair=op.pair, at_ms=since,
+                                                   source=p.spec.source, forced=False))
+    sealed = op.local(st).seal()
+    control.publish(op.settings, sealed)
+    return sealed
 
 
 @telemetry.traced("x2x.failover")
-def force_failover(settings: KafkaSettings, name: str, key: JournalKey | None, say: Say,
-                   timeout: float = 300.0) -> FailoverResult:
+def force_failover(op: Operation, limit: Limit | None = None,
+                   base: str | None = None) -> FailoverReport:
     """Unplanned failover: drain what the journal holds, promote at the last consistency
-    point, report the RPO against what the source was last known to have captured."""
-    st = _pair(settings, name)
-    # failing-over: a planned failover that could not finish (the source died mid-way).
-    if not (st.replicating or st.state == "failing-over"):
-        raise NotReady(_not_steady(st, "fail over"))
-    spec = st.active_spec
-    warnings = []
-    if serving_capturer(settings, name, spec.source):
-        warnings.append(
-            f"the capturer of {spec.source} still looks alive; if the source comes back it "
-            f"must not serve writes again: failback refuses while it does")
-    control.publish(settings, ControlEvent("failover-requested", name, now_ms(),
-                                           attrs={"source": spec.source, "forced": "1"}))
-    say(f"draining what the journal holds onto {spec.target}")
-    applier = Applier(spec, spec.target, settings, key=key, role=Role.OPERATOR)
+    point (with a ``limit``: the last one at or before it, anywhere in the history
+    window), report the RPO against what the source was last known to have captured."""
+    st, p = _begin(op, Command.FORCE_FAILOVER)
+    spec = p.spec
+    control.publish(op.settings, FailoverRequested(pair=op.pair, source=spec.source,
+                                                   forced=True))
     try:
-        _applier_run(applier, timeout, until_caught_up=True)
-    except Busy:
-        raise Busy(f"an 'x2x apply' service holds {spec.target}; stop it (the forced "
-                   f"failover drains the journal itself) and run the command again") from None
+        if limit is not None:
+            _rewind(op, st, spec, limit, base)
+        op.say(f"draining what the journal holds onto {spec.target}"
+               + ("" if limit is None else f", up to {_when(limit.at_ms or 0)}"))
+        applier = Applier(spec, spec.target, op.settings, key=op.key, role=Role.OPERATOR,
+                          limit=limit)
+        try:
+            _applier_run(applier, op.timeout, until_caught_up=True)
+        except Busy:
+            raise Busy(f"an 'x2x apply' service holds {spec.target}; stop it (the forced "
+                       f"failover drains the journal itself) and run the command again"
+                       ) from None
+    except X2XError as e:
+        control.publish(op.settings, FailoverFailed(pair=op.pair, reason=str(e)[:500]))
+        raise
     applied, seen = applier.checkpointed, applier.read_position
-    beat = last_capture_beat(settings, name, spec.source)
-    known = (seen.epoch, seen.seq, seen.captured_at_ms)
-    if beat is not None:
-        # What the source had acknowledged to its clients, journaled or not (async mode
-        # acknowledges before the journal has it), as of its last heartbeat.
-        ahead = (beat.epoch, _count(beat.detail.get("appended_seq"), beat.seq),
-                 _count(beat.detail.get("appended_at_ms"), beat.captured_at_ms))
-        if ahead[:2] > known[:2]:
-            known = ahead
-    rpo_ops = known[1] - applied.seq if known[0] == applied.epoch else known[1]
-    rpo_s = max(0.0, (known[2] - applied.captured_at_ms) / 1000) if rpo_ops else 0.0
-    rpo_max_s = _rpo_bound(beat, rpo_s, applied.captured_at_ms)
-    epoch = max(known[0], applied.epoch)
-    control.publish(settings, ControlEvent("promoted", name, now_ms(), attrs={
-        "volume": spec.target, "epoch": str(epoch), "seq": str(applied.seq), "forced": "1",
-        "rpo_s": f"{rpo_s:.3f}", "rpo_ops": str(rpo_ops),
-        "promoted_at_ms": str(now_ms())}))
-    return FailoverResult(name, spec.target, applied.epoch, applied.seq, True, None, rpo_s,
-                          rpo_ops, rpo_max_s=rpo_max_s, warnings=warnings)
+    # What the source's clients were told is done, journaled or not, as of its last
+    # heartbeat, against what the target holds (journal/status.py).
+    loss = forced_loss(newest(_beats(op), op.pair, "capturer", spec.source), applied.epoch,
+                       applied.seq, applied.epoch_bytes, applied.captured_at_ms,
+                       Acknowledged.journaled(seen.epoch, seen.seq, seen.epoch_bytes,
+                                              seen.captured_at_ms))
+    promoted = Promoted(
+        pair=op.pair, volume=spec.target, epoch=loss.epoch, seq=applied.seq, forced=True,
+        rpo_s=round(loss.rpo_s, 3), rpo_ops=loss.ops, promoted_at_ms=now_ms())
+    control.publish(op.settings, promoted)
+    return FailoverReport(op.pair, spec.target, applied.epoch, applied.seq, True, None,
+                          loss.rpo_s, loss.ops, "", list(p.warnings),
+                          rpo_max_s=loss.rpo_max_s, promoted_at_ms=promoted.promoted_at_ms)
 
 
-def _rpo_bound(beat: Beat | None, rpo_s: float, applied_ms: int) -> float | None:
-    """The most a forced failover can have lost: everything the source may have taken
-    between the last applied write and its last sign of life (its last beat plus the beat
-    interval); only what the journal knows when the source stopped cleanly."""
-    if beat is None:
-        return None
-    if beat.state in ("stopped", "sealed"):
-        return rpo_s
-    seen_until = beat.at_ms + int(CAPTURE_BEAT_S * 1000)
-    return max(rpo_s, (seen_until - applied_ms) / 1000) if applied_ms else None
+def _rewind(op: Operation, st: PairState, spec: PairSpec, limit: Limit,
+            base: str | None) -> None:
+    """Bring a target that applied past ``limit`` back before it: a copy of the history
+    base (or, for a journal that still starts with its full baseline, the whole journal
+    replayed from its start), after which draining up to ``limit`` lands on the point."""
+    store = CheckpointStore(op.pair, spec.target)
+    cp = store.load()
+    if cp is None or not limit.precedes(cp.position):
+        return                      # at or before the point: draining up to it is enough
+    when = _when(limit.at_ms or 0)
+    if base is None:
+        try:
+            base = seed.find_base(op.settings, op.pair)
+        except seed.NoBase:
+            base = None
+    if base is not None:
+        op.say(f"{spec.target} applied past {when}: copying the history base {base} onto "
+               f"it, then the journal up to that point")
+        replica.seed_within(spec, base, spec.target, op.settings, limit)
+        return
+    low, _ = retention.watermarks(op.settings, op.pair)
+    if low > 0 or not st.replayable:
+        raise BadInput(
+            f"pair {op.pair}: {spec.target} applied past {when} and no history base runs on "
+            f"this host to bring it back; give the base's volume with --base PATH (or run "
+            f"'x2x base {op.pair} --volume PATH' from now on). Nothing was promoted")
+    op.say(f"{spec.target} applied past {when}: replaying the journal onto it from its "
+           f"start (its full baseline) up to that point")
+    with store.lock():
+        store.reset()
 
 
-def _count(text: str | None, default: int) -> int:
-    """A number a heartbeat's detail carries, or ``default`` if absent or not a number."""
-    try:
-        return int(text) if text is not None else default
-    except ValueError:
-        return default
+def _when(at_ms: int) -> str:
+    return dt.datetime.fromtimestamp(at_ms / 1000, dt.timezone.utc).isoformat(
+        timespec="seconds")
 
 
-@dataclass
-class HashDiff:
-    """What comparing the block hashes of both sides found (verify, failback, resync),
-    and what was sent to make them equal."""
-
-    blocks: int
-    differing: int
-    extents: list[Extent]
-    hash_bytes: int
-    resent_bytes: int
-    epoch: int
-    seq: int
-
-    @property
-    def bytes_sent(self) -> int:
-        return self.hash_bytes + self.resent_bytes
-
-
-def _side(settings: KafkaSettings, st: PairState,
-          local: Callable[[PairState], CaptureSide]) -> CaptureSide:
-    src = st.active_spec.source
-    if serving_capturer(settings, st.spec.name, src, nbd_only=True):
-        return RemoteCapture(settings, st.spec.name, src)
-    return local(st)
-
-
+# -- failback, resync, verify: comparing block hashes ----------------------------------------
 @telemetry.traced("x2x.failback")
-def failback(settings: KafkaSettings, name: str, key: JournalKey | None,
-             local: Callable[[PairState], CaptureSide], say: Say,
-             timeout: float = 300.0) -> HashDiff:
+def failback(op: Operation) -> HashDiff:
     """Make the old source the target of the promoted side: HASHES of the promoted side
     in its epoch, compared on the old source at the same journal point; only differing
     blocks are resent; then the old source follows the journal like any target."""
-    st = _pair(settings, name)
-    if st.state not in ("promoted", "failing-back"):
-        raise NotReady(f"pair {name} is {st.state}, not promoted: failback reverses a pair "
-                       f"after 'x2x pair failover {name}'")
-    spec = st.active_spec
-    old = serving_capturer(settings, name, spec.target)
-    if old is not None:
-        raise SplitBrain(
-            f"pair {name}: split brain. The old source {spec.target} is still serving writes "
-            f"(capturer pid {old.pid} on {old.host}, {old.state}, epoch {old.epoch} seq "
-            f"{old.seq}, seen {(now_ms() - old.at_ms) / 1000:.0f} s ago) while {spec.source} "
-            f"was promoted at epoch {st.promoted_epoch}: both sides took writes since. "
-            f"Nothing was changed. Stop the capturer of {spec.target} (its writes since the "
-            f"promotion will be overwritten by those of {spec.source}), then run "
-            f"'x2x pair failback {name}' again")
-    control.publish(settings, ControlEvent("failback-started", name, now_ms(),
-                                           attrs={"target": spec.target}))
-    side = _side(settings, st, local)
+    st, p = _begin(op, Command.FAILBACK)
+    target = p.spec.target
+    control.publish(op.settings, FailbackStarted(pair=op.pair, target=target))
     # The old source's history as a source means nothing as a target.
-    r = _compare_from_hashes(settings, spec, side, key, timeout, say, "failback")
-    control.publish(settings, ControlEvent("failback-done", name, now_ms(), attrs={
-        "target": spec.target, "differing": str(r.differing),
-        "bytes_sent": str(r.bytes_sent)}))
+    r = _compare_from_hashes(op, p.spec, _side(op, st, p), "failback")
+    control.publish(op.settings, FailbackDone(pair=op.pair, target=target,
+                                              differing=r.differing, bytes_sent=r.bytes_sent))
     return r
 
 
 @telemetry.traced("x2x.resync")
-def resync(settings: KafkaSettings, name: str, key: JournalKey | None,
-           local: Callable[[PairState], CaptureSide], say: Say,
-           timeout: float = 300.0) -> HashDiff:
+def resync(op: Operation) -> HashDiff:
     """The journal was lost under the target (topic recreated, broker data gone): the
     source publishes block HASHES (through its running NBD capturer, or here in a new
     epoch), the target compares them from a reset checkpoint, and only the differing
     blocks are resent. The way back without a full copy."""
-    st = _pair(settings, name)
-    if st.state in ("promoted", "failing-back"):
-        raise NotReady(_not_steady(st, "resync"))
-    spec = st.active_spec
+    st, p = _begin(op, Command.RESYNC)
     # A live NBD capturer journals the hashes and the resends itself, in its own epoch;
     # otherwise this host reads the source and opens a new epoch.
-    side = _side(settings, st, local)
     # Whatever the target applied before, it is checked block by block, not trusted.
-    r = _compare_from_hashes(settings, spec, side, key, timeout, say, "resync")
-    control.publish(settings, ControlEvent("resynced", name, now_ms(), attrs={
-        "target": spec.target, "differing": str(r.differing),
-        "bytes_sent": str(r.bytes_sent), "epoch": str(r.epoch)}))
+    r = _compare_from_hashes(op, p.spec, _side(op, st, p), "resync")
+    control.publish(op.settings, Resynced(pair=op.pair, target=p.spec.target,
+                                          differing=r.differing, bytes_sent=r.bytes_sent,
+                                          epoch=r.epoch))
     return r
 
 
-def _compare_from_hashes(settings: KafkaSettings, spec: PairSpec, side: CaptureSide,
-                         key: JournalKey | None, timeout: float, say: Say,
+@telemetry.traced("x2x.verify")
+def verify(op: Operation, repair: bool = False) -> HashDiff:
+    """Compare source and target at one journal point without stopping replication."""
+    st, p = _begin(op, Command.VERIFY)
+    spec, side = p.spec, _side(op, st, p)
+    op.say(f"hashing {spec.source} into the journal")
+    h = side.hashes()
+    applier = Applier(spec, spec.target, op.settings, key=op.key, until=(h.epoch, h.seq),
+                      role=Role.OPERATOR)
+    try:
+        _applier_run(applier, op.timeout)
+    except Busy:
+        return _verify_by_service(op, spec.target, side, h, repair)
+    if not repair:
+        cmp = _gather(applier, h)
+        return HashDiff(cmp.blocks, len(set(cmp.differing)),
+                        cmp.extents(spec.block_size, spec.volume_size), h.bytes, 0, h.epoch,
+                        h.seq)
+    return _resend_differing(op, side, applier, h)
+
+
+def _compare_from_hashes(op: Operation, spec: PairSpec, side: CaptureSide,
                          what: str) -> HashDiff:
     """HASHES of the source into the journal; the target, its checkpoint reset, applies
     from that entry and compares; the differing extents are resent and applied."""
-    say(f"hashing {spec.source} into the journal")
+    op.say(f"hashing {spec.source} into the journal")
     h = side.hashes()
-    epoch, first, offset = int(h["epoch"]), int(h["first_seq"]), int(h["offset"])
-    if offset < 0:
+    if h.offset < 0:
         raise X2XError(f"pair {spec.name}: the journal offset of the HASHES entry is "
                        f"unknown; run 'x2x pair {what} {spec.name}' again")
     store = CheckpointStore(spec.name, spec.target)
     store.reset()
-    applier = Applier(spec, spec.target, settings, key=key, store=store,
-                      start=Position(epoch, first - 1, offset - 1), until=(epoch, int(h["seq"])),
-                      role=Role.OPERATOR)
-    say(f"comparing {spec.target} with the hashes (epoch {epoch} from seq {first})")
-    _applier_run(applier, timeout)
-    return _resync(settings, spec.name, spec.target, side, applier, h, key, timeout, say)
+    applier = Applier(spec, spec.target, op.settings, key=op.key, store=store,
+                      start=Position(h.epoch, h.first_seq - 1, h.offset - 1),
+                      until=(h.epoch, h.seq), role=Role.OPERATOR)
+    op.say(f"comparing {spec.target} with the hashes (epoch {h.epoch} from seq "
+           f"{h.first_seq})")
+    _applier_run(applier, op.timeout)
+    return _resend_differing(op, side, applier, h)
 
 
-def _resync(settings: KafkaSettings, name: str, target: str, side: CaptureSide,
-            applier: Applier, h: dict[str, str], key: JournalKey | None, timeout: float,
-            say: Say) -> HashDiff:
+def _resend_differing(op: Operation, side: CaptureSide, applier: Applier,
+                      h: HashesPublished) -> HashDiff:
+    """Resend what ``applier`` found different from ``h`` and apply it to its target."""
     cmp = _gather(applier, h)
     extents = cmp.extents(applier.spec.block_size, applier.spec.volume_size)
-    resent = 0
-    seq = int(h["seq"])
+    resent, seq = 0, h.seq
     if extents:
-        say(f"{len(set(cmp.differing))} of {cmp.blocks} blocks differ in {len(extents)} "
-            f"extents: resending them")
+        op.say(f"{len(set(cmp.differing))} of {cmp.blocks} blocks differ in {len(extents)} "
+               f"extents: resending them")
         r = side.resend(extents)
-        resent, seq = int(r["bytes"]), int(r["seq"])
-        again = Applier(applier.spec, target, settings, key=key, until=(int(r["epoch"]), seq),
-                        role=Role.OPERATOR)
-        _applier_run(again, timeout)
-    return HashDiff(cmp.blocks, len(set(cmp.differing)), extents, int(h["bytes"]), resent,
-                  int(h["epoch"]), seq)
+        resent, seq = r.bytes, r.seq
+        again = Applier(applier.spec, applier.target, op.settings, key=op.key,
+                        until=(r.epoch, seq), role=Role.OPERATOR)
+        _applier_run(again, op.timeout)
+    return HashDiff(cmp.blocks, len(set(cmp.differing)), extents, h.bytes, resent, h.epoch,
+                    seq)
 
 
-def _gather(applier: Applier, h: dict[str, str]) -> Comparison:
+def _gather(applier: Applier, h: HashesPublished) -> Comparison:
     """One request's HASHES may span several consistency points (client FLUSHes land
     between them): merge the comparisons of the checkpoints in its seq range."""
-    epoch, first, last = int(h["epoch"]), int(h["first_seq"]), int(h["seq"])
-    out = Comparison(epoch, last)
+    out = Comparison(h.epoch, h.seq)
     for c in applier.comparisons:
-        if c.epoch == epoch and first <= c.seq <= last:
+        if c.epoch == h.epoch and h.first_seq <= c.seq <= h.seq:
             out.blocks += c.blocks
             out.differing.extend(c.differing)
     return out
 
 
-@telemetry.traced("x2x.verify")
-def verify(settings: KafkaSettings, name: str, key: JournalKey | None,
-           local: Callable[[PairState], CaptureSide], say: Say, repair: bool = False,
-           timeout: float = 300.0) -> HashDiff:
-    """Compare source and target at one journal point without stopping replication."""
-    st = _pair(settings, name)
-    if not st.replicating:
-        raise NotReady(_not_steady(st, "verify"))
-    spec = st.active_spec
-    side = _side(settings, st, local)
-    say(f"hashing {spec.source} into the journal")
-    h = side.hashes()
-    epoch, seq = int(h["epoch"]), int(h["seq"])
-    applier = Applier(spec, spec.target, settings, key=key, until=(epoch, seq),
-                      role=Role.OPERATOR)
-    try:
-        _applier_run(applier, timeout)
-    except Busy:
-        return _verify_by_service(settings, name, spec.target, side, h, repair, timeout, say)
-    if not repair:
-        cmp = _gather(applier, h)
-        return HashDiff(cmp.blocks, len(set(cmp.differing)),
-                      cmp.extents(spec.block_size, spec.volume_size), int(h["bytes"]), 0,
-                      epoch, seq)
-    return _resync(settings, name, spec.target, side, applier, h, key, timeout, say)
-
-
-def _verify_by_service(settings: KafkaSettings, name: str, target: str, side: CaptureSide,
-                       h: dict[str, str], repair: bool, timeout: float, say: Say) -> HashDiff:
+def _verify_by_service(op: Operation, target: str, side: CaptureSide, h: HashesPublished,
+                       repair: bool) -> HashDiff:
     """The target's running applier compares; its answer comes as hashes-compared."""
-    say(f"an 'x2x apply' service holds {target}: waiting for its comparison")
-    epoch, first, last = h["epoch"], int(h["first_seq"]), int(h["seq"])
-    parts: list[ControlEvent] = []
+    op.say(f"an 'x2x apply' service holds {target}: waiting for its comparison")
+    parts: list[HashesCompared] = []
 
-    def part(ev: ControlEvent) -> bool:
-        if (ev.pair == name and ev.event == "hashes-compared" and ev.attrs.get("target")
-                == target and ev.attrs.get("epoch") == epoch
-                and first <= int(ev.attrs.get("seq", "0")) <= last):
+    def part(ev) -> bool:
+        if (isinstance(ev, HashesCompared) and ev.pair == op.pair and ev.target == target
+                and ev.epoch == h.epoch and h.first_seq <= ev.seq <= h.seq):
             parts.append(ev)
-            return int(ev.attrs["seq"]) == last
+            return ev.seq == h.seq
         return False
-    wait_event(settings, 0, part, timeout, f"the applier of {target} did not compare")
-    extents = sorted({e for ev in parts for e in parse_extents(ev.attrs.get("extents", ""))},
-                     key=lambda e: e.offset)
-    blocks = sum(int(ev.attrs.get("blocks", "0")) for ev in parts)
-    differing = sum(int(ev.attrs.get("differing", "0")) for ev in parts)
+    wait_event(op.settings, 0, part, op.timeout, f"the applier of {target} did not compare")
+    extents = sorted({e for ev in parts for e in ev.extents}, key=lambda e: e.offset)
     resent = 0
     if repair and extents:
         r = side.resend(extents)
-        resent = int(r["bytes"])
-        goal = (int(r["epoch"]), int(r["seq"]))
-        deadline = time.monotonic() + timeout
-        while True:
-            b = newest(_beats(settings, name), name, "applier", target)
-            if b is not None and (b.epoch, b.seq) >= goal:
-                break
-            if time.monotonic() > deadline:
-                raise X2XError(f"the applier of {target} did not apply the resent extents "
-                               f"within {timeout:.0f} s")
-            time.sleep(0.5)
-    return HashDiff(blocks, differing, extents, int(h["bytes"]), resent, int(h["epoch"]),
-                  int(h["seq"]))
+        resent = r.bytes
+        _wait_applied(op, target, (r.epoch, r.seq))
+    return HashDiff(sum(ev.blocks for ev in parts), sum(ev.differing for ev in parts),
+                    extents, h.bytes, resent, h.epoch, h.seq)
 
 
-def _not_steady(st: PairState, what: str) -> str:
-    name = st.spec.name
-    if st.state == "promoted":
-        side = st.active_spec.source
-        return (f"pair {name} was already failed over: {side} is promoted and the old source "
-                f"is not a target yet. To {what} again, first run 'x2x pair failback {name}'")
-    if st.state == "needs-resync":
-        return (f"pair {name} needs a resync ({st.attrs.get('reason', '')[:200]}); cannot "
-                f"{what} until 'x2x pair resync {name}' has repaired the target")
-    return f"pair {name} is {st.state}; cannot {what} now: wait for it to finish or check " \
-        f"'x2x pair show {name}'"
+def _wait_applied(op: Operation, target: str, goal: tuple[int, int]) -> None:
+    """Until the running applier of ``target`` reports ``goal`` (epoch, seq) applied."""
+    deadline = time.monotonic() + op.timeout
+    while True:
+        b = newest(_beats(op), op.pair, "applier", target)
+        if b is not None and (b.epoch, b.seq) >= goal:
+            return
+        if time.monotonic() > deadline:
+            raise X2XError(f"the applier of {target} did not apply the resent extents "
+                           f"within {op.timeout:.0f} s")
+        time.sleep(0.5)

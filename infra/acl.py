@@ -64,13 +64,17 @@ def grants(role: Role, pair: str | None = None) -> list[Grant]:
     if role is Role.APPLIER:
         return [*_topic(journal, R, D, **on_journal), *control, *own_control,
                 *_topic(STATUS_TOPIC, W, R, D)]
-    # The operator creates and deletes pairs (their journal topics), reads journals for
-    # replicas and checks, and publishes lifecycle events; it never writes a journal.
+    # The operator creates and deletes pairs (their journal topics), sizes a windowed
+    # journal's segments (ALTER_CONFIGS), reads journals for replicas and checks, and
+    # publishes lifecycle events; it never writes a journal. It writes x2x.status: the
+    # replicas it builds register there what they need of the journal. The history base
+    # (x2x base) runs as an operator: DeleteRecords needs DELETE on the journal, which
+    # Kafka does not separate from deleting the topic, so appliers do not get it.
     return [*_topic(journal, AclOperation.CREATE, AclOperation.DELETE, R, D,
-                    AclOperation.DESCRIBE_CONFIGS, **on_journal),
+                    AclOperation.DESCRIBE_CONFIGS, AclOperation.ALTER_CONFIGS, **on_journal),
             *control, *own_control,
             *(g for r in Role for g in _topic(control_topic(r), AclOperation.CREATE)),
-            *_topic(STATUS_TOPIC, AclOperation.CREATE, R, D)]
+            *_topic(STATUS_TOPIC, AclOperation.CREATE, W, R, D)]
 
 
 def _binding(principal: str, g: Grant) -> AclBinding:

@@ -306,6 +306,14 @@ def properties(lay: Layout, node: Node, data: Path, admin_password: str = "") ->
         # (X2X_JOURNAL_STALL, 10 s) after which sync writes fail with EIO.
         "broker.session.timeout.ms": 4000,
         "broker.heartbeat.interval.ms": 1000,
+        # Records a history base deletes (DeleteRecords) leave the disk when this check
+        # finds their whole segment below the journal's start: every 5 s (first after
+        # 5 s) rather than Kafka's 5 minutes (first after 30 s), and the segment file is
+        # removed 1 s later rather than 60 s (no x2x reader reads below the base), so a
+        # windowed journal's disk follows its window (docs/operations.md).
+        "log.retention.check.interval.ms": 5000,
+        "log.initial.task.delay.ms": 5000,
+        "log.segment.delete.delay.ms": 1000,
     }
     if lay.auth == "scram":
         props.update(_auth_properties(admin_password))
@@ -383,3 +391,13 @@ def command(broker_dir: Path, node: Node, jvm: str) -> list[str]:
     heap = os.environ.get("X2X_KAFKA_HEAP", DEFAULT_HEAP).split()
     return [jvm, *heap, *_JVM_FLAGS, *_log_flags(d), "-cp", classpath(), "kafka.Kafka",
             str(d / "server.properties")]
+
+
+def partition_bytes(broker_dir: Path, topic: str, partition: int = 0) -> int:
+    """Bytes of ``topic``'s partition in the log segments of the embedded broker on disk
+    (the largest copy among its nodes): what the broker holds, as measured by the tests
+    and the benchmark. Index files are left out: Kafka preallocates them sparse."""
+    # Segments Kafka has let go of (*.log.deleted) stay on disk for a while: counted.
+    sizes = [sum(f.stat().st_size for f in d.glob("*.log*") if f.is_file())
+             for d in broker_dir.glob(f"**/data/{topic}-{partition}") if d.is_dir()]
+    return max(sizes, default=0)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
-from dataclasses import asdict
-
 from confluent_kafka import Message, Producer
 
 from infra import control_cache, keys
@@ -19,10 +17,13 @@ from infra.kafka import KafkaSettings
 from infra.reader import read_many
 from infra.topics import CONTROL_TOPICS, control_topic, ensure_base_topics
 from journal.errors import BadInput, BrokerError, PairNotFound, X2XError
-from journal.pairs import ControlEvent, PairSpec, PairState, fold, signer
+from journal.events import AutoFailoverSet, Created, Deleted, Event, HistorySet
+from journal.fencing import AutoFailover
+from journal.history import HistorySettings
+from journal.pairs import PairSpec, PairState, fold, signer
 from journal.roles import Role, may_publish
-from journal.clock import now_ms
 from schemas import codec
+from schemas.control import decode_event, encode_event
 
 log = logging.getLogger("x2x.control")
 #: Which role writes each control topic.
@@ -47,14 +48,12 @@ def _producer(settings: KafkaSettings) -> Producer:
         return producer
 
 
-def publish(settings: KafkaSettings, event: ControlEvent, role: Role = Role.OPERATOR,
+def publish(settings: KafkaSettings, event: Event, role: Role = Role.OPERATOR,
             timeout: float = 15.0) -> None:
     """Append ``event`` to ``role``'s control topic and wait until the broker has it."""
-    if not may_publish(role, event.event):
-        raise X2XError(f"a {role.value} may not publish {event.event!r} (journal/roles.py)")
-    record = {"event": event.event, "pair": event.pair, "at_ms": event.at_ms,
-              "spec": asdict(event.spec) if event.spec else None, "attrs": event.attrs}
-    data = codec.encode(codec.CONTROL, record)
+    if not may_publish(role, type(event)):
+        raise X2XError(f"a {role.value} may not publish {event.NAME!r} (journal/roles.py)")
+    data = encode_event(event)
     spec = signer(pairs(settings), event)
     if spec is not None:
         key = keys.lookup(spec)
@@ -66,38 +65,35 @@ def publish(settings: KafkaSettings, event: ControlEvent, role: Role = Role.OPER
         data = codec.sign(codec.CONTROL, data, key.control_mac)
     errors: list[str] = []
     producer = _producer(settings)
-    producer.produce(control_topic(role), data,
-                     key=event.pair,
+    producer.produce(control_topic(role), data, key=event.pair,
                      on_delivery=lambda err, _m: err and errors.append(err.str()))
     if producer.flush(timeout) or errors:
-        raise BrokerError(f"control event {event.event} for pair {event.pair} was not "
+        raise BrokerError(f"control event {event.NAME} for pair {event.pair} was not "
                           f"acknowledged by {settings.bootstrap}: {errors or 'timeout'}")
 
 
-def decode_event(value: bytes) -> ControlEvent:
-    r = codec.decode(value, codec.CONTROL)
-    spec = r["spec"]
-    return ControlEvent(r["event"], r["pair"], r["at_ms"],
-                        PairSpec(name=r["pair"], **spec) if spec else None, r["attrs"])
-
-
-def accepted(msg: Message) -> ControlEvent | None:
-    """The event in ``msg`` if it decodes and its topic's role may publish it; else
-    None, with the reason logged (a foreign or forged record never stops a reader)."""
+def accepted(msg: Message) -> Event | None:
+    """The event in ``msg`` if it decodes, is of a kind this x2x knows and its topic's
+    role may publish it; else None, with the reason logged (a foreign, forged or newer
+    record never stops a reader)."""
     try:
         ev = decode_event(msg.value())
     except X2XError as e:
         log.warning("skipping %s offset %d: %s", msg.topic(), msg.offset(), e)
         return None
+    if ev is None:
+        log.debug("skipping %s offset %d: a kind of event this x2x does not know",
+                  msg.topic(), msg.offset())
+        return None
     role = ROLE_OF_TOPIC.get(msg.topic(), Role.OPERATOR)
-    if not may_publish(role, ev.event):
+    if not may_publish(role, type(ev)):
         log.warning("ignoring %r for pair %s on %s offset %d: a %s may not publish it",
-                    ev.event, ev.pair, msg.topic(), msg.offset(), role.value)
+                    ev.NAME, ev.pair, msg.topic(), msg.offset(), role.value)
         return None
     return ev
 
 
-def trusted(folded: dict[str, PairState], ev: ControlEvent, data: bytes,
+def trusted(folded: dict[str, PairState], ev: Event, data: bytes,
             where: str) -> tuple[bool | None, bytes]:
     """May ``ev`` (encoded as ``data``) be folded into ``folded``? True: it needs no
     signature or carries the right one; False: it needs one and does not (logged); None:
@@ -113,11 +109,11 @@ def trusted(folded: dict[str, PairState], ev: ControlEvent, data: bytes,
     if mac is not None:
         return True, mac
     log.warning("ignoring %r for pair %s at %s: it is not signed with the pair's key (forged, "
-                "altered, or left by an earlier pair of this name)", ev.event, ev.pair, where)
+                "altered, or left by an earlier pair of this name)", ev.NAME, ev.pair, where)
     return False, b""
 
 
-def fold_trusted(events: list[tuple[ControlEvent, bytes, str]],
+def fold_trusted(events: list[tuple[Event, bytes, str]],
                  start: dict[str, PairState] | None = None
                  ) -> tuple[dict[str, PairState], set[str]]:
     """Fold the events ``trusted`` admits, in order; also the key ids of the pairs whose
@@ -147,7 +143,7 @@ Key = tuple[int, int]
 _RANK = {t: i for i, t in enumerate(CONTROL_TOPICS)}
 
 
-Read = tuple[Key, tuple[ControlEvent, bytes, str]]
+Read = tuple[Key, tuple[Event, bytes, str]]
 
 
 def _read(settings: KafkaSettings, starts: dict[str, int]
@@ -203,7 +199,8 @@ def get_pair(settings: KafkaSettings, name: str) -> PairState:
     return found[name]
 
 
-def create_pair(settings: KafkaSettings, spec: PairSpec) -> None:
+def create_pair(settings: KafkaSettings, spec: PairSpec,
+                history: HistorySettings = HistorySettings()) -> None:
     """Publish a pair and create its journal topic; refuses an existing name."""
     from infra.topics import JOURNAL_CONFIG, ensure_topic, journal_topic
     from journal.errors import PairExists
@@ -215,13 +212,35 @@ def create_pair(settings: KafkaSettings, spec: PairSpec) -> None:
         raise PairExists(f"pair {spec.name!r} exists already ({s.source} -> {s.target}); "
                          f"delete it first with 'x2x pair delete {spec.name}'")
     ensure_topic(admin, journal_topic(spec.name), JOURNAL_CONFIG)
-    publish(settings, ControlEvent("created", spec.name, now_ms(), spec))
+    publish(settings, Created(pair=spec.name, spec=spec))
+    if history.bounded:
+        set_history(settings, spec.name, history)
+
+
+def set_history(settings: KafkaSettings, name: str, history: HistorySettings) -> PairState:
+    """Set or change a pair's history window: the journal's segment size first (so the
+    disk follows deletions from the start), then the event the history base obeys."""
+    from infra.retention import set_segment_bytes
+    state = get_pair(settings, name)
+    set_segment_bytes(settings, name, history.segment_bytes)
+    publish(settings, HistorySet(pair=name, window_ms=history.window_ms,
+                                 journal_max=history.journal_max))
+    return state
+
+
+def set_auto_failover(settings: KafkaSettings, name: str,
+                      auto: AutoFailover | None) -> PairState:
+    """Turn a pair's automatic failover on (``auto``) or off (None)."""
+    state = get_pair(settings, name)
+    publish(settings, AutoFailoverSet(pair=name, after_ms=auto and auto.after_ms,
+                                      lease_ms=auto and auto.lease_ms))
+    return state
 
 
 def delete_pair(settings: KafkaSettings, name: str) -> PairState:
     """Delete a pair and its journal; targets and their data are left as they are."""
     from infra.topics import delete_topic, journal_topic
     state = get_pair(settings, name)
-    publish(settings, ControlEvent("deleted", name, now_ms()))
+    publish(settings, Deleted(pair=name))
     delete_topic(settings.check_reachable(), journal_topic(name))
     return state

@@ -23,10 +23,14 @@ from confluent_kafka.admin import AdminClient
 
 from infra.files import atomic_write, read_json
 from infra.paths import x2x_home
+from journal.events import Promoted
+from journal.fencing import AutoFailover
+from journal.history import HistorySettings
 from journal.pairs import PairSpec, PairState
 
 log = logging.getLogger("x2x.control")
-_VERSION = 2          # 2: specs carry their incarnation; folds verify signed events
+_VERSION = 5      # 5: automatic failover; 4: the history window; 3: typed PairState (reason, cause, promotion),
+#: specs carry their incarnation, folds verify signed events
 
 
 @dataclass
@@ -70,7 +74,10 @@ def _state_to_json(p: PairState) -> dict:
 
 
 def _state_from_json(raw: dict) -> PairState:
-    p = PairState(**{**raw, "spec": PairSpec(**raw["spec"])})
+    promotion = raw["promotion"] and Promoted(**raw["promotion"])
+    p = PairState(**{**raw, "spec": PairSpec(**raw["spec"]), "promotion": promotion,
+                     "history": HistorySettings(**raw.get("history", {})),
+                     "auto": raw.get("auto") and AutoFailover(**raw["auto"])})
     return replace(p, abandoned_epochs=frozenset(raw["abandoned_epochs"]))
 
 

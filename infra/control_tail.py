@@ -16,7 +16,8 @@ from infra.control import accepted, pairs, trusted
 from infra.kafka import KafkaSettings
 from infra.topics import CONTROL_TOPICS, ensure_base_topics
 from journal.errors import BrokerError, X2XError
-from journal.pairs import ControlEvent, fold
+from journal.events import Event
+from journal.pairs import fold
 
 
 class Timeout(X2XError):
@@ -24,7 +25,7 @@ class Timeout(X2XError):
 
 
 def follow(settings: KafkaSettings, since_ms: int,
-           stop: threading.Event | None = None, poll: float = 0.2) -> Iterator[ControlEvent]:
+           stop: threading.Event | None = None, poll: float = 0.2) -> Iterator[Event]:
     """Yield control events stamped at or after ``since_ms``, as they arrive, until
     ``stop`` is set or the caller stops iterating. Foreign records are skipped, and so
     are a keyed pair's events not signed with its key (infra/control.trusted)."""
@@ -54,8 +55,8 @@ def follow(settings: KafkaSettings, since_ms: int,
 
 
 def wait_event(settings: KafkaSettings, since_ms: int,
-               match: Callable[[ControlEvent], bool], timeout: float, what: str,
-               fail: Callable[[ControlEvent], str | None] | None = None) -> ControlEvent:
+               match: Callable[[Event], bool], timeout: float, what: str,
+               fail: Callable[[Event], str | None] | None = None) -> Event:
     """The first event since ``since_ms`` for which ``match`` holds; raises Timeout after
     ``timeout`` seconds, or X2XError with the reason ``fail`` returns for an event."""
     stop = threading.Event()

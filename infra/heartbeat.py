@@ -12,7 +12,7 @@ import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 from confluent_kafka import KafkaException, Producer
 
@@ -46,7 +46,9 @@ class HeartbeatPublisher:
 
     def beat(self, state: str, epoch: int, seq: int, epoch_bytes: int, captured_at_ms: int,
              rate_bps: float = 0.0, detail: dict[str, str] | None = None,
-             force: bool = False) -> None:
+             force: bool = False, acked: Callable[[], None] | None = None) -> None:
+        """Publish a beat (at most one per ``interval`` unless ``force``); ``acked`` is
+        called from the producer's poll once the broker has it."""
         now = time.monotonic()
         if not force and now - self._last < self.interval:
             return
@@ -58,8 +60,9 @@ class HeartbeatPublisher:
         if self.key is not None:
             data = codec.sign(codec.HEARTBEAT, data, self.key.status_mac)
         try:
-            self.producer.produce(STATUS_TOPIC, data,
-                                  key=beat_key(self.pair, self.role, self.instance))
+            self.producer.produce(
+                STATUS_TOPIC, data, key=beat_key(self.pair, self.role, self.instance),
+                on_delivery=acked and (lambda err, _m: err is None and acked()))
         except (BufferError, KafkaException):
             pass  # a status beat is never worth blocking (or failing) the journal for
         if self.local_copy is not None:

@@ -85,7 +85,12 @@ class Metrics:
     lag_bytes: Gauge = field(init=False)
     rpo_seconds: Gauge = field(init=False)
     checkpoint_age_seconds: Gauge = field(init=False)
+    unjournaled_bytes: Gauge = field(init=False)
+    unjournaled_age_seconds: Gauge = field(init=False)
     resync_progress: Gauge = field(init=False)
+    history_held: Gauge = field(init=False)
+    history_window: Gauge = field(init=False)
+    history_early: Any = field(init=False)
     nbd_request_latency_seconds: Any = field(init=False)
 
     def __post_init__(self) -> None:
@@ -101,15 +106,32 @@ class Metrics:
         self.applied_bytes = m.create_counter(
             "x2x.applied.bytes", "By", "Volume bytes the applier wrote to its target.")
         self.lag_ops = Gauge(m, "x2x.lag.ops", "{op}",
-                             "Ops journaled but not yet applied (from journal seqs).")
+                             "Ops acknowledged to a client (journaled or not) and not yet "
+                             "applied on the target (from journal seqs).")
         self.lag_bytes = Gauge(m, "x2x.lag.bytes", "By",
-                               "Bytes journaled but not yet applied.")
+                               "Bytes acknowledged to a client and not yet applied.")
         self.rpo_seconds = Gauge(m, "x2x.rpo", "s",
-                                 "Recovery point: age of the newest applied capture.")
+                                 "Recovery point: age of the oldest write acknowledged to a "
+                                 "client and not yet applied on the target (at most).")
         self.checkpoint_age_seconds = Gauge(m, "x2x.checkpoint.age", "s",
                                             "Time since the applier's last checkpoint.")
+        self.unjournaled_bytes = Gauge(
+            m, "x2x.unjournaled.bytes", "By",
+            "Bytes acknowledged to clients that the broker does not hold yet (held on "
+            "the source, queued, spooled, in flight).")
+        self.unjournaled_age_seconds = Gauge(
+            m, "x2x.unjournaled.age", "s",
+            "Age of the oldest write acknowledged to a client that the broker does not "
+            "hold yet (0: none).")
         self.resync_progress = Gauge(m, "x2x.resync.progress", "1",
                                      "Fraction (0..1) of a baseline/resync/replica build.")
+        self.history_held = Gauge(m, "x2x.history.held", "By",
+                                  "Journal payload bytes held on the broker (history base).")
+        self.history_window = Gauge(m, "x2x.history.window", "s",
+                                    "Actual history window: age of the oldest record kept.")
+        self.history_early = m.create_counter(
+            "x2x.history.early", "{cycle}",
+            "Cycles in which the journal was over --journal-max and the base applied early.")
         self.nbd_request_latency_seconds = m.create_histogram(
             "x2x.nbd.request.duration", "s",
             "NBD request latency, from request read to reply sent.")
@@ -126,6 +148,12 @@ class Metrics:
         ``zero``, ``block_status`` ... (lower case)."""
         self.nbd_request_latency_seconds.record(
             seconds, {"pair": pair, "role": "capturer", "command": command})
+
+    def unjournaled(self, pair: str, nbytes: int, age_s: float) -> None:
+        """What clients were told is done and the journal lacks (at every capturer beat)."""
+        a = {"pair": pair, "role": "capturer"}
+        self.unjournaled_bytes.set(nbytes, **a)
+        self.unjournaled_age_seconds.set(age_s, **a)
 
     # -- applier -----------------------------------------------------------------------
     def applied(self, pair: str, ops: int, nbytes: int, target: str | None = None) -> None:
@@ -147,6 +175,19 @@ class Metrics:
 
     def checkpoint_age(self, pair: str, seconds: float, target: str | None = None) -> None:
         self.checkpoint_age_seconds.set(seconds, **_attrs(pair, "applier", target))
+
+    # -- history base --------------------------------------------------------------------
+    def history(self, pair: str, base: str, held: int | None, window_s: float | None,
+                early: bool) -> None:
+        """One cycle of the history base; None = unknown, not reported."""
+        a = _attrs(pair, "base", base)
+        for gauge, value in ((self.history_held, held), (self.history_window, window_s)):
+            if value is None:
+                gauge.forget(**a)
+            else:
+                gauge.set(value, **a)
+        if early:
+            self.history_early.add(1, a)
 
     # -- either side -------------------------------------------------------------------
     def progress(self, pair: str, role: str, fraction: float,
@@ -216,14 +257,13 @@ def span(name: str, **attrs: Any) -> Iterator[otel_trace.Span]:
 
 
 def traced(name: str) -> Callable[[F], F]:
-    """Run ``f(settings, pair, ...)``, a long operation on one pair, in a span ``name``
+    """Run ``f(op, ...)``, a long operation on the pair ``op.pair``, in a span ``name``
     carrying the pair's name."""
     def wrap(f: F) -> F:
         @functools.wraps(f)
-        def inner(*args: Any, **kw: Any) -> Any:
-            pair = args[1] if len(args) > 1 else kw.get("name", "")
-            with span(name, pair=str(pair)):
-                return f(*args, **kw)
+        def inner(op: Any, *args: Any, **kw: Any) -> Any:
+            with span(name, pair=str(op.pair)):
+                return f(op, *args, **kw)
         return inner  # type: ignore[return-value]
     return wrap
 

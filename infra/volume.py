@@ -59,6 +59,8 @@ class Volume:
     size: int = field(init=False, default=0)
     is_block_device: bool = field(init=False, default=False)
     _punch_ok: bool = field(init=False, default=True)
+    _seek_ok: bool = field(init=False, default=True)
+    _offloads_zero: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         flags = os.O_RDWR if self.writable else os.O_RDONLY
@@ -77,6 +79,8 @@ class Volume:
             raise VolumeError(f"{self.path} is neither a regular file nor a block device")
         self.is_block_device = stat.S_ISBLK(mode)
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        if self.is_block_device:
+            self._offloads_zero = _device_offloads_zero(os.fstat(self.fd).st_rdev)
 
     def __enter__(self) -> "Volume":
         return self
@@ -134,6 +138,49 @@ class Volume:
             self._punch_ok = False
         self._write_zeros(offset, length)
 
+    def zero_is_fast(self) -> bool:
+        """Would :meth:`zero` be fast? Fast means it changes metadata instead of writing
+        zeros: punching a hole in a regular file (while its filesystem has not refused
+        one), or BLKZEROOUT on a device that offloads it (its queue takes write-zeroes
+        requests). Otherwise zeroing is as slow as writing, and NBD's FAST_ZERO gets
+        ENOTSUP."""
+        return self._offloads_zero if self.is_block_device else self._punch_ok
+
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        """Allocation of ``[offset, offset + length)`` as consecutive ``(length, hole)``
+        runs from ``offset``: at least one (none for an empty range), at most ``limit``
+        (then they cover a prefix). A hole holds no blocks and reads as zeros
+        (SEEK_HOLE/SEEK_DATA); a block device, or a filesystem without them, is all data.
+        Past the end (never asked by the NBD server) is data."""
+        if length <= 0:
+            return []
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return [(length, False)]
+        if self.is_block_device or not self._seek_ok:
+            return [(end - offset, False)]
+        runs: list[tuple[int, bool]] = []
+        pos = offset
+        while pos < end and len(runs) < limit:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:      # no SEEK_DATA here: all of it is data
+                    self._seek_ok = False
+                    return runs + [(end - pos, False)]
+                data = end                       # ENXIO: nothing but a hole up to EOF
+            if data > pos:
+                runs.append((min(data, end) - pos, True))
+            else:
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)   # EOF counts as a hole
+                runs.append((min(max(hole, pos + 1), end) - pos, False))
+            pos += runs[-1][0]
+        return runs
+
+    def cache(self, offset: int, length: int) -> None:
+        """Start reading ``[offset, offset + length)`` into the page cache (a hint)."""
+        os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
+
     def _write_zeros(self, offset: int, length: int) -> None:
         write_zeros(self, offset, length)
 
@@ -148,6 +195,19 @@ def write_zeros(vol: "Volume", offset: int, length: int) -> None:
         n = min(len(_ZERO_CHUNK), end - offset)
         vol.pwrite(offset, memoryview(_ZERO_CHUNK)[:n])
         offset += n
+
+
+def _device_offloads_zero(rdev: int) -> bool:
+    """Does the block device take write-zeroes requests (so BLKZEROOUT writes no data)?
+    A partition's queue is its disk's."""
+    base = f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}"
+    for queue in (f"{base}/queue", f"{base}/../queue"):
+        try:
+            with open(f"{queue}/write_zeroes_max_bytes") as f:
+                return int(f.read().strip() or 0) > 0
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def volume_digest(path: str, length: int | None = None, chunk: int = 8 << 20) -> bytes:
@@ -170,3 +230,44 @@ def digest_of(vol: "Volume", length: int | None = None, chunk: int = 8 << 20) ->
         vol.readinto(off, view)
         h.update(view)
     return h.digest()
+
+
+def _data_extents(vol: Volume, length: int) -> list[tuple[int, int]]:
+    """The ranges of ``[0, length)`` that hold data (:meth:`Volume.extents`); all of it
+    where the file system or device does not tell."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < length:
+        for n, hole in vol.extents(pos, length - pos, 1024):
+            if not hole:
+                if out and out[-1][1] == pos:
+                    out[-1] = (out[-1][0], pos + n)
+                else:
+                    out.append((pos, pos + n))
+            pos += n
+    return out
+
+
+def copy_sparse(src: str, dst: str, length: int, chunk: int = 8 << 20) -> int:
+    """Make the first ``length`` bytes of ``dst`` equal those of ``src``, reading only
+    the data extents of ``src`` and leaving holes (or zeros, on a device) for the rest and
+    for zero chunks; fsynced. Returns the bytes written."""
+    written = 0
+    with Volume(src) as s, Volume(dst, writable=True) as d:
+        if s.size < length or d.size < length:
+            raise VolumeError(f"copying {length} bytes from {src} ({s.size}) to {dst} "
+                              f"({d.size}): one of them is too small")
+        pos = 0
+        for start, end in _data_extents(s, length):
+            d.zero(pos, start - pos)
+            for off in range(start, end, chunk):
+                data = s.pread(off, min(chunk, end - off))
+                if data.count(0) == len(data):
+                    d.zero(off, len(data))
+                else:
+                    d.pwrite(off, data)
+                    written += len(data)
+            pos = end
+        d.zero(pos, length - pos)
+        d.fsync()
+    return written

@@ -70,6 +70,11 @@ class JournalLost(JournalError):
     """The journal no longer holds the applier's checkpoint (topic recreated or emptied)."""
 
 
+class BehindBase(JournalError):
+    """A reader needs records the history base already applied and the journal deleted;
+    the way back is to re-seed it from the base (a copy of the base and its checkpoint)."""
+
+
 class DigestMismatch(JournalError):
     """After draining to a SEAL, the target's digest differs from the source's."""
 

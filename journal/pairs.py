@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from journal.errors import BadInput
+from journal.events import (AutoFailoverSet, BaselineComplete, Created, Deleted, EpochAbandoned, Event,
+                            FailbackDone, FailbackStarted, FailoverFailed, FailoverRequested,
+                            HistorySet, Promoted, ResyncNeeded, Resynced)
+from journal.fencing import AutoFailover
+from journal.history import HistorySettings
+from journal.spec import PairSpec
+from journal.units import parse_size  # noqa: F401  (re-exported beside the pair rules)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 MIN_BLOCK, MAX_BLOCK = 4096, 4 << 20
 
 
@@ -21,33 +26,10 @@ def validate_name(name: str) -> str:
     return name
 
 
-def parse_size(text: str) -> int:
-    """``64KiB``, ``1M``, ``4096`` -> bytes (binary units)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise BadInput(f"size {text!r} is invalid: use a number with an optional unit, "
-                       f"e.g. 64KiB, 1MiB, 4096")
-    unit = (m.group(2) or "").upper()[:1]
-    return int(m.group(1)) * _UNITS[unit if unit != "B" else ""]
-
-
 def validate_block_size(size: int) -> int:
     if size < MIN_BLOCK or size > MAX_BLOCK or size & (size - 1):
         raise BadInput(f"block size {size} is invalid: use a power of two from 4KiB to 4MiB")
     return size
-
-
-@dataclass(frozen=True)
-class PairSpec:
-    name: str
-    source: str
-    target: str
-    block_size: int
-    volume_size: int
-    key_id: str = ""        # set when the journal is encrypted and authenticated
-    #: When the pair's ``created`` event was stamped (ms): tells a pair from an earlier
-    #: one of the same name. Set by the fold, never published (the event carries it).
-    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,7 +47,14 @@ class PairState:
     # created (replicating) | needs-resync | failing-over | promoted | failing-back |
     # replicating (after a failback)
     state: str = "created"
-    attrs: dict[str, str] = field(default_factory=dict)
+    #: Why the pair needs a resync and the kind of cause (``JOURNAL_LOST`` or the name of
+    #: the error an applier met); empty once resynced.
+    reason: str = ""
+    cause: str = ""
+    #: The state a failover started from, returned to if it fails.
+    before_failover: str = ""
+    #: The last promotion (``None`` before the first failover).
+    promotion: Promoted | None = None
     reversed: bool = False
     promoted_epoch: int = 0
     #: Epochs their capturer gave up on (an outage, a crash) and superseded with a later
@@ -75,6 +64,10 @@ class PairState:
     #: False from a journal-lost mark until a full baseline is in the journal again: until
     #: then replaying the journal from its start cannot build a target (or a replica).
     replayable: bool = True
+    #: The history window and journal limit (journal/history.py); default: keep forever.
+    history: HistorySettings = HistorySettings()
+    #: Automatic failover (journal/fencing.py); None: failover is the operator's act.
+    auto: AutoFailover | None = None
 
     @property
     def active_spec(self) -> PairSpec:
@@ -89,16 +82,7 @@ class PairState:
     @property
     def journal_lost(self) -> bool:
         """The journal lost its history and no hash resync has repaired the target yet."""
-        return self.state == "needs-resync" and self.attrs.get("cause") == JOURNAL_LOST
-
-
-@dataclass(frozen=True)
-class ControlEvent:
-    event: str
-    pair: str
-    at_ms: int
-    spec: PairSpec | None = None
-    attrs: dict[str, str] = field(default_factory=dict)
+        return self.state == "needs-resync" and self.cause == JOURNAL_LOST
 
 
 #: The ``cause`` of a ``resync-needed`` event when the journal lost its history (topic
@@ -109,18 +93,11 @@ JOURNAL_LOST = "journal-lost"
 STEADY = ("created", "replicating")
 
 
-def _epoch(ev: "ControlEvent") -> int:
-    try:
-        return int(ev.attrs.get("epoch", "0"))
-    except ValueError:
-        return 0
-
-
-def fold(events: Iterable[ControlEvent],
+def fold(events: Iterable[Event],
          start: dict[str, PairState] | None = None) -> dict[str, PairState]:
     """Current pairs after applying ``events`` in order to ``start`` (a fold of the
-    events before them, or nothing); unknown events are ignored so an older x2x can
-    still read a newer control topic.
+    events before them, or nothing); kinds that change no pair's state (requests and
+    answers) are passed over.
 
     Lifecycle: created -failover-requested-> failing-over -promoted-> promoted (direction
     reversed) -failback-started-> failing-back -failback-done-> replicating; a failed
@@ -130,44 +107,48 @@ def fold(events: Iterable[ControlEvent],
     pairs: dict[str, PairState] = dict(start or {})
     for ev in events:
         p = pairs.get(ev.pair)
-        if ev.event == "created" and ev.spec is not None:
+        if isinstance(ev, Created):
             pairs[ev.pair] = PairState(replace(ev.spec, incarnation=ev.at_ms), ev.at_ms)
             continue
         if p is None:
             continue
-        if ev.event == "deleted":
-            del pairs[ev.pair]
-        elif ev.event == "resync-needed":
-            lost = ev.attrs.get("cause") == JOURNAL_LOST
-            pairs[ev.pair] = replace(p, state="needs-resync", attrs={**p.attrs, **ev.attrs},
-                                     replayable=p.replayable and not lost)
-        elif ev.event == "baseline-complete":
-            pairs[ev.pair] = replace(p, replayable=True)
-        elif ev.event == "resynced":
-            pairs[ev.pair] = replace(p, state="created", attrs={
-                k: v for k, v in p.attrs.items() if k not in ("cause", "reason")})
-        elif ev.event == "epoch-abandoned" and _epoch(ev):
-            pairs[ev.pair] = replace(p, abandoned_epochs=p.abandoned_epochs | {_epoch(ev)})
-        elif ev.event == "failover-requested" and p.replicating:
-            pairs[ev.pair] = replace(p, state="failing-over",
-                                     attrs={**p.attrs, "before_failover": p.state})
-        elif ev.event == "failover-failed" and p.state == "failing-over":
-            pairs[ev.pair] = replace(p, state=p.attrs.get("before_failover", "created"))
-        elif ev.event == "promoted" and p.state in (*STEADY, "failing-over"):
-            # Only the first promotion of a failover counts: a duplicate (a retried
-            # command, a second applier) must not flip the direction back.
-            pairs[ev.pair] = replace(p, state="promoted", reversed=not p.reversed,
-                                     promoted_epoch=max(p.promoted_epoch, _epoch(ev)),
-                                     attrs={**p.attrs, **{f"promoted_{k}": v for k, v in
-                                                          ev.attrs.items()}})
-        elif ev.event == "failback-started" and p.state in ("promoted", "failing-back"):
-            pairs[ev.pair] = replace(p, state="failing-back")
-        elif ev.event == "failback-done" and p.state == "failing-back":
-            pairs[ev.pair] = replace(p, state="replicating")
+        match ev:
+            case Deleted():
+                del pairs[ev.pair]
+            case ResyncNeeded():
+                lost = ev.cause == JOURNAL_LOST
+                pairs[ev.pair] = replace(p, state="needs-resync", reason=ev.reason,
+                                         cause=ev.cause, replayable=p.replayable and not lost)
+            case AutoFailoverSet():
+                auto = (None if ev.after_ms is None or ev.lease_ms is None
+                        else AutoFailover(ev.after_ms, ev.lease_ms))
+                pairs[ev.pair] = replace(p, auto=auto)
+            case HistorySet():
+                pairs[ev.pair] = replace(p, history=HistorySettings(ev.window_ms, ev.journal_max))
+            case BaselineComplete():
+                pairs[ev.pair] = replace(p, replayable=True)
+            case Resynced():
+                pairs[ev.pair] = replace(p, state="created", reason="", cause="")
+            case EpochAbandoned() if ev.epoch:
+                pairs[ev.pair] = replace(p, abandoned_epochs=p.abandoned_epochs | {ev.epoch})
+            case FailoverRequested() if p.replicating:
+                pairs[ev.pair] = replace(p, state="failing-over", before_failover=p.state)
+            case FailoverFailed() if p.state == "failing-over":
+                pairs[ev.pair] = replace(p, state=p.before_failover or "created")
+            case Promoted() if p.state in (*STEADY, "failing-over"):
+                # Only the first promotion of a failover counts: a duplicate (a retried
+                # command, a second applier) must not flip the direction back.
+                pairs[ev.pair] = replace(p, state="promoted", reversed=not p.reversed,
+                                         promoted_epoch=max(p.promoted_epoch, ev.epoch),
+                                         promotion=ev)
+            case FailbackStarted() if p.state in ("promoted", "failing-back"):
+                pairs[ev.pair] = replace(p, state="failing-back")
+            case FailbackDone() if p.state == "failing-back":
+                pairs[ev.pair] = replace(p, state="replicating")
     return pairs
 
 
-def signer(pairs: dict[str, PairState], ev: ControlEvent) -> PairSpec | None:
+def signer(pairs: dict[str, PairState], ev: Event) -> PairSpec | None:
     """The spec whose key must have signed ``ev`` for the fold to take it, or None.
 
     A keyed pair's events are all signed with its key, its ``created`` included, so whoever
@@ -177,6 +158,6 @@ def signer(pairs: dict[str, PairState], ev: ControlEvent) -> PairSpec | None:
     p = pairs.get(ev.pair)
     if p is not None:
         return p.spec if p.spec.key_id else None
-    if ev.event == "created" and ev.spec is not None and ev.spec.key_id:
+    if isinstance(ev, Created) and ev.spec.key_id:
         return replace(ev.spec, incarnation=ev.at_ms)
     return None

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from enum import Enum
 
+from journal.events import (BaselineComplete, EpochAbandoned, Event, HashesCompared,
+                            HashesPublished, Promoted, RequestFailed, Resent, ResyncNeeded,
+                            Sealed)
+
 
 class Role(str, Enum):
     """A kind of x2x principal; ``docs/security.md`` lists each one's Kafka ACLs."""
@@ -24,25 +28,25 @@ _O, _C, _A = Role.OPERATOR, Role.CAPTURER, Role.APPLIER
 #: The events a capturer or an applier may publish. The operator may publish every
 #: event (its commands also run the capture or apply step themselves: a failover drains
 #: the target in-process); capturers and appliers only what their own job says. Pair
-#: lifecycle (created, deleted, failover-requested, failback-*, resynced) and requests
-#: to capturers are the operator's alone.
-PUBLISHERS: dict[str, frozenset[Role]] = {
+#: lifecycle (created, deleted, failover-requested, failback-*, resynced,
+#: history-set) and requests to capturers are the operator's alone.
+PUBLISHERS: dict[type[Event], frozenset[Role]] = {
     # Answers of a live capturer to an operator's request.
-    "sealed": frozenset({_C}),
-    "hashes-published": frozenset({_C}),
-    "resent": frozenset({_C}),
-    "request-failed": frozenset({_C}),
+    Sealed: frozenset({_C}),
+    HashesPublished: frozenset({_C}),
+    Resent: frozenset({_C}),
+    RequestFailed: frozenset({_C}),
     # What a capturer announces about its own journal.
-    "baseline-complete": frozenset({_C}),
-    "epoch-abandoned": frozenset({_C}),
+    BaselineComplete: frozenset({_C}),
+    EpochAbandoned: frozenset({_C}),
     # A planned failover ends when the pair's own applier drains to the verified SEAL.
-    "promoted": frozenset({_A}),
-    "hashes-compared": frozenset({_A}),
+    Promoted: frozenset({_A}),
+    HashesCompared: frozenset({_A}),
     # Either side can find that the target needs a resync.
-    "resync-needed": frozenset({_C, _A}),
+    ResyncNeeded: frozenset({_C, _A}),
 }
 
 
-def may_publish(role: Role, event: str) -> bool:
-    """True if ``role`` may publish ``event``."""
-    return role is Role.OPERATOR or role in PUBLISHERS.get(event, frozenset())
+def may_publish(role: Role, kind: type[Event]) -> bool:
+    """True if ``role`` may publish events of ``kind``."""
+    return role is Role.OPERATOR or role in PUBLISHERS.get(kind, frozenset())

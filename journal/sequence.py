@@ -89,3 +89,12 @@ class Limit:
         if self.epoch_seq is not None and (entry.epoch, entry.last_seq) > self.epoch_seq:
             return True
         return self.offset is not None and offset > self.offset
+
+    def precedes(self, pos: Position) -> bool:
+        """True when the limit lies before ``pos``: a target already at ``pos`` (seeded
+        from the history base) cannot be brought back to it."""
+        if self.at_ms is not None and self.at_ms < pos.captured_at_ms:
+            return True
+        if self.epoch_seq is not None and self.epoch_seq < (pos.epoch, pos.seq):
+            return True
+        return self.offset is not None and self.offset < pos.offset

@@ -1,7 +1,8 @@
 """The NBD wire protocol, as pure functions over bytes (no sockets, no I/O).
 
-Follows upstream NBD ``doc/proto.md``: fixed newstyle handshake, option haggling,
-and the transmission phase with simple replies. Every parser takes exactly the bytes
+Follows upstream NBD ``doc/proto.md``: fixed newstyle handshake, option haggling
+(structured replies, the ``base:allocation`` metadata context), and the transmission
+phase with simple replies and structured reply chunks. Every parser takes exactly the bytes
 of one message part and either returns a dataclass or raises :class:`ProtocolError`;
 nothing else may escape, so the parsers can be fuzzed. Encoders for both directions
 exist so tests can play the client and round-trip every message.
@@ -54,6 +55,15 @@ CMD_FLAG_REQ_ONE = 1 << 3
 CMD_FLAG_FAST_ZERO = 1 << 4
 CMD_FLAG_PAYLOAD_LEN = 1 << 5
 
+# --- structured replies -------------------------------------------------------------------
+REPLY_FLAG_DONE = 1 << 0
+# base:allocation status flags of a block status descriptor.
+STATE_HOLE = 1 << 0
+STATE_ZERO = 1 << 1
+#: The one metadata context we serve, and the id NBD_OPT_SET_META_CONTEXT gives it.
+META_BASE_ALLOCATION = "base:allocation"
+BASE_ALLOCATION_ID = 1
+
 # --- sizes --------------------------------------------------------------------------------
 SERVER_GREETING_SIZE = 18  # NBDMAGIC + IHAVEOPT + handshake flags
 CLIENT_FLAGS_SIZE = 4
@@ -61,6 +71,8 @@ OPTION_HEADER_SIZE = 16  # IHAVEOPT + option + length
 OPTION_REPLY_HEADER_SIZE = 20  # magic + option + reply type + length
 REQUEST_SIZE = 28
 SIMPLE_REPLY_SIZE = 16
+CHUNK_HEADER_SIZE = 20  # magic + flags + type + cookie + payload length
+MAX_META_QUERIES = 64   # more queries in one option are refused (ERR_TOO_BIG)
 EXPORT_NAME_REPLY_SIZE = 10  # size + transmission flags, then 124 zeroes unless NO_ZEROES
 EXPORT_NAME_PADDING = 124
 MAX_STRING = 4096  # proto.md: strings MUST be no longer than 4096 bytes
@@ -76,10 +88,19 @@ _SIMPLE_REPLY = struct.Struct(">IIQ")
 _EXPORT_NAME_REPLY = struct.Struct(">QH")
 _INFO_EXPORT = struct.Struct(">HQH")
 _INFO_BLOCK_SIZE = struct.Struct(">HIII")
+_CHUNK_HEADER = struct.Struct(">IHHQI")
+_U64 = struct.Struct(">Q")
+_HOLE = struct.Struct(">QI")
+_ERROR = struct.Struct(">IH")
+_DESCRIPTOR = struct.Struct(">II")
 
 
 class ProtocolError(Exception):
     """Bytes from the peer that do not form a valid NBD message."""
+
+
+class TooBig(ProtocolError):
+    """A well-formed option asking for more than the server serves (NBD_REP_ERR_TOO_BIG)."""
 
 
 class Option(IntEnum):
@@ -141,6 +162,20 @@ class Cmd(IntEnum):
     WRITE_ZEROES = 6
     BLOCK_STATUS = 7
     RESIZE = 8
+
+
+class ReplyType(IntEnum):
+    """Structured reply chunk types; bit 15 marks error chunks."""
+
+    NONE = 0
+    OFFSET_DATA = 1
+    OFFSET_HOLE = 2
+    BLOCK_STATUS = 5
+    ERROR = (1 << 15) | 1
+    ERROR_OFFSET = (1 << 15) | 2
+
+
+REPLY_TYPE_ERROR_BIT = 1 << 15
 
 
 class Err(IntEnum):
@@ -247,6 +282,58 @@ class SimpleReply:
 
     error: int
     cookie: int
+
+
+@dataclass(frozen=True)
+class MetaContextRequest:
+    """The data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT."""
+
+    name: str
+    queries: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """A structured reply chunk's header; ``length`` bytes of payload follow it."""
+
+    flags: int
+    type: int
+    cookie: int
+    length: int
+
+
+@dataclass(frozen=True)
+class OffsetData:
+    """NBD_REPLY_TYPE_OFFSET_DATA: ``data`` read at ``offset``."""
+
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class OffsetHole:
+    """NBD_REPLY_TYPE_OFFSET_HOLE: ``size`` bytes at ``offset`` read as zeros."""
+
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class BlockStatus:
+    """NBD_REPLY_TYPE_BLOCK_STATUS: (length, status flags) descriptors from the request's
+    offset on, for metadata context ``context``."""
+
+    context: int
+    extents: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class ErrorChunk:
+    """NBD_REPLY_TYPE_ERROR (``offset`` None) or NBD_REPLY_TYPE_ERROR_OFFSET."""
+
+    error: int
+    message: str
+    offset: int | None = None
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -457,35 +544,237 @@ def parse_simple_reply(data: bytes | memoryview) -> SimpleReply:
     return SimpleReply(error, cookie)
 
 
+# --- option haggling: metadata contexts ----------------------------------------------------
+def encode_meta_context_request(name: str, queries: tuple[str, ...] = ()) -> bytes:
+    """Data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT."""
+    raw = _encode_name(name)
+    parts = [_U32.pack(len(raw)), raw, _U32.pack(len(queries))]
+    for q in queries:
+        rq = _encode_name(q)
+        parts += [_U32.pack(len(rq)), rq]
+    return b"".join(parts)
+
+
+def parse_meta_context_request(data: bytes | memoryview) -> MetaContextRequest:
+    """Data of the META_CONTEXT options: every length must match the data exactly, and
+    at most :data:`MAX_META_QUERIES` queries (more is :class:`TooBig`)."""
+    view = memoryview(data)
+    if len(view) < 8:
+        raise ProtocolError(f"meta context request of {len(view)} bytes is too short")
+    (name_len,) = _U32.unpack(view[:4])
+    if name_len > len(view) - 8:
+        raise ProtocolError(f"meta context export name length {name_len} exceeds its data")
+    name = _decode_name(view[4:4 + name_len], "export name")
+    at = 4 + name_len
+    (count,) = _U32.unpack(view[at:at + 4])
+    at += 4
+    if count > MAX_META_QUERIES:
+        raise TooBig(f"{count} meta context queries, more than {MAX_META_QUERIES}")
+    queries = []
+    for i in range(count):
+        if len(view) - at < 4:
+            raise ProtocolError(f"meta context query {i + 1} of {count} is missing")
+        (qlen,) = _U32.unpack(view[at:at + 4])
+        at += 4
+        if qlen > len(view) - at:
+            raise ProtocolError(f"meta context query length {qlen} exceeds its data")
+        queries.append(_decode_name(view[at:at + qlen], "meta context query"))
+        at += qlen
+    if at != len(view):
+        raise ProtocolError(f"{len(view) - at} bytes after the last meta context query")
+    return MetaContextRequest(name, tuple(queries))
+
+
+def match_meta_contexts(queries: tuple[str, ...], available: tuple[str, ...],
+                        listing: bool) -> list[str]:
+    """The contexts a LIST or SET selects. LIST with no query lists them all, and a bare
+    namespace (``base:``) lists that namespace; SET selects exact names only. A query we
+    do not know selects nothing (not an error, as proto.md says)."""
+    if listing and not queries:
+        return list(available)
+    chosen = []
+    for q in queries:
+        for ctx in available:
+            exact = q == ctx
+            namespace = listing and q.endswith(":") and ctx.startswith(q)
+            if (exact or namespace) and ctx not in chosen:
+                chosen.append(ctx)
+    return chosen
+
+
+def encode_rep_meta_context(context: int, name: str) -> bytes:
+    """Data of NBD_REP_META_CONTEXT: context id and name."""
+    return _U32.pack(context) + _encode_name(name)
+
+
+def parse_rep_meta_context(data: bytes | memoryview) -> tuple[int, str]:
+    """Data of NBD_REP_META_CONTEXT: (context id, name)."""
+    view = memoryview(data)
+    if len(view) < 5:
+        raise ProtocolError("NBD_REP_META_CONTEXT data too short")
+    (context,) = _U32.unpack(view[:4])
+    return context, _decode_name(view[4:], "meta context name")
+
+
+# --- transmission: structured reply chunks ----------------------------------------------------
+def encode_chunk_header(flags: int, kind: int, cookie: int, length: int) -> bytes:
+    """A structured reply chunk header; ``length`` bytes of payload follow it."""
+    return _CHUNK_HEADER.pack(STRUCTURED_REPLY_MAGIC, flags, kind, cookie, length)
+
+
+def encode_offset_data_header(flags: int, cookie: int, offset: int, size: int) -> bytes:
+    """Header and offset of an OFFSET_DATA chunk; its ``size`` data bytes are sent after
+    it (not copied in)."""
+    return encode_chunk_header(flags, ReplyType.OFFSET_DATA, cookie, 8 + size) + \
+        _U64.pack(offset)
+
+
+def encode_offset_hole(flags: int, cookie: int, offset: int, size: int) -> bytes:
+    """A whole OFFSET_HOLE chunk: ``size`` (nonzero) bytes at ``offset`` read as zeros."""
+    return encode_chunk_header(flags, ReplyType.OFFSET_HOLE, cookie, _HOLE.size) + \
+        _HOLE.pack(offset, size)
+
+
+def encode_block_status(flags: int, cookie: int, context: int,
+                        extents: list[tuple[int, int]]) -> bytes:
+    """A whole BLOCK_STATUS chunk: (length, status flags) descriptors."""
+    body = _U32.pack(context) + b"".join(_DESCRIPTOR.pack(n, f) for n, f in extents)
+    return encode_chunk_header(flags, ReplyType.BLOCK_STATUS, cookie, len(body)) + body
+
+
+def encode_error_chunk(flags: int, cookie: int, error: int, message: str = "") -> bytes:
+    """A whole ERROR chunk: a nonzero NBD error and a message for humans (cut to the
+    4096-byte string limit, on a character boundary)."""
+    raw = message.replace("\x00", " ").encode("utf-8")[:MAX_STRING]
+    raw = raw.decode("utf-8", "ignore").encode("utf-8")
+    body = _ERROR.pack(error, len(raw)) + raw
+    return encode_chunk_header(flags, ReplyType.ERROR, cookie, len(body)) + body
+
+
+def encode_none_chunk(cookie: int) -> bytes:
+    """The NONE chunk that ends a structured reply."""
+    return encode_chunk_header(REPLY_FLAG_DONE, ReplyType.NONE, cookie, 0)
+
+
+def parse_chunk_header(data: bytes | memoryview) -> ChunkHeader:
+    """Client side of :func:`encode_chunk_header`."""
+    _exact(data, CHUNK_HEADER_SIZE, "structured reply chunk header")
+    magic, flags, kind, cookie, length = _CHUNK_HEADER.unpack(data)
+    if magic != STRUCTURED_REPLY_MAGIC:
+        raise ProtocolError(f"bad structured reply magic {magic:#x}")
+    return ChunkHeader(flags, kind, cookie, length)
+
+
+def parse_chunk_payload(kind: int, data: bytes | memoryview
+                        ) -> OffsetData | OffsetHole | BlockStatus | ErrorChunk | None:
+    """A chunk's payload by its type, with every length rule of proto.md checked; an
+    unknown type is an error (an unknown error type too: its payload is not ours to read)."""
+    view = memoryview(data)
+    if kind == ReplyType.NONE:
+        if len(view):
+            raise ProtocolError(f"NONE chunk with {len(view)} bytes of payload")
+        return None
+    if kind == ReplyType.OFFSET_DATA:
+        if len(view) < 9:
+            raise ProtocolError(f"OFFSET_DATA chunk of {len(view)} bytes (at least 9)")
+        return OffsetData(_U64.unpack(view[:8])[0], bytes(view[8:]))
+    if kind == ReplyType.OFFSET_HOLE:
+        _exact(view, _HOLE.size, "OFFSET_HOLE chunk")
+        offset, size = _HOLE.unpack(view)
+        if size == 0:
+            raise ProtocolError("OFFSET_HOLE chunk of size 0")
+        return OffsetHole(offset, size)
+    if kind == ReplyType.BLOCK_STATUS:
+        if len(view) < 12 or (len(view) - 4) % 8:
+            raise ProtocolError(f"BLOCK_STATUS chunk of {len(view)} bytes (4 + 8n, n >= 1)")
+        (context,) = _U32.unpack(view[:4])
+        extents = tuple(_DESCRIPTOR.iter_unpack(view[4:]))
+        if any(n == 0 for n, _ in extents):
+            raise ProtocolError("BLOCK_STATUS descriptor of length 0")
+        return BlockStatus(context, extents)
+    if kind in (ReplyType.ERROR, ReplyType.ERROR_OFFSET):
+        tail = 8 if kind == ReplyType.ERROR_OFFSET else 0
+        if len(view) < _ERROR.size + tail:
+            raise ProtocolError(f"error chunk of {len(view)} bytes is too short")
+        error, mlen = _ERROR.unpack(view[:_ERROR.size])
+        if error == 0:
+            raise ProtocolError("error chunk with error 0")
+        if mlen != len(view) - _ERROR.size - tail:
+            raise ProtocolError(f"error chunk message length {mlen} does not match its data")
+        message = _decode_name(view[_ERROR.size:_ERROR.size + mlen], "error message")
+        offset = _U64.unpack(view[-8:])[0] if tail else None
+        return ErrorChunk(error, message, offset)
+    raise ProtocolError(f"unknown structured reply type {kind}")
+
+
 # --- request validation -------------------------------------------------------------------
 MAX_PAYLOAD = 32 * 1024 * 1024  # the largest READ/WRITE we serve (advertised as max block)
 BLOCK_SIZE = BlockSize(minimum=1, preferred=4096, maximum=MAX_PAYLOAD)
 
-# Flags each command may carry. FUA is accepted on every command because proto.md lets
-# clients set it anywhere; DF and FAST_ZERO are never negotiated, so they are invalid.
+#: The most descriptors one BLOCK_STATUS chunk carries, and content chunks one READ
+#: reply splits into; the rest of the range is answered by the client's next request
+#: (BLOCK_STATUS) or sent as data (READ).
+MAX_EXTENTS = 1024
+
+# Flags each command may carry once negotiated. FUA is accepted on every command because
+# proto.md lets clients set it anywhere; DF needs structured replies, FAST_ZERO the
+# export's NBD_FLAG_SEND_FAST_ZERO (see request_error).
 _ALLOWED_FLAGS: dict[int, int] = {
-    Cmd.READ: CMD_FLAG_FUA,
+    Cmd.READ: CMD_FLAG_FUA | CMD_FLAG_DF,
     Cmd.WRITE: CMD_FLAG_FUA,
     Cmd.DISC: CMD_FLAG_FUA,
     Cmd.FLUSH: CMD_FLAG_FUA,
     Cmd.TRIM: CMD_FLAG_FUA,
-    Cmd.WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+    Cmd.CACHE: CMD_FLAG_FUA,
+    Cmd.WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+    Cmd.BLOCK_STATUS: CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
 }
 
 
-def check_request(req: Request, export_size: int) -> Err:
-    """The error a well-framed request deserves before it reaches the backend, or OK.
+def request_error(req: Request, export_size: int, *, structured: bool = False,
+                  block_status: bool = False, fast_zero: bool = False) -> tuple[Err, str]:
+    """The error a well-framed request deserves before it reaches the backend and why,
+    or (OK, ""). ``structured``, ``block_status`` and ``fast_zero`` say what the
+    connection negotiated (structured replies, a metadata context, the export's
+    NBD_FLAG_SEND_FAST_ZERO); a flag or command that needs one of them is EINVAL without.
 
     Writes past the end get ENOSPC and other out-of-range requests EINVAL, as proto.md
-    asks; commands we never advertised (CACHE, BLOCK_STATUS, ...) are EINVAL.
+    asks; unknown commands are EINVAL.
     """
+    name = _cmd(req.type)
     allowed = _ALLOWED_FLAGS.get(req.type)
-    if allowed is None or req.flags & ~allowed:
-        return Err.EINVAL
+    if allowed is None:
+        return Err.EINVAL, f"unknown command {req.type}"
+    if req.type == Cmd.BLOCK_STATUS and not block_status:
+        return Err.EINVAL, (f"{name} without a metadata context: negotiate "
+                            f"{META_BASE_ALLOCATION} with NBD_OPT_SET_META_CONTEXT first")
+    if not structured:
+        allowed &= ~CMD_FLAG_DF
+    if not fast_zero:
+        allowed &= ~CMD_FLAG_FAST_ZERO
+    if req.flags & ~allowed:
+        return Err.EINVAL, f"command flags {req.flags & ~allowed:#x} are not valid on {name}"
     if req.type in (Cmd.DISC, Cmd.FLUSH):
-        return Err.OK
+        return Err.OK, ""
     if req.type in (Cmd.READ, Cmd.WRITE) and req.length > MAX_PAYLOAD:
-        return Err.EINVAL if req.type == Cmd.READ else Err.EOVERFLOW
+        return (Err.EINVAL if req.type == Cmd.READ else Err.EOVERFLOW,
+                f"{name} of {req.length} bytes exceeds the maximum of {MAX_PAYLOAD}")
+    if req.type == Cmd.BLOCK_STATUS and req.length == 0:
+        return Err.EINVAL, f"{name} of length 0"
     if req.offset + req.length > export_size:
-        return Err.ENOSPC if req.type in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL
-    return Err.OK
+        err = Err.ENOSPC if req.type in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL
+        return err, (f"{name} offset={req.offset} length={req.length} goes past the end "
+                     f"of the export ({export_size} bytes)")
+    return Err.OK, ""
+
+
+def check_request(req: Request, export_size: int, **negotiated: bool) -> Err:
+    """The error of :func:`request_error` alone."""
+    return request_error(req, export_size, **negotiated)[0]
+
+
+def _cmd(kind: int) -> str:
+    try:
+        return f"NBD_CMD_{Cmd(kind).name}"
+    except ValueError:
+        return f"command {kind}"

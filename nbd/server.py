@@ -12,11 +12,28 @@ requests behind it. The backend keeps ordering where it matters (the journaling 
 range locks). A FLUSH covers the writes already replied to, as the protocol says. Bad
 input from one client closes or answers that client only, with one log line naming the
 peer; the server keeps serving everyone else. Wire formats live in ``nbd.proto``.
+
+What a client may negotiate, as qemu-nbd and nbdkit offer it:
+
+- structured replies: READs are answered in chunks, holes as OFFSET_HOLE (no bytes on
+  the wire, nothing read from the backend), failures as ERROR chunks carrying the reason;
+  other commands keep simple replies on success (proto.md allows it);
+- the ``base:allocation`` metadata context: NBD_CMD_BLOCK_STATUS reports holes and data
+  from the backend's ``extents`` (all data when it has none);
+- fast zero: WRITE_ZEROES with NBD_CMD_FLAG_FAST_ZERO fails at once with ENOTSUP, touching
+  nothing, when the backend's ``zero_is_fast`` says zeroing would write zeros;
+- NBD_CMD_CACHE: the backend's ``cache`` (read-ahead), or nothing; it always succeeds;
+- multi-conn: NBD_FLAG_CAN_MULTI_CONN only for a backend whose ``multi_conn`` is true,
+  i.e. whose FLUSH (and FUA) covers every connection's completed writes.
+
+Extended headers (NBD_OPT_EXTENDED_HEADERS) are not offered: the clients we test with
+(libnbd 1.14, qemu 7.2) predate them, so the option gets NBD_REP_ERR_UNSUP.
 """
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -41,15 +58,30 @@ MAX_INFLIGHT_BYTES = 64 << 20
 HANDSHAKE_TIMEOUT = 30.0
 #: Connections served at once; more are closed at accept, with one log line per second.
 MAX_CONNECTIONS = 128
-# The transmission flags we advertise. CAN_MULTI_CONN stays off: a backend may sit in
-# front of a journal whose FLUSH is per-connection, so cross-connection flush is not safe.
+# The transmission flags every export has; the others depend on the backend and on what
+# the connection negotiated (:func:`transmission_flags`).
 TRANSMISSION_FLAGS = (p.FLAG_HAS_FLAGS | p.FLAG_SEND_FLUSH | p.FLAG_SEND_FUA
-                      | p.FLAG_SEND_TRIM | p.FLAG_SEND_WRITE_ZEROES)
+                      | p.FLAG_SEND_TRIM | p.FLAG_SEND_WRITE_ZEROES | p.FLAG_SEND_CACHE)
+#: The metadata contexts we serve.
+META_CONTEXTS = (p.META_BASE_ALLOCATION,)
 
 
 class Backend(Protocol):
     """What an export is: a byte-addressed volume. Failures raise OSError with an errno,
-    or :class:`Shutdown` to refuse the request and disconnect the client."""
+    or :class:`Shutdown` to refuse the request and disconnect the client.
+
+    Optional, looked up with getattr (a backend without them still works):
+
+    - ``extents(offset, length, limit) -> list[(length, hole)]``: allocation of the
+      range as consecutive runs from ``offset``, at least one and at most ``limit``;
+      a hole reads as zeros. Without it everything is data.
+    - ``zero_is_fast() -> bool``: would ``zero`` change metadata rather than write
+      zeros? Its presence advertises NBD_FLAG_SEND_FAST_ZERO.
+    - ``cache(offset, length)``: read-ahead for NBD_CMD_CACHE.
+    - ``multi_conn: bool``: true only if ``flush`` (and a FUA write) makes the completed
+      writes of every connection to this backend durable, so clients may spread
+      requests over several connections (NBD_FLAG_CAN_MULTI_CONN).
+    """
 
     size: int
 
@@ -90,6 +122,8 @@ class ClientInfo:
     requests: int = 0
     bytes_written: int = 0
     bytes_read: int = 0
+    #: Of ``bytes_read``, what was answered as holes (OFFSET_HOLE chunks, nothing read).
+    bytes_holes: int = 0
 
 
 @dataclass
@@ -99,6 +133,13 @@ class _Conn:
     thread: threading.Thread | None = None
     no_zeroes: bool = False
     tls: bool = False
+    #: NBD_OPT_STRUCTURED_REPLY was acknowledged.
+    structured: bool = False
+    #: The export base:allocation was selected for (NBD_OPT_SET_META_CONTEXT), if any;
+    #: it counts only if the client then goes to that export.
+    meta_export: str | None = None
+    #: In transmission: may the client send NBD_CMD_BLOCK_STATUS?
+    block_status: bool = False
     #: Set once the connection must end (the backend shut down, a reply failed): the
     #: reader stops taking requests, the workers' replies stop.
     closing: bool = False
@@ -112,6 +153,20 @@ class _Conn:
         with self.send_lock:
             if not self.closing:
                 _send_all(self.sock, header, data)
+
+    def reply_chunks(self, chunks: list[tuple[bytes, bytes | None]]) -> None:
+        """Send a structured reply's chunks together, in order."""
+        with self.send_lock:
+            if not self.closing:
+                for header, data in chunks:
+                    _send_all(self.sock, header, data)
+
+    def error_reply(self, err: p.Err, cookie: int, message: str) -> bytes:
+        """An error reply: an ERROR chunk with the reason once structured replies are
+        negotiated (proto.md prefers it, and requires it for READ), else a simple one."""
+        if self.structured:
+            return p.encode_error_chunk(p.REPLY_FLAG_DONE, cookie, err, message)
+        return p.encode_simple_reply(err, cookie)
 
 
 class _Inflight:
@@ -370,9 +425,56 @@ class NBDServer:
             return self._opt_info(conn, option, data)
         elif option == p.Option.STARTTLS:
             self._opt_starttls(conn, data)
+        elif option == p.Option.STRUCTURED_REPLY:
+            if data:
+                self._opt_refuse(conn, option, p.Reply.ERR_INVALID,
+                                 f"NBD_OPT_STRUCTURED_REPLY carries no data, got {len(data)} bytes")
+            else:
+                conn.structured = True
+                send(p.encode_option_reply(option, p.Reply.ACK))
+        elif option in (p.Option.LIST_META_CONTEXT, p.Option.SET_META_CONTEXT):
+            self._opt_meta_context(conn, option, data)
         else:
             send(p.encode_option_reply(option, p.Reply.ERR_UNSUP))
         return None
+
+    def _opt_refuse(self, conn: _Conn, option: int, reply: p.Reply, why: str) -> None:
+        """An error reply carrying its reason (a string the client may show), logged."""
+        self.log.warning("NBD %s: %s refused with %s: %s", conn.info.peer, _opt_name(option),
+                         reply.name, why)
+        conn.sock.sendall(p.encode_option_reply(option, reply, why.encode("utf-8")))
+
+    def _opt_meta_context(self, conn: _Conn, option: int, data: bytes) -> None:
+        """LIST or SET the metadata contexts (base:allocation) of one export."""
+        send = conn.sock.sendall
+        setting = option == p.Option.SET_META_CONTEXT
+        if setting:
+            conn.meta_export = None         # SET replaces the selection, even if it fails
+        if not conn.structured:
+            self._opt_refuse(conn, option, p.Reply.ERR_INVALID,
+                             "metadata contexts need NBD_OPT_STRUCTURED_REPLY first")
+            return
+        try:
+            req = p.parse_meta_context_request(data)
+        except p.TooBig as e:
+            self._opt_refuse(conn, option, p.Reply.ERR_TOO_BIG, str(e))
+            return
+        except p.ProtocolError as e:
+            self._opt_refuse(conn, option, p.Reply.ERR_INVALID, str(e))
+            return
+        found = self._find_export(req.name)
+        if found is None:
+            self._opt_refuse(conn, option, p.Reply.ERR_UNKNOWN, f"unknown export {req.name!r}")
+            return
+        chosen = p.match_meta_contexts(req.queries, META_CONTEXTS, listing=not setting)
+        for ctx in chosen:
+            # LIST's ids are reserved (zero); SET's are what BLOCK_STATUS chunks carry.
+            ctx_id = p.BASE_ALLOCATION_ID if setting else 0
+            send(p.encode_option_reply(option, p.Reply.META_CONTEXT,
+                                       p.encode_rep_meta_context(ctx_id, ctx)))
+        if setting and chosen:
+            conn.meta_export = found[0]
+        send(p.encode_option_reply(option, p.Reply.ACK))
 
     def _opt_starttls(self, conn: _Conn, data: bytes) -> None:
         send = conn.sock.sendall
@@ -387,6 +489,8 @@ class NBDServer:
             except (ssl.SSLError, OSError) as e:
                 raise _Close(f"TLS handshake failed: {e}") from None
             conn.tls = True
+            # proto.md: what was negotiated in clear does not carry over into TLS.
+            conn.structured, conn.meta_export = False, None
             self.log.info("NBD %s: TLS established (%s)", conn.info.peer, conn.sock.version())
 
     def _opt_export_name(self, conn: _Conn, data: bytes) -> tuple[str, Backend]:
@@ -399,7 +503,8 @@ class NBDServer:
         if found is None:
             raise _Close(f"NBD_OPT_EXPORT_NAME for unknown export {name!r}")
         conn.sock.sendall(p.encode_export_name_reply(
-            p.ExportInfo(found[1].size, TRANSMISSION_FLAGS), conn.no_zeroes))
+            p.ExportInfo(found[1].size, transmission_flags(found[1], conn.structured)),
+            conn.no_zeroes))
         return found
 
     def _opt_info(self, conn: _Conn, option: int, data: bytes) -> tuple[str, Backend] | None:
@@ -416,7 +521,7 @@ class NBDServer:
                              p.Option(option).name, req.name)
             send(p.encode_option_reply(option, p.Reply.ERR_UNKNOWN))
             return None
-        info = p.ExportInfo(found[1].size, TRANSMISSION_FLAGS)
+        info = p.ExportInfo(found[1].size, transmission_flags(found[1], conn.structured))
         send(p.encode_option_reply(option, p.Reply.INFO, p.encode_info_export(info)))
         # Always sent: the spec allows it unrequested, and it tells clients our 32 MiB cap.
         send(p.encode_option_reply(option, p.Reply.INFO, p.encode_info_block_size(p.BLOCK_SIZE)))
@@ -434,6 +539,7 @@ class NBDServer:
     def _transmission(self, conn: _Conn, export: tuple[str, Backend]) -> None:
         name, backend = export
         conn.info.export = name
+        conn.block_status = conn.structured and conn.meta_export == name
         self.log.info("NBD %s: serving export %r (%d bytes)", conn.info.peer, name, backend.size)
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"nbd-{conn.info.peer}")
         header = bytearray(p.REQUEST_SIZE)
@@ -463,14 +569,16 @@ class NBDServer:
         if req.type == p.Cmd.WRITE and req.length > p.MAX_PAYLOAD:
             # Its payload cannot be skipped at a sane cost, so the stream is lost.
             raise _Close(f"NBD_CMD_WRITE of {req.length} bytes exceeds {p.MAX_PAYLOAD}")
-        error = p.check_request(req, backend.size)
+        error, why = p.request_error(req, backend.size, structured=conn.structured,
+                                     block_status=conn.block_status,
+                                     fast_zero=_can_fast_zero(backend))
         if error:
             if req.type == p.Cmd.WRITE:
                 _discard(conn.sock, req.length)
-            self.log.warning("NBD %s: %s flags=%#x offset=%d length=%d refused with %s",
+            self.log.warning("NBD %s: %s flags=%#x offset=%d length=%d (%s) refused with %s",
                              peer, _cmd_name(req.type), req.flags, req.offset, req.length,
-                             error.name)
-            conn.reply(p.encode_simple_reply(error, req.cookie))
+                             why, error.name)
+            conn.reply(conn.error_reply(error, req.cookie, why))
             return
         # Reads count too: their reply data is held until it is sent.
         size = req.length if req.type in (p.Cmd.WRITE, p.Cmd.READ) else 0
@@ -514,43 +622,63 @@ class NBDServer:
     def _handle(self, conn: _Conn, backend: Backend, req: p.Request,
                 payload: bytearray | None) -> None:
         peer = conn.info.peer
+        where = f"{_cmd_name(req.type)} offset={req.offset} length={req.length}"
+        if (req.type == p.Cmd.WRITE_ZEROES and req.flags & p.CMD_FLAG_FAST_ZERO
+                and not backend.zero_is_fast()):    # type: ignore[attr-defined]
+            # Expected (qemu-img probes with it): the client falls back to writing zeros.
+            self.log.debug("NBD %s: %s with FAST_ZERO: not fast here, ENOTSUP", peer, where)
+            conn.reply(conn.error_reply(p.Err.ENOTSUP, req.cookie,
+                                        "zeroing this export writes zeros: not fast"))
+            return
         try:
-            data = self._call(conn, backend, req, payload)
+            chunks = self._call(conn, backend, req, payload)
         except Shutdown as e:
             self.log.warning("NBD %s: %s refused, backend shutting down (%s); disconnecting",
                              peer, _cmd_name(req.type), e)
             with conn.send_lock:
                 if not conn.closing:
-                    conn.sock.sendall(p.encode_simple_reply(p.Err.ESHUTDOWN, req.cookie))
+                    conn.sock.sendall(conn.error_reply(p.Err.ESHUTDOWN, req.cookie,
+                                                       "the server is shutting down"))
                     conn.closing = True
                     # FIN after the reply; the reader drains until the client closes.
                     _shutdown_socket(conn.sock, socket.SHUT_WR)
             return
         except OSError as e:
             nbd_err = p.errno_to_nbd(e.errno)
-            self.log.warning("NBD %s: %s offset=%d length=%d failed: %s -> %s", peer,
-                             _cmd_name(req.type), req.offset, req.length, e, nbd_err.name)
-            conn.reply(p.encode_simple_reply(nbd_err, req.cookie))
+            self.log.warning("NBD %s: %s failed: %s -> %s", peer, where, e, nbd_err.name)
+            # The client learns what failed, not the server's paths.
+            reason = os.strerror(e.errno) if e.errno else "I/O error"
+            conn.reply(conn.error_reply(nbd_err, req.cookie, f"{where}: {reason}"))
             return
         except Exception as e:  # noqa: BLE001 - a backend bug is an I/O error to the client
-            self.log.exception("NBD %s: %s offset=%d length=%d failed: %s -> EIO", peer,
-                               _cmd_name(req.type), req.offset, req.length, e)
-            conn.reply(p.encode_simple_reply(p.Err.EIO, req.cookie))
+            self.log.exception("NBD %s: %s failed: %s -> EIO", peer, where, e)
+            conn.reply(conn.error_reply(p.Err.EIO, req.cookie, f"{where}: server error"))
             return
-        conn.reply(p.encode_simple_reply(p.Err.OK, req.cookie), data)
+        if chunks is None:
+            conn.reply(p.encode_simple_reply(p.Err.OK, req.cookie))
+        else:
+            conn.reply_chunks(chunks)
 
     def _call(self, conn: _Conn, backend: Backend, req: p.Request,
-              payload: bytearray | None) -> bytes | None:
-        """Run a validated request against the backend; returns READ data."""
+              payload: bytearray | None) -> list[tuple[bytes, bytes | None]] | None:
+        """Run a validated request against the backend; returns the reply's parts
+        (header, data) for READ and BLOCK_STATUS, None for a simple OK."""
         fua = bool(req.flags & p.CMD_FLAG_FUA)
         kind, offset, length = req.type, req.offset, req.length
         if kind == p.Cmd.READ:
+            if conn.structured:
+                return self._read_chunks(conn, backend, req)
             data = backend.pread(offset, length) if length else b""
             if len(data) != length:
                 raise OSError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
             with conn.count_lock:       # counters shared by the workers
                 conn.info.bytes_read += length
-            return data
+            return [(p.encode_simple_reply(p.Err.OK, req.cookie), data)]
+        if kind == p.Cmd.BLOCK_STATUS:
+            limit = 1 if req.flags & p.CMD_FLAG_REQ_ONE else p.MAX_EXTENTS
+            runs = _runs(backend, offset, length, limit)[:limit]
+            return [(p.encode_block_status(p.REPLY_FLAG_DONE, req.cookie, p.BASE_ALLOCATION_ID,
+                                           _descriptors(runs)), None)]
         if kind == p.Cmd.WRITE:
             assert payload is not None
             if length:
@@ -569,7 +697,86 @@ class NBDServer:
                     backend.flush()
         elif kind == p.Cmd.FLUSH:
             backend.flush()
+        elif kind == p.Cmd.CACHE:
+            cache = getattr(backend, "cache", None)
+            if cache is not None and length:
+                cache(offset, length)       # a hint: without one, CACHE does nothing
         return None
+
+    def _read_chunks(self, conn: _Conn, backend: Backend,
+                     req: p.Request) -> list[tuple[bytes, bytes | None]]:
+        """A structured READ reply: holes as OFFSET_HOLE (nothing read), data as
+        OFFSET_DATA, the last chunk flagged DONE. With DF one data chunk, zeros included.
+        Everything is read before anything is sent, so a failure is one ERROR chunk."""
+        offset, length, cookie = req.offset, req.length, req.cookie
+        if not length:
+            return [(p.encode_none_chunk(cookie), None)]
+        if req.flags & p.CMD_FLAG_DF:
+            runs = [(length, False)]
+        else:
+            runs = _runs(backend, offset, length, p.MAX_EXTENTS)
+            covered = sum(n for n, _ in runs)
+            if covered < length:        # past the backend's limit: sent as data
+                runs.append((length - covered, False))
+        chunks: list[tuple[bytes, bytes | None]] = []
+        pos, holes = offset, 0
+        for i, (n, hole) in enumerate(runs):
+            flags = p.REPLY_FLAG_DONE if i == len(runs) - 1 else 0
+            if hole:
+                chunks.append((p.encode_offset_hole(flags, cookie, pos, n), None))
+                holes += n
+            else:
+                data = backend.pread(pos, n)
+                if len(data) != n:
+                    raise OSError(errno.EIO, f"backend returned {len(data)} of {n} bytes")
+                chunks.append((p.encode_offset_data_header(flags, cookie, pos, n), data))
+            pos += n
+        with conn.count_lock:
+            conn.info.bytes_read += length
+            conn.info.bytes_holes += holes
+        return chunks
+
+
+def transmission_flags(backend: Backend, structured: bool) -> int:
+    """What an export advertises: the common flags, plus what the backend can do (fast
+    zero, multi-conn) and what structured replies make possible (DF)."""
+    flags = TRANSMISSION_FLAGS
+    if structured:
+        flags |= p.FLAG_SEND_DF
+    if _can_fast_zero(backend):
+        flags |= p.FLAG_SEND_FAST_ZERO
+    if getattr(backend, "multi_conn", False):
+        flags |= p.FLAG_CAN_MULTI_CONN
+    return flags
+
+
+def _can_fast_zero(backend: Backend) -> bool:
+    return callable(getattr(backend, "zero_is_fast", None))
+
+
+def _runs(backend: Backend, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+    """The backend's (length, hole) runs over a range (all data if it cannot tell),
+    checked: at least one, none empty, within the range."""
+    extents = getattr(backend, "extents", None)
+    if extents is None:
+        return [(length, False)]
+    runs = list(extents(offset, length, limit))
+    if not runs or any(n <= 0 for n, _ in runs) or sum(n for n, _ in runs) > length:
+        raise OSError(errno.EIO, f"backend extents {runs[:4]!r} do not fit offset={offset} "
+                                 f"length={length}")
+    return runs
+
+
+def _descriptors(runs: list[tuple[int, bool]]) -> list[tuple[int, int]]:
+    """base:allocation descriptors: a hole is HOLE|ZERO, data 0; neighbours merged."""
+    out: list[tuple[int, int]] = []
+    for n, hole in runs:
+        flags = p.STATE_HOLE | p.STATE_ZERO if hole else 0
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + n, flags)
+        else:
+            out.append((n, flags))
+    return out
 
 
 # --- socket helpers -----------------------------------------------------------------------

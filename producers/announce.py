@@ -13,9 +13,9 @@ import logging
 from infra import control
 from infra.kafka import KafkaSettings
 from journal.errors import X2XError
-from journal.pairs import JOURNAL_LOST, ControlEvent
+from journal.events import BaselineComplete, EpochAbandoned, ResyncNeeded
+from journal.pairs import JOURNAL_LOST
 from journal.roles import Role
-from journal.clock import now_ms
 
 log = logging.getLogger("x2x.capture")
 
@@ -25,16 +25,15 @@ def abandon_epoch(settings: KafkaSettings, pair: str, epoch: int, successor: int
     records of it still on their way to the broker (sent before the outage was declared)
     may land after the successor's, and appliers then skip them instead of stopping (the
     successor resends every block they touched, with newer data)."""
-    control.publish(settings, ControlEvent("epoch-abandoned", pair, now_ms(), attrs={
-        "epoch": str(epoch), "successor": str(successor)}), Role.CAPTURER)
+    control.publish(settings, EpochAbandoned(pair=pair, epoch=epoch, successor=successor),
+                    Role.CAPTURER)
 
 
 def announce_baseline(settings: KafkaSettings, pair: str, epoch: int) -> None:
     """A full baseline of ``epoch`` is acknowledged: the journal can build targets by
     replay again (after a journal loss). Not fatal: replication goes on without it."""
     try:
-        control.publish(settings, ControlEvent("baseline-complete", pair, now_ms(),
-                                               attrs={"epoch": str(epoch)}), Role.CAPTURER)
+        control.publish(settings, BaselineComplete(pair=pair, epoch=epoch), Role.CAPTURER)
     except X2XError as e:
         log.warning("pair %s: could not announce the baseline of epoch %d: %s", pair, epoch, e)
 
@@ -42,8 +41,8 @@ def announce_baseline(settings: KafkaSettings, pair: str, epoch: int) -> None:
 def mark_journal_lost(settings: KafkaSettings, pair: str, source: str, epoch: int) -> None:
     """Say on the control topic that the journal lost its history before ``epoch``: the
     pair needs a hash resync, and no target may be rebuilt by replaying what is left."""
-    control.publish(settings, ControlEvent("resync-needed", pair, now_ms(), attrs={
-        "cause": JOURNAL_LOST, "lost_before_epoch": str(epoch),
-        "reason": f"the broker lost the journal of pair {pair} (noticed by the capturer of "
-                  f"{source}); resync the target by block hashes: 'x2x pair resync {pair}'"}),
+    control.publish(settings, ResyncNeeded(
+        pair=pair, cause=JOURNAL_LOST, lost_before_epoch=epoch,
+        reason=f"the broker lost the journal of pair {pair} (noticed by the capturer of "
+               f"{source}); resync the target by block hashes: 'x2x pair resync {pair}'"),
         Role.CAPTURER)

@@ -23,9 +23,10 @@ from typing import Protocol
 from infra import control
 from infra.control_tail import follow
 from infra.kafka import KafkaSettings
-from journal.blocks import Extent, parse_extents
 from journal.errors import X2XError
-from journal.pairs import ControlEvent
+from journal.events import (REQUESTS, Event, FailoverRequested, HashesPublished,
+                            HashesRequested, RequestFailed, ResendRequested, Resent,
+                            Sealed)
 from journal.roles import Role
 from journal.clock import now_ms
 
@@ -33,19 +34,19 @@ log = logging.getLogger("x2x.capture")
 
 
 class Requests(Protocol):
-    """What a running capturer does for the watch; each returns its answer's attrs, or
-    raises X2XError (OSError, ValueError) with the reason it could not."""
+    """What a running capturer does for the watch; each returns the event that answers
+    the request, or raises X2XError (OSError, ValueError) with the reason it could not."""
 
-    def seal(self) -> dict[str, str]:
-        """Refuse writes, journal SEAL, drain and stop (``sealed``)."""
+    def seal(self, ev: FailoverRequested) -> Sealed:
+        """Refuse writes, journal SEAL, drain and stop."""
         ...
 
-    def hashes(self) -> dict[str, str]:
-        """Journal HASHES of the whole volume and a FLUSH (``hashes-published``)."""
+    def hashes(self, ev: HashesRequested) -> HashesPublished:
+        """Journal HASHES of the whole volume and a FLUSH."""
         ...
 
-    def resend(self, extents: list[Extent]) -> dict[str, str]:
-        """Journal the current content of ``extents`` and a FLUSH (``resent``)."""
+    def resend(self, ev: ResendRequested) -> Resent:
+        """Journal the current content of the request's extents and a FLUSH."""
         ...
 
 
@@ -71,44 +72,41 @@ class ControlWatch:
             self._thread.join()     # a request in progress finishes and is answered
 
     def _run(self) -> None:
-        served: set[tuple[str, str, int]] = set()
+        served: set[tuple[str, str | None, int]] = set()
         while not self._halt.is_set():
             try:
                 for ev in follow(self.settings, self.started_ms, self._halt):
-                    if ev.pair != self.pair or ev.attrs.get("source") != self.source:
+                    if not isinstance(ev, REQUESTS) or ev.pair != self.pair \
+                            or ev.source != self.source:
                         continue
-                    if ev.attrs.get("forced") == "1":
+                    if isinstance(ev, FailoverRequested) and ev.forced:
                         continue    # a forced failover promotes without the source's part
-                    key = (ev.event, ev.attrs.get("request", ""), ev.at_ms)
-                    if ev.event not in ("failover-requested", "hashes-requested",
-                                        "resend-requested") or key in served:
+                    key = (ev.NAME, ev.request, ev.at_ms)
+                    if key in served:
                         continue
                     served.add(key)     # a re-read after a reconnect must not redo it
                     self._serve(ev)
-                    if ev.event == "failover-requested":
+                    if isinstance(ev, FailoverRequested):
                         return
             except X2XError as e:
                 # The broker is unreachable: keep capturing, listen again shortly.
                 log.warning("pair %s: control watch interrupted: %s", self.pair, e)
                 self._halt.wait(2.0)
 
-    def _serve(self, ev: ControlEvent) -> None:
-        request = ev.attrs.get("request", "")
-        base = {"request": request, "source": self.source}
+    def _serve(self, ev: FailoverRequested | HashesRequested | ResendRequested) -> None:
+        answer: Event
         try:
-            if ev.event == "failover-requested":
-                answer = ("sealed", self.requests.seal())
-            elif ev.event == "hashes-requested":
-                answer = ("hashes-published", self.requests.hashes())
+            if isinstance(ev, FailoverRequested):
+                answer = self.requests.seal(ev)
+            elif isinstance(ev, HashesRequested):
+                answer = self.requests.hashes(ev)
             else:
-                extents = parse_extents(ev.attrs.get("extents", ""))
-                answer = ("resent", self.requests.resend(extents))
+                answer = self.requests.resend(ev)
         except (X2XError, OSError, ValueError) as e:
-            log.error("pair %s: %s failed: %s", self.pair, ev.event, e)
-            answer = ("request-failed", {"reason": f"{ev.event}: {e}"[:500]})
+            log.error("pair %s: %s failed: %s", self.pair, ev.NAME, e)
+            answer = RequestFailed(pair=self.pair, source=self.source, request=ev.request,
+                                   reason=f"{ev.NAME}: {e}"[:500])
         try:
-            control.publish(self.settings, ControlEvent(answer[0], self.pair, now_ms(),
-                                                        attrs={**base, **answer[1]}),
-                            Role.CAPTURER)
+            control.publish(self.settings, answer, Role.CAPTURER)
         except X2XError as e:
-            log.error("pair %s: could not answer %s: %s", self.pair, ev.event, e)
+            log.error("pair %s: could not answer %s: %s", self.pair, ev.NAME, e)

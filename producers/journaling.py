@@ -119,6 +119,7 @@ class CaptureCounters:
     ops: int = 0          # WRITE, ZERO, TRIM and FLUSH requests journaled
     bytes: int = 0        # payload bytes of those requests
     flushes: int = 0
+    cuts: int = 0         # consistency points the capturer made on its own (no client FLUSH)
 
 
 class JournalingVolume:
@@ -135,7 +136,8 @@ class JournalingVolume:
     def __init__(self, vol: Volume, pub: JournalPublisher, mode: Mode, block_size: int,
                  locks: RangeLocks | None = None, journal_timeout: float = 60.0,
                  health: Health | None = None,
-                 intent: IntentBitmap | None = None) -> None:
+                 intent: IntentBitmap | None = None,
+                 fence: Callable[[], str | None] | None = None) -> None:
         self.vol, self.pub, self.mode, self.block_size = vol, pub, mode, block_size
         self.size = vol.size
         self.locks = locks or RangeLocks()
@@ -143,6 +145,8 @@ class JournalingVolume:
         self.counters = CaptureCounters()
         self.dirty = bytearray(-(-vol.size // block_size))
         self.health = health or Health()
+        #: Why writes must be refused (a lapsed lease, producers/lease.py), or None.
+        self.fence = fence
         #: The write-intent bitmap (producers/intent.py).
         self.intent = intent
         #: Journaled writes whose bytes the journal has yet to read from the source.
@@ -154,11 +158,44 @@ class JournalingVolume:
         #: publisher it went to, its seq, the bitmap's checkpoint); one at a time.
         self._point: tuple[JournalPublisher, int, Checkpoint] | None = None
         self._point_lock = threading.Lock()
+        #: A consistency point went by without a bitmap point (another one was open): the
+        #: next cut makes one even if no write came since, so the bitmap clears what is
+        #: journaled without waiting for the next write.
+        self._owed = False
+
+    #: NBD_FLAG_CAN_MULTI_CONN holds for this backend: a FLUSH on one connection covers
+    #: the completed writes of every connection, on the source and in the journal.
+    #: Every connection of the export shares this one object (nbd_capture.py registers
+    #: it once), so they share ``vol``, ``pub`` and the intent bitmap. A write is replied
+    #: to only after :meth:`_change` returned, i.e. after its local write and after its
+    #: op was appended to ``pub`` (under its range lock). :meth:`flush` then fsyncs the
+    #: one shared volume fd (the source: every connection's writes) and syncs the
+    #: bitmap, and appends a FLUSH op to the one publisher, whose seq comes after every
+    #: op appended before it, whichever connection appended it. So the FLUSH is a
+    #: consistency point covering all of them: flush-sync and sync wait until the broker
+    #: has it all; async returns once the source is durable and the FLUSH ships behind
+    #: that same data. FUA fsyncs the same shared volume. There is no per-connection
+    #: cache anywhere (reads go to the volume), so one connection's FLUSH/FUA is seen
+    #: by all.
+    multi_conn = True
 
     # -- the Backend surface -------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
         # No lock: a read racing a write may see either, as on any disk.
         return self.vol.pread(offset, length)
+
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        # The source's own allocation: every change reaches it before its reply, and a
+        # ZERO or TRIM punches holes there (infra/volume.py), so its holes are zeros.
+        return self.vol.extents(offset, length, limit)
+
+    def zero_is_fast(self) -> bool:
+        # A ZERO op is journaled without data whatever the volume, so fast depends on
+        # the source alone: a punched hole, or a device that offloads write-zeroes.
+        return self.vol.zero_is_fast()
+
+    def cache(self, offset: int, length: int) -> None:
+        self.vol.cache(offset, length)
 
     def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
         # No copy: the server hands each request a buffer of its own (nbd/server.py).
@@ -178,6 +215,7 @@ class JournalingVolume:
         if self.intent is not None:
             self.intent.sync()
             cp = self.intent.begin()      # before the FLUSH op: what it may clear
+            self._owed = self._owed or cp is None
         pub = self.pub
         if self.mode is Mode.ASYNC:
             self._flush_behind(pub, cp)
@@ -189,6 +227,7 @@ class JournalingVolume:
         finally:    # sync mode raises EIO: the point must still be closed
             if cp is not None:
                 (self.intent.end if ok else self.intent.abort)(cp)
+        self._check_fence()
         if ok:
             with self._count_lock:
                 self.counters.ops += 1
@@ -212,6 +251,36 @@ class JournalingVolume:
             self.counters.ops += 1
             self.counters.flushes += 1
         self.settle()
+
+    def cut(self, interval: float) -> bool:
+        """A consistency point without a client FLUSH, once writes have followed the last
+        point for ``interval`` seconds (journal/DESIGN.md rule 16): a FLUSH op appended
+        behind every write completed so far, with no fsync of the source, so it claims
+        nothing about the source's durability. The bitmap's point for it ends once the
+        broker has it, as for an async FLUSH (:meth:`settle`). Called from the capturer's
+        tick; returns whether it cut."""
+        pub = self.pub
+        owed = self._owed and self._point is None
+        if (self._closing or self.health.condition is Condition.DEGRADED
+                or not pub.cut_due(interval, idle=owed)):
+            return False
+        # Before the FLUSH op: what it may clear (None while another point is open:
+        # clearing is then owed to a later point).
+        cp = self.intent.begin() if self.intent is not None else None
+        self._owed = self.intent is not None and cp is None
+        try:
+            seq = pub.flush_point()
+        except X2XError as e:
+            if cp is not None:
+                self.intent.abort(cp)
+            self.degrade(str(e), pub)
+            return False
+        if cp is not None:
+            with self._point_lock:
+                self._point = (pub, seq, cp)
+        with self._count_lock:
+            self.counters.cuts += 1
+        return True
 
     def settle(self) -> None:
         """End the pending consistency point once its FLUSH is journaled, or give it up
@@ -286,6 +355,7 @@ class JournalingVolume:
             # queued meanwhile rides along (group commit).
             self._journal(pub, pub.close_entry)
             self._journal(pub, lambda: pub.wait_journaled(seq, self.journal_timeout))
+        self._check_fence()     # a request that waited past the lease is not acknowledged
 
     def _journal_form(self, pub: JournalPublisher, op: Op) -> list[Op]:
         """The ops that journal a change just made: an async WRITE leaves its bytes on
@@ -342,4 +412,11 @@ class JournalingVolume:
     def _check_open(self) -> None:
         if self._closing:
             raise Shutdown("the capturer is stopping")
+        self._check_fence()
+
+    def _check_fence(self) -> None:
+        fenced = self.fence() if self.fence is not None else None
+        if fenced is not None:
+            # Never acknowledge a write the promoted target would not have.
+            raise OSError(errno.EIO, f"fenced: {fenced}")
 

@@ -31,15 +31,16 @@ import time
 from typing import Callable
 from dataclasses import dataclass, field
 
-from infra import control, telemetry
+from infra import control, hooks, telemetry
 from infra.heartbeat import local_beat_path
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
 from infra.topics import JOURNAL_CONFIG, ensure_topic, journal_topic
 from infra.volume import Volume, volume_digest
-from journal.blocks import Extent
 from journal.clock import now_ms
 from journal.errors import BadInput, VolumeError, X2XError
+from journal.events import (FailoverRequested, HashesPublished, HashesRequested,
+                            ResendRequested, Resent, Sealed)
 from journal.pairs import PairSpec
 from journal.ops import Op
 from producers.control_watch import ControlWatch
@@ -47,6 +48,7 @@ from producers.deferred import hold_from_env
 from producers.baseline import BaselineProgress, new_hash_map, refresh_hashes, run_baseline
 from producers.health import Condition, Health
 from producers.journaling import JournalingVolume, Mode, RangeLocks
+from producers.lease import Lease
 from journal.status import CAPTURE_BEAT_S
 from nbd.server import NBDServer
 from producers.publisher import JournalPublisher
@@ -64,6 +66,9 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 10809
 BEAT_INTERVAL = CAPTURE_BEAT_S
 #: How long queued ops may wait for more company before they are sent as an entry.
 LINGER = 0.05
+#: Default of ``--cut-interval``: seconds between consistency points the capturer makes on
+#: its own while clients write without FLUSH (journal/DESIGN.md rule 16).
+CUT_INTERVAL = 1.0
 #: How long a clean stop lets requests in flight finish.
 STOP_GRACE = 10.0
 _LISTEN = re.compile(r"^(?:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):)?(?P<port>\d+)$")
@@ -116,9 +121,14 @@ class NBDCapture:
     #: Seconds an async burst may stay on the source while clients write
     #: (``X2X_ASYNC_HOLD``, producers/deferred.py); 0 ships every write at once.
     hold: float = field(default_factory=hold_from_env)
+    #: Seconds between the capturer's own consistency points while clients write without
+    #: FLUSH (``--cut-interval``); 0: only client FLUSHes are consistency points.
+    cut_interval: float = CUT_INTERVAL
     #: TLS for NBD clients (infra/tls.py); ``tls_required`` refuses plain-text clients.
     tls: ssl.SSLContext | None = None
     tls_required: bool = False
+    #: Run when the lease lapses and the capturer fences itself (infra/hooks.py).
+    on_fence: str | None = None
     report: CaptureReport = field(init=False, default_factory=CaptureReport)
     baseline: BaselineProgress | None = field(init=False, default=None)
     #: Whether the journal takes what clients write; written only through its methods.
@@ -131,6 +141,8 @@ class NBDCapture:
     #: (``serve`` returns, the CLI exits non-zero) so that its service manager restarts
     #: it, instead of serving on without heartbeats, stall detection or recovery.
     fatal: str | None = field(init=False, default=None)
+    lease: Lease | None = field(init=False, default=None)
+    _fence_told: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.health = Health(self.spec.name)
@@ -165,8 +177,13 @@ class NBDCapture:
             raise BadInput(f"cannot listen for NBD on {self.host}:{self.port}: {e.strerror}; "
                            f"pick another --nbd [HOST:]PORT or stop what uses it") from None
         self.port = self.server.port
+        pair = control.get_pair(self.settings, spec.name)
         if not self.store.incarnation:
-            self.store.incarnation = control.get_pair(self.settings, spec.name).created_at_ms
+            self.store.incarnation = pair.created_at_ms
+        # Automatic failover: hold a lease, renewed by heartbeats (journal/fencing.py).
+        self.lease = Lease(spec.name, pair.auto.lease_ms / 1000) if pair.auto else None
+        if pair.auto:
+            self.beat_interval = min(self.beat_interval, pair.auto.renew_s)
         old_state, old_hashes = self.store.load()
         lost = self._journal_lost_since(old_state)
         state, _ = plan_start(old_state, old_hashes, spec.block_size, vol.size, lost)
@@ -198,7 +215,8 @@ class NBDCapture:
             abandon_epoch(self.settings, spec.name, old_state.epoch, state.epoch)
         self.pub = self.new_publisher(state.epoch, state.next_seq, state.epoch_bytes)
         self.backend = JournalingVolume(vol, self.pub, self.mode, spec.block_size, self.locks,
-                                        health=self.health, intent=self.intent)
+                                        health=self.health, intent=self.intent,
+                                        fence=self.lease.check if self.lease else None)
         self.recovery = Recovery(self, spec, self.settings, vol, self.locks, self.intent,
                                  self.health, self._stopping, self.store.incarnation)
         self.server.exports[spec.name] = self.backend
@@ -407,7 +425,8 @@ class NBDCapture:
         c = self.backend.counters
         d = {"capturer": "nbd", "mode": self.mode.value, "listen": self.uri,
              "clients": str(len(self.server.clients)), "captured_ops": str(c.ops),
-             "captured_bytes": str(c.bytes), "spooled_bytes": str(pub.spooled_bytes),
+             "captured_bytes": str(c.bytes), "cuts": str(c.cuts),
+             "spooled_bytes": str(pub.spooled_bytes),
              "deferred_bytes": str(pub.deferred_bytes)}
         baseline = self.baseline
         if baseline is not None:
@@ -421,17 +440,28 @@ class NBDCapture:
     def beat(self, state: str | None = None, force: bool = False) -> None:
         """Publish a heartbeat: ``state``, or the health's (degraded / resending), or
         ``baseline`` while one runs, else ``capturing``."""
-        pub, baseline = self.pub, self.baseline
+        pub, baseline, lease = self.pub, self.baseline, self.lease
         if state is None:
             condition = self.health.condition
-            state = (condition.value if condition is not Condition.CAPTURING else
+            state = ("fenced" if lease and lease.fenced else
+                     condition.value if condition is not Condition.CAPTURING else
                      "baseline" if baseline and not baseline.finished else "capturing")
         now = time.monotonic()
         last_t, last_b = getattr(self, "_rate_mark", (self._t0, 0))
         total = self.backend.counters.bytes + (baseline.done if baseline else 0)
         rate = (total - last_b) / max(now - last_t, 1e-3)
         self._rate_mark = (now, total)
-        pub.beat(state, self.detail(pub), force=force, rate_bps=rate)
+        detail, acked = self.detail(pub), None
+        if lease is not None:
+            # Every beat renews the lease once the broker has it (journal/fencing.py).
+            detail["lease_ms"] = str(int(lease.lease_s * 1000))
+            sent = time.monotonic()
+            acked, force = (lambda: lease.renewed(sent)), True
+        pub.beat(state, detail, force=force, rate_bps=rate, acked=acked)
+        since = pub.unjournaled_since_ms()
+        telemetry.metrics().unjournaled(
+            self.spec.name, pub.unjournaled_bytes,
+            max(0.0, (now_ms() - since) / 1000) if since else 0.0)
         # Baseline and resend progress, 0..1, for dashboards (the beat carries the %).
         for running in (baseline, self.recovery.progress):
             if running is not None:
@@ -439,7 +469,7 @@ class NBDCapture:
                                              running.percent / 100.0)
 
     # -- what the control watch asks (producers/control_watch.py) -------------------------
-    def seal(self) -> dict[str, str]:
+    def seal(self, ev: FailoverRequested) -> Sealed:
         """Planned failover: refuse writes, journal SEAL, drain, stop; the ``sealed``
         answer (epoch, seq, digest, refused_at_ms)."""
         self._check_serving()
@@ -448,22 +478,24 @@ class NBDCapture:
         if not report.clean:
             raise X2XError(f"the capturer could not seal cleanly: "
                            f"{report.error or 'baseline not finished'}")
-        return {"epoch": str(report.epoch), "seq": str(report.last_seq),
-                "digest": self.sealed_digest.hex(), "refused_at_ms": str(refused_at)}
+        return Sealed(pair=self.spec.name, source=self.spec.source, request=ev.request,
+                      epoch=report.epoch, seq=report.last_seq, digest=self.sealed_digest,
+                      refused_at_ms=refused_at)
 
-    def hashes(self) -> dict[str, str]:
-        """Journal HASHES of the whole source and a FLUSH; the answer's attrs."""
+    def hashes(self, ev: HashesRequested) -> HashesPublished:
+        """Journal HASHES of the whole source and a FLUSH; where they landed."""
         self._check_serving()
         p = emit_hashes(self.vol, self.pub, self.locks, self.spec.block_size)
         self.beat(force=True)
-        return p.attrs()
+        return p.answer(HashesPublished, self.spec.name, self.spec.source, ev.request)
 
-    def resend(self, extents: list[Extent]) -> dict[str, str]:
-        """Journal the current content of ``extents`` and a FLUSH; the answer's attrs."""
+    def resend(self, ev: ResendRequested) -> Resent:
+        """Journal the current content of the request's extents and a FLUSH."""
         self._check_serving()
-        p = resend_extents(self.vol, self.pub, self.locks, extents, self.spec.block_size)
+        p = resend_extents(self.vol, self.pub, self.locks, list(ev.extents),
+                           self.spec.block_size)
         self.beat(force=True)
-        return p.attrs()
+        return p.answer(Resent, self.spec.name, self.spec.source, ev.request)
 
     def _check_serving(self) -> None:
         if self._stopped:
@@ -528,14 +560,39 @@ class NBDCapture:
         if pub is self.pub:
             self.health.fail(reason)
 
+    def _fenced(self) -> bool:
+        """Has the lease lapsed? The first time: say so and run the fence hook."""
+        if self.lease is None or self.lease.check() is None:
+            return False
+        if not self._fence_told:
+            self._fence_told = True
+            self.beat(force=True)         # heard only if the broker is reachable again
+            hooks.run(self.on_fence, "fence", pair=self.spec.name, epoch=self.epoch,
+                      volume=self.spec.source, reason=self.lease.fenced)
+        return True
+
+    def _may_cut(self) -> bool:
+        """Cuts are made where the target can be consistent: not while a baseline or a
+        resend runs (the target is consistent only from its own FLUSH on), nor while
+        degraded."""
+        baseline = self.baseline
+        return (self.cut_interval > 0 and self.health.condition is Condition.CAPTURING
+                and (baseline is None or baseline.finished)
+                and not (self.lease and self.lease.fenced))
+
     def _tick_thread(self) -> None:
-        """Send lingering ops as an entry when the workload pauses; beat every interval."""
+        """Send lingering ops as an entry when the workload pauses; cut a consistency
+        point when clients wrote without FLUSH for ``cut_interval``; beat every interval."""
         next_beat = time.monotonic() + self.beat_interval
         while not self._stopping.wait(LINGER):
             try:
+                if self._may_cut():
+                    self.backend.cut(self.cut_interval)
                 if self.health.condition is not Condition.DEGRADED:
                     self.pub.close_entry()
                 self.backend.settle()     # an async FLUSH's point ends once journaled
+                if self._fenced():
+                    continue              # no new epoch, no resend: the target may be promoted
                 self.recovery.tick()      # stall check; degraded -> recover when back
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.beat_interval

@@ -30,7 +30,7 @@ from infra.topics import journal_topic
 from journal.batch import DEFAULT_BUDGET, Sequencer
 from journal.digest import digest_of
 from journal.errors import BrokerError
-from journal.ops import Deferred, Entry, Op, resolve
+from journal.ops import CLOSING_KINDS, Deferred, Entry, Op, resolve
 from journal.clock import now_ms
 from producers.spool import Spool
 from schemas import codec
@@ -104,6 +104,17 @@ class JournalPublisher:
         self.hold, self.busy = hold, busy
         self._waiters = 0          # threads in wait_journaled: they want it shipped now
         self._appended_at = 0      # capture time of the newest op appended (ms)
+        #: Payload bytes appended in this epoch (journaled or not): what clients were told.
+        self._appended_bytes = epoch_bytes
+        #: Capture time (ms) of the first op still in the sequencer (0: none), and of the
+        #: first op of each entry the broker has not acknowledged: (last seq, ms), oldest
+        #: first. The head is the oldest write the journal does not hold yet.
+        self._open_since = 0
+        self._firsts: deque[tuple[int, int]] = deque()
+        #: The newest consistency point appended (FLUSH or SEAL): its seq, and when
+        #: (monotonic); a cut is due once writes follow it (journal/DESIGN.md rule 16).
+        self._point_seq = next_seq - 1
+        self._point_at = time.monotonic()
         self.heartbeat = HeartbeatPublisher(self.producer, pair, "capturer", instance, key=key)
         self.journaled = Journaled(epoch, next_seq - 1, epoch_bytes, 0)
         self.ops_journaled = 0
@@ -137,8 +148,15 @@ class JournalPublisher:
         with self._cond:
             self._raise_if_failed()
             self._appended_at = now = now_ms()
+            if not self.seq.pending_ops:
+                self._open_since = now
+            self._appended_bytes += op.payload_bytes
             for entry in self.seq.add(op, now):
                 self._enqueue(entry)
+                self._open_since = now      # what follows in the sequencer came now
+            if op.kind in CLOSING_KINDS:
+                self._point_seq = self.seq.next_seq - 1
+                self._point_at = time.monotonic()
             while self._queued > self.max_queued:
                 self._cond.wait(0.1)
                 self._raise_if_failed()
@@ -162,6 +180,14 @@ class JournalPublisher:
             self.append(Op.flush())
             return seq
 
+    def cut_due(self, interval: float, idle: bool = False) -> bool:
+        """Have ops been appended since the last consistency point (or, with ``idle``,
+        not necessarily), and is that point at least ``interval`` seconds old? (When the
+        capturer cuts on its own.)"""
+        with self._cond:
+            return ((idle or self.seq.next_seq + self.seq.pending_ops - 1 > self._point_seq)
+                    and time.monotonic() - self._point_at >= interval)
+
     def close_entry(self) -> None:
         """Send whatever ops are queued as an entry now (e.g. when the workload pauses)."""
         with self._cond:
@@ -173,6 +199,7 @@ class JournalPublisher:
         # Never waits: the sequencer numbered this entry, so it must join the queue
         # before any later one (waiting for room happens after, in append).
         held, deferred = _payload(entry)
+        self._firsts.append((entry.last_seq, self._open_since or entry.captured_at_ms))
         self._queue.append((entry, deferred))
         self._queued += held
         self._deferred += deferred
@@ -348,6 +375,8 @@ class JournalPublisher:
                 acked = (ops, entry.epoch_bytes - (before.epoch_bytes
                                                    if before.epoch == entry.epoch else 0))
                 self.ops_journaled += ops
+                while self._firsts and self._firsts[0][0] <= entry.last_seq:
+                    self._firsts.popleft()
                 self.last_acked = (msg.offset(), entry.digest)
                 if self.on_delivered is not None:
                     self.on_delivered(entry, msg.offset())
@@ -417,16 +446,34 @@ class JournalPublisher:
             last = self.seq.next_seq - 1
         self.wait_journaled(last, timeout)
 
-    def beat(self, state: str, detail: dict[str, str] | None = None, force: bool = False,
-             rate_bps: float = 0.0) -> None:
-        j = self.journaled
+    def unjournaled_since_ms(self) -> int:
+        """Capture time of the oldest op appended that the broker has not acknowledged
+        (0: the journal holds every op appended)."""
         with self._cond:
-            # What clients were told is done and the journal may not hold yet: a forced
-            # failover counts it as lost when the source dies (its RPO report).
+            if self._firsts:
+                return self._firsts[0][1]
+            return self._open_since if self.seq.pending_ops else 0
+
+    @property
+    def unjournaled_bytes(self) -> int:
+        """Payload bytes appended in this epoch that the broker has not acknowledged."""
+        with self._cond:
+            return max(0, self._appended_bytes - self.journaled.epoch_bytes)
+
+    def beat(self, state: str, detail: dict[str, str] | None = None, force: bool = False,
+             rate_bps: float = 0.0, acked: Callable[[], None] | None = None) -> None:
+        with self._cond:
+            j = self.journaled
+            # What clients were told is done and the journal may not hold yet (held on
+            # the source, queued, spooled, in flight): status counts it as lag, and a
+            # forced failover as lost when the source dies (journal/status.py).
             ahead = {"appended_seq": str(self.seq.next_seq + self.seq.pending_ops - 1),
-                     "appended_at_ms": str(self._appended_at or j.captured_at_ms)}
+                     "appended_at_ms": str(self._appended_at or j.captured_at_ms),
+                     "appended_bytes": str(self._appended_bytes),
+                     "unjournaled_since_ms": str(self.unjournaled_since_ms()),
+                     "unjournaled_bytes": str(self.unjournaled_bytes)}
         self.heartbeat.beat(state, j.epoch, j.seq, j.epoch_bytes, j.captured_at_ms,
-                            rate_bps, {**(detail or {}), **ahead}, force)
+                            rate_bps, {**(detail or {}), **ahead}, force, acked)
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush heartbeats and stop the threads; call drain() first to keep ops."""

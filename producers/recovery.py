@@ -39,7 +39,8 @@ from infra.topics import JOURNAL_CONFIG, ensure_base_topics, ensure_topic
 from infra.volume import Volume
 from journal.epochs import after_outage
 from journal.errors import PairNotFound, X2XError
-from journal.pairs import ControlEvent, PairSpec
+from journal.events import Created
+from journal.pairs import PairSpec
 from producers.announce import abandon_epoch, mark_journal_lost
 from producers.health import Condition, Health
 from producers.intent import IntentBitmap
@@ -251,8 +252,8 @@ class Recovery:
             control.get_pair(self.settings, spec.name)
         except PairNotFound:
             # Stamped with its first creation time: the pair is the same one (StateStore).
-            control.publish(self.settings, ControlEvent(
-                "created", spec.name, self.incarnation or now_ms(), spec))
+            control.publish(self.settings, Created(
+                pair=spec.name, at_ms=self.incarnation or now_ms(), spec=spec))
 
     def _resend_thread(self) -> None:
         name = self.spec.name

@@ -16,22 +16,20 @@ when none runs, in the CLI on a capturer state continued from the StateStore
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable, Iterator
 
 from infra.kafka import KafkaSettings
-from infra.paths import pair_dir
 from infra.topics import JOURNAL_CONFIG, ensure_topic, journal_topic
 from infra.volume import Volume, digest_of, open_volume
 from journal.blocks import Extent, HASH_LEN, block_count, hash_buffer
-from journal.epochs import after_promotion
 from journal.errors import VolumeError, X2XError
+from journal.events import HashesPublished, Resent, Sealed
 from journal.ops import Op
 from journal.pairs import PairSpec, PairState
 from journal.clock import now_ms
-from producers.baseline import new_hash_map
 from producers.journaling import RangeLocks
 from producers.publisher import JournalPublisher, Sent
+from producers.direction import prepare_direction, store_for
 from producers.regions import journal_regions
 from producers.state import CaptureState, StateStore
 from schemas.cipher import JournalKey
@@ -51,10 +49,12 @@ class Published:
     flush_seq: int          # the FLUSH that ends them
     bytes: int              # record payload sent for them (hash map or resent data)
 
-    def attrs(self) -> dict[str, str]:
-        return {"epoch": str(self.epoch), "first_seq": str(self.first_seq),
-                "offset": str(self.offset), "seq": str(self.flush_seq),
-                "bytes": str(self.bytes)}
+    def answer(self, kind: type[HashesPublished] | type[Resent], pair: str, source: str,
+               request: str | None = None) -> HashesPublished | Resent:
+        """The control event that answers a request with where its ops landed."""
+        return kind(pair=pair, source=source, request=request, epoch=self.epoch,
+                    first_seq=self.first_seq, offset=self.offset, seq=self.flush_seq,
+                    bytes=self.bytes)
 
 
 class _OffsetOf:
@@ -119,43 +119,6 @@ def resend_extents(vol: Volume, pub: JournalPublisher, locks: RangeLocks,
     return Published(pub.journaled.epoch, first, -1, flush, sent)
 
 
-# -- the direction of capture --------------------------------------------------------------
-def store_for(state: PairState) -> StateStore:
-    """The capturer state of the active source: the original source keeps the pair's
-    folder (as before failover existed); the reverse direction has its own, so the two
-    sides' epochs and hash maps never mix when both live on one host."""
-    if not state.reversed:
-        return StateStore(state.spec.name, incarnation=state.created_at_ms)
-    d: Path = pair_dir(state.spec.name) / "reverse"
-    d.mkdir(parents=True, exist_ok=True)
-    return StateStore(state.spec.name, d, incarnation=state.created_at_ms)
-
-
-def prepare_direction(state: PairState, store: StateStore) -> bool:
-    """After a promotion, make the promoted side's capturer start a new epoch above every
-    epoch of the journal, without a baseline: the promoted volume equals the source at
-    the SEAL (or last consistency point), and its target is brought level by failback's
-    hash comparison, not by a full copy. Returns True when a new epoch was prepared."""
-    saved, _ = store.load()
-    epoch = after_promotion(state.promoted_epoch, saved.epoch if saved else None)
-    if epoch is None:
-        return False            # nothing promoted, or this side captures above it already
-    spec = state.active_spec
-    with open_volume(spec.source) as vol:
-        hashes = new_hash_map(vol.size, spec.block_size)
-        chunk = bytearray(max((8 << 20) // spec.block_size, 1) * spec.block_size)
-        for base in range(0, vol.size, len(chunk)):
-            view = memoryview(chunk)[:min(len(chunk), vol.size - base)]
-            vol.readinto(base, view)
-            first = base // spec.block_size
-            hashes[first * HASH_LEN:first * HASH_LEN + -(-len(view) // spec.block_size)
-                   * HASH_LEN] = b"".join(hash_buffer(view, spec.block_size))
-        opening = CaptureState.opening(epoch, spec.block_size, vol.size)
-        opening.clean = True    # nothing to resend: the hash map describes the volume
-        store.save(opening, bytes(hashes))
-    return True
-
-
 class LocalCapture:
     """The capturer side run by the CLI when no capturer serves the source: continues the
     saved capturer state (its epoch and next seq) for one request, then saves it again."""
@@ -208,16 +171,19 @@ class LocalCapture:
             pub.close()
             vol.close()
 
-    # The CaptureSide surface of consumers/failover.py: each returns its answer's attrs.
-    def hashes(self) -> dict[str, str]:
-        return self._run(lambda vol, pub: emit_hashes(vol, pub, RangeLocks(),
-                                                      self.spec.block_size)).attrs()
+    # The CaptureSide surface of consumers/capture_side.py: each returns its answer, as
+    # the event a live capturer would have published.
+    def hashes(self) -> HashesPublished:
+        p = self._run(lambda vol, pub: emit_hashes(vol, pub, RangeLocks(),
+                                                   self.spec.block_size))
+        return p.answer(HashesPublished, self.spec.name, self.spec.source)
 
-    def resend(self, extents: list[Extent]) -> dict[str, str]:
-        return self._run(lambda vol, pub: resend_extents(vol, pub, RangeLocks(), extents,
-                                                         self.spec.block_size)).attrs()
+    def resend(self, extents: list[Extent]) -> Resent:
+        p = self._run(lambda vol, pub: resend_extents(vol, pub, RangeLocks(), extents,
+                                                      self.spec.block_size))
+        return p.answer(Resent, self.spec.name, self.spec.source)
 
-    def seal(self) -> dict[str, str]:
+    def seal(self) -> Sealed:
         """SEAL the source as it is (nothing serves it, so nothing writes to it)."""
         refused_at = now_ms()
         digest = b""
@@ -230,5 +196,5 @@ class LocalCapture:
             pub.wait_journaled(seq)
             return Published(pub.journaled.epoch, seq, -1, seq, 0)
         p = self._run(work)
-        return {"epoch": str(p.epoch), "seq": str(p.flush_seq), "digest": digest.hex(),
-                "refused_at_ms": str(refused_at)}
+        return Sealed(pair=self.spec.name, source=self.spec.source, epoch=p.epoch,
+                      seq=p.flush_seq, digest=digest, refused_at_ms=refused_at)

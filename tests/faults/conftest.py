@@ -61,9 +61,10 @@ class Proc:
     so a test can wait for a log line while the process runs."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None,
-                 banner: str | None = None) -> None:
+                 banner: str | None = None, prefix: tuple[str, ...] = ()) -> None:
         self.args = args
-        self.proc = subprocess.Popen([x2x_bin(), *args], stdout=subprocess.PIPE,
+        # ``prefix``: e.g. ``ip netns exec NS`` to run it on a network of its own.
+        self.proc = subprocess.Popen([*prefix, x2x_bin(), *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
         self.err: list[str] = []
@@ -185,7 +186,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             f"outages, {TALLY['node kills']} Kafka node kills "
             f"({TALLY['leader elections']} partition leader and "
             f"{TALLY['controller elections']} controller elections), "
-            f"{TALLY['node restarts']} node restarts survived; "
+            f"{TALLY['node restarts']} node restarts, "
+            f"{TALLY['automatic failovers']} automatic failovers survived; "
             f"bytes lost: {TALLY['bytes lost']}")
     terminalreporter.write_sep("=", "fault injection")
     terminalreporter.write_line(line)

@@ -10,14 +10,14 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
-from consumers.failover import last_capture_beat
+from consumers.failover import signed_beats
 from infra import control, keys
 from infra.heartbeat import beat_key
 from infra.reader import read_to_end
 from infra.topics import CONTROL_TOPICS, STATUS_TOPIC, journal_topic
 from journal.clock import now_ms
 from journal.pairs import JOURNAL_LOST, PairSpec
-from journal.status import Beat
+from journal.status import Beat, newest
 from schemas import codec
 from tests.conftest import make_image, run_x2x, same_bytes
 from tests.integration.test_security import _forge
@@ -110,13 +110,13 @@ def test_a_forged_heartbeat_does_not_set_the_forced_failover_goal(
     st = _keyed_pair(settings, pair_name, tmp_path)
     spec = st.spec
     run_x2x("apply", pair_name, "--until-caught-up")
-    genuine = last_capture_beat(settings, pair_name, spec.source)
+    genuine = newest(signed_beats(settings, pair_name), pair_name, "capturer", spec.source)
     assert genuine is not None and genuine.seq > 0
     forged = Beat(pair_name, "capturer", spec.source, "evil", 1, now_ms(), "capturing",
                   genuine.epoch, genuine.seq + 10**6, 0, now_ms())
     _produce(settings, STATUS_TOPIC, beat_key(pair_name, "capturer", spec.source),
              codec.encode(codec.HEARTBEAT, asdict(forged)))
-    seen = last_capture_beat(settings, pair_name, spec.source)
+    seen = newest(signed_beats(settings, pair_name), pair_name, "capturer", spec.source)
     assert seen is not None and seen.seq == genuine.seq and seen.host != "evil"
     out = run_x2x("pair", "failover", pair_name, "--force").stdout
     assert "0 ops lost" in out, out

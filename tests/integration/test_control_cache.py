@@ -11,8 +11,8 @@ import pytest
 
 from infra import control
 from infra.paths import x2x_home
-from journal.clock import now_ms
-from journal.pairs import ControlEvent, PairSpec
+from journal.events import EpochAbandoned, FailoverRequested
+from journal.pairs import PairSpec
 from journal.roles import Role
 
 
@@ -40,11 +40,9 @@ def test_cached_fold_equals_a_fresh_one_and_follows_new_events(settings, pair_na
     first = control.pairs(settings)                       # builds the cache
     doc = json.loads(_cache_file().read_text())
     assert pair_name in doc["pairs"] and all(v >= 0 for v in doc["offsets"].values())
-    ev = ControlEvent("epoch-abandoned", pair_name, now_ms(),
-                      attrs={"epoch": "3", "successor": "4"})
+    ev = EpochAbandoned(pair=pair_name, epoch=3, successor=4)
     control.publish(settings, ev, Role.CAPTURER)
-    control.publish(settings, ControlEvent("failover-requested", pair_name,
-                                           now_ms()))
+    control.publish(settings, FailoverRequested(pair=pair_name, source="/src", forced=False))
     cached = control.pairs(settings)                      # from the cache on
     assert cached[pair_name].abandoned_epochs == frozenset({3})
     assert cached[pair_name].state == "failing-over"
@@ -59,8 +57,7 @@ def test_a_late_event_or_a_foreign_cache_folds_everything_again(settings, pair_n
     control.create_pair(settings, spec)
     control.pairs(settings)
     # Stamped before everything folded so far (a host whose clock is behind).
-    control.publish(settings, ControlEvent("epoch-abandoned", pair_name, 1000,
-                                           attrs={"epoch": "7", "successor": "8"}),
+    control.publish(settings, EpochAbandoned(pair=pair_name, at_ms=1000, epoch=7, successor=8),
                     Role.CAPTURER)
     late = control.pairs(settings)
     os.environ["X2X_HOME"] = str(own_home / "fresh")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from infra.kafka import load_properties
 from infra.topics import JOURNAL_CONFIG, control_topic, journal_topic
 from journal.roles import Role
 from schemas import codec
-from tests.conftest import free_port, make_image, run_x2x, same_bytes
+from tests.conftest import free_port, make_image, run_x2x, same_bytes, x2x_bin
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -121,3 +122,41 @@ def test_a_capturer_cannot_promote_a_pair(secured: Secured, tmp_path: Path) -> N
     assert _produce(secured.props("cap-web"), control_topic(Role.CAPTURER), promoted) is None
     shown = json.loads(secured.x2x("pair", "show", "web2", "--json", as_="ops").stdout)
     assert shown["state"] == "created" and not shown["reversed"], shown
+
+
+def test_the_history_base_runs_as_an_operator_and_an_applier_cannot_delete_records(
+        secured: Secured, tmp_path: Path) -> None:
+    from confluent_kafka import TopicPartition
+    src = make_image(tmp_path / "src.img", 4 << 20, seed=6, data_fraction=1.0)
+    secured.x2x("pair", "create", "hist", "--source", str(src), "--target",
+                str(tmp_path / "dst.img"), "--create-target", "--history", "1s", as_="ops")
+    for role, user in (("capturer", "cap-hist"), ("applier", "app-hist")):
+        path = secured.home / f"{user}.properties"
+        secured.x2x("access", "grant", role, user, "--pair", "hist", "--out", str(path),
+                    as_="admin")
+        secured.configs[user] = path
+    # Records with capture times two seconds apart, so the first leave the window.
+    for _ in range(2):
+        secured.x2x("capture", "hist", "--once", "--rebaseline", as_="cap-hist")
+        time.sleep(2)
+    tp = TopicPartition(journal_topic("hist"), 0, 1)
+    app = AdminClient(secured.props("app-hist"))    # may read the journal, not trim it
+    with pytest.raises(Exception, match="(?i)authori"):
+        app.delete_records([tp])[tp].result(15)
+    proc = subprocess.Popen(
+        [x2x_bin(), "base", "hist", "--volume",
+         str(tmp_path / "base.img"), "--interval", "0.5"],
+        env={**secured.env, "X2X_KAFKA_CONFIG": str(secured.configs["ops"])},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            st = json.loads(secured.x2x("status", "hist", "--json", as_="ops").stdout)[0]
+            if st.get("history") and st["history"]["low"] > 0:
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, \
+                (st, proc.poll() is None or proc.communicate())
+            time.sleep(1)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

@@ -43,13 +43,30 @@ class VolumeBackend:
     fua_writes: int = 0
     flushes: int = 0
     fail_writes: BaseException | None = None  # raised by pwrite when set
+    preads: int = 0        # bytes read from the volume
+    zeros: int = 0         # zero calls
+    cached: int = 0        # bytes asked to be cached
+    fast_zero: bool | None = None   # overrides the volume's answer when set
+    #: One volume behind every connection, so a flush covers them all.
+    multi_conn: bool = True
 
     def __post_init__(self) -> None:
         if self.size < 0:
             self.size = self.vol.size - self.offset
 
     def pread(self, offset: int, length: int) -> bytes:
+        self.preads += length
         return self.vol.pread(self.offset + offset, length)
+
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
+        return self.vol.extents(self.offset + offset, length, limit)
+
+    def zero_is_fast(self) -> bool:
+        return self.vol.zero_is_fast() if self.fast_zero is None else self.fast_zero
+
+    def cache(self, offset: int, length: int) -> None:
+        self.cached += length
+        self.vol.cache(self.offset + offset, length)
 
     def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
         if self.fail_writes is not None:
@@ -60,6 +77,7 @@ class VolumeBackend:
             self.vol.fsync()
 
     def zero(self, offset: int, length: int, fua: bool) -> None:
+        self.zeros += 1
         self.vol.zero(self.offset + offset, length)
 
     def trim(self, offset: int, length: int) -> None:
@@ -200,6 +218,42 @@ class RawClient:
         data = self.recv(length) if cmd == p.Cmd.READ and reply.error == 0 else b""
         return reply.error, data
 
+    def negotiate(self, name: str = "disk", contexts: tuple[str, ...] = ("base:allocation",)
+                  ) -> p.ExportInfo:
+        """Structured replies, then the metadata contexts, then GO."""
+        assert self.option(p.Option.STRUCTURED_REPLY) == [(p.Reply.ACK, b"")]
+        if contexts:
+            got = self.option(p.Option.SET_META_CONTEXT,
+                              p.encode_meta_context_request(name, contexts))
+            assert got[-1][0] == p.Reply.ACK, got
+        return self.go(name)
+
+    def reply(self, cookie: int) -> tuple[int, list[Any]]:
+        """One whole reply, simple or structured: (error, structured chunks). A simple
+        reply gives no chunks (a simple READ reply is not read here)."""
+        magic = int.from_bytes(self.recv(4), "big")
+        if magic == p.SIMPLE_REPLY_MAGIC:
+            reply = p.parse_simple_reply(magic.to_bytes(4, "big") + self.recv(12))
+            assert reply.cookie == cookie
+            return reply.error, []
+        chunks, error = [], 0
+        while True:
+            head = p.parse_chunk_header(magic.to_bytes(4, "big") + self.recv(16))
+            assert head.cookie == cookie
+            chunk = p.parse_chunk_payload(head.type, self.recv(head.length))
+            if isinstance(chunk, p.ErrorChunk):
+                error = chunk.error
+            chunks.append(chunk)
+            if head.flags & p.REPLY_FLAG_DONE:
+                return error, chunks
+            magic = int.from_bytes(self.recv(4), "big")
+
+    def structured(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
+                   payload: bytes = b"", cookie: int = 0xC0FFEE) -> tuple[int, list[Any]]:
+        """One request on a connection that negotiated structured replies."""
+        self.sock.sendall(p.encode_request(p.Request(flags, cmd, cookie, offset, length)) + payload)
+        return self.reply(cookie)
+
     def assert_closed_by_server(self) -> None:
         """The server ends the connection: EOF (or reset) with nothing more to read."""
         try:
@@ -239,11 +293,13 @@ def assert_still_serving(srv: Served) -> None:
 # --- real clients -------------------------------------------------------------------------
 def test_nbdinfo_sees_size_flags_and_block_sizes(srv: Served) -> None:
     info = json.loads(run("nbdinfo", "--json", srv.uri()).stdout)
-    assert info["protocol"] == "newstyle-fixed" and info["structured"] is False
+    assert info["protocol"] == "newstyle-fixed" and info["structured"] is True
     (export,) = info["exports"]
     assert export["export-name"] == "disk" and export["export-size"] == SIZE
     assert export["can_flush"] and export["can_fua"] and export["can_trim"] and export["can_zero"]
-    assert not export["can_multi_conn"] and not export["is_read_only"]
+    assert export["can_multi_conn"] and export["can_fast_zero"] and export["can_cache"]
+    assert export["can_df"] and export["contexts"] == ["base:allocation"]
+    assert not export["is_read_only"]
     assert (export["block_size_minimum"], export["block_size_preferred"],
             export["block_size_maximum"]) == (1, 4096, 32 * MiB)
 
@@ -329,9 +385,12 @@ def test_two_nbdcopy_into_different_regions_concurrently(tmp_path: Path) -> None
             procs.append(subprocess.Popen(["nbdcopy", str(parts[name]), served.uri(name)]))
         assert [proc.wait(60) for proc in procs] == [0, 0]
         assert served.image.read_bytes() == parts["low"].read_bytes() + parts["high"].read_bytes()
-        records = served.wait_finished(2)
-        assert sorted(r.export for r in records) == ["high", "low"]
-        assert all(r.bytes_written == half for r in records)
+        # Multi-conn: nbdcopy may open several connections per export.
+        def written(name: str) -> int:
+            return sum(r.bytes_written for r in served.finished if r.export == name)
+        wait_for(lambda: written("low") == half and written("high") == half, 10,
+                 "every connection of both copies to finish")
+        assert {r.export for r in served.finished} == {"high", "low"}
     finally:
         served.server.stop(5)
 
@@ -366,7 +425,7 @@ def test_export_name_option_with_and_without_zeroes(raw: Callable[..., RawClient
 def test_options_answered_per_spec_then_go_still_works(raw: Callable[..., RawClient]) -> None:
     c = raw()
     assert c.option(0x1234, b"junk") == [(p.Reply.ERR_UNSUP, b"")]
-    assert c.option(p.Option.STRUCTURED_REPLY) == [(p.Reply.ERR_UNSUP, b"")]
+    assert c.option(p.Option.EXTENDED_HEADERS) == [(p.Reply.ERR_UNSUP, b"")]   # not offered
     assert c.option(p.Option.STARTTLS) == [(p.Reply.ERR_POLICY, b"")]
     assert c.option(p.Option.INFO, p.encode_info_request("nope")) == [(p.Reply.ERR_UNKNOWN, b"")]
     assert c.option(p.Option.INFO, b"\x00\x00\x00\x09ab") == [(p.Reply.ERR_INVALID, b"")]
@@ -580,3 +639,327 @@ def test_trim_with_fua_is_durable_before_the_reply(srv: Served,
     assert srv.backends["disk"].flushes == before + 1
     assert c.request(p.Cmd.TRIM, 65536, 65536) == (0, b"")     # without FUA: no flush
     assert srv.backends["disk"].flushes == before + 1
+
+
+# --- structured replies, block status, fast zero, cache, multi-conn ---------------------------
+#: Where the sparse image holds data: (offset, length); everything else is a hole.
+DATA = [(MiB, MiB), (10 * MiB, 64 * 1024), (40 * MiB, 8 * MiB)]
+DATA_BYTES = sum(n for _, n in DATA)
+
+
+def make_sparse(srv: Served) -> None:
+    """Random data at DATA in the served image, holes elsewhere."""
+    with open(srv.image, "r+b") as f:
+        for off, n in DATA:
+            f.seek(off)
+            f.write(os.urandom(n))
+
+
+def holes_and_data(size: int = SIZE) -> list[tuple[int, int, bool]]:
+    """DATA as the (offset, length, hole) runs that cover the whole image."""
+    runs, pos = [], 0
+    for off, n in DATA:
+        if off > pos:
+            runs.append((pos, off - pos, True))
+        runs.append((off, n, False))
+        pos = off + n
+    return runs + ([(pos, size - pos, True)] if pos < size else [])
+
+
+def test_nbdinfo_map_shows_holes_and_data(srv: Served) -> None:
+    make_sparse(srv)
+    out = json.loads(run("nbdinfo", "--map", "--json", srv.uri()).stdout)
+    got = [(e["offset"], e["length"], e["type"] == 3) for e in out]
+    assert got == holes_and_data()
+    assert all(e["type"] in (0, 3) for e in out)          # data 0, hole|zero 3
+    totals = run("nbdinfo", "--map", "--totals", srv.uri()).stdout
+    assert f"{DATA_BYTES} " in totals and "data" in totals and "hole,zero" in totals
+
+
+def test_nbdcopy_from_the_export_reads_only_the_data(srv: Served, tmp_path: Path) -> None:
+    make_sparse(srv)
+    disk = srv.backends["disk"]
+    out = tmp_path / "copy.img"
+    run("nbdcopy", srv.uri(), str(out))
+    assert out.read_bytes() == srv.image.read_bytes()
+    assert disk.preads == DATA_BYTES              # the holes were never read
+    records = srv.wait_finished(1)
+    assert sum(r.bytes_read - r.bytes_holes for r in records) == DATA_BYTES
+
+
+def test_qemu_img_convert_from_the_export_makes_a_sparse_file(srv: Served,
+                                                              tmp_path: Path) -> None:
+    make_sparse(srv)
+    out = tmp_path / "convert.img"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", srv.uri(), str(out))
+    assert out.read_bytes() == srv.image.read_bytes()
+    allocated = os.stat(out).st_blocks * 512
+    assert DATA_BYTES <= allocated <= DATA_BYTES + MiB, allocated
+    assert srv.backends["disk"].preads == DATA_BYTES
+
+
+def test_structured_read_sends_holes_as_holes_and_df_as_one_chunk(
+        srv: Served, raw: Callable[..., RawClient]) -> None:
+    make_sparse(srv)
+    c = raw()
+    info = c.negotiate()
+    assert info.flags & p.FLAG_SEND_DF and info.flags & p.FLAG_CAN_MULTI_CONN
+    # [MiB - 4k, 2 MiB + 4k): a hole, the data, a hole.
+    err, chunks = c.structured(p.Cmd.READ, MiB - 4096, MiB + 8192)
+    assert err == 0
+    assert chunks[0] == p.OffsetHole(MiB - 4096, 4096)
+    assert chunks[1] == p.OffsetData(MiB, image_bytes(srv.image, MiB, MiB))
+    assert chunks[2] == p.OffsetHole(2 * MiB, 4096) and len(chunks) == 3
+    # Don't fragment: one data chunk, zeros included.
+    err, (chunk,) = c.structured(p.Cmd.READ, MiB - 4096, 8192, flags=p.CMD_FLAG_DF)
+    assert err == 0 and chunk == p.OffsetData(MiB - 4096, image_bytes(srv.image, MiB - 4096, 8192))
+    assert c.structured(p.Cmd.READ, 0, 0) == (0, [None])            # NONE chunk
+    # A refused READ is an ERROR chunk that says why (a simple reply is not allowed).
+    err, (chunk,) = c.structured(p.Cmd.READ, SIZE - 512, 1024)
+    assert err == p.Err.EINVAL and "past the end" in chunk.message
+    err, (chunk,) = c.structured(p.Cmd.READ, 0, 512, flags=p.CMD_FLAG_REQ_ONE)
+    assert err == p.Err.EINVAL and "not valid on NBD_CMD_READ" in chunk.message
+    assert c.structured(p.Cmd.FLUSH) == (0, [])                      # simple OK
+
+
+def test_block_status_by_hand(srv: Served, raw: Callable[..., RawClient]) -> None:
+    make_sparse(srv)
+    c = raw()
+    c.negotiate()
+    err, (chunk,) = c.structured(p.Cmd.BLOCK_STATUS, 0, 12 * MiB)
+    hole = p.STATE_HOLE | p.STATE_ZERO
+    assert err == 0 and chunk == p.BlockStatus(p.BASE_ALLOCATION_ID, (
+        (MiB, hole), (MiB, 0), (8 * MiB, hole), (64 * 1024, 0), (2 * MiB - 64 * 1024, hole)))
+    err, (chunk,) = c.structured(p.Cmd.BLOCK_STATUS, MiB + 512, 4 * MiB, flags=p.CMD_FLAG_REQ_ONE)
+    assert chunk.extents == ((MiB - 512, 0),)
+    err, (chunk,) = c.structured(p.Cmd.BLOCK_STATUS, SIZE - 1, 2)
+    assert err == p.Err.EINVAL and "past the end" in chunk.message
+    err, (chunk,) = c.structured(p.Cmd.BLOCK_STATUS, 0, 0)
+    assert err == p.Err.EINVAL and "length 0" in chunk.message
+    assert c.structured(p.Cmd.READ, 0, 1)[0] == 0                    # still in sync
+
+
+def test_meta_context_options_per_spec(srv: Served, raw: Callable[..., RawClient]) -> None:
+    c = raw()
+    set_meta = p.encode_meta_context_request("disk", ("base:allocation",))
+    (reply, why), = c.option(p.Option.SET_META_CONTEXT, set_meta)
+    assert reply == p.Reply.ERR_INVALID and b"NBD_OPT_STRUCTURED_REPLY" in why
+    assert c.option(p.Option.STRUCTURED_REPLY, b"x")[0][0] == p.Reply.ERR_INVALID
+    assert c.option(p.Option.STRUCTURED_REPLY) == [(p.Reply.ACK, b"")]
+    listed = c.option(p.Option.LIST_META_CONTEXT, p.encode_meta_context_request("disk"))
+    assert [(r, p.parse_rep_meta_context(d)) for r, d in listed[:-1]] == [
+        (p.Reply.META_CONTEXT, (0, "base:allocation"))] and listed[-1][0] == p.Reply.ACK
+    assert c.option(p.Option.LIST_META_CONTEXT, p.encode_meta_context_request(
+        "disk", ("qemu:dirty-bitmap:",))) == [(p.Reply.ACK, b"")]
+    (reply, why), = c.option(p.Option.SET_META_CONTEXT,
+                             p.encode_meta_context_request("nope", ("base:allocation",)))
+    assert reply == p.Reply.ERR_UNKNOWN and b"nope" in why
+    assert c.option(p.Option.SET_META_CONTEXT, b"\x00\x00\x00\x09ab")[0][0] == p.Reply.ERR_INVALID
+    too_many = p.encode_meta_context_request("disk", ("x:",) * (p.MAX_META_QUERIES + 1))
+    assert c.option(p.Option.SET_META_CONTEXT, too_many)[0][0] == p.Reply.ERR_TOO_BIG
+    # Selected for 'small', then GO to 'disk': no context on 'disk'.
+    got = c.option(p.Option.SET_META_CONTEXT,
+                   p.encode_meta_context_request("small", ("base:allocation",)))
+    assert got[0] == (p.Reply.META_CONTEXT, p.encode_rep_meta_context(1, "base:allocation"))
+    c.go("disk")
+    err, (chunk,) = c.structured(p.Cmd.BLOCK_STATUS, 0, 512)
+    assert err == p.Err.EINVAL and "NBD_OPT_SET_META_CONTEXT" in chunk.message
+
+
+def test_fast_zero_is_enotsup_when_zeroing_would_write(srv: Served,
+                                                       raw: Callable[..., RawClient]) -> None:
+    """Fast here means metadata only (a punched hole); otherwise the spec wants ENOTSUP
+    at once, with nothing changed, so the client can pick another way."""
+    with open(srv.image, "r+b") as f:
+        f.write(b"\x77" * 2 * MiB)
+    disk = srv.backends["disk"]
+    c = raw()
+    assert c.negotiate().flags & p.FLAG_SEND_FAST_ZERO
+    assert c.structured(p.Cmd.WRITE_ZEROES, 0, MiB, flags=p.CMD_FLAG_FAST_ZERO) == (0, [])
+    assert image_bytes(srv.image, 0, MiB) == bytes(MiB) and disk.zeros == 1
+    disk.fast_zero = False                          # as a volume that would write zeros
+    err, (chunk,) = c.structured(p.Cmd.WRITE_ZEROES, MiB, MiB, flags=p.CMD_FLAG_FAST_ZERO)
+    assert err == p.Err.ENOTSUP and "not fast" in chunk.message
+    assert image_bytes(srv.image, MiB, MiB) == b"\x77" * MiB and disk.zeros == 1
+    assert c.structured(p.Cmd.WRITE_ZEROES, MiB, MiB) == (0, [])       # without: done
+    assert image_bytes(srv.image, MiB, MiB) == bytes(MiB)
+    # Never advertised to a simple client's WRITE_ZEROES? It still is (flag per export),
+    # but a FAST_ZERO flag on another command is EINVAL.
+    err, (chunk,) = c.structured(p.Cmd.TRIM, 0, 512, flags=p.CMD_FLAG_FAST_ZERO)
+    assert err == p.Err.EINVAL
+
+
+def test_cache_reads_ahead_and_succeeds(srv: Served, raw: Callable[..., RawClient]) -> None:
+    c = raw()
+    c.go()
+    assert c.request(p.Cmd.CACHE, 0, 4 * MiB) == (0, b"")
+    assert srv.backends["disk"].cached == 4 * MiB
+    assert c.request(p.Cmd.CACHE, SIZE, 1)[0] == p.Err.EINVAL
+    out = run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0 0 4k", srv.uri())
+    assert "Pattern verification failed" not in out.stdout
+
+
+@dataclass
+class MinimalBackend:
+    """Only the required surface: no extents, no fast zero, no multi-conn, no cache."""
+
+    vol: Volume
+    size: int = 0
+
+    def __post_init__(self) -> None:
+        self.size = self.vol.size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.vol.pread(offset, length)
+
+    def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
+        self.vol.pwrite(offset, data)
+
+    def zero(self, offset: int, length: int, fua: bool) -> None:
+        self.vol.zero(offset, length)
+
+    def trim(self, offset: int, length: int) -> None:
+        self.vol.zero(offset, length)
+
+    def flush(self) -> None:
+        self.vol.fsync()
+
+
+def test_a_minimal_backend_is_all_data_and_single_connection(tmp_path: Path) -> None:
+    image = tmp_path / "min.img"
+    with open(image, "wb") as f:
+        f.truncate(4 * MiB)
+    server = NBDServer(HOST, 0, {"min": MinimalBackend(Volume(str(image), writable=True))},
+                       log=logging.getLogger(LOGGER)).start()
+    try:
+        uri = f"nbd://{HOST}:{server.port}/min"
+        (export,) = json.loads(run("nbdinfo", "--json", uri).stdout)["exports"]
+        assert not export["can_multi_conn"] and not export["can_fast_zero"]
+        assert export["can_cache"] and export["contexts"] == ["base:allocation"]
+        (extent,) = json.loads(run("nbdinfo", "--map", "--json", uri).stdout)
+        assert (extent["offset"], extent["length"], extent["type"]) == (0, 4 * MiB, 0)
+        c = RawClient(server.port)
+        c.negotiate("min")
+        err, (chunk,) = c.structured(p.Cmd.WRITE_ZEROES, 0, 512, flags=p.CMD_FLAG_FAST_ZERO)
+        assert err == p.Err.EINVAL and "0x10" in chunk.message      # never offered
+        assert c.structured(p.Cmd.CACHE, 0, MiB) == (0, [])
+        c.close()
+    finally:
+        server.stop(5)
+
+
+# --- fuzzed structured negotiation and requests ----------------------------------------------
+def test_fuzzed_meta_context_options_get_an_answer_and_go_still_works(tmp_path: Path) -> None:
+    """Hostile META_CONTEXT option data: every option gets META_CONTEXT replies and an
+    ACK, or one error reply; nothing closes the connection, and GO works after."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    from tests.fuzz import count
+
+    served = serve(tmp_path, {"disk": (0, MiB)}, size=MiB)
+    valid = p.encode_meta_context_request("disk", ("base:allocation", "base:"))
+
+    def mutate(data: st.DataObject) -> bytes:
+        if data.draw(st.booleans()):        # well-formed, with any names and queries
+            queries = data.draw(st.lists(st.sampled_from(
+                ["base:allocation", "base:", "base:allocationX", "qemu:dirty-bitmap:a", "",
+                 "x-é:q"]) | st.text(max_size=20).filter(lambda q: "\x00" not in q),
+                max_size=5))
+            name = data.draw(st.sampled_from(["disk", "", "nope"]))
+            return p.encode_meta_context_request(name, tuple(queries))
+        raw = bytearray(valid)
+        for _ in range(data.draw(st.integers(1, 3))):
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+        if data.draw(st.booleans()):        # cut, or add garbage
+            return bytes(raw[:data.draw(st.integers(0, len(raw)))])
+        return bytes(raw) + data.draw(st.binary(max_size=4))
+
+    @settings(max_examples=150, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(st.data(), st.booleans(), st.sampled_from([p.Option.LIST_META_CONTEXT,
+                                                      p.Option.SET_META_CONTEXT]))
+    def one(data: st.DataObject, structured: bool, option: p.Option) -> None:
+        c = RawClient(served.server.port)
+        try:
+            if structured:
+                c.option(p.Option.STRUCTURED_REPLY)
+            replies = c.option(option, mutate(data))
+            last = replies[-1][0]
+            assert last == p.Reply.ACK or (last & (1 << 31) and len(replies) == 1)
+            for r, d in replies[:-1]:
+                assert r == p.Reply.META_CONTEXT
+                assert p.parse_rep_meta_context(d)[1] == "base:allocation"
+            count("NBD META_CONTEXT options", "answered" if last == p.Reply.ACK else "refused")
+            assert c.go("disk").size == MiB
+            assert c.request(p.Cmd.FLUSH) == (0, b"") if not structured else \
+                c.structured(p.Cmd.FLUSH) == (0, [])
+        finally:
+            c.close()
+
+    try:
+        one()
+    finally:
+        served.server.stop(5)
+
+
+def test_fuzzed_structured_requests_get_valid_replies_and_stay_in_sync(tmp_path: Path) -> None:
+    """Any READ / BLOCK_STATUS / CACHE / WRITE_ZEROES header (flags, offset, length): the
+    reply is well-formed chunks ending DONE, content chunks stay inside the request and
+    never overlap, block status never covers more than asked, and the next request is
+    still understood."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    from tests.fuzz import count
+
+    size = 4 * MiB
+    served = serve(tmp_path, {"disk": (0, size)}, size=size)
+    with open(served.image, "r+b") as f:
+        f.seek(MiB)
+        f.write(os.urandom(MiB))
+    c = RawClient(served.server.port)
+    c.negotiate()
+    offsets = st.one_of(st.integers(0, size + 8192), st.integers(0, 2**64 - 1))
+    lengths = st.one_of(st.integers(0, 3 * MiB), st.integers(0, 2**32 - 1))
+
+    @settings(max_examples=300, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(st.sampled_from([p.Cmd.READ, p.Cmd.BLOCK_STATUS, p.Cmd.CACHE, p.Cmd.WRITE_ZEROES,
+                            p.Cmd.RESIZE, 0x55]),
+           st.one_of(st.sampled_from([0, p.CMD_FLAG_FUA, p.CMD_FLAG_DF, p.CMD_FLAG_REQ_ONE,
+                                      p.CMD_FLAG_FAST_ZERO | p.CMD_FLAG_NO_HOLE]),
+                     st.integers(0, 0xFFFF)), offsets, lengths)
+    def one(cmd: int, flags: int, offset: int, length: int) -> None:
+        err, chunks = c.structured(cmd, offset, length, flags)
+        if err:
+            assert any(isinstance(ch, p.ErrorChunk) and ch.message for ch in chunks) or not chunks
+            count("NBD structured requests", "refused")
+        else:
+            count("NBD structured requests", "served")
+        if cmd == p.Cmd.READ and not err:
+            end, spans = offset + length, []
+            for ch in chunks:
+                if isinstance(ch, p.OffsetData):
+                    spans.append((ch.offset, ch.offset + len(ch.data)))
+                elif isinstance(ch, p.OffsetHole):
+                    spans.append((ch.offset, ch.offset + ch.size))
+            spans.sort()
+            content = bytearray(length)
+            for ch in chunks:
+                if isinstance(ch, p.OffsetData):
+                    content[ch.offset - offset:ch.offset - offset + len(ch.data)] = ch.data
+            assert content == image_bytes(served.image, offset, length)
+            assert sum(b - a for a, b in spans) == length
+            assert all(offset <= a < b <= end for a, b in spans)
+            assert all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))
+            if flags & p.CMD_FLAG_DF:
+                assert len(spans) <= 1
+        if cmd == p.Cmd.BLOCK_STATUS and not err:
+            (bs,) = chunks
+            assert 0 < sum(n for n, _ in bs.extents) <= length
+            if flags & p.CMD_FLAG_REQ_ONE:
+                assert len(bs.extents) == 1
+        assert c.structured(p.Cmd.FLUSH) == (0, [])          # still in sync
+
+    try:
+        one()
+    finally:
+        c.close()
+        served.server.stop(5)

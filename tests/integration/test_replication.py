@@ -21,7 +21,8 @@ from journal.batch import Sequencer
 from journal.errors import (CorruptEntry, ExtentOutOfRange, JournalLost, PairNotFound, SeqGap,
                             StaleEpoch, UnknownFingerprint)
 from journal.ops import Op
-from journal.pairs import ControlEvent, PairSpec
+from journal.events import EpochAbandoned
+from journal.pairs import PairSpec
 from producers.scan import scan_once
 from schemas import codec
 from tests.conftest import make_image, run_x2x, same_bytes, x2x_bin
@@ -353,8 +354,7 @@ def test_late_record_of_an_abandoned_epoch_is_skipped_and_of_any_other_refused(
     with pytest.raises(StaleEpoch, match="entry of epoch 1 .* arrived after epoch 2"):
         Applier(spec, str(dst), settings).run(until_caught_up=True)
     assert dst.read_bytes()[:4096] == b"B" * 4096        # the late record: not applied
-    control.publish(settings, ControlEvent("epoch-abandoned", pair_name, 1,
-                                           attrs={"epoch": "1", "successor": "2"}))
+    control.publish(settings, EpochAbandoned(pair=pair_name, at_ms=1, epoch=1, successor=2))
     more = two.add(Op.write(4096, b"D" * 4096), 4) + two.add(Op.flush(), 4)
     _produce(settings, pair_name, *(codec.encode_entry(e) for e in more))
     stats = Applier(spec, str(dst), settings).run(until_caught_up=True)

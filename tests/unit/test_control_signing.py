@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from journal.batch import Sequencer
 from journal.errors import CorruptEntry
 from journal.ops import Op
-from journal.pairs import ControlEvent, PairSpec, fold, signer
+from journal.events import Created, Deleted
+from journal.pairs import PairSpec, fold, signer
 from schemas import codec
 from schemas.cipher import JournalKey, open_record
 
@@ -26,17 +27,17 @@ def _record(event: str = "promoted", pair: str = "p", **attrs: str) -> bytes:
 
 
 def test_the_fold_stamps_the_incarnation_and_signer_names_the_key():
-    pairs = fold([ControlEvent("created", "p", 100, KEYED), ControlEvent("created", "q", 7,
-                                                                        PLAIN)])
+    pairs = fold([Created(pair="p", at_ms=100, spec=KEYED),
+                  Created(pair="q", at_ms=7, spec=PLAIN)])
     assert pairs["p"].spec.incarnation == 100
     # An existing keyed pair: every event, a new 'created' too, needs its key.
-    for ev in (ControlEvent("promoted", "p", 200),
-               ControlEvent("created", "p", 300, replace(KEYED, key_id=""))):
+    for ev in (Deleted(pair="p", at_ms=200),
+               Created(pair="p", at_ms=300, spec=replace(KEYED, key_id=""))):
         assert signer(pairs, ev) == pairs["p"].spec
     # A new keyed pair signs its own 'created'; unkeyed pairs sign nothing.
-    assert signer({}, ControlEvent("created", "p", 9, KEYED)).incarnation == 9
-    assert signer(pairs, ControlEvent("promoted", "q", 200)) is None
-    assert signer({}, ControlEvent("promoted", "p", 200)) is None
+    assert signer({}, Created(pair="p", at_ms=9, spec=KEYED)).incarnation == 9
+    assert signer(pairs, Deleted(pair="q", at_ms=200)) is None
+    assert signer({}, Deleted(pair="p", at_ms=200)) is None
 
 
 def test_mac_keys_differ_by_purpose_and_incarnation():

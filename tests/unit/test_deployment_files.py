@@ -16,7 +16,8 @@ from tests.conftest import x2x_bin
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "infra" / "systemd"
-UNIT_NAMES = ("x2x-capture@.service", "x2x-apply@.service", "x2x-broker.service")
+UNIT_NAMES = ("x2x-capture@.service", "x2x-apply@.service", "x2x-base@.service",
+              "x2x-watch@.service", "x2x-broker.service")
 
 
 def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
@@ -88,7 +89,8 @@ def test_unit_restarts_and_stops_gracefully(unit: str) -> None:
     assert service["RestartPreventExitStatus"] == ["2"]   # BadInput: a restart cannot help
 
 
-@pytest.mark.parametrize("unit", ["x2x-capture@.service", "x2x-apply@.service"])
+@pytest.mark.parametrize("unit", ["x2x-capture@.service", "x2x-apply@.service",
+                                  "x2x-base@.service", "x2x-watch@.service"])
 def test_pair_units_can_reach_block_devices(unit: str) -> None:
     service = parse_unit(UNITS / unit)["Service"]
     for blocking in ("PrivateDevices", "DevicePolicy", "DeviceAllow", "ProtectClock"):
@@ -117,7 +119,9 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
         (tmp_path / name).write_text(text)
     (tmp_path / "x2x-capture@web.service").symlink_to("x2x-capture@.service")
     (tmp_path / "x2x-apply@web.service").symlink_to("x2x-apply@.service")
+    (tmp_path / "x2x-watch@web.service").symlink_to("x2x-watch@.service")
     units = [str(tmp_path / n) for n in ("x2x-capture@web.service", "x2x-apply@web.service",
+                                         "x2x-watch@web.service",
                                          "x2x-broker.service")]
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *units],
                           capture_output=True, text=True, timeout=60,

@@ -10,7 +10,8 @@ from journal.blocks import (HASH_LEN, coalesce, diff_maps, hash_block, hash_buff
 from journal.digest import digest_of
 from journal.errors import BadInput, ExtentOutOfRange, SeqGap, StaleEpoch
 from journal.ops import Deferred, Entry, Op, OpKind, resolve
-from journal.pairs import (ControlEvent, PairSpec, fold, parse_size, validate_block_size,
+from journal.events import Created, Deleted, ResyncNeeded
+from journal.pairs import (PairSpec, fold, parse_size, validate_block_size,
                            validate_name)
 from journal.runs import RunBuilder
 from journal.sequence import Position, Verdict, check_extents, classify
@@ -168,13 +169,12 @@ def test_block_size_must_be_power_of_two_in_range(bad):
 
 def test_fold_control_events():
     spec = PairSpec("a", "/s", "/t", 65536, 1 << 20)
-    evs = [ControlEvent("created", "a", 1, spec), ControlEvent("created", "b", 2,
-           PairSpec("b", "/s", "/t", 65536, 1)), ControlEvent("deleted", "b", 3),
-           ControlEvent("resync-needed", "a", 4, attrs={"reason": "gap"}),
-           ControlEvent("some-future-event", "a", 5)]
+    evs = [Created(pair="a", at_ms=1, spec=spec),
+           Created(pair="b", at_ms=2, spec=PairSpec("b", "/s", "/t", 65536, 1)),
+           Deleted(pair="b", at_ms=3), ResyncNeeded(pair="a", at_ms=4, reason="gap", cause="")]
     pairs = fold(evs)
     assert list(pairs) == ["a"]
-    assert pairs["a"].state == "needs-resync" and pairs["a"].attrs["reason"] == "gap"
+    assert pairs["a"].state == "needs-resync" and pairs["a"].reason == "gap"
 
 
 # -- deferred writes (rule 11) -------------------------------------------------------------

@@ -121,6 +121,84 @@ def test_simple_reply_round_trips(error: int, cookie: int) -> None:
     assert p.parse_simple_reply(raw) == p.SimpleReply(error, cookie)
 
 
+meta_queries = st.lists(names.filter(lambda q: len(q.encode()) <= p.MAX_STRING),
+                        max_size=8).map(tuple)
+
+
+@given(names, meta_queries)
+def test_meta_context_request_round_trips(name: str, queries: tuple[str, ...]) -> None:
+    raw = p.encode_meta_context_request(name, queries)
+    assert p.parse_meta_context_request(raw) == p.MetaContextRequest(name, queries)
+
+
+def test_too_many_meta_queries_are_too_big() -> None:
+    raw = p.encode_meta_context_request("disk", ("x:y",) * (p.MAX_META_QUERIES + 1))
+    with pytest.raises(p.TooBig, match="more than"):
+        p.parse_meta_context_request(raw)
+
+
+@pytest.mark.parametrize("queries, listing, expected", [
+    ((), True, ["base:allocation"]),
+    ((), False, []),
+    (("base:",), True, ["base:allocation"]),
+    (("base:",), False, []),                      # SET selects exact names only
+    (("base:allocation",), False, ["base:allocation"]),
+    (("base:allocation", "base:allocation"), False, ["base:allocation"]),
+    (("qemu:dirty-bitmap:x", "nbd:"), True, []),
+    (("base:allocationX",), False, []),
+])
+def test_match_meta_contexts(queries: tuple[str, ...], listing: bool, expected: list[str]) -> None:
+    assert p.match_meta_contexts(queries, ("base:allocation",), listing) == expected
+
+
+@given(u32, names.filter(lambda n: n != ""))
+def test_rep_meta_context_round_trips(context: int, name: str) -> None:
+    assert p.parse_rep_meta_context(p.encode_rep_meta_context(context, name)) == (context, name)
+
+
+def _chunk(raw: bytes) -> tuple[p.ChunkHeader, Any]:
+    head = p.parse_chunk_header(raw[:p.CHUNK_HEADER_SIZE])
+    body = raw[p.CHUNK_HEADER_SIZE:]
+    assert head.length == len(body)
+    return head, p.parse_chunk_payload(head.type, body)
+
+
+@given(u16, u64, u64, st.binary(min_size=1, max_size=300))
+def test_offset_data_chunk_round_trips(flags: int, cookie: int, offset: int, data: bytes) -> None:
+    raw = p.encode_offset_data_header(flags, cookie, offset, len(data)) + data
+    head, chunk = _chunk(raw)
+    assert head == p.ChunkHeader(flags, p.ReplyType.OFFSET_DATA, cookie, 8 + len(data))
+    assert chunk == p.OffsetData(offset, data)
+
+
+@given(u16, u64, u64, st.integers(1, 2**32 - 1))
+def test_offset_hole_chunk_round_trips(flags: int, cookie: int, offset: int, size: int) -> None:
+    assert _chunk(p.encode_offset_hole(flags, cookie, offset, size))[1] == p.OffsetHole(offset, size)
+
+
+@given(u64, u32, st.lists(st.tuples(st.integers(1, 2**32 - 1), u32), min_size=1, max_size=50))
+def test_block_status_chunk_round_trips(cookie: int, context: int,
+                                        extents: list[tuple[int, int]]) -> None:
+    head, chunk = _chunk(p.encode_block_status(p.REPLY_FLAG_DONE, cookie, context, extents))
+    assert head.flags == p.REPLY_FLAG_DONE and chunk == p.BlockStatus(context, tuple(extents))
+
+
+@given(u64, st.integers(1, 2**32 - 1), st.text(max_size=5000))
+def test_error_chunk_round_trips_with_its_message_cut_to_a_string(
+        cookie: int, error: int, message: str) -> None:
+    head, chunk = _chunk(p.encode_error_chunk(p.REPLY_FLAG_DONE, cookie, error, message))
+    assert head.type == p.ReplyType.ERROR and chunk.error == error
+    clean = message.replace("\x00", " ")
+    assert clean.startswith(chunk.message) and len(chunk.message.encode()) <= p.MAX_STRING
+    if len(clean.encode()) <= p.MAX_STRING:
+        assert chunk.message == clean
+
+
+def test_none_chunk_is_done_and_empty() -> None:
+    head, chunk = _chunk(p.encode_none_chunk(5))
+    assert head == p.ChunkHeader(p.REPLY_FLAG_DONE, p.ReplyType.NONE, 5, 0) and chunk is None
+
+
 def test_wire_layout_matches_proto_md() -> None:
     """Fixed byte images, so a symmetric encoder/parser bug cannot hide."""
     assert p.encode_request(p.Request(1, 1, 0x0102030405060708, 4096, 512)) == bytes.fromhex(
@@ -129,6 +207,18 @@ def test_wire_layout_matches_proto_md() -> None:
     assert p.encode_option_reply(7, p.Reply.ERR_UNKNOWN) == bytes.fromhex(
         "0003e889045565a9" "00000007" "80000006" "00000000")
     assert p.encode_server_greeting() == b"NBDMAGICIHAVEOPT\x00\x03"
+    assert p.encode_offset_hole(p.REPLY_FLAG_DONE, 7, 4096, 512) == bytes.fromhex(
+        "668e33ef" "0001" "0002" "0000000000000007" "0000000c" "0000000000001000" "00000200")
+    assert p.encode_block_status(0, 7, 1, [(512, 3)]) == bytes.fromhex(
+        "668e33ef" "0000" "0005" "0000000000000007" "0000000c" "00000001" "00000200" "00000003")
+    assert p.encode_error_chunk(p.REPLY_FLAG_DONE, 7, 95, "no") == bytes.fromhex(
+        "668e33ef" "0001" "8001" "0000000000000007" "00000008" "0000005f" "0002") + b"no"
+    assert p.encode_offset_data_header(0, 7, 8, 1) == bytes.fromhex(
+        "668e33ef" "0000" "0001" "0000000000000007" "00000009" "0000000000000008")
+    assert p.encode_meta_context_request("d", ("base:allocation",)) == bytes.fromhex(
+        "00000001") + b"d" + bytes.fromhex("00000001" "0000000f") + b"base:allocation"
+    assert p.encode_rep_meta_context(1, "base:allocation") == bytes.fromhex("00000001") + \
+        b"base:allocation"
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -148,19 +238,66 @@ SIZE = 1 << 20
     (p.Request(0, p.Cmd.WRITE_ZEROES, 1, 2**64 - 1, 1), p.Err.ENOSPC),
     (p.Request(p.CMD_FLAG_NO_HOLE, p.Cmd.WRITE, 1, 0, 1), p.Err.EINVAL),
     (p.Request(p.CMD_FLAG_DF, p.Cmd.READ, 1, 0, 1), p.Err.EINVAL),
-    (p.Request(0, p.Cmd.BLOCK_STATUS, 1, 0, 1), p.Err.EINVAL),
-    (p.Request(0, p.Cmd.CACHE, 1, 0, 1), p.Err.EINVAL),
+    (p.Request(0, p.Cmd.BLOCK_STATUS, 1, 0, 1), p.Err.EINVAL),         # no meta context
+    (p.Request(p.CMD_FLAG_FAST_ZERO, p.Cmd.WRITE_ZEROES, 1, 0, 1), p.Err.EINVAL),  # not offered
+    (p.Request(0, p.Cmd.CACHE, 1, 0, SIZE), p.Err.OK),
+    (p.Request(p.CMD_FLAG_FUA, p.Cmd.CACHE, 1, 0, 1), p.Err.OK),
+    (p.Request(0, p.Cmd.CACHE, 1, SIZE, 1), p.Err.EINVAL),
+    (p.Request(p.CMD_FLAG_DF, p.Cmd.CACHE, 1, 0, 1), p.Err.EINVAL),
     (p.Request(0, 0xBEEF, 1, 0, 1), p.Err.EINVAL),
 ])
 def test_check_request(req: p.Request, expected: p.Err) -> None:
     assert p.check_request(req, SIZE) == expected
 
 
-@given(requests, st.integers(0, 2**63))
-def test_check_request_never_raises_and_bounds_hold(req: p.Request, size: int) -> None:
-    err = p.check_request(req, size)
-    if err == p.Err.OK and req.type in (p.Cmd.READ, p.Cmd.WRITE, p.Cmd.TRIM, p.Cmd.WRITE_ZEROES):
+NEGOTIATED = {"structured": True, "block_status": True, "fast_zero": True}
+
+
+@pytest.mark.parametrize("req, negotiated, expected", [
+    (p.Request(p.CMD_FLAG_DF, p.Cmd.READ, 1, 0, 4096), NEGOTIATED, p.Err.OK),
+    (p.Request(p.CMD_FLAG_DF, p.Cmd.READ, 1, 0, 4096), {"block_status": True}, p.Err.EINVAL),
+    (p.Request(p.CMD_FLAG_DF, p.Cmd.WRITE, 1, 0, 1), NEGOTIATED, p.Err.EINVAL),
+    (p.Request(p.CMD_FLAG_REQ_ONE, p.Cmd.BLOCK_STATUS, 1, 0, SIZE), NEGOTIATED, p.Err.OK),
+    (p.Request(0, p.Cmd.BLOCK_STATUS, 1, 0, 2**32 - 1), NEGOTIATED, p.Err.EINVAL),  # past end
+    (p.Request(0, p.Cmd.BLOCK_STATUS, 1, 0, 0), NEGOTIATED, p.Err.EINVAL),
+    (p.Request(0, p.Cmd.BLOCK_STATUS, 1, 0, 1), {"structured": True}, p.Err.EINVAL),
+    (p.Request(p.CMD_FLAG_REQ_ONE, p.Cmd.READ, 1, 0, 1), NEGOTIATED, p.Err.EINVAL),
+    (p.Request(p.CMD_FLAG_FAST_ZERO | p.CMD_FLAG_NO_HOLE, p.Cmd.WRITE_ZEROES, 1, 0, SIZE),
+     NEGOTIATED, p.Err.OK),
+    (p.Request(p.CMD_FLAG_FAST_ZERO, p.Cmd.WRITE, 1, 0, 1), NEGOTIATED, p.Err.EINVAL),
+    (p.Request(p.CMD_FLAG_FAST_ZERO, p.Cmd.WRITE_ZEROES, 1, SIZE, 1), NEGOTIATED, p.Err.ENOSPC),
+])
+def test_check_request_after_negotiation(req: p.Request, negotiated: dict[str, bool],
+                                         expected: p.Err) -> None:
+    assert p.check_request(req, SIZE, **negotiated) == expected
+
+
+def test_every_refusal_says_why() -> None:
+    err, why = p.request_error(p.Request(0, p.Cmd.BLOCK_STATUS, 1, 0, 1), SIZE)
+    assert err == p.Err.EINVAL and "NBD_OPT_SET_META_CONTEXT" in why
+    err, why = p.request_error(p.Request(p.CMD_FLAG_DF, p.Cmd.READ, 1, 0, 1), SIZE)
+    assert err == p.Err.EINVAL and "0x4" in why and "NBD_CMD_READ" in why
+    err, why = p.request_error(p.Request(0, p.Cmd.READ, 1, SIZE, 1), SIZE)
+    assert err == p.Err.EINVAL and "past the end" in why
+    assert p.request_error(p.Request(0, 0x77, 1, 0, 1), SIZE) == (p.Err.EINVAL,
+                                                                  "unknown command 119")
+    assert p.request_error(p.Request(0, p.Cmd.READ, 1, 0, 1), SIZE) == (p.Err.OK, "")
+
+
+@settings(max_examples=1000)
+@given(requests, st.integers(0, 2**63), st.booleans(), st.booleans(), st.booleans())
+def test_check_request_never_raises_and_bounds_hold(req: p.Request, size: int, structured: bool,
+                                                    block_status: bool, fast_zero: bool) -> None:
+    err, why = p.request_error(req, size, structured=structured, block_status=block_status,
+                               fast_zero=fast_zero)
+    assert bool(err) == bool(why)           # every refusal carries its reason
+    if err == p.Err.OK and req.type not in (p.Cmd.DISC, p.Cmd.FLUSH):
         assert req.offset + req.length <= size
+    if err == p.Err.OK:
+        assert structured or not req.flags & p.CMD_FLAG_DF
+        assert fast_zero or not req.flags & p.CMD_FLAG_FAST_ZERO
+        assert block_status or req.type != p.Cmd.BLOCK_STATUS
+        assert req.type != p.Cmd.BLOCK_STATUS or req.length > 0
 
 
 @pytest.mark.parametrize("err, expected", [
@@ -186,6 +323,15 @@ PARSERS: dict[str, Callable[[bytes], Any]] = {
     "export_name_reply": p.parse_export_name_reply,
     "request": p.parse_request,
     "simple_reply": p.parse_simple_reply,
+    "meta_context_request": p.parse_meta_context_request,
+    "rep_meta_context": p.parse_rep_meta_context,
+    "chunk_header": p.parse_chunk_header,
+    "chunk_offset_data": lambda d: p.parse_chunk_payload(p.ReplyType.OFFSET_DATA, d),
+    "chunk_offset_hole": lambda d: p.parse_chunk_payload(p.ReplyType.OFFSET_HOLE, d),
+    "chunk_block_status": lambda d: p.parse_chunk_payload(p.ReplyType.BLOCK_STATUS, d),
+    "chunk_error": lambda d: p.parse_chunk_payload(p.ReplyType.ERROR, d),
+    "chunk_error_offset": lambda d: p.parse_chunk_payload(p.ReplyType.ERROR_OFFSET, d),
+    "chunk_none": lambda d: p.parse_chunk_payload(p.ReplyType.NONE, d),
 }
 
 # One valid message per parser, to truncate and mutate.
@@ -201,6 +347,16 @@ VALID: dict[str, bytes] = {
     "export_name_reply": p.encode_export_name_reply(p.ExportInfo(512, 1), True),
     "request": p.encode_request(p.Request(0, p.Cmd.WRITE, 9, 0, 512)),
     "simple_reply": p.encode_simple_reply(0, 9),
+    "meta_context_request": p.encode_meta_context_request("disk", ("base:allocation", "x:")),
+    "rep_meta_context": p.encode_rep_meta_context(1, "base:allocation"),
+    "chunk_header": p.encode_chunk_header(1, p.ReplyType.OFFSET_DATA, 9, 20),
+    "chunk_offset_data": p.encode_offset_data_header(0, 9, 512, 4)[p.CHUNK_HEADER_SIZE:] + b"data",
+    "chunk_offset_hole": p.encode_offset_hole(0, 9, 512, 4096)[p.CHUNK_HEADER_SIZE:],
+    "chunk_block_status": p.encode_block_status(0, 9, 1, [(4096, 3), (512, 0)])[
+        p.CHUNK_HEADER_SIZE:],
+    "chunk_error": p.encode_error_chunk(0, 9, 22, "bad")[p.CHUNK_HEADER_SIZE:],
+    "chunk_error_offset": bytes.fromhex("00000005" "0002") + b"io" + (512).to_bytes(8, "big"),
+    "chunk_none": b"",
 }
 
 
@@ -219,11 +375,12 @@ def test_random_bytes_give_value_or_protocol_error(name: str, data: bytes) -> No
     _parse_or_protocol_error(name, data)
 
 
-@given(st.sampled_from(sorted(VALID)), st.data())
+@given(st.sampled_from(sorted(n for n in VALID if VALID[n])), st.data())
 def test_truncated_messages_are_protocol_errors(name: str, data: st.DataObject) -> None:
     valid = VALID[name]
     cut = data.draw(st.integers(0, len(valid) - 1))
-    if name in ("export_name", "rep_server"):
+    if name in ("export_name", "rep_server", "rep_meta_context", "chunk_offset_data",
+                "chunk_block_status"):
         _parse_or_protocol_error(name, valid[:cut])  # variable-length: a prefix may be valid
     else:
         with pytest.raises(p.ProtocolError):
@@ -234,7 +391,7 @@ def test_truncated_messages_are_protocol_errors(name: str, data: st.DataObject) 
 @settings(max_examples=1500)
 @given(st.sampled_from(sorted(VALID)), st.data())
 def test_mutated_messages_give_value_or_protocol_error(name: str, data: st.DataObject) -> None:
-    raw = bytearray(VALID[name])
+    raw = bytearray(VALID[name] or b"\x00")
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(raw) - 1))
         raw[i] = data.draw(st.integers(0, 255))

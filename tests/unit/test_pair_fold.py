@@ -2,81 +2,99 @@
 from __future__ import annotations
 
 from journal.blocks import Extent, format_extents, parse_extents
-from journal.pairs import JOURNAL_LOST, ControlEvent, PairSpec, fold
+from journal.events import (BaselineComplete, Created, EpochAbandoned, Event, FailbackDone,
+                            FailbackStarted, FailoverFailed, FailoverRequested, Promoted,
+                            ResyncNeeded, Resynced, Sealed)
+from journal.pairs import JOURNAL_LOST, PairSpec, fold
 
 SPEC = PairSpec("p", "/a.img", "/b.img", 65536, 1 << 20)
+#: What each kind needs besides the fields a test sets.
+_FILL: dict[type[Event], dict] = {
+    Created: dict(spec=SPEC),
+    FailoverRequested: dict(source="/a.img", forced=False),
+    Sealed: dict(source="/a.img", epoch=1, seq=1, digest=b"", refused_at_ms=0),
+    Promoted: dict(volume="/b.img", epoch=0, seq=0, forced=False, rpo_s=0.0, rpo_ops=0,
+                   promoted_at_ms=0),
+    FailoverFailed: dict(reason="it failed"),
+    FailbackStarted: dict(target="/a.img"),
+    FailbackDone: dict(target="/a.img", differing=0, bytes_sent=0),
+    ResyncNeeded: dict(reason="", cause=""),
+    Resynced: dict(target="/b.img", differing=0, bytes_sent=0, epoch=1),
+    BaselineComplete: dict(epoch=1),
+    EpochAbandoned: dict(epoch=0, successor=0),
+}
 
 
-def ev(name: str, **attrs: str) -> ControlEvent:
-    return ControlEvent(name, "p", 0, SPEC if name == "created" else None, attrs)
+def ev(kind: type[Event], **fields) -> Event:
+    return kind(pair="p", at_ms=0, **{**_FILL[kind], **fields})
 
 
 def test_planned_failover_reverses_the_direction_and_records_the_epoch():
-    st = fold([ev("created"), ev("failover-requested"),
-               ev("sealed", epoch="3", seq="99"), ev("promoted", epoch="3", seq="99")])["p"]
+    st = fold([ev(Created), ev(FailoverRequested),
+               ev(Sealed, epoch=3, seq=99), ev(Promoted, epoch=3, seq=99)])["p"]
     assert st.state == "promoted" and st.reversed and st.promoted_epoch == 3
     assert st.active_spec.source == "/b.img" and st.active_spec.target == "/a.img"
-    assert st.attrs["promoted_seq"] == "99"
+    assert st.promotion is not None and st.promotion.seq == 99
 
 
 def test_failback_then_second_failover_returns_to_the_original_side():
-    evs = [ev("created"), ev("failover-requested"), ev("promoted", epoch="1"),
-           ev("failback-started"), ev("failback-done")]
+    evs = [ev(Created), ev(FailoverRequested), ev(Promoted, epoch=1),
+           ev(FailbackStarted), ev(FailbackDone)]
     st = fold(evs)["p"]
     assert st.state == "replicating" and st.reversed and st.replicating
-    st = fold(evs + [ev("failover-requested"), ev("promoted", epoch="2")])["p"]
+    st = fold(evs + [ev(FailoverRequested), ev(Promoted, epoch=2)])["p"]
     assert st.state == "promoted" and not st.reversed and st.promoted_epoch == 2
     assert st.active_spec == SPEC
 
 
 def test_a_duplicate_promoted_does_not_flip_the_direction_back():
-    st = fold([ev("created"), ev("failover-requested"), ev("promoted", epoch="1"),
-               ev("promoted", epoch="1")])["p"]
+    st = fold([ev(Created), ev(FailoverRequested), ev(Promoted, epoch=1),
+               ev(Promoted, epoch=1)])["p"]
     assert st.reversed and st.state == "promoted"
 
 
 def test_a_failed_failover_leaves_the_pair_as_it_was():
-    st = fold([ev("created"), ev("failover-requested"), ev("failover-failed")])["p"]
+    st = fold([ev(Created), ev(FailoverRequested), ev(FailoverFailed)])["p"]
     assert st.state == "created" and not st.reversed
 
 
 def test_failback_only_starts_from_promoted():
-    st = fold([ev("created"), ev("failback-started"), ev("failback-done")])["p"]
+    st = fold([ev(Created), ev(FailbackStarted), ev(FailbackDone)])["p"]
     assert st.state == "created" and not st.reversed
 
 
 def test_a_seal_digest_mismatch_needs_a_resync_and_promotes_nothing():
-    st = fold([ev("created"), ev("failover-requested"), ev("sealed", epoch="1"),
-               ev("resync-needed", reason="digest")])["p"]
+    st = fold([ev(Created), ev(FailoverRequested), ev(Sealed, epoch=1),
+               ev(ResyncNeeded, reason="digest")])["p"]
     assert st.state == "needs-resync" and not st.reversed
     # A late promoted (it cannot come from a mismatching applier) is not taken either.
-    assert not fold([ev("created"), ev("resync-needed"), ev("promoted")])["p"].reversed
+    assert not fold([ev(Created), ev(ResyncNeeded), ev(Promoted)])["p"].reversed
 
 
 def test_a_lost_journal_holds_until_a_hash_resync_and_only_then():
-    lost = [ev("created"), ev("resync-needed", cause=JOURNAL_LOST, reason="broker lost it")]
+    lost = [ev(Created), ev(ResyncNeeded, cause=JOURNAL_LOST, reason="broker lost it")]
     assert fold(lost)["p"].journal_lost
-    st = fold(lost + [ev("resynced")])["p"]
-    assert st.state == "created" and not st.journal_lost and "cause" not in st.attrs
+    st = fold(lost + [ev(Resynced)])["p"]
+    assert st.state == "created" and not st.journal_lost and st.cause == "" == st.reason
     # A later need of another cause is not mistaken for a lost journal.
-    st = fold(lost + [ev("resynced"), ev("resync-needed", reason="seq gap")])["p"]
+    st = fold(lost + [ev(Resynced), ev(ResyncNeeded, reason="seq gap")])["p"]
     assert st.state == "needs-resync" and not st.journal_lost
 
 
 def test_a_lost_history_is_not_replayable_until_a_full_baseline_not_a_resync():
-    lost = [ev("created"), ev("resync-needed", cause=JOURNAL_LOST)]
-    assert fold([ev("created")])["p"].replayable
+    lost = [ev(Created), ev(ResyncNeeded, cause=JOURNAL_LOST)]
+    assert fold([ev(Created)])["p"].replayable
     assert not fold(lost)["p"].replayable
-    assert not fold(lost + [ev("resynced")])["p"].replayable      # the target only
-    st = fold(lost + [ev("resynced"), ev("baseline-complete", epoch="4")])["p"]
+    assert not fold(lost + [ev(Resynced)])["p"].replayable      # the target only
+    st = fold(lost + [ev(Resynced), ev(BaselineComplete, epoch=4)])["p"]
     assert st.replayable and st.state == "created"
-    assert fold([ev("created"), ev("resync-needed", reason="gap")])["p"].replayable
+    assert fold([ev(Created), ev(ResyncNeeded, reason="gap")])["p"].replayable
 
 
 def test_abandoned_epochs_accumulate_and_survive_other_events():
-    st = fold([ev("created"), ev("epoch-abandoned", epoch="1", successor="2"),
-               ev("resync-needed"), ev("resynced"),
-               ev("epoch-abandoned", epoch="3", successor="4"), ev("epoch-abandoned")])["p"]
+    st = fold([ev(Created), ev(EpochAbandoned, epoch=1, successor=2),
+               ev(ResyncNeeded), ev(Resynced),
+               ev(EpochAbandoned, epoch=3, successor=4), ev(EpochAbandoned)])["p"]
     assert st.abandoned_epochs == {1, 3}
 
 

@@ -27,6 +27,7 @@ def test_counters_gauges_and_histogram_are_read_back(mem) -> None:
     m.applied("web", ops=4, nbytes=70000, target="/images/web.img")
     m.lag("web", ops=1, nbytes=4096, rpo_s=2.5, target="/images/web.img")
     m.checkpoint_age("web", 7.0, target="/images/web.img")
+    m.unjournaled("web", 16 << 20, 1.5)
     m.progress("db", "capturer", 0.25)
     m.progress("db", "capturer", 0.5)      # a gauge reports the last value
     m.nbd_request("web", "write", 0.0004)
@@ -44,6 +45,8 @@ def test_counters_gauges_and_histogram_are_read_back(mem) -> None:
     assert got["x2x.lag.bytes"] == [(app, 4096.0)]
     assert got["x2x.rpo"] == [(app, 2.5)]
     assert got["x2x.checkpoint.age"] == [(app, 7.0)]
+    assert got["x2x.unjournaled.bytes"] == [(cap, float(16 << 20))]
+    assert got["x2x.unjournaled.age"] == [(cap, 1.5)]
     assert got["x2x.resync.progress"] == [({"pair": "db", "role": "capturer"}, 0.5)]
     hist = {a["command"]: dp for a, dp in got["x2x.nbd.request.duration"]}
     assert hist["write"].count == 2 and hist["write"].sum == pytest.approx(0.0034)
@@ -51,6 +54,18 @@ def test_counters_gauges_and_histogram_are_read_back(mem) -> None:
     # Seconds-scale buckets, not the SDK's millisecond defaults.
     assert tuple(hist["write"].explicit_bounds) == telemetry.LATENCY_BUCKETS_S
     assert hist["write"].bucket_counts[telemetry.LATENCY_BUCKETS_S.index(0.0005)] == 1
+
+
+def test_the_history_base_reports_held_bytes_window_and_early_applies(mem) -> None:
+    _, reader, _ = mem
+    m = telemetry.metrics()
+    m.history("web", "/b.img", held=5000, window_s=60.0, early=False)
+    m.history("web", "/b.img", held=9000, window_s=30.0, early=True)
+    got = telemetry.points(reader)
+    a = {"pair": "web", "role": "base", "target": "/b.img"}
+    assert got["x2x.history.held"] == [(a, 9000.0)]
+    assert got["x2x.history.window"] == [(a, 30.0)]
+    assert got["x2x.history.early"] == [(a, 1)]
 
 
 def test_unknown_lag_stops_reporting_the_series(mem) -> None:

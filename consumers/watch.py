@@ -1,0 +1,167 @@
+"""The watcher: applies a pair's journal on the target side like ``x2x apply`` and, for a
+pair with automatic failover, promotes the target once the source is lost.
+
+The decision rests on the journal's own evidence only (journal/fencing.py): no capturer
+heartbeat and no journal progress for ``after``, while the capturer advertised a lease
+short enough to have fenced itself by then. A watcher that cannot read the broker sees no
+evidence and waits. The promotion is the forced failover (consumers/failover.py); the
+watcher runs its hook only if the fold kept its promotion (two watchers: one wins).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from confluent_kafka import Producer
+
+from consumers.applier import Applier
+from consumers.failover import Operation, force_failover, signed_beats
+from infra import control, hooks, retention
+from infra.heartbeat import HeartbeatPublisher
+from infra.kafka import KafkaSettings
+from journal.errors import Busy, X2XError
+from journal.fencing import SourceWatch, Verdict
+from journal.pairs import PairState
+from journal.reports import FailoverReport
+from journal.status import newest
+from schemas.cipher import JournalKey
+
+log = logging.getLogger("x2x.watch")
+
+
+@dataclass
+class Watcher:
+    """One pair's watcher on its target host."""
+
+    settings: KafkaSettings
+    pair: str
+    key: JournalKey | None = None
+    on_promote: str | None = None
+    poll: float = 0.5
+    timeout: float = 300.0
+    verdict: Verdict | None = field(init=False, default=None)
+
+    def run(self, stop: threading.Event) -> FailoverReport | None:
+        """Apply and watch until ``stop``, or until the target is promoted (by this watcher:
+        its report; by anyone else: None)."""
+        st = control.get_pair(self.settings, self.pair)
+        spec = st.active_spec
+        applier = _Applying(lambda: Applier(spec, spec.target, self.settings, key=self.key))
+        producer = Producer(self.settings.side_producer())
+        beats = HeartbeatPublisher(producer, self.pair, "watcher", spec.target, key=self.key)
+        watch: SourceWatch | None = None
+        try:
+            while not stop.wait(self.poll):
+                producer.poll(0)
+                now = time.monotonic()
+                try:
+                    st = control.get_pair(self.settings, self.pair)
+                    if not st.replicating:
+                        log.warning("pair %s is %s now: this watcher stops", self.pair,
+                                    st.state)
+                        return None
+                    watch = self._evidence(st, watch, now)
+                except X2XError as e:
+                    if watch is not None:
+                        watch.blind(now)
+                    log.warning("pair %s: cannot read the broker (%s): no evidence either "
+                                "way, waiting", self.pair, e)
+                    continue
+                self._tell(beats, applier)
+                if self.verdict.fail_over:
+                    log.critical("pair %s: the source is lost: %s; promoting %s", self.pair,
+                                 self.verdict.reason, spec.target)
+                    applier.stop()
+                    return self._promote()
+        finally:
+            applier.stop()
+            producer.flush(5)
+
+    def _evidence(self, st: PairState, watch: SourceWatch | None,
+                  now: float) -> SourceWatch | None:
+        """Read the heartbeats and the journal's end; set ``verdict``."""
+        if st.auto is None:
+            self.verdict = Verdict(False, False, f"automatic failover is off for pair "
+                                                 f"{self.pair} ('x2x pair auto-failover "
+                                                 f"{self.pair} --after 30s')")
+            return None
+        if watch is None or watch.auto != st.auto:
+            watch = SourceWatch(st.auto, now)
+        beat = newest(signed_beats(self.settings, self.pair), self.pair, "capturer",
+                      st.active_spec.source)
+        watch.observe(now, beat, retention.watermarks(self.settings, self.pair)[1])
+        self.verdict = watch.verdict(now, beat)
+        return watch
+
+    def _tell(self, beats: HeartbeatPublisher, applier: "_Applying") -> None:
+        """Heartbeat (status shows it) and a log line when armed-ness changes."""
+        v = self.verdict
+        state = "armed" if v.armed else "not-armed"
+        detail = {"reason": v.reason[:300], "applying": "yes" if applier.running else
+                  "standby (another applier holds the target)"}
+        if v.left_s is not None:
+            detail["failover_in_s"] = f"{v.left_s:.1f}"
+        p = applier.applier.checkpointed
+        beats.beat(state, p.epoch, p.seq, p.epoch_bytes, p.captured_at_ms, detail=detail)
+        if getattr(self, "_last_state", None) != state:
+            self._last_state = state
+            log.warning("pair %s: watcher %s: %s", self.pair, state, v.reason)
+
+    def _promote(self) -> FailoverReport | None:
+        op = Operation(self.settings, self.pair, self.key, _no_capturer_part,
+                       lambda msg: log.info("pair %s: %s", self.pair, msg), self.timeout)
+        try:
+            r = force_failover(op)
+        except X2XError as e:
+            # Another watcher (or an operator) is failing over, or the target is busy.
+            log.error("pair %s: this watcher did not promote: %s", self.pair, e)
+            return None
+        won = control.get_pair(self.settings, self.pair).promotion
+        if won is None or won.promoted_at_ms != r.promoted_at_ms:
+            log.warning("pair %s: another promotion came first; this watcher's is ignored "
+                        "and its hook does not run", self.pair)
+            return None
+        log.critical("pair %s: promoted %s at epoch %d seq %d; RPO %.1f s, %d ops lost",
+                     self.pair, r.promoted, r.epoch, r.seq, r.rpo_s, r.rpo_ops)
+        hooks.run(self.on_promote, "promote", pair=self.pair, epoch=r.epoch, seq=r.seq,
+                  volume=r.promoted, rpo_s=f"{r.rpo_s:.3f}", rpo_ops=r.rpo_ops)
+        return r
+
+
+def _no_capturer_part(_st: PairState):
+    raise X2XError("a forced failover needs nothing of the source")
+
+
+class _Applying:
+    """The applier in a thread; standing by while another applier holds the target."""
+
+    def __init__(self, make: Callable[[], Applier]) -> None:
+        self.make = make
+        self.applier = make()
+        self._stop = threading.Event()
+        self.running = False
+        self._thread = threading.Thread(target=self._run, name="x2x-watch-apply",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.running = True
+                self.applier.run(stop=self._stop)
+                return
+            except Busy:
+                pass
+            except X2XError as e:
+                log.error("pair %s: applying stopped: %s", self.applier.spec.name, e)
+            finally:
+                self.running = False
+            self._stop.wait(2.0)
+            self.applier = self.make()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)

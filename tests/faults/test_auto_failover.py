@@ -1,0 +1,275 @@
+"""Automatic failover without split brain, on real networks: the source's capturer runs in
+a network namespace of its own, reaching the broker over a veth pair (through two small
+forwarders, as the broker listens on 127.0.0.1); the target side's watchers run beside
+the broker. Cutting the veth link is a real network cut: silence, no reset.
+
+Every scenario checks the workload's own invariant: each write a client was told is done
+(qemu-io write + flush, in flush-sync mode) is on the promoted target, which holds a
+prefix of the writes."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from infra import control
+from tests.conftest import free_port, make_image, run_x2x
+from tests.faults.conftest import TALLY, Proc, need
+from tests.integration.test_replication import create
+
+BLOCK = 4096
+SIZE = 16 << 20
+FORWARD = str(Path(__file__).with_name("forward.py"))
+
+
+def _sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, text=True)
+
+
+class SourceNet:
+    """A network namespace for the source host, linked to this one by a veth pair."""
+
+    def __init__(self, broker_port: int) -> None:
+        k = 20 + os.getpid() % 200
+        self.ns, self.host_if, ns_if = f"x2xsrc{k}", f"x2xh{k}", f"x2xn{k}"
+        self.host_ip = f"10.231.{k}.1"
+        self.prefix = ("ip", "netns", "exec", self.ns)
+        self.procs: list[subprocess.Popen] = []
+        try:
+            _sh("ip", "netns", "add", self.ns)
+        except subprocess.CalledProcessError as e:
+            pytest.skip(f"cannot make a network namespace here ({e.stderr.strip()})")
+        _sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", ns_if)
+        _sh("ip", "link", "set", ns_if, "netns", self.ns)
+        _sh("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.host_if)
+        _sh("ip", "link", "set", self.host_if, "up")
+        _sh(*self.prefix, "ip", "addr", "add", f"10.231.{k}.2/24", "dev", ns_if)
+        _sh(*self.prefix, "ip", "link", "set", ns_if, "up")
+        _sh(*self.prefix, "ip", "link", "set", "lo", "up")
+        # The broker's address as its metadata names it (127.0.0.1:port) must work in the
+        # namespace too: there, a forwarder to this side of the link; here, one to it.
+        p = str(broker_port)
+        self._forward((), self.host_ip, p, "127.0.0.1", p)
+        self._forward(self.prefix, "127.0.0.1", p, self.host_ip, p)
+
+    def _forward(self, prefix: tuple[str, ...], *where: str) -> None:
+        proc = subprocess.Popen([*prefix, sys.executable, FORWARD, *where],
+                                stdout=subprocess.PIPE, text=True)
+        self.procs.append(proc)
+        assert proc.stdout.readline().strip() == "ready"
+
+    def cut(self) -> None:
+        _sh("ip", "link", "set", self.host_if, "down")
+
+    def heal(self) -> None:
+        _sh("ip", "link", "set", self.host_if, "up")
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait(10)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
+
+
+@pytest.fixture
+def net(broker):
+    need("qemu-io")
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    n = SourceNet(int(broker.bootstrap.rsplit(":", 1)[1]))
+    yield n
+    n.close()
+
+
+class Writer:
+    """A client in the source's namespace: block i gets pattern i % 250 + 1, each write
+    followed by a flush; records which were acknowledged, and when."""
+
+    def __init__(self, prefix: tuple[str, ...], uri: str) -> None:
+        self.prefix, self.uri = prefix, uri
+        self.acked: dict[int, float] = {}
+        self.failed: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def write(self, i: int) -> bool:
+        p = subprocess.run([*self.prefix, "qemu-io", "-f", "raw", "-c",
+                            f"write -P {i % 250 + 1} {i * BLOCK} {BLOCK}", "-c", "flush",
+                            self.uri], capture_output=True, text=True, timeout=120)
+        return p.returncode == 0 and "error" not in (p.stdout + p.stderr).lower()
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set() and i < SIZE // BLOCK:
+            ok = self.write(i)
+            (self.acked if ok else self.failed)[i] = time.monotonic()
+            i += ok             # a refused block is tried again: it is still the next one
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(150)
+
+
+def check_target(target: Path, writer: Writer) -> None:
+    """Every acknowledged write is on the target, which holds a prefix of the writes."""
+    data = target.read_bytes()
+    present = [i for i in range(len(data) // BLOCK)
+               if data[i * BLOCK] == i % 250 + 1 and data[i * BLOCK + BLOCK - 1] == i % 250 + 1]
+    assert present == list(range(len(present))), "the target does not hold a prefix"
+    missing = [i for i in writer.acked if i not in present]
+    TALLY["bytes lost"] += len(missing) * BLOCK
+    assert not missing, f"acknowledged writes missing on the promoted target: {missing[:10]}"
+
+
+def setup_pair(settings, name: str, tmp_path: Path, after: str = "8s",
+               lease: str = "5s") -> tuple:
+    src = make_image(tmp_path / "src.img", SIZE, data_fraction=0.0)
+    spec = create(settings, name, src, tmp_path / "dst.img")
+    out = run_x2x("pair", "auto-failover", name, "--after", after, "--lease", lease).stdout
+    assert "automatic failover after" in out
+    return spec
+
+
+def start_capture(net: SourceNet, name: str, tmp_path: Path) -> tuple[Proc, str]:
+    port = free_port()
+    cap = Proc("capture", name, "--nbd", f"127.0.0.1:{port}", "--mode", "flush-sync",
+               "--on-fence", f"echo $X2X_PAIR $X2X_REASON >> {tmp_path / 'fenced'}",
+               prefix=net.prefix, banner="serving")
+    assert "holding a 5 s lease" in cap.banner, cap.banner
+    return cap, f"nbd://127.0.0.1:{port}/{name}"
+
+
+def start_watcher(name: str, tmp_path: Path) -> Proc:
+    return Proc("watch", name, "--on-promote",
+                f"echo $X2X_PAIR $X2X_EPOCH $X2X_RPO_S >> {tmp_path / 'promoted'}",
+                banner="watching")
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@contextlib.contextmanager
+def scenario(settings, name: str, tmp_path: Path, net: SourceNet, watchers: int = 1):
+    """A pair with automatic failover, its capturer in the source's namespace, armed
+    watchers and a writer; everything stopped at the end."""
+    spec = setup_pair(settings, name, tmp_path)
+    cap, uri = start_capture(net, name, tmp_path)
+    ws = [start_watcher(name, tmp_path) for _ in range(watchers)]
+    writer = Writer(net.prefix, uri)
+    try:
+        for w in ws:
+            w.wait_log("watcher armed", timeout=60)
+        yield spec, cap, ws, writer
+    finally:
+        writer.stop()
+        for w in ws:
+            w.kill()
+        cap.kill()
+
+
+def test_a_source_cut_off_fences_itself_and_one_watcher_promotes(
+        settings, pair_name, tmp_path, net):
+    with scenario(settings, pair_name, tmp_path, net, watchers=2) as (   # one wins
+            spec, cap, watchers, writer):
+        time.sleep(3)
+        assert len(writer.acked) > 5, writer.failed
+        net.cut()
+        cut = time.monotonic()
+        # The source fences itself within its lease: writes fail from then on.
+        cap.wait_log("fenced", timeout=30)
+        fenced_at = time.monotonic()
+        deadline = time.monotonic() + 60
+        while not lines(tmp_path / "promoted") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        promoted_at = time.monotonic()
+        acked_after = [t for t in writer.acked.values() if t > cut]
+        print(f"\ncut -> fenced {fenced_at - cut:.1f} s, cut -> promoted "
+              f"{promoted_at - cut:.1f} s; {len(writer.acked)} writes acknowledged, "
+              f"{len(acked_after)} after the cut, last {max(writer.acked.values()) - cut:+.1f} s")
+        assert fenced_at - cut <= 5 + 2 + 1, "the lease did not fence in time"
+        assert promoted_at - cut >= 8, "promoted before the failover delay"
+        assert all(t <= cut + 5 + 2 for t in writer.acked.values()), \
+            "a write was acknowledged after the lease ran out"
+        for w in watchers:
+            w.proc.wait(60)
+        assert len(lines(tmp_path / "promoted")) == 1, lines(tmp_path / "promoted")
+        assert lines(tmp_path / "fenced") and pair_name in lines(tmp_path / "fenced")[0]
+        st = control.get_pair(settings, pair_name)
+        assert st.state == "promoted" and st.promotion.forced
+        # The link comes back: the old source stays fenced and refuses writes.
+        net.heal()
+        time.sleep(2)
+        assert not writer.write(SIZE // BLOCK - 1), "the old source took a write after failover"
+        writer.stop()
+        check_target(Path(spec.target), writer)
+        TALLY["automatic failovers"] += 1
+    # The way back: the old source becomes the promoted side's target.
+    out = run_x2x("pair", "failback", pair_name).stdout
+    assert "failback done" in out
+
+
+def test_a_killed_source_is_failed_over_too(settings, pair_name, tmp_path, net):
+    with scenario(settings, pair_name, tmp_path, net) as (spec, cap, (watcher,), writer):
+        time.sleep(3)
+        writer.stop()
+        cap.proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        watcher.proc.wait(60)
+        assert time.monotonic() - killed >= 8
+        assert len(lines(tmp_path / "promoted")) == 1
+        assert control.get_pair(settings, pair_name).state == "promoted"
+        check_target(Path(spec.target), writer)
+        TALLY["automatic failovers"] += 1
+
+
+def test_a_blip_shorter_than_the_lease_fences_nothing(settings, pair_name, tmp_path, net):
+    with scenario(settings, pair_name, tmp_path, net) as (spec, cap, (watcher,), writer):
+        time.sleep(1)
+        # Status shows the watcher, the source's lease and the time to failover.
+        out = run_x2x("status", pair_name).stdout
+        assert "automatic failover" in out and "5 s held" in out and "armed" in out, out
+        (row,) = json.loads(run_x2x("status", pair_name, "--json").stdout)
+        a = row["auto_failover"]
+        assert a["after_ms"] == 8000 and a["source_lease_ms"] == 5000
+        assert a["watchers"][0]["state"] == "armed"
+        assert float(a["watchers"][0]["failover_in_s"]) > 4
+        net.cut()
+        time.sleep(2)
+        net.heal()
+        healed = time.monotonic()
+        time.sleep(10)              # past the failover delay counted from the cut
+        assert any(t > healed for t in writer.acked.values()), writer.failed
+        assert not lines(tmp_path / "fenced") and not lines(tmp_path / "promoted")
+        assert "fenced" not in cap.stderr()
+        assert control.get_pair(settings, pair_name).state == "created"
+        assert watcher.proc.poll() is None
+    run_x2x("apply", pair_name, "--until-caught-up")
+    check_target(Path(spec.target), writer)
+
+
+def test_a_lease_too_long_for_the_failover_delay_is_refused(settings, pair_name, tmp_path):
+    src = make_image(tmp_path / "src.img", SIZE, data_fraction=0.0)
+    create(settings, pair_name, src, tmp_path / "dst.img")
+    proc = run_x2x("pair", "auto-failover", pair_name, "--after", "10s", "--lease", "9s",
+                   check=False)
+    assert proc.returncode == 2 and "must end at least 2 s before the failover" in \
+        proc.stderr, proc.stderr
+    proc = run_x2x("pair", "auto-failover", pair_name, "--lease", "5s", check=False)
+    assert proc.returncode == 2 and "--after" in proc.stderr
+    assert control.get_pair(settings, pair_name).auto is None
+    run_x2x("pair", "auto-failover", pair_name, "--after", "10s")
+    assert control.get_pair(settings, pair_name).auto.lease_ms == 8000
+    run_x2x("pair", "auto-failover", pair_name, "--off")
+    assert control.get_pair(settings, pair_name).auto is None
