@@ -251,9 +251,10 @@ def _data_extents(vol: Volume, length: int) -> list[tuple[int, int]]:
 def copy_sparse(src: str, dst: str, length: int, chunk: int = 8 << 20) -> int:
     """Make the first ``length`` bytes of ``dst`` equal those of ``src``, reading only
     the data extents of ``src`` and leaving holes (or zeros, on a device) for the rest and
-    for zero chunks; fsynced. Returns the bytes written."""
+    for zero chunks; fsynced; ``dst`` wherever it lives (:func:`open_volume`). Returns
+    the bytes written."""
     written = 0
-    with Volume(src) as s, Volume(dst, writable=True) as d:
+    with Volume(src) as s, open_volume(dst, writable=True) as d:
         if s.size < length or d.size < length:
             raise VolumeError(f"copying {length} bytes from {src} ({s.size}) to {dst} "
                               f"({d.size}): one of them is too small")

@@ -351,3 +351,17 @@ def test_replica_in_qcow2(broker, pair_name, tmp_path):
                                      capture_output=True, text=True, check=True).stdout)
     assert info["format"] == "qcow2"
     assert _digest(str(drill)) == _digest(str(src))
+
+
+def test_copy_sparse_onto_an_image(tmp_path):
+    """A history base seeds a replica or rewinds a target with copy_sparse: onto a qcow2
+    it writes through qemu-nbd, never the raw bytes into the container."""
+    _need("qemu-img", "qemu-nbd")
+    from infra import images
+    from infra.volume import copy_sparse
+    src = make_image(tmp_path / "base.img", 16 * MiB, seed=51)
+    dst = images.locate(str(tmp_path / "seeded.qcow2"))
+    images.create(dst, 16 * MiB)
+    copy_sparse(str(src), dst.text, 16 * MiB)
+    assert _digest(dst.text) == _digest(str(src))
+    assert images.image_info(dst)["format"] == "qcow2"
