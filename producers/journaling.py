@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 
 from infra.volume import Volume
 from journal.choices import parse_choice
-from journal.errors import X2XError
+from journal.errors import BacklogFull, X2XError
 from journal.ops import Op, OpKind
 from producers.deferred import DeferredWrites
 from producers.health import Condition, Health
@@ -239,7 +239,7 @@ class JournalingVolume:
         at = [0]
 
         def append() -> None:
-            at[0] = pub.flush_point()
+            at[0] = pub.flush_point(client=True)
         ok = self._journal(pub, append)
         if cp is not None:
             if ok:
@@ -269,11 +269,11 @@ class JournalingVolume:
         cp = self.intent.begin() if self.intent is not None else None
         self._owed = self.intent is not None and cp is None
         try:
-            seq = pub.flush_point()
+            seq = pub.flush_point(client=True)
         except X2XError as e:
             if cp is not None:
                 self.intent.abort(cp)
-            self.degrade(str(e), pub)
+            self.degrade(str(e), pub, journal_gone=not isinstance(e, BacklogFull))
             return False
         if cp is not None:
             with self._point_lock:
@@ -336,7 +336,7 @@ class JournalingVolume:
                 # change either reaches that publisher or is resent by it.
                 pub = self.pub
                 ops = self._journal_form(pub, op)
-                appended = self._journal(pub, lambda: pub.append_many(ops))
+                appended = self._journal(pub, lambda: pub.append_many(ops, client=True))
                 if appended and self.mode is Mode.SYNC:
                     # Read under the lock: at or after our op, so waiting for it is enough.
                     seq = pub.appended_seq
@@ -384,18 +384,21 @@ class JournalingVolume:
         except X2XError as e:
             # A new epoch may have replaced this request's publisher meanwhile: its
             # change stays marked in the bitmap and the new epoch's resend journals it.
-            self.degrade(str(e), pub)
+            self.degrade(str(e), pub, journal_gone=not isinstance(e, BacklogFull))
             if self.mode is Mode.SYNC:
                 raise OSError(errno.EIO, f"journal unavailable: {e}") from None
             return False
 
-    def degrade(self, why: str, pub: JournalPublisher | None = None) -> None:
-        """Journaling into ``pub`` (default: the current publisher) stopped, a failed
-        publisher or a stalled broker: writes go on being kept on the source and marked,
-        and the capturer's recovery resends them in a new epoch."""
+    def degrade(self, why: str, pub: JournalPublisher | None = None,
+                journal_gone: bool = True) -> None:
+        """Journaling into ``pub`` (default: the current publisher) stopped: a failed
+        publisher, a stalled broker, or (``journal_gone`` False) a full backlog. Writes go
+        on being kept on the source and marked, and the capturer's recovery resends them."""
         if pub is not None and pub is not self.pub:
             return
-        self.deferred.clear()       # their journal is gone; the bitmap has the blocks
+        if journal_gone:
+            self.deferred.clear()   # their journal is gone; the bitmap has the blocks
+        # else the queued ops still ship: their promises to read the source are kept.
         self.health.fail(why)
 
     def mark_all_dirty(self) -> None:

@@ -313,6 +313,9 @@ class NBDCapture:
                                hold=self.hold if spool is not None else 0.0,
                                busy=self._clients_busy)
         pub.heartbeat.local_copy = local_beat_path(self.spec.name, "capturer")
+        # async: the backlog is bounded (spool, memory); full, the capturer degrades as for
+        # an outage instead of making clients wait for the broker (journal/DESIGN.md 12).
+        pub.full_fails = self.mode is Mode.ASYNC
         return pub
 
     def _clients_busy(self) -> bool:

@@ -29,7 +29,7 @@ from infra.kafka import KafkaSettings
 from infra.topics import journal_topic
 from journal.batch import DEFAULT_BUDGET, Sequencer
 from journal.digest import digest_of
-from journal.errors import BrokerError
+from journal.errors import BacklogFull, BrokerError
 from journal.ops import CLOSING_KINDS, Deferred, Entry, Op, resolve
 from journal.clock import now_ms
 from producers.spool import Spool
@@ -99,6 +99,9 @@ class JournalPublisher:
         self._queued = 0
         self._deferred = 0
         self.max_queued = max_queued_bytes
+        #: async capture: a full backlog raises BacklogFull (the capturer degrades)
+        #: instead of holding the client at the broker's pace.
+        self.full_fails = False
         #: Burst absorption (producers/deferred.py): while ``busy()`` says clients are
         #: writing, deferred entries younger than ``hold`` seconds stay on the source.
         self.hold, self.busy = hold, busy
@@ -142,9 +145,9 @@ class JournalPublisher:
         self._writer.start()
 
     # -- appending -----------------------------------------------------------------
-    def append(self, op: Op) -> None:
-        """Queue one op; entries it completes go to the writer now. Waits while the
-        writer is more than ``max_queued`` bytes behind."""
+    def append(self, op: Op, wait: bool = True) -> None:
+        """Queue one op; entries it completes go to the writer now. Then waits while the
+        writer is more than ``max_queued`` bytes behind (see :meth:`_room`)."""
         with self._cond:
             self._raise_if_failed()
             self._appended_at = now = now_ms()
@@ -157,9 +160,28 @@ class JournalPublisher:
             if op.kind in CLOSING_KINDS:
                 self._point_seq = self.seq.next_seq - 1
                 self._point_at = time.monotonic()
-            while self._queued > self.max_queued:
-                self._cond.wait(0.1)
-                self._raise_if_failed()
+            if wait:
+                self._room()
+
+    def _room(self, client: bool = False) -> None:
+        """Wait while the writer is more than ``max_queued`` bytes behind; for a
+        ``client``'s change with ``full_fails``, raise BacklogFull instead (async: the
+        client must not wait). Baseline, resend and hashes always wait."""
+        while self._queued > self.max_queued:
+            if client and self.full_fails:
+                spool = (f", the spool holds {self.spool.bytes} of {self.spool.max_bytes} "
+                         f"bytes" if self.spool is not None else ", no spool")
+                raise BacklogFull(
+                    f"the journal's backlog is full ({self._queued} bytes in memory{spool}): "
+                    f"the broker at {self.settings.bootstrap} takes less than the source "
+                    f"writes")
+            self._cond.wait(0.1)
+            self._raise_if_failed()
+
+    @property
+    def failed(self) -> bool:
+        """Has this publisher given up (its journal is gone)?"""
+        return bool(self._error)
 
     def append_at(self, op: Op) -> int:
         """Queue one op that is never split (not a large WRITE); return its seq."""
@@ -168,16 +190,20 @@ class JournalPublisher:
             self.append(op)
             return seq
 
-    def append_many(self, ops: list[Op]) -> None:
+    def append_many(self, ops: list[Op], client: bool = False) -> None:
+        """Queue the ops of one change, then wait for room once (or, for a ``client``,
+        raise BacklogFull: the whole change is queued either way, never a part of it)."""
         with self._cond:
             for op in ops:
-                self.append(op)
+                self.append(op, wait=False)
+            self._room(client)
 
-    def flush_point(self) -> int:
-        """Append a FLUSH (consistency point) and return its seq."""
+    def flush_point(self, client: bool = False) -> int:
+        """Append a FLUSH (consistency point) and return its seq (``client``: see
+        :meth:`append_many`)."""
         with self._cond:
             seq = self.seq.next_seq + self.seq.pending_ops
-            self.append(Op.flush())
+            self.append_many([Op.flush()], client)
             return seq
 
     def cut_due(self, interval: float, idle: bool = False) -> bool:
