@@ -23,6 +23,7 @@ from typing import Callable
 from consumers.applier import Applier
 from consumers.checkpoint import CheckpointStore
 from consumers import failover as fo
+from consumers import replica
 from infra import control, images
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
@@ -127,6 +128,12 @@ def test_launch(settings: KafkaSettings, name: str, key: JournalKey | None, say:
                           f"replayed from it; 'x2x pair resync {name}' and a full baseline "
                           f"('x2x capture {name} --rebaseline') first")
     pair = st.active_spec
+    if replica.needs_seed(settings, st, f"{name}-test-launch"):
+        raise BadInput(f"pair {name} keeps a history window and its journal no longer starts "
+                       f"with the full baseline: a test launch replays the journal from its "
+                       f"start, so it cannot copy this pair yet (seeding the copy from the "
+                       f"history base is not done); boot a replica made with 'x2x replica add "
+                       f"{name} --target COPY --at now' instead. Nothing was changed")
     work = Path(tempfile.mkdtemp(prefix="test-launch-", dir=workdir or pair_dir(name)))
     try:
         copy = images.locate(str(work / "copy.qcow2"))
