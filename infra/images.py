@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -146,6 +147,21 @@ def create(loc: Location, nbytes: int) -> bool:
     return True
 
 
+def _accepts(path: str) -> bool:
+    """Does the unix socket at ``path`` take connections? (qemu-nbd creates the socket
+    file a moment before it listens on it.)"""
+    if not os.path.exists(path):
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def open_nbd(uri: str, timeout: float = 30.0) -> nbd.Client:
     try:
         address = nbd.parse_uri(uri)
@@ -190,7 +206,7 @@ class ImageServer:
         self.proc = subprocess.Popen(args + [self.loc.path], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + START_TIMEOUT
-        while not os.path.exists(sock):
+        while not _accepts(sock):
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace").strip()
                 self.stop()

@@ -32,7 +32,11 @@ class NBDVolume:
         self.server = ImageServer(loc, writable) if loc.kind == "image" else None
         self.client: nbd.Client | None = None
         self.size = 0
-        self.reconnect()
+        try:
+            self.reconnect()
+        except BaseException:
+            self.close()        # never leave x2x's qemu-nbd behind
+            raise
 
     def reconnect(self) -> None:
         """(Re)open the connection; raises VolumeLost while the server is unreachable,
