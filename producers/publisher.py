@@ -167,16 +167,27 @@ class JournalPublisher:
         """Wait while the writer is more than ``max_queued`` bytes behind; for a
         ``client``'s change with ``full_fails``, raise BacklogFull instead (async: the
         client must not wait). Baseline, resend and hashes always wait."""
+        since = None
         while self._queued > self.max_queued:
-            if client and self.full_fails:
+            if client and self.full_fails and self._backlog_full(since):
                 spool = (f", the spool holds {self.spool.bytes} of {self.spool.max_bytes} "
                          f"bytes" if self.spool is not None else ", no spool")
                 raise BacklogFull(
                     f"the journal's backlog is full ({self._queued} bytes in memory{spool}): "
                     f"the broker at {self.settings.bootstrap} takes less than the source "
                     f"writes")
+            since = since or time.monotonic()
             self._cond.wait(0.1)
             self._raise_if_failed()
+
+    def _backlog_full(self, since: float | None) -> bool:
+        """Is the backlog at its bound, not just the writer a moment behind (a client
+        then waits briefly, at the writer's pace)? With a spool: the spool cannot take
+        what is queued; without: the queue has not moved for a second."""
+        if self.spool is not None:
+            return (self._deferred + self.spool.bytes + self._queued
+                    >= self.spool.max_bytes)
+        return since is not None and time.monotonic() - since > 1.0
 
     @property
     def failed(self) -> bool:
