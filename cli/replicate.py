@@ -13,7 +13,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingCol
 from cli.common import console, err_console, human_bytes, print_json, settings
 from consumers.applier import Applier
 from consumers.checkpoint import CheckpointStore
-from infra import control, pins
+from infra import control, images, pins
 from infra.keys import key_for, remember_file
 from infra.tls import TLSMode, create_certificates, server_context
 from journal.errors import BadInput, BrokerError
@@ -110,6 +110,10 @@ def capture(ctx: typer.Context, name: str,
     st = control.get_pair(s, name)
     pins.check(st.spec, accept_spec_change)
     spec = st.active_spec             # after a failover: the promoted side
+    if nbd is not None and images.locate(spec.source).kind != "local":
+        raise BadInput(f"the NBD capturer serves a local raw file or block device; the "
+                       f"source {spec.source} is not one: capture it by scanning "
+                       f"('x2x capture {name} --once' or --interval SECONDS)")
     store = prepare_capture(st, rebaseline)
     stop = _stop_on_signals()
     if nbd is not None:
