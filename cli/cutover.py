@@ -10,7 +10,7 @@ from dataclasses import asdict
 import typer
 
 from cli.common import console, err_console, human_bytes, print_json
-from cli.pair import _operation
+from cli.pair import operation
 from consumers import cutover as co
 from infra.qemu import BootSpec
 from infra.paths import pair_dir
@@ -53,7 +53,7 @@ def cutover(ctx: typer.Context, name: str,
     boot the target with QEMU, reporting the downtime in its parts."""
     if test and no_boot:
         raise BadInput("--test boots a copy; --no-boot boots nothing: pick one")
-    op = _operation(ctx, name, key_file, timeout)
+    op = operation(ctx, name, key_file, timeout)
     spec = None if no_boot else BootSpec("", kernel or "", initrd or "", append or "",
                                          memory, cpus, accel)
     if test:

@@ -186,7 +186,7 @@ def _say(msg: str) -> None:
     err_console.print(f"[dim]...[/] {msg}", highlight=False)
 
 
-def _operation(ctx: typer.Context, name: str, key_file: str | None, timeout: float,
+def operation(ctx: typer.Context, name: str, key_file: str | None, timeout: float,
                new_epoch: bool = False) -> Operation:
     """The command's context for consumers/failover.py: this host does the capturer's
     part (LocalCapture) when no live NBD capturer serves the source; ``new_epoch``: it
@@ -220,7 +220,7 @@ def failover(ctx: typer.Context, name: str,
     if (at is not None or base is not None) and not force:
         raise BadInput("--at and --base go with --force: a failover to an earlier point "
                        "gives up what the source wrote after it")
-    op = _operation(ctx, name, key_file, timeout)
+    op = operation(ctx, name, key_file, timeout)
     limit = make_limit(op.settings, name, at, None, None)
     r = fo.force_failover(op, limit, base) if force else fo.failover(op)
     if json_:
@@ -250,7 +250,7 @@ def failback(ctx: typer.Context, name: str,
              json_: bool = typer.Option(False, "--json")) -> None:
     """Make the old source the target of the promoted side, sending only differing blocks."""
     from consumers import failover as fo
-    r = fo.failback(_operation(ctx, name, key_file, timeout))
+    r = fo.failback(operation(ctx, name, key_file, timeout))
     _print_resync(r, json_, f"failback done: the old source follows epoch {r.epoch} from seq "
                   f"{r.seq}; keep it following with 'x2x apply {name}'")
 
@@ -265,7 +265,7 @@ def verify(ctx: typer.Context, name: str,
     """Compare source and target block hashes at one journal point, while replicating."""
     from consumers import failover as fo
     from journal.reports import Diverged
-    r = fo.verify(_operation(ctx, name, key_file, timeout), repair)
+    r = fo.verify(operation(ctx, name, key_file, timeout), repair)
     _print_resync(r, json_, "repaired" if repair and r.differing else "")
     if r.differing and not repair:
         raise Diverged(f"pair {name}: {r.differing} blocks of the target differ from the "
@@ -280,7 +280,7 @@ def resync(ctx: typer.Context, name: str,
     """After the journal was lost: compare block hashes in a new epoch and resend only the
     blocks of the target that differ (no full copy)."""
     from consumers import failover as fo
-    r = fo.resync(_operation(ctx, name, key_file, timeout, new_epoch=True))
+    r = fo.resync(operation(ctx, name, key_file, timeout, new_epoch=True))
     _print_resync(r, json_, f"resynced: the target follows epoch {r.epoch} from seq {r.seq}; "
                   f"keep it following with 'x2x apply {name}'")
 
