@@ -98,7 +98,8 @@ class Freezer:
                 return False
             hint = (" (this filesystem does not support freezing)"
                     if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL) else "")
-            raise FreezeError(f"cannot freeze {self.mount_point}: {e.strerror}{hint}") from None
+            raise FreezeError(f"cannot freeze {self.mount_point}: {e.strerror}{hint}"
+                              ) from None
         self.frozen = True
         return True
 

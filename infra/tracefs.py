@@ -7,8 +7,8 @@ nothing else on the machine is traced and no other tracer is disturbed. The capt
 reads ``trace_pipe`` without blocking; journal/tracemarks.py parses it.
 
 Lost events are never silent: :meth:`BlockTrace.lost` sums ``overrun``, ``commit
-overrun`` and ``dropped events`` of every CPU's stats (the buffer was full), and a vanished instance (someone
-removed it) raises :class:`TraceLost`. Markers written to ``trace_marker`` come back in
+overrun`` and ``dropped events`` of every CPU's stats (the buffer was full), and a
+vanished instance (someone removed it) raises :class:`TraceLost`. Markers written to ``trace_marker`` come back in
 ``trace_pipe`` after every event recorded before them: :meth:`BlockTrace.read_until`
 reads up to one, which is how a consistency cut knows it has every write completed
 before the filesystem was frozen.

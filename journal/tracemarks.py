@@ -15,6 +15,7 @@ Rule 16 of journal/DESIGN.md says what a cut of trace capture promises.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -104,7 +105,7 @@ class FreezeTimes:
         if not self.times:
             return 0.0
         ordered = sorted(self.times)
-        return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
 
     def detail(self) -> dict[str, str]:
         """The heartbeat's freeze figures (milliseconds)."""
