@@ -66,6 +66,20 @@ def tracefs_root() -> Path:
     return DEFAULT_ROOT
 
 
+def traced_device(rdev: int) -> tuple[int, int]:
+    """(device whose requests to trace, byte offset of ``rdev`` in it). Requests of a
+    partition complete on its whole disk, at the disk's sectors: a partition is traced
+    on its disk, and its events are shifted by its start (sysfs ``start``, 512-byte
+    sectors)."""
+    sys = Path(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}")
+    try:
+        start = int((sys / "start").read_text())
+        major, minor = (sys.resolve().parent / "dev").read_text().split(":")
+    except (OSError, ValueError):
+        return rdev, 0              # not a partition
+    return os.makedev(int(major), int(minor)), start * 512
+
+
 def kernel_dev(rdev: int) -> int:
     """``st_rdev`` as the kernel's dev_t in tracepoints: major << 20 | minor."""
     return os.major(rdev) << 20 | os.minor(rdev)

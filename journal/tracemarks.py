@@ -59,8 +59,10 @@ class DirtyBlocks:
     _blocks: set[int] = field(default_factory=set)
 
     def mark(self, offset: int, length: int) -> None:
-        """Mark the blocks of ``[offset, offset + length)`` (clipped to the volume)."""
+        """Mark the blocks of ``[offset, offset + length)`` (clipped to the volume: a
+        partition's view of requests to its whole disk)."""
         end = min(offset + length, self.volume_size)
+        offset = max(offset, 0)
         if offset >= end:
             return
         self._blocks.update(range(offset // self.block_size,

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from infra.freeze import Freezer, mount_point_of
 from infra.heartbeat import local_beat_path
 from infra.kafka import KafkaSettings
-from infra.tracefs import BlockTrace, TraceLost
+from infra.tracefs import BlockTrace, TraceLost, traced_device
 from infra.volume import Volume
 from journal.blocks import HASH_LEN, block_count, hash_block
 from journal.errors import BadInput, VolumeError
@@ -104,6 +104,8 @@ class TraceCapture:
     _phase: str = field(init=False, default="starting")
     _tail: bytes = field(init=False, default=b"")
     _need_compare: bool = field(init=False, default=False)
+    #: Where the source starts on the device traced (a partition on its disk).
+    _shift: int = field(init=False, default=0)
 
     # -- start --------------------------------------------------------------------------
     def start(self) -> "TraceCapture":
@@ -132,7 +134,8 @@ class TraceCapture:
                 raise BadInput(f"--freeze {self.freeze}: no such mount point")
             self.report.mount_point = self.freeze or None
             # Tracing first: a write from now on is marked, whatever is read after it.
-            self.trace = BlockTrace(st.st_rdev, f"x2x-{spec.name}", self.buffer_kb).open()
+            traced, self._shift = traced_device(st.st_rdev)
+            self.trace = BlockTrace(traced, f"x2x-{spec.name}", self.buffer_kb).open()
             self.freezer = Freezer(self.freeze, self.freeze_cap) if self.freeze else None
             self._open_epoch()
         except BaseException:
@@ -177,28 +180,10 @@ class TraceCapture:
         clean = False
         try:
             self._full_pass(stop, compare=not self.baseline)
-            if stop.is_set():
-                return self._finish(False)
-            self._cut()
-            self._phase = "capturing"
-            next_cut = time.monotonic() + self.cut_interval
-            next_beat = 0.0
-            while not stop.wait(POLL):
-                self._poll()
-                if self._need_compare:
-                    self._need_compare = False
-                    self._full_pass(stop, compare=True)
-                    self._cut()
-                    self._phase = "capturing"
-                self._pre_read()
-                now = time.monotonic()
-                if now >= next_cut:
-                    self._cut()
-                    next_cut = time.monotonic() + self.cut_interval
-                self.pub.close_entry()
-                if now >= next_beat:
-                    next_beat = now + self.beat_interval
-                    self.beat()
+            if stop.is_set() and self.baseline:
+                return self._finish(False)      # a baseline cut short: unclean
+            if not stop.is_set():               # (a compare cut short ends below)
+                self._capture(stop)
             # The last cut: with nothing lost, the journal then holds the device as the
             # frozen filesystem had it, and the journaled map describes it.
             self._poll()
@@ -215,6 +200,30 @@ class TraceCapture:
                 except Exception:  # noqa: BLE001 - already failing; the beat is a courtesy
                     pass
             self._close()
+
+    def _capture(self, stop: threading.Event) -> None:
+        """The first cut, then pre-reads, compares when events were lost, and a cut every
+        ``cut_interval``, until ``stop``."""
+        self._cut()
+        self._phase = "capturing"
+        next_cut = time.monotonic() + self.cut_interval
+        next_beat = 0.0
+        while not stop.wait(POLL):
+            self._poll()
+            if self._need_compare:
+                self._need_compare = False
+                self._full_pass(stop, compare=True)
+                self._cut()
+                self._phase = "capturing"
+            self._pre_read()
+            now = time.monotonic()
+            if now >= next_cut:
+                self._cut()
+                next_cut = time.monotonic() + self.cut_interval
+            self.pub.close_entry()
+            if now >= next_beat:
+                next_beat = now + self.beat_interval
+                self.beat()
 
     def _finish(self, clean: bool) -> TraceReport:
         j = self.pub.journaled
@@ -291,8 +300,9 @@ class TraceCapture:
 
     def _mark(self, text: bytes) -> None:
         lines, self._tail = split_lines(self._tail, text)
+        shift = self._shift         # a partition's requests are the whole disk's
         for offset, length in parse_changes(lines):
-            self.dirty.mark(offset, length)
+            self.dirty.mark(offset - shift, length)
 
     def _lose(self, why: str, count: int = 1) -> None:
         self.report.lost_events += count

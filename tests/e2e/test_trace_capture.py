@@ -21,6 +21,7 @@ import contextlib
 import mmap
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -38,7 +39,7 @@ from journal.blocks import diff_maps, hash_buffer
 from journal.pairs import PairSpec
 from tests.conftest import free_port, run_x2x, x2x_bin
 from tests.e2e.test_ext4_nbd import quietly, sh
-from tests.e2e.test_failover import mounted_image, number, write_files
+from tests.e2e.test_failover import mounted_image, number, service, write_files
 
 pytestmark = pytest.mark.root
 MiB = 1 << 20
@@ -92,30 +93,24 @@ def trace_pair(settings, name: str, dev: str, work: Path, size: int) -> PairSpec
     return spec
 
 
-@contextlib.contextmanager
-def tracer(name: str, log: Path, *args: str,
-           env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+def tracer(name: str, log: Path, *args: str, env: dict[str, str] | None = None
+           ) -> contextlib.AbstractContextManager[subprocess.Popen]:
     """``x2x capture NAME --trace ARGS`` as a child process, once it traces."""
-    out = open(log, "w+")
-    proc = subprocess.Popen([x2x_bin(), "capture", name, "--trace", *args], stdout=out,
-                            stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
-    try:
-        deadline = time.monotonic() + 60
-        while "tracing" not in log.read_text():
-            assert proc.poll() is None, f"capturer exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"capturer not tracing:\n{log.read_text()}"
-            time.sleep(0.05)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        out.close()
+    return service(["capture", name, "--trace", *args], log, "tracing", env, grace=120)
+
+
+@contextlib.contextmanager
+def traced_ext4(settings, name: str, work: Path, *args: str,
+                env: dict[str, str] | None = None
+                ) -> Iterator[tuple[subprocess.Popen, Path, Path]]:
+    """A 64 MiB ext4 on a loop device, mounted, its pair, and its trace capturer:
+    yields (capturer, mount point, capturer's log)."""
+    requirements()
+    with loop_ext4(work, 64 * MiB) as (dev, mnt):
+        trace_pair(settings, name, dev, work, 64 * MiB)
+        log = work / "cap.log"
+        with tracer(name, log, *args, env=env) as proc:
+            yield proc, mnt, log
 
 
 def stop_clean(proc: subprocess.Popen, log: Path) -> str:
@@ -207,6 +202,37 @@ def test_trace_capture_of_mounted_ext4_reaches_an_identical_target(
             assert (m / rel).exists(), rel
 
 
+
+def test_restart_after_a_clean_stop_compares_and_sends_only_what_changed(
+        settings, pair_name, tmp_path):
+    """Writes while x2x was stopped were not traced: the next start compares the whole
+    device with the journaled map, in the same epoch, and sends only the differences."""
+    requirements()
+    size = 64 * MiB
+    with loop_ext4(tmp_path, size) as (dev, mnt):
+        spec = trace_pair(settings, pair_name, dev, tmp_path, size)
+        log = tmp_path / "cap.log"
+        with tracer(pair_name, log) as proc:
+            write_files(mnt, seed=1, count=20, big=(4 * MiB,))
+            wait_for_cuts(pair_name, proc, log, 1)
+            first = stop_clean(proc, log)
+        sent_first = first[first.index("sent"):]
+        write_files(mnt, seed=2, count=5, big=(MiB,))      # untraced: x2x is stopped
+        sh("sync")
+        log2 = tmp_path / "cap2.log"
+        with tracer(pair_name, log2) as proc:
+            assert "comparing by block hashes, same epoch" in log2.read_text()
+            out = stop_frozen(proc, log2, mnt)
+        assert "1 hash compares" in out, out
+        # The second run sent the files written meanwhile, not the whole volume again.
+        m = re.search(r"sent ([\d.]+) (\w+)", out)
+        assert m and (m.group(2) in ("B", "KiB") or m.group(2) == "MiB"
+                      and float(m.group(1)) < 4), (sent_first, out)
+        apply_all(pair_name)
+        assert differing_blocks(dev, spec.target) == []
+        sh("fsfreeze", "-u", str(mnt))
+
+
 # -- a trace overrun is repaired by a hash compare -----------------------------------------
 def test_trace_overrun_is_caught_and_repaired_by_hash_compare(settings, pair_name, tmp_path):
     requirements()
@@ -236,36 +262,26 @@ def test_trace_overrun_is_caught_and_repaired_by_hash_compare(settings, pair_nam
 
 # -- never left frozen ---------------------------------------------------------------------
 def test_sigkill_during_a_freeze_leaves_the_filesystem_thawed(settings, pair_name, tmp_path):
-    requirements()
-    size = 64 * MiB
-    with loop_ext4(tmp_path, size) as (dev, mnt):
-        trace_pair(settings, pair_name, dev, tmp_path, size)
-        log = tmp_path / "cap.log"
-        # Every freeze lasts 5 s (test hook), far below the watchdog's cap of 30 + 1 s.
-        with tracer(pair_name, log, "--cut-interval", "1", "--freeze-cap", "30",
-                    env={"X2X_TEST_FREEZE_HOLD": "5"}) as proc:
-            time.sleep(1.0)         # the first cut (after the baseline) holds the freeze
-            assert not writable(mnt, 1.0), "the filesystem is not frozen during the cut"
-            proc.kill()
-            proc.wait(10)
-            assert writable(mnt, 5.0), "the filesystem stayed frozen after SIGKILL"
+    # Every freeze lasts 5 s (test hook), far below the watchdog's cap of 30 + 1 s.
+    with traced_ext4(settings, pair_name, tmp_path, "--cut-interval", "1", "--freeze-cap",
+                     "30", env={"X2X_TEST_FREEZE_HOLD": "5"}) as (proc, mnt, log):
+        time.sleep(1.0)         # the first cut (after the baseline) holds the freeze
+        assert not writable(mnt, 1.0), "the filesystem is not frozen during the cut"
+        proc.kill()
+        proc.wait(10)
+        assert writable(mnt, 5.0), "the filesystem stayed frozen after SIGKILL"
         assert "the capturer died while it was frozen" in log.read_text(), log.read_text()
 
 
 def test_a_freeze_longer_than_the_cap_is_abandoned_and_thawed(settings, pair_name, tmp_path):
-    requirements()
-    size = 64 * MiB
-    with loop_ext4(tmp_path, size) as (dev, mnt):
-        trace_pair(settings, pair_name, dev, tmp_path, size)
-        log = tmp_path / "cap.log"
-        with tracer(pair_name, log, "--cut-interval", "1", "--freeze-cap", "0.5",
-                    env={"X2X_TEST_FREEZE_HOLD": "0.8"}) as proc:
-            time.sleep(4)
-            assert writable(mnt, 3.0)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
+    with traced_ext4(settings, pair_name, tmp_path, "--cut-interval", "1", "--freeze-cap",
+                     "0.5", env={"X2X_TEST_FREEZE_HOLD": "0.8"}) as (proc, mnt, log):
+        time.sleep(4)
+        assert writable(mnt, 3.0)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
         out = log.read_text()
-        assert "abandoned" in out and number(r"\((\d+) abandoned\)", out) >= 1, out
+    assert "abandoned" in out and number(r"\((\d+) abandoned\)", out) >= 1, out
 
 
 # -- bad input -----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ def test_dirty_blocks_mark_clip_coalesce_and_empty_on_take():
     d.mark(4096 * 2 - 1, 2)     # blocks 1 and 2
     d.mark(4096 * 9, 1 << 20)   # block 9, clipped to the volume
     d.mark(4096 * 20, 10)       # outside: nothing
+    d.mark(-8192, 4096)         # before the volume (a partition's disk): nothing
     assert len(d) == 4 and d.bytes == 4 * 4096
     assert d.take() == [Extent(0, 8192), Extent(8192, 4096), Extent(9 * 4096, 4096)]
     assert d.take() == [] and len(d) == 0
