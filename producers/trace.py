@@ -61,6 +61,8 @@ CHUNK = 8 << 20
 DEFAULT_CUT_INTERVAL = 5.0
 DEFAULT_FREEZE_CAP = 2.0
 DEFAULT_BUFFER_KB = 8192
+#: How often the freeze figures are logged (at INFO; the heartbeat carries them always).
+LOG_EVERY = 60.0
 
 
 @dataclass
@@ -106,6 +108,7 @@ class TraceCapture:
     _need_compare: bool = field(init=False, default=False)
     #: Where the source starts on the device traced (a partition on its disk).
     _shift: int = field(init=False, default=0)
+    _pass_done: int = field(init=False, default=0)
 
     # -- start --------------------------------------------------------------------------
     def start(self) -> "TraceCapture":
@@ -132,6 +135,10 @@ class TraceCapture:
                 self.freeze = mount_point_of(st.st_rdev) or ""
             if self.freeze and not os.path.isdir(self.freeze):
                 raise BadInput(f"--freeze {self.freeze}: no such mount point")
+            if self.freeze and os.stat(self.freeze).st_dev != st.st_rdev:
+                log.warning("pair %s: %s does not look like the filesystem of %s (another "
+                            "device number): cuts are consistent only if it is",
+                            spec.name, self.freeze, spec.source)
             self.report.mount_point = self.freeze or None
             # Tracing first: a write from now on is marked, whatever is read after it.
             traced, self._shift = traced_device(st.st_rdev)
@@ -208,6 +215,7 @@ class TraceCapture:
         self._phase = "capturing"
         next_cut = time.monotonic() + self.cut_interval
         next_beat = 0.0
+        next_log = time.monotonic() + LOG_EVERY
         while not stop.wait(POLL):
             self._poll()
             if self._need_compare:
@@ -224,6 +232,12 @@ class TraceCapture:
             if now >= next_beat:
                 next_beat = now + self.beat_interval
                 self.beat()
+            if now >= next_log:
+                next_log = now + LOG_EVERY
+                t = self.times
+                log.info("pair %s: %d cuts (%d abandoned), freeze p50 %.1f ms, p99 %.1f ms, "
+                         "max %.1f ms", self.spec.name, t.cuts, t.abandoned,
+                         t.percentile(50) * 1000, t.percentile(99) * 1000, t.max * 1000)
 
     def _finish(self, clean: bool) -> TraceReport:
         j = self.pub.journaled
