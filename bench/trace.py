@@ -1,8 +1,8 @@
 """Scenario: live capture of a disk in use (``x2x capture --trace``). PostgreSQL's
 pgbench (TPC-B-like, 4 clients) on ext4 on a loop device, once alone and once while the
 trace capturer follows the device (an applier following too), a consistency cut every
-``CUT`` seconds: pgbench tps with and without it, and how long each cut kept the
-filesystem frozen (p50, p99, max), as the capturer reports them.
+``CUT`` seconds: pgbench tps with and without it (alone, traced, traced, alone), and how
+long each cut kept the filesystem frozen (p50, p99, max), as the capturer reports them.
 
 ``python -m bench.trace [--seconds N] [--scale N]`` runs it alone on a broker of its own
 and writes bench/results/trace_capture.json."""
@@ -91,10 +91,21 @@ def _tps(work: Path, settings, size: int, scale: int, seconds: int,
 
 
 def measure(work: Path, settings, size: int, scale: int, seconds: int) -> dict[str, Any]:
-    alone = _tps(work, settings, size, scale, seconds, traced=False)
-    traced = _tps(work, settings, size, scale, seconds, traced=True)
-    return {"alone": alone, "traced": traced, "cut_interval_s": CUT, "volume_bytes": size,
-            "pgbench_scale": scale, "seconds": seconds, "clients": 4}
+    """Alone, traced, traced, alone (ABBA: a machine whose load drifts during the run
+    weighs on both alike); tps are the means, freeze figures the worst of the two."""
+    runs = [_tps(work, settings, size, scale, seconds, traced=t)
+            for t in (False, True, True, False)]
+    alone, traced = [runs[0], runs[3]], [runs[1], runs[2]]
+    worst = {k: max(r[k] for r in traced) for k in ("freeze_p50_ms", "freeze_p99_ms",
+                                                    "freeze_max_ms")}
+    return {"alone": {"tps": sum(r["tps"] for r in alone) / 2,
+                      "runs_tps": [r["tps"] for r in alone]},
+            "traced": {"tps": sum(r["tps"] for r in traced) / 2,
+                       "runs_tps": [r["tps"] for r in traced],
+                       "cuts": sum(r["cuts"] for r in traced),
+                       "abandoned": sum(r["abandoned"] for r in traced), **worst},
+            "cut_interval_s": CUT, "volume_bytes": size, "pgbench_scale": scale,
+            "seconds": seconds, "clients": 4}
 
 
 def figures(res: dict[str, Any]) -> list[dict[str, Any]]:
