@@ -189,6 +189,10 @@ def test_trace_capture_of_mounted_ext4_reaches_an_identical_target(
         with tracer(pair_name, log, "--cut-interval", "1") as proc:
             w.start()
             time.sleep(6)
+            # Status shows it like the other capturers, with its freeze figures.
+            status = run_x2x("status", pair_name).stdout
+            assert "trace, freezing" in " ".join(status.split()), status
+            assert "freeze p50" in " ".join(status.split()), status
             stop.set()
             w.join()
             out = stop_frozen(proc, log, mnt)
