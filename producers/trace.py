@@ -51,6 +51,7 @@ from journal.tracemarks import DirtyBlocks, FreezeTimes, parse_changes, split_li
 from producers.announce import abandon_epoch, announce_baseline
 from producers.publisher import JournalPublisher
 from producers.state import CaptureState, StateStore, plan_start
+from producers.trace_resume import SNAPSHOT_EVERY, ResumePoint, forget as forget_resume
 from schemas.cipher import JournalKey
 
 log = logging.getLogger("x2x.capture")
@@ -109,6 +110,7 @@ class TraceCapture:
     #: Where the source starts on the device traced (a partition on its disk).
     _shift: int = field(init=False, default=0)
     _pass_done: int = field(init=False, default=0)
+    _snapshot_at: float = field(init=False, default=-SNAPSHOT_EVERY)
 
     # -- start --------------------------------------------------------------------------
     def start(self) -> "TraceCapture":
@@ -163,6 +165,7 @@ class TraceCapture:
             abandon_epoch(self.settings, spec.name, old_state.epoch, state.epoch)
         # Stale from now until a clean stop saves the journaled map again.
         self.store.hashes.unlink(missing_ok=True)
+        known = self._resume_point(old_state, known, continuing)
         state.clean = False
         self.store.save(state)
         self.state = state
@@ -179,6 +182,30 @@ class TraceCapture:
         r = self.report
         r.epoch, r.first_seq, r.last_seq = state.epoch, state.next_seq, state.next_seq - 1
         r.new_epoch, r.baseline = not continuing, self.baseline
+
+    def _resume_point(self, old: CaptureState | None, known: bytes | None,
+                      continuing: bool) -> bytes | None:
+        """Open the resume files (producers/trace_resume.py); after an unclean stop, the
+        map to compare with from them (None: a baseline)."""
+        d, bs, size = self.store.meta.parent, self.spec.block_size, self.vol.size
+        rp = None
+        if known is None and old is not None:
+            rp = ResumePoint(d, bs, size)
+            known = rp.load()
+            if known is None:
+                rp.close()
+                rp = None
+            else:
+                log.info("pair %s: the last run stopped unclean; comparing the device with "
+                         "the last acknowledged map instead of a baseline", self.spec.name)
+        if known is None:
+            forget_resume(d)      # a baseline: nothing of an older run may be resumed
+        self.resume = rp or ResumePoint(d, bs, size)
+        if continuing:
+            self.resume.clear()   # a clean stop: everything was acknowledged
+        if known is not None:
+            self.resume.save(known)
+        return known
 
     # -- run ----------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> TraceReport:
@@ -229,6 +256,7 @@ class TraceCapture:
                 self._cut()
                 next_cut = time.monotonic() + self.cut_interval
             self.pub.close_entry()
+            self.resume.commit_if_acked(self.pub.journaled.seq)
             if now >= next_beat:
                 next_beat = now + self.beat_interval
                 self.beat()
@@ -242,6 +270,7 @@ class TraceCapture:
     def _finish(self, clean: bool) -> TraceReport:
         j = self.pub.journaled
         if clean:
+            self.resume.clear()
             self.store.save(CaptureState.closed(j, self.spec.block_size, self.vol.size,
                                                 *(self._last_acked())),
                             bytes(self.hashes))
@@ -261,6 +290,7 @@ class TraceCapture:
         """Append the blocks of ``view`` (read at ``offset``) that differ from the
         journaled map (all of them unless ``only_changed``), and record their hashes."""
         bs, hashes, pub, runs = self.spec.block_size, self.hashes, self.pub, self.runs
+        touch = self.resume.touch
         for off in range(0, len(view), bs):
             block = view[off:off + bs]
             i = (offset + off) // bs * HASH_LEN
@@ -268,6 +298,7 @@ class TraceCapture:
             if only_changed and hashes[i:i + HASH_LEN] == h:
                 continue
             hashes[i:i + HASH_LEN] = h
+            touch(i // HASH_LEN)
             pub.append_many(runs.add_block(offset + off, block)[0])
         # The ops point into the read buffer: close the run before it is read into again.
         pub.append_many(runs.finish())
@@ -359,7 +390,11 @@ class TraceCapture:
                                 time.monotonic() - t0, self.freeze_cap)
                     return False
                 self._journal(ext.offset, self._read(ext.offset, ext.length), True)
-            self.pub.flush_point()
+            seq = self.pub.flush_point()
+            now = time.monotonic()
+            if now - self._snapshot_at >= SNAPSHOT_EVERY:
+                self._snapshot_at = now
+                self.resume.snapshot(seq, self.hashes)
             done = True
             return True
         except TraceLost as e:
@@ -405,4 +440,6 @@ class TraceCapture:
         pub = getattr(self, "pub", None)
         if pub is not None:
             pub.close()
+        if getattr(self, "resume", None) is not None:
+            self.resume.close()
         self.vol.close()

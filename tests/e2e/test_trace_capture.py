@@ -237,6 +237,37 @@ def test_restart_after_a_clean_stop_compares_and_sends_only_what_changed(
         sh("fsfreeze", "-u", str(mnt))
 
 
+
+def test_restart_after_sigkill_compares_with_the_last_acknowledged_map(
+        settings, pair_name, tmp_path):
+    """A killed capturer's next start compares the device with the map of its last
+    acknowledged cut, sending what differs and every block appended after that cut
+    (producers/trace_resume.py), in a new epoch: not a baseline."""
+    requirements()
+    size = 64 * MiB
+    with loop_ext4(tmp_path, size) as (dev, mnt):
+        spec = trace_pair(settings, pair_name, dev, tmp_path, size)
+        log = tmp_path / "cap.log"
+        with tracer(pair_name, log, "--cut-interval", "1") as proc:
+            write_files(mnt, seed=1, count=20, big=(8 * MiB,))
+            wait_for_cuts(pair_name, proc, log, 3)
+            write_files(mnt, seed=2, count=10, big=(MiB,))    # maybe after the map
+            proc.kill()
+            proc.wait(10)
+        write_files(mnt, seed=3, count=5, big=(MiB,))         # untraced: x2x is dead
+        sh("sync")
+        log2 = tmp_path / "cap2.log"
+        with tracer(pair_name, log2) as proc:
+            assert "comparing by block hashes, new epoch" in log2.read_text()
+            out = stop_frozen(proc, log2, mnt)
+        m = re.search(r"sent ([\d.]+) (\w+)", out)
+        assert m and (m.group(2) in ("B", "KiB") or m.group(2) == "MiB"
+                      and float(m.group(1)) < 12), out
+        apply_all(pair_name)
+        assert differing_blocks(dev, spec.target) == []
+        sh("fsfreeze", "-u", str(mnt))
+
+
 # -- a trace overrun is repaired by a hash compare -----------------------------------------
 def test_trace_overrun_is_caught_and_repaired_by_hash_compare(settings, pair_name, tmp_path):
     requirements()
