@@ -13,7 +13,8 @@ A frozen filesystem must never be left frozen. Three layers:
    freeze lasts ``cap`` + 1 s, and when the pipe reaches end-of-file while frozen: the
    kernel closes the pipe when the capturer dies, whatever killed it (SIGKILL too).
    FITHAW of a filesystem that is not frozen fails with EINVAL and changes nothing;
-3. the watchdog exits with the capturer (end of file), so none is left behind.
+3. the watchdog exits with the capturer (end of file), so none is left behind; if the
+   capturer died, it removes the capturer's tracefs instance on its way out.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _ioctl(fd: int, request: int) -> None:
 class Freezer:
     """Freezes and thaws one mounted filesystem, with a watchdog child (see above)."""
 
-    def __init__(self, mount_point: str, cap: float) -> None:
+    def __init__(self, mount_point: str, cap: float, trace_instance: str = "") -> None:
         self.mount_point, self.cap = mount_point, cap
         try:
             self.fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -73,7 +74,8 @@ class Freezer:
             filter(None, [str(Path(__file__).resolve().parent.parent),
                           os.environ.get("PYTHONPATH", "")]))}
         self.watchdog = subprocess.Popen(
-            [sys.executable, "-m", "infra.freeze", mount_point, str(cap + WATCHDOG_MARGIN)],
+            [sys.executable, "-m", "infra.freeze", mount_point, str(cap + WATCHDOG_MARGIN),
+             trace_instance],
             stdin=subprocess.PIPE, start_new_session=True, env=env)
         self.frozen = False
 
@@ -127,8 +129,9 @@ class Freezer:
         os.close(self.fd)
 
 
-def watchdog(mount_point: str, cap: float) -> int:
-    """The watchdog child's loop (see the module's docstring)."""
+def watchdog(mount_point: str, cap: float, trace_instance: str = "") -> int:
+    """The watchdog child's loop (see the module's docstring). When the capturer dies it
+    also removes ``trace_instance`` (its tracefs instance would trace on otherwise)."""
     import signal
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
@@ -154,6 +157,8 @@ def watchdog(mount_point: str, cap: float) -> int:
         if not data:
             if frozen_at is not None:
                 thaw("the capturer died while it was frozen")
+            if trace_instance:
+                _remove_instance(Path(trace_instance))
             return 0
         pending += data
         *lines, pending = pending.split(b"\n")
@@ -164,5 +169,19 @@ def watchdog(mount_point: str, cap: float) -> int:
                 frozen_at = None
 
 
+def _remove_instance(d: Path) -> None:
+    """Stop and remove a tracefs instance left by a capturer (gone already after a clean
+    stop: then nothing happens)."""
+    if not d.is_dir():
+        return
+    for _ in range(50):                 # the dead capturer's trace_pipe is being closed
+        try:
+            (d / "tracing_on").write_text("0")
+            d.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
 if __name__ == "__main__":
-    sys.exit(watchdog(sys.argv[1], float(sys.argv[2])))
+    sys.exit(watchdog(sys.argv[1], float(sys.argv[2]), *sys.argv[3:4]))

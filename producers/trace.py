@@ -145,7 +145,8 @@ class TraceCapture:
             # Tracing first: a write from now on is marked, whatever is read after it.
             traced, self._shift = traced_device(st.st_rdev)
             self.trace = BlockTrace(traced, f"x2x-{spec.name}", self.buffer_kb).open()
-            self.freezer = Freezer(self.freeze, self.freeze_cap) if self.freeze else None
+            self.freezer = (Freezer(self.freeze, self.freeze_cap, str(self.trace.dir))
+                            if self.freeze else None)
             self._open_epoch()
         except BaseException:
             self._close()
@@ -430,7 +431,7 @@ class TraceCapture:
         r.cuts, r.cuts_abandoned = t.cuts, t.abandoned
         r.freeze_p50_ms, r.freeze_p99_ms = t.percentile(50) * 1000, t.percentile(99) * 1000
         r.freeze_max_ms = t.max * 1000
-        for part in ("freezer", "trace"):
+        for part in ("trace", "freezer"):     # the watchdog's exit finds no instance
             obj = getattr(self, part, None)
             if obj is not None:
                 try:

@@ -305,6 +305,13 @@ def test_sigkill_during_a_freeze_leaves_the_filesystem_thawed(settings, pair_nam
         proc.wait(10)
         assert writable(mnt, 5.0), "the filesystem stayed frozen after SIGKILL"
         assert "the capturer died while it was frozen" in log.read_text(), log.read_text()
+        # ... and its trace instance does not trace on after it.
+        from infra.tracefs import tracefs_root
+        instance = tracefs_root() / "instances" / f"x2x-{pair_name}"
+        deadline = time.monotonic() + 10
+        while instance.exists():
+            assert time.monotonic() < deadline, f"{instance} left behind"
+            time.sleep(0.1)
 
 
 def test_a_freeze_longer_than_the_cap_is_abandoned_and_thawed(settings, pair_name, tmp_path):
