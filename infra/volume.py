@@ -40,10 +40,14 @@ def volume_size(path: str) -> int:
 
 @dataclass
 class Volume:
-    """An open volume with positional I/O; ``writable`` opens it read-write."""
+    """An open volume with positional I/O; ``writable`` opens it read-write. ``direct``
+    opens it O_DIRECT (reads bypass the page cache: a block device under a mounted
+    filesystem is read as its disk holds it; buffers must then be page-aligned, e.g.
+    from ``mmap``)."""
 
     path: str
     writable: bool = False
+    direct: bool = False
     fd: int = field(init=False, default=-1)
     size: int = field(init=False, default=0)
     is_block_device: bool = field(init=False, default=False)
@@ -52,7 +56,8 @@ class Volume:
     _offloads_zero: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        flags = os.O_RDWR if self.writable else os.O_RDONLY
+        flags = (os.O_RDWR if self.writable else os.O_RDONLY) | (os.O_DIRECT if self.direct
+                                                                 else 0)
         try:
             self.fd = os.open(self.path, flags | os.O_CLOEXEC)
         except FileNotFoundError:

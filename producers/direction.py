@@ -15,7 +15,7 @@ from journal.blocks import HASH_LEN, hash_buffer
 from journal.epochs import after_promotion
 from journal.errors import BadInput
 from journal.pairs import PairState
-from producers import intent
+from producers import intent, trace_resume
 from producers.baseline import new_hash_map
 from producers.state import CaptureState, StateStore
 
@@ -40,6 +40,7 @@ def prepare_capture(state: PairState, rebaseline: bool) -> StateStore:
         store.save(saved)
     store.hashes.unlink(missing_ok=True)
     intent.forget(name)         # else an NBD capturer would resend only marked blocks
+    trace_resume.forget(store.meta.parent)      # else a trace capturer would compare
     return store
 
 
