@@ -15,11 +15,12 @@ import platform
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import figure, finish, require, start, x2x_cmd
+from bench.common import figure, finish, percentile, require, start, x2x_cmd
 from bench.postgres import Postgres, missing, workdir
 from infra.net import free_port
 
@@ -63,7 +64,17 @@ def _tps(work: Path, settings, size: int, scale: int, seconds: int,
                 cap = start([*x2x_cmd(), "capture", name, "--trace", "--cut-interval",
                              str(CUT)])
                 time.sleep(3)       # the baseline of a small, mostly empty volume
+            stop, rpos = threading.Event(), []
+            sampler = threading.Thread(target=_sample_rpo,
+                                       args=(settings, name, str(target), stop, rpos),
+                                       daemon=True)
+            if traced:
+                sampler.start()
             out["tps"] = pg.tps(4, seconds)
+            stop.set()
+            if traced:
+                sampler.join(10)
+                out["rpos"] = rpos
         finally:
             pg.stop()
         if cap is not None:
@@ -90,12 +101,24 @@ def _tps(work: Path, settings, size: int, scale: int, seconds: int,
     return out
 
 
+def _sample_rpo(settings, name: str, target: str, stop: threading.Event,
+                out: list[float]) -> None:
+    """The target's RPO as x2x status computes it, every half second."""
+    from infra.heartbeat import read_beats
+    from journal.clock import now_ms
+    from journal.status import latest, pair_status
+    while not stop.wait(0.5):
+        st = pair_status(name, latest(read_beats(settings)), now_ms())
+        out.extend(r.rpo_s or 0.0 for r in st.replicas if r.target == target)
+
+
 def measure(work: Path, settings, size: int, scale: int, seconds: int) -> dict[str, Any]:
     """Alone, traced, traced, alone (ABBA: a machine whose load drifts during the run
     weighs on both alike); tps are the means, freeze figures the worst of the two."""
     runs = [_tps(work, settings, size, scale, seconds, traced=t)
             for t in (False, True, True, False)]
     alone, traced = [runs[0], runs[3]], [runs[1], runs[2]]
+    rpos = [v for r in traced for v in r.get("rpos", [])]
     worst = {k: max(r[k] for r in traced) for k in ("freeze_p50_ms", "freeze_p99_ms",
                                                     "freeze_max_ms")}
     return {"alone": {"tps": sum(r["tps"] for r in alone) / 2,
@@ -103,7 +126,9 @@ def measure(work: Path, settings, size: int, scale: int, seconds: int) -> dict[s
             "traced": {"tps": sum(r["tps"] for r in traced) / 2,
                        "runs_tps": [r["tps"] for r in traced],
                        "cuts": sum(r["cuts"] for r in traced),
-                       "abandoned": sum(r["abandoned"] for r in traced), **worst},
+                       "abandoned": sum(r["abandoned"] for r in traced), **worst,
+                       "rpo_p50_s": percentile(rpos, 50) if rpos else None,
+                       "rpo_p99_s": percentile(rpos, 99) if rpos else None},
             "cut_interval_s": CUT, "volume_bytes": size, "pgbench_scale": scale,
             "seconds": seconds, "clients": 4}
 
@@ -112,8 +137,13 @@ def figures(res: dict[str, Any]) -> list[dict[str, Any]]:
     t = res["traced"]
     return [figure(f"pgbench tps under capture --trace (cut every {res['cut_interval_s']:g}"
                    f" s; freeze p50/p99/max {t['freeze_p50_ms']:.0f}/{t['freeze_p99_ms']:.0f}"
-                   f"/{t['freeze_max_ms']:.0f} ms)", "tps", t["tps"], "no capture",
+                   f"/{t['freeze_max_ms']:.0f} ms; RPO p50/p99 {_s(t['rpo_p50_s'])}/"
+                   f"{_s(t['rpo_p99_s'])} s)", "tps", t["tps"], "no capture",
                    res["alone"]["tps"], "higher")]
+
+
+def _s(v: float | None) -> str:
+    return "?" if v is None else f"{v:.1f}"
 
 
 def _why_not() -> str | None:
