@@ -115,8 +115,8 @@ def auto_failover_(ctx: typer.Context, name: str,
         return
     console.print(f"pair {name}: automatic failover after {auto.after_ms / 1000:g} s of "
                   f"silence; the source's lease is {auto.lease_ms / 1000:g} s (margin "
-                  f"{margin_ms(auto.after_ms) / 1000:g} s). Restart the capturer so it holds "
-                  f"the lease, and run 'x2x watch {name}' on the target host instead of "
+                  f"{margin_ms(auto.after_ms) / 1000:g} s); a running NBD capturer holds it at "
+                  f"once. Run 'x2x watch {name}' on the target host instead of "
                   f"'x2x apply {name}'", highlight=False)
 
 

@@ -116,8 +116,9 @@ class SourceWatch:
         lease = beat.detail.get("lease_ms", "")
         if not lease.isdigit() or int(lease) > self.auto.lease_ms:
             return Verdict(False, False, f"the capturer on {beat.host} holds no lease of at "
-                                         f"most {self.auto.lease_ms / 1000:g} s (restart it so "
-                                         f"it reads the pair's automatic failover)")
+                                         f"most {self.auto.lease_ms / 1000:g} s (the scan "
+                                         f"capturer never holds one; an NBD capturer of "
+                                         f"an older x2x needs a restart)")
         left = self.auto.after_ms / 1000 - silent
         evidence = (f"no capturer heartbeat and no journal progress for {silent:.1f} s "
                     f"(last beat from {beat.host} pid {beat.pid}: {beat.state}, epoch "

@@ -24,7 +24,7 @@ from infra import control
 from infra.control_tail import follow
 from infra.kafka import KafkaSettings
 from journal.errors import X2XError
-from journal.events import (REQUESTS, Event, FailoverRequested, HashesPublished,
+from journal.events import (REQUESTS, AutoFailoverSet, Event, FailoverRequested, HashesPublished,
                             HashesRequested, RequestFailed, ResendRequested, Resent,
                             Sealed)
 from journal.roles import Role
@@ -43,6 +43,10 @@ class Requests(Protocol):
 
     def hashes(self, ev: HashesRequested) -> HashesPublished:
         """Journal HASHES of the whole volume and a FLUSH."""
+        ...
+
+    def auto_failover_changed(self, ev: AutoFailoverSet) -> None:
+        """Hold, change or drop the lease of automatic failover (journal/fencing.py)."""
         ...
 
     def resend(self, ev: ResendRequested) -> Resent:
@@ -76,6 +80,9 @@ class ControlWatch:
         while not self._halt.is_set():
             try:
                 for ev in follow(self.settings, self.started_ms, self._halt):
+                    if isinstance(ev, AutoFailoverSet) and ev.pair == self.pair:
+                        self.requests.auto_failover_changed(ev)
+                        continue
                     if not isinstance(ev, REQUESTS) or ev.pair != self.pair \
                             or ev.source != self.source:
                         continue

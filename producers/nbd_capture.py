@@ -40,8 +40,9 @@ from infra.volume import Volume
 from infra.volumes import volume_digest
 from journal.clock import now_ms
 from journal.errors import BadInput, VolumeError, X2XError
-from journal.events import (FailoverRequested, HashesPublished, HashesRequested,
-                            ResendRequested, Resent, Sealed)
+from journal.events import (AutoFailoverSet, FailoverRequested, HashesPublished,
+                            HashesRequested, ResendRequested, Resent, Sealed)
+from journal.fencing import AutoFailover
 from journal.pairs import PairSpec
 from journal.ops import Op
 from producers.control_watch import ControlWatch
@@ -182,9 +183,8 @@ class NBDCapture:
         if not self.store.incarnation:
             self.store.incarnation = pair.created_at_ms
         # Automatic failover: hold a lease, renewed by heartbeats (journal/fencing.py).
-        self.lease = Lease(spec.name, pair.auto.lease_ms / 1000) if pair.auto else None
-        if pair.auto:
-            self.beat_interval = min(self.beat_interval, pair.auto.renew_s)
+        self._beat_default = self.beat_interval
+        self._hold_lease(pair.auto)
         old_state, old_hashes = self.store.load()
         lost = self._journal_lost_since(old_state)
         state, _ = plan_start(old_state, old_hashes, spec.block_size, vol.size, lost)
@@ -217,7 +217,7 @@ class NBDCapture:
         self.pub = self.new_publisher(state.epoch, state.next_seq, state.epoch_bytes)
         self.backend = JournalingVolume(vol, self.pub, self.mode, spec.block_size, self.locks,
                                         health=self.health, intent=self.intent,
-                                        fence=self.lease.check if self.lease else None)
+                                        fence=self._fence_check)
         self.recovery = Recovery(self, spec, self.settings, vol, self.locks, self.intent,
                                  self.health, self._stopping, self.store.incarnation)
         self.server.exports[spec.name] = self.backend
@@ -563,6 +563,35 @@ class NBDCapture:
         that publisher (its failure then says nothing about the new one)."""
         if pub is self.pub:
             self.health.fail(reason)
+
+    def _hold_lease(self, auto: AutoFailover | None) -> None:
+        """Hold a lease of ``auto``'s length, or none. A fenced capturer stays fenced
+        whatever the pair says now (only a restart lifts it, journal/fencing.py)."""
+        if self.lease is not None and self.lease.fenced:
+            return
+        if auto is None:
+            self.lease, self.beat_interval = None, self._beat_default
+            return
+        if self.lease is None or self.lease.lease_s != auto.lease_ms / 1000:
+            # From now on, as if just renewed: the capturer has just heard the broker.
+            self.lease = Lease(self.spec.name, auto.lease_ms / 1000)
+        self.beat_interval = min(self._beat_default, auto.renew_s)
+
+    def auto_failover_changed(self, ev: AutoFailoverSet) -> None:
+        """The pair's automatic failover changed while capturing: follow it now."""
+        auto = (None if ev.after_ms is None or ev.lease_ms is None
+                else AutoFailover(ev.after_ms, ev.lease_ms))
+        self._hold_lease(auto)
+        log.warning("pair %s: automatic failover %s", self.spec.name,
+                    "off: no lease held" if self.lease is None else
+                    f"on: holding a {self.lease.lease_s:g} s lease" + (
+                        " (fenced: stays fenced until restarted)" if self.lease.fenced
+                        else ""))
+        self.beat(force=True)
+
+    def _fence_check(self) -> str | None:
+        lease = self.lease
+        return lease.check() if lease is not None else None
 
     def _fenced(self) -> bool:
         """Has the lease lapsed? The first time: say so and run the fence hook."""

@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 
 from infra import control
+from infra.heartbeat import read_beats
+from journal.clock import now_ms
+from journal.status import newest
 from tests.conftest import free_port, make_image, run_x2x
 from tests.faults.conftest import TALLY, Proc, need
 from tests.integration.test_replication import create
@@ -255,6 +258,27 @@ def test_a_blip_shorter_than_the_lease_fences_nothing(settings, pair_name, tmp_p
         assert "fenced" not in cap.stderr()
         assert control.get_pair(settings, pair_name).state == "created"
         assert watcher.proc.poll() is None
+        # Turned off while capturing: the running capturer drops its lease at once, so a
+        # cut longer than the lease no longer fences it (the watcher only applies).
+        off_ms = now_ms()
+        run_x2x("pair", "auto-failover", pair_name, "--off")
+        cap.wait_log("automatic failover off", timeout=30)
+        deadline = time.monotonic() + 30
+        while True:         # its beats say so
+            b = newest(read_beats(settings), pair_name, "capturer", spec.source)
+            if b.at_ms > off_ms and "lease_ms" not in b.detail:
+                break
+            assert time.monotonic() < deadline, "the capturer still holds a lease"
+            time.sleep(0.5)
+        net.cut()
+        time.sleep(7)
+        net.heal()
+        healed = time.monotonic()
+        deadline = time.monotonic() + 60
+        while not any(t > healed for t in writer.acked.values()):
+            assert time.monotonic() < deadline, writer.failed
+            time.sleep(0.5)
+        assert "fenced" not in cap.stderr()
     run_x2x("apply", pair_name, "--until-caught-up")
     check_target(Path(spec.target), writer)
 
