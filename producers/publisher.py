@@ -102,6 +102,7 @@ class JournalPublisher:
         #: async capture: a full backlog raises BacklogFull (the capturer degrades)
         #: instead of holding the client at the broker's pace.
         self.full_fails = False
+        self._acked_at = 0.0        # monotonic time of the broker's last acknowledgement
         #: Burst absorption (producers/deferred.py): while ``busy()`` says clients are
         #: writing, deferred entries younger than ``hold`` seconds stay on the source.
         self.hold, self.busy = hold, busy
@@ -405,6 +406,7 @@ class JournalPublisher:
                                f"{self.topic} was not acknowledged by "
                                f"{self.settings.bootstrap}: {err.str()}")
             else:
+                self._acked_at = time.monotonic()
                 before = self.journaled
                 self.journaled = Journaled(entry.epoch, entry.last_seq, entry.epoch_bytes,
                                            entry.captured_at_ms)
@@ -422,13 +424,14 @@ class JournalPublisher:
             telemetry.metrics().captured(self.pair, acked[0], max(0, acked[1]))
 
     def stalled_for(self) -> float:
-        """Seconds the oldest record handed to Kafka has waited for its acknowledgement
-        (0.0: none in flight). Records still in the spool do not count: a backlog is not
-        a stall."""
+        """Seconds the broker has acknowledged nothing while records wait for it (0.0:
+        none in flight). A slow link that acknowledges steadily is not stalled, however
+        long its oldest record waits; records still in the spool do not count either: a
+        backlog is not a stall."""
         with self._cond:
             if not self._pending:
                 return 0.0
-            return time.monotonic() - self._pending[0].handed_at
+            return time.monotonic() - max(self._pending[0].handed_at, self._acked_at)
 
     def fail(self, why: str) -> None:
         """Give up on this publisher: every waiter and later call raises BrokerError, and
