@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import GiB, MiB, Context, figure, require
+from bench.common import GiB, MiB, Context, figure, produce, require
 
 TITLE = "Kafka compression of journal records on an ext4 image (text, binaries, database)"
 RECORD = 960 * 1024
@@ -130,13 +130,7 @@ def measure(ctx: Context, recs: list[bytes], ctype: str, level: int | None,
     stats.clear()
     cpu0, t0 = time.process_time(), time.monotonic()
     for r in recs:
-        while True:
-            try:
-                p.produce(topic, r)
-                break
-            except BufferError:
-                p.poll(0.05)
-        p.poll(0)
+        produce(p, topic, r)
     p.flush(120)
     cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
     time.sleep(0.3)

@@ -119,7 +119,8 @@ def replica_status(cap: Beat | None, app: Beat, now_ms: int) -> ReplicaStatus:
             lag_bytes = max(0, cap.epoch_bytes - app.epoch_bytes)
         elif app.epoch < cap.epoch:
             lag_ops, lag_bytes = cap.seq, cap.epoch_bytes  # all of the newer epoch
-        if lag_ops == 0:
+        appended = _num(cap.detail, "appended_seq")
+        if lag_ops == 0 and not (appended and app.epoch == cap.epoch and appended > app.seq):
             rpo = 0.0
         elif lag_ops is not None:
             # The target reflects the source as of the last applied capture time.

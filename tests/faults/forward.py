@@ -38,18 +38,9 @@ def _close(*socks: socket.socket) -> None:
 
 
 def _pipe(a: socket.socket, b: socket.socket, way: int, delay: float, loss: float) -> None:
-    if not delay and not loss:
-        try:
-            while data := a.recv(1 << 16):
-                b.sendall(data)
-                with _counted_lock:
-                    counted[way] += len(data)
-        except OSError:
-            pass
-        finally:
-            _close(a, b)
-        return
-    q: queue.Queue[tuple[float, bytes]] = queue.Queue()
+    """Copy a -> b, each chunk ``delay`` later (and an RTO more, at random ``loss``)."""
+    # Bounded, so a shaped link still pushes back on the sender as TCP would.
+    q: queue.Queue[tuple[float, bytes]] = queue.Queue(maxsize=16)
 
     def send() -> None:
         try:
@@ -72,7 +63,7 @@ def _pipe(a: socket.socket, b: socket.socket, way: int, delay: float, loss: floa
     last = 0.0
     try:
         while data := a.recv(1 << 16):
-            due = time.monotonic() + delay + (RTO if random.random() < loss else 0.0)
+            due = time.monotonic() + delay + (RTO if loss and random.random() < loss else 0.0)
             last = max(last, due)         # a stream: nothing overtakes a delayed chunk
             q.put((last, data))
     except OSError:

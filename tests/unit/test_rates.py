@@ -208,3 +208,16 @@ def test_the_bucket_charges_what_the_wire_carries_after_compression(monkeypatch)
         bucket.take(1 << 20)
     wire = (bucket.sent - sent0) * bucket.wire.ratio / (clock.t - t0)
     assert abs(wire - 1_000_000) < 0.1 * 1_000_000
+
+
+def test_an_applier_level_with_the_journal_is_not_level_with_a_backlog():
+    """Async writes waiting for a thin link are acknowledged and not yet journaled: the
+    target is behind them, though it applied all the journal holds."""
+    from journal.status import replica_status
+    now = 100_000
+    cap = Beat("p", "capturer", "i", "h", 1, now - 1000, "capturing", 1, 10, 0, now - 20_000,
+               0.0, {"appended_seq": "50"})
+    app = Beat("p", "applier", "t", "h", 1, now, "following", 1, 10, 0, now - 20_000)
+    assert replica_status(cap, app, now).rpo_s == 20.0
+    level = Beat(**{**cap.__dict__, "detail": {"appended_seq": "10"}})
+    assert replica_status(level, app, now).rpo_s == 0.0
