@@ -178,11 +178,13 @@ def _local_fallback(error: BrokerError, name: str | None, json_: bool) -> None:
     now = now_ms()
     if json_:
         print_json({"error": str(error), "local_capturers": [
-            {**asdict(b), "age_s": (now - b.at_ms) / 1000} for b in beats]})
+            {**asdict(b), "age_s": (now - b.at_ms) / 1000,
+             "link": asdict(link_state(b, now))} for b in beats]})
         return
-    table = Table("pair", "capture", "captured", "source", "as of")
+    table = Table("pair", "capture", "link", "captured", "source", "as of")
     for b in beats:
-        table.add_row(b.pair, _capture_cell(b.state, b.detail), f"{b.epoch}:{b.seq}",
+        table.add_row(b.pair, _capture_cell(b.state, b.detail),
+                      link_cell(link_state(b, now)), f"{b.epoch}:{b.seq}",
                       b.instance, f"{(now - b.at_ms) / 1000:.0f} s ago")
     console.print("the broker cannot be reached; capturers on this host said:",
                   highlight=False)
