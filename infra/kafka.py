@@ -25,12 +25,12 @@ CONSUMER_GROUP = "x2x"
 rdkafka_log = logging.getLogger("x2x.librdkafka")
 _SECRET_WORDS = ("password", "secret", "key", "token")
 #: Kafka's own compression of journal records (librdkafka ``compression.type`` and
-#: ``compression.level``), ``CODEC[:LEVEL]``. zstd level 1, from bench/compression.py
-#: on an ext4 image of text, binaries and a database (bench/results/compression.json):
-#: 30 % fewer bytes on the wire than lz4 (ratio 0.33 against 0.46) for about 0.8 CPU s
-#: more per GiB (2.2 against 1.4 s/GiB of compression on one core, ~500 MB/s); higher
-#: levels cost 2-10x the CPU for 2-9 % fewer bytes. On a thin link the bytes are the
-#: time; on a fast one a core still compresses faster than 4 Gbit/s.
+#: ``compression.level``), ``CODEC[:LEVEL]``. zstd level 1, from bench/compression.py on
+#: an ext4 image of text, binaries and a database (bench/results/compression.json,
+#: docs/operations.md): 26 % fewer bytes on the wire than lz4 (ratio 0.33 against 0.45)
+#: for 0.8 CPU s more per GiB (2.25 against 1.43 s/GiB of compression: ~480 MB/s on one
+#: core); higher levels cost 1.6-6x its CPU for 3-10 % fewer bytes. On a thin link the
+#: bytes are the time; on a fast one a core still compresses faster than 3 Gbit/s.
 DEFAULT_COMPRESSION = "zstd:1"
 _CODECS = {"none": None, "gzip": range(0, 10), "snappy": None, "lz4": range(0, 13),
            "zstd": range(-131072, 23)}
