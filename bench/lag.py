@@ -11,6 +11,11 @@ heartbeats are 2 s apart, which bounds the resolution of the samples.
 
 Peer: the interval between consistency points, the floor an asynchronous replica's RPO
 cannot go below; the lag-in-ops peer is the ops journaled per such interval.
+
+With the NBD capturer, a second run of the same load from a writer that never flushes:
+the capturer's own cuts (``--cut-interval``, 1 s) are its only consistency points, and
+its RPO p50/p99/max stand beside the cut interval. Lag and RPO count every write a
+client was told is done and the target lacks, journaled or not.
 """
 from __future__ import annotations
 
@@ -121,6 +126,26 @@ def _wait_caught_up(ctx: Context, name: str, target: str, min_seq: int = 1,
     raise RuntimeError(f"the applier of {name} did not catch up within {timeout:.0f} s")
 
 
+def _phase(ctx: Context, name: str, target: str, write_path: str, size: int, rate: float,
+           duration: float, flush_every: float | None
+           ) -> tuple[list[Sample], dict[str, int], float]:
+    """Write for ``duration`` seconds, sampling lag and RPO: (samples, counters, seconds)."""
+    stop = threading.Event()
+    counters = {"flushes": 0, "bytes": 0}
+    writer = threading.Thread(target=_writer, args=(write_path, size, rate, stop,
+                                                    flush_every, counters))
+    samples: list[Sample] = []
+    t0 = time.monotonic()
+    writer.start()
+    while time.monotonic() - t0 < duration:
+        time.sleep(SAMPLE_EVERY)
+        if s := _sample(ctx, name, target):
+            samples.append(s)
+    stop.set()
+    writer.join()
+    return samples, counters, time.monotonic() - t0
+
+
 def run(ctx: Context) -> dict[str, Any]:
     size = ctx.size(256 * MiB, 32 * MiB)
     duration = ctx.size(60, 5)
@@ -133,6 +158,8 @@ def run(ctx: Context) -> dict[str, Any]:
     port = free_port()
     fuse: subprocess.Popen[bytes] | None = None
     cap_proc = app_proc = None
+    quiet: list[Sample] = []
+    quiet_counters = {"bytes": 0}
     try:
         if why_not_nbd is None:
             cap_proc = start([*x2x_cmd(), "capture", spec.name, "--nbd",
@@ -157,20 +184,8 @@ def run(ctx: Context) -> dict[str, Any]:
         app_proc = start([*x2x_cmd(), "apply", spec.name])
         _wait_caught_up(ctx, spec.name, str(dst))
         first = _sample(ctx, spec.name, str(dst))
-        stop = threading.Event()
-        counters = {"flushes": 0, "bytes": 0}
-        writer = threading.Thread(target=_writer, args=(write_path, size, rate, stop,
-                                                        flush_every, counters))
-        samples: list[Sample] = []
-        t0 = time.monotonic()
-        writer.start()
-        while time.monotonic() - t0 < duration:
-            time.sleep(SAMPLE_EVERY)
-            if s := _sample(ctx, spec.name, str(dst)):
-                samples.append(s)
-        stop.set()
-        writer.join()
-        wrote_s = time.monotonic() - t0
+        samples, counters, wrote_s = _phase(ctx, spec.name, str(dst), write_path, size, rate,
+                                            duration, flush_every)
         # Converge: one last consistency point, then the applier must reach it exactly.
         if fuse is None:
             cap_proc.send_signal(signal.SIGTERM)
@@ -182,6 +197,14 @@ def run(ctx: Context) -> dict[str, Any]:
             # capturer one heartbeat to announce it, then the applier must reach it.
             time.sleep(2.5)
             _wait_caught_up(ctx, spec.name, str(dst), (first.captured_seq if first else 0) + 1)
+            # The same load from a writer that never flushes: the capturer's own cuts
+            # (--cut-interval, 1 s) are the only consistency points; lag and RPO count
+            # what clients were told is done, journaled or not (journal/DESIGN.md 8, 13).
+            before = samples[-1].captured_seq if samples else 0
+            quiet, quiet_counters, _ = _phase(ctx, spec.name, str(dst), write_path, size,
+                                              rate, duration, None)
+            time.sleep(2.5)     # a beat after the last write: then lag 0 is the truth
+            _wait_caught_up(ctx, spec.name, str(dst), before + 1)
         converged = same_volume(src, dst)
     finally:
         if fuse is not None:
@@ -200,6 +223,9 @@ def run(ctx: Context) -> dict[str, Any]:
     ops = (samples[-1].captured_seq - (first.captured_seq if first else 0)) if samples else 0
     points = max(1.0, wrote_s / interval)
     ops_per_point = ops / points if ops else 1.0
+    quiet_rpos = [s.rpo_s for s in quiet]
+    if quiet:
+        from producers.nbd_capture import CUT_INTERVAL
     capturer = "nbd (async, via nbdfuse)" if fuse is not None else "scan (--interval 1)"
     peer = (f"interval between consistency points ({interval:g} s"
             f"{' fdatasync' if fuse is not None else ' scan interval'})")
@@ -216,11 +242,20 @@ def run(ctx: Context) -> dict[str, Any]:
                    ops_per_point, "lower"),
             figure("lag max", "ops", max(lags, default=0.0), "ops journaled per interval",
                    ops_per_point, "lower"),
-        ],
+        ] + ([
+            figure("RPO p50, writer never flushes", "s", percentile(quiet_rpos, 50),
+                   "--cut-interval", CUT_INTERVAL, "lower"),
+            figure("RPO p99, writer never flushes", "s", percentile(quiet_rpos, 99),
+                   "--cut-interval", CUT_INTERVAL, "lower"),
+            figure("RPO max, writer never flushes", "s", max(quiet_rpos, default=0.0),
+                   "--cut-interval", CUT_INTERVAL, "lower"),
+        ] if quiet else []),
         "details": {"capturer": capturer, "why_not_nbd": why_not_nbd,
                     "samples": len(samples), "written_bytes": counters["bytes"],
                     "achieved_write_MBps": counters["bytes"] / wrote_s / 1e6,
                     "flushes": counters["flushes"], "ops_journaled": ops,
+                    "never_flushing_samples": len(quiet),
+                    "never_flushing_written_bytes": quiet_counters["bytes"],
                     "converged_identical": converged,
                     "capturer_max_rss": cap_res.max_rss_bytes,
                     "applier_max_rss": app_res.max_rss_bytes},

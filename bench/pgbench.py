@@ -63,8 +63,13 @@ def _mounted(uri: str, work: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(mnt)], capture_output=True)
         if loop:
             subprocess.run(["losetup", "-d", loop], capture_output=True)
-        subprocess.run(["fusermount3", "-u", str(disk)], capture_output=True)
-        fuse.wait(30)
+        # Lazily: a loop device detaches asynchronously and may still hold the file.
+        subprocess.run(["fusermount3", "-u", "-z", str(disk)], capture_output=True)
+        try:
+            fuse.wait(30)
+        except subprocess.TimeoutExpired:
+            fuse.kill()
+            fuse.wait(10)
 
 
 def _pgbench(uri: str, work: Path, scale: int, seconds: int,

@@ -21,7 +21,7 @@ from infra.kafka import KafkaSettings
 from journal.pairs import PairSpec
 from journal.plans import apply_target
 from producers.journaling import Mode
-from producers.nbd_capture import NBDCapture, parse_listen
+from producers.nbd_capture import CUT_INTERVAL, NBDCapture, parse_listen
 from schemas.cipher import JournalKey
 from producers.scan import ScanResult, scan_once
 from producers.direction import prepare_capture
@@ -57,6 +57,12 @@ def capture(ctx: typer.Context, name: str,
                                      "(default): the source only, the journal follows; "
                                      "flush-sync: a FLUSH also waits for the journal; sync: "
                                      "every write waits for the journal."),
+            cut_interval: float = typer.Option(
+                None, "--cut-interval", metavar="SECONDS",
+                help="With --nbd: while clients write without FLUSH, make a consistency "
+                "point on the target every SECONDS (default 1; 0: only at client FLUSHes). "
+                "It makes the target a crash-consistent copy; it does not make the source "
+                "durable."),
             key_file: str = typer.Option(None, help="The pair's key file, if it is encrypted "
                                          "(default $X2X_HOME/keys/NAME.key)."),
             tls: str = typer.Option(None, "--tls", metavar="off|on|require",
@@ -80,9 +86,13 @@ def capture(ctx: typer.Context, name: str,
     if nbd is not None and (once or interval):
         raise BadInput("--nbd runs a long-lived NBD capturer; --once and --interval belong "
                        "to the scan capturer: drop one or the other")
-    if (mode is not None or tls is not None or tls_certificates or on_fence) and nbd is None:
-        raise BadInput("--mode, --tls and --on-fence only apply to the NBD capturer: add "
-                       "--nbd [HOST:]PORT")
+    if (mode is not None or tls is not None or tls_certificates or on_fence
+            or cut_interval is not None) and nbd is None:
+        raise BadInput("--mode, --cut-interval, --tls and --on-fence only apply to the NBD "
+                       "capturer: add --nbd [HOST:]PORT")
+    if cut_interval is not None and not 0 <= cut_interval <= 3600:
+        raise BadInput(f"--cut-interval must be seconds from 0 to 3600 (0: only client "
+                       f"FLUSHes), got {cut_interval:g}")
     if once and interval:
         raise BadInput("--once and --interval exclude each other: pick one")
     if interval < 0:
@@ -104,7 +114,8 @@ def capture(ctx: typer.Context, name: str,
     stop = _stop_on_signals()
     if nbd is not None:
         _capture_nbd(spec, s, store, listen, mode_, stop, json_, key_for(spec, key_file),
-                     tls_ctx, tls_mode is TLSMode.REQUIRE, on_fence)
+                     tls_ctx, tls_mode is TLSMode.REQUIRE,
+                     CUT_INTERVAL if cut_interval is None else cut_interval, on_fence)
         return
     while True:
         show = not json_ and sys.stderr.isatty()
@@ -121,10 +132,11 @@ def capture(ctx: typer.Context, name: str,
 def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
                  listen: tuple[str, int], mode: Mode, stop: threading.Event, json_: bool,
                  key: JournalKey | None, tls: ssl.SSLContext | None,
-                 tls_required: bool, on_fence: str | None = None) -> None:
+                 tls_required: bool, cut_interval: float, on_fence: str | None = None) -> None:
     """Run the NBD capturer until ``stop``; the service does the work, this prints."""
     cap = NBDCapture(spec, s, listen[0], listen[1], mode, store, key, tls=tls,
-                     tls_required=tls_required, on_fence=on_fence).start()
+                     tls_required=tls_required, cut_interval=cut_interval,
+                     on_fence=on_fence).start()
     r = cap.report
     what = ("same epoch" if not r.new_epoch else "new epoch, baseline running"
             if r.resend_bytes is None else

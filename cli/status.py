@@ -26,7 +26,9 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
            watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until Ctrl-C."),
            interval: float = typer.Option(2.0, help="Seconds between --watch refreshes.")
            ) -> None:
-    """Show per pair: captured seq, applied seq, lag in ops and bytes, RPO."""
+    """Show per pair: captured seq, applied seq, lag in ops and bytes, RPO. Lag and RPO
+    count every write a client was told is done and a target does not have, journaled
+    or not; the RPO is the age of the oldest of them (at most)."""
     if watch:
         return watch_status(ctx, name, json_, interval)
     s = settings(ctx)
@@ -209,7 +211,12 @@ def _capture_cell(state: str, detail: dict[str, str]) -> str:
     deferred = int(detail.get("deferred_bytes", "0") or 0)
     if deferred:
         # Acknowledged writes the journal has yet to read back from the source.
-        parts.append(f"{human_bytes(deferred)} unjournaled on the source")
+        parts.append(f"{human_bytes(deferred)} held on the source")
+    unjournaled = int(detail.get("unjournaled_bytes", "0") or 0)
+    if unjournaled:
+        # Everything acknowledged to clients the broker does not hold yet (held, queued,
+        # spooled, in flight): counted in every target's lag and RPO.
+        parts.append(f"{human_bytes(unjournaled)} not journaled yet")
     dirty = int(detail.get("dirty_bytes", "0") or 0)
     if dirty or state == "degraded":
         # Written on the source, not (yet) acknowledged by the broker: what a resync sends.

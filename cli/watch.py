@@ -32,5 +32,7 @@ def watch(ctx: typer.Context, name: str,
     r = Watcher(s, name, key_for(st.spec, key_file), on_promote, timeout=timeout).run(
         _stop_on_signals())
     if r is not None:
+        bound = "unknown" if r.rpo_max_s is None else f"at most {r.rpo_max_s:.2f} s"
         console.print(f"promoted {r.promoted} (automatic) at epoch {r.epoch} seq {r.seq}; RPO "
-                      f"{r.rpo_s:.1f} s, {r.rpo_ops} ops lost", highlight=False)
+                      f"{r.rpo_s:.2f} s, {r.rpo_ops} ops lost; RPO bound: {bound}",
+                      highlight=False)

@@ -34,11 +34,11 @@ from journal.events import (FailbackDone, FailbackStarted, FailoverFailed, Failo
                             HashesCompared, HashesPublished, Promoted, Resynced, ResyncNeeded,
                             Sealed)
 from journal.pairs import PairSpec, PairState
-from journal.plans import Command, Plan, Sides, forced_loss, plan
+from journal.plans import Command, Plan, Sides, plan
 from journal.reports import FailoverReport, HashDiff
 from journal.roles import Role
 from journal.sequence import Limit, Position
-from journal.status import Beat, newest
+from journal.status import Acknowledged, Beat, forced_loss, newest
 from schemas.cipher import JournalKey
 
 Say = Callable[[str], None]
@@ -173,16 +173,20 @@ def force_failover(op: Operation, limit: Limit | None = None,
     except X2XError as e:
         control.publish(op.settings, FailoverFailed(pair=op.pair, reason=str(e)[:500]))
         raise
-    applied = applier.checkpointed
-    loss = forced_loss(applied, applier.read_position,
-                       newest(_beats(op), op.pair, "capturer", spec.source))
+    applied, seen = applier.checkpointed, applier.read_position
+    # What the source's clients were told is done, journaled or not, as of its last
+    # heartbeat, against what the target holds (journal/status.py).
+    loss = forced_loss(newest(_beats(op), op.pair, "capturer", spec.source), applied.epoch,
+                       applied.seq, applied.epoch_bytes, applied.captured_at_ms,
+                       Acknowledged.journaled(seen.epoch, seen.seq, seen.epoch_bytes,
+                                              seen.captured_at_ms))
     promoted = Promoted(
         pair=op.pair, volume=spec.target, epoch=loss.epoch, seq=applied.seq, forced=True,
-        rpo_s=round(loss.seconds, 3), rpo_ops=loss.ops, promoted_at_ms=now_ms())
+        rpo_s=round(loss.rpo_s, 3), rpo_ops=loss.ops, promoted_at_ms=now_ms())
     control.publish(op.settings, promoted)
     return FailoverReport(op.pair, spec.target, applied.epoch, applied.seq, True, None,
-                          loss.seconds, loss.ops, "", list(p.warnings),
-                          rpo_max_s=loss.max_seconds, promoted_at_ms=promoted.promoted_at_ms)
+                          loss.rpo_s, loss.ops, "", list(p.warnings),
+                          rpo_max_s=loss.rpo_max_s, promoted_at_ms=promoted.promoted_at_ms)
 
 
 def _rewind(op: Operation, st: PairState, spec: PairSpec, limit: Limit,

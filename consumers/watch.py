@@ -43,6 +43,7 @@ class Watcher:
     poll: float = 0.5
     timeout: float = 300.0
     verdict: Verdict | None = field(init=False, default=None)
+    _last_state: str = field(init=False, default="")
 
     def run(self, stop: threading.Event) -> FailoverReport | None:
         """Apply and watch until ``stop``, or until the target is promoted (by this watcher:
@@ -106,7 +107,7 @@ class Watcher:
             detail["failover_in_s"] = f"{v.left_s:.1f}"
         p = applier.applier.checkpointed
         beats.beat(state, p.epoch, p.seq, p.epoch_bytes, p.captured_at_ms, detail=detail)
-        if getattr(self, "_last_state", None) != state:
+        if self._last_state != state:
             self._last_state = state
             log.warning("pair %s: watcher %s: %s", self.pair, state, v.reason)
 

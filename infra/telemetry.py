@@ -85,6 +85,8 @@ class Metrics:
     lag_bytes: Gauge = field(init=False)
     rpo_seconds: Gauge = field(init=False)
     checkpoint_age_seconds: Gauge = field(init=False)
+    unjournaled_bytes: Gauge = field(init=False)
+    unjournaled_age_seconds: Gauge = field(init=False)
     resync_progress: Gauge = field(init=False)
     history_held: Gauge = field(init=False)
     history_window: Gauge = field(init=False)
@@ -104,13 +106,23 @@ class Metrics:
         self.applied_bytes = m.create_counter(
             "x2x.applied.bytes", "By", "Volume bytes the applier wrote to its target.")
         self.lag_ops = Gauge(m, "x2x.lag.ops", "{op}",
-                             "Ops journaled but not yet applied (from journal seqs).")
+                             "Ops acknowledged to a client (journaled or not) and not yet "
+                             "applied on the target (from journal seqs).")
         self.lag_bytes = Gauge(m, "x2x.lag.bytes", "By",
-                               "Bytes journaled but not yet applied.")
+                               "Bytes acknowledged to a client and not yet applied.")
         self.rpo_seconds = Gauge(m, "x2x.rpo", "s",
-                                 "Recovery point: age of the newest applied capture.")
+                                 "Recovery point: age of the oldest write acknowledged to a "
+                                 "client and not yet applied on the target (at most).")
         self.checkpoint_age_seconds = Gauge(m, "x2x.checkpoint.age", "s",
                                             "Time since the applier's last checkpoint.")
+        self.unjournaled_bytes = Gauge(
+            m, "x2x.unjournaled.bytes", "By",
+            "Bytes acknowledged to clients that the broker does not hold yet (held on "
+            "the source, queued, spooled, in flight).")
+        self.unjournaled_age_seconds = Gauge(
+            m, "x2x.unjournaled.age", "s",
+            "Age of the oldest write acknowledged to a client that the broker does not "
+            "hold yet (0: none).")
         self.resync_progress = Gauge(m, "x2x.resync.progress", "1",
                                      "Fraction (0..1) of a baseline/resync/replica build.")
         self.history_held = Gauge(m, "x2x.history.held", "By",
@@ -136,6 +148,12 @@ class Metrics:
         ``zero``, ``block_status`` ... (lower case)."""
         self.nbd_request_latency_seconds.record(
             seconds, {"pair": pair, "role": "capturer", "command": command})
+
+    def unjournaled(self, pair: str, nbytes: int, age_s: float) -> None:
+        """What clients were told is done and the journal lacks (at every capturer beat)."""
+        a = {"pair": pair, "role": "capturer"}
+        self.unjournaled_bytes.set(nbytes, **a)
+        self.unjournaled_age_seconds.set(age_s, **a)
 
     # -- applier -----------------------------------------------------------------------
     def applied(self, pair: str, ops: int, nbytes: int, target: str | None = None) -> None:

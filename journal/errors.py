@@ -34,6 +34,11 @@ class BrokerError(X2XError):
     """The Kafka cluster could not be reached or refused a request."""
 
 
+class BacklogFull(BrokerError):
+    """The journal's backlog (spool and memory) is full: the broker takes less than the
+    source writes. The journal itself is intact and drains."""
+
+
 class JournalError(X2XError):
     """The journal cannot be applied as it stands; nothing from the bad entry was applied."""
 

@@ -16,8 +16,7 @@ from enum import Enum
 
 from journal.errors import BadInput, X2XError
 from journal.pairs import STEADY, PairSpec, PairState
-from journal.sequence import Position
-from journal.status import CAPTURE_BEAT_S, Beat
+from journal.status import Beat
 
 #: A capturer heartbeat younger than this (and not stopped/sealed) means it is serving.
 FRESH_S = 8.0
@@ -131,56 +130,6 @@ def _split_brain(st: PairState, sides: Sides) -> str:
             f"since. Nothing was changed. Stop the capturer of {spec.target} (its writes "
             f"since the promotion will be overwritten by those of {spec.source}), then run "
             f"'x2x pair failback {name}' again")
-
-
-@dataclass(frozen=True)
-class Loss:
-    """What a forced promotion at ``applied`` loses of what the source captured."""
-
-    epoch: int               # the newest epoch known: the promotion's (DESIGN rule 10)
-    ops: int
-    seconds: float
-    #: The most the target can miss. Writes the source took after its last heartbeat
-    #: are unknown here (async mode acknowledges them before the journal has them), so
-    #: the RPO is known only up to that; None when no beat was ever seen.
-    max_seconds: float | None = None
-
-
-def forced_loss(applied: Position, read: Position, last_capture: Beat | None) -> Loss:
-    """The RPO of promoting at ``applied`` when the journal was read up to ``read`` and
-    the source's capturer last reported ``last_capture``: what it had acknowledged to
-    its clients, journaled or not, as of that beat."""
-    known = (read.epoch, read.seq, read.captured_at_ms)
-    if last_capture is not None:
-        b = last_capture
-        ahead = (b.epoch, _count(b.detail.get("appended_seq"), b.seq),
-                 _count(b.detail.get("appended_at_ms"), b.captured_at_ms))
-        if ahead[:2] > known[:2]:
-            known = ahead
-    ops = known[1] - applied.seq if known[0] == applied.epoch else known[1]
-    seconds = max(0.0, (known[2] - applied.captured_at_ms) / 1000) if ops else 0.0
-    return Loss(max(known[0], applied.epoch), ops, seconds,
-                _loss_bound(last_capture, seconds, applied.captured_at_ms))
-
-
-def _loss_bound(beat: Beat | None, seconds: float, applied_ms: int) -> float | None:
-    """Everything the source may have taken between the last applied write and its last
-    sign of life (its last beat plus the beat interval); only what the journal knows when
-    the source stopped cleanly."""
-    if beat is None:
-        return None
-    if beat.state in ("stopped", "sealed"):
-        return seconds
-    seen_until = beat.at_ms + int(CAPTURE_BEAT_S * 1000)
-    return max(seconds, (seen_until - applied_ms) / 1000) if applied_ms else None
-
-
-def _count(text: str | None, default: int) -> int:
-    """A number a heartbeat's detail carries, or ``default`` if absent or not a number."""
-    try:
-        return int(text) if text is not None else default
-    except ValueError:
-        return default
 
 
 def apply_target(st: PairState, target: str | None) -> str:

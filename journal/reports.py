@@ -27,7 +27,7 @@ class FailoverReport:
     rpo_ops: int = 0
     digest: str = ""         # planned only: the sealed source's blake3 (hex)
     warnings: list[str] = field(default_factory=list)
-    #: Forced: the most the target can miss (journal/plans.Loss.max_seconds).
+    #: Forced: the most the target can miss (journal/status.Loss.rpo_max_s).
     rpo_max_s: float | None = None
     #: When the promotion was stamped: tells it from another one of the same failover.
     promoted_at_ms: int = 0

@@ -1,7 +1,10 @@
 """The status record of a pair, joined from capturer and applier heartbeats.
 
 Lag and RPO come from the journal's own seqs and capture times, never from a broker's
-high watermark (which some Kafka-compatible brokers report wrongly).
+high watermark (which some Kafka-compatible brokers report wrongly). They are counted
+from the client's point of view (journal/DESIGN.md rule 8): everything a client was told
+is done and the target does not have yet, journaled or not (a burst held on the source,
+the spool, records in flight), and the RPO is the age of the oldest such write.
 """
 from __future__ import annotations
 
@@ -93,6 +96,129 @@ class PairStatus:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Acknowledged:
+    """What a capturer's beat says its clients were told is done, journaled or not.
+
+    From the beat's detail (producers/publisher.py); a capturer that does not say
+    (an older one, or a bare journal position) counts as having journaled all of it."""
+
+    epoch: int
+    seq: int                    # the newest op appended (acknowledged to a client)
+    epoch_bytes: int            # payload bytes appended in the epoch
+    newest_ms: int              # capture time of the newest op appended
+    journaled_seq: int          # what the broker had acknowledged
+    unjournaled_since_ms: int   # capture time of the oldest op it had not (0: none)
+    unjournaled_bytes: int
+
+    @classmethod
+    def of(cls, beat: Beat) -> "Acknowledged":
+        d = beat.detail
+        seq = max(beat.seq, _count(d.get("appended_seq"), beat.seq))
+        nbytes = max(beat.epoch_bytes, _count(d.get("appended_bytes"), beat.epoch_bytes))
+        return cls(beat.epoch, seq, nbytes,
+                   _count(d.get("appended_at_ms"), beat.captured_at_ms), beat.seq,
+                   _count(d.get("unjournaled_since_ms"), 0),
+                   _count(d.get("unjournaled_bytes"), nbytes - beat.epoch_bytes))
+
+    @classmethod
+    def journaled(cls, epoch: int, seq: int, epoch_bytes: int,
+                  captured_at_ms: int) -> "Acknowledged":
+        """A position the journal holds: acknowledged, and all of it journaled."""
+        return cls(epoch, seq, epoch_bytes, captured_at_ms, seq, 0, 0)
+
+
+@dataclass(frozen=True)
+class Missing:
+    """What a target lacks of what clients were told is done."""
+
+    ops: int
+    bytes: int
+    #: A lower bound of the capture time of the oldest op it lacks (None: unknown, or
+    #: nothing lacking): the RPO is at most the age of this time.
+    since_ms: int | None
+
+    def rpo_s(self, at_ms: int) -> float | None:
+        """The RPO at ``at_ms``: the age of the oldest write the target lacks (0.0 when
+        it lacks nothing known, None when that age is unknown)."""
+        if not self.ops:
+            return 0.0
+        if self.since_ms is None:
+            return None
+        return max(0.0, (at_ms - self.since_ms) / 1000)
+
+
+def missing(ack: Acknowledged, epoch: int, seq: int, epoch_bytes: int,
+            captured_at_ms: int) -> Missing | None:
+    """What a target at ``(epoch, seq, epoch_bytes)``, whose last applied entry was
+    closed at ``captured_at_ms``, lacks of ``ack``; None when the target is in a newer
+    epoch than the capturer said (nothing to compare).
+
+    The oldest op lacking was appended after the entry the target ends at was closed, so
+    no earlier than ``captured_at_ms``; and if the target holds everything the broker had
+    acknowledged at the beat, every op it lacks was unjournaled then, so no earlier than
+    the oldest unjournaled op. The later of the two bounds is taken."""
+    if epoch == ack.epoch:
+        ops, nbytes = max(0, ack.seq - seq), max(0, ack.epoch_bytes - epoch_bytes)
+    elif epoch < ack.epoch:
+        ops, nbytes = ack.seq, ack.epoch_bytes      # all of the newer epoch
+    else:
+        return None
+    if not ops:
+        return Missing(0, 0, None)
+    bounds = [captured_at_ms] if captured_at_ms else []
+    if (epoch, seq) >= (ack.epoch, ack.journaled_seq) and ack.unjournaled_since_ms:
+        bounds.append(ack.unjournaled_since_ms)
+    return Missing(ops, nbytes, max(bounds) if bounds else None)
+
+
+@dataclass(frozen=True)
+class Loss:
+    """What a forced failover loses: the ops the promoted target lacks of what the
+    source's clients were told is done, as far as the journal and the source's last
+    heartbeat say."""
+
+    epoch: int                  # the newest epoch known (the promotion records it)
+    ops: int
+    rpo_s: float                # age of the oldest op lost when the source was last heard
+    #: The most it can be: the source may have taken writes after its last heartbeat,
+    #: until the next one was due; None when no beat was ever seen.
+    rpo_max_s: float | None
+
+
+def forced_loss(beat: Beat | None, applied_epoch: int, applied_seq: int,
+                applied_bytes: int, applied_ms: int, read: Acknowledged) -> Loss:
+    """The loss of a target promoted at its checkpoint ``applied_*``, with ``read`` the
+    newest position the journal held (what a forced failover drained), and ``beat`` the
+    source's last heartbeat."""
+    ack = read
+    if beat is not None:
+        said = Acknowledged.of(beat)
+        if (said.epoch, said.seq) > (read.epoch, read.seq):
+            ack = said
+    m = missing(ack, applied_epoch, applied_seq, applied_bytes, applied_ms) or Missing(
+        0, 0, None)
+    heard = max(beat.at_ms if beat is not None else 0, ack.newest_ms)
+    rpo = m.rpo_s(heard) or 0.0
+    if beat is None:
+        return Loss(max(ack.epoch, applied_epoch), m.ops, rpo, None)
+    if beat.state in ("stopped", "sealed"):
+        bound: float | None = rpo       # it stopped: the journal has what it took
+    else:
+        since = m.since_ms if m.ops else applied_ms
+        seen_until = beat.at_ms + int(CAPTURE_BEAT_S * 1000)
+        bound = max(rpo, (seen_until - since) / 1000) if since else None
+    return Loss(max(ack.epoch, applied_epoch), m.ops, rpo, bound)
+
+
+def _count(text: str | None, default: int) -> int:
+    """A number a heartbeat's detail carries, or ``default`` if absent or not a number."""
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default
+
+
 def latest(beats: Iterable[Beat]) -> dict[tuple[str, str, str], Beat]:
     """The newest beat per (pair, role, instance)."""
     out: dict[tuple[str, str, str], Beat] = {}
@@ -112,19 +238,13 @@ def newest(beats: Iterable[Beat], pair: str, role: str,
 
 
 def replica_status(cap: Beat | None, app: Beat, now_ms: int) -> ReplicaStatus:
+    """Lag and RPO of the target an applier beat describes, against what the capturer's
+    clients were told is done (:func:`missing`)."""
     lag_ops = lag_bytes = rpo = None
-    if cap is not None:
-        if app.epoch == cap.epoch:
-            lag_ops = max(0, cap.seq - app.seq)
-            lag_bytes = max(0, cap.epoch_bytes - app.epoch_bytes)
-        elif app.epoch < cap.epoch:
-            lag_ops, lag_bytes = cap.seq, cap.epoch_bytes  # all of the newer epoch
-        appended = _num(cap.detail, "appended_seq")
-        if lag_ops == 0 and not (appended and app.epoch == cap.epoch and appended > app.seq):
-            rpo = 0.0
-        elif lag_ops is not None:
-            # The target reflects the source as of the last applied capture time.
-            rpo = max(0.0, (now_ms - (app.captured_at_ms or app.at_ms)) / 1000)
+    m = (missing(Acknowledged.of(cap), app.epoch, app.seq, app.epoch_bytes,
+                 app.captured_at_ms) if cap is not None else None)
+    if m is not None:
+        lag_ops, lag_bytes, rpo = m.ops, m.bytes, m.rpo_s(now_ms)
     return ReplicaStatus(app.instance, app.state, app.epoch, app.seq, lag_ops, lag_bytes,
                          rpo, app.rate_bps, (now_ms - app.at_ms) / 1000)
 

@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 
 from infra.volume import Volume
 from journal.choices import parse_choice
-from journal.errors import X2XError
+from journal.errors import BacklogFull, X2XError
 from journal.ops import Op, OpKind
 from producers.deferred import DeferredWrites
 from producers.health import Condition, Health
@@ -119,6 +119,7 @@ class CaptureCounters:
     ops: int = 0          # WRITE, ZERO, TRIM and FLUSH requests journaled
     bytes: int = 0        # payload bytes of those requests
     flushes: int = 0
+    cuts: int = 0         # consistency points the capturer made on its own (no client FLUSH)
 
 
 class JournalingVolume:
@@ -157,6 +158,10 @@ class JournalingVolume:
         #: publisher it went to, its seq, the bitmap's checkpoint); one at a time.
         self._point: tuple[JournalPublisher, int, Checkpoint] | None = None
         self._point_lock = threading.Lock()
+        #: A consistency point went by without a bitmap point (another one was open): the
+        #: next cut makes one even if no write came since, so the bitmap clears what is
+        #: journaled without waiting for the next write.
+        self._owed = False
 
     #: NBD_FLAG_CAN_MULTI_CONN holds for this backend: a FLUSH on one connection covers
     #: the completed writes of every connection, on the source and in the journal.
@@ -210,6 +215,7 @@ class JournalingVolume:
         if self.intent is not None:
             self.intent.sync()
             cp = self.intent.begin()      # before the FLUSH op: what it may clear
+            self._owed = self._owed or cp is None
         pub = self.pub
         if self.mode is Mode.ASYNC:
             self._flush_behind(pub, cp)
@@ -233,7 +239,7 @@ class JournalingVolume:
         at = [0]
 
         def append() -> None:
-            at[0] = pub.flush_point()
+            at[0] = pub.flush_point(client=True)
         ok = self._journal(pub, append)
         if cp is not None:
             if ok:
@@ -245,6 +251,36 @@ class JournalingVolume:
             self.counters.ops += 1
             self.counters.flushes += 1
         self.settle()
+
+    def cut(self, interval: float) -> bool:
+        """A consistency point without a client FLUSH, once writes have followed the last
+        point for ``interval`` seconds (journal/DESIGN.md rule 16): a FLUSH op appended
+        behind every write completed so far, with no fsync of the source, so it claims
+        nothing about the source's durability. The bitmap's point for it ends once the
+        broker has it, as for an async FLUSH (:meth:`settle`). Called from the capturer's
+        tick; returns whether it cut."""
+        pub = self.pub
+        owed = self._owed and self._point is None
+        if (self._closing or self.health.condition is Condition.DEGRADED
+                or not pub.cut_due(interval, idle=owed)):
+            return False
+        # Before the FLUSH op: what it may clear (None while another point is open:
+        # clearing is then owed to a later point).
+        cp = self.intent.begin() if self.intent is not None else None
+        self._owed = self.intent is not None and cp is None
+        try:
+            seq = pub.flush_point(client=True)
+        except X2XError as e:
+            if cp is not None:
+                self.intent.abort(cp)
+            self.degrade(str(e), pub, journal_gone=not isinstance(e, BacklogFull))
+            return False
+        if cp is not None:
+            with self._point_lock:
+                self._point = (pub, seq, cp)
+        with self._count_lock:
+            self.counters.cuts += 1
+        return True
 
     def settle(self) -> None:
         """End the pending consistency point once its FLUSH is journaled, or give it up
@@ -300,7 +336,7 @@ class JournalingVolume:
                 # change either reaches that publisher or is resent by it.
                 pub = self.pub
                 ops = self._journal_form(pub, op)
-                appended = self._journal(pub, lambda: pub.append_many(ops))
+                appended = self._journal(pub, lambda: pub.append_many(ops, client=True))
                 if appended and self.mode is Mode.SYNC:
                     # Read under the lock: at or after our op, so waiting for it is enough.
                     seq = pub.appended_seq
@@ -348,18 +384,21 @@ class JournalingVolume:
         except X2XError as e:
             # A new epoch may have replaced this request's publisher meanwhile: its
             # change stays marked in the bitmap and the new epoch's resend journals it.
-            self.degrade(str(e), pub)
+            self.degrade(str(e), pub, journal_gone=not isinstance(e, BacklogFull))
             if self.mode is Mode.SYNC:
                 raise OSError(errno.EIO, f"journal unavailable: {e}") from None
             return False
 
-    def degrade(self, why: str, pub: JournalPublisher | None = None) -> None:
-        """Journaling into ``pub`` (default: the current publisher) stopped, a failed
-        publisher or a stalled broker: writes go on being kept on the source and marked,
-        and the capturer's recovery resends them in a new epoch."""
+    def degrade(self, why: str, pub: JournalPublisher | None = None,
+                journal_gone: bool = True) -> None:
+        """Journaling into ``pub`` (default: the current publisher) stopped: a failed
+        publisher, a stalled broker, or (``journal_gone`` False) a full backlog. Writes go
+        on being kept on the source and marked, and the capturer's recovery resends them."""
         if pub is not None and pub is not self.pub:
             return
-        self.deferred.clear()       # their journal is gone; the bitmap has the blocks
+        if journal_gone:
+            self.deferred.clear()   # their journal is gone; the bitmap has the blocks
+        # else the queued ops still ship: their promises to read the source are kept.
         self.health.fail(why)
 
     def mark_all_dirty(self) -> None:

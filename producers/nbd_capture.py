@@ -68,6 +68,9 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 10809
 BEAT_INTERVAL = CAPTURE_BEAT_S
 #: How long queued ops may wait for more company before they are sent as an entry.
 LINGER = 0.05
+#: Default of ``--cut-interval``: seconds between consistency points the capturer makes on
+#: its own while clients write without FLUSH (journal/DESIGN.md rule 16).
+CUT_INTERVAL = 1.0
 #: How long a clean stop lets requests in flight finish.
 STOP_GRACE = 10.0
 _LISTEN = re.compile(r"^(?:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):)?(?P<port>\d+)$")
@@ -120,6 +123,9 @@ class NBDCapture:
     #: Seconds an async burst may stay on the source while clients write
     #: (``X2X_ASYNC_HOLD``, producers/deferred.py); 0 ships every write at once.
     hold: float = field(default_factory=hold_from_env)
+    #: Seconds between the capturer's own consistency points while clients write without
+    #: FLUSH (``--cut-interval``); 0: only client FLUSHes are consistency points.
+    cut_interval: float = CUT_INTERVAL
     #: TLS for NBD clients (infra/tls.py); ``tls_required`` refuses plain-text clients.
     tls: ssl.SSLContext | None = None
     tls_required: bool = False
@@ -314,6 +320,9 @@ class NBDCapture:
                                hold=self.hold if spool is not None else 0.0,
                                busy=self._clients_busy, limit=self.limit)
         pub.heartbeat.local_copy = local_beat_path(self.spec.name, "capturer")
+        # async: the backlog is bounded (spool, memory); full, the capturer degrades as for
+        # an outage instead of making clients wait for the broker (journal/DESIGN.md 12).
+        pub.full_fails = self.mode is Mode.ASYNC
         return pub
 
     def _clients_busy(self) -> bool:
@@ -426,7 +435,8 @@ class NBDCapture:
         c = self.backend.counters
         d = {"capturer": "nbd", "mode": self.mode.value, "listen": self.uri,
              "clients": str(len(self.server.clients)), "captured_ops": str(c.ops),
-             "captured_bytes": str(c.bytes), "spooled_bytes": str(pub.spooled_bytes),
+             "captured_bytes": str(c.bytes), "cuts": str(c.cuts),
+             "spooled_bytes": str(pub.spooled_bytes),
              "deferred_bytes": str(pub.deferred_bytes)}
         baseline = self.baseline
         if baseline is not None:
@@ -459,6 +469,10 @@ class NBDCapture:
             sent = time.monotonic()
             acked, force = (lambda: lease.renewed(sent)), True
         pub.beat(state, detail, force=force, rate_bps=rate, acked=acked)
+        since = pub.unjournaled_since_ms()
+        telemetry.metrics().unjournaled(
+            self.spec.name, pub.unjournaled_bytes,
+            max(0.0, (now_ms() - since) / 1000) if since else 0.0)
         # Baseline and resend progress, 0..1, for dashboards (the beat carries the %).
         for running in (baseline, self.recovery.progress):
             if running is not None:
@@ -606,11 +620,23 @@ class NBDCapture:
                       volume=self.spec.source, reason=self.lease.fenced)
         return True
 
+    def _may_cut(self) -> bool:
+        """Cuts are made where the target can be consistent: not while a baseline or a
+        resend runs (the target is consistent only from its own FLUSH on), nor while
+        degraded."""
+        baseline = self.baseline
+        return (self.cut_interval > 0 and self.health.condition is Condition.CAPTURING
+                and (baseline is None or baseline.finished)
+                and not (self.lease and self.lease.fenced))
+
     def _tick_thread(self) -> None:
-        """Send lingering ops as an entry when the workload pauses; beat every interval."""
+        """Send lingering ops as an entry when the workload pauses; cut a consistency
+        point when clients wrote without FLUSH for ``cut_interval``; beat every interval."""
         next_beat = time.monotonic() + self.beat_interval
         while not self._stopping.wait(LINGER):
             try:
+                if self._may_cut():
+                    self.backend.cut(self.cut_interval)
                 if self.health.condition is not Condition.DEGRADED:
                     self.pub.close_entry()
                 self.backend.settle()     # an async FLUSH's point ends once journaled

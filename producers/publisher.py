@@ -29,8 +29,8 @@ from infra.kafka import KafkaSettings
 from infra.topics import journal_topic
 from journal.batch import DEFAULT_BUDGET, Sequencer
 from journal.digest import digest_of
-from journal.errors import BrokerError
-from journal.ops import Deferred, Entry, Op, resolve
+from journal.errors import BacklogFull, BrokerError
+from journal.ops import CLOSING_KINDS, Deferred, Entry, Op, resolve
 from journal.clock import now_ms
 from producers.rate import TokenBucket
 from producers.spool import Spool
@@ -104,11 +104,25 @@ class JournalPublisher:
         self._queued = 0
         self._deferred = 0
         self.max_queued = max_queued_bytes
+        #: async capture: a full backlog raises BacklogFull (the capturer degrades)
+        #: instead of holding the client at the broker's pace.
+        self.full_fails = False
         #: Burst absorption (producers/deferred.py): while ``busy()`` says clients are
         #: writing, deferred entries younger than ``hold`` seconds stay on the source.
         self.hold, self.busy = hold, busy
         self._waiters = 0          # threads in wait_journaled: they want it shipped now
         self._appended_at = 0      # capture time of the newest op appended (ms)
+        #: Payload bytes appended in this epoch (journaled or not): what clients were told.
+        self._appended_bytes = epoch_bytes
+        #: Capture time (ms) of the first op still in the sequencer (0: none), and of the
+        #: first op of each entry the broker has not acknowledged: (last seq, ms), oldest
+        #: first. The head is the oldest write the journal does not hold yet.
+        self._open_since = 0
+        self._firsts: deque[tuple[int, int]] = deque()
+        #: The newest consistency point appended (FLUSH or SEAL): its seq, and when
+        #: (monotonic); a cut is due once writes follow it (journal/DESIGN.md rule 16).
+        self._point_seq = next_seq - 1
+        self._point_at = time.monotonic()
         self.heartbeat = HeartbeatPublisher(self.producer, pair, "capturer", instance, key=key)
         self.journaled = Journaled(epoch, next_seq - 1, epoch_bytes, 0)
         self.ops_journaled = 0
@@ -136,17 +150,54 @@ class JournalPublisher:
         self._writer.start()
 
     # -- appending -----------------------------------------------------------------
-    def append(self, op: Op) -> None:
-        """Queue one op; entries it completes go to the writer now. Waits while the
-        writer is more than ``max_queued`` bytes behind."""
+    def append(self, op: Op, wait: bool = True) -> None:
+        """Queue one op; entries it completes go to the writer now. Then waits while the
+        writer is more than ``max_queued`` bytes behind (see :meth:`_room`)."""
         with self._cond:
             self._raise_if_failed()
             self._appended_at = now = now_ms()
+            if not self.seq.pending_ops:
+                self._open_since = now
+            self._appended_bytes += op.payload_bytes
             for entry in self.seq.add(op, now):
                 self._enqueue(entry)
-            while self._queued > self.max_queued:
-                self._cond.wait(0.1)
-                self._raise_if_failed()
+                self._open_since = now      # what follows in the sequencer came now
+            if op.kind in CLOSING_KINDS:
+                self._point_seq = self.seq.next_seq - 1
+                self._point_at = time.monotonic()
+            if wait:
+                self._room()
+
+    def _room(self, client: bool = False) -> None:
+        """Wait while the writer is more than ``max_queued`` bytes behind; for a
+        ``client``'s change with ``full_fails``, raise BacklogFull instead (async: the
+        client must not wait). Baseline, resend and hashes always wait."""
+        since = None
+        while self._queued > self.max_queued:
+            if client and self.full_fails and self._backlog_full(since):
+                spool = (f", the spool holds {self.spool.bytes} of {self.spool.max_bytes} "
+                         f"bytes" if self.spool is not None else ", no spool")
+                raise BacklogFull(
+                    f"the journal's backlog is full ({self._queued} bytes in memory{spool}): "
+                    f"the broker at {self.settings.bootstrap} takes less than the source "
+                    f"writes")
+            since = since or time.monotonic()
+            self._cond.wait(0.1)
+            self._raise_if_failed()
+
+    def _backlog_full(self, since: float | None) -> bool:
+        """Is the backlog at its bound, not just the writer a moment behind (a client
+        then waits briefly, at the writer's pace)? With a spool: the spool cannot take
+        what is queued; without: the queue has not moved for a second."""
+        if self.spool is not None:
+            return (self._deferred + self.spool.bytes + self._queued
+                    >= self.spool.max_bytes)
+        return since is not None and time.monotonic() - since > 1.0
+
+    @property
+    def failed(self) -> bool:
+        """Has this publisher given up (its journal is gone)?"""
+        return bool(self._error)
 
     def append_at(self, op: Op) -> int:
         """Queue one op that is never split (not a large WRITE); return its seq."""
@@ -155,17 +206,29 @@ class JournalPublisher:
             self.append(op)
             return seq
 
-    def append_many(self, ops: list[Op]) -> None:
+    def append_many(self, ops: list[Op], client: bool = False) -> None:
+        """Queue the ops of one change, then wait for room once (or, for a ``client``,
+        raise BacklogFull: the whole change is queued either way, never a part of it)."""
         with self._cond:
             for op in ops:
-                self.append(op)
+                self.append(op, wait=False)
+            self._room(client)
 
-    def flush_point(self) -> int:
-        """Append a FLUSH (consistency point) and return its seq."""
+    def flush_point(self, client: bool = False) -> int:
+        """Append a FLUSH (consistency point) and return its seq (``client``: see
+        :meth:`append_many`)."""
         with self._cond:
             seq = self.seq.next_seq + self.seq.pending_ops
-            self.append(Op.flush())
+            self.append_many([Op.flush()], client)
             return seq
+
+    def cut_due(self, interval: float, idle: bool = False) -> bool:
+        """Have ops been appended since the last consistency point (or, with ``idle``,
+        not necessarily), and is that point at least ``interval`` seconds old? (When the
+        capturer cuts on its own.)"""
+        with self._cond:
+            return ((idle or self.seq.next_seq + self.seq.pending_ops - 1 > self._point_seq)
+                    and time.monotonic() - self._point_at >= interval)
 
     def close_entry(self) -> None:
         """Send whatever ops are queued as an entry now (e.g. when the workload pauses)."""
@@ -178,6 +241,7 @@ class JournalPublisher:
         # Never waits: the sequencer numbered this entry, so it must join the queue
         # before any later one (waiting for room happens after, in append).
         held, deferred = _payload(entry)
+        self._firsts.append((entry.last_seq, self._open_since or entry.captured_at_ms))
         self._queue.append((entry, deferred))
         self._queued += held
         self._deferred += deferred
@@ -357,6 +421,8 @@ class JournalPublisher:
                 acked = (ops, entry.epoch_bytes - (before.epoch_bytes
                                                    if before.epoch == entry.epoch else 0))
                 self.ops_journaled += ops
+                while self._firsts and self._firsts[0][0] <= entry.last_seq:
+                    self._firsts.popleft()
                 self.last_acked = (msg.offset(), entry.digest)
                 if self.on_delivered is not None:
                     self.on_delivered(entry, msg.offset())
@@ -426,14 +492,32 @@ class JournalPublisher:
             last = self.seq.next_seq - 1
         self.wait_journaled(last, timeout)
 
+    def unjournaled_since_ms(self) -> int:
+        """Capture time of the oldest op appended that the broker has not acknowledged
+        (0: the journal holds every op appended)."""
+        with self._cond:
+            if self._firsts:
+                return self._firsts[0][1]
+            return self._open_since if self.seq.pending_ops else 0
+
+    @property
+    def unjournaled_bytes(self) -> int:
+        """Payload bytes appended in this epoch that the broker has not acknowledged."""
+        with self._cond:
+            return max(0, self._appended_bytes - self.journaled.epoch_bytes)
+
     def beat(self, state: str, detail: dict[str, str] | None = None, force: bool = False,
              rate_bps: float = 0.0, acked: Callable[[], None] | None = None) -> None:
-        j = self.journaled
         with self._cond:
-            # What clients were told is done and the journal may not hold yet: a forced
-            # failover counts it as lost when the source dies (its RPO report).
+            j = self.journaled
+            # What clients were told is done and the journal may not hold yet (held on
+            # the source, queued, spooled, in flight): status counts it as lag, and a
+            # forced failover as lost when the source dies (journal/status.py).
             ahead = {"appended_seq": str(self.seq.next_seq + self.seq.pending_ops - 1),
-                     "appended_at_ms": str(self._appended_at or j.captured_at_ms)}
+                     "appended_at_ms": str(self._appended_at or j.captured_at_ms),
+                     "appended_bytes": str(self._appended_bytes),
+                     "unjournaled_since_ms": str(self.unjournaled_since_ms()),
+                     "unjournaled_bytes": str(self.unjournaled_bytes)}
         self.heartbeat.beat(state, j.epoch, j.seq, j.epoch_bytes, j.captured_at_ms,
                             rate_bps, {**(detail or {}), **ahead}, force, acked)
 

@@ -215,34 +215,50 @@ class Recovery:
             except X2XError:
                 return                       # still down; tick tries again
             old, epoch = self.capture.pub, self.capture.epoch
-            intact = journal_intact(self.settings, old.topic, old.last_acked)
-            state = CaptureState.opening(after_outage(epoch), self.spec.block_size,
-                                         self.vol.size)
-            try:
-                ensure_topic(admin, old.topic, JOURNAL_CONFIG)
-                ensure_base_topics(admin)
-                self._ensure_pair_known()
-                abandon_epoch(self.settings, name, epoch, state.epoch)
-            except X2XError as e:
-                log.warning("pair %s: broker back but not ready: %s", name, e)
-                return
-            self.capture.begin_epoch(state)
-            # Before writes are journaled again: what was appended to the failed journal
-            # is no candidate of any point, so a client FLUSH in the new epoch cannot
-            # clear a block before the resend below has sent it again.
-            self.intent.reset_candidates()
-            self.health.resending()           # from here writes are journaled again
-            self.outages += 1
-            if not intact:
-                mark_journal_lost(self.settings, name, self.spec.source, state.epoch)
-            log.warning("pair %s: broker back; epoch %d resends the marked extents%s",
-                        name, state.epoch, "" if intact else
-                        f"; the journal lost its records, so the target must be resynced by "
-                        f"block hashes: run 'x2x pair resync {name}' (this capturer "
-                        f"keeps serving and answers it)")
+            if not old.failed:
+                # Degraded by a full backlog, not an outage: the journal is intact. Once
+                # it drained, the marked extents are resent in this same epoch.
+                old.close_entry()             # what the last change left open goes too
+                if old.unjournaled_bytes:
+                    return
+                self.health.resending()
+                log.warning("pair %s: the backlog drained; epoch %d resends the marked "
+                            "extents", name, epoch)
+            else:
+                self._new_epoch(admin, old, epoch)
         finally:
             self._busy.release()
-        self._resend_thread()
+        if self.health.condition is Condition.RESENDING:
+            self._resend_thread()
+
+    def _new_epoch(self, admin, old: JournalPublisher, epoch: int) -> None:
+        """After an outage: journal into a new epoch, which resends the marked extents."""
+        name = self.spec.name
+        intact = journal_intact(self.settings, old.topic, old.last_acked)
+        state = CaptureState.opening(after_outage(epoch), self.spec.block_size,
+                                     self.vol.size)
+        try:
+            ensure_topic(admin, old.topic, JOURNAL_CONFIG)
+            ensure_base_topics(admin)
+            self._ensure_pair_known()
+            abandon_epoch(self.settings, name, epoch, state.epoch)
+        except X2XError as e:
+            log.warning("pair %s: broker back but not ready: %s", name, e)
+            return
+        self.capture.begin_epoch(state)
+        # Before writes are journaled again: what was appended to the failed journal
+        # is no candidate of any point, so a client FLUSH in the new epoch cannot
+        # clear a block before the resend below has sent it again.
+        self.intent.reset_candidates()
+        self.health.resending()           # from here writes are journaled again
+        self.outages += 1
+        if not intact:
+            mark_journal_lost(self.settings, name, self.spec.source, state.epoch)
+        log.warning("pair %s: broker back; epoch %d resends the marked extents%s",
+                    name, state.epoch, "" if intact else
+                    f"; the journal lost its records, so the target must be resynced by "
+                    f"block hashes: run 'x2x pair resync {name}' (this capturer "
+                    f"keeps serving and answers it)")
 
     def _ensure_pair_known(self) -> None:
         """A broker that lost its data lost the pair too: publish it again, so appliers

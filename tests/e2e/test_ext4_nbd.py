@@ -7,12 +7,14 @@ missing. Every mount, loop device and FUSE mount is undone in ``finally`` blocks
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Iterator
 
 import blake3
 import pytest
@@ -54,6 +56,57 @@ def quietly(*args: str) -> None:
     subprocess.run(args, capture_output=True, timeout=60)
 
 
+@contextlib.contextmanager
+def fuse_file(uri: str, work: Path) -> Iterator[Path]:
+    """nbdfuse: the NBD export ``uri`` as the file ``work/fuse/disk``; unmounted (lazily:
+    its server may be gone) at the end."""
+    fuse_dir, pidfile = work / "fuse", work / "nbdfuse.pid"
+    fuse_dir.mkdir(exist_ok=True)
+    pidfile.unlink(missing_ok=True)
+    fuse = subprocess.Popen(["nbdfuse", "-P", str(pidfile), str(fuse_dir / "disk"), uri],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not pidfile.exists():
+            assert fuse.poll() is None, f"nbdfuse exited: {fuse.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "nbdfuse did not become ready"
+            time.sleep(0.05)
+        yield fuse_dir / "disk"
+    finally:
+        quietly("fusermount3", "-u", "-z", str(fuse_dir))
+        try:
+            fuse.wait(30)
+        except subprocess.TimeoutExpired:
+            fuse.kill()
+            fuse.wait(10)
+
+
+@contextlib.contextmanager
+def mounted_export(uri: str, work: Path, mkfs: bool = False) -> Iterator[Path]:
+    """nbdfuse -> loop device -> (mkfs.ext4) -> mount; all undone at the end."""
+    mnt = work / "mnt"
+    mnt.mkdir(exist_ok=True)
+    loop = None
+    mounted = False
+    with fuse_file(uri, work) as disk:
+        try:
+            loop = sh("losetup", "--find", "--show", str(disk)).strip()
+            if mkfs:
+                sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                   loop)
+            sh("mount", "-t", "ext4", loop, str(mnt))
+            mounted = True
+            yield mnt
+            sh("sync", "-f", str(mnt))
+            sh("umount", str(mnt))
+            mounted = False
+        finally:
+            if mounted:
+                quietly("umount", "-l", str(mnt))
+            if loop:
+                quietly("losetup", "-d", loop)
+
+
 def write_tree(root: Path, seed: int) -> dict[str, str]:
     """Many small files in nested folders and a few large ones; returns their digests."""
     rng = random.Random(seed)
@@ -87,42 +140,10 @@ def test_ext4_through_nbd_replicates_to_a_mountable_target(settings, pair_name, 
     spec = PairSpec(pair_name, str(src), str(dst), 65536, SIZE)
     control.create_pair(settings, spec)
     cap = NBDCapture(spec, settings, "127.0.0.1", 0, Mode.ASYNC).start()
-    fuse_dir, mnt = tmp_path / "fuse", tmp_path / "mnt"
-    fuse_dir.mkdir()
-    mnt.mkdir()
-    fuse = loop = None
-    mounted = False
     try:
-        pidfile = tmp_path / "nbdfuse.pid"
-        fuse = subprocess.Popen(["nbdfuse", "-P", str(pidfile), str(fuse_dir / "disk"),
-                                 cap.uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 20
-        while not pidfile.exists():
-            assert fuse.poll() is None, f"nbdfuse exited: {fuse.stderr.read().decode()}"
-            assert time.monotonic() < deadline, "nbdfuse did not become ready"
-            time.sleep(0.05)
-        loop = sh("losetup", "--find", "--show", str(fuse_dir / "disk")).strip()
-        sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop)
-        sh("mount", "-t", "ext4", loop, str(mnt))
-        mounted = True
-        digests = write_tree(mnt, seed=1)
-        sh("sync", "-f", str(mnt))
-        sh("umount", str(mnt))
-        mounted = False
-        sh("losetup", "-d", loop)
-        loop = None
-        sh("fusermount3", "-u", str(fuse_dir))
-        fuse.wait(30)
-        fuse = None
+        with mounted_export(cap.uri, tmp_path, mkfs=True) as mnt:
+            digests = write_tree(mnt, seed=1)
     finally:
-        if mounted:
-            quietly("umount", "-l", str(mnt))
-        if loop:
-            quietly("losetup", "-d", loop)
-        if fuse is not None:
-            quietly("fusermount3", "-u", str(fuse_dir))
-            fuse.kill()
-            fuse.wait(10)
         report = cap.stop()
     assert report.clean and report.bytes > 56 * MiB
 

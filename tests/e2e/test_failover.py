@@ -35,7 +35,8 @@ from journal.blocks import HASH_LEN, diff_maps, hash_buffer
 from journal.pairs import PairSpec
 from producers.nbd_capture import NBDCapture
 from tests.conftest import free_port, make_image, run_x2x, same_bytes, x2x_bin
-from tests.e2e.test_ext4_nbd import _requirements, quietly, read_tree, sh
+from tests.e2e.test_ext4_nbd import (_requirements, mounted_export, quietly,
+                                     read_tree, sh)
 
 MiB = 1 << 20
 BLOCK = 65536
@@ -68,46 +69,6 @@ def capturer(name: str, log: Path, mode: str = "async"
                 proc.kill()
                 proc.wait(10)
         out.close()
-
-
-@contextlib.contextmanager
-def mounted_export(uri: str, work: Path, mkfs: bool = False) -> Iterator[Path]:
-    """nbdfuse -> loop device -> (mkfs.ext4) -> mount; all undone at the end."""
-    fuse_dir, mnt = work / "fuse", work / "mnt"
-    fuse_dir.mkdir(exist_ok=True)
-    mnt.mkdir(exist_ok=True)
-    pidfile = work / "nbdfuse.pid"
-    pidfile.unlink(missing_ok=True)
-    fuse = subprocess.Popen(["nbdfuse", "-P", str(pidfile), str(fuse_dir / "disk"), uri],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    loop = None
-    mounted = False
-    try:
-        deadline = time.monotonic() + 20
-        while not pidfile.exists():
-            assert fuse.poll() is None, f"nbdfuse exited: {fuse.stderr.read().decode()}"
-            assert time.monotonic() < deadline, "nbdfuse did not become ready"
-            time.sleep(0.05)
-        loop = sh("losetup", "--find", "--show", str(fuse_dir / "disk")).strip()
-        if mkfs:
-            sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop)
-        sh("mount", "-t", "ext4", loop, str(mnt))
-        mounted = True
-        yield mnt
-        sh("sync", "-f", str(mnt))
-        sh("umount", str(mnt))
-        mounted = False
-    finally:
-        if mounted:
-            quietly("umount", "-l", str(mnt))
-        if loop:
-            quietly("losetup", "-d", loop)
-        quietly("fusermount3", "-u", "-z", str(fuse_dir))
-        try:
-            fuse.wait(30)
-        except subprocess.TimeoutExpired:
-            fuse.kill()
-            fuse.wait(10)
 
 
 def abandon_export(mnt: Path, work: Path) -> None:

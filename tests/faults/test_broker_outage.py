@@ -89,6 +89,42 @@ def test_async_outage_degrades_then_resends_exactly_the_marked_extents(own_broke
     assert converged(spec.source, spec.target)
 
 
+def test_async_full_backlog_degrades_instead_of_making_clients_wait(own_broker: OwnBroker,
+                                                                   tmp_path):
+    """async: the backlog is bounded; a client that fills it is not held at the broker's
+    pace, the capturer degrades instead and resends the marked extents in the same epoch
+    once the backlog drained."""
+    need("qemu-io")
+    s, name, size = own_broker.settings(), "backlog-full", 64 * MiB
+    spec = make_pair(s, name, tmp_path, size, seed=22, data_fraction=0.2)
+    # A long stall limit: only a full backlog can degrade it here, not the stall check.
+    env = {**own_broker.env, "X2X_JOURNAL_STALL": "300", "X2X_SPOOL_MAX": "2MiB"}
+    cap = start_capturer(name, env=env, verbose=True)
+    try:
+        newest_capture_beat(s, name, lambda b: b.detail.get("baseline") == "done")
+        own_broker.x2x("apply", name, "--until-caught-up")
+        own_broker.freeze()
+        # 40 MiB while the broker takes nothing: past the 2 MiB spool and the 16 MiB in
+        # memory. Held at the broker's pace, qemu-io would time out (120 s).
+        p = qemu_io("write -P 0x51 0 20M", "write -P 0x52 20M 20M", "flush",
+                    "write -P 0x53 48M 1M", uri=cap.uri)
+        assert p.returncode == 0 and "failed" not in p.stdout, p.stdout + p.stderr
+        line = cap.wait_log("degraded", timeout=10)
+        assert "backlog is full" in line, line
+        own_broker.thaw()
+        TALLY["broker outages"] += 1
+        cap.wait_log("the backlog drained", timeout=120)
+        beat = newest_capture_beat(s, name, lambda b: b.detail.get("resend") == "done"
+                                   and b.state == "capturing")
+        assert beat.epoch == 1, "a full backlog needs no new epoch"
+        assert "stopped (clean)" in cap.stop()
+    finally:
+        own_broker.thaw()
+        cap.kill()
+    own_broker.x2x("apply", name, "--until-caught-up")
+    assert converged(spec.source, spec.target)
+
+
 def test_sync_outage_fails_writes_with_eio_and_recovers_after_a_broker_restart(
         own_tansu: OwnBroker, tmp_path):
     need("qemu-io")

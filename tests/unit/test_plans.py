@@ -8,8 +8,9 @@ import pytest
 
 from journal.errors import BadInput
 from journal.pairs import PairSpec, PairState
+from journal.status import Acknowledged, forced_loss
 from journal.plans import (FRESH_S, Command, NotReady, Sides, SplitBrain, apply_target,
-                           forced_loss, plan, serving)
+                           plan, serving)
 from journal.sequence import Position
 from journal.status import Beat
 
@@ -76,15 +77,16 @@ def test_failback_runs_in_the_promoted_direction_and_refuses_a_split_brain():
 
 
 def test_the_rpo_of_a_forced_failover_counts_what_the_source_captured_beyond_the_target():
-    applied = Position(2, 7, 100, 0, NOW - 3000)
-    loss = forced_loss(applied, Position(2, 8, 101, 0, NOW - 2000),
-                       beat("/a.img", epoch=2, seq=10, captured_at_ms=NOW - 500))
-    assert (loss.epoch, loss.ops, loss.seconds) == (2, 3, 2.5)
+    held = Acknowledged.journaled(2, 7, 100, NOW - 3000)
+    loss = forced_loss(beat("/a.img", epoch=2, seq=10, captured_at_ms=NOW - 500), 2, 7, 100,
+                       NOW - 3000, Acknowledged.journaled(2, 8, 101, NOW - 2000))
+    assert (loss.epoch, loss.ops) == (2, 3)
     # Nothing unapplied: no loss, whatever the clocks say.
-    assert forced_loss(applied, applied, None) == type(loss)(2, 0, 0.0)
+    none = forced_loss(None, 2, 7, 100, NOW - 3000, held)
+    assert (none.epoch, none.ops, none.rpo_s) == (2, 0, 0.0)
     # The source went on in a later epoch: every op of it is lost, and it is the epoch
     # the promotion records.
-    later = forced_loss(applied, applied, beat("/a.img", epoch=3, seq=4))
+    later = forced_loss(beat("/a.img", epoch=3, seq=4), 2, 7, 100, NOW - 3000, held)
     assert (later.epoch, later.ops) == (3, 4)
 
 

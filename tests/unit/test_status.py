@@ -49,3 +49,80 @@ def test_the_history_base_beat_gives_the_window_held_bytes_and_oldest_point():
     assert (h.window_ms, h.actual_ms, h.held_payload) == (60000, 4000, 12345)
     assert (h.low, h.high, h.restorable_ms, h.base) == (40, 90, 1000, "/b.img")
     assert pair_status("p", latest([beat("capturer", 20, 2000)]), 6000).history is None
+
+
+# -- from the client's point of view (journal/DESIGN.md rule 8) ---------------------------
+def capturer(seq, at, appended, since=0, epoch_bytes=0, appended_bytes=0, newest=0,
+             state="capturing", epoch=1):
+    detail = {"appended_seq": str(appended), "appended_bytes": str(appended_bytes),
+              "appended_at_ms": str(newest), "unjournaled_since_ms": str(since)}
+    return Beat("p", "capturer", "x", "h", 1, at, state, epoch, seq, epoch_bytes, 0,
+                detail=detail)
+
+
+def test_a_held_burst_is_lag_and_its_oldest_write_sets_the_rpo():
+    """The broker holds seq 20, all applied; seqs 21..50 were acknowledged to clients and
+    are held on the source since t=5000: lag 30 ops, RPO the age of the oldest of them."""
+    beats = latest([capturer(20, 6000, 50, since=5000, epoch_bytes=9000,
+                             appended_bytes=40_000, newest=5900),
+                    beat("applier", 20, 6000, epoch_bytes=9000, captured_at=1000,
+                         instance="t")])
+    (rep,) = pair_status("p", beats, now_ms=8000).replicas
+    assert (rep.lag_ops, rep.lag_bytes) == (30, 31_000)
+    # Not the age of the last applied capture (7 s): the target missed nothing before 5000.
+    assert rep.rpo_s == 3.0
+
+
+def test_journaled_but_unapplied_ops_bound_the_rpo_by_the_applied_capture():
+    """The target lacks journaled ops too: the oldest op it lacks is unknown, but came
+    after the entry it ends at was closed (t=1000), so the RPO is at most 7 s."""
+    beats = latest([capturer(30, 6000, 50, since=5000),
+                    beat("applier", 20, 6000, captured_at=1000, instance="t")])
+    (rep,) = pair_status("p", beats, now_ms=8000).replicas
+    assert (rep.lag_ops, rep.rpo_s) == (30, 7.0)
+
+
+def test_nothing_acknowledged_beyond_the_target_is_rpo_zero():
+    beats = latest([capturer(20, 6000, 20), beat("applier", 20, 6000, instance="t")])
+    (rep,) = pair_status("p", beats, now_ms=9000).replicas
+    assert (rep.lag_ops, rep.lag_bytes, rep.rpo_s) == (0, 0, 0.0)
+
+
+def test_an_unknown_age_is_not_reported_as_a_number():
+    """A target without any checkpoint lacking journaled ops: lag known, RPO unknown."""
+    beats = latest([capturer(30, 6000, 30), beat("applier", 0, 6000, epoch=0, instance="t")])
+    (rep,) = pair_status("p", beats, now_ms=8000).replicas
+    assert rep.lag_ops == 30 and rep.rpo_s is None
+
+
+def test_a_capturer_that_says_nothing_more_counts_as_all_journaled():
+    from journal.status import Acknowledged
+    b = beat("capturer", 7, 100, epoch_bytes=70, captured_at=90)
+    assert Acknowledged.of(b) == Acknowledged.journaled(1, 7, 70, 90)
+
+
+def test_forced_loss_counts_the_held_burst_from_its_oldest_write():
+    from journal.status import Acknowledged, forced_loss
+    read = Acknowledged.journaled(1, 20, 9000, 1000)      # what the journal held
+    loss = forced_loss(capturer(20, 6000, 50, since=5000, newest=5900), 1, 20, 9000, 1000,
+                       read)
+    assert (loss.ops, loss.rpo_s) == (30, 1.0)             # heard at 6000, oldest 5000
+    assert loss.rpo_max_s == 3.0                           # the next beat was due at 8000
+
+
+def test_forced_loss_of_an_unflushed_tail_the_journal_held():
+    from journal.status import Acknowledged, forced_loss
+    # The checkpoint is at seq 20 (closed at 1000); the journal held up to 25, the last
+    # beat said 22 acknowledged: the journal is newer, 5 ops lost, the oldest after 1000.
+    read = Acknowledged.journaled(1, 25, 0, 1500)
+    loss = forced_loss(capturer(22, 1400, 22), 1, 20, 0, 1000, read)
+    assert (loss.ops, loss.rpo_s) == (5, 0.5) and loss.rpo_max_s == 2.4
+
+
+def test_forced_loss_after_a_clean_stop_is_what_the_journal_says():
+    from journal.status import Acknowledged, forced_loss
+    read = Acknowledged.journaled(1, 20, 0, 1000)
+    loss = forced_loss(capturer(20, 1200, 20, state="stopped"), 1, 20, 0, 1000, read)
+    assert (loss.ops, loss.rpo_s, loss.rpo_max_s) == (0, 0.0, 0.0)
+    # Never seen: nothing bounds what it took.
+    assert forced_loss(None, 1, 20, 0, 1000, read).rpo_max_s is None

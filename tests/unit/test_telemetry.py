@@ -27,6 +27,7 @@ def test_counters_gauges_and_histogram_are_read_back(mem) -> None:
     m.applied("web", ops=4, nbytes=70000, target="/images/web.img")
     m.lag("web", ops=1, nbytes=4096, rpo_s=2.5, target="/images/web.img")
     m.checkpoint_age("web", 7.0, target="/images/web.img")
+    m.unjournaled("web", 16 << 20, 1.5)
     m.progress("db", "capturer", 0.25)
     m.progress("db", "capturer", 0.5)      # a gauge reports the last value
     m.nbd_request("web", "write", 0.0004)
@@ -44,6 +45,8 @@ def test_counters_gauges_and_histogram_are_read_back(mem) -> None:
     assert got["x2x.lag.bytes"] == [(app, 4096.0)]
     assert got["x2x.rpo"] == [(app, 2.5)]
     assert got["x2x.checkpoint.age"] == [(app, 7.0)]
+    assert got["x2x.unjournaled.bytes"] == [(cap, float(16 << 20))]
+    assert got["x2x.unjournaled.age"] == [(cap, 1.5)]
     assert got["x2x.resync.progress"] == [({"pair": "db", "role": "capturer"}, 0.5)]
     hist = {a["command"]: dp for a, dp in got["x2x.nbd.request.duration"]}
     assert hist["write"].count == 2 and hist["write"].sum == pytest.approx(0.0034)
