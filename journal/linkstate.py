@@ -15,9 +15,9 @@ One word for what an operator wants to know first, and the figures behind it:
 - ``degraded``: the capturer's journal stopped taking writes (producers/health.py), or
   it fenced itself.
 
-Pure: the capturer puts the figures in its heartbeat's detail (``behind_bytes``,
-``sent_bps``, ``write_bps``, ``max_rate_bps``, ``progress_at_ms``, ``baseline_total``,
-``baseline_done``); this decides.
+Pure: the capturer puts the figures in its heartbeat's detail (``unjournaled_bytes``,
+the publisher's, is what is behind; ``sent_bps``, ``write_bps``, ``max_rate_bps``,
+``progress_at_ms``, ``baseline_total``, ``baseline_done``); this decides.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def link_state(cap: Beat | None, now_ms: int) -> LinkState:
     d = cap.detail
     raw_limit = _int(d, "max_rate_bps")
     limit = format_rate(raw_limit) if "max_rate_bps" in d else "unlimited"
-    behind = _int(d, "behind_bytes")
+    behind = _int(d, "unjournaled_bytes")
     send, write = _float(d, "sent_bps"), _float(d, "write_bps")
     figures = dict(behind_bytes=behind, send_bps=send, write_bps=write, limit=limit)
     if cap.state in ("degraded", "fenced"):

@@ -480,11 +480,12 @@ class NBDCapture:
                                              running.percent / 100.0)
 
     def _link_figures(self, pub: JournalPublisher, now: float) -> dict[str, str]:
-        """What journal/linkstate.py needs: bytes behind, the send and write rates since
-        the last beat, the rate in force, when the broker last acknowledged anything."""
+        """What journal/linkstate.py needs besides the publisher's ``unjournaled_bytes``:
+        the send and write rates since the last beat, the rate in force, when the broker
+        last acknowledged anything."""
         t, sent, written = getattr(self, "_link_mark", (self._t0, 0, 0))
         journaled, acked = pub.journaled, getattr(self, "_acked", None)
-        if acked is None or journaled != acked[0] or not self._behind(pub):
+        if acked is None or journaled != acked[0] or not pub.unjournaled_bytes:
             self._acked = acked = (journaled, now_ms())
         if now - t >= 1.0 or not hasattr(self, "_link_rates"):    # forced beats between
             dt = max(now - t, 1e-3)
@@ -492,7 +493,7 @@ class NBDCapture:
                                 f"{(self.backend.counters.bytes - written) / dt:.0f}")
             self._link_mark = (now, self.limit.sent, self.backend.counters.bytes)
         rate = self.limit.rate
-        d = {"behind_bytes": str(self._behind(pub)), "sent_bps": self._link_rates[0],
+        d = {"sent_bps": self._link_rates[0],
              "write_bps": self._link_rates[1], "progress_at_ms": str(acked[1])}
         if rate is not None:
             d["max_rate_bps"] = str(rate)
@@ -500,11 +501,6 @@ class NBDCapture:
             d["baseline_total"] = str(self.baseline.total)
             d["baseline_done"] = str(self.baseline.done)
         return d
-
-    @staticmethod
-    def _behind(pub: JournalPublisher) -> int:
-        """Payload bytes appended to the journal and not yet acknowledged by the broker."""
-        return max(0, pub.seq.epoch_bytes - pub.journaled.epoch_bytes)
 
     # -- what the control watch asks (producers/control_watch.py) -------------------------
     def seal(self, ev: FailoverRequested) -> Sealed:

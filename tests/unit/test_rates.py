@@ -159,17 +159,17 @@ def test_link_states_from_the_heartbeat():
     assert link_state(None, now).state == "unknown"
     assert link_state(beat("degraded", error="broker stalled"), now).state == "degraded"
     assert link_state(beat(at=now - 30_000), now).state == "stalled"
-    assert link_state(beat(max_rate_bps=0, behind_bytes=5), now).state == "paused"
+    assert link_state(beat(max_rate_bps=0, unjournaled_bytes=5), now).state == "paused"
     s = link_state(beat("baseline", baseline_total=100 << 20, baseline_done=25 << 20,
-                        behind_bytes=5 << 20, sent_bps=1 << 20, write_bps=0), now)
+                        unjournaled_bytes=5 << 20, sent_bps=1 << 20, write_bps=0), now)
     assert s.state == "initial-sync" and s.percent == 25 and s.eta_s == 80
-    s = link_state(beat(behind_bytes=30 << 20, sent_bps=2 << 20, write_bps=1 << 20,
+    s = link_state(beat(unjournaled_bytes=30 << 20, sent_bps=2 << 20, write_bps=1 << 20,
                         progress_at_ms=now, max_rate_bps=2 << 20), now)
     assert s.state == "backlog" and s.eta_s == 30 and s.limit == "16.8 Mbit/s"
-    s = link_state(beat(behind_bytes=30 << 20, sent_bps=0,
+    s = link_state(beat(unjournaled_bytes=30 << 20, sent_bps=0,
                         progress_at_ms=now - int(STALLED_S + 1) * 1000), now)
     assert s.state == "stalled"
-    assert link_state(beat(behind_bytes=4096, sent_bps=1 << 20, progress_at_ms=now),
+    assert link_state(beat(unjournaled_bytes=4096, sent_bps=1 << 20, progress_at_ms=now),
                       now).state == "continuous"
 
 
