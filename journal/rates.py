@@ -1,7 +1,7 @@
 """Bandwidth limits of a pair's link, as users write them, and when each applies.
 
-A rate is bytes per second on the wire (journal records as Kafka compressed them,
-producers/rate.py): ``20Mbit`` (decimal bits, as ``tc`` and link speeds count them),
+A rate is bytes per second of journal records handed to Kafka (before Kafka's own
+compression, producers/rate.py): ``20Mbit`` (decimal bits, as ``tc`` and link speeds count them),
 ``2.5MB``/``2MiB`` (bytes), ``unlimited``, or ``0``/``pause`` (nothing is sent: the
 backlog stays on the source). A schedule is a list of rules, the first that matches the
 capturer's local time wins, and the pair's ``--max-rate`` applies when none does::

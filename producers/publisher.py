@@ -91,8 +91,7 @@ class JournalPublisher:
         self.limit = limit
         self.topic = journal_topic(pair)
         self.settings = settings
-        self.producer = Producer(settings.producer(
-            **(limit.wire.producer_settings() if limit is not None else {})))
+        self.producer = Producer(settings.producer())
         self.seq = Sequencer(pair, epoch, next_seq, epoch_bytes, budget, sign=False)
         self.key = keys.remember(key) if key else None   # the control plane signs with it
         self.max_inflight = max_inflight_bytes

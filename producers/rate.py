@@ -3,11 +3,12 @@
 One bucket per capture, shared by every publisher (epoch) it starts, so baseline, resend,
 verify hashes and live writes all count against the same ``--max-rate``: they all leave
 through ``JournalPublisher._produce``, which calls :meth:`TokenBucket.take` once per
-record. Counted: bytes on the wire, as the user's link counts them. Kafka compresses
-records after they are handed over (librdkafka, ``compression.type``), so each record is
-charged its length times the compression ratio the producer's statistics show
-(``WireRatio``: bytes librdkafka wrote to the broker sockets over the record bytes that
-left its queue, a moving estimate, 1.0 until the first figures).
+record. Counted: record bytes as handed to Kafka, before Kafka's own compression
+(librdkafka compresses a batch after it is handed over). On compressible data the link
+then carries less than the limit, never more: charging a compression ratio learned from
+earlier records let an incompressible burst through at many times the limit once
+(tested and dropped: a ratio learned on a writer's pattern blocks, then 32 MiB of random
+data, doubled the ETA of a thin link's backlog).
 
 The rate in force is asked of ``rate_of`` (the pair's ``--max-rate`` and
 ``--rate-schedule``, journal/rates.py) at most once a second, so a schedule's boundary or
@@ -17,7 +18,6 @@ is the limit, a burst at most one record plus a quarter second of the rate.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from datetime import datetime
@@ -47,7 +47,6 @@ class TokenBucket:
         #: Record bytes let through, over the capture's life (every publisher):
         #: heartbeats derive the send rate from it.
         self.sent = 0
-        self.wire = WireRatio(self)
 
     def set_rate_of(self, rate_of: Callable[[datetime], Rate]) -> None:
         """A new limit or schedule (``x2x pair rate``): in force at once."""
@@ -83,7 +82,7 @@ class TokenBucket:
                     self._tokens = min(cap, self._tokens + (now - self._at) * rate)
                     self._at = now
                     if self._tokens > 0:
-                        self._tokens -= n * self.wire.ratio
+                        self._tokens -= n
                         break
                     wait = min(-self._tokens / rate + 1e-3, RECHECK_S)
                 else:
@@ -94,37 +93,3 @@ class TokenBucket:
             self.sent += n
             return True
 
-
-#: librdkafka statistics this often, for the ratio.
-STATS_MS = 1000
-#: Fewer record bytes than this in an interval say nothing reliable about the ratio.
-MIN_SAMPLE = 256 << 10
-
-
-class WireRatio:
-    """Bytes on the wire per record byte, from the journal producer's statistics
-    (``producer_settings`` adds the callback to a producer's configuration)."""
-
-    def __init__(self, bucket: TokenBucket) -> None:
-        self.bucket = bucket
-        self.ratio = 1.0
-        self._last: dict[str, tuple[int, int]] = {}     # producer -> (tx, left queue)
-
-    def producer_settings(self) -> dict:
-        return {"statistics.interval.ms": STATS_MS, "stats_cb": self.on_stats}
-
-    def on_stats(self, text: str) -> None:
-        try:
-            s = json.loads(text)
-            tx = sum(b.get("txbytes", 0) for b in s["brokers"].values()
-                     if b.get("nodeid", -1) >= 0)
-            name, queued = s["name"], int(s.get("msg_size", 0))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return
-        left = self.bucket.sent - queued         # record bytes that left librdkafka's queue
-        before = self._last.get(name)
-        if before is None or left - before[1] >= MIN_SAMPLE:
-            self._last[name] = (tx, left)
-        if before is not None and left - before[1] >= MIN_SAMPLE:
-            sample = min(1.5, max(0.02, (tx - before[0]) / (left - before[1])))
-            self.ratio = 0.5 * self.ratio + 0.5 * sample

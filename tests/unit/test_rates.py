@@ -187,29 +187,6 @@ def test_the_control_cache_keeps_the_link():
     assert back == p and back.link.rate_at(MON_9) == 0
 
 
-def test_the_bucket_charges_what_the_wire_carries_after_compression(monkeypatch):
-    import json
-    clock = Clock()
-    bucket = TokenBucket(lambda _: 1_000_000, clock)
-    monkeypatch.setattr(bucket._wake, "wait", lambda s: setattr(clock, "t", clock.t + s))
-
-    def stats(tx: int, queued: int) -> str:
-        return json.dumps({"name": "rdkafka#producer-1", "msg_size": queued, "brokers": {
-            "127.0.0.1:9092/bootstrap": {"nodeid": -1, "txbytes": 10 ** 9},
-            "127.0.0.1:9092/1": {"nodeid": 1, "txbytes": tx}}})
-    bucket.wire.on_stats(stats(0, 0))
-    for step in range(1, 8):               # 4 MiB of records become 1 MiB on the wire
-        bucket.sent += 4 << 20
-        bucket.wire.on_stats(stats(step << 20, 0))
-    assert abs(bucket.wire.ratio - 0.25) < 0.01
-    bucket.wire.on_stats("not json")       # ignored
-    sent0, t0 = bucket.sent, clock.t
-    for _ in range(40):
-        bucket.take(1 << 20)
-    wire = (bucket.sent - sent0) * bucket.wire.ratio / (clock.t - t0)
-    assert abs(wire - 1_000_000) < 0.1 * 1_000_000
-
-
 def test_an_applier_level_with_the_journal_is_not_level_with_a_backlog():
     """Async writes waiting for a thin link are acknowledged and not yet journaled: the
     target is behind them, though it applied all the journal holds."""
