@@ -354,5 +354,5 @@ def apply_all(ctx: Context, spec: "PairSpec", target: str | None = None,
 
 
 def same_volume(a: str | Path, b: str | Path, length: int | None = None) -> bool:
-    from infra.volume import volume_digest
+    from infra.volumes import volume_digest
     return volume_digest(str(a), length) == volume_digest(str(b), length)

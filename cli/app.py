@@ -5,8 +5,8 @@ import sys
 
 import typer
 
-from cli import (access, base, broker, journal, pair, replica, replicate, status, volume,
-                 watch)
+from cli import (access, base, broker, cutover, journal, pair, replica, replicate, status,
+                 volume, watch)
 from cli.common import Globals, err_console
 from infra import logs, telemetry
 from journal.errors import X2XError
@@ -24,6 +24,7 @@ app.command()(replicate.apply)
 app.command()(base.base)
 app.command()(watch.watch)
 app.command()(status.status)
+app.command()(cutover.cutover)
 app.command(name="nbd-certs")(replicate.nbd_certs)
 
 

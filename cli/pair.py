@@ -1,6 +1,7 @@
 """x2x pair create|list|show|delete: pairs are events on the control topic."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -8,10 +9,9 @@ import typer
 from rich.table import Table
 
 from cli.common import console, err_console, human_bytes, print_json, settings
-from infra import control, pins
+from infra import control, images, pins
 from producers.resync import LocalCapture
 from infra.keys import key_for_create, lookup, remember_file, retire_key
-from infra.volume import volume_size
 from journal.errors import BadInput, VolumeError
 from journal.history import HistorySettings
 from journal.pairs import PairSpec, parse_size, validate_block_size, validate_name
@@ -24,11 +24,19 @@ app = typer.Typer(help="Create, list, show and delete replication pairs.", no_ar
 
 @app.command()
 def create(ctx: typer.Context, name: str,
-           source: str = typer.Option(..., help="Source volume: image file or block device."),
-           target: str = typer.Option(..., help="Target volume: image file or block device."),
+           source: str = typer.Option(..., help="Source volume: raw image file, block "
+                                      "device, or NBD URI (nbd://HOST:PORT/EXPORT, nbds:// "
+                                      "for TLS; scan capture only)."),
+           target: str = typer.Option(..., help="Target volume: raw image file, block "
+                                      "device, disk image (.qcow2 .vmdk .vhdx .vdi .vhd, "
+                                      "written through a qemu-nbd x2x runs), or NBD URI."),
+           target_format: str = typer.Option(None, "--target-format", metavar="FORMAT",
+                                             help="raw, qcow2, vmdk, vhdx, vdi or vhd "
+                                             "(default: from the target's extension)."),
            block_size: str = typer.Option("64KiB", help="Block size for hashing and baseline."),
-           create_target: bool = typer.Option(False, help="Create the target image file, "
-                                              "sparse, of the source's size if it is missing."),
+           create_target: bool = typer.Option(False, help="Create the target, of the "
+                                              "source's size, if it is missing: a sparse "
+                                              "raw file, or an empty image (qemu-img)."),
            key_file: str = typer.Option(None, help="Encrypt and authenticate the journal with "
                                         "this key (32 bytes; generated, mode 0600, if missing)."),
            encrypt: bool = typer.Option(False, help="Like --key-file, with a key generated at "
@@ -43,18 +51,26 @@ def create(ctx: typer.Context, name: str,
     validate_name(name)
     window = HistorySettings.parse(history, journal_max)
     bs = validate_block_size(parse_size(block_size))
-    size = volume_size(source)
+    src = images.locate(source)
+    size = images.size(src)
     if size == 0:
         raise VolumeError(f"source {source} is empty; nothing to replicate")
-    if create_target:
-        _create_sparse(target, size)
-    tsize = volume_size(target)
-    if tsize < size:
-        raise VolumeError(f"target {target} is {tsize} bytes, smaller than source {source} "
-                          f"({size} bytes); grow it with 'truncate -s {size} {target}'")
-    key = key_for_create(name, key_file, encrypt)
-    spec = PairSpec(name, source, target, bs, size, key.key_id if key else "")
-    control.create_pair(settings(ctx), spec, window)
+    dst = images.locate(target, target_format)
+    target = dst.text
+    images.check_format(dst)
+    created = images.create(dst, size) if create_target else False
+    try:    # nothing half-created: a target made here goes again if the pair is not made
+        tsize = images.size(dst)
+        if tsize < size:
+            raise VolumeError(f"target {target} is {tsize} bytes, smaller than source {source} "
+                              f"({size} bytes); {_grow_hint(dst, size)}")
+        key = key_for_create(name, key_file, encrypt)
+        spec = PairSpec(name, src.text, target, bs, size, key.key_id if key else "")
+        control.create_pair(settings(ctx), spec, window)
+    except BaseException:
+        if created:
+            os.unlink(dst.path)
+        raise
     console.print(f"pair [bold]{name}[/]: {source} -> {target}, {human_bytes(size)}, "
                   f"block {human_bytes(bs)}; journal x2x.journal.{name}, history "
                   f"{window.describe()}" + (f"; encrypted, key id {key.key_id}" if key else ""))
@@ -104,6 +120,16 @@ def auto_failover_(ctx: typer.Context, name: str,
                   f"'x2x apply {name}'", highlight=False)
 
 
+def _grow_hint(dst: images.Location, size: int) -> str:
+    if dst.kind == "nbd":
+        return "grow the export on its server, or choose a larger one"
+    if dst.kind == "image":
+        return f"grow it with 'qemu-img resize {dst.path} {size}'"
+    if os.path.exists(dst.path) and not os.path.isfile(dst.path):
+        return "choose a larger device"
+    return f"grow it with 'truncate -s {size} {dst.path}'"
+
+
 @app.command("rate")
 def rate_(ctx: typer.Context, name: str,
           max_rate: str = typer.Option(None, "--max-rate", help="Most the source sends to "
@@ -119,14 +145,6 @@ def rate_(ctx: typer.Context, name: str,
     link = LinkLimit.parse(max_rate, rate_schedule)
     control.set_rate(settings(ctx), name, max_rate, rate_schedule)
     console.print(f"pair {name}: link {link.describe()}", highlight=False)
-
-
-def _create_sparse(path: str, size: int) -> None:
-    import os
-    if os.path.exists(path):
-        return
-    with open(path, "wb") as f:
-        f.truncate(size)
 
 
 @app.command("list")
@@ -186,7 +204,7 @@ def _say(msg: str) -> None:
     err_console.print(f"[dim]...[/] {msg}", highlight=False)
 
 
-def _operation(ctx: typer.Context, name: str, key_file: str | None, timeout: float,
+def operation(ctx: typer.Context, name: str, key_file: str | None, timeout: float,
                new_epoch: bool = False) -> Operation:
     """The command's context for consumers/failover.py: this host does the capturer's
     part (LocalCapture) when no live NBD capturer serves the source; ``new_epoch``: it
@@ -220,7 +238,7 @@ def failover(ctx: typer.Context, name: str,
     if (at is not None or base is not None) and not force:
         raise BadInput("--at and --base go with --force: a failover to an earlier point "
                        "gives up what the source wrote after it")
-    op = _operation(ctx, name, key_file, timeout)
+    op = operation(ctx, name, key_file, timeout)
     limit = make_limit(op.settings, name, at, None, None)
     r = fo.force_failover(op, limit, base) if force else fo.failover(op)
     if json_:
@@ -250,7 +268,7 @@ def failback(ctx: typer.Context, name: str,
              json_: bool = typer.Option(False, "--json")) -> None:
     """Make the old source the target of the promoted side, sending only differing blocks."""
     from consumers import failover as fo
-    r = fo.failback(_operation(ctx, name, key_file, timeout))
+    r = fo.failback(operation(ctx, name, key_file, timeout))
     _print_resync(r, json_, f"failback done: the old source follows epoch {r.epoch} from seq "
                   f"{r.seq}; keep it following with 'x2x apply {name}'")
 
@@ -265,7 +283,7 @@ def verify(ctx: typer.Context, name: str,
     """Compare source and target block hashes at one journal point, while replicating."""
     from consumers import failover as fo
     from journal.reports import Diverged
-    r = fo.verify(_operation(ctx, name, key_file, timeout), repair)
+    r = fo.verify(operation(ctx, name, key_file, timeout), repair)
     _print_resync(r, json_, "repaired" if repair and r.differing else "")
     if r.differing and not repair:
         raise Diverged(f"pair {name}: {r.differing} blocks of the target differ from the "
@@ -280,7 +298,7 @@ def resync(ctx: typer.Context, name: str,
     """After the journal was lost: compare block hashes in a new epoch and resend only the
     blocks of the target that differ (no full copy)."""
     from consumers import failover as fo
-    r = fo.resync(_operation(ctx, name, key_file, timeout, new_epoch=True))
+    r = fo.resync(operation(ctx, name, key_file, timeout, new_epoch=True))
     _print_resync(r, json_, f"resynced: the target follows epoch {r.epoch} from seq {r.seq}; "
                   f"keep it following with 'x2x apply {name}'")
 

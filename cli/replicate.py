@@ -13,7 +13,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingCol
 from cli.common import console, err_console, human_bytes, print_json, settings
 from consumers.applier import Applier
 from consumers.checkpoint import CheckpointStore
-from infra import control, pins
+from infra import control, images, pins
 from infra.keys import key_for, remember_file
 from infra.tls import TLSMode, create_certificates, server_context
 from journal.errors import BadInput, BrokerError
@@ -62,7 +62,7 @@ def capture(ctx: typer.Context, name: str,
                 help="With --nbd: while clients write without FLUSH, make a consistency "
                 "point on the target every SECONDS (default 1; 0: only at client FLUSHes). "
                 "It makes the target a crash-consistent copy; it does not make the source "
-                "durable."),
+                "durable. With --trace: seconds between freeze cuts (default 5)."),
             key_file: str = typer.Option(None, help="The pair's key file, if it is encrypted "
                                          "(default $X2X_HOME/keys/NAME.key)."),
             tls: str = typer.Option(None, "--tls", metavar="off|on|require",
@@ -76,21 +76,50 @@ def capture(ctx: typer.Context, name: str,
                                          "automatic failover: a shell command run when "
                                          "the lease lapses and writes stop (X2X_PAIR, "
                                          "X2X_EPOCH, X2X_REASON in its environment)."),
+            trace: bool = typer.Option(False, "--trace", help="Live capture of a block "
+                                       "device in use (its filesystem may be mounted): "
+                                       "follow completed writes through block "
+                                       "tracepoints, read them from the device, cut a "
+                                       "consistency point every --cut-interval by freezing "
+                                       "the filesystem; until SIGTERM/SIGINT."),
+            freeze: str = typer.Option(None, "--freeze", metavar="MOUNTPOINT|none",
+                                       help="With --trace: the filesystem to freeze at each "
+                                       "cut (default: where the device is mounted, from "
+                                       "/proc/self/mountinfo); 'none': never freeze."),
+            freeze_cap: float = typer.Option(2.0, "--freeze-cap", metavar="SECONDS",
+                                             help="With --trace: abandon a cut (thaw, no "
+                                             "consistency point) frozen this long."),
+            trace_buffer_kb: int = typer.Option(8192, "--trace-buffer-kb", metavar="KB",
+                                                help="With --trace: the trace buffer per "
+                                                "CPU; events lost to an overrun are "
+                                                "repaired by a hash compare."),
             json_: bool = typer.Option(False, "--json", help="Print results as JSON lines."),
             accept_spec_change: bool = typer.Option(
                 False, "--accept-spec-change", help="The pair's source, target or key id "
                 "changed on the control topic on purpose: pin the new ones on this host.")
             ) -> None:
-    """Capture a pair's source into its journal: by scanning for changed blocks, or live
-    over NBD with --nbd."""
+    """Capture a pair's source into its journal: by scanning for changed blocks, live
+    over NBD with --nbd, or live from a block device in use with --trace."""
+    if trace and (nbd is not None or once or interval):
+        raise BadInput("--trace runs the trace capturer; --nbd, --once and --interval belong "
+                       "to other capturers: pick one")
+    if not trace and (freeze is not None or freeze_cap != 2.0 or trace_buffer_kb != 8192):
+        raise BadInput("--freeze, --freeze-cap and --trace-buffer-kb only apply to the trace "
+                       "capturer: add --trace")
+    if trace:
+        from producers.trace import DEFAULT_CUT_INTERVAL
+        cut_interval = DEFAULT_CUT_INTERVAL if cut_interval is None else cut_interval
+        if cut_interval <= 0 or freeze_cap <= 0 or trace_buffer_kb <= 0:
+            raise BadInput("--cut-interval, --freeze-cap and --trace-buffer-kb must be "
+                           "positive")
     if nbd is not None and (once or interval):
         raise BadInput("--nbd runs a long-lived NBD capturer; --once and --interval belong "
                        "to the scan capturer: drop one or the other")
     if (mode is not None or tls is not None or tls_certificates or on_fence
-            or cut_interval is not None) and nbd is None:
+            or (cut_interval is not None and not trace)) and nbd is None:
         raise BadInput("--mode, --cut-interval, --tls and --on-fence only apply to the NBD "
-                       "capturer: add --nbd [HOST:]PORT")
-    if cut_interval is not None and not 0 <= cut_interval <= 3600:
+                       "capturer: add --nbd [HOST:]PORT (--cut-interval also to --trace)")
+    if nbd is not None and cut_interval is not None and not 0 <= cut_interval <= 3600:
         raise BadInput(f"--cut-interval must be seconds from 0 to 3600 (0: only client "
                        f"FLUSHes), got {cut_interval:g}")
     if once and interval:
@@ -110,8 +139,16 @@ def capture(ctx: typer.Context, name: str,
     st = control.get_pair(s, name)
     pins.check(st.spec, accept_spec_change)
     spec = st.active_spec             # after a failover: the promoted side
+    if nbd is not None and images.locate(spec.source).kind != "local":
+        raise BadInput(f"the NBD capturer serves a local raw file or block device; the "
+                       f"source {spec.source} is not one: capture it by scanning "
+                       f"('x2x capture {name} --once' or --interval SECONDS)")
     store = prepare_capture(st, rebaseline)
     stop = _stop_on_signals()
+    if trace:
+        _capture_trace(spec, s, store, stop, json_, key_for(spec, key_file), cut_interval,
+                       "" if freeze == "none" else freeze, freeze_cap, trace_buffer_kb)
+        return
     if nbd is not None:
         _capture_nbd(spec, s, store, listen, mode_, stop, json_, key_for(spec, key_file),
                      tls_ctx, tls_mode is TLSMode.REQUIRE,
@@ -168,6 +205,42 @@ def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
                       f"{r.seconds:.1f} s", highlight=False)
     if r.error:
         raise BrokerError(f"pair {spec.name}: journaling failed: {r.error}")
+
+
+def _capture_trace(spec: PairSpec, s: KafkaSettings, store: StateStore,
+                   stop: threading.Event, json_: bool, key: JournalKey | None,
+                   cut_interval: float, freeze: str | None, freeze_cap: float,
+                   buffer_kb: int) -> None:
+    """Run the trace capturer until ``stop``; the service does the work, this prints."""
+    from producers.trace import TraceCapture
+    cap = TraceCapture(spec, s, store, key, cut_interval, freeze, freeze_cap,
+                       buffer_kb).start()
+    r = cap.report
+    what = ("baseline" if r.baseline else "comparing by block hashes") + (
+        ", new epoch" if r.new_epoch else ", same epoch")
+    frz = (f"freezing {r.mount_point} at each cut (cap {freeze_cap:g} s)" if r.mount_point
+           else "no filesystem frozen: cuts are not crash-consistent unless the "
+                "application quiesces")
+    if json_:
+        print_json({"event": "tracing", "source": spec.source, "epoch": r.epoch,
+                    "first_seq": r.first_seq, "baseline": r.baseline,
+                    "mount_point": r.mount_point, "new_epoch": r.new_epoch})
+    else:
+        console.print(f"tracing {spec.source}; epoch {r.epoch} from seq {r.first_seq} "
+                      f"({what}); {frz}; a cut every {cut_interval:g} s; stop with SIGTERM "
+                      f"or Ctrl-C", highlight=False)
+    sys.stdout.flush()
+    r = cap.run(stop)
+    if json_:
+        print_json({"event": "stopped", **r.__dict__})
+        return
+    how = "clean" if r.clean else "UNCLEAN; the next start begins a new epoch"
+    console.print(f"stopped ({how}): epoch {r.epoch} seq {r.first_seq}..{r.last_seq}; "
+                  f"{r.cuts} cuts ({r.cuts_abandoned} abandoned), freeze p50 "
+                  f"{r.freeze_p50_ms:.1f} ms, p99 {r.freeze_p99_ms:.1f} ms, max "
+                  f"{r.freeze_max_ms:.1f} ms; {r.lost_events} trace events lost, "
+                  f"{r.compares} hash compares; sent {human_bytes(r.bytes_sent)} in "
+                  f"{r.seconds:.1f} s", highlight=False)
 
 
 def _print_scan(r: ScanResult, json_: bool) -> None:

@@ -194,7 +194,10 @@ def _local_fallback(error: BrokerError, name: str | None, json_: bool) -> None:
 
 
 def _capture_cell(state: str, detail: dict[str, str]) -> str:
-    """The capture state, plus for a live (NBD) capturer its mode, clients and volume."""
+    """The capture state, plus for a live (NBD) capturer its mode, clients and volume,
+    for a trace capturer its cuts and freeze times."""
+    if detail.get("capturer") == "trace":
+        return f"{state} ({_trace_parts(detail)})"
     if detail.get("capturer") != "nbd":
         return state
     parts = [f"nbd {detail.get('mode', '?')}", f"{detail.get('clients', '?')} clients",
@@ -222,6 +225,28 @@ def _capture_cell(state: str, detail: dict[str, str]) -> str:
         # Written on the source, not (yet) acknowledged by the broker: what a resync sends.
         parts.append(f"{human_bytes(dirty)} dirty")
     return f"{state} ({', '.join(parts)})"
+
+
+def _trace_parts(detail: dict[str, str]) -> str:
+    """A trace capturer (producers/trace.py): what it freezes, its cuts, freeze times,
+    lost events, and what is marked and not yet read."""
+    parts = [f"trace, freezing {detail['mount']}" if detail.get("mount", "-") != "-"
+             else "trace, no freeze", f"{detail.get('cuts', '0')} cuts"]
+    if detail.get("cuts_abandoned", "0") != "0":
+        parts.append(f"{detail['cuts_abandoned']} abandoned")
+    parts.append(f"freeze p50 {detail.get('freeze_p50_ms', '?')} ms, p99 "
+                 f"{detail.get('freeze_p99_ms', '?')} ms, max "
+                 f"{detail.get('freeze_max_ms', '?')} ms")
+    for phase in ("baseline", "comparing"):
+        if phase in detail:
+            parts.append(f"{phase} {detail[phase]}")
+    if detail.get("lost_events", "0") != "0":
+        parts.append(f"{detail['lost_events']} trace events lost, "
+                     f"{detail.get('compares', '?')} hash compares")
+    dirty = int(detail.get("dirty_bytes", "0") or 0)
+    if dirty:
+        parts.append(f"{human_bytes(dirty)} marked")
+    return ", ".join(parts)
 
 
 def link_cell(link: LinkState) -> str:

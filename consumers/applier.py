@@ -24,10 +24,11 @@ from infra.kafka import KafkaSettings
 from infra.reader import check_record
 from infra.retention import offsets_of
 from infra.topics import ensure_base_topics, journal_topic
-from infra.volume import Volume, volume_digest
+from infra.volume import digest_of
+from infra.volumes import open_volume
 from journal.errors import (BehindBase, BrokerError, DigestMismatch, JournalError,
                             JournalLost, PairNotFound, ReplayedEntry, StaleEpoch,
-                            VolumeError)
+                            VolumeError, VolumeLost)
 from journal.blocks import HASH_LEN, Extent, coalesce, diff_maps, hash_buffer
 from journal.history import BaseLimit
 from journal.ops import Entry, OpKind
@@ -56,6 +57,8 @@ def _within(extents: list[Extent], chars: int) -> list[Extent]:
         if used > chars:
             return extents[:i]
     return extents
+#: How long the applier keeps trying to reach a target served over NBD that went away.
+TARGET_RETRY_S = float(os.environ.get("X2X_TARGET_RETRY_S", "300"))
 
 
 @dataclass
@@ -67,6 +70,7 @@ class ApplyStats:
     checkpoints: int = 0
     seconds: float = 0.0
     stale_skipped: int = 0   # late records of abandoned epochs, skipped
+    reconnects: int = 0      # times an NBD target came back and applying resumed
 
 
 @dataclass
@@ -149,7 +153,7 @@ class Applier:
         # broker that auto-creates topics on produce may drop those first records.
         ensure_base_topics(self.settings.check_reachable())
         t0 = self._t0 = time.monotonic()
-        with self.store.lock(), Volume(self.target, writable=True) as vol:
+        with self.store.lock(), open_volume(self.target, writable=True) as vol:
             if vol.size < self.spec.volume_size:
                 raise VolumeError(
                     f"target {self.target} is {vol.size} bytes, smaller than the source's "
@@ -162,8 +166,13 @@ class Applier:
             consumer = Consumer(self.settings.consumer())
             try:
                 self._start(consumer)
-                self.stats.stopped_by = self._loop(consumer, beats, producer, stop,
-                                                   until_caught_up, on_progress)
+                while not self.stats.stopped_by:
+                    try:
+                        self.stats.stopped_by = self._loop(consumer, beats, producer, stop,
+                                                           until_caught_up, on_progress)
+                    except VolumeLost as e:
+                        if not self._resume(consumer, e, stop):
+                            self.stats.stopped_by = "signal"
             except BehindBase:
                 # The journal is fine: only this reader fell behind the history base, and
                 # it comes back by a re-seed (the error says how), not by a pair resync.
@@ -180,6 +189,37 @@ class Applier:
                 producer.flush(5)
         self.stats.seconds = time.monotonic() - t0
         return self.stats
+
+    def _resume(self, consumer: Consumer, error: VolumeLost, stop: threading.Event) -> bool:
+        """The target's NBD server went away. What was written after the checkpoint may
+        or may not have reached it, so go back to the checkpoint (replay is idempotent,
+        DESIGN rule 4), reconnect, and read the journal again from there. False: stopped
+        while waiting; raises once the target stayed away for TARGET_RETRY_S."""
+        p = self.checkpointed
+        log.warning("pair %s: lost the target %s (%s); resuming from its checkpoint epoch "
+                    "%d seq %d once it is back", self.spec.name, self.target, error,
+                    p.epoch, p.seq)
+        self._staged, self._staged_bytes, self._cmp = [], 0, None
+        self._pos = p
+        deadline, delay = time.monotonic() + TARGET_RETRY_S, 0.1
+        while True:
+            try:
+                self.vol.reconnect()
+                break
+            except VolumeLost as e:
+                if time.monotonic() > deadline:
+                    raise VolumeLost(f"pair {self.spec.name}: the target {self.target} stayed "
+                                     f"unreachable for {TARGET_RETRY_S:.0f} s ({e}); it holds "
+                                     f"at least checkpoint epoch {p.epoch} seq {p.seq}, and "
+                                     f"'x2x apply {self.spec.name}' resumes from there") from None
+            if stop.wait(delay):
+                return False
+            delay = min(delay * 2, 2.0)
+        consumer.assign([TopicPartition(self.topic, 0, p.offset + 1)])
+        self.stats.reconnects += 1
+        log.warning("pair %s: the target %s is back; applying again from epoch %d seq %d",
+                    self.spec.name, self.target, p.epoch, p.seq)
+        return True
 
     def _loop(self, consumer: Consumer, beats: HeartbeatPublisher, producer: Producer,
               stop: threading.Event, until_caught_up: bool,
@@ -271,7 +311,7 @@ class Applier:
         """A SEAL ends a generation: the target must now equal the source, digest for digest."""
         self.vol.fsync()
         seal = entry.ops[-1]
-        got = volume_digest(self.target, seal.length)
+        got = digest_of(self.vol, seal.length)
         if got != seal.data:
             raise DigestMismatch(
                 f"pair {self.spec.name}: after draining to SEAL (epoch {entry.epoch} seq "

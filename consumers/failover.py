@@ -130,7 +130,7 @@ def failover(op: Operation) -> FailoverReport:
     assert isinstance(ev, Promoted)
     return FailoverReport(op.pair, spec.target, sealed.epoch, sealed.seq, False,
                           (ev.promoted_at_ms - sealed.refused_at_ms) / 1000, 0.0, 0,
-                          sealed.digest.hex())
+                          sealed.digest.hex(), promoted_at_ms=ev.promoted_at_ms)
 
 
 def _seal(op: Operation, st: PairState, p: Plan, since: int) -> Sealed:

@@ -11,7 +11,7 @@ import threading
 from consumers import seed
 from consumers.applier import Applier, ApplyStats
 from consumers.checkpoint import CheckpointStore
-from infra import retention, telemetry
+from infra import images, retention, telemetry
 from infra.kafka import KafkaSettings
 from journal.errors import BadInput
 from journal.pairs import PairSpec, PairState
@@ -79,10 +79,11 @@ def make_limit(settings: KafkaSettings, pair: str, at: str | None, seq: str | No
 
 
 def ensure_target(path: str, size: int) -> None:
-    """Create a missing image file, sparse, of the volume's size (devices must exist)."""
-    if not os.path.exists(path):
-        with open(path, "wb") as f:
-            f.truncate(size)
+    """Create a missing target of the volume's size: a sparse raw file, or an empty image
+    in the format its name says (drill.qcow2); devices and NBD exports must exist."""
+    loc = images.locate(path)
+    if loc.kind != "nbd":
+        images.create(loc, size)
 
 
 def build(spec: PairSpec, target: str, settings: KafkaSettings, limit: Limit | None,

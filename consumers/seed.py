@@ -13,9 +13,10 @@ import socket
 from confluent_kafka import Producer
 
 from consumers.checkpoint import Checkpoint, CheckpointStore
+from infra import images
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
-from infra.volume import copy_sparse, volume_size
+from infra.volumes import copy_sparse
 from journal.clock import now_ms
 from journal.errors import BadInput, BrokerError, X2XError
 from journal.pairs import PairSpec
@@ -67,10 +68,10 @@ def seed(spec: PairSpec, origin: str, target: str, settings: KafkaSettings,
     if real(target) in (real(origin), real(spec.source)):
         raise BadInput(f"{target} is the pair's source or the seed's origin; seed another "
                        f"volume")
-    if not os.path.exists(target):
-        with open(target, "wb") as f:
-            f.truncate(spec.volume_size)
-    if volume_size(target) < spec.volume_size:
+    loc = images.locate(target)     # a raw file is made sparse, an image in its format
+    if loc.kind != "nbd":
+        images.create(loc, spec.volume_size)
+    if images.size(loc) < spec.volume_size:
         raise BadInput(f"{target} is smaller than the pair's volume ({spec.volume_size} "
                        f"bytes); grow it or choose another")
     origin_store = CheckpointStore(spec.name, origin)

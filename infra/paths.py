@@ -20,5 +20,5 @@ def pair_dir(pair: str) -> Path:
 
 def volume_key(path: str) -> str:
     """A file-name-safe key for a volume path (one checkpoint per target volume)."""
-    real = os.path.realpath(path)
-    return Path(real).name + "-" + hashlib.blake2b(real.encode(), digest_size=6).hexdigest()
+    real = path if "://" in path else os.path.realpath(path)   # NBD URIs are no paths
+    return Path(real.split("?")[0]).name + "-" + hashlib.blake2b(real.encode(), digest_size=6).hexdigest()

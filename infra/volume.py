@@ -40,10 +40,14 @@ def volume_size(path: str) -> int:
 
 @dataclass
 class Volume:
-    """An open volume with positional I/O; ``writable`` opens it read-write."""
+    """An open volume with positional I/O; ``writable`` opens it read-write. ``direct``
+    opens it O_DIRECT (reads bypass the page cache: a block device under a mounted
+    filesystem is read as its disk holds it; buffers must then be page-aligned, e.g.
+    from ``mmap``)."""
 
     path: str
     writable: bool = False
+    direct: bool = False
     fd: int = field(init=False, default=-1)
     size: int = field(init=False, default=0)
     is_block_device: bool = field(init=False, default=False)
@@ -52,7 +56,8 @@ class Volume:
     _offloads_zero: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
-        flags = os.O_RDWR if self.writable else os.O_RDONLY
+        flags = (os.O_RDWR if self.writable else os.O_RDONLY) | (os.O_DIRECT if self.direct
+                                                                 else 0)
         try:
             self.fd = os.open(self.path, flags | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -171,14 +176,19 @@ class Volume:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def _write_zeros(self, offset: int, length: int) -> None:
-        end = offset + length
-        while offset < end:
-            n = min(len(_ZERO_CHUNK), end - offset)
-            self.pwrite(offset, memoryview(_ZERO_CHUNK)[:n])
-            offset += n
+        write_zeros(self, offset, length)
 
     def fsync(self) -> None:
         os.fsync(self.fd)
+
+
+def write_zeros(vol: "Volume", offset: int, length: int) -> None:
+    """Zero a range by writing zeros, for volumes that cannot deallocate it."""
+    end = offset + length
+    while offset < end:
+        n = min(len(_ZERO_CHUNK), end - offset)
+        vol.pwrite(offset, memoryview(_ZERO_CHUNK)[:n])
+        offset += n
 
 
 def _device_offloads_zero(rdev: int) -> bool:
@@ -194,58 +204,16 @@ def _device_offloads_zero(rdev: int) -> bool:
     return False
 
 
-def volume_digest(path: str, length: int | None = None, chunk: int = 8 << 20) -> bytes:
-    """blake3 of the first ``length`` bytes of a volume (all of it by default)."""
+def digest_of(vol: "Volume", length: int | None = None, chunk: int = 8 << 20) -> bytes:
+    """blake3 of the first ``length`` bytes of an open volume (all of it by default)."""
     import blake3
     h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    with Volume(path) as vol:
-        end = vol.size if length is None else length
-        if end > vol.size:
-            raise VolumeError(f"{path} is {vol.size} bytes, shorter than {end}")
-        buf = bytearray(chunk)
-        for off in range(0, end, chunk):
-            view = memoryview(buf)[:min(chunk, end - off)]
-            vol.readinto(off, view)
-            h.update(view)
+    end = vol.size if length is None else length
+    if end > vol.size:
+        raise VolumeError(f"{vol.path} is {vol.size} bytes, shorter than {end}")
+    buf = bytearray(chunk)
+    for off in range(0, end, chunk):
+        view = memoryview(buf)[:min(chunk, end - off)]
+        vol.readinto(off, view)
+        h.update(view)
     return h.digest()
-
-
-def _data_extents(vol: Volume, length: int) -> list[tuple[int, int]]:
-    """The ranges of ``[0, length)`` that hold data (:meth:`Volume.extents`); all of it
-    where the file system or device does not tell."""
-    out: list[tuple[int, int]] = []
-    pos = 0
-    while pos < length:
-        for n, hole in vol.extents(pos, length - pos, 1024):
-            if not hole:
-                if out and out[-1][1] == pos:
-                    out[-1] = (out[-1][0], pos + n)
-                else:
-                    out.append((pos, pos + n))
-            pos += n
-    return out
-
-
-def copy_sparse(src: str, dst: str, length: int, chunk: int = 8 << 20) -> int:
-    """Make the first ``length`` bytes of ``dst`` equal those of ``src``, reading only
-    the data extents of ``src`` and leaving holes (or zeros, on a device) for the rest and
-    for zero chunks; fsynced. Returns the bytes written."""
-    written = 0
-    with Volume(src) as s, Volume(dst, writable=True) as d:
-        if s.size < length or d.size < length:
-            raise VolumeError(f"copying {length} bytes from {src} ({s.size}) to {dst} "
-                              f"({d.size}): one of them is too small")
-        pos = 0
-        for start, end in _data_extents(s, length):
-            d.zero(pos, start - pos)
-            for off in range(start, end, chunk):
-                data = s.pread(off, min(chunk, end - off))
-                if data.count(0) == len(data):
-                    d.zero(off, len(data))
-                else:
-                    d.pwrite(off, data)
-                    written += len(data)
-            pos = end
-        d.zero(pos, length - pos)
-        d.fsync()
-    return written

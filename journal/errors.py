@@ -30,6 +30,10 @@ class VolumeError(X2XError):
     """A source or target volume is missing, unreadable or of the wrong size."""
 
 
+class VolumeLost(VolumeError):
+    """The connection to a volume served over NBD was lost; it may come back."""
+
+
 class BrokerError(X2XError):
     """The Kafka cluster could not be reached or refused a request."""
 

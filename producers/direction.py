@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from infra.paths import pair_dir
-from infra.volume import Volume
+from infra.volumes import open_volume
 from journal.blocks import HASH_LEN, hash_buffer
 from journal.epochs import after_promotion
 from journal.errors import BadInput
 from journal.pairs import PairState
-from producers import intent
+from producers import intent, trace_resume
 from producers.baseline import new_hash_map
 from producers.state import CaptureState, StateStore
 
@@ -40,6 +40,7 @@ def prepare_capture(state: PairState, rebaseline: bool) -> StateStore:
         store.save(saved)
     store.hashes.unlink(missing_ok=True)
     intent.forget(name)         # else an NBD capturer would resend only marked blocks
+    trace_resume.forget(store.meta.parent)      # else a trace capturer would compare
     return store
 
 
@@ -64,7 +65,7 @@ def prepare_direction(state: PairState, store: StateStore) -> bool:
     if epoch is None:
         return False            # nothing promoted, or this side captures above it already
     spec = state.active_spec
-    with Volume(spec.source) as vol:
+    with open_volume(spec.source) as vol:
         hashes = new_hash_map(vol.size, spec.block_size)
         chunk = bytearray(max((8 << 20) // spec.block_size, 1) * spec.block_size)
         for base in range(0, vol.size, len(chunk)):

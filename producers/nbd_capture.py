@@ -36,7 +36,8 @@ from infra.heartbeat import local_beat_path
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
 from infra.topics import JOURNAL_CONFIG, ensure_topic, journal_topic
-from infra.volume import Volume, volume_digest
+from infra.volume import Volume
+from infra.volumes import volume_digest
 from journal.clock import now_ms
 from journal.errors import BadInput, VolumeError, X2XError
 from journal.events import (FailoverRequested, HashesPublished, HashesRequested,

@@ -15,13 +15,13 @@ when none runs, in the CLI on a capturer state continued from the StateStore
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 from infra.kafka import KafkaSettings
 from infra.topics import JOURNAL_CONFIG, ensure_topic, journal_topic
-from infra.volume import Volume, volume_digest
+from infra.volume import Volume, digest_of
+from infra.volumes import open_volume
 from journal.blocks import Extent, HASH_LEN, block_count, hash_buffer
 from journal.errors import VolumeError, X2XError
 from journal.events import HashesPublished, Resent, Sealed
@@ -141,7 +141,7 @@ class LocalCapture:
                 f"this host ({'none saved' if saved is None else 'last run stopped unclean'});"
                 f" run 'x2x capture {self.spec.name}' here first (or start the NBD capturer, "
                 f"which answers this request itself)")
-        vol = Volume(self.spec.source, writable=True)
+        vol = open_volume(self.spec.source, writable=True)
         if vol.size != self.spec.volume_size:
             vol.close()
             raise VolumeError(f"source {self.spec.source} is {vol.size} bytes, the pair "
@@ -191,8 +191,8 @@ class LocalCapture:
 
         def work(vol: Volume, pub: JournalPublisher) -> Published:
             nonlocal digest
-            os.fsync(vol.fd)
-            digest = volume_digest(vol.path)
+            vol.fsync()
+            digest = digest_of(vol)
             seq = pub.append_at(Op.seal(vol.size, digest))
             pub.wait_journaled(seq)
             return Published(pub.journaled.epoch, seq, -1, seq, 0)

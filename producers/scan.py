@@ -14,6 +14,7 @@ from typing import Callable
 
 from infra.kafka import KafkaSettings
 from infra.volume import Volume
+from infra.volumes import open_volume
 from journal.blocks import HASH_LEN, block_count, hash_block
 from journal.errors import VolumeError
 from journal.pairs import PairSpec
@@ -49,7 +50,7 @@ def scan_once(spec: PairSpec, settings: KafkaSettings, store: StateStore | None 
     the pair's ``link`` rate (journal/rates.py)."""
     store = store or StateStore(spec.name)
     t0 = time.monotonic()
-    with Volume(spec.source) as vol:
+    with open_volume(spec.source) as vol:
         if vol.size != spec.volume_size:
             raise VolumeError(
                 f"source {spec.source} is {vol.size} bytes but pair {spec.name} was created "

@@ -76,7 +76,7 @@ def make_image(path: Path, size: int, seed: int = 1, data_fraction: float = 0.5,
 
 
 def same_bytes(a: Path | str, b: Path | str, length: int | None = None) -> bool:
-    from infra.volume import volume_digest
+    from infra.volumes import volume_digest
     return volume_digest(str(a), length) == volume_digest(str(b), length)
 
 

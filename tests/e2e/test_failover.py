@@ -44,31 +44,40 @@ BLOCK = 65536
 
 # -- helpers -------------------------------------------------------------------------------
 @contextlib.contextmanager
+def service(args: list[str], log: Path, ready: str, env: dict[str, str] | None = None,
+            grace: float = 60) -> Iterator[subprocess.Popen]:
+    """An x2x service as a child process, its output in ``log``, yielded once ``ready``
+    appears there; SIGTERM at the end (SIGKILL after ``grace`` seconds)."""
+    out = open(log, "w+")
+    proc = subprocess.Popen([x2x_bin(), *args], stdout=out, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + 60
+        while ready not in log.read_text():
+            assert proc.poll() is None, f"{args[0]} exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no {ready!r}:\n{log.read_text()}"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        out.close()
+
+
+@contextlib.contextmanager
 def capturer(name: str, log: Path, mode: str = "async"
              ) -> Iterator[tuple[subprocess.Popen, str]]:
     """`x2x capture NAME --nbd PORT --mode MODE` as a child process; yields it and its
     NBD URI."""
     port = free_port()
-    out = open(log, "w+")
-    proc = subprocess.Popen([x2x_bin(), "capture", name, "--nbd", f"127.0.0.1:{port}",
-                             "--mode", mode],
-                            stdout=out, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while "serving" not in log.read_text():
-            assert proc.poll() is None, f"capturer exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"capturer not serving:\n{log.read_text()}"
-            time.sleep(0.05)
+    with service(["capture", name, "--nbd", f"127.0.0.1:{port}", "--mode", mode], log,
+                 "serving") as proc:
         yield proc, f"nbd://127.0.0.1:{port}/{name}"
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        out.close()
 
 
 def abandon_export(mnt: Path, work: Path) -> None:

@@ -20,7 +20,7 @@ def test_bench_quick_reports_every_scenario_with_figures(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("X2X_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = json.loads((tmp_path / "latest.json").read_text())
     assert doc["meta"]["quick"] is True

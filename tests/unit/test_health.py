@@ -48,7 +48,7 @@ class Pub:
         self.on_append = on_append
         self.appended_seq = 0
 
-    def append_many(self, ops: list[Op]) -> None:
+    def append_many(self, ops: list[Op], client: bool = False) -> None:
         if self.on_append is not None:
             self.on_append()
         self.ops += ops

@@ -11,7 +11,6 @@ from journal.pairs import PairSpec, PairState
 from journal.status import Acknowledged, forced_loss
 from journal.plans import (FRESH_S, Command, NotReady, Sides, SplitBrain, apply_target,
                            plan, serving)
-from journal.sequence import Position
 from journal.status import Beat
 
 SPEC = PairSpec("p", "/a.img", "/b.img", 65536, 1 << 20)

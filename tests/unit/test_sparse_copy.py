@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from infra.volume import copy_sparse
+from infra.volumes import copy_sparse
 
 MiB = 1 << 20
 

@@ -1,0 +1,4 @@
+"""python -m cli: the x2x command line (what the x2x script runs)."""
+from cli.app import main
+
+main()

@@ -1,0 +1,137 @@
+"""How the trace capturer resumes after an unclean stop with a hash compare, not a baseline.
+
+A killed capturer traced nothing until its restart, so the device must be compared with
+what the target holds. The target holds, for every block, what the journal held for it
+at some consistency point the broker acknowledged, or something appended after it. Two
+files in the capturer's state directory keep exactly that:
+
+* ``trace.map``: the journaled map (blake3 per block, producers/trace.py) as it was at a
+  cut whose FLUSH the broker acknowledged (saved at most every ``SNAPSHOT_EVERY``
+  seconds, atomically), with ``trace.json`` saying which volume, block size and boot;
+* ``trace.touched``: one byte per block, memory-mapped ``MAP_SHARED``, set *before* a
+  block is appended, and cleared only once a newer map that covers the block is saved:
+  bits of blocks appended after that map's FLUSH stay set. A clear is a copy that only
+  turns bytes from 1 to 0, so a capturer killed half-way leaves a superset.
+
+At an unclean start (same boot: the bits live in the page cache, which a process's death
+does not touch but a machine's does), the map is loaded with every touched block's hash
+made impossible: the compare then sends every block that differs from the map and every
+block that may have been appended after it, whatever its content (the target may hold
+a later version than the map). Another boot, sizes that differ, no map: a baseline.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from infra.files import atomic_write, read_json, write_json
+from journal.blocks import HASH_LEN
+from producers.intent import boot_id
+
+SNAPSHOT_EVERY = 30.0
+_UNKNOWN = b"\xff" * HASH_LEN      # no block hashes to this (as good as a blake3 gets)
+
+
+@dataclass
+class Snapshot:
+    """The journaled map at a cut's FLUSH, waiting for the broker to acknowledge it."""
+
+    flush_seq: int
+    hashes: bytes
+    #: Blocks appended after the FLUSH (their bits must survive the snapshot's commit).
+    since: set[int] = field(default_factory=set)
+
+
+class ResumePoint:
+    """The two files above, for one capturer state directory."""
+
+    def __init__(self, directory: Path, block_size: int, volume_size: int) -> None:
+        self.map_path = directory / "trace.map"
+        self.meta_path = directory / "trace.json"
+        self.block_size, self.volume_size = block_size, volume_size
+        self.blocks = -(-volume_size // block_size)
+        path = directory / "trace.touched"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size != self.blocks:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, max(self.blocks, 1))
+                self._fresh = True
+            else:
+                self._fresh = False
+            self.bits = mmap.mmap(fd, max(self.blocks, 1), mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self.pending: Snapshot | None = None
+
+    def load(self) -> bytes | None:
+        """The saved map with touched blocks made unknown, or None where unusable."""
+        meta = read_json(self.meta_path)
+        if (self._fresh or not meta or meta.get("boot_id") != boot_id().decode()
+                or meta.get("block_size") != self.block_size
+                or meta.get("volume_size") != self.volume_size):
+            return None
+        try:
+            saved = bytearray(self.map_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        if len(saved) != self.blocks * HASH_LEN:
+            return None
+        for i in (m.start() for m in _ones(self.bits)):
+            saved[i * HASH_LEN:(i + 1) * HASH_LEN] = _UNKNOWN
+        return bytes(saved)
+
+    def touch(self, index: int) -> None:
+        """Before block ``index`` is appended."""
+        self.bits[index] = 1
+        if self.pending is not None:
+            self.pending.since.add(index)
+
+    def save(self, hashes: bytes | bytearray) -> None:
+        """Save ``hashes`` as the map now (every op before is acknowledged, or the map is
+        the one the run started from); the bits stay as they are."""
+        atomic_write(self.map_path, bytes(hashes))
+        write_json(self.meta_path, {"boot_id": boot_id().decode(),
+                                    "block_size": self.block_size,
+                                    "volume_size": self.volume_size})
+
+    def snapshot(self, flush_seq: int, hashes: bytearray) -> None:
+        """At a cut, right after its FLUSH was appended (one pending at a time)."""
+        if self.pending is None:
+            self.pending = Snapshot(flush_seq, bytes(hashes))
+
+    def commit_if_acked(self, acked_seq: int) -> bool:
+        """Save the pending snapshot once its FLUSH is acknowledged, then clear the bits
+        of the blocks it covers (not those appended since)."""
+        snap = self.pending
+        if snap is None or acked_seq < snap.flush_seq:
+            return False
+        self.save(snap.hashes)
+        keep = bytearray(len(self.bits))
+        for i in snap.since:
+            keep[i] = 1
+        self.bits[:] = keep          # 1 -> 0 only: a kill half-way leaves a superset
+        self.pending = None
+        return True
+
+    def clear(self) -> None:
+        """After a clean stop (everything acknowledged; the state store has the map)."""
+        self.pending = None
+        self.bits[:] = bytes(len(self.bits))
+
+    def close(self) -> None:
+        self.bits.close()
+
+
+def _ones(bits: mmap.mmap) -> Iterator[re.Match[bytes]]:
+    return re.finditer(rb"\x01", bits)
+
+
+def forget(directory: Path) -> None:
+    """``capture --rebaseline``: no resume from these files."""
+    for name in ("trace.map", "trace.json", "trace.touched"):
+        (directory / name).unlink(missing_ok=True)
