@@ -300,3 +300,27 @@ def test_a_running_capturer_follows_a_rate_change_at_once(settings, pair_name, t
         assert json.loads(show)["link"] == "unlimited"
     finally:
         cap.kill()
+
+
+def test_a_resync_without_a_live_capturer_obeys_the_pair_rate(settings, pair_name, tmp_path):
+    from producers.scan import scan_once
+    src = make_image(tmp_path / "src.img", 16 * MiB, data_fraction=1.0)
+    spec = create(settings, pair_name, src, tmp_path / "dst.img")
+    scan_once(spec, settings)
+    run_x2x("apply", pair_name, "--until-caught-up")
+    took = {}
+    for at, rate in ((2 * MiB, None), (8 * MiB, MAX_RATE)):
+        if rate:
+            run_x2x("pair", "rate", pair_name, "--max-rate", rate)
+        with open(src, "r+b") as f:
+            f.seek(at)
+            f.write(os.urandom(4 * MiB))
+        t0 = time.monotonic()
+        r = json.loads(run_x2x("pair", "resync", pair_name, "--json").stdout)
+        took[rate] = time.monotonic() - t0
+        assert r["resent_bytes"] == 4 * MiB, r
+    extra = took[MAX_RATE] - took[None]
+    print(f"\nresync of 4 MiB: {took[None]:.1f} s unlimited, {took[MAX_RATE]:.1f} s at "
+          f"{MAX_RATE} (the limit alone: {4 * MiB / MAX_RATE_BPS:.1f} s)")
+    assert extra >= 0.7 * 4 * MiB / MAX_RATE_BPS
+    assert bytes_differing(src, spec.target) == 0
