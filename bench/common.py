@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from infra.kafka import KafkaSettings
 
 if TYPE_CHECKING:
+    from confluent_kafka import Producer
     from consumers.applier import ApplyStats
     from journal.pairs import PairSpec
     from producers.scan import ScanResult
@@ -89,6 +90,17 @@ def figure(metric: str, unit: str, x2x: float, peer_name: str, peer: float,
             "peer_name": peer_name, "peer": round(float(peer), 4),
             "ratio": round(float(x2x) / float(peer), 4) if peer else None,
             "better": better}
+
+
+def produce(producer: "Producer", topic: str, value: bytes) -> None:
+    """Hand one record to librdkafka, serving delivery reports while its queue is full."""
+    while True:
+        try:
+            producer.produce(topic, value)
+            break
+        except BufferError:
+            producer.poll(0.05)
+    producer.poll(0)
 
 
 def mbps(nbytes: int, seconds: float) -> float:

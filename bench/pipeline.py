@@ -12,7 +12,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from bench.common import (MiB, Context, apply_all, capture, figure, make_pair, mbps,
+from bench.common import (MiB, Context, apply_all, capture, figure, make_pair, mbps, produce,
                           random_image)
 from infra.topics import JOURNAL_CONFIG, delete_topic, ensure_topic
 from journal.batch import DEFAULT_BUDGET
@@ -30,13 +30,7 @@ def bare_kafka(ctx: Context, path: str, size: int) -> dict[str, float]:
     with open(path, "rb") as f:
         count = 0
         while chunk := f.read(DEFAULT_BUDGET):
-            while True:
-                try:
-                    producer.produce(topic, chunk)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            producer.poll(0)
+            produce(producer, topic, chunk)
             count += 1
     if producer.flush(120):
         raise RuntimeError(f"bare producer could not flush to {ctx.settings.bootstrap}")

@@ -36,7 +36,8 @@ def main_options(
     kafka_config: str = typer.Option(None, envvar="X2X_KAFKA_CONFIG",
                                      help="librdkafka properties file (TLS, SASL)."),
     compression: str = typer.Option(None, envvar="X2X_COMPRESSION",
-                                    help="Kafka compression: lz4 (default), zstd, none..."),
+                                    help="Kafka's compression of journal records, CODEC[:LEVEL]: "
+                                    "zstd:1 (default), lz4, zstd:3, gzip, none..."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens, "
                                  "librdkafka included."),
     log_format: str = typer.Option("text", envvar="X2X_LOG_FORMAT",

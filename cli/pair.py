@@ -130,6 +130,23 @@ def _grow_hint(dst: images.Location, size: int) -> str:
     return f"grow it with 'truncate -s {size} {dst.path}'"
 
 
+@app.command("rate")
+def rate_(ctx: typer.Context, name: str,
+          max_rate: str = typer.Option(None, "--max-rate", help="Most the source sends to "
+                                       "Kafka (e.g. 20Mbit, 2MB, unlimited, pause): "
+                                       "baseline, resends, verify and live writes alike."),
+          rate_schedule: str = typer.Option(None, "--rate-schedule", help="Rules by the "
+                                            "capturer's local time, first match wins, e.g. "
+                                            "'Mon-Fri 08:00-18:00=10Mbit,*=unlimited'; "
+                                            "--max-rate when none matches.")) -> None:
+    """Limit (or, with neither option, unlimit) the bandwidth of a pair's link; a running
+    capturer follows within a second."""
+    from journal.rates import LinkLimit
+    link = LinkLimit.parse(max_rate, rate_schedule)
+    control.set_rate(settings(ctx), name, max_rate, rate_schedule)
+    console.print(f"pair {name}: link {link.describe()}", highlight=False)
+
+
 @app.command("list")
 def list_(ctx: typer.Context, json_: bool = typer.Option(False, "--json")) -> None:
     """List pairs."""
@@ -158,7 +175,8 @@ def show(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--jso
              "journal_topic": f"x2x.journal.{name}", "history": p.history.describe(),
              "events_verified": signed, "reason": p.reason, "cause": p.cause,
              "promotion": asdict(p.promotion) if p.promotion else None,
-             "auto_failover": asdict(p.auto) if p.auto else None}
+             "auto_failover": asdict(p.auto) if p.auto else None,
+             "link": p.link.describe()}
     if json_:
         print_json(value)
         return

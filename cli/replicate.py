@@ -159,7 +159,8 @@ def capture(ctx: typer.Context, name: str,
         with _progress(show) as bar:
             task = bar.add_task("scanning", total=spec.volume_size)
             result = scan_once(spec, s, store, progress=lambda n: bar.advance(task, n),
-                               key=key_for(spec, key_file))
+                               key=key_for(spec, key_file),
+                               link=control.get_pair(s, name).link)   # each scan: the newest
         _print_scan(result, json_)
         if not interval or stop.wait(interval):
             return

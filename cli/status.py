@@ -15,6 +15,7 @@ from cli.common import console, human_bytes, print_json, settings
 from infra import control, telemetry
 from infra.heartbeat import read_beats, read_local_beats
 from journal.errors import BadInput, BrokerError, X2XError
+from journal.linkstate import LinkState, link_state
 from journal.pairs import PairState
 from journal.status import PairStatus, latest, newest, pair_status
 from journal.clock import now_ms
@@ -41,6 +42,7 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
     beats = latest(read_beats(s, {n: p.spec for n, p in pairs.items()}))
     now = now_ms()
     rows = [pair_status(p, beats, now) for p in sorted(pairs)]
+    links = {p: link_state(newest(beats.values(), p, "capturer"), now) for p in pairs}
     m = telemetry.metrics()      # with --watch and an exporter, x2x status exports lag/RPO
     for r in rows:
         for rep in r.replicas:
@@ -49,19 +51,21 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
         print_json([{**r.as_dict(), "state": pairs[r.pair].state,
                      "history_window_ms": pairs[r.pair].history.window_ms,
                      "history_warnings": history_warnings(r, pairs[r.pair]),
-                     "auto_failover": auto_failover(pairs[r.pair], beats.values(), now)}
+                     "auto_failover": auto_failover(pairs[r.pair], beats.values(), now),
+                     "link": asdict(links[r.pair])}
                     for r in rows])
         return
-    table = Table("pair", "state", "capture", "captured", "target", "applied", "lag ops",
-                  "lag bytes", "RPO s", "rate")
+    table = Table("pair", "state", "capture", "link", "captured", "target", "applied",
+                  "lag ops", "lag bytes", "RPO s", "rate")
     for r in rows:
         cap = f"{r.captured_epoch}:{r.captured_seq}"
         capture = _capture_cell(r.capture_state, r.capture_detail)
+        link = link_cell(links[r.pair])
         if not r.replicas:
-            table.add_row(r.pair, pairs[r.pair].state, capture, cap, "-", "-", "-", "-",
-                          "-", "-")
+            table.add_row(r.pair, pairs[r.pair].state, capture, link, cap, "-", "-", "-",
+                          "-", "-", "-")
         for rep in r.replicas:
-            table.add_row(r.pair, pairs[r.pair].state, capture, cap, rep.target,
+            table.add_row(r.pair, pairs[r.pair].state, capture, link, cap, rep.target,
                           f"{rep.applied_epoch}:{rep.applied_seq} ({rep.state})",
                           _opt(rep.lag_ops), _opt(rep.lag_bytes, human_bytes),
                           _opt(rep.rpo_s, lambda v: f"{v:.1f}"),
@@ -176,11 +180,13 @@ def _local_fallback(error: BrokerError, name: str | None, json_: bool) -> None:
     now = now_ms()
     if json_:
         print_json({"error": str(error), "local_capturers": [
-            {**asdict(b), "age_s": (now - b.at_ms) / 1000} for b in beats]})
+            {**asdict(b), "age_s": (now - b.at_ms) / 1000,
+             "link": asdict(link_state(b, now))} for b in beats]})
         return
-    table = Table("pair", "capture", "captured", "source", "as of")
+    table = Table("pair", "capture", "link", "captured", "source", "as of")
     for b in beats:
-        table.add_row(b.pair, _capture_cell(b.state, b.detail), f"{b.epoch}:{b.seq}",
+        table.add_row(b.pair, _capture_cell(b.state, b.detail),
+                      link_cell(link_state(b, now)), f"{b.epoch}:{b.seq}",
                       b.instance, f"{(now - b.at_ms) / 1000:.0f} s ago")
     console.print("the broker cannot be reached; capturers on this host said:",
                   highlight=False)
@@ -241,6 +247,25 @@ def _trace_parts(detail: dict[str, str]) -> str:
     if dirty:
         parts.append(f"{human_bytes(dirty)} marked")
     return ", ".join(parts)
+
+
+def link_cell(link: LinkState) -> str:
+    """``backlog (12 MiB behind, ETA 1m40s at 1.2 MiB/s, limit 10 Mbit/s)``."""
+    parts = []
+    if link.percent is not None:
+        parts.append(f"{link.percent:.0f}%")
+    if link.behind_bytes:
+        parts.append(f"{human_bytes(link.behind_bytes)} behind")
+    if link.state in ("initial-sync", "backlog"):
+        parts.append("ETA " + ("none: growing" if link.eta_s is None else
+                               format_age(int(link.eta_s * 1000))))
+    if link.send_bps:
+        parts.append(f"sending {human_bytes(link.send_bps)}/s")
+    if link.limit != "unlimited":
+        parts.append(f"limit {link.limit}")
+    if link.why:
+        parts.append(link.why[:80])
+    return f"{link.state} ({', '.join(parts)})" if parts else link.state
 
 
 def watch_status(ctx: typer.Context, name: str | None, json_: bool, interval: float) -> None:

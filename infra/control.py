@@ -17,7 +17,7 @@ from infra.kafka import KafkaSettings
 from infra.reader import read_many
 from infra.topics import CONTROL_TOPICS, control_topic, ensure_base_topics
 from journal.errors import BadInput, BrokerError, PairNotFound, X2XError
-from journal.events import AutoFailoverSet, Created, Deleted, Event, HistorySet
+from journal.events import AutoFailoverSet, Created, Deleted, Event, HistorySet, RateSet
 from journal.fencing import AutoFailover
 from journal.history import HistorySettings
 from journal.pairs import PairSpec, PairState, fold, signer
@@ -234,6 +234,17 @@ def set_auto_failover(settings: KafkaSettings, name: str,
     state = get_pair(settings, name)
     publish(settings, AutoFailoverSet(pair=name, after_ms=auto and auto.after_ms,
                                       lease_ms=auto and auto.lease_ms))
+    return state
+
+
+def set_rate(settings: KafkaSettings, name: str, max_rate: str | None,
+             schedule: str | None) -> PairState:
+    """Set or change a pair's bandwidth limit and schedule (validated here, first); a
+    running capturer follows within a second (producers/rate.py)."""
+    from journal.rates import LinkLimit
+    LinkLimit.parse(max_rate, schedule)
+    state = get_pair(settings, name)
+    publish(settings, RateSet(pair=name, max_rate=max_rate, schedule=schedule))
     return state
 
 

@@ -27,9 +27,10 @@ from journal.events import Promoted
 from journal.fencing import AutoFailover
 from journal.history import HistorySettings
 from journal.pairs import PairSpec, PairState
+from journal.rates import LinkLimit, parse_schedule
 
 log = logging.getLogger("x2x.control")
-_VERSION = 5      # 5: automatic failover; 4: the history window; 3: typed PairState (reason, cause, promotion),
+_VERSION = 6      # 6: the link's rate; 5: automatic failover; 4: the history window; 3: typed PairState (reason, cause, promotion),
 #: specs carry their incarnation, folds verify signed events
 
 
@@ -70,6 +71,8 @@ def _path(bootstrap: str) -> Path:
 def _state_to_json(p: PairState) -> dict:
     raw = asdict(p)
     raw["abandoned_epochs"] = sorted(p.abandoned_epochs)
+    raw["link"] = {"max_rate": p.link.max_rate,
+                   "schedule": p.link.schedule and p.link.schedule.text}
     return raw
 
 
@@ -77,8 +80,14 @@ def _state_from_json(raw: dict) -> PairState:
     promotion = raw["promotion"] and Promoted(**raw["promotion"])
     p = PairState(**{**raw, "spec": PairSpec(**raw["spec"]), "promotion": promotion,
                      "history": HistorySettings(**raw.get("history", {})),
-                     "auto": raw.get("auto") and AutoFailover(**raw["auto"])})
+                     "auto": raw.get("auto") and AutoFailover(**raw["auto"]),
+                     "link": _link_from_json(raw.get("link") or {})})
     return replace(p, abandoned_epochs=frozenset(raw["abandoned_epochs"]))
+
+
+def _link_from_json(raw: dict) -> LinkLimit:
+    schedule = raw.get("schedule")
+    return LinkLimit(raw.get("max_rate"), parse_schedule(schedule) if schedule else None)
 
 
 def load(bootstrap: str, ident: str) -> Folded | None:

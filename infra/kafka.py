@@ -24,6 +24,16 @@ CONSUMER_GROUP = "x2x"
 #: librdkafka chatter (connection refused, retries) goes here; shown with --verbose.
 rdkafka_log = logging.getLogger("x2x.librdkafka")
 _SECRET_WORDS = ("password", "secret", "key", "token")
+#: Kafka's own compression of journal records (librdkafka ``compression.type`` and
+#: ``compression.level``), ``CODEC[:LEVEL]``. zstd level 1, from bench/compression.py on
+#: an ext4 image of text, binaries and a database (bench/results/compression.json,
+#: docs/operations.md): 26 % fewer bytes on the wire than lz4 (ratio 0.33 against 0.45)
+#: for 0.8 CPU s more per GiB (2.25 against 1.43 s/GiB of compression: ~480 MB/s on one
+#: core); higher levels cost 1.6-6x its CPU for 3-10 % fewer bytes. On a thin link the
+#: bytes are the time; on a fast one a core still compresses faster than 3 Gbit/s.
+DEFAULT_COMPRESSION = "zstd:1"
+_CODECS = {"none": None, "gzip": range(0, 10), "snappy": None, "lz4": range(0, 13),
+           "zstd": range(-131072, 23)}
 
 
 def load_properties(path: str) -> dict[str, str]:
@@ -55,7 +65,7 @@ class KafkaSettings:
 
     bootstrap: str
     extra: dict[str, str] = field(default_factory=dict)
-    compression: str = "lz4"
+    compression: str = DEFAULT_COMPRESSION
 
     def __repr__(self) -> str:
         # Settings end up in tracebacks, debuggers and log lines: never with a password.
@@ -69,7 +79,8 @@ class KafkaSettings:
         bootstrap = bootstrap or os.environ.get("X2X_BOOTSTRAP") or _embedded_bootstrap()
         config_file = config_file or os.environ.get("X2X_KAFKA_CONFIG")
         extra = load_properties(config_file) if config_file else {}
-        compression = compression or os.environ.get("X2X_COMPRESSION") or "lz4"
+        compression = compression or os.environ.get("X2X_COMPRESSION") or DEFAULT_COMPRESSION
+        compression_settings(compression)          # refused here, not by librdkafka later
         return cls(bootstrap, extra, compression)
 
     def _common(self) -> dict[str, Any]:
@@ -81,7 +92,7 @@ class KafkaSettings:
             # Ordered, exactly-once-per-session appends are what makes the journal a journal.
             "enable.idempotence": True,
             "acks": "all",
-            "compression.type": self.compression,
+            **compression_settings(self.compression),
             "linger.ms": 5,
             # librdkafka's idempotent producer busy-polls its broker socket while the
             # default five requests are in flight: 3-4 CPU seconds per GiB journaled
@@ -137,6 +148,23 @@ class KafkaSettings:
                 f"({e.args[0].str() if e.args else e}); start the embedded broker with "
                 f"'x2x broker up' or point --bootstrap / X2X_BOOTSTRAP at your cluster") from None
         return admin
+
+
+def compression_settings(text: str) -> dict[str, Any]:
+    """``zstd:1`` -> ``{"compression.type": "zstd", "compression.level": 1}``."""
+    codec, sep, level = text.strip().lower().partition(":")
+    if codec not in _CODECS:
+        raise BadInput(f"compression {text!r}: unknown codec {codec!r}; choose from "
+                       f"{', '.join(_CODECS)}, optionally with :LEVEL (e.g. zstd:1)")
+    out: dict[str, Any] = {"compression.type": codec}
+    if sep:
+        levels = _CODECS[codec]
+        if levels is None or not level.lstrip("-").isdigit() or int(level) not in levels:
+            raise BadInput(f"compression {text!r}: "
+                           + (f"{codec} has no levels" if levels is None else
+                              f"level {level!r} is not in {levels.start}..{levels.stop - 1}"))
+        out["compression.level"] = int(level)
+    return out
 
 
 def _embedded_bootstrap() -> str:

@@ -125,6 +125,16 @@ class AutoFailoverSet(Event):
     lease_ms: int | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class RateSet(Event):
+    """The pair's link: at most ``max_rate`` (journal/rates.py: ``20Mbit``, ``pause``;
+    None: unlimited) unless a rule of ``schedule`` matches; both None: no limit."""
+
+    NAME: ClassVar[str] = "rate-set"
+    max_rate: str | None = None
+    schedule: str | None = None
+
+
 # -- requests to a capturer and its answers ------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class _ToSource(Event):
@@ -243,7 +253,7 @@ class HashesCompared(Event):
 #: Every kind, by wire name.
 KINDS: dict[str, type[Event]] = {k.NAME: k for k in (
     Created, Deleted, ResyncNeeded, Resynced, FailoverFailed, FailbackStarted, FailbackDone,
-    HistorySet, AutoFailoverSet,
+    HistorySet, AutoFailoverSet, RateSet,
     FailoverRequested, Sealed, HashesRequested, ResendRequested, HashesPublished, Resent,
     RequestFailed, BaselineComplete, EpochAbandoned, Promoted, HashesCompared)}
 

@@ -8,9 +8,10 @@ from typing import Iterable
 from journal.errors import BadInput
 from journal.events import (AutoFailoverSet, BaselineComplete, Created, Deleted, EpochAbandoned, Event,
                             FailbackDone, FailbackStarted, FailoverFailed, FailoverRequested,
-                            HistorySet, Promoted, ResyncNeeded, Resynced)
+                            HistorySet, Promoted, RateSet, ResyncNeeded, Resynced)
 from journal.fencing import AutoFailover
 from journal.history import HistorySettings
+from journal.rates import LinkLimit
 from journal.spec import PairSpec
 from journal.units import parse_size  # noqa: F401  (re-exported beside the pair rules)
 
@@ -68,6 +69,8 @@ class PairState:
     history: HistorySettings = HistorySettings()
     #: Automatic failover (journal/fencing.py); None: failover is the operator's act.
     auto: AutoFailover | None = None
+    #: The link's bandwidth limit and schedule (journal/rates.py); default: none.
+    link: LinkLimit = LinkLimit()
 
     @property
     def active_spec(self) -> PairSpec:
@@ -123,6 +126,11 @@ def fold(events: Iterable[Event],
                 auto = (None if ev.after_ms is None or ev.lease_ms is None
                         else AutoFailover(ev.after_ms, ev.lease_ms))
                 pairs[ev.pair] = replace(p, auto=auto)
+            case RateSet():
+                try:
+                    pairs[ev.pair] = replace(p, link=LinkLimit.parse(ev.max_rate, ev.schedule))
+                except BadInput:
+                    pass        # 'x2x pair rate' validates; a malformed one changes nothing
             case HistorySet():
                 pairs[ev.pair] = replace(p, history=HistorySettings(ev.window_ms, ev.journal_max))
             case BaselineComplete():

@@ -8,6 +8,9 @@
 - ``resend-requested``: journal the current content of the extents + FLUSH; answer
   ``resent``.
 
+- ``rate-set`` (``x2x pair rate``, any source of the pair): the new bandwidth limit is
+  in force at once (``Requests.rate``); nothing to answer.
+
 Any failure answers ``request-failed`` with the reason, so the waiting command fails with
 it instead of timing out. Only events stamped after the capturer started are acted on.
 
@@ -24,9 +27,9 @@ from infra import control
 from infra.control_tail import follow
 from infra.kafka import KafkaSettings
 from journal.errors import X2XError
-from journal.events import (REQUESTS, AutoFailoverSet, Event, FailoverRequested, HashesPublished,
-                            HashesRequested, RequestFailed, ResendRequested, Resent,
-                            Sealed)
+from journal.events import (REQUESTS, AutoFailoverSet, Event, FailoverRequested,
+                            HashesPublished, HashesRequested, RateSet, RequestFailed,
+                            ResendRequested, Resent, Sealed)
 from journal.roles import Role
 from journal.clock import now_ms
 
@@ -51,6 +54,10 @@ class Requests(Protocol):
 
     def resend(self, ev: ResendRequested) -> Resent:
         """Journal the current content of the request's extents and a FLUSH."""
+        ...
+
+    def rate(self, ev: RateSet) -> None:
+        """Obey the pair's new bandwidth limit and schedule."""
         ...
 
 
@@ -82,6 +89,9 @@ class ControlWatch:
                 for ev in follow(self.settings, self.started_ms, self._halt):
                     if isinstance(ev, AutoFailoverSet) and ev.pair == self.pair:
                         self.requests.auto_failover_changed(ev)
+                        continue
+                    if isinstance(ev, RateSet) and ev.pair == self.pair:
+                        self.requests.rate(ev)
                         continue
                     if not isinstance(ev, REQUESTS) or ev.pair != self.pair \
                             or ev.source != self.source:

@@ -41,9 +41,10 @@ from infra.volumes import volume_digest
 from journal.clock import now_ms
 from journal.errors import BadInput, VolumeError, X2XError
 from journal.events import (AutoFailoverSet, FailoverRequested, HashesPublished,
-                            HashesRequested, ResendRequested, Resent, Sealed)
+                            HashesRequested, RateSet, ResendRequested, Resent, Sealed)
 from journal.fencing import AutoFailover
 from journal.pairs import PairSpec
+from journal.rates import LinkLimit
 from journal.ops import Op
 from producers.control_watch import ControlWatch
 from producers.deferred import hold_from_env
@@ -54,6 +55,7 @@ from producers.lease import Lease
 from journal.status import CAPTURE_BEAT_S
 from nbd.server import NBDServer
 from producers.publisher import JournalPublisher
+from producers.rate import TokenBucket
 from producers.intent import IntentBitmap
 from producers.announce import abandon_epoch, announce_baseline, mark_journal_lost
 from producers.recovery import Recovery, journal_intact
@@ -145,6 +147,9 @@ class NBDCapture:
     fatal: str | None = field(init=False, default=None)
     lease: Lease | None = field(init=False, default=None)
     _fence_told: bool = field(init=False, default=False)
+    #: The pair's bandwidth limit (x2x pair rate), shared by every publisher it starts.
+    limit: TokenBucket = field(init=False, default_factory=TokenBucket)
+    link: LinkLimit = field(init=False, default_factory=LinkLimit)
 
     def __post_init__(self) -> None:
         self.health = Health(self.spec.name)
@@ -185,6 +190,8 @@ class NBDCapture:
         # Automatic failover: hold a lease, renewed by heartbeats (journal/fencing.py).
         self._beat_default = self.beat_interval
         self._hold_lease(pair.auto)
+        self.link = pair.link
+        self.limit.set_rate_of(self.link.rate_at)
         old_state, old_hashes = self.store.load()
         lost = self._journal_lost_since(old_state)
         state, _ = plan_start(old_state, old_hashes, spec.block_size, vol.size, lost)
@@ -312,7 +319,7 @@ class NBDCapture:
         pub = JournalPublisher(self.settings, self.spec.name, epoch, next_seq, epoch_bytes,
                                key=self.key, instance=self.spec.source, spool=spool,
                                hold=self.hold if spool is not None else 0.0,
-                               busy=self._clients_busy)
+                               busy=self._clients_busy, limit=self.limit)
         pub.heartbeat.local_copy = local_beat_path(self.spec.name, "capturer")
         # async: the backlog is bounded (spool, memory); full, the capturer degrades as for
         # an outage instead of making clients wait for the broker (journal/DESIGN.md 12).
@@ -456,6 +463,7 @@ class NBDCapture:
         rate = (total - last_b) / max(now - last_t, 1e-3)
         self._rate_mark = (now, total)
         detail, acked = self.detail(pub), None
+        detail.update(self._link_figures(pub, now))
         if lease is not None:
             # Every beat renews the lease once the broker has it (journal/fencing.py).
             detail["lease_ms"] = str(int(lease.lease_s * 1000))
@@ -471,6 +479,29 @@ class NBDCapture:
             if running is not None:
                 telemetry.metrics().progress(self.spec.name, "capturer",
                                              running.percent / 100.0)
+
+    def _link_figures(self, pub: JournalPublisher, now: float) -> dict[str, str]:
+        """What journal/linkstate.py needs besides the publisher's ``unjournaled_bytes``:
+        the send and write rates since the last beat, the rate in force, when the broker
+        last acknowledged anything."""
+        t, sent, written = getattr(self, "_link_mark", (self._t0, 0, 0))
+        journaled, acked = pub.journaled, getattr(self, "_acked", None)
+        if acked is None or journaled != acked[0] or not pub.unjournaled_bytes:
+            self._acked = acked = (journaled, now_ms())
+        if now - t >= 1.0 or not hasattr(self, "_link_rates"):    # forced beats between
+            dt = max(now - t, 1e-3)
+            self._link_rates = (f"{(self.limit.sent - sent) / dt:.0f}",
+                                f"{(self.backend.counters.bytes - written) / dt:.0f}")
+            self._link_mark = (now, self.limit.sent, self.backend.counters.bytes)
+        rate = self.limit.rate
+        d = {"sent_bps": self._link_rates[0],
+             "write_bps": self._link_rates[1], "progress_at_ms": str(acked[1])}
+        if rate is not None:
+            d["max_rate_bps"] = str(rate)
+        if self.baseline is not None:
+            d["baseline_total"] = str(self.baseline.total)
+            d["baseline_done"] = str(self.baseline.done)
+        return d
 
     # -- what the control watch asks (producers/control_watch.py) -------------------------
     def seal(self, ev: FailoverRequested) -> Sealed:
@@ -500,6 +531,17 @@ class NBDCapture:
                            self.spec.block_size)
         self.beat(force=True)
         return p.answer(Resent, self.spec.name, self.spec.source, ev.request)
+
+    def rate(self, ev: RateSet) -> None:
+        """``x2x pair rate``: the new limit is in force within a second."""
+        try:
+            self.link = LinkLimit.parse(ev.max_rate, ev.schedule)
+        except BadInput as e:
+            log.warning("pair %s: ignoring a malformed rate-set: %s", self.spec.name, e)
+            return
+        self.limit.set_rate_of(self.link.rate_at)
+        log.info("pair %s: link %s", self.spec.name, self.link.describe())
+        self.beat(force=True)
 
     def _check_serving(self) -> None:
         if self._stopped:

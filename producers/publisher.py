@@ -32,6 +32,7 @@ from journal.digest import digest_of
 from journal.errors import BacklogFull, BrokerError
 from journal.ops import CLOSING_KINDS, Deferred, Entry, Op, resolve
 from journal.clock import now_ms
+from producers.rate import TokenBucket
 from producers.spool import Spool
 from schemas import codec
 from schemas.cipher import JournalKey
@@ -83,8 +84,11 @@ class JournalPublisher:
                  max_inflight_bytes: int = 64 << 20, budget: int = DEFAULT_BUDGET,
                  instance: str = "", spool: Spool | None = None,
                  max_queued_bytes: int = 16 << 20, hold: float = 0.0,
-                 busy: Callable[[], bool] | None = None) -> None:
+                 busy: Callable[[], bool] | None = None,
+                 limit: TokenBucket | None = None) -> None:
         self.pair = pair
+        #: The pair's bandwidth limit (producers/rate.py), shared by its publishers.
+        self.limit = limit
         self.topic = journal_topic(pair)
         self.settings = settings
         self.producer = Producer(settings.producer())
@@ -353,7 +357,11 @@ class JournalPublisher:
         return _Encoded(parts, Sent.of(entry), size)
 
     def _produce(self, value: bytes, sent: Sent) -> None:
-        """Hand one record to Kafka (writer thread, lock not held)."""
+        """Hand one record to Kafka (writer thread, lock not held): the one place every
+        journal byte goes out, so the one place the bandwidth limit is obeyed."""
+        if self.limit is not None and not self.limit.take(
+                len(value), lambda: bool(self._error) or not self._running):
+            return
         with self._cond:
             self._inflight += len(value)
             self.bytes_sent += len(value)

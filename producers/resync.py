@@ -30,6 +30,7 @@ from journal.pairs import PairSpec, PairState
 from journal.clock import now_ms
 from producers.journaling import RangeLocks
 from producers.publisher import JournalPublisher, Sent
+from producers.rate import TokenBucket
 from producers.direction import prepare_direction, store_for
 from producers.regions import journal_regions
 from producers.state import CaptureState, StateStore
@@ -153,8 +154,10 @@ class LocalCapture:
             # A recreated topic may be missing; records produced into it would be lost.
             ensure_topic(self.settings.check_reachable(), journal_topic(self.spec.name),
                          JOURNAL_CONFIG)
+        link = self.state.link          # the pair's --max-rate covers resyncs too
         pub = JournalPublisher(self.settings, self.spec.name, saved.epoch, saved.next_seq,
-                               saved.epoch_bytes, key=self.key, instance=self.spec.source)
+                               saved.epoch_bytes, key=self.key, instance=self.spec.source,
+                               limit=TokenBucket(link.rate_at) if link.limited else None)
         return store, saved, vol, pub
 
     def _run(self, work: Callable[[Volume, JournalPublisher], Published]) -> Published:

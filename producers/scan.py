@@ -18,9 +18,11 @@ from infra.volumes import open_volume
 from journal.blocks import HASH_LEN, block_count, hash_block
 from journal.errors import VolumeError
 from journal.pairs import PairSpec
+from journal.rates import LinkLimit
 from journal.runs import RunBuilder, max_write as write_bound
 from producers.announce import announce_baseline
 from producers.publisher import JournalPublisher
+from producers.rate import TokenBucket
 from producers.state import CaptureState, StateStore, plan_start
 from schemas.cipher import JournalKey
 
@@ -42,8 +44,10 @@ class ScanResult:
 
 
 def scan_once(spec: PairSpec, settings: KafkaSettings, store: StateStore | None = None,
-              progress: Progress | None = None, key: JournalKey | None = None) -> ScanResult:
-    """Scan the source once and journal what changed, ending with a FLUSH."""
+              progress: Progress | None = None, key: JournalKey | None = None,
+              link: LinkLimit | None = None) -> ScanResult:
+    """Scan the source once and journal what changed, ending with a FLUSH; at most at
+    the pair's ``link`` rate (journal/rates.py)."""
     store = store or StateStore(spec.name)
     t0 = time.monotonic()
     with open_volume(spec.source) as vol:
@@ -57,7 +61,9 @@ def scan_once(spec: PairSpec, settings: KafkaSettings, store: StateStore | None 
         state.clean = False
         store.save(state)
         pub = JournalPublisher(settings, spec.name, state.epoch, state.next_seq,
-                               state.epoch_bytes, key=key, instance=spec.source)
+                               state.epoch_bytes, key=key, instance=spec.source,
+                               limit=TokenBucket(link.rate_at) if link and link.limited
+                               else None)
         try:
             first_seq = state.next_seq
             new_hashes, changed, changed_bytes = _scan(vol, spec.block_size, known, pub,

@@ -191,3 +191,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             f"bytes lost: {TALLY['bytes lost']}")
     terminalreporter.write_sep("=", "fault injection")
     terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def net(broker):
+    """The source host on a network namespace of its own (tests/net.py)."""
+    from tests.net import SourceNet
+    need("qemu-io")
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    n = SourceNet(int(broker.bootstrap.rsplit(":", 1)[1]))
+    yield n
+    n.close()

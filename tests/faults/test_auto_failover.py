@@ -1,7 +1,7 @@
 """Automatic failover without split brain, on real networks: the source's capturer runs in
-a network namespace of its own, reaching the broker over a veth pair (through two small
-forwarders, as the broker listens on 127.0.0.1); the target side's watchers run beside
-the broker. Cutting the veth link is a real network cut: silence, no reset.
+a network namespace of its own, reaching the broker over a veth pair (tests/net.py); the
+target side's watchers run beside the broker. Cutting the veth link is a real network
+cut: silence, no reset.
 
 Every scenario checks the workload's own invariant: each write a client was told is done
 (qemu-io write + flush, in flush-sync mode) is on the promoted target, which holds a
@@ -10,87 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
-
-import pytest
 
 from infra import control
 from infra.heartbeat import read_beats
 from journal.clock import now_ms
 from journal.status import newest
 from tests.conftest import free_port, make_image, run_x2x
-from tests.faults.conftest import TALLY, Proc, need
+from tests.faults.conftest import TALLY, Proc
+from tests.net import SourceNet
 from tests.integration.test_replication import create
 
 BLOCK = 4096
 SIZE = 16 << 20
-FORWARD = str(Path(__file__).with_name("forward.py"))
-
-
-def _sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, text=True)
-
-
-class SourceNet:
-    """A network namespace for the source host, linked to this one by a veth pair."""
-
-    def __init__(self, broker_port: int) -> None:
-        k = 20 + os.getpid() % 200
-        self.ns, self.host_if, ns_if = f"x2xsrc{k}", f"x2xh{k}", f"x2xn{k}"
-        self.host_ip = f"10.231.{k}.1"
-        self.prefix = ("ip", "netns", "exec", self.ns)
-        self.procs: list[subprocess.Popen] = []
-        try:
-            _sh("ip", "netns", "add", self.ns)
-        except subprocess.CalledProcessError as e:
-            pytest.skip(f"cannot make a network namespace here ({e.stderr.strip()})")
-        _sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", ns_if)
-        _sh("ip", "link", "set", ns_if, "netns", self.ns)
-        _sh("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.host_if)
-        _sh("ip", "link", "set", self.host_if, "up")
-        _sh(*self.prefix, "ip", "addr", "add", f"10.231.{k}.2/24", "dev", ns_if)
-        _sh(*self.prefix, "ip", "link", "set", ns_if, "up")
-        _sh(*self.prefix, "ip", "link", "set", "lo", "up")
-        # The broker's address as its metadata names it (127.0.0.1:port) must work in the
-        # namespace too: there, a forwarder to this side of the link; here, one to it.
-        p = str(broker_port)
-        self._forward((), self.host_ip, p, "127.0.0.1", p)
-        self._forward(self.prefix, "127.0.0.1", p, self.host_ip, p)
-
-    def _forward(self, prefix: tuple[str, ...], *where: str) -> None:
-        proc = subprocess.Popen([*prefix, sys.executable, FORWARD, *where],
-                                stdout=subprocess.PIPE, text=True)
-        self.procs.append(proc)
-        assert proc.stdout.readline().strip() == "ready"
-
-    def cut(self) -> None:
-        _sh("ip", "link", "set", self.host_if, "down")
-
-    def heal(self) -> None:
-        _sh("ip", "link", "set", self.host_if, "up")
-
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.kill()
-            proc.wait(10)
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
-
-
-@pytest.fixture
-def net(broker):
-    need("qemu-io")
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    n = SourceNet(int(broker.bootstrap.rsplit(":", 1)[1]))
-    yield n
-    n.close()
 
 
 class Writer:
