@@ -108,6 +108,15 @@ class Setup:
         self.cap.kill()
 
 
+def write_bulk(s: Setup, wan: SourceNet, tmp_path: Path) -> None:
+    """An async client writes BULK random bytes at BULK_AT in one go, then flushes."""
+    bulk = tmp_path / "bulk"
+    bulk.write_bytes(os.urandom(BULK))
+    subprocess.run([*wan.prefix, "qemu-io", "-f", "raw", "-c",
+                    f"write -s {bulk} {BULK_AT} {BULK}", "-c", "flush", s.uri],
+                   check=True, capture_output=True, timeout=120)
+
+
 @pytest.fixture
 def thin(settings, pair_name, tmp_path, wan):
     """A pair limited to 8 Mbit/s, caught up, a small writer running for 3 s."""
@@ -123,12 +132,8 @@ def thin(settings, pair_name, tmp_path, wan):
 def test_a_thin_link_holds_its_rate_while_async_clients_write_at_local_speed(
         pair_name, tmp_path, wan, thin):
     s, writer = thin, thin.writer
-    bulk = tmp_path / "bulk"
-    bulk.write_bytes(os.urandom(BULK))
     t0 = time.monotonic()
-    subprocess.run([*wan.prefix, "qemu-io", "-f", "raw", "-c",
-                    f"write -s {bulk} {BULK_AT} {BULK}", "-c", "flush", s.uri],
-                   check=True, capture_output=True, timeout=120)
+    write_bulk(s, wan, tmp_path)
     local_s = time.monotonic() - t0
     wire_s = BULK / MAX_RATE_BPS
     print(f"\n32 MiB written by an async client in {local_s:.1f} s "
@@ -207,12 +212,8 @@ def test_without_a_limit_a_backlog_crosses_a_thin_link_without_degrading(
     so the capturer must not take it for an outage (and resend it again and again)."""
     s = Setup(settings, pair_name, tmp_path, wan, limited=False)
     try:
-        bulk = tmp_path / "bulk"
-        bulk.write_bytes(os.urandom(BULK))
         t0 = time.monotonic()
-        subprocess.run([*wan.prefix, "qemu-io", "-f", "raw", "-c",
-                        f"write -s {bulk} {BULK_AT} {BULK}", "-c", "flush", s.uri],
-                       check=True, capture_output=True, timeout=120)
+        write_bulk(s, wan, tmp_path)
         deadline = time.monotonic() + 240
         while bytes_differing(s.spec.source, s.spec.target):
             assert time.monotonic() < deadline, "the backlog never reached the target"
