@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from infra.files import atomic_write, read_json, write_json
-from infra.net import free_port
+from infra.net import free_port_run
 from journal.errors import BadInput, BrokerError
 
 POM = Path(__file__).resolve().parent / "kafka-broker" / "pom.xml"
@@ -207,7 +207,7 @@ def layout(broker_dir: Path, port: int, nodes: int, auth: str | None = None) -> 
         controllers: list[int] = []
         taken = set(range(port, port + nodes))
         while len(controllers) < nodes:
-            p = free_port()
+            p = free_port_run(1)    # not an ephemeral port an outgoing connection holds
             if p not in taken:
                 taken.add(p)
                 controllers.append(p)

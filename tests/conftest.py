@@ -33,7 +33,8 @@ def x2x_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def broker(x2x_home: Path):
     """The session's broker, started the way `x2x broker up` starts it."""
     from infra import broker as embedded
-    state = embedded.up(port=free_port(), engine=TEST_ENGINE)
+    from infra.net import free_port_run
+    state = embedded.up(port=free_port_run(1), engine=TEST_ENGINE)
     os.environ["X2X_BOOTSTRAP"] = state.bootstrap
     yield state
     embedded.down()

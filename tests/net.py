@@ -9,6 +9,7 @@ cut: silence, no reset. ``shape`` puts a ``tc ... tbf`` on the source's side of 
 and count the bytes the source sends."""
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -17,6 +18,9 @@ from pathlib import Path
 import pytest
 
 FORWARD = str(Path(__file__).parent / "faults" / "forward.py")
+#: A new name and subnet for every namespace of the session: the kernel tears a veth
+#: pair down asynchronously, so the next test must not reuse the last one's names.
+_serial = itertools.count()
 
 
 def sh(*args: str) -> str:
@@ -28,8 +32,11 @@ class SourceNet:
 
     def __init__(self, broker_port: int, delay_ms: float = 0.0, loss: float = 0.0,
                  count: Path | None = None) -> None:
-        k = 20 + os.getpid() % 200
+        k = 20 + (os.getpid() + 7 * next(_serial)) % 230
         self.ns, self.host_if, self.ns_if = f"x2xsrc{k}", f"x2xh{k}", f"x2xn{k}"
+        # Leftovers of a run that was killed before its clean-up.
+        for stale in (("ip", "netns", "del", self.ns), ("ip", "link", "del", self.host_if)):
+            subprocess.run(stale, capture_output=True)
         self.host_ip = f"10.231.{k}.1"
         self.prefix = ("ip", "netns", "exec", self.ns)
         self.procs: list[subprocess.Popen] = []

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, x2x_bin
+from infra.net import free_port_run
+from tests.conftest import x2x_bin
 
 #: The session's tally: kills and outages survived, bytes lost.
 TALLY: Counter[str] = Counter()
@@ -111,7 +112,8 @@ class OwnBroker:
     is shared by every test and must never be stopped or frozen."""
 
     def __init__(self, home: Path, engine: str = "kafka", nodes: int = 1) -> None:
-        self.home, self.port, self.engine, self.nodes = home, free_port(), engine, nodes
+        # A run of ports no outgoing connection can hold (node N listens on port+N-1).
+        self.home, self.port, self.engine, self.nodes = home, free_port_run(nodes), engine, nodes
         self.bootstrap = ",".join(f"127.0.0.1:{self.port + i}" for i in range(nodes))
         self.env = {"X2X_HOME": str(home), "X2X_BOOTSTRAP": self.bootstrap}
 
