@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from confluent_kafka import Producer
     from consumers.applier import ApplyStats
     from journal.pairs import PairSpec
+    from journal.status import ReplicaStatus
     from producers.scan import ScanResult
 
 MiB = 1 << 20
@@ -351,6 +353,32 @@ def apply_all(ctx: Context, spec: "PairSpec", target: str | None = None,
     t0 = time.monotonic()
     stats = Applier(spec, target, ctx.settings, store=store, limit=Limit()).run()
     return stats, time.monotonic() - t0
+
+
+def replica_of(settings: KafkaSettings, pair: str, target: str) -> "ReplicaStatus | None":
+    """The target's row of ``x2x status`` (lag, RPO), computed from the heartbeats as
+    status computes it."""
+    from infra.heartbeat import read_beats
+    from journal.clock import now_ms
+    from journal.status import latest, pair_status
+    st = pair_status(pair, latest(read_beats(settings)), now_ms())
+    return next((r for r in st.replicas if r.target == target), None)
+
+
+def sample_rpo(settings: KafkaSettings, pair: str, target: str, stop: threading.Event,
+               out: list[float], begin: threading.Event | None = None) -> threading.Thread:
+    """A started thread appending the target's RPO to ``out`` every half second, from
+    ``begin`` (if given) until ``stop``."""
+    def run() -> None:
+        if begin is not None:
+            begin.wait()
+        while not stop.wait(0.5):
+            r = replica_of(settings, pair, target)
+            if r is not None:
+                out.append(r.rpo_s or 0.0)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
 
 
 def same_volume(a: str | Path, b: str | Path, length: int | None = None) -> bool:

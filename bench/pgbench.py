@@ -17,12 +17,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bench.common import (Context, delete_pair, empty_image, figure, finish, make_pair,
-                          percentile, require, start, x2x_cmd)
+                          percentile, require, sample_rpo, start, x2x_cmd)
 from bench.postgres import Postgres, missing, workdir
-from infra.heartbeat import read_beats
 from infra.net import free_port, port_open
-from journal.clock import now_ms
-from journal.status import latest, pair_status
 
 TITLE = "A database on the capture: pgbench tps on ext4 over NBD, x2x modes vs qemu-nbd"
 MiB = 1 << 20
@@ -109,14 +106,7 @@ def _x2x(ctx: Context, work: Path, mode: str, size: int, scale: int,
                  mode])
     app = start([*x2x_cmd(), "apply", spec.name])
     running, stop, rpos = threading.Event(), threading.Event(), []
-
-    def sample() -> None:
-        running.wait()
-        while not stop.wait(0.5):
-            st = pair_status(spec.name, latest(read_beats(ctx.settings)), now_ms())
-            rpos.extend(r.rpo_s or 0.0 for r in st.replicas if r.target == str(dst))
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    sampler = sample_rpo(ctx.settings, spec.name, str(dst), stop, rpos, begin=running)
     try:
         _wait(lambda: port_open(port), "x2x capture", cap)
         tps = _pgbench(f"nbd://127.0.0.1:{port}/{spec.name}", work, scale, seconds, running)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import figure, finish, percentile, require, start, x2x_cmd
+from bench.common import figure, finish, percentile, require, sample_rpo, start, x2x_cmd
 from bench.postgres import Postgres, missing, workdir
 from infra.net import free_port
 
@@ -65,14 +65,11 @@ def _tps(work: Path, settings, size: int, scale: int, seconds: int,
                              str(CUT)])
                 time.sleep(3)       # the baseline of a small, mostly empty volume
             stop, rpos = threading.Event(), []
-            sampler = threading.Thread(target=_sample_rpo,
-                                       args=(settings, name, str(target), stop, rpos),
-                                       daemon=True)
-            if traced:
-                sampler.start()
+            sampler = (sample_rpo(settings, name, str(target), stop, rpos) if traced
+                       else None)
             out["tps"] = pg.tps(4, seconds)
             stop.set()
-            if traced:
+            if sampler is not None:
                 sampler.join(10)
                 out["rpos"] = rpos
         finally:
@@ -99,17 +96,6 @@ def _tps(work: Path, settings, size: int, scale: int, seconds: int,
         for p in (backing, target):
             p.unlink(missing_ok=True)
     return out
-
-
-def _sample_rpo(settings, name: str, target: str, stop: threading.Event,
-                out: list[float]) -> None:
-    """The target's RPO as x2x status computes it, every half second."""
-    from infra.heartbeat import read_beats
-    from journal.clock import now_ms
-    from journal.status import latest, pair_status
-    while not stop.wait(0.5):
-        st = pair_status(name, latest(read_beats(settings)), now_ms())
-        out.extend(r.rpo_s or 0.0 for r in st.replicas if r.target == target)
 
 
 def measure(work: Path, settings, size: int, scale: int, seconds: int) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from cli.common import console, err_console, human_bytes, print_json, settings
 from infra import control, images, pins
 from producers.resync import LocalCapture
 from infra.keys import key_for_create, lookup, remember_file, retire_key
+from infra.topics import journal_topic
 from journal.errors import BadInput, VolumeError
 from journal.history import HistorySettings
 from journal.pairs import PairSpec, parse_size, validate_block_size, validate_name
@@ -72,7 +73,7 @@ def create(ctx: typer.Context, name: str,
             os.unlink(dst.path)
         raise
     console.print(f"pair [bold]{name}[/]: {source} -> {target}, {human_bytes(size)}, "
-                  f"block {human_bytes(bs)}; journal x2x.journal.{name}, history "
+                  f"block {human_bytes(bs)}; journal {journal_topic(name)}, history "
                   f"{window.describe()}" + (f"; encrypted, key id {key.key_id}" if key else ""))
 
 
@@ -172,7 +173,7 @@ def show(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--jso
               "yes" if lookup(p.spec) else "NOT CHECKED: the pair's key is not on this host")
     value = {**asdict(p.spec), "state": p.state, "created_at_ms": p.created_at_ms,
              "reversed": p.reversed, "active_source": p.active_spec.source,
-             "journal_topic": f"x2x.journal.{name}", "history": p.history.describe(),
+             "journal_topic": journal_topic(name), "history": p.history.describe(),
              "events_verified": signed, "reason": p.reason, "cause": p.cause,
              "promotion": asdict(p.promotion) if p.promotion else None,
              "auto_failover": asdict(p.auto) if p.auto else None,

@@ -17,6 +17,7 @@ from infra.heartbeat import read_beats, read_local_beats
 from journal.errors import BadInput, BrokerError, X2XError
 from journal.linkstate import LinkState, link_state
 from journal.pairs import PairState
+from journal.fencing import failover_status
 from journal.status import PairStatus, latest, newest, pair_status
 from journal.clock import now_ms
 
@@ -51,7 +52,7 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
         print_json([{**r.as_dict(), "state": pairs[r.pair].state,
                      "history_window_ms": pairs[r.pair].history.window_ms,
                      "history_warnings": history_warnings(r, pairs[r.pair]),
-                     "auto_failover": auto_failover(pairs[r.pair], beats.values(), now),
+                     "auto_failover": _failover(pairs[r.pair], beats.values(), now),
                      "link": asdict(links[r.pair])}
                     for r in rows])
         return
@@ -75,26 +76,12 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
     _failover_table(pairs, beats.values(), now)
 
 
-def auto_failover(st: PairState, beats, now: int) -> dict | None:
-    """A pair's automatic failover as status shows it: the settings, the source's lease
-    and each watcher's verdict (consumers/watch.py), from their heartbeats."""
-    if st.auto is None:
-        return None
-    name = st.spec.name
-    cap = newest(beats, name, "capturer", st.active_spec.source)
-    return {"after_ms": st.auto.after_ms, "lease_ms": st.auto.lease_ms,
-            "source_lease_ms": int(cap.detail["lease_ms"]) if cap is not None
-            and cap.detail.get("lease_ms", "").isdigit() else None,
-            "source_state": cap.state if cap is not None else None,
-            "watchers": [{"host": b.host, "target": b.instance, "state": b.state,
-                          "failover_in_s": b.detail.get("failover_in_s"),
-                          "reason": b.detail.get("reason", ""),
-                          "seen_s_ago": (now - b.at_ms) / 1000}
-                         for b in beats if b.pair == name and b.role == "watcher"]}
+def _failover(st: PairState, beats, now: int) -> dict | None:
+    return failover_status(st.auto, st.spec.name, st.active_spec.source, beats, now)
 
 
 def _failover_table(pairs: dict[str, PairState], beats, now: int) -> None:
-    shown = {n: auto_failover(p, beats, now) for n, p in pairs.items() if p.auto}
+    shown = {n: _failover(p, beats, now) for n, p in pairs.items() if p.auto}
     if not shown:
         return
     table = Table("pair", "after", "lease", "source", "watcher", "failover in", "why",

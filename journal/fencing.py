@@ -27,9 +27,10 @@ decides; a watcher runs its promotion hook only if the promotion the fold kept i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Iterable
 
 from journal.errors import BadInput
-from journal.status import Beat
+from journal.status import Beat, newest
 
 #: The smallest margin between the lease and the failover delay (see above).
 MIN_MARGIN_MS = 2000
@@ -124,3 +125,23 @@ class SourceWatch:
                     f"(last beat from {beat.host} pid {beat.pid}: {beat.state}, epoch "
                     f"{beat.epoch} seq {beat.seq}; its lease is {int(lease) / 1000:g} s)")
         return Verdict(True, left <= 0, evidence, max(0.0, left))
+
+
+def failover_status(auto: AutoFailover | None, name: str, source: str,
+                    beats: Iterable[Beat], now_ms: int) -> dict[str, Any] | None:
+    """Pair ``name``'s automatic failover as ``x2x status`` shows it: the settings, the
+    lease its ``source`` holds and each watcher's verdict, from their heartbeats; None
+    when off."""
+    if auto is None:
+        return None
+    beats = list(beats)
+    cap = newest(beats, name, "capturer", source)
+    held = cap.detail.get("lease_ms", "") if cap is not None else ""
+    return {"after_ms": auto.after_ms, "lease_ms": auto.lease_ms,
+            "source_lease_ms": int(held) if held.isdigit() else None,
+            "source_state": cap.state if cap is not None else None,
+            "watchers": [{"host": b.host, "target": b.instance, "state": b.state,
+                          "failover_in_s": b.detail.get("failover_in_s"),
+                          "reason": b.detail.get("reason", ""),
+                          "seen_s_ago": (now_ms - b.at_ms) / 1000}
+                         for b in beats if b.pair == name and b.role == "watcher"]}
