@@ -5,8 +5,8 @@ import sys
 
 import typer
 
-from cli import (access, base, broker, cutover, journal, pair, replica, replicate, status,
-                 volume, watch)
+from cli import (access, base, broker, cutover, group, journal, pair, replica, replicate,
+                 status, volume, watch)
 from cli.common import Globals, err_console
 from infra import logs, telemetry
 from journal.errors import X2XError
@@ -16,6 +16,7 @@ app = typer.Typer(help="x2x: continuous block-volume replication and migration o
 app.add_typer(broker.app, name="broker")
 app.add_typer(access.app, name="access")
 app.add_typer(pair.app, name="pair")
+app.add_typer(group.app, name="group")
 app.add_typer(replica.app, name="replica")
 app.add_typer(volume.app, name="volume")
 app.add_typer(journal.app, name="journal")

@@ -30,6 +30,7 @@ from journal.errors import (BehindBase, BrokerError, DigestMismatch, JournalErro
                             JournalLost, PairNotFound, ReplayedEntry, StaleEpoch,
                             VolumeError, VolumeLost)
 from journal.blocks import HASH_LEN, Extent, coalesce, diff_maps, hash_buffer
+from journal.groups import barrier_of
 from journal.history import BaseLimit
 from journal.ops import Entry, OpKind
 from journal.events import HashesCompared, Promoted, ResyncNeeded
@@ -91,6 +92,8 @@ class Comparison:
 class _Staged:
     entry: Entry
     offset: int
+    pos: Position          # the position once this entry is applied
+    size: int              # the record's bytes (what the staging budget counts)
 
 
 class Applier:
@@ -130,6 +133,13 @@ class Applier:
         self._pos = Position()
         self._staged: list[_Staged] = []
         self._staged_bytes = 0
+        #: A member of a consistency group checkpoints only at committed group cuts
+        #: (journal/groups.py); set at start from the pair's state. A bounded run (a
+        #: failover's drain to a cut, a point in time, a verify) stops at its own point.
+        self.grouped = False
+        self._committed = 0                 # the newest committed cut seen
+        self._cuts: list[tuple[int, int]] = []   # staged barriers: (cut, index in _staged)
+        self.cut = 0                        # the group cut the checkpoint is at
         self._last_digest = ""
         self._t0 = time.monotonic()
         #: A point-in-time replica that reached its point needs no more of the journal:
@@ -199,7 +209,7 @@ class Applier:
         log.warning("pair %s: lost the target %s (%s); resuming from its checkpoint epoch "
                     "%d seq %d once it is back", self.spec.name, self.target, error,
                     p.epoch, p.seq)
-        self._staged, self._staged_bytes, self._cmp = [], 0, None
+        self._staged, self._staged_bytes, self._cmp, self._cuts = [], 0, None, []
         self._pos = p
         deadline, delay = time.monotonic() + TARGET_RETRY_S, 0.1
         while True:
@@ -294,18 +304,42 @@ class Applier:
         except JournalError as e:
             raise type(e)(f"{e} [{self.topic} offset {msg.offset()}]") from None
         self._pos = self._pos.after(entry, msg.offset())
-        self._staged.append(_Staged(entry, msg.offset()))
+        self._staged.append(_Staged(entry, msg.offset(), self._pos, len(msg.value())))
         self._staged_bytes += len(msg.value())
-        if entry.closes_consistency_point:
+        if self.grouped and entry.closes_consistency_point and entry.ops[-1].kind is OpKind.FLUSH:
+            self._group_point(entry)
+        elif entry.closes_consistency_point:
             self._apply_staged()
             if entry.ops[-1].kind is OpKind.SEAL:
                 self._check_seal(entry)
-            self._checkpoint(entry, msg.offset())
+            self._checkpoint(entry, self._pos)
             if self.sealed is not None:
                 self._promote(entry)
         elif self._staged_bytes > self.stage_limit:
+            if self.grouped:
+                log.warning("pair %s: more than %d MiB between two committed group cuts; "
+                            "applied early, so %s is ahead of its group's cut until the next "
+                            "one", self.spec.name, self.stage_limit >> 20, self.target)
             self._apply_staged()      # too large to hold: the target runs ahead of its checkpoint
         return True
+
+    def _group_point(self, entry: Entry) -> None:
+        """A FLUSH in a group member's journal: a checkpoint only at a committed group cut,
+        everything up to it applied together (its siblings reach the same cut)."""
+        b = barrier_of(entry)
+        if b is None:
+            return          # a client's FLUSH or a cut of this disk alone: not a group point
+        self._cuts.append((b.cut, len(self._staged) - 1))
+        self._committed = max(self._committed, b.committed)
+        ready = [c for c in self._cuts if c[0] <= self._committed]
+        if not ready:
+            return
+        cut, last = ready[-1]
+        at = self._staged[last]
+        self._apply_staged(last + 1)
+        self._cuts = [(c, i - last - 1) for c, i in self._cuts if c > cut]
+        self.cut = cut
+        self._checkpoint(at.entry, at.pos)
 
     def _check_seal(self, entry: Entry) -> None:
         """A SEAL ends a generation: the target must now equal the source, digest for digest."""
@@ -367,34 +401,43 @@ class Applier:
         except BrokerError as e:
             log.warning("could not publish the hash comparison of %s: %s", self.target, e)
 
-    def _apply_staged(self) -> None:
+    def _apply_staged(self, count: int | None = None) -> None:
+        """Apply the first ``count`` staged entries (default: all of them)."""
+        count = len(self._staged) if count is None else count
         ops = nbytes = 0
-        for s in self._staged:
+        for s in self._staged[:count]:
             if any(op.kind is OpKind.HASHES for op in s.entry.ops):
                 self._compare(s.entry)
             else:
                 apply_entry(self.vol, s.entry)
             ops += len(s.entry.ops)
             nbytes += s.entry.payload_bytes
-        self.stats.entries += len(self._staged)
+        self.stats.entries += count
         self.stats.ops += ops
         self.stats.bytes_applied += nbytes
         telemetry.metrics().applied(self.spec.name, ops, nbytes, target=self.target)
-        self._staged, self._staged_bytes = [], 0
+        self._staged = self._staged[count:]
+        self._staged_bytes = sum(s.size for s in self._staged)
+        if count and not self._staged:
+            self._cuts = []
 
-    def _checkpoint(self, entry: Entry, offset: int) -> None:
+    def _checkpoint(self, entry: Entry, pos: Position) -> None:
+        """``entry`` (at ``pos``) and everything before it is applied: fsync, then record."""
         self.vol.fsync()
-        self.checkpointed = self._pos
+        self.checkpointed = pos
         self._last_digest = entry.digest.hex()
-        self.store.save(Checkpoint(self.spec.name, self.target, self._pos, self._last_digest,
+        self.store.save(Checkpoint(self.spec.name, self.target, pos, self._last_digest,
                                    now_ms()))
         self.stats.checkpoints += 1
-        self._publish_comparison(self._pos)
+        self._publish_comparison(pos)
         if self.on_checkpoint:
-            self.on_checkpoint(self._pos)
+            self.on_checkpoint(pos)
 
     # -- start: resume from the checkpoint, proving the journal still holds it ----------
     def _start(self, consumer: Consumer) -> None:
+        if self.publish_status and self.limit is None and self.until is None:
+            st = self._pair_state()
+            self.grouped = bool(st is not None and st.group)
         cp = self.store.load()
         # The journal's start is a hint only (some brokers answer ListOffsets wrongly):
         # a reader is behind the base when the record it needs is gone *and* lies below it.
@@ -512,7 +555,8 @@ class Applier:
         # from there on (journal/history.py). Empty: released.
         needs = "" if self.released else str(max(p.offset, 0))
         beats.beat(state, p.epoch, p.seq, p.epoch_bytes, p.captured_at_ms, rate,
-                   {"staged_bytes": str(self._staged_bytes), "needs": needs}, force)
+                   {"staged_bytes": str(self._staged_bytes), "needs": needs,
+                    **({"group_cut": str(self.cut)} if self.grouped else {})}, force)
 
     def _mark_resync(self, error: JournalError) -> None:
         if not self.publish_status:

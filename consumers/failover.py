@@ -68,7 +68,7 @@ def _beats(op: Operation) -> list[Beat]:
     return signed_beats(op.settings, op.pair)
 
 
-def _begin(op: Operation, command: Command) -> tuple[PairState, Plan]:
+def begin(op: Operation, command: Command) -> tuple[PairState, Plan]:
     """The pair's state and the plan for ``command`` (raises if it cannot start)."""
     st = control.get_pair(op.settings, op.pair)
     spec, beats = st.active_spec, _beats(op)
@@ -102,7 +102,7 @@ def _applier_run(applier: Applier, timeout: float, **kw) -> str:
 @telemetry.traced("x2x.failover")
 def failover(op: Operation) -> FailoverReport:
     """Planned failover: SEAL on the source, drain and verify on the target, promote."""
-    st, p = _begin(op, Command.FAILOVER)
+    st, p = begin(op, Command.FAILOVER)
     spec, since = p.spec, now_ms()
     try:
         sealed = _seal(op, st, p, since)
@@ -153,7 +153,7 @@ def force_failover(op: Operation, limit: Limit | None = None,
     """Unplanned failover: drain what the journal holds, promote at the last consistency
     point (with a ``limit``: the last one at or before it, anywhere in the history
     window), report the RPO against what the source was last known to have captured."""
-    st, p = _begin(op, Command.FORCE_FAILOVER)
+    st, p = begin(op, Command.FORCE_FAILOVER)
     spec = p.spec
     control.publish(op.settings, FailoverRequested(pair=op.pair, source=spec.source,
                                                    forced=True))
@@ -161,7 +161,7 @@ def force_failover(op: Operation, limit: Limit | None = None,
         if limit is not None:
             _rewind(op, st, spec, limit, base)
         op.say(f"draining what the journal holds onto {spec.target}"
-               + ("" if limit is None else f", up to {_when(limit.at_ms or 0)}"))
+               + ("" if limit is None else f", up to {_point(limit)}"))
         applier = Applier(spec, spec.target, op.settings, key=op.key, role=Role.OPERATOR,
                           limit=limit)
         try:
@@ -198,7 +198,7 @@ def _rewind(op: Operation, st: PairState, spec: PairSpec, limit: Limit,
     cp = store.load()
     if cp is None or not limit.precedes(cp.position):
         return                      # at or before the point: draining up to it is enough
-    when = _when(limit.at_ms or 0)
+    when = _point(limit)
     if base is None:
         try:
             base = seed.find_base(op.settings, op.pair)
@@ -221,6 +221,13 @@ def _rewind(op: Operation, st: PairState, spec: PairSpec, limit: Limit,
         store.reset()
 
 
+def _point(limit: Limit) -> str:
+    """The limit as the operator gave it: a time, or a group cut's barrier."""
+    if limit.at_ms is not None:
+        return _when(limit.at_ms)
+    return f"offset {limit.offset}" if limit.offset is not None else f"{limit.epoch_seq}"
+
+
 def _when(at_ms: int) -> str:
     return dt.datetime.fromtimestamp(at_ms / 1000, dt.timezone.utc).isoformat(
         timespec="seconds")
@@ -232,7 +239,7 @@ def failback(op: Operation) -> HashDiff:
     """Make the old source the target of the promoted side: HASHES of the promoted side
     in its epoch, compared on the old source at the same journal point; only differing
     blocks are resent; then the old source follows the journal like any target."""
-    st, p = _begin(op, Command.FAILBACK)
+    st, p = begin(op, Command.FAILBACK)
     target = p.spec.target
     control.publish(op.settings, FailbackStarted(pair=op.pair, target=target))
     # The old source's history as a source means nothing as a target.
@@ -248,7 +255,7 @@ def resync(op: Operation) -> HashDiff:
     source publishes block HASHES (through its running NBD capturer, or here in a new
     epoch), the target compares them from a reset checkpoint, and only the differing
     blocks are resent. The way back without a full copy."""
-    st, p = _begin(op, Command.RESYNC)
+    st, p = begin(op, Command.RESYNC)
     # A live NBD capturer journals the hashes and the resends itself, in its own epoch;
     # otherwise this host reads the source and opens a new epoch.
     # Whatever the target applied before, it is checked block by block, not trusted.
@@ -262,7 +269,7 @@ def resync(op: Operation) -> HashDiff:
 @telemetry.traced("x2x.verify")
 def verify(op: Operation, repair: bool = False) -> HashDiff:
     """Compare source and target at one journal point without stopping replication."""
-    st, p = _begin(op, Command.VERIFY)
+    st, p = begin(op, Command.VERIFY)
     spec, side = p.spec, _side(op, st, p)
     op.say(f"hashing {spec.source} into the journal")
     h = side.hashes()

@@ -17,7 +17,8 @@ from infra.kafka import KafkaSettings
 from infra.reader import read_many
 from infra.topics import CONTROL_TOPICS, control_topic, ensure_base_topics
 from journal.errors import BadInput, BrokerError, PairNotFound, X2XError
-from journal.events import AutoFailoverSet, Created, Deleted, Event, HistorySet, RateSet
+from journal.events import (AutoFailoverSet, Created, Deleted, Event, GroupSet, HistorySet,
+                            RateSet)
 from journal.fencing import AutoFailover
 from journal.history import HistorySettings
 from journal.pairs import PairSpec, PairState, fold, signer
@@ -246,6 +247,21 @@ def set_rate(settings: KafkaSettings, name: str, max_rate: str | None,
     state = get_pair(settings, name)
     publish(settings, RateSet(pair=name, max_rate=max_rate, schedule=schedule))
     return state
+
+
+def set_group(settings: KafkaSettings, group: str, members: list[str]) -> None:
+    """Put ``members`` into consistency group ``group`` (journal/groups.py checks first)."""
+    from journal.groups import check_new_group
+    check_new_group(group, pairs(settings), members)
+    for m in members:
+        publish(settings, GroupSet(pair=m, group=group))
+
+
+def leave_group(settings: KafkaSettings, group: str, name: str, serving: bool) -> None:
+    """Take pair ``name`` out of ``group``; refused while it replicates in it."""
+    from journal.groups import check_removal
+    check_removal(group, pairs(settings).get(name), name, serving)
+    publish(settings, GroupSet(pair=name, group=None))
 
 
 def delete_pair(settings: KafkaSettings, name: str) -> PairState:

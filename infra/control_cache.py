@@ -30,7 +30,7 @@ from journal.pairs import PairSpec, PairState
 from journal.rates import LinkLimit, parse_schedule
 
 log = logging.getLogger("x2x.control")
-_VERSION = 6      # 6: the link's rate; 5: automatic failover; 4: the history window; 3: typed PairState (reason, cause, promotion),
+_VERSION = 7      # 7: consistency groups; 6: the link's rate; 5: automatic failover; 4: the history window; 3: typed PairState (reason, cause, promotion),
 #: specs carry their incarnation, folds verify signed events
 
 

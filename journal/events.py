@@ -126,6 +126,15 @@ class AutoFailoverSet(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class GroupSet(Event):
+    """The pair belongs to consistency group ``group`` from now on (None: to none);
+    journal/groups.py."""
+
+    NAME: ClassVar[str] = "group-set"
+    group: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class RateSet(Event):
     """The pair's link: at most ``max_rate`` (journal/rates.py: ``20Mbit``, ``pause``;
     None: unlimited) unless a rule of ``schedule`` matches; both None: no limit."""
@@ -253,7 +262,7 @@ class HashesCompared(Event):
 #: Every kind, by wire name.
 KINDS: dict[str, type[Event]] = {k.NAME: k for k in (
     Created, Deleted, ResyncNeeded, Resynced, FailoverFailed, FailbackStarted, FailbackDone,
-    HistorySet, AutoFailoverSet, RateSet,
+    HistorySet, AutoFailoverSet, RateSet, GroupSet,
     FailoverRequested, Sealed, HashesRequested, ResendRequested, HashesPublished, Resent,
     RequestFailed, BaselineComplete, EpochAbandoned, Promoted, HashesCompared)}
 

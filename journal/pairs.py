@@ -8,7 +8,7 @@ from typing import Iterable
 from journal.errors import BadInput
 from journal.events import (AutoFailoverSet, BaselineComplete, Created, Deleted, EpochAbandoned, Event,
                             FailbackDone, FailbackStarted, FailoverFailed, FailoverRequested,
-                            HistorySet, Promoted, RateSet, ResyncNeeded, Resynced)
+                            GroupSet, HistorySet, Promoted, RateSet, ResyncNeeded, Resynced)
 from journal.fencing import AutoFailover
 from journal.history import HistorySettings
 from journal.rates import LinkLimit
@@ -71,6 +71,8 @@ class PairState:
     auto: AutoFailover | None = None
     #: The link's bandwidth limit and schedule (journal/rates.py); default: none.
     link: LinkLimit = LinkLimit()
+    #: The consistency group the pair belongs to (journal/groups.py); "": none.
+    group: str = ""
 
     @property
     def active_spec(self) -> PairSpec:
@@ -131,6 +133,8 @@ def fold(events: Iterable[Event],
                     pairs[ev.pair] = replace(p, link=LinkLimit.parse(ev.max_rate, ev.schedule))
                 except BadInput:
                     pass        # 'x2x pair rate' validates; a malformed one changes nothing
+            case GroupSet():
+                pairs[ev.pair] = replace(p, group=ev.group or "")
             case HistorySet():
                 pairs[ev.pair] = replace(p, history=HistorySettings(ev.window_ms, ev.journal_max))
             case BaselineComplete():

@@ -46,6 +46,7 @@ class ReplicaStatus:
     rpo_s: float | None
     rate_bps: float
     seen_s_ago: float
+    detail: dict[str, str] = field(default_factory=dict)   # the applier's beat's
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ def replica_status(cap: Beat | None, app: Beat, now_ms: int) -> ReplicaStatus:
     if m is not None:
         lag_ops, lag_bytes, rpo = m.ops, m.bytes, m.rpo_s(now_ms)
     return ReplicaStatus(app.instance, app.state, app.epoch, app.seq, lag_ops, lag_bytes,
-                         rpo, app.rate_bps, (now_ms - app.at_ms) / 1000)
+                         rpo, app.rate_bps, (now_ms - app.at_ms) / 1000, dict(app.detail))
 
 
 def pair_status(pair: str, beats: dict[tuple[str, str, str], Beat], now_ms: int) -> PairStatus:

@@ -96,6 +96,17 @@ class RangeLocks:
         return sorted({i % self.stripes for i in range(first, last + 1)})
 
     @contextmanager
+    def hold_all(self) -> Iterator[None]:
+        """Hold every stripe: no change is between its local write and its append."""
+        for lock in self._locks:
+            lock.acquire()
+        try:
+            yield
+        finally:
+            for lock in reversed(self._locks):
+                lock.release()
+
+    @contextmanager
     def hold(self, offset: int, length: int) -> Iterator[None]:
         """Hold the locks of ``[offset, offset + length)`` for the block of the with."""
         taken = self.stripes_of(offset, length)
@@ -259,28 +270,34 @@ class JournalingVolume:
         nothing about the source's durability. The bitmap's point for it ends once the
         broker has it, as for an async FLUSH (:meth:`settle`). Called from the capturer's
         tick; returns whether it cut."""
-        pub = self.pub
         owed = self._owed and self._point is None
         if (self._closing or self.health.condition is Condition.DEGRADED
-                or not pub.cut_due(interval, idle=owed)):
+                or not self.pub.cut_due(interval, idle=owed)):
             return False
+        return self.point(Op.flush()) is not None
+
+    def point(self, op: Op) -> int | None:
+        """Append the FLUSH ``op`` as a consistency point of the capturer's own (a cut, a
+        group cut's barrier) and return its seq; None if the journal refused it (the
+        capturer then degrades). Its bitmap point ends as an async FLUSH's does."""
+        pub = self.pub
         # Before the FLUSH op: what it may clear (None while another point is open:
         # clearing is then owed to a later point).
         cp = self.intent.begin() if self.intent is not None else None
         self._owed = self.intent is not None and cp is None
         try:
-            seq = pub.flush_point(client=True)
+            seq = pub.flush_point(client=True, op=op)
         except X2XError as e:
             if cp is not None:
                 self.intent.abort(cp)
             self.degrade(str(e), pub, journal_gone=not isinstance(e, BacklogFull))
-            return False
+            return None
         if cp is not None:
             with self._point_lock:
                 self._point = (pub, seq, cp)
         with self._count_lock:
             self.counters.cuts += 1
-        return True
+        return seq
 
     def settle(self) -> None:
         """End the pending consistency point once its FLUSH is journaled, or give it up
@@ -313,6 +330,14 @@ class JournalingVolume:
         """Refuse every further request with ESHUTDOWN (requests already running finish)."""
         self._closing = True
 
+    def quiesce(self) -> None:
+        """Close, then wait until no change is between its local write and its append:
+        from here on nothing more reaches the journal (a capture stopping while the NBD
+        server it shares with a group's other exports keeps serving those)."""
+        self.close()
+        with self.locks.hold_all():
+            pass
+
     # -- internals ----------------------------------------------------------------------
     def _change(self, op: Op, fua: bool, local: Callable[[], None]) -> None:
         self._check_open()
@@ -323,6 +348,8 @@ class JournalingVolume:
         seq = 0
         self._last_change = time.monotonic()
         with self.locks.hold(op.offset, op.length):
+            if self._closing:   # closed since the check above: see :meth:`quiesce`
+                raise Shutdown("the capturer is stopping")
             # Marked before the local write: a crash from here on resends these blocks.
             token = self.intent.mark(op.offset, op.length) if self.intent else 0
             appended = False

@@ -78,6 +78,20 @@ STOP_GRACE = 10.0
 _LISTEN = re.compile(r"^(?:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):)?(?P<port>\d+)$")
 
 
+def listen_nbd(host: str, port: int, tls: ssl.SSLContext | None = None,
+               tls_required: bool = False) -> NBDServer:
+    """An NBD server bound to ``host:port`` (not serving yet), its requests counted."""
+    server = NBDServer(host, port, {}, tls=tls, tls_required=tls_required,
+                       on_request=lambda export, command, seconds:
+                       telemetry.metrics().nbd_request(export, command, seconds))
+    try:
+        server.bind()
+    except OSError as e:
+        raise BadInput(f"cannot listen for NBD on {host}:{port}: {e.strerror}; pick "
+                       f"another --nbd [HOST:]PORT or stop what uses it") from None
+    return server
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """``[HOST:]PORT`` (``[v6]:PORT`` for IPv6) -> (host, port); host defaults to
     127.0.0.1 so an export is never exposed beyond this machine by accident."""
@@ -133,6 +147,12 @@ class NBDCapture:
     tls_required: bool = False
     #: Run when the lease lapses and the capturer fences itself (infra/hooks.py).
     on_fence: str | None = None
+    #: The NBD server this capture adds its export to, shared with the other pairs of
+    #: its consistency group (producers/group.py), which starts and stops it; None: one
+    #: of its own.
+    shared_server: NBDServer | None = None
+    #: What the group's capture service says in this member's heartbeats.
+    group_figures: dict[str, str] = field(default_factory=dict)
     report: CaptureReport = field(init=False, default_factory=CaptureReport)
     baseline: BaselineProgress | None = field(init=False, default=None)
     #: Whether the journal takes what clients write; written only through its methods.
@@ -174,15 +194,8 @@ class NBDCapture:
                 f"source {spec.source} is {vol.size} bytes but pair {spec.name} was created "
                 f"for {spec.volume_size}; recreate the pair for the new size")
         # Listen first: a taken port must not cost the next start a new epoch.
-        self.server = NBDServer(self.host, self.port, {}, tls=self.tls,
-                                tls_required=self.tls_required,
-                                on_request=lambda export, command, seconds:
-                                telemetry.metrics().nbd_request(export, command, seconds))
-        try:
-            self.server.bind()
-        except OSError as e:
-            raise BadInput(f"cannot listen for NBD on {self.host}:{self.port}: {e.strerror}; "
-                           f"pick another --nbd [HOST:]PORT or stop what uses it") from None
+        self.server = self.shared_server or listen_nbd(self.host, self.port, self.tls,
+                                                       self.tls_required)
         self.port = self.server.port
         pair = control.get_pair(self.settings, spec.name)
         if not self.store.incarnation:
@@ -228,7 +241,8 @@ class NBDCapture:
         self.recovery = Recovery(self, spec, self.settings, vol, self.locks, self.intent,
                                  self.health, self._stopping, self.store.incarnation)
         self.server.exports[spec.name] = self.backend
-        self.server.start()
+        if self.shared_server is None:
+            self.server.start()
         if resync:
             self.recovery.resend_at_start()
         elif not continuing:
@@ -357,8 +371,11 @@ class NBDCapture:
         self._stopped = True
         if hasattr(self, "watch"):
             self.watch.halt()
-        self.backend.close()                       # new requests: ESHUTDOWN
-        self.server.stop(grace=STOP_GRACE)         # requests in flight finish
+        if self.shared_server is None:
+            self.backend.close()                   # new requests: ESHUTDOWN
+            self.server.stop(grace=STOP_GRACE)     # requests in flight finish
+        else:
+            self.backend.quiesce()                 # the group's other exports go on
         self._stopping.set()
         for t in self._threads:
             t.join()
@@ -408,8 +425,10 @@ class NBDCapture:
 
     def _abort(self) -> None:
         """Undo a start that failed half-way (the state stays unclean)."""
-        if hasattr(self, "server"):
+        if hasattr(self, "server") and self.shared_server is None:
             self.server.stop()
+        elif hasattr(self, "server"):
+            self.server.exports.pop(self.spec.name, None)
         self._stopping.set()
         for t in self._threads:
             t.join()
@@ -446,6 +465,7 @@ class NBDCapture:
         if reason:
             d["error"] = reason[:300]
         d.update(self.recovery.detail())     # dirty_bytes, resend progress, outages
+        d.update(self.group_figures)
         return d
 
     def beat(self, state: str | None = None, force: bool = False) -> None:
@@ -646,14 +666,20 @@ class NBDCapture:
                       volume=self.spec.source, reason=self.lease.fenced)
         return True
 
-    def _may_cut(self) -> bool:
-        """Cuts are made where the target can be consistent: not while a baseline or a
-        resend runs (the target is consistent only from its own FLUSH on), nor while
-        degraded."""
+    def may_barrier(self) -> bool:
+        """May a group cut include this capture now? Only while every change reaches the
+        journal in order: capturing (not degraded, no resend running), baseline done,
+        not fenced, not stopped."""
         baseline = self.baseline
-        return (self.cut_interval > 0 and self.health.condition is Condition.CAPTURING
+        return (not self._stopped and self.health.condition is Condition.CAPTURING
                 and (baseline is None or baseline.finished)
                 and not (self.lease and self.lease.fenced))
+
+    def _may_cut(self) -> bool:
+        """Cuts are made where the target can be consistent (:meth:`may_barrier`): not
+        while a baseline or a resend runs (the target is consistent only from its own
+        FLUSH on), nor while degraded."""
+        return self.cut_interval > 0 and self.may_barrier()
 
     def _tick_thread(self) -> None:
         """Send lingering ops as an entry when the workload pauses; cut a consistency

@@ -214,12 +214,12 @@ class JournalPublisher:
                 self.append(op, wait=False)
             self._room(client)
 
-    def flush_point(self, client: bool = False) -> int:
-        """Append a FLUSH (consistency point) and return its seq (``client``: see
-        :meth:`append_many`)."""
+    def flush_point(self, client: bool = False, op: Op | None = None) -> int:
+        """Append a FLUSH (consistency point; ``op``: this FLUSH, e.g. a group cut's
+        barrier) and return its seq (``client``: see :meth:`append_many`)."""
         with self._cond:
             seq = self.seq.next_seq + self.seq.pending_ops
-            self.append_many([Op.flush()], client)
+            self.append_many([op or Op.flush()], client)
             return seq
 
     def cut_due(self, interval: float, idle: bool = False) -> bool:

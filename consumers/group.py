@@ -1,0 +1,116 @@
+"""Group failover: every member of a consistency group promoted at one group cut.
+
+Planned: each member sealed and drained in turn (a sealed disk refuses writes, so what
+the others take meanwhile cannot depend on a write it missed); RPO 0. Forced: the
+journals are read from each target's checkpoint to their end for the group cuts they
+hold; the newest cut all of them hold is where every member is promoted (each drained up
+to that cut's barrier, never past it), and the group's RPO is its worst member's.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Callable
+
+from consumers import failover as fo
+from consumers.checkpoint import CheckpointStore
+from infra import control
+from infra.kafka import KafkaSettings
+from infra.reader import read_many
+from infra.topics import journal_topic
+from journal.errors import BadInput, X2XError
+from journal.groups import barrier_of, common_cut, group_members
+from journal.pairs import PairState
+from journal.plans import Command
+from journal.reports import FailoverReport
+from journal.sequence import Limit
+from schemas.cipher import open_record
+
+
+@dataclass
+class GroupReport:
+    """A group failover: one cut, one RPO, each member's promotion."""
+
+    group: str
+    forced: bool
+    cut: int                     # the group cut every member is at (0: planned, sealed)
+    rpo_s: float
+    rpo_max_s: float | None
+    members: list[FailoverReport] = field(default_factory=list)
+
+    @property
+    def cut_time(self) -> str:
+        return dt.datetime.fromtimestamp(self.cut / 1000, dt.timezone.utc).isoformat(
+            timespec="milliseconds") if self.cut else ""
+
+
+def members_of(settings: KafkaSettings, group: str) -> dict[str, PairState]:
+    """The group's pairs and their states; BadInput if there is no such group."""
+    pairs = control.pairs(settings)
+    names = group_members(pairs, group)
+    if not names:
+        groups = sorted({p.group for p in pairs.values() if p.group}) or ["none"]
+        raise BadInput(f"no group named {group!r} (known groups: {', '.join(groups)}); "
+                       f"create it with 'x2x group create {group} --pair A --pair B'")
+    return {n: pairs[n] for n in names}
+
+
+def cuts_held(settings: KafkaSettings, states: dict[str, PairState],
+              operation: Callable[[str], fo.Operation], from_start: bool,
+              timeout: float) -> dict[str, dict[int, int]]:
+    """Per member, the group cuts its journal holds: cut id -> offset of its barrier;
+    read from the target's checkpoint on (``from_start``: the journal's start)."""
+    starts, names = {}, {}
+    for name, st in states.items():
+        cp = CheckpointStore(name, st.active_spec.target).load()
+        starts[journal_topic(name)] = 0 if from_start or cp is None else cp.position.offset
+        names[journal_topic(name)] = name
+    held: dict[str, dict[int, int]] = {n: {} for n in states}
+    keys = {n: operation(n).key for n in states}
+    for topic, msg in read_many(settings, starts, timeout):
+        name = names[topic]
+        entry = open_record(msg.value(), name, keys[name], f"{topic} offset {msg.offset()}")
+        b = barrier_of(entry)
+        if b is not None:
+            held[name][b.cut] = msg.offset()
+    return held
+
+
+def failover(settings: KafkaSettings, group: str,
+             operation: Callable[[str], fo.Operation], force: bool,
+             at_ms: int | None = None, base: str | None = None,
+             say: Callable[[str], None] = lambda _: None) -> GroupReport:
+    """Promote every member of ``group`` at one cut (see the module doc)."""
+    states = members_of(settings, group)
+    ops = {n: operation(n) for n in states}
+    # Every member's plan first: a member that may not fail over stops the group's
+    # failover before any member is promoted.
+    for n in states:
+        fo.begin(ops[n], Command.FORCE_FAILOVER if force else Command.FAILOVER)
+    if not force:
+        reports = [fo.failover(ops[n]) for n in states]
+        return GroupReport(group, False, 0, 0.0, 0.0, reports)
+    timeout = max(o.timeout for o in ops.values())
+    held = cuts_held(settings, states, operation, at_ms is not None, timeout)
+    if at_ms is not None:
+        held = {n: {c: o for c, o in cuts.items() if c <= at_ms} for n, cuts in held.items()}
+    cut = common_cut({n: cuts.keys() for n, cuts in held.items()})
+    if cut is None:
+        bare = [n for n, cuts in held.items() if not cuts]
+        raise X2XError(
+            f"group {group}: no group cut is held by every member's journal"
+            + (f" ({', '.join(bare)} holds none after its target's checkpoint)" if bare else "")
+            + ". Nothing was promoted. Was the group captured with 'x2x group capture "
+            f"{group}' until a first cut, with every baseline finished? Fail the pairs over "
+            f"one by one ('x2x pair failover NAME --force') only if their consistency with "
+            f"each other does not matter")
+    say(f"promoting every member at group cut {cut} "
+        f"({dt.datetime.fromtimestamp(cut / 1000, dt.timezone.utc).isoformat()})")
+    reports = []
+    for n in states:
+        say(f"{n}: draining up to the cut's barrier at offset {held[n][cut]}")
+        reports.append(fo.force_failover(ops[n], Limit(offset=held[n][cut]), base))
+    bounds = [r.rpo_max_s for r in reports]
+    return GroupReport(group, True, cut, max(r.rpo_s for r in reports),
+                       None if None in bounds else max(b for b in bounds if b is not None),
+                       reports)
