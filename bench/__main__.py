@@ -39,12 +39,13 @@ SCENARIOS = {
     "cutover": "bench.cutover",
     "trace_capture": "bench.trace",
     "compression": "bench.compression",
+    "groups": "bench.groups",
 }
 #: Run order differs: replay reuses the pipeline's journal, and memory lists the peaks of
 #: every x2x child the other scenarios ran.
 RUN_ORDER = ["pipeline", "replay", "nbd_capture", "nbd_multiconn", "lag", "resync",
              "sparse_baseline", "history", "pgbench", "trace_capture", "auto_failover",
-             "cutover", "compression", "scale", "memory"]
+             "cutover", "compression", "groups", "scale", "memory"]
 #: Scenarios that every engine runs (the broker is what they measure).
 PER_ENGINE = ["pipeline", "replay", "lag"]
 #: Engine name -> how ``x2x broker up`` starts it, and how the table names it.

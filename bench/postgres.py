@@ -63,10 +63,16 @@ class Postgres:
             assert r.returncode == 0, f"{' '.join(args)}:\n{r.stdout}\n{r.stderr}"
         return r
 
-    def init(self) -> None:
+    def init(self, waldir: Path | None = None) -> None:
+        """initdb; ``waldir``: the write-ahead log there (another disk), not in ``data``."""
         self.data.mkdir()
         shutil.chown(self.data, "postgres", "postgres")
-        self._as_pg(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust")
+        wal = []
+        if waldir is not None:
+            waldir.parent.mkdir(parents=True, exist_ok=True)
+            shutil.chown(waldir.parent, "postgres", "postgres")
+            wal = ["-X", str(waldir)]
+        self._as_pg(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", *wal)
 
     def start(self) -> None:
         """Start, recovering from a crash if the data directory had one."""
