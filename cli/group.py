@@ -217,6 +217,40 @@ def failover(ctx: typer.Context, name: str,
 
 
 @app.command()
+def replica(ctx: typer.Context, name: str,
+            target_dir: str = typer.Option(..., "--target-dir", help="Where the replicas go, "
+                                           "one per pair: DIR/PAIR.img (sparse if missing)."),
+            at: str = typer.Option(None, help="The group as it was at the newest group cut "
+                                   "at or before this time (ISO-8601 or 'now'); default: "
+                                   "follow live until SIGTERM/SIGINT."),
+            key_file: list[str] = typer.Option(None, "--key-file", help="A pair's key file, "
+                                               "if encrypted."),
+            timeout: float = typer.Option(300.0, help="Seconds to read the journals."),
+            json_: bool = typer.Option(False, "--json")) -> None:
+    """Extra replicas of every disk of the group, consistent with each other: at one group
+    cut (--at), or following live, each at the group's committed cuts."""
+    from cli.replicate import _stop_on_signals
+    from consumers import group as grp
+    from consumers.replica import parse_at
+    s = settings(ctx)
+    for f in key_file or []:
+        remember_file(f)
+    keys = {n: key_for(control.get_pair(s, n).spec, None) for n in _members(ctx, name)}
+    at_ms = parse_at(at) if at is not None else None
+    cut, stats = grp.replicas(s, name, target_dir, keys, at_ms, timeout,
+                              None if at_ms is not None else _stop_on_signals())
+    if json_:
+        print_json({"group": name, "cut": cut, "replicas": {n: asdict(x)
+                                                             for n, x in stats.items()}})
+        return
+    for n, x in stats.items():
+        console.print(f"  {n}: {x.entries} entries applied; stopped by {x.stopped_by}",
+                      highlight=False)
+    console.print(f"group {name}: replicas in {target_dir}"
+                  + (f" at group cut {cut}" if cut else ""), highlight=False)
+
+
+@app.command()
 def verify(ctx: typer.Context, name: str,
            repair: bool = typer.Option(False, "--repair"),
            timeout: float = typer.Option(300.0, help="Seconds to wait for each step.")) -> None:

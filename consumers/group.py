@@ -9,10 +9,13 @@ to that cut's barrier, never past it), and the group's RPO is its worst member's
 from __future__ import annotations
 
 import datetime as dt
+import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from consumers import failover as fo
+from consumers import failover as fo, replica
+from consumers.applier import ApplyStats
 from consumers.checkpoint import CheckpointStore
 from infra import control
 from infra.kafka import KafkaSettings
@@ -24,7 +27,7 @@ from journal.pairs import PairState
 from journal.plans import Command
 from journal.reports import FailoverReport
 from journal.sequence import Limit
-from schemas.cipher import open_record
+from schemas.cipher import JournalKey, open_record
 
 
 @dataclass
@@ -40,8 +43,7 @@ class GroupReport:
 
     @property
     def cut_time(self) -> str:
-        return dt.datetime.fromtimestamp(self.cut / 1000, dt.timezone.utc).isoformat(
-            timespec="milliseconds") if self.cut else ""
+        return _utc(self.cut) if self.cut else ""
 
 
 def members_of(settings: KafkaSettings, group: str) -> dict[str, PairState]:
@@ -56,7 +58,7 @@ def members_of(settings: KafkaSettings, group: str) -> dict[str, PairState]:
 
 
 def cuts_held(settings: KafkaSettings, states: dict[str, PairState],
-              operation: Callable[[str], fo.Operation], from_start: bool,
+              keys: dict[str, JournalKey | None], from_start: bool,
               timeout: float) -> dict[str, dict[int, int]]:
     """Per member, the group cuts its journal holds: cut id -> offset of its barrier;
     read from the target's checkpoint on (``from_start``: the journal's start)."""
@@ -66,7 +68,6 @@ def cuts_held(settings: KafkaSettings, states: dict[str, PairState],
         starts[journal_topic(name)] = 0 if from_start or cp is None else cp.position.offset
         names[journal_topic(name)] = name
     held: dict[str, dict[int, int]] = {n: {} for n in states}
-    keys = {n: operation(n).key for n in states}
     for topic, msg in read_many(settings, starts, timeout):
         name = names[topic]
         entry = open_record(msg.value(), name, keys[name], f"{topic} offset {msg.offset()}")
@@ -74,6 +75,33 @@ def cuts_held(settings: KafkaSettings, states: dict[str, PairState],
         if b is not None:
             held[name][b.cut] = msg.offset()
     return held
+
+
+def choose_cut(settings: KafkaSettings, group: str, states: dict[str, PairState],
+               keys: dict[str, JournalKey | None], at_ms: int | None, timeout: float,
+               what: str) -> tuple[int, dict[str, int]]:
+    """The newest cut every member's journal holds (at or before ``at_ms``, read from the
+    journals' start; else from each target's checkpoint), and its barrier's offset in
+    each journal; raises naming why there is none (nothing was ``what``)."""
+    held = cuts_held(settings, states, keys, at_ms is not None, timeout)
+    if at_ms is not None:
+        held = {n: {c: o for c, o in cuts.items() if c <= at_ms} for n, cuts in held.items()}
+    cut = common_cut({n: cuts.keys() for n, cuts in held.items()})
+    if cut is None:
+        bare = [n for n, cuts in held.items() if not cuts]
+        where = "at or before that time" if at_ms is not None else "after its target's checkpoint"
+        raise X2XError(
+            f"group {group}: no group cut is held by every member's journal"
+            + (f" ({', '.join(bare)} holds none {where})" if bare else "")
+            + f". Nothing was {what}. Was the group captured with 'x2x group capture "
+            f"{group}' until a first cut, with every baseline finished? Handle the pairs one "
+            f"by one only if their consistency with each other does not matter")
+    return cut, {n: held[n][cut] for n in states}
+
+
+def _utc(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(
+        timespec="milliseconds")
 
 
 def failover(settings: KafkaSettings, group: str,
@@ -90,27 +118,49 @@ def failover(settings: KafkaSettings, group: str,
     if not force:
         reports = [fo.failover(ops[n]) for n in states]
         return GroupReport(group, False, 0, 0.0, 0.0, reports)
-    timeout = max(o.timeout for o in ops.values())
-    held = cuts_held(settings, states, operation, at_ms is not None, timeout)
-    if at_ms is not None:
-        held = {n: {c: o for c, o in cuts.items() if c <= at_ms} for n, cuts in held.items()}
-    cut = common_cut({n: cuts.keys() for n, cuts in held.items()})
-    if cut is None:
-        bare = [n for n, cuts in held.items() if not cuts]
-        raise X2XError(
-            f"group {group}: no group cut is held by every member's journal"
-            + (f" ({', '.join(bare)} holds none after its target's checkpoint)" if bare else "")
-            + ". Nothing was promoted. Was the group captured with 'x2x group capture "
-            f"{group}' until a first cut, with every baseline finished? Fail the pairs over "
-            f"one by one ('x2x pair failover NAME --force') only if their consistency with "
-            f"each other does not matter")
-    say(f"promoting every member at group cut {cut} "
-        f"({dt.datetime.fromtimestamp(cut / 1000, dt.timezone.utc).isoformat()})")
+    cut, at = choose_cut(settings, group, states, {n: o.key for n, o in ops.items()},
+                         at_ms, max(o.timeout for o in ops.values()), "promoted")
+    say(f"promoting every member at group cut {cut} ({_utc(cut)})")
     reports = []
     for n in states:
-        say(f"{n}: draining up to the cut's barrier at offset {held[n][cut]}")
-        reports.append(fo.force_failover(ops[n], Limit(offset=held[n][cut]), base))
+        say(f"{n}: draining up to the cut's barrier at offset {at[n]}")
+        reports.append(fo.force_failover(ops[n], Limit(offset=at[n]), base))
     bounds = [r.rpo_max_s for r in reports]
     return GroupReport(group, True, cut, max(r.rpo_s for r in reports),
                        None if None in bounds else max(b for b in bounds if b is not None),
                        reports)
+
+
+def replicas(settings: KafkaSettings, group: str, target_dir: str,
+             keys: dict[str, JournalKey | None], at_ms: int | None, timeout: float,
+             stop: threading.Event | None = None) -> tuple[int, dict[str, ApplyStats]]:
+    """Extra replicas of every member, ``target_dir/PAIR.img``: at the newest common cut
+    at or before ``at_ms`` (a point in time of the whole group), or live-following until
+    ``stop`` (each checkpointing at the group's committed cuts); returns the cut (0:
+    live) and each member's stats."""
+    states = members_of(settings, group)
+    targets = {n: os.path.join(target_dir, f"{n}.img") for n in states}
+    cut, at = (choose_cut(settings, group, states, keys, at_ms, timeout, "built")
+               if at_ms is not None else (0, {}))
+    out: dict[str, ApplyStats] = {}
+    failed: dict[str, Exception] = {}
+    os.makedirs(target_dir, exist_ok=True)
+
+    def one(n: str) -> None:
+        limit = Limit(offset=at[n]) if cut else None
+        try:
+            _, out[n] = replica.build(states[n].spec, targets[n], settings, limit, stop=stop,
+                                      key=keys[n])
+        except Exception as e:      # noqa: BLE001 - reported below, whatever it was
+            failed[n] = e
+    threads = [threading.Thread(target=one, args=(n,), name=f"x2x-replica-{n}")
+               for n in states]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        n, e = next(iter(failed.items()))
+        kind = type(e) if isinstance(e, X2XError) else X2XError
+        raise kind(f"group {group}: the replica of {n} failed: {e}")
+    return cut, out
