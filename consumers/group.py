@@ -21,7 +21,7 @@ from infra import control
 from infra.kafka import KafkaSettings
 from infra.reader import read_many
 from infra.topics import journal_topic
-from journal.errors import BadInput, X2XError
+from journal.errors import BadInput, Busy, X2XError
 from journal.groups import barrier_of, common_cut, group_members
 from journal.pairs import PairState
 from journal.plans import Command
@@ -115,7 +115,18 @@ def failover(settings: KafkaSettings, group: str,
     # failover before any member is promoted.
     for n in states:
         fo.begin(ops[n], Command.FORCE_FAILOVER if force else Command.FAILOVER)
-    if not force:
+    if force:
+        # A forced failover drains every target itself: an applier still holding one
+        # would stop the group half promoted, so every target is checked first.
+        for n, st in states.items():
+            try:
+                with CheckpointStore(n, st.active_spec.target).lock():
+                    pass
+            except Busy as e:
+                raise Busy(f"group {group}: {e}; a forced group failover drains every "
+                           f"target itself: stop the appliers of every member first. "
+                           f"Nothing was promoted") from None
+    else:
         reports = [fo.failover(ops[n]) for n in states]
         return GroupReport(group, False, 0, 0.0, 0.0, reports)
     cut, at = choose_cut(settings, group, states, {n: o.key for n, o in ops.items()},

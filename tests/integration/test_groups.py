@@ -136,6 +136,11 @@ def test_group_cut_holds_every_write_before_it_after_the_source_dies(
             stop.set()
             writer.join(30)
             assert done[0] < LAST, "the writes ended before the kill: nothing was cut short"
+            # A forced group failover with an applier still holding a target is refused
+            # before anything is promoted.
+            r = run_x2x("group", "failover", g, "--force", check=False)
+            assert r.returncode != 0 and "stop the appliers of every member" in r.stderr
+            assert all(control.get_pair(settings, s.name).state == "created" for s in specs)
         finally:
             for e in appliers:
                 e.set()
