@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 from bench.postgres import Postgres
 from infra.net import free_port
 from tests.e2e.test_ext4_nbd import mounted_export
-from tests.e2e.test_failover import abandon_export, mounted_image
+from tests.e2e.test_failover import abandon_export, mounted_image, service
 
 MiB = 1 << 20
 SIZE = 256 * MiB
@@ -45,28 +44,6 @@ def _x2x(x2x: list[str], *args: str, check: bool = True) -> subprocess.Completed
     return r
 
 
-def _service(x2x: list[str], args: list[str], log: Path, ready: str) -> subprocess.Popen:
-    out = open(log, "w+")
-    proc = subprocess.Popen([*x2x, *args], stdout=out, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while ready not in log.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"x2x {args[0]} did not start:\n{log.read_text()}")
-        time.sleep(0.05)
-    return proc
-
-
-def _stop(proc: subprocess.Popen, grace: float = 60) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def crash_round(x2x: list[str], name: str, work: Path, crash_after: float,
                 grouped: bool) -> Round:
     """One run: two pairs (``NAME-data``, ``NAME-wal``), in group ``NAME`` or independent."""
@@ -82,16 +59,18 @@ def crash_round(x2x: list[str], name: str, work: Path, crash_after: float,
     uris = {d: f"nbd://127.0.0.1:{port}/{p}" for d, p in pairs.items()}
     if grouped:
         _x2x(x2x, "group", "create", name, *[a for p in pairs.values() for a in ("--pair", p)])
-        captures = [_service(x2x, ["group", "capture", name, "--nbd", f"127.0.0.1:{port}"],
-                             work / "capture.log", "serving")]
+        captures = [(["group", "capture", name, "--nbd", f"127.0.0.1:{port}"],
+                     work / "capture.log")]
     else:
         ports = {d: free_port() for d in DISKS}
         uris = {d: f"nbd://127.0.0.1:{ports[d]}/{p}" for d, p in pairs.items()}
-        captures = [_service(x2x, ["capture", p, "--nbd", f"127.0.0.1:{ports[d]}"],
-                             work / f"capture-{d}.log", "serving") for d, p in pairs.items()]
-    appliers = [_service(x2x, ["apply", p], work / f"apply-{d}.log", "")
-                for d, p in pairs.items()]
-    try:
+        captures = [(["capture", p, "--nbd", f"127.0.0.1:{ports[d]}"],
+                     work / f"capture-{d}.log") for d, p in pairs.items()]
+    with contextlib.ExitStack() as services:
+        # Appliers last in, first out: a forced failover drains the journals itself.
+        caps = [services.enter_context(service(args, log, "serving")) for args, log in captures]
+        for d, p in pairs.items():
+            services.enter_context(service(["apply", p], work / f"apply-{d}.log", ""))
         with contextlib.ExitStack() as stack:
             mnt = {d: stack.enter_context(mounted_export(uris[d], work / d, mkfs=True))
                    for d in DISKS}
@@ -102,21 +81,15 @@ def crash_round(x2x: list[str], name: str, work: Path, crash_after: float,
             bench = pg.pgbench("-n", "-c", "4", "-T", "300")
             time.sleep(crash_after)
             # The source host crashes: its capture service and its database at once.
-            for c in captures:
+            for c in caps:
                 c.kill()
             pg.kill()
             bench.kill()
-            for c in captures:
+            for c in caps:
                 c.wait(10)
             stack.pop_all()
             for d in DISKS:
                 abandon_export(mnt[d], work / d)
-    finally:
-        for c in captures:
-            if c.poll() is None:
-                c.kill()
-        for a in appliers:      # a forced failover drains the journals itself
-            _stop(a)
     if grouped:
         said = _x2x(x2x, "group", "failover", name, "--force").stdout
     else:

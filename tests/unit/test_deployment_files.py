@@ -17,7 +17,7 @@ from tests.conftest import x2x_bin
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "infra" / "systemd"
 UNIT_NAMES = ("x2x-capture@.service", "x2x-apply@.service", "x2x-base@.service",
-              "x2x-watch@.service", "x2x-broker.service")
+              "x2x-watch@.service", "x2x-broker.service", "x2x-group-capture@.service")
 
 
 def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
@@ -71,7 +71,7 @@ def test_unit_runs_a_real_x2x_command(unit: str) -> None:
     assert argv[0] == "/usr/local/bin/x2x"
     words = argv[1:]
     command = [w for w in words if not w.startswith("-")][:2 if unit.startswith(
-        "x2x-broker") else 1]
+        ("x2x-broker", "x2x-group")) else 1]
     helptext = subprocess.run([x2x_bin(), *command, "--help"], capture_output=True,
                               text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
     assert helptext.returncode == 0, helptext.stderr
@@ -90,7 +90,8 @@ def test_unit_restarts_and_stops_gracefully(unit: str) -> None:
 
 
 @pytest.mark.parametrize("unit", ["x2x-capture@.service", "x2x-apply@.service",
-                                  "x2x-base@.service", "x2x-watch@.service"])
+                                  "x2x-base@.service", "x2x-watch@.service",
+                                  "x2x-group-capture@.service"])
 def test_pair_units_can_reach_block_devices(unit: str) -> None:
     service = parse_unit(UNITS / unit)["Service"]
     for blocking in ("PrivateDevices", "DevicePolicy", "DeviceAllow", "ProtectClock"):
@@ -120,8 +121,10 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     (tmp_path / "x2x-capture@web.service").symlink_to("x2x-capture@.service")
     (tmp_path / "x2x-apply@web.service").symlink_to("x2x-apply@.service")
     (tmp_path / "x2x-watch@web.service").symlink_to("x2x-watch@.service")
+    (tmp_path / "x2x-group-capture@db.service").symlink_to("x2x-group-capture@.service")
     units = [str(tmp_path / n) for n in ("x2x-capture@web.service", "x2x-apply@web.service",
                                          "x2x-watch@web.service",
+                                         "x2x-group-capture@db.service",
                                          "x2x-broker.service")]
     proc = subprocess.run(["systemd-analyze", "verify", "--man=no", *units],
                           capture_output=True, text=True, timeout=60,
