@@ -12,7 +12,9 @@ import typer
 from cli.common import console, err_console, human_bytes, print_json
 from cli.pair import operation
 from consumers import cutover as co
+from infra import control
 from infra.qemu import BootSpec
+from journal.groups import check_alone
 from infra.paths import pair_dir
 from journal.errors import BadInput, BrokerError
 from producers.nbd_capture import parse_listen
@@ -54,6 +56,9 @@ def cutover(ctx: typer.Context, name: str,
     if test and no_boot:
         raise BadInput("--test boots a copy; --no-boot boots nothing: pick one")
     op = operation(ctx, name, key_file, timeout)
+    if not test:
+        st = control.get_pair(op.settings, name)
+        check_alone(st, "x2x cutover", f"x2x group failover {st.group}, then boot its disks")
     spec = None if no_boot else BootSpec("", kernel or "", initrd or "", append or "",
                                          memory, cpus, accel)
     if test:

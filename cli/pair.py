@@ -110,6 +110,10 @@ def auto_failover_(ctx: typer.Context, name: str,
     auto = None if off else auto_failover(
         parse_duration(after, "--after"),
         parse_duration(lease, "--lease") if lease is not None else None)
+    if auto is not None:
+        from journal.groups import check_alone
+        st = control.get_pair(settings(ctx), name)
+        check_alone(st, "x2x pair auto-failover", f"x2x group failover {st.group} --force")
     control.set_auto_failover(settings(ctx), name, auto)
     if auto is None:
         console.print(f"pair {name}: automatic failover off", highlight=False)
@@ -239,7 +243,11 @@ def failover(ctx: typer.Context, name: str,
     if (at is not None or base is not None) and not force:
         raise BadInput("--at and --base go with --force: a failover to an earlier point "
                        "gives up what the source wrote after it")
+    from journal.groups import check_alone
     op = operation(ctx, name, key_file, timeout)
+    st = control.get_pair(op.settings, name)
+    check_alone(st, "x2x pair failover", f"x2x group failover {st.group}"
+                + (" --force" if force else ""))
     limit = make_limit(op.settings, name, at, None, None)
     r = fo.force_failover(op, limit, base) if force else fo.failover(op)
     if json_:

@@ -171,3 +171,13 @@ def _int(text: str | None) -> int:
         return int(text) if text else 0
     except ValueError:
         return 0
+
+
+def check_alone(state: PairState, command: str, instead: str) -> None:
+    """Refuse ``command`` on one disk of a group: acting on it alone would leave it at
+    another point than its siblings (``instead``: the group command that does it)."""
+    if state.group:
+        raise BadInput(f"pair {state.spec.name} belongs to group {state.group}: '{command}' "
+                       f"would move it alone, away from the group's cut; use '{instead}' "
+                       f"(or take it out first: 'x2x group remove {state.group} --pair "
+                       f"{state.spec.name}')")

@@ -89,6 +89,13 @@ def test_group_rules_refuse_bad_input(settings, pair_name, tmp_path):
     # A grouped pair is not captured alone.
     r = run_x2x("capture", a.name, "--once", check=False)
     assert r.returncode != 0 and f"x2x group capture {g}" in r.stderr
+    # Nor failed over, cut over or set to fail over automatically alone.
+    for args in (["pair", "failover", a.name, "--force"], ["cutover", a.name, "--no-boot"],
+                 ["pair", "auto-failover", a.name, "--after", "30s"]):
+        r = run_x2x(*args, check=False)
+        assert r.returncode != 0 and f"x2x group failover {g}" in r.stderr, (args, r.stderr)
+    assert control.get_pair(settings, a.name).state == "created"
+    assert control.get_pair(settings, a.name).auto is None
     out = run_x2x("group", "list").stdout
     assert f"{g}: {a.name}, {b.name}" in out
 
