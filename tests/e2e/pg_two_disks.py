@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,12 @@ def crash_round(x2x: list[str], name: str, work: Path, crash_after: float,
             pg.start()
             pg.init_bench(2)
             bench = pg.pgbench("-n", "-c", "4", "-T", "300")
+            # Checkpoints every half second: the data disk is written (and pg_control
+            # moved) often, not only the log, so the two disks' order matters.
+            done = threading.Event()
+            threading.Thread(target=_checkpoints, args=(pg, done), daemon=True).start()
             time.sleep(crash_after)
+            done.set()
             # The source host crashes: its capture service and its database at once.
             for c in caps:
                 c.kill()
@@ -97,6 +103,14 @@ def crash_round(x2x: list[str], name: str, work: Path, crash_after: float,
                        for p in pairs.values())
     ok, error, count = _recover(work, {d: work / d / "dst.img" for d in DISKS})
     return Round(crash_after, ok, error, count, said)
+
+
+def _checkpoints(pg: Postgres, done: threading.Event) -> None:
+    while not done.wait(0.5):
+        try:
+            pg.psql("CHECKPOINT")
+        except Exception:       # noqa: BLE001 - the server is killed under it
+            return
 
 
 def _recover(work: Path, images: dict[str, Path]) -> tuple[bool, str, int]:
