@@ -281,11 +281,6 @@ def apply(ctx: typer.Context, name: str,
     s = settings(ctx)
     remember_file(key_file)
     st = control.get_pair(s, name)
-    if st.group:
-        raise BadInput(f"pair {name} belongs to group {st.group}: its journal needs the "
-                       f"group's cuts, so capture it with the rest of the group: 'x2x group "
-                       f"capture {st.group} --nbd PORT' (or take it out first: 'x2x group "
-                       f"remove {st.group} --pair {name}')")
     pins.check(st.spec, accept_spec_change)
     spec = st.active_spec
     target = apply_target(st, target)

@@ -410,6 +410,10 @@ class Applier:
                 self._compare(s.entry)
             else:
                 apply_entry(self.vol, s.entry)
+            if self._cmp is not None and s.entry.closes_consistency_point:
+                # Answered at the HASHES' own point, even where a group member's
+                # checkpoint comes only at a later cut.
+                self._publish_comparison(s.pos)
             ops += len(s.entry.ops)
             nbytes += s.entry.payload_bytes
         self.stats.entries += count

@@ -70,8 +70,8 @@ def crash_round(x2x: list[str], name: str, work: Path, crash_after: float,
     with contextlib.ExitStack() as services:
         # Appliers last in, first out: a forced failover drains the journals itself.
         caps = [services.enter_context(service(args, log, "serving")) for args, log in captures]
-        for d, p in pairs.items():
-            services.enter_context(service(["apply", p], work / f"apply-{d}.log", ""))
+        appliers = [services.enter_context(service(["apply", p], work / f"apply-{d}.log", ""))
+                    for d, p in pairs.items()]
         with contextlib.ExitStack() as stack:
             mnt = {d: stack.enter_context(mounted_export(uris[d], work / d, mkfs=True))
                    for d in DISKS}
@@ -86,6 +86,10 @@ def crash_round(x2x: list[str], name: str, work: Path, crash_after: float,
             threading.Thread(target=_checkpoints, args=(pg, done), daemon=True).start()
             time.sleep(crash_after)
             done.set()
+            gone = [a.args for a in appliers if a.poll() is not None]
+            if gone:
+                raise RuntimeError(f"an applier exited before the crash: {gone}; see "
+                                   f"{work}/apply-*.log")
             # The source host crashes: its capture service and its database at once.
             for c in caps:
                 c.kill()

@@ -3,6 +3,7 @@ that checkpoint only at committed cuts, a forced group failover at one cut, and 
 inputs (journal/groups.py, DESIGN rule 19)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import struct
@@ -13,6 +14,7 @@ from pathlib import Path
 from consumers.applier import Applier
 from consumers.checkpoint import CheckpointStore
 from infra import control
+from journal.errors import Busy
 from nbd.client import Client, parse_uri
 from tests.conftest import free_port, run_x2x
 from tests.e2e.test_failover import new_pair, service
@@ -174,6 +176,15 @@ def test_group_cut_holds_every_write_before_it_after_the_source_dies(
     assert pit == set(range(1, m + 1)) and m >= n, (m, n)
 
 
+def _held(target: str, pair: str) -> bool:
+    """Does an applier hold ``target`` (its checkpoint's lock)?"""
+    try:
+        with CheckpointStore(pair, target).lock():
+            return False
+    except Busy:
+        return True
+
+
 def _beat_says(settings, specs, state: str) -> bool:
     from infra.heartbeat import read_beats
     from journal.status import newest
@@ -239,5 +250,15 @@ def test_planned_group_failover_then_failback_and_verify(settings, pair_name, tm
         assert out.count("the old source follows") == 2, out
         for s in specs:
             assert control.get_pair(settings, s.name).state == "replicating"
-        out = run_x2x("group", "verify", g).stdout
-        assert out.count(", 0 differ") == 2, out
+        # With the members' appliers running as services (checkpointing at group cuts),
+        # each answers the verify at the HASHES' own point.
+        with contextlib.ExitStack() as appliers:
+            for s in specs:
+                appliers.enter_context(service(["apply", s.name],
+                                               tmp_path / f"apply-{s.name}.log", ""))
+            _wait_for(lambda: all(_held(s.source, s.name) for s in specs), 60,
+                      "the appliers to hold their targets")
+            _write_blocks(uris, seed=9)
+            r = run_x2x("group", "verify", g)
+        assert r.stdout.count(", 0 differ") == 2, r.stdout
+        assert r.stderr.count("waiting for its comparison") == 2, r.stderr
