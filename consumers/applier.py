@@ -17,7 +17,7 @@ from typing import Callable
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from consumers.checkpoint import Checkpoint, CheckpointStore
-from consumers.writer import apply_entry, apply_op
+from consumers.writer import apply_entries, apply_op
 from infra import control, keys, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
@@ -369,13 +369,17 @@ class Applier:
 
     def _apply_staged(self) -> None:
         ops = nbytes = 0
+        plain: list[Entry] = []         # entries without HASHES, applied together
         for s in self._staged:
             if any(op.kind is OpKind.HASHES for op in s.entry.ops):
+                apply_entries(self.vol, plain)
+                plain = []
                 self._compare(s.entry)
             else:
-                apply_entry(self.vol, s.entry)
+                plain.append(s.entry)
             ops += len(s.entry.ops)
             nbytes += s.entry.payload_bytes
+        apply_entries(self.vol, plain)
         self.stats.entries += len(self._staged)
         self.stats.ops += ops
         self.stats.bytes_applied += nbytes
