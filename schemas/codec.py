@@ -109,11 +109,14 @@ def decode(data: bytes, expected: _Schema) -> dict[str, Any]:
     if schema is not expected and _OLDER.get(schema) is not expected:
         raise CorruptEntry(f"record is a {schema.name}, expected a {expected.name}")
     try:
-        body = io.BytesIO(memoryview(data)[HEADER_LEN:])
+        # BytesIO shares a bytes object instead of copying it (a view it would copy):
+        # journal records are up to a MiB each.
+        body = io.BytesIO(data)
+        body.seek(HEADER_LEN)
         reader = expected.parsed if schema is not expected else None
         record = fastavro.schemaless_reader(body, schema.parsed, reader)
-        if body.tell() != len(data) - HEADER_LEN:
-            raise ValueError(f"{len(data) - HEADER_LEN - body.tell()} trailing bytes")
+        if body.tell() != len(data):
+            raise ValueError(f"{len(data) - body.tell()} trailing bytes")
     except Exception as e:  # fastavro raises many types on garbage; all mean the same here
         raise CorruptEntry(f"{expected.name} record of {len(data)} bytes does not decode: "
                            f"{type(e).__name__}: {e}") from None
