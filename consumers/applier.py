@@ -410,10 +410,12 @@ class Applier:
             consumer.assign([TopicPartition(self.topic, 0, self.start.offset + 1)])
             return
         if cp is None:
+            # Fetching starts now, while the control topic is read for the checks below
+            # (a fifth of a second): a refusal still comes before any record is handled.
+            consumer.assign([TopicPartition(self.topic, 0, 0)])
             self._refuse_replay_after_loss()
             if low > 0 and self._bounded():
                 raise self._behind(None, low)
-            consumer.assign([TopicPartition(self.topic, 0, 0)])
             return
         self.checkpointed = self._pos = cp.position
         self._last_digest = cp.entry_digest
