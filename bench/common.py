@@ -386,16 +386,26 @@ def capture(ctx: Context, spec: "PairSpec") -> "ScanResult":
 
 
 def apply_all(ctx: Context, spec: "PairSpec", target: str | None = None,
-              store_dir: Path | None = None) -> tuple["ApplyStats", float]:
+              store_dir: Path | None = None,
+              marks: dict[str, float] | None = None) -> tuple["ApplyStats", float]:
     """Apply everything the journal holds now (an empty point-in-time limit stops at its
-    end); with ``store_dir``, from a fresh checkpoint, as a new replica would."""
+    end); with ``store_dir``, from a fresh checkpoint, as a new replica would. ``marks``
+    gets ``first_batch_s``: seconds until the first batch of records was read (the
+    applier's start: broker, control topic and checkpoint checks)."""
     from consumers.applier import Applier
     from consumers.checkpoint import CheckpointStore
     from journal.sequence import Limit
     target = target or spec.target
     store = CheckpointStore(spec.name, target, directory=store_dir) if store_dir else None
     t0 = time.monotonic()
-    stats = Applier(spec, target, ctx.settings, store=store, limit=Limit()).run()
+
+    def progress(applier: "Applier") -> None:
+        if marks is not None and "first_batch_s" not in marks and \
+                applier.read_position.offset >= 0:
+            marks["first_batch_s"] = time.monotonic() - t0
+
+    stats = Applier(spec, target, ctx.settings, store=store, limit=Limit()).run(
+        on_progress=progress)
     return stats, time.monotonic() - t0
 
 

@@ -72,8 +72,10 @@ def run(ctx: Context) -> dict[str, Any]:
 
     spec = make_pair(ctx, "pipeline", src, d / "dst.img")
     scan = capture(ctx, spec)
-    stats, apply_s = apply_all(ctx, spec)
+    marks: dict[str, float] = {}
+    stats, apply_s = apply_all(ctx, spec, marks=marks)
     x = {"capture_s": scan.seconds, "apply_s": apply_s, "bytes_sent": scan.bytes_sent,
+         "apply_first_batch_s": marks.get("first_batch_s"),
          "capture_MBps": mbps(size, scan.seconds), "apply_MBps": mbps(size, apply_s),
          "end_to_end_MBps": mbps(size, scan.seconds + apply_s),
          "bytes_applied": stats.bytes_applied}

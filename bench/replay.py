@@ -27,7 +27,8 @@ def run(ctx: Context) -> dict[str, Any]:
     _, consume_write_s = bare_consume(ctx, journal_topic(spec.name), write_to=copy)
     copy.unlink()
     replica = empty_image(d / "replica.img", size)
-    stats, apply_s = apply_all(ctx, spec, target=str(replica), store_dir=d)
+    marks: dict[str, float] = {}
+    stats, apply_s = apply_all(ctx, spec, target=str(replica), store_dir=d, marks=marks)
     identical = same_volume(spec.source, replica)
     replica.unlink()
     delete_pair(ctx, spec)
@@ -41,6 +42,7 @@ def run(ctx: Context) -> dict[str, Any]:
                            mbps(size, apply_s), CONSUME_WRITE_PEER,
                            mbps(size, consume_write_s), "higher")],
         "details": {"apply_s": apply_s, "consume_s": consume_s,
+                    "apply_first_batch_s": marks.get("first_batch_s"),
                     "consume_write_s": consume_write_s,
                     "bytes_applied": stats.bytes_applied, "checkpoints": stats.checkpoints,
                     "replica_identical_to_source": identical},
