@@ -411,7 +411,8 @@ class Applier:
             return
         if cp is None:
             # Fetching starts now, while the control topic is read for the checks below
-            # (a fifth of a second): a refusal still comes before any record is handled.
+            # (a tenth of a second or more): a refusal still comes before any record is
+            # handled.
             consumer.assign([TopicPartition(self.topic, 0, 0)])
             self._refuse_replay_after_loss()
             if low > 0 and self._bounded():

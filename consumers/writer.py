@@ -9,11 +9,10 @@ from journal.ops import Entry, Op, OpKind
 
 def apply_entries(vol: Volume, entries: Iterable[Entry]) -> None:
     """Apply every op of validated entries, in order; TRIM reads back as zeros, like the
-    source. WRITEs that continue one another
-    go down as one run (:meth:`Volume.pwritev`): a replay or a baseline is a stream of
-    adjacent ops, one system call per run instead of per op. Only adjacent ops join a
-    run, and a run is written before any other op, so the order of ops that touch the
-    same bytes is kept."""
+    source. WRITEs that continue one another go down as one run (:meth:`Volume.pwritev`):
+    a replay or a baseline is a stream of adjacent ops, one system call per run instead
+    of per op. Only adjacent ops join a run, and a run is written before any other op,
+    so the order of ops that touch the same bytes is kept."""
     start = end = 0
     parts: list[bytes | memoryview] = []
     for entry in entries:

@@ -156,7 +156,9 @@ class Volume:
         written) where the file system refuses O_DIRECT, which is then not tried again."""
         if self._direct_fd == -1:
             try:
-                self._direct_fd = os.open(self.path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+                # The file already open, whatever its path names now.
+                self._direct_fd = os.open(f"/proc/self/fd/{self.fd}",
+                                          os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
                 self._bounce = mmap.mmap(-1, _DIRECT_CHUNK)
             except OSError:         # EINVAL: tmpfs and others take no O_DIRECT
                 self._direct_fd = -2

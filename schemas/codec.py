@@ -290,6 +290,6 @@ def _canonical(entry: Entry, data: bytes) -> bool:
     for part in parts:
         n = len(part)
         if isinstance(part, bytearray) and view[pos:pos + n] != part:
-            return False        # framing; a decoded payload is a view, never a bytearray
+            return False        # framing; a decoded payload is never a bytearray
         pos += n
     return pos == len(data)
