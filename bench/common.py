@@ -105,6 +105,50 @@ def produce(producer: "Producer", topic: str, value: bytes) -> None:
     producer.poll(0)
 
 
+#: How the tables name the fairer peer of an applier (:func:`bare_consume` with
+#: ``write_to``); its consumer settings are x2x's own (infra/kafka.py), as the bare
+#: consume's are.
+CONSUME_WRITE_PEER = ("bare confluent-kafka consume of the same topic + buffered pwrite "
+                      "of each record to a new file, fsync at the end")
+
+
+def bare_consume(ctx: Context, topic: str, write_to: Path | None = None) -> tuple[int, float]:
+    """Read ``topic`` from its start to its end: (record bytes, seconds). With
+    ``write_to``, the fairer peer of an applier: each record's bytes are also written
+    to that file, one after the other (a plain buffered ``pwrite`` per record, the file
+    fsynced once at the end), as a consumer that stores what it reads would."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+    consumer = Consumer(ctx.settings.consumer())
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    fd = os.open(write_to, os.O_WRONLY | os.O_CREAT, 0o600) if write_to else -1
+    t0 = time.monotonic()
+    nbytes = 0
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            # Short waits, as the applier's own loop uses: consume() waits the whole
+            # timeout whenever fewer records than asked for are left.
+            batch = consumer.consume(500, 0.1)
+            if not batch and time.monotonic() > deadline:
+                raise RuntimeError(f"no answer while reading {topic}")
+            for msg in batch:
+                err = msg.error()
+                if err is None:
+                    if fd >= 0:
+                        os.pwrite(fd, msg.value(), nbytes)
+                    nbytes += len(msg.value())
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    if fd >= 0:
+                        os.fsync(fd)
+                    return nbytes, time.monotonic() - t0
+                else:
+                    raise RuntimeError(f"reading {topic}: {err.str()}")
+    finally:
+        consumer.close()
+        if fd >= 0:
+            os.close(fd)
+
+
 def mbps(nbytes: int, seconds: float) -> float:
     return nbytes / max(seconds, 1e-9) / 1e6
 
@@ -342,16 +386,26 @@ def capture(ctx: Context, spec: "PairSpec") -> "ScanResult":
 
 
 def apply_all(ctx: Context, spec: "PairSpec", target: str | None = None,
-              store_dir: Path | None = None) -> tuple["ApplyStats", float]:
+              store_dir: Path | None = None,
+              marks: dict[str, float] | None = None) -> tuple["ApplyStats", float]:
     """Apply everything the journal holds now (an empty point-in-time limit stops at its
-    end); with ``store_dir``, from a fresh checkpoint, as a new replica would."""
+    end); with ``store_dir``, from a fresh checkpoint, as a new replica would. ``marks``
+    gets ``first_batch_s``: seconds until the first batch of records was read (the
+    applier's start: broker, control topic and checkpoint checks)."""
     from consumers.applier import Applier
     from consumers.checkpoint import CheckpointStore
     from journal.sequence import Limit
     target = target or spec.target
     store = CheckpointStore(spec.name, target, directory=store_dir) if store_dir else None
     t0 = time.monotonic()
-    stats = Applier(spec, target, ctx.settings, store=store, limit=Limit()).run()
+
+    def progress(applier: "Applier") -> None:
+        if marks is not None and "first_batch_s" not in marks and \
+                applier.read_position.offset >= 0:
+            marks["first_batch_s"] = time.monotonic() - t0
+
+    stats = Applier(spec, target, ctx.settings, store=store, limit=Limit()).run(
+        on_progress=progress)
     return stats, time.monotonic() - t0
 
 

@@ -8,12 +8,13 @@ apply), so end-to-end MB/s is bytes / (first half + second half) for each.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 
-from bench.common import (MiB, Context, apply_all, capture, figure, make_pair, mbps, produce,
-                          random_image)
+from bench.common import (CONSUME_WRITE_PEER, MiB, Context, apply_all, bare_consume, capture,
+                          figure, make_pair, mbps, produce, random_image)
 from infra.topics import JOURNAL_CONFIG, delete_topic, ensure_topic
 from journal.batch import DEFAULT_BUDGET
 
@@ -50,12 +51,16 @@ def bare_kafka(ctx: Context, path: str, size: int) -> dict[str, float]:
                 raise RuntimeError(f"bare consumer: {msg.error().str()}")
     consume_s = time.monotonic() - t0
     consumer.close()
-    delete_topic(admin, topic)
     if got < count:
         raise RuntimeError(f"bare consumer got {got} of {count} records")
+    copy = Path(path).with_name("records.bin")
+    _, consume_write_s = bare_consume(ctx, topic, write_to=copy)
+    copy.unlink()
+    delete_topic(admin, topic)
     return {"produce_s": produce_s, "consume_s": consume_s, "records": count,
             "bytes": nbytes, "produce_MBps": mbps(size, produce_s),
-            "consume_MBps": mbps(size, consume_s),
+            "consume_MBps": mbps(size, consume_s), "consume_write_s": consume_write_s,
+            "consume_write_MBps": mbps(size, consume_write_s),
             "end_to_end_MBps": mbps(size, produce_s + consume_s)}
 
 
@@ -67,8 +72,10 @@ def run(ctx: Context) -> dict[str, Any]:
 
     spec = make_pair(ctx, "pipeline", src, d / "dst.img")
     scan = capture(ctx, spec)
-    stats, apply_s = apply_all(ctx, spec)
+    marks: dict[str, float] = {}
+    stats, apply_s = apply_all(ctx, spec, marks=marks)
     x = {"capture_s": scan.seconds, "apply_s": apply_s, "bytes_sent": scan.bytes_sent,
+         "apply_first_batch_s": marks.get("first_batch_s"),
          "capture_MBps": mbps(size, scan.seconds), "apply_MBps": mbps(size, apply_s),
          "end_to_end_MBps": mbps(size, scan.seconds + apply_s),
          "bytes_applied": stats.bytes_applied}
@@ -86,6 +93,8 @@ def run(ctx: Context) -> dict[str, Any]:
                    "bare confluent-kafka produce", bare["produce_MBps"], "higher"),
             figure("apply / consume", "MB/s", x["apply_MBps"],
                    "bare confluent-kafka consume", bare["consume_MBps"], "higher"),
+            figure("apply / consume+write", "MB/s", x["apply_MBps"], CONSUME_WRITE_PEER,
+                   bare["consume_write_MBps"], "higher"),
         ],
         "details": {"x2x": x, "bare_kafka": bare},
     }

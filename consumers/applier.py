@@ -17,7 +17,7 @@ from typing import Callable
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from consumers.checkpoint import Checkpoint, CheckpointStore
-from consumers.writer import apply_entry, apply_op
+from consumers.writer import apply_entries, apply_op
 from infra import control, keys, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
@@ -405,17 +405,21 @@ class Applier:
         """Apply the first ``count`` staged entries (default: all of them)."""
         count = len(self._staged) if count is None else count
         ops = nbytes = 0
+        plain: list[Entry] = []         # entries without HASHES, applied together
         for s in self._staged[:count]:
             if any(op.kind is OpKind.HASHES for op in s.entry.ops):
+                apply_entries(self.vol, plain)
+                plain = []
                 self._compare(s.entry)
             else:
-                apply_entry(self.vol, s.entry)
+                plain.append(s.entry)
             if self._cmp is not None and s.entry.closes_consistency_point:
                 # Answered at the HASHES' own point, even where a group member's
                 # checkpoint comes only at a later cut.
                 self._publish_comparison(s.pos)
             ops += len(s.entry.ops)
             nbytes += s.entry.payload_bytes
+        apply_entries(self.vol, plain)
         self.stats.entries += count
         self.stats.ops += ops
         self.stats.bytes_applied += nbytes
@@ -453,10 +457,13 @@ class Applier:
             consumer.assign([TopicPartition(self.topic, 0, self.start.offset + 1)])
             return
         if cp is None:
+            # Fetching starts now, while the control topic is read for the checks below
+            # (a tenth of a second or more): a refusal still comes before any record is
+            # handled.
+            consumer.assign([TopicPartition(self.topic, 0, 0)])
             self._refuse_replay_after_loss()
             if low > 0 and self._bounded():
                 raise self._behind(None, low)
-            consumer.assign([TopicPartition(self.topic, 0, 0)])
             return
         self.checkpointed = self._pos = cp.position
         self._last_digest = cp.entry_digest

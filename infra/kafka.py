@@ -131,6 +131,11 @@ class KafkaSettings:
             "fetch.max.bytes": 16 * 1024 * 1024,
             "max.partition.fetch.bytes": 8 * 1024 * 1024,
             "queued.max.messages.kbytes": 32 * 1024,
+            # Once that prefetch is full librdkafka postpones the next fetch by this much
+            # (default 1 s): a reader that drains the queue faster then idles up to a
+            # second per fill. Measured: a journal replay spent 80 % of its time waiting
+            # in consume(), and a bare consume ran at half speed.
+            "fetch.queue.backoff.ms": 10,
             **overrides,
         }
 

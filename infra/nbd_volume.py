@@ -11,6 +11,7 @@ died).
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 from journal.errors import VolumeError, VolumeLost
 from infra.images import ImageServer, Location, open_nbd
@@ -85,6 +86,12 @@ class NBDVolume:
 
     def pwrite(self, offset: int, data: bytes | memoryview) -> None:
         self._io(lambda: self.client.pwrite(offset, data))
+
+    def pwritev(self, offset: int, parts: Sequence[bytes | memoryview]) -> None:
+        """Write ``parts`` back to back from ``offset``: one NBD write each."""
+        for part in parts:
+            self.pwrite(offset, part)
+            offset += len(part)
 
     def zero(self, offset: int, length: int) -> None:
         """Read back as zeros, deallocating where the server can."""

@@ -26,7 +26,10 @@ def read_many(settings: KafkaSettings, starts: dict[str, int],
     offset given to its end; one consumer and one fetch loop for all of them."""
     if not starts:
         return
-    consumer = Consumer(settings.consumer())
+    # The end is known only once a fetch comes back empty, which the broker holds for
+    # fetch.wait.max.ms: 10 ms instead of 50 makes every read of the control topics (an
+    # applier's start, each CLI command) 50 ms shorter.
+    consumer = Consumer(settings.consumer(**{"fetch.wait.max.ms": 10}))
     try:
         consumer.assign([TopicPartition(t, 0, o) for t, o in starts.items()])
         pending = set(starts)

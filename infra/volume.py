@@ -9,9 +9,11 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import mmap
 import os
 import stat
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from journal.errors import VolumeError
 
@@ -19,6 +21,21 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 _ZERO_CHUNK = bytes(1 << 20)
+#: A run of adjacent writes at least this long, page-aligned, is written with O_DIRECT:
+#: streaming a replay through the page cache costs the applier far more than the copy
+#: into an aligned buffer (measured on a 2-core VM: buffered 1 MiB writes of a fresh
+#: file at 60-700 MB/s, the kernel busy allocating and filling page-cache pages that
+#: are written back anyway; O_DIRECT at 2.7 GB/s). Small writes stay buffered, where
+#: the fsync at the consistency point writes them out together. O_DIRECT is not durability:
+#: the device may still cache the write, so a checkpoint still waits for an fsync.
+DIRECT_MIN = 256 << 10
+#: O_DIRECT alignment of offsets, lengths and buffers: a page, which every Linux file
+#: system and block device (512-byte or 4 KiB logical blocks) accepts.
+_ALIGN = mmap.PAGESIZE
+#: Bytes per O_DIRECT write: the aligned buffer a run is copied through.
+_DIRECT_CHUNK = 8 << 20
+#: Buffers per pwritev; Linux takes at most 1024.
+_IOV_MAX = 1024
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -54,6 +71,9 @@ class Volume:
     _punch_ok: bool = field(init=False, default=True)
     _seek_ok: bool = field(init=False, default=True)
     _offloads_zero: bool = field(init=False, default=False)
+    #: The O_DIRECT twin of ``fd`` for long runs (opened on first use; -2: unavailable).
+    _direct_fd: int = field(init=False, default=-1)
+    _bounce: mmap.mmap | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         flags = (os.O_RDWR if self.writable else os.O_RDONLY) | (os.O_DIRECT if self.direct
@@ -83,6 +103,12 @@ class Volume:
         self.close()
 
     def close(self) -> None:
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -106,10 +132,68 @@ class Volume:
 
     def pwrite(self, offset: int, data: bytes | memoryview) -> None:
         """Write all of ``data`` at ``offset``."""
-        view = memoryview(data)
+        self._pwrite_all(self.fd, memoryview(data), offset)
+
+    def pwritev(self, offset: int, parts: Sequence[bytes | memoryview]) -> None:
+        """Write ``parts`` back to back from ``offset`` (a run of adjacent ops): a long
+        page-aligned run bypasses the page cache (:data:`DIRECT_MIN`), any other goes
+        down in as few system calls as Linux takes."""
+        total = sum(len(p) for p in parts)
+        if (self.writable and total >= DIRECT_MIN and offset % _ALIGN == 0
+                and total % _ALIGN == 0 and self._write_direct(offset, parts)):
+            return
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            n = os.pwritev(self.fd, views[:_IOV_MAX], offset)
+            offset += n
+            while views and n >= len(views[0]):      # drop what was written, whole
+                n -= len(views.pop(0))
+            if n:
+                views[0] = views[0][n:]             # a short write ends mid-buffer
+
+    def _write_direct(self, offset: int, parts: Sequence[bytes | memoryview]) -> bool:
+        """Copy ``parts`` through the aligned buffer with O_DIRECT; False (nothing
+        written) where the file system refuses O_DIRECT, which is then not tried again."""
+        if self._direct_fd == -1:
+            try:
+                # The file already open, whatever its path names now.
+                self._direct_fd = os.open(f"/proc/self/fd/{self.fd}",
+                                          os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+                self._bounce = mmap.mmap(-1, _DIRECT_CHUNK)
+            except OSError:         # EINVAL: tmpfs and others take no O_DIRECT
+                self._direct_fd = -2
+        if self._direct_fd < 0 or self._bounce is None:
+            return False
+        buf, used = memoryview(self._bounce), 0
+        try:
+            for part in parts:
+                view = memoryview(part).cast("B")
+                while view:
+                    n = min(len(view), _DIRECT_CHUNK - used)
+                    buf[used:used + n] = view[:n]
+                    used, view = used + n, view[n:]
+                    if used == _DIRECT_CHUNK:
+                        self._pwrite_all(self._direct_fd, buf, offset)
+                        offset, used = offset + used, 0
+            if used:
+                self._pwrite_all(self._direct_fd, buf[:used], offset)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # Alignment refused: buffered from now on, and this run again whole (what
+            # reached the disk already is the same bytes at the same offsets).
+            os.close(self._direct_fd)
+            self._direct_fd = -2
+            return False
+        finally:
+            buf.release()
+        return True
+
+    @staticmethod
+    def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
 
     def zero(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeros, deallocating where possible."""

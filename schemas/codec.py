@@ -95,8 +95,9 @@ def verified_mac(schema: _Schema, data: bytes, mac: Callable[[bytes], bytes]) ->
     return carried if carried and hmac.compare_digest(mac(body), carried) else None
 
 
-def decode(data: bytes, expected: _Schema) -> dict[str, Any]:
-    """Decode a single-object-encoded record that must be of schema ``expected``."""
+def _schema_of(data: bytes, expected: _Schema) -> _Schema:
+    """The schema ``data`` was written with, which must be ``expected`` or an older
+    version of it (the single-object header says)."""
     if len(data) < HEADER_LEN or data[:2] != MAGIC:
         raise CorruptEntry(f"record of {len(data)} bytes is not an x2x record "
                            f"(no Avro single-object header); was it written by another tool?")
@@ -108,12 +109,21 @@ def decode(data: bytes, expected: _Schema) -> dict[str, Any]:
             f"tool or a newer x2x: upgrade x2x on this side")
     if schema is not expected and _OLDER.get(schema) is not expected:
         raise CorruptEntry(f"record is a {schema.name}, expected a {expected.name}")
+    return schema
+
+
+def decode(data: bytes, expected: _Schema) -> dict[str, Any]:
+    """Decode a single-object-encoded record that must be of schema ``expected``."""
+    schema = _schema_of(data, expected)
     try:
-        body = io.BytesIO(memoryview(data)[HEADER_LEN:])
+        # BytesIO shares a bytes object instead of copying it (a view it would copy):
+        # journal records are up to a MiB each.
+        body = io.BytesIO(data)
+        body.seek(HEADER_LEN)
         reader = expected.parsed if schema is not expected else None
         record = fastavro.schemaless_reader(body, schema.parsed, reader)
-        if body.tell() != len(data) - HEADER_LEN:
-            raise ValueError(f"{len(data) - HEADER_LEN - body.tell()} trailing bytes")
+        if body.tell() != len(data):
+            raise ValueError(f"{len(data) - body.tell()} trailing bytes")
     except Exception as e:  # fastavro raises many types on garbage; all mean the same here
         raise CorruptEntry(f"{expected.name} record of {len(data)} bytes does not decode: "
                            f"{type(e).__name__}: {e}") from None
@@ -172,21 +182,101 @@ def encode_entry_parts(entry: Entry) -> list[bytes | memoryview]:
     return parts
 
 
+#: Op kinds by enum index, for each schema an entry may be written with.
+_KINDS_OF = {schema: [OpKind(k) for k in schema.parsed["fields"][5]["type"]["items"]
+                      ["fields"][0]["type"]["symbols"]] for schema in (ENTRY, ENTRY_V1)}
+
+
+class _NotCanonical(ValueError):
+    """Avro, but not how x2x writes it."""
+
+
 def decode_entry(data: bytes) -> Entry:
     """Decode a journal record; the digest is checked by the caller, who holds the key.
+
+    WRITE data are views into ``data``, not copies: on the applier's path a copy of
+    every payload cost as much as writing it to the target. The reader is the mirror of
+    :func:`encode_entry_parts`, checked against fastavro in tests/unit/test_codec.py.
 
     The record must be exactly how x2x encodes what it decodes to. Avro admits other
     spellings of the same values (fastavro reads a negative enum index as a Python list
     index, so a flipped bit can decode to the same op), and those are refused: then no
     altered byte of a record can pass, not even one that changes nothing."""
-    r = decode(data, ENTRY)
-    ops = tuple(Op(OpKind(o["kind"]), o["offset"], o["length"], o["data"]) for o in r["ops"])
-    entry = Entry(r["pair"], r["epoch"], r["first_seq"], r["captured_at_ms"],
-                  r["epoch_bytes"], ops, r["digest"], r["cipher"])
-    if not _canonical(entry, data):
+    schema = _schema_of(data, ENTRY)
+    data = bytes(data)          # no-op for a record from Kafka; views need a fixed buffer
+    try:
+        entry = _read_entry(data, _KINDS_OF[schema])
+    except _NotCanonical:
+        entry = None
+    except (ValueError, IndexError, UnicodeDecodeError) as e:
+        raise CorruptEntry(f"{ENTRY.name} record of {len(data)} bytes does not decode: "
+                           f"{type(e).__name__}: {e}") from None
+    if entry is None or not _canonical(entry, data):
         raise CorruptEntry(f"journal record of {len(data)} bytes is not encoded the way x2x "
                            f"encodes it (an altered byte that still decodes); refused")
     return entry
+
+
+def _read_long(data: bytes, pos: int) -> tuple[int, int]:
+    """An Avro long at ``pos`` and the position after it."""
+    b = data[pos]
+    if b < 0x80:                    # one byte: most fields of most records
+        return (b >> 1) ^ -(b & 1), pos + 1
+    n, shift = b & 0x7F, 7
+    while True:
+        pos += 1
+        b = data[pos]
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return (n >> 1) ^ -(n & 1), pos + 1
+        shift += 7
+        if shift > 63:
+            raise ValueError("a long longer than 10 bytes")
+
+
+def _read_span(data: bytes, pos: int) -> tuple[int, int]:
+    """Where the bytes (or string) at ``pos`` start and end."""
+    n, pos = _read_long(data, pos)
+    if n < 0 or pos + n > len(data):
+        raise ValueError(f"a field of {n} bytes at {pos} of {len(data)}")
+    return pos, pos + n
+
+
+def _read_entry(data: bytes, kinds: list[OpKind]) -> Entry:
+    view = memoryview(data)
+    a, pos = _read_span(data, HEADER_LEN)
+    pair = data[a:pos].decode()
+    epoch, pos = _read_long(data, pos)
+    first_seq, pos = _read_long(data, pos)
+    captured_at_ms, pos = _read_long(data, pos)
+    epoch_bytes, pos = _read_long(data, pos)
+    count, pos = _read_long(data, pos)
+    if count < 0:
+        raise _NotCanonical("an array block with its size")
+    ops = []
+    for _ in range(count):
+        k, pos = _read_long(data, pos)
+        if not 0 <= k < len(kinds):
+            # fastavro reads -3 as symbols[-3]: the same op, spelled otherwise
+            raise (_NotCanonical if -len(kinds) <= k else ValueError)(f"op kind {k}")
+        offset, pos = _read_long(data, pos)
+        length, pos = _read_long(data, pos)
+        a, pos = _read_span(data, pos)
+        kind = kinds[k]
+        ops.append(Op(kind, offset, length, view[a:pos] if kind is OpKind.WRITE
+                      else data[a:pos]))
+    if count:                   # then the empty block that ends the array
+        if data[pos] != 0:
+            raise _NotCanonical("a second array block")
+        pos += 1
+    a, pos = _read_span(data, pos)
+    digest = data[a:pos]
+    a, pos = _read_span(data, pos)
+    cipher = data[a:pos].decode()
+    if pos != len(data):
+        raise ValueError(f"{len(data) - pos} trailing bytes")
+    return Entry(pair, epoch, first_seq, captured_at_ms, epoch_bytes, tuple(ops), digest,
+                 cipher)
 
 
 def _canonical(entry: Entry, data: bytes) -> bool:
@@ -199,7 +289,7 @@ def _canonical(entry: Entry, data: bytes) -> bool:
     parts[0] = parts[0][HEADER_LEN:]
     for part in parts:
         n = len(part)
-        if isinstance(part, bytearray) and view[pos:pos + n].tobytes() != part:
-            return False        # framing; a decoded payload is bytes, never a bytearray
+        if isinstance(part, bytearray) and view[pos:pos + n] != part:
+            return False        # framing; a decoded payload is never a bytearray
         pos += n
     return pos == len(data)
