@@ -179,6 +179,14 @@ class JournalingVolume:
     #: by all.
     multi_conn = True
 
+    @property
+    def quick_writes(self) -> bool:
+        """Do writes return without waiting for the broker (nbd/server.py serves them on
+        the reader thread)? In async and flush-sync modes a write waits only for the
+        local write and its append (and, rarely, a range lock or a full backlog's room);
+        in sync mode it waits for the broker's acknowledgement."""
+        return self.mode.defers
+
     # -- the Backend surface -------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
         # No lock: a read racing a write may see either, as on any disk.
