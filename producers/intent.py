@@ -17,13 +17,14 @@ What survives what (the guarantee, exactly):
 * **The capturer process dies** (SIGKILL, OOM, a crash): every block whose write had
   started is marked, with no msync: the bit lives in the kernel's page cache, which the
   process's death does not touch. A restart resends exactly the marked blocks.
-* **The machine dies** (power loss, kernel crash): the file is msynced at every client
-  FLUSH and before a FUA write is acknowledged, i.e. as durable as what the client may
-  assume about the source itself. But a write the client never flushed may still have
-  reached the source's disk while its bit did not, so the bitmap alone cannot be trusted
-  after a reboot: it records the kernel's boot id, and a start under another boot id
-  falls back to a full baseline. (Trusting it would need an msync before every write
-  that sets a new bit, md-raid style: a disk flush on the write path, not worth it.)
+* **The machine dies** (power loss, kernel crash): a write may have reached the source's
+  disk while its bit did not, so the bitmap alone cannot be trusted after a reboot: it
+  records the kernel's boot id, and a start under another boot id falls back to a full
+  baseline. So the file is never msynced: nothing durable is ever read back from it, and
+  in CPython 3.11 ``mmap.flush`` holds the GIL across the disk's flush, stalling every
+  client of the capturer at each FLUSH. (Trusting it across a reboot would need an
+  msync before every write that sets a new bit, md-raid style: a disk flush on the write
+  path, not worth it.)
 
 Costs: one short lock and slice assignments per request (no per-byte work); consistency
 points do a few C-speed passes over one byte per block.
@@ -157,10 +158,6 @@ class IntentBitmap:
             self._generation += 1
             self._since = bytearray(self.blocks)
 
-    def sync(self) -> None:
-        """msync: what a client FLUSH or FUA write is promised (see the module doc)."""
-        self._mm.flush()
-
     # -- consistency points ----------------------------------------------------------------
     def begin(self, blocking: bool = False, full: bool = False) -> Checkpoint | None:
         """Start a consistency point: call before its FLUSH is appended. One at a time:
@@ -214,13 +211,11 @@ class IntentBitmap:
     def set_all(self) -> None:
         with self._lock:
             _set_bits(self._bits, 0, self.blocks)
-        self.sync()
 
     def clear_all(self) -> None:
         """Only when no request can run and the journal is drained (a clean stop)."""
         with self._lock:
             self._bits[:] = bytes(len(self._bits))
-        self.sync()
 
     def dirty_blocks(self) -> int:
         return int.from_bytes(self._bits, "little").bit_count()

@@ -180,8 +180,8 @@ class JournalingVolume:
     #: it once), so they share ``vol``, ``pub`` and the intent bitmap. A write is replied
     #: to only after :meth:`_change` returned, i.e. after its local write and after its
     #: op was appended to ``pub`` (under its range lock). :meth:`flush` then fsyncs the
-    #: one shared volume fd (the source: every connection's writes) and syncs the
-    #: bitmap, and appends a FLUSH op to the one publisher, whose seq comes after every
+    #: one shared volume fd (the source: every connection's writes) and appends a FLUSH
+    #: op to the one publisher, whose seq comes after every
     #: op appended before it, whichever connection appended it. So the FLUSH is a
     #: consistency point covering all of them: flush-sync and sync wait until the broker
     #: has it all; async returns once the source is durable and the FLUSH ships behind
@@ -189,6 +189,14 @@ class JournalingVolume:
     #: cache anywhere (reads go to the volume), so one connection's FLUSH/FUA is seen
     #: by all.
     multi_conn = True
+
+    @property
+    def quick_writes(self) -> bool:
+        """Do writes return without waiting for the broker (nbd/server.py serves them on
+        the reader thread)? In async and flush-sync modes a write waits only for the
+        local write and its append (and, rarely, a range lock or a full backlog's room);
+        in sync mode it waits for the broker's acknowledgement."""
+        return self.mode.defers
 
     # -- the Backend surface -------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
@@ -224,7 +232,6 @@ class JournalingVolume:
         self.vol.fsync()
         cp = None
         if self.intent is not None:
-            self.intent.sync()
             cp = self.intent.begin()      # before the FLUSH op: what it may clear
             self._owed = self._owed or cp is None
         pub = self.pub
@@ -372,8 +379,6 @@ class JournalingVolume:
                     self.intent.done(token, appended)
         if fua:
             self.vol.fsync()
-            if self.intent is not None:
-                self.intent.sync()
         with self._count_lock:
             self.counters.ops += 1
             self.counters.bytes += op.length
