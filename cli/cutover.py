@@ -10,7 +10,7 @@ from dataclasses import asdict
 import typer
 
 from cli.common import console, err_console, human_bytes, print_json
-from cli.pair import operation
+from cli.pair import operation, say
 from consumers import cutover as co
 from infra import control
 from infra.qemu import BootSpec
@@ -18,10 +18,6 @@ from journal.groups import check_alone
 from infra.paths import pair_dir
 from journal.errors import BadInput, BrokerError
 from producers.nbd_capture import parse_listen
-
-
-def _say(msg: str) -> None:
-    err_console.print(f"[dim]...[/] {msg}", highlight=False)
 
 
 def cutover(ctx: typer.Context, name: str,
@@ -62,7 +58,7 @@ def cutover(ctx: typer.Context, name: str,
     spec = None if no_boot else BootSpec("", kernel or "", initrd or "", append or "",
                                          memory, cpus, accel)
     if test:
-        r = co.test_launch(op.settings, name, op.key, _say, spec, up_marker, boot_timeout)
+        r = co.test_launch(op.settings, name, op.key, say, spec, up_marker, boot_timeout)
         _print_test(r, json_)
         if not r.boot.up:
             raise co.GuestNotUp(f"pair {name}: the test launch did not come up within "
@@ -110,7 +106,7 @@ def _serve(ctx: typer.Context, name: str, listen: tuple[str, int],
             raise BrokerError(f"pair {name}: the capturer of the promoted side did not start "
                               f"serving: {log_path.read_text()[-1000:]}")
         time.sleep(0.1)
-    _say(f"the promoted side is served by 'x2x capture {name}' (pid {proc.pid}, log "
+    say(f"the promoted side is served by 'x2x capture {name}' (pid {proc.pid}, log "
          f"{log_path})")
     return f"nbd://{host}:{port}/{name}"
 

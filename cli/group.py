@@ -7,8 +7,8 @@ from dataclasses import asdict
 import typer
 from rich.table import Table
 
-from cli.common import console, err_console, print_json, settings
-from cli.pair import operation
+from cli.common import console, print_json, settings
+from cli.pair import operation, say
 from infra import control, pins
 from infra.heartbeat import read_beats
 from infra.keys import key_for, remember_file
@@ -199,8 +199,7 @@ def failover(ctx: typer.Context, name: str,
         remember_file(f)
     at_ms = parse_at(at) if at is not None else None
     r = grp.failover(settings(ctx), name, lambda n: operation(ctx, n, None, timeout), force,
-                     at_ms, base, say=lambda m: err_console.print(f"[dim]...[/] {m}",
-                                                                  highlight=False))
+                     at_ms, base, say=say)
     if json_:
         print_json({**asdict(r), "cut_time": r.cut_time})
         return

@@ -205,7 +205,8 @@ def delete(ctx: typer.Context, name: str,
 
 # -- failover, failback, verify: the steps live in consumers/failover.py; the capturer's
 # part, when no NBD capturer serves the source, in producers/resync.LocalCapture ---------
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
+    """One dimmed progress line of an operator command, on stderr."""
     err_console.print(f"[dim]...[/] {msg}", highlight=False)
 
 
@@ -220,7 +221,7 @@ def operation(ctx: typer.Context, name: str, key_file: str | None, timeout: floa
     remember_file(key_file)
     key = key_for(control.get_pair(s, name).spec, key_file)
     return Operation(s, name, key, lambda st: LocalCapture(st, s, key, new_epoch=new_epoch),
-                     _say, timeout)
+                     say, timeout)
 
 
 @app.command()

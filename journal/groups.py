@@ -23,7 +23,7 @@ from typing import Iterable, Mapping
 from journal.errors import BadInput
 from journal.ops import Entry, Op, OpKind
 from journal.pairs import PairState
-from journal.status import PairStatus
+from journal.status import PairStatus, detail_int
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -160,17 +160,10 @@ def group_status(group: str, rows: Mapping[str, PairStatus],
     for name, r in sorted(rows.items()):
         own = [x for x in r.replicas if x.target == targets.get(name)]
         members.append(MemberStatus(
-            name, r.capture_state, _int(r.capture_detail.get("group_cut")),
-            _int(own[0].detail.get("group_cut")) if own else 0,
+            name, r.capture_state, detail_int(r.capture_detail.get("group_cut")),
+            detail_int(own[0].detail.get("group_cut")) if own else 0,
             own[0].rpo_s if own else None))
     return GroupStatus(group, members)
-
-
-def _int(text: str | None) -> int:
-    try:
-        return int(text) if text else 0
-    except ValueError:
-        return 0
 
 
 def check_alone(state: PairState, command: str, instead: str) -> None:

@@ -115,12 +115,12 @@ class Acknowledged:
     @classmethod
     def of(cls, beat: Beat) -> "Acknowledged":
         d = beat.detail
-        seq = max(beat.seq, _count(d.get("appended_seq"), beat.seq))
-        nbytes = max(beat.epoch_bytes, _count(d.get("appended_bytes"), beat.epoch_bytes))
+        seq = max(beat.seq, detail_int(d.get("appended_seq"), beat.seq))
+        nbytes = max(beat.epoch_bytes, detail_int(d.get("appended_bytes"), beat.epoch_bytes))
         return cls(beat.epoch, seq, nbytes,
-                   _count(d.get("appended_at_ms"), beat.captured_at_ms), beat.seq,
-                   _count(d.get("unjournaled_since_ms"), 0),
-                   _count(d.get("unjournaled_bytes"), nbytes - beat.epoch_bytes))
+                   detail_int(d.get("appended_at_ms"), beat.captured_at_ms), beat.seq,
+                   detail_int(d.get("unjournaled_since_ms"), 0),
+                   detail_int(d.get("unjournaled_bytes"), nbytes - beat.epoch_bytes))
 
     @classmethod
     def journaled(cls, epoch: int, seq: int, epoch_bytes: int,
@@ -212,7 +212,7 @@ def forced_loss(beat: Beat | None, applied_epoch: int, applied_seq: int,
     return Loss(max(ack.epoch, applied_epoch), m.ops, rpo, bound)
 
 
-def _count(text: str | None, default: int) -> int:
+def detail_int(text: str | None, default: int = 0) -> int:
     """A number a heartbeat's detail carries, or ``default`` if absent or not a number."""
     try:
         return int(text) if text is not None else default

@@ -73,7 +73,7 @@ class GroupCapture:
     def serve(self, stop: threading.Event) -> None:
         """Until ``stop``, a member's fatal error, or every member stopped (sealed)."""
         while not stop.wait(0.5):
-            if any(m.fatal for m in self.members) or all(m._stopped for m in self.members):
+            if any(m.fatal for m in self.members) or all(m.stopped for m in self.members):
                 break
 
     def stop(self) -> list:

@@ -667,6 +667,11 @@ class NBDCapture:
                       volume=self.spec.source, reason=self.lease.fenced)
         return True
 
+    @property
+    def stopped(self) -> bool:
+        """Has this capture stopped (a clean stop or a SEAL)?"""
+        return self._stopped
+
     def may_barrier(self) -> bool:
         """May a group cut include this capture now? Only while every change reaches the
         journal in order: capturing (not degraded, no resend running), baseline done,
