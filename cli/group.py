@@ -207,7 +207,7 @@ def failover(ctx: typer.Context, name: str,
         console.print(f"  {m.pair}: promoted {m.promoted} at epoch {m.epoch} seq {m.seq}"
                       + (f", RPO {m.rpo_s:.1f} s" if r.forced else ""), highlight=False)
     if r.forced:
-        bound = ("unknown" if r.rpo_max_s is None else f"at most {r.rpo_max_s:.1f} s")
+        bound = ("unknown" if r.rpo_max_s is None else f"at most {r.rpo_max_s:.2f} s")
         console.print(f"group {name} promoted (forced) at group cut {r.cut} ({r.cut_time}); "
                       f"RPO {r.rpo_s:.1f} s (bound: {bound})", highlight=False)
     else:

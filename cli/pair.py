@@ -260,7 +260,7 @@ def failover(ctx: typer.Context, name: str,
         console.print(f"promoted {r.promoted} (forced) at epoch {r.epoch} seq {r.seq}; "
                       f"RPO {r.rpo_s:.1f} s, {r.rpo_ops} ops lost", highlight=False)
         if r.rpo_max_s is None or r.rpo_max_s > r.rpo_s + 0.05:
-            bound = "unknown" if r.rpo_max_s is None else f"at most {r.rpo_max_s:.1f} s"
+            bound = "unknown" if r.rpo_max_s is None else f"at most {r.rpo_max_s:.2f} s"
             console.print(f"RPO bound: {bound} (writes the source acknowledged after its "
                           f"last heartbeat are unknown here)", highlight=False)
     else:

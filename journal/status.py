@@ -14,6 +14,10 @@ from typing import Any, Iterable
 
 #: A capturer beats this often: what it did after its last beat is unknown to the others.
 CAPTURE_BEAT_S = 2.0
+#: How late the next beat may reach the broker and still count as on time: a loaded
+#: capturer sends it late, and one killed just after sending may not have delivered it
+#: (its producer lingers). A source silent for a beat plus this may have lived that long.
+BEAT_LATE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -207,7 +211,7 @@ def forced_loss(beat: Beat | None, applied_epoch: int, applied_seq: int,
         bound: float | None = rpo       # it stopped: the journal has what it took
     else:
         since = m.since_ms if m.ops else applied_ms
-        seen_until = beat.at_ms + int(CAPTURE_BEAT_S * 1000)
+        seen_until = beat.at_ms + int((CAPTURE_BEAT_S + BEAT_LATE_S) * 1000)
         bound = max(rpo, (seen_until - since) / 1000) if since else None
     return Loss(max(ack.epoch, applied_epoch), m.ops, rpo, bound)
 

@@ -348,8 +348,13 @@ def test_a_resync_without_a_live_capturer_obeys_the_pair_rate(settings, pair_nam
         r = json.loads(run_x2x("pair", "resync", pair_name, "--json").stdout)
         took[rate] = time.monotonic() - t0
         assert r["resent_bytes"] == 4 * MiB, r
-    extra = took[MAX_RATE] - took[None]
+    alone = 4 * MiB / MAX_RATE_BPS
     print(f"\nresync of 4 MiB: {took[None]:.1f} s unlimited, {took[MAX_RATE]:.1f} s at "
-          f"{MAX_RATE} (the limit alone: {4 * MiB / MAX_RATE_BPS:.1f} s)")
-    assert extra >= 0.7 * 4 * MiB / MAX_RATE_BPS
+          f"{MAX_RATE} (the limit alone: {alone:.1f} s)")
+    # The bucket lets one record plus a quarter second through at once (producers/rate.py),
+    # so the limit alone accounts for 4 MiB less up to about 1.3 MB; a loaded machine only
+    # makes either run slower, so the limited run is bounded below, and it must also show
+    # the limit beside the unlimited run's own cost.
+    assert took[MAX_RATE] >= 0.65 * alone, took
+    assert took[MAX_RATE] - took[None] >= 0.4 * alone, took
     assert bytes_differing(src, spec.target) == 0
