@@ -7,7 +7,8 @@ fdatasync — NBD FLUSH, a consistency point — every 0.5 s) when it, nbdfuse a
 available; otherwise the scan capturer (``--interval 1``, writes straight to the source
 image). RPO and lag in ops are sampled every 0.5 s from heartbeats
 (``infra.heartbeat.read_beats`` + ``journal.status``), as ``x2x status`` computes them;
-heartbeats are 2 s apart, which bounds the resolution of the samples.
+a capturer beats every 0.5 s and an applier within 0.25 s of its checkpoint moving,
+which bounds the resolution of the samples.
 
 Peer: the interval between consistency points, the floor an asynchronous replica's RPO
 cannot go below; the lag-in-ops peer is the ops journaled per such interval.

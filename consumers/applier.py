@@ -36,7 +36,7 @@ from journal.ops import Entry, OpKind
 from journal.events import HashesCompared, Promoted, ResyncNeeded
 from journal.pairs import JOURNAL_LOST, PairSpec, PairState
 from journal.sequence import Limit, Position, Verdict, check_extents, classify
-from journal.status import newest
+from journal.status import APPLIED_BEAT_S, newest
 from journal.roles import Role
 from journal.clock import now_ms
 from schemas.cipher import JournalKey, open_record
@@ -130,6 +130,7 @@ class Applier:
         self._cmp: Comparison | None = None
         self.stats = ApplyStats()
         self.checkpointed = Position()
+        self._beaten: tuple[int, int] = (-1, -1)      # the position the last beat told
         self._pos = Position()
         self._staged: list[_Staged] = []
         self._staged_bytes = 0
@@ -565,9 +566,12 @@ class Applier:
         # record, checked again at its next start); the history base deletes nothing
         # from there on (journal/history.py). Empty: released.
         needs = "" if self.released else str(max(p.offset, 0))
-        beats.beat(state, p.epoch, p.seq, p.epoch_bytes, p.captured_at_ms, rate,
-                   {"staged_bytes": str(self._staged_bytes), "needs": needs,
-                    **({"group_cut": str(self.cut)} if self.grouped else {})}, force)
+        moved = (p.epoch, p.seq) != self._beaten
+        if beats.beat(state, p.epoch, p.seq, p.epoch_bytes, p.captured_at_ms, rate,
+                      {"staged_bytes": str(self._staged_bytes), "needs": needs,
+                       **({"group_cut": str(self.cut)} if self.grouped else {})}, force,
+                      soon=APPLIED_BEAT_S if moved else None):
+            self._beaten = (p.epoch, p.seq)
 
     def _mark_resync(self, error: JournalError) -> None:
         if not self.publish_status:

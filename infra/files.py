@@ -7,18 +7,23 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves either the old or the new file."""
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so a crash leaves either the old or the new file;
+    not ``durable``: readers never see a torn file, but a host crash may lose it (for
+    advisory files written often, whose fsyncs would compete with the volumes')."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    if not durable:
+        return
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -26,8 +31,8 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
-def write_json(path: Path, value: Any) -> None:
-    atomic_write(path, json.dumps(value, indent=1, sort_keys=True).encode())
+def write_json(path: Path, value: Any, durable: bool = True) -> None:
+    atomic_write(path, json.dumps(value, indent=1, sort_keys=True).encode(), durable)
 
 
 def read_json(path: Path) -> Any | None:

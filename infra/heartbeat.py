@@ -46,12 +46,14 @@ class HeartbeatPublisher:
 
     def beat(self, state: str, epoch: int, seq: int, epoch_bytes: int, captured_at_ms: int,
              rate_bps: float = 0.0, detail: dict[str, str] | None = None,
-             force: bool = False, acked: Callable[[], None] | None = None) -> None:
-        """Publish a beat (at most one per ``interval`` unless ``force``); ``acked`` is
-        called from the producer's poll once the broker has it."""
+             force: bool = False, acked: Callable[[], None] | None = None,
+             soon: float | None = None) -> bool:
+        """Publish a beat: at most one per ``interval``, or per ``soon`` seconds when the
+        caller has news, or now if ``force``; ``acked`` is called from the producer's poll
+        once the broker has it. False if it was not time yet."""
         now = time.monotonic()
-        if not force and now - self._last < self.interval:
-            return
+        if not force and now - self._last < (self.interval if soon is None else soon):
+            return False
         self._last = now
         beat = Beat(self.pair, self.role, self.instance, socket.gethostname(), os.getpid(),
                     now_ms(), state, epoch, seq, epoch_bytes, captured_at_ms,
@@ -67,9 +69,11 @@ class HeartbeatPublisher:
             pass  # a status beat is never worth blocking (or failing) the journal for
         if self.local_copy is not None:
             try:
-                write_json(self.local_copy, asdict(beat))
+                # Advisory, and written every beat: no fsync to compete with the volumes'.
+                write_json(self.local_copy, asdict(beat), durable=False)
             except OSError as e:
                 log.debug("cannot keep the local beat in %s: %s", self.local_copy, e)
+        return True
 
 
 def beat_key(pair: str, role: str, instance: str) -> str:

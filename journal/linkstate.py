@@ -24,12 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from journal.rates import format_rate
-from journal.status import CAPTURE_BEAT_S, Beat
+from journal.status import Beat
 
 #: Nothing acknowledged for this long while something is behind: stalled.
 STALLED_S = 15.0
-#: No heartbeat for this long: the capturer (or its link) is silent.
-SILENT_S = 3 * CAPTURE_BEAT_S + 4
+#: No heartbeat for this long: the capturer (or its link) is silent. Many beats long: a
+#: beat shares the capture's producer, so on a thin link it queues behind journal data.
+SILENT_S = 10.0
 #: Behind by less than this many seconds of sending (or 1 MiB): still continuous.
 BACKLOG_S = 2.0
 BACKLOG_MIN = 1 << 20

@@ -12,8 +12,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 
-#: A capturer beats this often: what it did after its last beat is unknown to the others.
-CAPTURE_BEAT_S = 2.0
+#: A capturer beats this often: what it did after its last beat is unknown to the others,
+#: so this bounds how stale ``x2x status`` is and how loose a forced failover's RPO bound
+#: is. Half a second: a small record per capture, against a bound of seconds at 2 s.
+CAPTURE_BEAT_S = 0.5
+#: An applier beats this soon after its checkpoint moves (else every 2 s): the RPO status
+#: shows is then the target's, not the age of a beat.
+APPLIED_BEAT_S = 0.25
 #: How late the next beat may reach the broker and still count as on time: a loaded
 #: capturer sends it late, and one killed just after sending may not have delivered it
 #: (its producer lingers). A source silent for a beat plus this may have lived that long.

@@ -70,6 +70,8 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 10809
 BEAT_INTERVAL = CAPTURE_BEAT_S
 #: How long queued ops may wait for more company before they are sent as an entry.
 LINGER = 0.05
+#: How often the newest acknowledged record is saved (two fsyncs of the state files).
+SAVE_EVERY = 2.0
 #: Default of ``--cut-interval``: seconds between consistency points the capturer makes on
 #: its own while clients write without FLUSH (journal/DESIGN.md rule 16).
 CUT_INTERVAL = 1.0
@@ -691,6 +693,7 @@ class NBDCapture:
         """Send lingering ops as an entry when the workload pauses; cut a consistency
         point when clients wrote without FLUSH for ``cut_interval``; beat every interval."""
         next_beat = time.monotonic() + self.beat_interval
+        next_save = next_beat
         while not self._stopping.wait(LINGER):
             try:
                 if self._may_cut():
@@ -704,6 +707,8 @@ class NBDCapture:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.beat_interval
                     self.beat(force=True)
+                if time.monotonic() >= next_save:
+                    next_save = time.monotonic() + SAVE_EVERY
                     self.remember_last_acked()
             except X2XError as e:
                 self.health.fail(str(e))

@@ -186,7 +186,7 @@ def test_a_thin_link_holds_its_rate_while_async_clients_write_at_local_speed(
     assert wire_bps <= 1.1 * MAX_RATE_BPS, wire_bps
 
     # The RPO status reported against the one the target shows. Status says what
-    # the target held at the applier's last beat (every 2 s), aged to now; the
+    # the target held at the applier's last beat (0.25 s after a checkpoint), aged to now; the
     # target read a moment later can only be fresher, by whatever was applied since
     # that beat (at the end of the backlog, seconds of writes at once): status may
     # overstate the RPO for up to one applier beat, never understate it.

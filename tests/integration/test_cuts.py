@@ -206,7 +206,7 @@ def test_status_counts_a_held_burst_as_lag_with_a_non_zero_rpo(settings, pair_na
     burst = 16 * MiB
     run("nbdcopy", str(random_file(tmp_path / "data.img", burst)), cap.uri)
     deadline = time.monotonic() + CONVERGE_S
-    while True:                                     # beats are 2 s apart: poll
+    while True:                                     # beats come in their own time: poll
         (st,) = json.loads(run_x2x("status", pair_name, "--json").stdout)
         (rep,) = st["replicas"] or [None]
         detail = st["capture_detail"]

@@ -107,7 +107,7 @@ def test_forced_loss_counts_the_held_burst_from_its_oldest_write():
     loss = forced_loss(capturer(20, 6000, 50, since=5000, newest=5900), 1, 20, 9000, 1000,
                        read)
     assert (loss.ops, loss.rpo_s) == (30, 1.0)             # heard at 6000, oldest 5000
-    assert loss.rpo_max_s == 3.5            # the next beat was due at 8000, late by 8500
+    assert loss.rpo_max_s == 2.0            # the next beat was due at 6500, late by 7000
 
 
 def test_forced_loss_of_an_unflushed_tail_the_journal_held():
@@ -116,7 +116,7 @@ def test_forced_loss_of_an_unflushed_tail_the_journal_held():
     # beat said 22 acknowledged: the journal is newer, 5 ops lost, the oldest after 1000.
     read = Acknowledged.journaled(1, 25, 0, 1500)
     loss = forced_loss(capturer(22, 1400, 22), 1, 20, 0, 1000, read)
-    assert (loss.ops, loss.rpo_s) == (5, 0.5) and loss.rpo_max_s == 2.9
+    assert (loss.ops, loss.rpo_s) == (5, 0.5) and loss.rpo_max_s == 1.4
 
 
 def test_forced_loss_after_a_clean_stop_is_what_the_journal_says():
