@@ -49,8 +49,10 @@ _log = logging.getLogger("x2x.nbd")
 _DISCARD_CHUNK = 1 << 20
 _ACCEPT_POLL_S = 0.25
 #: Workers per connection, and what one connection may have in flight (requests, and
-#: payload bytes read ahead of the workers).
-WORKERS = 8
+#: payload bytes read ahead of the workers). A sync write holds its worker until the
+#: broker acknowledges it, so the workers are the queue depth a sync client gets: 8
+#: served qemu-img's depth 16 at 8, at 0.42x a bare producer with 16 in flight.
+WORKERS = 16
 MAX_INFLIGHT_REQUESTS = 32
 MAX_INFLIGHT_BYTES = 64 << 20
 #: A client must finish the handshake (TLS included) within this time: a connection that
