@@ -105,6 +105,58 @@ def produce(producer: "Producer", topic: str, value: bytes) -> None:
     producer.poll(0)
 
 
+def _warm_producer(settings: KafkaSettings, topic: str) -> "Producer":
+    """A producer with the journal's settings, connected and its idempotent session
+    started (one record delivered), as x2x's capturer is when a workload is timed."""
+    from confluent_kafka import Producer
+    producer = Producer(settings.producer())
+    producer.produce(topic, b"warm-up")
+    if producer.flush(60):
+        raise RuntimeError(f"bare producer could not reach {settings.bootstrap}")
+    return producer
+
+
+def bare_produce(settings: KafkaSettings, topic: str, path: str | Path) -> tuple[int, float]:
+    """Produce a file in journal-sized records with the journal's producer settings
+    (acks=all, idempotent) and flush: (records in the topic, the warm-up one included;
+    seconds), the broker's own time for those bytes."""
+    from journal.batch import DEFAULT_BUDGET
+    producer = _warm_producer(settings, topic)
+    t0 = time.monotonic()
+    count = 1
+    with open(path, "rb") as f:
+        while chunk := f.read(DEFAULT_BUDGET):
+            produce(producer, topic, chunk)
+            count += 1
+    if producer.flush(300):
+        raise RuntimeError(f"bare producer could not flush to {settings.bootstrap}")
+    return count, time.monotonic() - t0
+
+
+def bare_produce_at_depth(settings: KafkaSettings, topic: str, size: int, count: int,
+                          depth: int) -> float:
+    """Records/s of a bare producer (the journal's settings: acks=all, idempotent,
+    linger 5 ms) keeping at most ``depth`` records of ``size`` bytes in flight, each slot
+    reused once the broker acknowledged its record: what a client at queue depth
+    ``depth`` gets when every write waits for the broker."""
+    producer = _warm_producer(settings, topic)
+    value = os.urandom(size)
+    done = [0]
+
+    def acked(err: Any, _msg: Any) -> None:
+        if err is not None:
+            raise RuntimeError(f"bare producer: {err}")
+        done[0] += 1
+    t0 = time.monotonic()
+    sent = 0
+    while done[0] < count:
+        while sent < count and sent - done[0] < depth:
+            producer.produce(topic, value, on_delivery=acked)
+            sent += 1
+        producer.poll(0.001 if sent - done[0] < depth else 0.1)
+    return count / (time.monotonic() - t0)
+
+
 #: How the tables name the fairer peer of an applier (:func:`bare_consume` with
 #: ``write_to``); its consumer settings are x2x's own (infra/kafka.py), as the bare
 #: consume's are.

@@ -5,10 +5,17 @@
   states it: in async mode a write is acknowledged once it is on the source and the
   journal follows (the backlog stays on the source, and a burst without FLUSH is shipped
   once the clients pause, within ``X2X_ASYNC_HOLD``);
-* sequential with ``--flush``: the same, ending with a flush, which for x2x means "all of
-  it acknowledged by the broker", so this time includes the whole journal;
+* sequential with ``--flush``: the same, ending with a flush: in async mode that is
+  durable on the source; in flush-sync and sync mode it means "all of it acknowledged by
+  the broker", so this time includes the whole journal;
 * random 4 KiB writes: ``qemu-img bench -w`` with a large prime stride (offsets jump
   around the volume), queue depth 16, ending with a flush.
+
+Beside qemu-nbd, the broker's own limits, with the journal's producer settings (acks=all,
+idempotent, linger 5 ms): a bare produce of the same bytes in journal-sized records (the
+floor of ``--flush``, which waits for all of it on the broker), and a bare producer
+keeping 16 records of 4 KiB in flight (the floor of sync mode's random writes at depth 16,
+where every write waits for the broker).
 
 Prints a table and writes ``bench/results/nbd_capture.json``. Not a test: no timed asserts.
 
@@ -120,7 +127,7 @@ def bench_qemu_nbd(work: Path, data: Path, size: int, rand_count: int,
 
 
 def bench_x2x(work: Path, data: Path, size: int, rand_count: int,
-              sync: bool = False) -> dict[str, float]:
+              mode: str = "async") -> dict[str, float]:
     from infra import control
     from infra.kafka import KafkaSettings
     from journal.pairs import PairSpec
@@ -135,7 +142,7 @@ def bench_x2x(work: Path, data: Path, size: int, rand_count: int,
     name = f"bench-{os.getpid()}"
     spec = PairSpec(name, str(source), str(target), 65536, size)
     control.create_pair(settings, spec)
-    cap = NBDCapture(spec, settings, "127.0.0.1", 0, Mode.SYNC if sync else Mode.ASYNC).start()
+    cap = NBDCapture(spec, settings, "127.0.0.1", 0, Mode.parse(mode)).start()
     try:
         while cap.baseline and not cap.baseline.finished:   # a sparse source: quick
             time.sleep(0.05)
@@ -149,6 +156,23 @@ def bench_x2x(work: Path, data: Path, size: int, rand_count: int,
     return out
 
 
+def bench_bare(data: Path, size: int, rand_count: int) -> dict[str, float]:
+    """The broker's own limits for the same work (see the module's docstring)."""
+    from bench.common import bare_produce, bare_produce_at_depth
+    from infra.kafka import KafkaSettings
+    from infra.topics import JOURNAL_CONFIG, delete_topic, ensure_topic
+    settings = KafkaSettings.resolve()
+    admin = settings.check_reachable()
+    topic = f"bench-bare-{os.getpid()}"
+    ensure_topic(admin, topic, JOURNAL_CONFIG)
+    try:
+        _, seconds = bare_produce(settings, topic, data)
+        iops = bare_produce_at_depth(settings, topic, 4096, rand_count, 16)
+    finally:
+        delete_topic(admin, topic)
+    return {"seq_flush_MBps": size / seconds / 1e6, "rand_iops": iops}
+
+
 def measure(home: Path, size: int, rand_count: int) -> dict[str, dict[str, float]]:
     """Every server side by side on the same data, in one run (broker already up)."""
     data = home / "random.img"
@@ -157,13 +181,15 @@ def measure(home: Path, size: int, rand_count: int) -> dict[str, dict[str, float
             f.write(os.urandom(min(size, 64 * MiB)))
     try:
         return {
+            "bare produce": bench_bare(data, size, max(rand_count // 10, 100)),
             # Fewer random writes over TCP: at ~400 IOPS the full count takes a minute.
             "qemu-nbd tcp": bench_qemu_nbd(home, data, size, min(rand_count, 2000),
                                            unix=False),
             "qemu-nbd unix": bench_qemu_nbd(home, data, size, rand_count, unix=True),
             "x2x async": bench_x2x(home, data, size, rand_count),
+            "x2x flush-sync": bench_x2x(home, data, size, rand_count, "flush-sync"),
             # Sync mode waits for the broker on every write: fewer of them.
-            "x2x sync": bench_x2x(home, data, size, max(rand_count // 10, 100), sync=True)}
+            "x2x sync": bench_x2x(home, data, size, max(rand_count // 10, 100), "sync")}
     finally:
         data.unlink(missing_ok=True)
 
@@ -191,16 +217,27 @@ def run(quick: bool, workdir: Path) -> dict:
     best_flush = max(results["qemu-nbd tcp"]["seq_flush_MBps"],
                      results["qemu-nbd unix"]["seq_flush_MBps"])
     figures = []
-    for mode in ("x2x async", "x2x sync"):
+    for mode in ("x2x async", "x2x flush-sync", "x2x sync"):
         r = results[mode]
+        flushed = ("durable on the source" if mode == "x2x async" else "all on the broker")
         figures += [
             figure(f"{mode}: sequential 1 MiB (nbdcopy)", "MB/s", r["seq_MBps"],
                    "qemu-nbd, better of tcp/unix", best_seq, "higher"),
-            figure(f"{mode}: sequential 1 MiB (nbdcopy --flush: all on the broker)", "MB/s",
+            figure(f"{mode}: sequential 1 MiB (nbdcopy --flush: {flushed})", "MB/s",
                    r["seq_flush_MBps"], "qemu-nbd, better of tcp/unix", best_flush,
                    "higher"),
             figure(f"{mode}: random 4 KiB (qemu-img bench -d 16)", "IOPS", r["rand_iops"],
                    "qemu-nbd, better of tcp/unix", best_rand, "higher")]
+    bare = results["bare produce"]
+    figures += [
+        figure("x2x flush-sync: sequential 1 MiB (nbdcopy --flush: all on the broker) vs "
+               "the better peer's floor", "MB/s", results["x2x flush-sync"]["seq_flush_MBps"],
+               "min(qemu-nbd, bare acks=all produce of the same bytes)",
+               min(best_flush, bare["seq_flush_MBps"]), "higher"),
+        figure("x2x sync: random 4 KiB (qemu-img bench -d 16) vs the broker's own", "IOPS",
+               results["x2x sync"]["rand_iops"],
+               "bare acks=all produce of 4 KiB records, 16 in flight", bare["rand_iops"],
+               "higher")]
     figures.append(figure("x2x async: sequential 1 MiB vs qemu-nbd over TCP", "MB/s",
                           results["x2x async"]["seq_MBps"], "qemu-nbd tcp",
                           results["qemu-nbd tcp"]["seq_MBps"], "higher"))
@@ -228,11 +265,13 @@ def main() -> None:
     r = ratios(results)
     print(f"{'':16}{'seq MB/s':>10}{'seq+flush MB/s':>16}{'rand 4 KiB IOPS':>18}")
     for name, res in results.items():
-        print(f"{name:16}{res['seq_MBps']:>10.0f}{res['seq_flush_MBps']:>16.0f}"
-              f"{res['rand_iops']:>18.0f}")
+        print(f"{name:16}{res.get('seq_MBps', float('nan')):>10.0f}"
+              f"{res['seq_flush_MBps']:>16.0f}{res['rand_iops']:>18.0f}")
     print(f"{'x2x / best qemu':16}{r['seq']:>10.2f}{r['seq_flush']:>16.2f}{r['rand']:>18.2f}")
     print("CPU seconds per GiB during the plain copy (server, broker, nbdcopy):")
     for name, res in results.items():
+        if "seq_server_cpu_s_per_GiB" not in res:
+            continue
         print(f"  {name:16}{res['seq_server_cpu_s_per_GiB']:>6.2f}"
               f"{res['seq_broker_cpu_s_per_GiB']:>6.2f}{res['seq_nbdcopy_cpu_s_per_GiB']:>6.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

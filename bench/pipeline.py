@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from bench.common import (CONSUME_WRITE_PEER, MiB, Context, apply_all, bare_consume, capture,
-                          figure, make_pair, mbps, produce, random_image)
+from bench.common import (CONSUME_WRITE_PEER, MiB, Context, apply_all, bare_consume,
+                          bare_produce, capture, figure, make_pair, mbps, random_image)
 from infra.topics import JOURNAL_CONFIG, delete_topic, ensure_topic
-from journal.batch import DEFAULT_BUDGET
 
 TITLE = "Pipeline ceiling: bare Kafka produce+consume vs x2x capture->journal->apply"
 
@@ -26,16 +25,7 @@ def bare_kafka(ctx: Context, path: str, size: int) -> dict[str, float]:
     topic = ctx.pair_name("bare")
     admin = ctx.settings.check_reachable()
     ensure_topic(admin, topic, JOURNAL_CONFIG)
-    producer = Producer(ctx.settings.producer())
-    t0 = time.monotonic()
-    with open(path, "rb") as f:
-        count = 0
-        while chunk := f.read(DEFAULT_BUDGET):
-            produce(producer, topic, chunk)
-            count += 1
-    if producer.flush(120):
-        raise RuntimeError(f"bare producer could not flush to {ctx.settings.bootstrap}")
-    produce_s = time.monotonic() - t0
+    count, produce_s = bare_produce(ctx.settings, topic, path)
 
     consumer = Consumer(ctx.settings.consumer())
     consumer.assign([TopicPartition(topic, 0, 0)])

@@ -4,6 +4,11 @@
 x2x journals zero runs as ZERO ops, so its bytes sent are about the data; a local rsync
 sends the whole file content, zeros included, and only writes holes on arrival. cp sends
 nothing anywhere: its "bytes" are what it allocated on the destination.
+
+Neither crosses a broker; x2x's data does, twice (capture produces it, the applier
+consumes it). So beside them, the broker's own time for the same bytes: a bare
+confluent-kafka produce then consume of as many random bytes as the image holds data,
+with the journal's settings, one after the other as x2x's capture and apply run here.
 """
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ import time
 from typing import Any
 
 from bench.common import (GiB, MiB, Context, apply_all, capture, delete_pair, figure,
-                          make_pair, require, rsync_stats, same_volume, sparse_image,
-                          timed_run)
+                          make_pair, random_image, require, rsync_stats, same_volume,
+                          sparse_image, timed_run)
+from bench.pipeline import bare_kafka
 
 TITLE = "Baseline of a 30% data / 70% zeros image: x2x vs rsync --sparse vs cp --sparse=always"
 
@@ -38,13 +44,21 @@ def run(ctx: Context) -> dict[str, Any]:
     rs = rsync_stats(out)
     cp_s, _ = timed_run("cp", "--sparse=always", str(src), str(cp_dst))
     cp_alloc = cp_dst.stat().st_blocks * 512
+    data = random_image(d / "data-only.img", data_bytes)
+    bare = bare_kafka(ctx, str(data), data_bytes)
+    data.unlink()
+    bare_s = bare["produce_s"] + bare["consume_s"]
     ok = {"x2x": x2x_ok, "rsync": same_volume(src, rsync_dst), "cp": same_volume(src, cp_dst)}
+    for p in (rsync_dst, cp_dst):
+        p.unlink()
     return {
         "title": TITLE,
         "sizes": {"image_bytes": size, "allocated_data_bytes": data_bytes},
         "figures": [
             figure("seconds", "s", x2x_s, "rsync --sparse", rsync_s, "lower"),
             figure("seconds", "s", x2x_s, "cp --sparse=always", cp_s, "lower"),
+            figure("seconds", "s", x2x_s, "bare confluent-kafka produce+consume of the data "
+                   "bytes", bare_s, "lower"),
             figure("bytes sent", "bytes", scan.bytes_sent, "rsync --sparse", rs["bytes_sent"],
                    "lower"),
             figure("bytes sent vs written", "bytes", scan.bytes_sent,
@@ -54,5 +68,6 @@ def run(ctx: Context) -> dict[str, Any]:
                             "bytes_sent": scan.bytes_sent},
                     "rsync": {"seconds": rsync_s, **rs}, "cp": {"seconds": cp_s,
                                                                "allocated": cp_alloc},
+                    "bare_kafka": bare,
                     "identical": ok},
     }
