@@ -32,6 +32,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
+
 from infra.net import free_port
 
 MiB = 1 << 20
@@ -69,11 +71,16 @@ def broker_pid() -> int | None:
 
 
 def run_workloads(uri: str, data: Path, size: int, rand_count: int,
-                  server_pid: int) -> dict[str, float]:
+                  server_pid: int, settle: Callable[[], None] | None = None
+                  ) -> dict[str, float]:
     """The three workloads; for the plain copy also the CPU seconds per GiB each process
     spent (the server, the broker shipping the journal meanwhile, nbdcopy): on a small
-    machine those, not the wire, decide who is faster."""
+    machine those, not the wire, decide who is faster. Between two, untimed, ``settle``
+    (default: a client FLUSH) leaves nothing of one for the next to pay for: for x2x, all
+    of it on the broker, since an async FLUSH does not wait for the journal."""
+    settle = settle or (lambda: timed("qemu-io", "-f", "raw", "-c", "flush", uri))
     flushed_s = timed("nbdcopy", "--flush", "--request-size=1048576", str(data), uri)
+    settle()
     bpid = broker_pid()
     before = (cpu_seconds(server_pid), cpu_seconds(bpid) if bpid else 0.0,
               _children_cpu())
@@ -82,8 +89,7 @@ def run_workloads(uri: str, data: Path, size: int, rand_count: int,
     cpu = {"seq_server_cpu_s_per_GiB": (cpu_seconds(server_pid) - before[0]) / gib,
            "seq_broker_cpu_s_per_GiB": ((cpu_seconds(bpid) if bpid else 0.0) - before[1]) / gib,
            "seq_nbdcopy_cpu_s_per_GiB": (_children_cpu() - before[2]) / gib}
-    # Untimed: the backlog of the copy above must not land in the random figure.
-    timed("qemu-io", "-f", "raw", "-c", "flush", uri)
+    settle()
     rand_s = timed("qemu-img", "bench", "-w", "-t", "none", "-f", "raw", "-s", "4096",
                    "-S", str(STRIDE), "-c", str(rand_count), "-d", "16", "--flush-interval",
                    str(rand_count), uri)
@@ -147,7 +153,8 @@ def bench_x2x(work: Path, data: Path, size: int, rand_count: int,
         while cap.baseline and not cap.baseline.finished:   # a sparse source: quick
             time.sleep(0.05)
         cap.sync_point()
-        out = run_workloads(cap.uri, data, size, rand_count, os.getpid())
+        out = run_workloads(cap.uri, data, size, rand_count, os.getpid(),
+                            lambda: cap.sync_point(300))
         out["journal_bytes_sent"] = cap.pub.bytes_sent
     finally:
         report = cap.stop()
