@@ -64,10 +64,12 @@ def check_record(consumer: Consumer, topic: str, offset: int, digest: bytes,
     from schemas import codec
     from journal.errors import X2XError
     deadline = time.monotonic() + timeout
+    transient = ""
     while time.monotonic() < deadline:
         for msg in consumer.consume(1, 0.2):
             err = msg.error()
             if err is not None:
+                transient = f" (the broker last answered: {err.str()})"
                 if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                     return "the topic does not exist"
                 if err.code() in (KafkaError._PARTITION_EOF, KafkaError.OFFSET_OUT_OF_RANGE):
@@ -82,4 +84,4 @@ def check_record(consumer: Consumer, topic: str, offset: int, digest: bytes,
             except X2XError:
                 return "a record that is not an x2x journal entry stands at that offset"
             return None if found == digest else "a different record stands at that offset"
-    return f"no record at that offset within {timeout:.0f} s"
+    return f"no record at that offset within {timeout:.0f} s{transient}"
