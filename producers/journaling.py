@@ -257,7 +257,7 @@ class JournalingVolume:
         at = [0]
 
         def append() -> None:
-            at[0] = pub.flush_point(client=True, ship=True)
+            at[0] = pub.flush_point(client=True)
         ok = self._journal(pub, append)
         if cp is not None:
             if ok:
