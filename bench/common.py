@@ -105,6 +105,18 @@ def produce(producer: "Producer", topic: str, value: bytes) -> None:
     producer.poll(0)
 
 
+@contextmanager
+def scratch_topic(settings: KafkaSettings, name: str) -> Iterator[str]:
+    """A topic configured as a journal is, for a bare peer; deleted afterwards."""
+    from infra.topics import JOURNAL_CONFIG, delete_topic, ensure_topic
+    admin = settings.check_reachable()
+    ensure_topic(admin, name, JOURNAL_CONFIG)
+    try:
+        yield name
+    finally:
+        delete_topic(admin, name)
+
+
 def _warm_producer(settings: KafkaSettings, topic: str) -> "Producer":
     """A producer with the journal's settings, connected and its idempotent session
     started (one record delivered), as x2x's capturer is when a workload is timed."""

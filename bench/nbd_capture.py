@@ -165,18 +165,12 @@ def bench_x2x(work: Path, data: Path, size: int, rand_count: int,
 
 def bench_bare(data: Path, size: int, rand_count: int) -> dict[str, float]:
     """The broker's own limits for the same work (see the module's docstring)."""
-    from bench.common import bare_produce, bare_produce_at_depth
+    from bench.common import bare_produce, bare_produce_at_depth, scratch_topic
     from infra.kafka import KafkaSettings
-    from infra.topics import JOURNAL_CONFIG, delete_topic, ensure_topic
     settings = KafkaSettings.resolve()
-    admin = settings.check_reachable()
-    topic = f"bench-bare-{os.getpid()}"
-    ensure_topic(admin, topic, JOURNAL_CONFIG)
-    try:
+    with scratch_topic(settings, f"bench-bare-{os.getpid()}") as topic:
         _, seconds = bare_produce(settings, topic, data)
         iops = bare_produce_at_depth(settings, topic, 4096, rand_count, 16)
-    finally:
-        delete_topic(admin, topic)
     return {"seq_flush_MBps": size / seconds / 1e6, "rand_iops": iops}
 
 

@@ -7,51 +7,34 @@ apply), so end-to-end MB/s is bytes / (first half + second half) for each.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
-
 from bench.common import (CONSUME_WRITE_PEER, MiB, Context, apply_all, bare_consume,
-                          bare_produce, capture, figure, make_pair, mbps, random_image)
-from infra.topics import JOURNAL_CONFIG, delete_topic, ensure_topic
+                          bare_produce, capture, figure, make_pair, mbps, random_image,
+                          scratch_topic)
 
 TITLE = "Pipeline ceiling: bare Kafka produce+consume vs x2x capture->journal->apply"
 
 
-def bare_kafka(ctx: Context, path: str, size: int) -> dict[str, float]:
-    """Produce the file in journal-sized records, then consume them all back."""
-    topic = ctx.pair_name("bare")
-    admin = ctx.settings.check_reachable()
-    ensure_topic(admin, topic, JOURNAL_CONFIG)
-    count, produce_s = bare_produce(ctx.settings, topic, path)
-
-    consumer = Consumer(ctx.settings.consumer())
-    consumer.assign([TopicPartition(topic, 0, 0)])
-    t0 = time.monotonic()
-    got = nbytes = 0
-    deadline = time.monotonic() + 300
-    while got < count and time.monotonic() < deadline:
-        for msg in consumer.consume(500, 0.1):
-            if msg.error() is None:
-                got += 1
-                nbytes += len(msg.value())
-            elif msg.error().code() != KafkaError._PARTITION_EOF:
-                raise RuntimeError(f"bare consumer: {msg.error().str()}")
-    consume_s = time.monotonic() - t0
-    consumer.close()
-    if got < count:
-        raise RuntimeError(f"bare consumer got {got} of {count} records")
-    copy = Path(path).with_name("records.bin")
-    _, consume_write_s = bare_consume(ctx, topic, write_to=copy)
-    copy.unlink()
-    delete_topic(admin, topic)
-    return {"produce_s": produce_s, "consume_s": consume_s, "records": count,
-            "bytes": nbytes, "produce_MBps": mbps(size, produce_s),
-            "consume_MBps": mbps(size, consume_s), "consume_write_s": consume_write_s,
-            "consume_write_MBps": mbps(size, consume_write_s),
-            "end_to_end_MBps": mbps(size, produce_s + consume_s)}
+def bare_kafka(ctx: Context, path: str, size: int,
+               write_peer: bool = True) -> dict[str, float]:
+    """Produce the file in journal-sized records, then consume them all back; with
+    ``write_peer``, once more writing them to a file (:data:`CONSUME_WRITE_PEER`)."""
+    with scratch_topic(ctx.settings, ctx.pair_name("bare")) as topic:
+        count, produce_s = bare_produce(ctx.settings, topic, path)
+        nbytes, consume_s = bare_consume(ctx, topic)
+        out = {"produce_s": produce_s, "consume_s": consume_s, "records": count,
+               "bytes": nbytes, "produce_MBps": mbps(size, produce_s),
+               "consume_MBps": mbps(size, consume_s),
+               "end_to_end_MBps": mbps(size, produce_s + consume_s)}
+        if write_peer:
+            copy = Path(path).with_name("records.bin")
+            _, consume_write_s = bare_consume(ctx, topic, write_to=copy)
+            copy.unlink()
+            out |= {"consume_write_s": consume_write_s,
+                    "consume_write_MBps": mbps(size, consume_write_s)}
+    return out
 
 
 def run(ctx: Context) -> dict[str, Any]:

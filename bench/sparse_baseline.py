@@ -45,7 +45,7 @@ def run(ctx: Context) -> dict[str, Any]:
     cp_s, _ = timed_run("cp", "--sparse=always", str(src), str(cp_dst))
     cp_alloc = cp_dst.stat().st_blocks * 512
     data = random_image(d / "data-only.img", data_bytes)
-    bare = bare_kafka(ctx, str(data), data_bytes)
+    bare = bare_kafka(ctx, str(data), data_bytes, write_peer=False)
     data.unlink()
     bare_s = bare["produce_s"] + bare["consume_s"]
     ok = {"x2x": x2x_ok, "rsync": same_volume(src, rsync_dst), "cp": same_volume(src, cp_dst)}

@@ -22,13 +22,12 @@ def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    if not durable:
-        return
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    if durable:
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 def write_json(path: Path, value: Any, durable: bool = True) -> None:
