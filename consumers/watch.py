@@ -10,6 +10,7 @@ watcher runs its hook only if the fold kept its promotion (two watchers: one win
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,12 +55,18 @@ class Watcher:
         producer = Producer(self.settings.side_producer())
         beats = HeartbeatPublisher(producer, self.pair, "watcher", spec.target, key=self.key)
         watch: SourceWatch | None = None
+        not_before = 0.0
         try:
             while not stop.wait(self.poll):
                 producer.poll(0)
                 now = time.monotonic()
                 try:
                     st = control.get_pair(self.settings, self.pair)
+                    if st.state == "failing-over":
+                        # Another watcher (or an operator) is promoting: ours would only
+                        # collide with it. Watch on in case that failover fails.
+                        applier.stop()
+                        continue
                     if not st.replicating:
                         log.warning("pair %s is %s now: this watcher stops", self.pair,
                                     st.state)
@@ -71,12 +78,21 @@ class Watcher:
                     log.warning("pair %s: cannot read the broker (%s): no evidence either "
                                 "way, waiting", self.pair, e)
                     continue
+                if not self.verdict.fail_over:
+                    applier.start()
                 self._tell(beats, applier)
-                if self.verdict.fail_over:
+                if self.verdict.fail_over and now >= not_before:
                     log.critical("pair %s: the source is lost: %s; promoting %s", self.pair,
                                  self.verdict.reason, spec.target)
                     applier.stop()
-                    return self._promote()
+                    r = self._promote()
+                    if r is not None:
+                        return r
+                    # Not promoted, and the pair still replicates or fails over: a second
+                    # watcher's applier held the target, or its promotion is under way.
+                    # Try again while the evidence stands, at a moment of our own, so two
+                    # watchers do not collide again.
+                    not_before = time.monotonic() + random.uniform(1.0, 3.0)
         finally:
             applier.stop()
             producer.flush(5)
@@ -118,7 +134,8 @@ class Watcher:
             r = force_failover(op)
         except X2XError as e:
             # Another watcher (or an operator) is failing over, or the target is busy.
-            log.error("pair %s: this watcher did not promote: %s", self.pair, e)
+            log.error("pair %s: this watcher did not promote (it tries again while the "
+                      "source stays lost): %s", self.pair, e)
             return None
         won = control.get_pair(self.settings, self.pair).promotion
         if won is None or won.promoted_at_ms != r.promoted_at_ms:
@@ -137,22 +154,33 @@ def _no_capturer_part(_st: PairState):
 
 
 class _Applying:
-    """The applier in a thread; standing by while another applier holds the target."""
+    """The applier in a thread; standing by while another applier holds the target.
+    Stopped while the watcher promotes; started again if the promotion did not happen."""
 
     def __init__(self, make: Callable[[], Applier]) -> None:
         self.make = make
         self.applier = make()
-        self._stop = threading.Event()
         self.running = False
-        self._thread = threading.Thread(target=self._run, name="x2x-watch-apply",
-                                        daemon=True)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Run the applier, unless it runs already or ended on its own."""
+        if self._thread is not None:
+            if not self._stop.is_set():
+                return
+            self.applier = self.make()      # an applier runs once
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(self._stop,),
+                                        name="x2x-watch-apply", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
             try:
                 self.running = True
-                self.applier.run(stop=self._stop)
+                self.applier.run(stop=stop)
                 return
             except Busy:
                 pass
@@ -160,9 +188,11 @@ class _Applying:
                 log.error("pair %s: applying stopped: %s", self.applier.spec.name, e)
             finally:
                 self.running = False
-            self._stop.wait(2.0)
-            self.applier = self.make()
+            stop.wait(2.0)
+            if not stop.is_set():
+                self.applier = self.make()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(60)
+        if self._thread is not None:
+            self._thread.join(60)

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from consumers.checkpoint import CheckpointStore
 from infra import control
 from infra.heartbeat import read_beats
 from journal.clock import now_ms
@@ -95,6 +96,20 @@ def start_watcher(name: str, tmp_path: Path) -> Proc:
                 banner="watching")
 
 
+def logs(watchers: list[Proc]) -> str:
+    return "\n".join(f"watcher {i}:\n{w.stderr()}" for i, w in enumerate(watchers))
+
+
+def stopped(watchers: list[Proc], timeout: float = 60) -> None:
+    """Every watcher ends by itself once the pair is promoted."""
+    for w in watchers:
+        try:
+            w.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"a watcher still runs after the promotion:\n"
+                                 f"{logs(watchers)}") from None
+
+
 def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
@@ -141,9 +156,8 @@ def test_a_source_cut_off_fences_itself_and_one_watcher_promotes(
         assert promoted_at - cut >= 8, "promoted before the failover delay"
         assert all(t <= cut + 5 + 2 for t in writer.acked.values()), \
             "a write was acknowledged after the lease ran out"
-        for w in watchers:
-            w.proc.wait(60)
-        assert len(lines(tmp_path / "promoted")) == 1, lines(tmp_path / "promoted")
+        stopped(watchers)
+        assert len(lines(tmp_path / "promoted")) == 1, logs(watchers)
         assert lines(tmp_path / "fenced") and pair_name in lines(tmp_path / "fenced")[0]
         st = control.get_pair(settings, pair_name)
         assert st.state == "promoted" and st.promotion.forced
@@ -165,12 +179,46 @@ def test_a_killed_source_is_failed_over_too(settings, pair_name, tmp_path, net):
         writer.stop()
         cap.proc.send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        watcher.proc.wait(60)
+        stopped([watcher])
         assert time.monotonic() - killed >= 8
         assert len(lines(tmp_path / "promoted")) == 1
         assert control.get_pair(settings, pair_name).state == "promoted"
         check_target(Path(spec.target), writer)
         TALLY["automatic failovers"] += 1
+
+
+def test_a_watcher_kept_off_the_target_tries_again_and_promotes(
+        settings, pair_name, tmp_path, net):
+    """A promotion that finds the target held (another watcher's applier, here an
+    'x2x apply' service) does not end the watcher: it tries again while the source stays
+    lost, and promotes once the target is free."""
+    spec = setup_pair(settings, pair_name, tmp_path)
+    cap, uri = start_capture(net, pair_name, tmp_path)
+    app = Proc("apply", pair_name)
+    lock = CheckpointStore(pair_name, spec.target).path.with_suffix(".lock")
+    deadline = time.monotonic() + 60
+    while not (lock.exists() and lock.read_text() == str(app.proc.pid)):
+        assert app.proc.poll() is None and time.monotonic() < deadline, app.stderr()
+        time.sleep(0.1)
+    watcher = start_watcher(pair_name, tmp_path)
+    writer = Writer(net.prefix, uri)
+    try:
+        watcher.wait_log("watcher armed", timeout=60)
+        time.sleep(2)
+        writer.stop()
+        cap.proc.send_signal(signal.SIGKILL)
+        watcher.wait_log("did not promote", timeout=60)
+        assert not lines(tmp_path / "promoted")
+        assert control.get_pair(settings, pair_name).state in ("created", "failing-over")
+        app.stop()
+        stopped([watcher], timeout=90)
+        assert len(lines(tmp_path / "promoted")) == 1, logs([watcher])
+        assert control.get_pair(settings, pair_name).state == "promoted"
+        check_target(Path(spec.target), writer)
+    finally:
+        writer.stop()
+        for p in (watcher, app, cap):
+            p.kill()
 
 
 def test_a_blip_shorter_than_the_lease_fences_nothing(settings, pair_name, tmp_path, net):
