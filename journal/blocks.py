@@ -41,9 +41,28 @@ def is_zero(block: memoryview) -> bool:
     copy compared with ``==`` is a memcpy plus memcmp (~9 GiB/s). Data blocks almost always
     differ in their first bytes, so those are looked at first, without copying the rest.
     """
-    if bytes(block[:_HEAD]) != zero_block(min(_HEAD, len(block))):
+    return _head_is_zero(block) and bytes(block) == zero_block(len(block))
+
+
+def _head_is_zero(data: memoryview) -> bool:
+    return bytes(data[:_HEAD]) == zero_block(min(_HEAD, len(data)))
+
+
+_CHUNK = 1 << 20
+
+
+def all_zero(data: memoryview) -> bool:
+    """True when ``data``, of any length, is all zeros. :func:`is_zero` keeps one zero
+    buffer per length, which suits blocks, not a client's writes of every size: this
+    compares MiB by MiB against one."""
+    if not _head_is_zero(data):
         return False
-    return bytes(block) == zero_block(len(block))
+    zero = zero_block(_CHUNK)
+    for i in range(0, len(data), _CHUNK):
+        part = bytes(data[i:i + _CHUNK])
+        if part != (zero if len(part) == _CHUNK else zero[:len(part)]):
+            return False
+    return True
 
 
 def hash_block(block: memoryview) -> bytes:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from infra.volume import Volume
+from journal.blocks import all_zero
 from journal.choices import parse_choice
 from journal.errors import BacklogFull, X2XError
 from journal.ops import Op, OpKind
@@ -218,7 +219,12 @@ class JournalingVolume:
 
     def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
         # No copy: the server hands each request a buffer of its own (nbd/server.py).
-        self._change(Op.write(offset, data), fua, lambda: self.vol.pwrite(offset, data))
+        # Zeros written as data (dd from /dev/zero, zerofree before a migration) are
+        # journaled as a ZERO op: the same bytes on every target, and no run of zeros in
+        # the journal, which Kafka's compression stores in next to nothing and an
+        # applier's fetch, bounded in stored bytes, would decompress to gigabytes.
+        op = Op.zero(offset, len(data)) if all_zero(data) else Op.write(offset, data)
+        self._change(op, fua, lambda: self.vol.pwrite(offset, data))
 
     def zero(self, offset: int, length: int, fua: bool) -> None:
         self._change(Op.zero(offset, length), fua, lambda: self.vol.zero(offset, length))

@@ -123,6 +123,42 @@ def test_qemu_io_patterns_reach_the_target_in_completion_order(settings, pair_na
     assert c.ops >= 7 and c.bytes >= 4 * MiB and c.flushes >= 1
 
 
+def ranges(ops) -> list[tuple[int, int]]:
+    """(offset, length) of what ``ops`` cover, adjacent ones joined: however the journal
+    split them into records."""
+    out: list[list[int]] = []
+    for op in sorted(ops, key=lambda op: op.offset):
+        if out and out[-1][0] + out[-1][1] == op.offset:
+            out[-1][1] += op.length
+        else:
+            out.append([op.offset, op.length])
+    return [tuple(r) for r in out]
+
+
+def test_zeros_written_as_data_are_journaled_as_zero_ops(settings, pair_name, tmp_path,
+                                                       live):
+    """A client writing zeros as data (dd from /dev/zero, zerofree) puts ZERO ops in the
+    journal, not data: zstd stores a run of zeros in next to nothing, and an applier's
+    fetch, bounded in stored bytes, would decompress it to gigabytes."""
+    spec = make_pair(settings, pair_name, tmp_path, 32 * MiB, seed=5, data_fraction=1.0)
+    cap = live(spec)
+    wait_baseline(cap)
+    first = cap.sync_point() + 1
+    run("qemu-io", "-f", "raw", "-c", "write -P 0 4M 8M", "-c", "write -P 0x5a 12M 64k",
+        "-c", "write -P 0 13M 4k", "-c", "write -P 0 20M 6k", "-c", "flush", cap.uri)
+    last = cap.sync_point()
+    ops = [op for e in journal(settings, pair_name) if e.epoch == cap.pub.journaled.epoch
+           for seq, op in enumerate(e.ops, e.first_seq) if first <= seq <= last]
+    carried = ranges(op for op in ops if op.kind is OpKind.WRITE)
+    zeroed = ranges(op for op in ops if op.kind is OpKind.ZERO)
+    assert carried == [(12 * MiB, 64 * 1024)], carried
+    assert zeroed == [(4 * MiB, 8 * MiB), (13 * MiB, 4096), (20 * MiB, 6144)], zeroed
+    # The source holds the zeros as written (allocated), every target the same bytes.
+    apply_all(settings, spec)
+    assert same_bytes(spec.source, spec.target)
+    assert Path(spec.target).read_bytes()[4 * MiB:12 * MiB] == bytes(8 * MiB)
+
+
 def test_qemu_img_convert_and_nbdcopy_of_256_mib(settings, pair_name, tmp_path, live):
     size = 256 * MiB
     spec = make_pair(settings, pair_name, tmp_path, size)

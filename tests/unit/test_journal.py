@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from journal.batch import OP_OVERHEAD, Sequencer
-from journal.blocks import (HASH_LEN, coalesce, diff_maps, hash_block, hash_buffer, is_zero,
-                            zero_hash)
+from journal.blocks import (HASH_LEN, all_zero, coalesce, diff_maps, hash_block, hash_buffer,
+                            is_zero, zero_hash)
 from journal.digest import digest_of
 from journal.errors import BadInput, ExtentOutOfRange, SeqGap, StaleEpoch
 from journal.ops import Deferred, Entry, Op, OpKind, resolve
@@ -115,6 +115,16 @@ def test_zero_blocks_hash_like_zero_bytes():
     assert is_zero(memoryview(bytes(4096)))
     assert not is_zero(memoryview(b"\0" * 4095 + b"\1"))
     assert hash_block(memoryview(bytes(4096))) == zero_hash(4096)
+
+
+@given(st.integers(0, 70_000), st.integers(0, 69_999), st.integers(1, 255))
+def test_all_zero_finds_the_one_byte_that_is_not(length, where, value):
+    """Any length (a client's write, not a block), the odd byte anywhere in it."""
+    data = bytearray(length)
+    assert all_zero(memoryview(data))
+    if length:
+        data[where % length] = value
+        assert not all_zero(memoryview(data))
 
 
 def test_hash_buffer_and_diff_find_the_changed_blocks():
