@@ -58,11 +58,9 @@ def all_zero(data: memoryview) -> bool:
     if not _head_is_zero(data):
         return False
     zero = zero_block(_CHUNK)
-    for i in range(0, len(data), _CHUNK):
-        part = bytes(data[i:i + _CHUNK])
-        if part != (zero if len(part) == _CHUNK else zero[:len(part)]):
-            return False
-    return True
+    # A full slice of bytes is the object itself: only the last, shorter chunk copies.
+    return all(bytes(data[i:i + _CHUNK]) == zero[:len(data) - i]
+               for i in range(0, len(data), _CHUNK))
 
 
 def hash_block(block: memoryview) -> bytes:
