@@ -37,5 +37,7 @@ def apply_op(vol: Volume, op: Op) -> None:
         vol.pwrite(op.offset, op.data)
     elif op.kind in (OpKind.ZERO, OpKind.TRIM):
         vol.zero(op.offset, op.length)
+    elif op.kind is OpKind.FILL:
+        vol.fill(op.offset, op.length, op.data[0])  # type: ignore[index]  # checked: one byte
     # FLUSH and SEAL change no bytes: the applier fsyncs and checkpoints at them;
     # HASHES change none either: the applier compares the target against them.

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from journal.errors import VolumeError, VolumeLost
 from infra.images import ImageServer, Location, open_nbd
-from infra.volume import write_zeros
+from infra.volume import write_fill, write_zeros
 from nbd import client as nbd
 from nbd import proto
 
@@ -101,6 +101,10 @@ class NBDVolume:
             self._io(lambda: self.client.write_zeroes(offset, length))
             return
         write_zeros(self, offset, length)   # type: ignore[arg-type]
+
+    def fill(self, offset: int, length: int, value: int) -> None:
+        """Write ``length`` bytes of ``value`` at ``offset`` (a FILL op)."""
+        write_fill(self, offset, length, value)   # type: ignore[arg-type]
 
     def fsync(self) -> None:
         """NBD FLUSH; returns only once the server acknowledged it."""

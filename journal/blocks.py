@@ -1,10 +1,11 @@
-"""Block hashing, zero detection and hash-map diffs (blake3 over whole blocks).
+"""Block hashing, zero and fill detection and hash-map diffs (blake3 over whole blocks).
 
 A hash map is one ``bytes`` of ``HASH_LEN`` bytes per block, so it is compact, compares
 with one ``==`` per block and is written to disk as it is.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -41,26 +42,37 @@ def is_zero(block: memoryview) -> bool:
     copy compared with ``==`` is a memcpy plus memcmp (~9 GiB/s). Data blocks almost always
     differ in their first bytes, so those are looked at first, without copying the rest.
     """
-    return _head_is_zero(block) and bytes(block) == zero_block(len(block))
-
-
-def _head_is_zero(data: memoryview) -> bool:
-    return bytes(data[:_HEAD]) == zero_block(min(_HEAD, len(data)))
+    return (bytes(block[:_HEAD]) == zero_block(min(_HEAD, len(block)))
+            and bytes(block) == zero_block(len(block)))
 
 
 _CHUNK = 1 << 20
 
 
-def all_zero(data: memoryview) -> bool:
-    """True when ``data``, of any length, is all zeros. :func:`is_zero` keeps one zero
-    buffer per length, which suits blocks, not a client's writes of every size: this
-    compares MiB by MiB against one."""
-    if not _head_is_zero(data):
-        return False
-    zero = zero_block(_CHUNK)
+@functools.lru_cache(maxsize=4)
+def fill_pattern(value: int) -> bytes:
+    """A MiB of the byte ``value`` (cached for the few values volumes are filled with:
+    zeros, 0xFF, a test's pattern)."""
+    return zero_block(_CHUNK) if value == 0 else bytes((value,)) * _CHUNK
+
+
+def fill_byte(data: memoryview) -> int | None:
+    """The byte every byte of ``data`` is (0 for no bytes), or None when they differ.
+
+    Compared MiB by MiB against one cached pattern (:func:`is_zero` keeps a buffer per
+    length, which suits blocks, not a client's writes of every size); data almost always
+    differs within its first bytes, so those are looked at first."""
+    head = bytes(data[:_HEAD])
+    if not head:
+        return 0
+    pattern = fill_pattern(head[0])
+    if head != pattern[:len(head)]:
+        return None
     # A full slice of bytes is the object itself: only the last, shorter chunk copies.
-    return all(bytes(data[i:i + _CHUNK]) == zero[:len(data) - i]
-               for i in range(0, len(data), _CHUNK))
+    if all(bytes(data[i:i + _CHUNK]) == pattern[:len(data) - i]
+           for i in range(_HEAD, len(data), _CHUNK)):
+        return head[0]
+    return None
 
 
 def hash_block(block: memoryview) -> bytes:

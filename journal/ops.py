@@ -16,7 +16,11 @@ class OpKind(enum.Enum):
     SEAL = "SEAL"     # end of a generation; data holds the source's whole-volume digest
     HASHES = "HASHES"  # data: blake3 of each block of [offset, offset+length) on the source,
     #                    read at exactly this journal position (verify, failback)
+    FILL = "FILL"     # length bytes at offset all equal data's one byte (not zero: ZERO is)
 
+
+#: Kinds that change bytes of the target, at ``[offset, offset + length)``.
+CHANGING_KINDS = frozenset({OpKind.WRITE, OpKind.ZERO, OpKind.TRIM, OpKind.FILL})
 
 #: Kinds that end an entry: the applier checkpoints only at entry boundaries, so a
 #: consistency point must be the last op of its entry.
@@ -65,6 +69,10 @@ class Op:
         return Op(OpKind.ZERO, offset, length)
 
     @staticmethod
+    def fill(offset: int, length: int, value: int) -> "Op":
+        return Op(OpKind.FILL, offset, length, bytes((value,)))
+
+    @staticmethod
     def trim(offset: int, length: int) -> "Op":
         return Op(OpKind.TRIM, offset, length)
 
@@ -83,7 +91,7 @@ class Op:
     @property
     def payload_bytes(self) -> int:
         """Bytes this op changes on the target (what lag in bytes counts)."""
-        return self.length if self.kind in (OpKind.WRITE, OpKind.ZERO, OpKind.TRIM) else 0
+        return self.length if self.kind in CHANGING_KINDS else 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ import enum
 from dataclasses import dataclass
 
 from journal.errors import ExtentOutOfRange, SeqGap, StaleEpoch
-from journal.ops import Entry, OpKind
+from journal.ops import CHANGING_KINDS, Entry, OpKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +60,7 @@ def check_extents(entry: Entry, volume_size: int) -> None:
     """Refuse an entry any of whose ops reaches outside a target of ``volume_size`` bytes."""
     seq = entry.first_seq
     for op in entry.ops:
-        if op.kind in (OpKind.WRITE, OpKind.ZERO, OpKind.TRIM, OpKind.HASHES):
+        if op.kind in CHANGING_KINDS or op.kind is OpKind.HASHES:
             if op.offset < 0 or op.length < 0 or op.offset + op.length > volume_size:
                 raise ExtentOutOfRange(
                     f"pair {entry.pair}: op seq {seq} ({op.kind.value} offset {op.offset} "
@@ -70,6 +70,10 @@ def check_extents(entry: Entry, volume_size: int) -> None:
                 raise ExtentOutOfRange(
                     f"pair {entry.pair}: op seq {seq} says length {op.length} but carries "
                     f"{len(op.data)} bytes")
+            if op.kind is OpKind.FILL and len(op.data) != 1:
+                raise ExtentOutOfRange(
+                    f"pair {entry.pair}: op seq {seq} is a FILL carrying {len(op.data)} "
+                    f"bytes, not the one byte it repeats")
         seq += 1
 
 

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from infra.volume import Volume
-from journal.blocks import all_zero
 from journal.choices import parse_choice
 from journal.errors import BacklogFull, X2XError
 from journal.ops import Op, OpKind
+from journal.runs import write_op
 from producers.deferred import DeferredWrites
 from producers.health import Condition, Health
 from producers.intent import Checkpoint, IntentBitmap
@@ -219,11 +219,12 @@ class JournalingVolume:
 
     def pwrite(self, offset: int, data: memoryview, fua: bool) -> None:
         # No copy: the server hands each request a buffer of its own (nbd/server.py).
-        # Zeros written as data (dd from /dev/zero, zerofree before a migration) are
-        # journaled as a ZERO op: the same bytes on every target, and no run of zeros in
-        # the journal, which Kafka's compression stores in next to nothing and an
-        # applier's fetch, bounded in stored bytes, would decompress to gigabytes.
-        op = Op.zero(offset, len(data)) if all_zero(data) else Op.write(offset, data)
+        # One byte repeated (dd from /dev/zero, zerofree before a migration, a wipe with
+        # 0xFF) is journaled as a ZERO or FILL op: the same bytes on every target, and
+        # no such run in the journal, which Kafka's compression stores in next to
+        # nothing and an applier's fetch, bounded in stored bytes, would decompress to
+        # gigabytes.
+        op = write_op(offset, data)
         self._change(op, fua, lambda: self.vol.pwrite(offset, data))
 
     def zero(self, offset: int, length: int, fua: bool) -> None:

@@ -46,19 +46,19 @@ def _without_mac(current: _Schema) -> _Schema:
     return _Schema(current.filename, raw)
 
 
-def _entry_before_hashes() -> _Schema:
-    """entry.avsc as it was before the HASHES op kind: journals written by that x2x stay
-    readable (same fields; only the enum grew at its end)."""
+def _entry_without(*kinds: str) -> _Schema:
+    """entry.avsc as it was before the op ``kinds`` (the enum grows only at its end, the
+    fields stay): journals written by that x2x stay readable."""
     raw = json.loads(resources.files(__package__).joinpath("entry.avsc").read_text())
     kind = raw["fields"][5]["type"]["items"]["fields"][0]["type"]
-    kind["symbols"] = [k for k in kind["symbols"] if k != "HASHES"]
+    kind["symbols"] = [k for k in kind["symbols"] if k not in kinds]
     return _Schema("entry.avsc", raw)
 
 
-ENTRY_V1 = _entry_before_hashes()
+ENTRY_V1, ENTRY_V2 = _entry_without("HASHES", "FILL"), _entry_without("FILL")
 CONTROL_V1, HEARTBEAT_V1 = _without_mac(CONTROL), _without_mac(HEARTBEAT)
 #: Older schemas a record may be written with, and the schema it is read as.
-_OLDER = {ENTRY_V1: ENTRY, CONTROL_V1: CONTROL, HEARTBEAT_V1: HEARTBEAT}
+_OLDER = {ENTRY_V1: ENTRY, ENTRY_V2: ENTRY, CONTROL_V1: CONTROL, HEARTBEAT_V1: HEARTBEAT}
 _BY_FINGERPRINT = {s.fingerprint: s for s in (ENTRY, CONTROL, HEARTBEAT, *_OLDER)}
 
 
@@ -184,7 +184,7 @@ def encode_entry_parts(entry: Entry) -> list[bytes | memoryview]:
 
 #: Op kinds by enum index, for each schema an entry may be written with.
 _KINDS_OF = {schema: [OpKind(k) for k in schema.parsed["fields"][5]["type"]["items"]
-                      ["fields"][0]["type"]["symbols"]] for schema in (ENTRY, ENTRY_V1)}
+                      ["fields"][0]["type"]["symbols"]] for schema in (ENTRY, ENTRY_V1, ENTRY_V2)}
 
 
 class _NotCanonical(ValueError):

@@ -135,28 +135,38 @@ def ranges(ops) -> list[tuple[int, int]]:
     return [tuple(r) for r in out]
 
 
-def test_zeros_written_as_data_are_journaled_as_zero_ops(settings, pair_name, tmp_path,
-                                                       live):
-    """A client writing zeros as data (dd from /dev/zero, zerofree) puts ZERO ops in the
-    journal, not data: zstd stores a run of zeros in next to nothing, and an applier's
-    fetch, bounded in stored bytes, would decompress it to gigabytes."""
+def test_one_byte_repeated_as_data_is_journaled_as_zero_and_fill_ops(settings, pair_name,
+                                                                    tmp_path, live):
+    """A client writing one byte over and over as data (dd from /dev/zero, zerofree, a
+    wipe with 0xFF, qemu-io -P) puts ZERO and FILL ops in the journal, not data: zstd
+    stores such a run in next to nothing, and an applier's fetch, bounded in stored
+    bytes, would decompress thousands of them at once, to gigabytes."""
     spec = make_pair(settings, pair_name, tmp_path, 32 * MiB, seed=5, data_fraction=1.0)
     cap = live(spec)
     wait_baseline(cap)
     first = cap.sync_point() + 1
+    noise = tmp_path / "noise"
+    noise.write_bytes(os.urandom(64 * 1024))
     run("qemu-io", "-f", "raw", "-c", "write -P 0 4M 8M", "-c", "write -P 0x5a 12M 64k",
-        "-c", "write -P 0 13M 4k", "-c", "write -P 0 20M 6k", "-c", "flush", cap.uri)
+        "-c", "write -P 0 13M 4k", "-c", "write -P 0 20M 6k", "-c", "write -P 0xff 24M 8M",
+        "-c", f"write -s {noise} 14M 64k", "-c", "flush", cap.uri)
     last = cap.sync_point()
     ops = [op for e in journal(settings, pair_name) if e.epoch == cap.pub.journaled.epoch
            for seq, op in enumerate(e.ops, e.first_seq) if first <= seq <= last]
     carried = ranges(op for op in ops if op.kind is OpKind.WRITE)
     zeroed = ranges(op for op in ops if op.kind is OpKind.ZERO)
-    assert carried == [(12 * MiB, 64 * 1024)], carried
+    filled = {value: ranges(op for op in ops if op.kind is OpKind.FILL and op.data == value)
+              for value in (b"\x5a", b"\xff")}
+    assert carried == [(14 * MiB, 64 * 1024)], carried
     assert zeroed == [(4 * MiB, 8 * MiB), (13 * MiB, 4096), (20 * MiB, 6144)], zeroed
-    # The source holds the zeros as written (allocated), every target the same bytes.
+    assert filled == {b"\x5a": [(12 * MiB, 64 * 1024)], b"\xff": [(24 * MiB, 8 * MiB)]}
+    # The source holds the bytes as written (allocated), every target the same bytes.
     apply_all(settings, spec)
     assert same_bytes(spec.source, spec.target)
-    assert Path(spec.target).read_bytes()[4 * MiB:12 * MiB] == bytes(8 * MiB)
+    target = Path(spec.target).read_bytes()
+    assert target[4 * MiB:12 * MiB] == bytes(8 * MiB)
+    assert target[24 * MiB:] == b"\xff" * (8 * MiB)
+    assert target[14 * MiB:14 * MiB + 64 * 1024] == noise.read_bytes()
 
 
 def test_qemu_img_convert_and_nbdcopy_of_256_mib(settings, pair_name, tmp_path, live):

@@ -26,6 +26,7 @@ def sealed_record(key: JournalKey = KEY, pair: str = "p", seq: int = 1) -> bytes
     s = Sequencer(pair, 1, next_seq=seq, key=key.mac_key)
     s.add(Op.write(4096, SECRET), 1)
     s.add(Op.zero(0, 4096), 1)
+    s.add(Op.fill(8192, 4096, 0xA7), 1)
     (entry,) = s.add(Op.flush(), 1)
     return codec.encode_entry(key.encrypt(entry))
 
@@ -35,6 +36,10 @@ def test_round_trip_and_no_plaintext_on_the_wire():
     assert b"TOP-SECRET" not in data
     entry = open_record(data, "p", KEY, "t@0")
     assert entry.ops[0].data == SECRET and entry.cipher == ""
+    # A FILL's byte is content too: encrypted like a WRITE's, and one byte again.
+    assert entry.ops[2] == Op.fill(8192, 4096, 0xA7)
+    sealed = codec.decode_entry(data).ops[2]
+    assert len(sealed.data) > 1 and sealed.length == 4096
 
 
 def test_forged_with_another_key_is_refused():

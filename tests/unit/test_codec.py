@@ -15,6 +15,7 @@ ops = st.one_of(
     st.builds(Op.write, st.integers(0, 2**40), st.binary(min_size=1, max_size=4096)),
     st.builds(Op.zero, st.integers(0, 2**40), st.integers(1, 2**30)),
     st.builds(Op.trim, st.integers(0, 2**40), st.integers(1, 2**30)),
+    st.builds(Op.fill, st.integers(0, 2**40), st.integers(1, 2**30), st.integers(1, 255)),
     st.just(Op.flush()),
 )
 
@@ -106,13 +107,15 @@ def test_fast_entry_encoding_is_byte_for_byte_fastavros(op_list, epoch, seq, pai
 
 
 def test_an_altered_byte_that_decodes_to_the_same_entry_is_still_refused():
-    """fastavro reads enum index -3 as symbols[-3]: a flipped bit turning FLUSH (index 3,
-    byte 0x06) into -3 (0x05) decodes to the very same op. The record is refused anyway:
-    a journal record must be exactly x2x's encoding of what it decodes to."""
+    """fastavro reads a negative enum index as a Python list index: with 7 kinds, a
+    flipped bit turning FLUSH (index 3, byte 0x06) into -4 (0x07) decodes to the very
+    same op. The record is refused anyway: a journal record must be exactly x2x's
+    encoding of what it decodes to."""
+    assert len(OpKind) == 7
     (entry,) = Sequencer("p", 1).add(Op.flush(), 1)
     raw = codec.encode_entry(entry)
     at = raw.index(b"\x02\x06\x00\x00\x00\x00")            # one op: FLUSH, 0, 0, no data
-    bent = raw[:at + 1] + b"\x05" + raw[at + 2:]
+    bent = raw[:at + 1] + b"\x07" + raw[at + 2:]
     assert codec.decode(bent, codec.ENTRY)["ops"][0]["kind"] == "FLUSH"
     with pytest.raises(CorruptEntry, match="not encoded the way x2x encodes it"):
         codec.decode_entry(bent)

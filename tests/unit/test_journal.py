@@ -5,15 +5,15 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from journal.batch import OP_OVERHEAD, Sequencer
-from journal.blocks import (HASH_LEN, all_zero, coalesce, diff_maps, hash_block, hash_buffer,
-                            is_zero, zero_hash)
+from journal.blocks import (HASH_LEN, coalesce, diff_maps, fill_byte, hash_block,
+                            hash_buffer, is_zero, zero_hash)
 from journal.digest import digest_of
 from journal.errors import BadInput, ExtentOutOfRange, SeqGap, StaleEpoch
 from journal.ops import Deferred, Entry, Op, OpKind, resolve
 from journal.events import Created, Deleted, ResyncNeeded
 from journal.pairs import (PairSpec, fold, parse_size, validate_block_size,
                            validate_name)
-from journal.runs import RunBuilder
+from journal.runs import RunBuilder, write_op
 from journal.sequence import Position, Verdict, check_extents, classify
 
 
@@ -117,14 +117,30 @@ def test_zero_blocks_hash_like_zero_bytes():
     assert hash_block(memoryview(bytes(4096))) == zero_hash(4096)
 
 
-@given(st.integers(0, 70_000), st.integers(0, 69_999), st.integers(1, 255))
-def test_all_zero_finds_the_one_byte_that_is_not(length, where, value):
-    """Any length (a client's write, not a block), the odd byte anywhere in it."""
-    data = bytearray(length)
-    assert all_zero(memoryview(data))
-    if length:
-        data[where % length] = value
-        assert not all_zero(memoryview(data))
+@given(st.integers(0, 70_000), st.integers(0, 69_999), st.integers(0, 255),
+       st.integers(1, 255))
+def test_fill_byte_finds_the_one_byte_that_differs(length, where, value, odd):
+    """Any length (a client's write, not a block), any byte repeated, the odd byte
+    anywhere in it: a run only as long as the head, and one past a MiB, included."""
+    data = bytearray((value,)) * length
+    assert fill_byte(memoryview(data)) == (value if length else 0)
+    if length > 1:          # one byte is a fill of itself, whatever it is
+        data[where % length] = value ^ odd
+        assert fill_byte(memoryview(data)) is None
+
+
+@pytest.mark.parametrize("length", [64, 65, (1 << 20) + 64, (1 << 20) + 65, 3 << 20])
+def test_fill_byte_at_the_chunk_edges(length):
+    data = bytearray(b"\xff") * length
+    assert fill_byte(memoryview(data)) == 0xFF
+    data[-1] = 0xFE
+    assert fill_byte(memoryview(data)) is None
+
+
+def test_writes_of_one_repeated_byte_are_journaled_without_data():
+    assert write_op(4096, memoryview(bytes(8192))) == Op.zero(4096, 8192)
+    assert write_op(0, memoryview(b"\xff" * 512)) == Op.fill(0, 512, 0xFF)
+    assert write_op(0, memoryview(b"ab" * 256)).kind is OpKind.WRITE
 
 
 def test_hash_buffer_and_diff_find_the_changed_blocks():
@@ -143,6 +159,25 @@ def test_coalesce_joins_adjacent_blocks_up_to_the_limit():
     ex = list(coalesce([0, 1, 2, 5, 6, 9], 4096, 10 * 4096 - 100, 2 * 4096))
     assert [(e.offset, e.length) for e in ex] == [
         (0, 8192), (8192, 4096), (20480, 8192), (36864, 4096 - 100)]
+
+
+def test_run_builder_makes_fill_runs_of_one_value_only():
+    rb, out = RunBuilder(max_write=16), []
+    for i, blk in enumerate([b"xxxx", b"xxxx", b"yyyy", b"\0\0\0\0", b"xxxy", b"xxxx"]):
+        ops, not_zeros = rb.add_block(i * 4, memoryview(blk))
+        out += ops
+        assert not_zeros == (blk != bytes(4))
+    out += rb.finish()
+    assert out == [Op.fill(0, 8, ord("x")), Op.fill(8, 4, ord("y")), Op.zero(12, 4),
+                   Op.write(16, b"xxxy"), Op.fill(20, 4, ord("x"))]
+
+
+def test_a_fill_op_must_carry_exactly_one_byte():
+    check_extents(Entry("p", 1, 1, 0, 0, (Op.fill(0, 4096, 7),)), 4096)
+    for data in (b"", b"ab"):
+        with pytest.raises(ExtentOutOfRange, match="FILL carrying"):
+            check_extents(Entry("p", 1, 1, 0, 0, (Op(OpKind.FILL, 0, 4096, data),)), 4096)
+    assert Op.fill(0, 4096, 7).payload_bytes == 4096
 
 
 def test_run_builder_coalesces_writes_and_zeros():

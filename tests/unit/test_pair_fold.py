@@ -123,15 +123,16 @@ def test_a_hashes_op_round_trips_and_must_lie_inside_the_target():
         check_extents(back, 65536)
 
 
-def test_entries_written_before_the_hashes_kind_still_decode():
+def test_entries_written_before_the_hashes_and_fill_kinds_still_decode():
     from journal.ops import Entry, Op
     from schemas import codec
 
     e = Entry("p", 1, 1, 5, 3, (Op.write(0, b"abc"), Op.flush()), b"d" * 32)
-    old = codec.encode(codec.ENTRY_V1, {
-        "pair": e.pair, "epoch": e.epoch, "first_seq": e.first_seq,
-        "captured_at_ms": e.captured_at_ms, "epoch_bytes": e.epoch_bytes,
-        "ops": [{"kind": o.kind.value, "offset": o.offset, "length": o.length,
-                 "data": o.data} for o in e.ops], "digest": e.digest, "cipher": ""})
-    assert old[2:10] != codec.ENTRY.fingerprint
-    assert codec.decode_entry(old) == e
+    for older in (codec.ENTRY_V1, codec.ENTRY_V2):
+        old = codec.encode(older, {
+            "pair": e.pair, "epoch": e.epoch, "first_seq": e.first_seq,
+            "captured_at_ms": e.captured_at_ms, "epoch_bytes": e.epoch_bytes,
+            "ops": [{"kind": o.kind.value, "offset": o.offset, "length": o.length,
+                     "data": o.data} for o in e.ops], "digest": e.digest, "cipher": ""})
+        assert old[2:10] != codec.ENTRY.fingerprint
+        assert codec.decode_entry(old) == e

@@ -1,5 +1,6 @@
 """The one region loop behind baseline and resends: every byte of the spans is journaled
-exactly once, one lock region at a time, as WRITE (data) or ZERO (zero blocks)."""
+exactly once, one lock region at a time, as WRITE (data), ZERO (zero blocks) or FILL
+(blocks of one other repeated byte)."""
 from __future__ import annotations
 
 import threading
@@ -27,8 +28,8 @@ class Appended:
 def test_spans_are_journaled_piece_by_piece_within_lock_regions(tmp_path):
     path = tmp_path / "src.img"
     data = bytearray(10 * BS)
-    data[BS:2 * BS] = b"a" * BS                 # a WRITE in region 0
-    data[5 * BS:7 * BS] = b"b" * (2 * BS)       # region 1
+    data[BS:2 * BS] = b"ab" * (BS // 2)         # a WRITE in region 0
+    data[5 * BS:7 * BS] = b"b" * (2 * BS)       # a FILL in region 1
     path.write_bytes(bytes(data))
     pub, pieces = Appended(), []
     with Volume(str(path)) as vol:
@@ -44,7 +45,11 @@ def test_spans_are_journaled_piece_by_piece_within_lock_regions(tmp_path):
     for op in pub.ops:
         if op.kind is OpKind.WRITE:
             rebuilt[op.offset:op.offset + op.length] = op.data
+        elif op.kind is OpKind.FILL:
+            rebuilt[op.offset:op.offset + op.length] = op.data * op.length
     assert rebuilt == data
+    assert [op.kind for op in pub.ops if op.kind is not OpKind.ZERO] == [
+        OpKind.WRITE, OpKind.FILL]
     assert sum(op.length for op in pub.ops) == 10 * BS
 
 
