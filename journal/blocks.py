@@ -65,9 +65,9 @@ def fill_byte(data: memoryview) -> int | None:
     head = bytes(data[:_HEAD])
     if not head:
         return 0
-    pattern = fill_pattern(head[0])
-    if head != pattern[:len(head)]:
+    if head.count(head[:1]) != len(head):
         return None
+    pattern = fill_pattern(head[0])
     # A full slice of bytes is the object itself: only the last, shorter chunk copies.
     if all(bytes(data[i:i + _CHUNK]) == pattern[:len(data) - i]
            for i in range(_HEAD, len(data), _CHUNK)):

@@ -68,6 +68,13 @@ def run_x2x(*args: str, check: bool = True, timeout: float = 300,
     return proc
 
 
+def noise_file(path: Path, size: int = 1 << 20) -> Path:
+    """Random bytes for ``qemu-io write -s``: data, where ``write -P`` (one byte repeated)
+    is journaled as a FILL op that carries none."""
+    path.write_bytes(os.urandom(size))
+    return path
+
+
 def make_image(path: Path, size: int, seed: int = 1, data_fraction: float = 0.5,
                block: int = 64 * 1024) -> Path:
     """A sparse image where about ``data_fraction`` of the blocks hold random data (the

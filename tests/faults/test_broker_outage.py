@@ -21,7 +21,7 @@ from pathlib import Path
 
 from infra import control
 from infra.heartbeat import read_beats
-from tests.conftest import run_x2x
+from tests.conftest import noise_file, run_x2x
 from tests.faults.conftest import TALLY, MiB, OwnBroker, Proc, converged, need
 from tests.faults.test_process_kills import start_capturer
 from tests.integration.test_nbd_capture import make_pair, wait_beat
@@ -106,8 +106,10 @@ def test_async_full_backlog_degrades_instead_of_making_clients_wait(own_broker: 
         own_broker.freeze()
         # 40 MiB while the broker takes nothing: past the 2 MiB spool and the 16 MiB in
         # memory. Held at the broker's pace, qemu-io would time out (120 s).
-        p = qemu_io("write -P 0x51 0 20M", "write -P 0x52 20M 20M", "flush",
-                    "write -P 0x53 48M 1M", uri=cap.uri)
+        # Data: a pattern (one byte repeated) is a FILL op, which takes no backlog.
+        noise = noise_file(tmp_path / "noise", 20 * MiB)
+        p = qemu_io(f"write -s {noise} 0 20M", f"write -s {noise} 20M 20M", "flush",
+                    f"write -s {noise} 48M 1M", uri=cap.uri)
         assert p.returncode == 0 and "failed" not in p.stdout, p.stdout + p.stderr
         line = cap.wait_log("degraded", timeout=10)
         assert "backlog is full" in line, line

@@ -16,19 +16,23 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
-from tests.conftest import free_port, run_x2x
+from tests.conftest import free_port, noise_file, run_x2x
 from tests.faults.conftest import TALLY, MiB, Proc, converged, need
 from tests.integration.test_nbd_capture import make_pair, wait_beat
 
 
 def qemu_io_writes(uri: str, rng: random.Random, size: int, count: int,
-                   flush_every: int = 0) -> list[str]:
+                   flush_every: int = 0, noise: Path | None = None) -> list[str]:
+    """``count`` writes at random places: one byte repeated (journaled as FILL ops), or,
+    for every other one when ``noise`` (a MiB of random bytes) is given, data."""
     args = ["qemu-io", "-f", "raw"]
     for i in range(count):
         length = rng.choice([4096, 65536, 200 * 1024, 1 * MiB])
         off = rng.randrange(0, size - length) // 512 * 512
-        args += ["-c", f"write -P {rng.randrange(1, 255)} {off} {length}"]
+        what = f"-s {noise}" if noise and i % 2 else f"-P {rng.randrange(1, 255)}"
+        args += ["-c", f"write {what} {off} {length}"]
         if flush_every and i % flush_every == flush_every - 1:
             args += ["-c", "flush"]
     return args + [uri]
@@ -48,6 +52,7 @@ def test_capturer_sigkill_mid_workload_resends_the_marked_extents(settings, pair
     need("qemu-io", "nbdcopy")
     size = 64 * MiB
     spec = make_pair(settings, pair_name, tmp_path, size, seed=11, data_fraction=0.3)
+    noise = noise_file(tmp_path / "noise")
     rng = random.Random(1234)
     cap = start_capturer(pair_name)
     epoch = 1
@@ -62,7 +67,8 @@ def test_capturer_sigkill_mid_workload_resends_the_marked_extents(settings, pair
                 writer = subprocess.Popen(["nbdcopy", str(blob), cap.uri],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             else:
-                writer = subprocess.Popen(qemu_io_writes(cap.uri, rng, size, 3000, 100),
+                writer = subprocess.Popen(qemu_io_writes(cap.uri, rng, size, 3000, 100,
+                                                         noise),
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(rng.uniform(0.3, 1.2))
             cap.proc.send_signal(signal.SIGKILL)      # mid-workload: no stop, no FLUSH
@@ -78,7 +84,7 @@ def test_capturer_sigkill_mid_workload_resends_the_marked_extents(settings, pair
             wait_beat(settings, pair_name,
                       lambda b: b.epoch == epoch and b.detail.get("resend") == "done")
         # A last workload that completes, then a clean stop.
-        out = subprocess.run(qemu_io_writes(cap.uri, rng, size, 50, 10) + [], text=True,
+        out = subprocess.run(qemu_io_writes(cap.uri, rng, size, 50, 10, noise), text=True,
                              capture_output=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert "stopped (clean)" in cap.stop()
@@ -95,6 +101,7 @@ def test_applier_sigkill_loop_converges(settings, pair_name, tmp_path):
     need("qemu-io")
     size = 32 * MiB
     spec = make_pair(settings, pair_name, tmp_path, size, seed=12, data_fraction=0.5)
+    noise = noise_file(tmp_path / "noise")
     rng = random.Random(99)
     cap = start_capturer(pair_name)
     stop = threading.Event()
@@ -103,7 +110,7 @@ def test_applier_sigkill_loop_converges(settings, pair_name, tmp_path):
     def workload() -> None:
         wrng = random.Random(7)
         while not stop.is_set():
-            p = subprocess.run(qemu_io_writes(cap.uri, wrng, size, 40, 8), text=True,
+            p = subprocess.run(qemu_io_writes(cap.uri, wrng, size, 40, 8, noise), text=True,
                                capture_output=True, timeout=120)
             if p.returncode != 0:
                 failures.append(p.stderr)
