@@ -264,7 +264,7 @@ class JournalingVolume:
         at = [0]
 
         def append() -> None:
-            at[0] = pub.flush_point(client=True)
+            at[0] = pub.flush_point(client=True, ship=True)
         ok = self._journal(pub, append)
         if cp is not None:
             if ok:

@@ -120,6 +120,8 @@ class JournalPublisher:
         #: Burst absorption (producers/deferred.py): while ``busy()`` says clients are
         #: writing, deferred entries younger than ``hold`` seconds stay on the source.
         self.hold, self.busy = hold, busy
+        #: The newest client FLUSH's seq: what precedes it is never held.
+        self._ship_seq = -1
         self._waiters = 0          # threads in wait_journaled: they want it shipped now
         self._appended_at = 0      # capture time of the newest op appended (ms)
         #: Payload bytes appended in this epoch (journaled or not): what clients were told.
@@ -224,11 +226,15 @@ class JournalPublisher:
                 self.append(op, wait=False)
             self._room(client)
 
-    def flush_point(self, client: bool = False, op: Op | None = None) -> int:
+    def flush_point(self, client: bool = False, op: Op | None = None,
+                    ship: bool = False) -> int:
         """Append a FLUSH (consistency point; ``op``: this FLUSH, e.g. a group cut's
-        barrier) and return its seq (``client``: see :meth:`append_many`)."""
+        barrier) and return its seq (``client``: see :meth:`append_many`); ``ship``: a
+        client's FLUSH, which ends the burst hold for everything before it."""
         with self._cond:
             seq = self.seq.next_seq + self.seq.pending_ops
+            if ship:
+                self._ship_seq = seq
             self.append_many([op or Op.flush()], client)
             return seq
 
@@ -352,8 +358,9 @@ class JournalPublisher:
         """Leave a burst's writes on the source while clients are still writing: the
         journal (and a broker on the same machine) then takes no CPU from them. Never
         past ``hold`` seconds, and never while anyone waits for the journal (a FLUSH)."""
-        return (self.hold > 0 and not self._waiters and self.busy is not None
-                and self.busy() and now_ms() - head.captured_at_ms < self.hold * 1000)
+        return (self.hold > 0 and not self._waiters and head.first_seq > self._ship_seq
+                and self.busy is not None and self.busy()
+                and now_ms() - head.captured_at_ms < self.hold * 1000)
 
     def _encode(self, entry: Entry) -> "_Encoded":
         """Read deferred bytes, sign (over the plaintext), encrypt, encode: outside the

@@ -26,6 +26,7 @@ from infra.reader import read_to_end
 from infra.topics import journal_topic
 from journal.ops import OpKind
 from journal.pairs import PairSpec
+from nbd.client import Client, parse_uri
 from producers.journaling import Mode
 from producers.nbd_capture import NBDCapture
 from producers.state import StateStore
@@ -287,9 +288,13 @@ def test_overtaken_writes_keep_their_bytes_and_go_to_the_spool_when_memory_is_sh
     cap.pub.max_inflight = -1
     written = cap.backend.counters.bytes
     need("qemu-io")
+    # Data, not a pattern: one repeated byte would be journaled as FILL, without bytes.
+    versions = [os.urandom(8 * MiB) for _ in range(4)]
+    for i, v in enumerate(versions):
+        (tmp_path / f"v{i}").write_bytes(v)
     # In the background: qemu-io flushes as it exits, and that waits for the broker.
     client = subprocess.Popen(["qemu-io", "-f", "raw", *[
-        c for fill in (0x11, 0x22, 0x33, 0x44) for c in ("-c", f"write -P {fill:#x} 0 8M")],
+        c for i in range(4) for c in ("-c", f"write -s {tmp_path / f'v{i}'} 0 8M")],
         cap.uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     while cap.backend.counters.bytes < written + 32 * MiB:
@@ -307,9 +312,9 @@ def test_overtaken_writes_keep_their_bytes_and_go_to_the_spool_when_memory_is_sh
     for op in writes:                               # journal order, per offset
         by_offset.setdefault(op.offset, []).append(op.data)
     for offset, datas in by_offset.items():
-        fills = [d[0] for d in datas]
-        assert fills == [0x11, 0x22, 0x33, 0x44], f"offset {offset}: {fills}"
-        assert all(d == bytes([d[0]]) * len(d) for d in datas)
+        order = [[i for i, v in enumerate(versions) if v[offset:offset + len(d)] == d]
+                 for d in datas]
+        assert order == [[0], [1], [2], [3]], f"offset {offset}: {order}"
     apply_all(settings, spec)
     assert same_bytes(spec.source, spec.target)
 
@@ -322,12 +327,50 @@ def test_a_held_burst_ships_once_the_clients_go_quiet(settings, pair_name, tmp_p
     wait_baseline(cap)
     cap.sync_point()
     cap.pub.hold = 3600.0
-    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 12M", cap.uri)
+    burst = tmp_path / "burst"
+    burst.write_bytes(os.urandom(12 * MiB))     # data: a pattern would be a FILL op
+    run("qemu-io", "-f", "raw", "-c", f"write -s {burst} 0 12M", cap.uri)
     deadline = time.monotonic() + 30
     while cap.pub.journaled.seq < cap.pub.appended_seq:
         assert time.monotonic() < deadline, "a quiet source's held writes were never sent"
         time.sleep(0.05)
     assert cap.pub.deferred_bytes == 0
+
+
+def test_an_async_flush_ships_what_precedes_it_while_clients_keep_writing(
+        settings, pair_name, tmp_path, live):
+    """A database commits (FLUSHes) while it keeps writing: its FLUSH returns once the
+    source is durable and does not wait for the broker, but nothing before it stays held
+    on the source, so its RPO is the journal's lag, not the hold. Writes after the last
+    FLUSH, while the clients stay busy, are held as before."""
+    spec = make_pair(settings, pair_name, tmp_path, 16 * MiB)
+    cap = live(spec)
+    wait_baseline(cap)
+    cap.sync_point()
+    cap.pub.hold = 3600.0
+    cap.pub.busy = lambda: True                 # clients writing all the time
+    committed, later = os.urandom(4 * MiB), os.urandom(4 * MiB)
+    client = Client.open(parse_uri(cap.uri))
+    try:
+        client.pwrite(0, committed)
+        assert cap.pub.deferred_bytes > 0       # left on the source
+        client.flush()
+        flush_seq = cap.pub.appended_seq
+        deadline = time.monotonic() + 30
+        while cap.pub.journaled.seq < flush_seq:
+            assert time.monotonic() < deadline, "a client FLUSH left its writes held"
+            time.sleep(0.05)
+        client.pwrite(8 * MiB, later)           # no FLUSH after it: held
+        time.sleep(1.5)
+        assert cap.pub.journaled.seq < cap.pub.appended_seq
+        assert cap.pub.deferred_bytes > 0
+    finally:
+        client.close()
+    cap.pub.busy = lambda: False                # the clients pause: it ships
+    cap.sync_point()
+    apply_all(settings, spec)
+    target = Path(spec.target).read_bytes()
+    assert target[:4 * MiB] == committed and target[8 * MiB:12 * MiB] == later
 
 
 def test_capture_with_a_bad_async_hold_is_refused_before_it_serves(settings, pair_name,
@@ -470,6 +513,8 @@ def test_sync_mode_keeps_every_acknowledged_write_through_sigkill(settings, pair
                 replay[op.offset:op.offset + op.length] = op.data
             elif op.kind in (OpKind.ZERO, OpKind.TRIM):
                 replay[op.offset:op.offset + op.length] = bytes(op.length)
+            elif op.kind is OpKind.FILL:        # what these writes are journaled as
+                replay[op.offset:op.offset + op.length] = op.data * op.length
     for off, ln, pat in writes:
         assert replay[off:off + ln] == bytes([pat]) * ln, f"acknowledged write at {off} lost"
     state, _ = StateStore(pair_name).load()
