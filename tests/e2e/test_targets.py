@@ -93,6 +93,9 @@ def _digest(volume: str) -> str:
 def test_image_target_holds_the_source(broker, pair_name, tmp_path, fmt):
     _need("qemu-img", "qemu-nbd")
     src = make_image(tmp_path / "src.img", 24 * MiB, seed=3)
+    with open(src, "r+b") as f:         # blocks of one byte: FILL ops, written through NBD
+        f.seek(5 * MiB)
+        f.write(b"\xff" * (2 * MiB + 4096))
     target = tmp_path / f"disk.{fmt}"
     out = run_x2x("pair", "create", pair_name, "--source", str(src), "--target", str(target),
                   "--create-target").stdout

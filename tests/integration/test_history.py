@@ -277,8 +277,10 @@ def test_the_window_is_set_at_create_changed_later_and_shown(settings, pair_name
 
 
 def _stamp() -> str:
-    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-            + f".{int(time.time() * 1000) % 1000:03d}Z")
+    # One reading of the clock: two could straddle a second and give a time ~1 s early.
+    now = time.time()
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + f".{int(now * 1000) % 1000:03d}Z")
 
 
 def _versions(spec: PairSpec, settings, tmp_path: Path, n: int) -> list[tuple[str, Path]]:
