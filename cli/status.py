@@ -1,12 +1,9 @@
 """x2x status: one table of every pair, joined from heartbeats."""
 from __future__ import annotations
 
-import os
 import sys
-import threading
 import time
 from dataclasses import asdict
-from typing import Callable
 
 import typer
 from rich.console import Console, Group
@@ -271,53 +268,26 @@ def watch_status(ctx: typer.Context, name: str | None, json_: bool, interval: fl
     """
     if not interval > 0:
         raise BadInput(f"--interval must be a positive number of seconds, got {interval}")
-    _until_interrupted(lambda: _watch(ctx, name, json_, interval))
-
-
-def _watch(ctx: typer.Context, name: str | None, json_: bool, interval: float) -> None:
-    if json_ or not console.is_terminal:
-        while True:
-            if not json_:
-                console.print(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}", highlight=False)
-            _frame(ctx, name, json_, interval)
-            sys.stdout.flush()
-            time.sleep(interval)
-    # Live draws on its own console: the shared one is busy capturing each frame.
-    with Live(console=Console(), auto_refresh=False, transient=False) as live:
-        while True:
-            with console.capture() as frame:
-                _frame(ctx, name, False, interval)
-            live.update(Group(
-                Text(f"x2x status at {time.strftime('%H:%M:%S')}, every {interval:g} s; "
-                     f"Ctrl-C to stop", style="dim"),
-                Text.from_ansi(frame.get())), refresh=True)
-            time.sleep(interval)
-
-
-def _until_interrupted(loop: Callable[[], None]) -> None:
-    """Run ``loop`` until Ctrl-C, and end at once then with exit code 0. The loop runs
-    in a thread: Python raises KeyboardInterrupt only between bytecodes, so a frame
-    inside a Kafka read (seconds, with a busy x2x.status topic) would hold Ctrl-C up
-    until it returned; the main thread waits in an interruptible join instead."""
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            loop()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            failed.append(e)
-
-    worker = threading.Thread(target=run, name="x2x-status-watch", daemon=True)
-    worker.start()
     try:
-        while worker.is_alive():
-            worker.join(0.2)
+        if json_ or not console.is_terminal:
+            while True:
+                if not json_:
+                    console.print(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}", highlight=False)
+                _frame(ctx, name, json_, interval)
+                sys.stdout.flush()
+                time.sleep(interval)
+        # Live draws on its own console: the shared one is busy capturing each frame.
+        with Live(console=Console(), auto_refresh=False, transient=False) as live:
+            while True:
+                with console.capture() as frame:
+                    _frame(ctx, name, False, interval)
+                live.update(Group(
+                    Text(f"x2x status at {time.strftime('%H:%M:%S')}, every {interval:g} s; "
+                         f"Ctrl-C to stop", style="dim"),
+                    Text.from_ansi(frame.get())), refresh=True)
+                time.sleep(interval)
     except KeyboardInterrupt:
-        console.show_cursor(True)
-        sys.stdout.flush()
-        os._exit(0)             # the frame's Kafka client may be mid-read: do not wait
-    if failed:
-        raise failed[0]
+        pass
 
 
 def _frame(ctx: typer.Context, name: str | None, json_: bool, interval: float) -> None:
