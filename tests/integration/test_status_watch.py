@@ -27,9 +27,18 @@ def pair(broker, tmp_path: Path, pair_name: str) -> str:
     return pair_name
 
 
+def _ctrl_c_as_on_a_terminal() -> None:
+    """In the child before exec: SIGINT handled by default, as a shell's foreground job
+    has it. A test run started as a background job of a script inherits SIGINT ignored
+    (bash does that to '&' jobs without job control), and x2x, like any program, would
+    then ignore the Ctrl-C these tests send."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_for(args: list[str], seconds: float) -> str:
     proc = subprocess.Popen([x2x_bin(), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_ctrl_c_as_on_a_terminal)
     time.sleep(seconds)
     proc.send_signal(signal.SIGINT)          # Ctrl-C: a clean end, exit code 0
     out, _ = proc.communicate(timeout=15)
@@ -59,7 +68,8 @@ def test_watch_on_a_terminal_redraws_in_place(pair: str) -> None:
     leader, follower = pty.openpty()
     proc = subprocess.Popen([x2x_bin(), "status", pair, "--watch", "--interval", "0.2"],
                             stdin=follower, stdout=follower, stderr=follower,
-                            env={**os.environ, "COLUMNS": "200", "TERM": "xterm"})
+                            env={**os.environ, "COLUMNS": "200", "TERM": "xterm"},
+                            preexec_fn=_ctrl_c_as_on_a_terminal)
     os.close(follower)
     out = b""
     deadline = time.monotonic() + 5
