@@ -84,6 +84,9 @@ class NBDVolume:
     def readinto(self, offset: int, buf: memoryview) -> None:
         self._io(lambda: self.client.readinto(offset, buf))
 
+    #: A pass over the export: this side caches nothing to drop (infra/volume.py).
+    stream_into = readinto
+
     def pwrite(self, offset: int, data: bytes | memoryview) -> None:
         self._io(lambda: self.client.pwrite(offset, data))
 

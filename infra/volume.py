@@ -130,6 +130,28 @@ class Volume:
                 raise VolumeError(f"short read from {self.path} at offset {offset + done}")
             done += n
 
+    def stream_into(self, offset: int, buf: memoryview) -> None:
+        """:meth:`readinto` for a pass over the volume (a baseline, a scan, a digest):
+        holes are not read, only zeroed in ``buf`` (reading 700 MiB of holes took 1.4 s),
+        and what was read leaves the page cache again. Kept, a whole volume's pass would
+        evict the host's working set, and on Linux 6.x (large folios) a client's 4 KiB
+        write into a range a read cached costs 7 to 40 times more (20 to 110 us, not 3)
+        than into one not cached: an NBD capture after its baseline served random writes
+        at a quarter of qemu-nbd's rate for it. A caller that must not see a write race
+        the pass holds the range's lock, as for any read."""
+        pos = 0
+        for n, hole in self.extents(offset, len(buf), len(buf) // _ALIGN + 2):
+            if hole:
+                _zero_fill(buf[pos:pos + n])
+            else:
+                self.readinto(offset + pos, buf[pos:pos + n])
+            pos += n
+        if pos < len(buf):                      # past the runs' limit: read as data
+            self.readinto(offset + pos, buf[pos:])
+        if not self.direct:
+            # Dirty pages (a client's write since) are not dropped, only clean ones.
+            os.posix_fadvise(self.fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
+
     def pwrite(self, offset: int, data: bytes | memoryview) -> None:
         """Write all of ``data`` at ``offset``."""
         self._pwrite_all(self.fd, memoryview(data), offset)
@@ -273,6 +295,14 @@ class Volume:
         os.fdatasync(self.fd)
 
 
+def _zero_fill(buf: memoryview) -> None:
+    """Set ``buf`` to zeros, a MiB at a time from one shared zero buffer."""
+    zeros = memoryview(fill_pattern(0))
+    for pos in range(0, len(buf), len(zeros)):
+        n = min(len(zeros), len(buf) - pos)
+        buf[pos:pos + n] = zeros[:n]
+
+
 def write_zeros(vol: "Volume", offset: int, length: int) -> None:
     """Zero a range by writing zeros, for volumes that cannot deallocate it."""
     write_fill(vol, offset, length, 0)
@@ -311,6 +341,6 @@ def digest_of(vol: "Volume", length: int | None = None, chunk: int = 8 << 20) ->
     buf = bytearray(chunk)
     for off in range(0, end, chunk):
         view = memoryview(buf)[:min(chunk, end - off)]
-        vol.readinto(off, view)
+        vol.stream_into(off, view)
         h.update(view)
     return h.digest()

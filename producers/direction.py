@@ -70,7 +70,7 @@ def prepare_direction(state: PairState, store: StateStore) -> bool:
         chunk = bytearray(max((8 << 20) // spec.block_size, 1) * spec.block_size)
         for base in range(0, vol.size, len(chunk)):
             view = memoryview(chunk)[:min(len(chunk), vol.size - base)]
-            vol.readinto(base, view)
+            vol.stream_into(base, view)
             first = base // spec.block_size
             hashes[first * HASH_LEN:first * HASH_LEN + -(-len(view) // spec.block_size)
                    * HASH_LEN] = b"".join(hash_buffer(view, spec.block_size))

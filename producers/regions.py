@@ -45,7 +45,7 @@ def journal_regions(vol: Volume, pub: JournalPublisher, locks: RangeLocks, block
             view = memoryview(buf)[:min(end, (pos // region + 1) * region) - pos]
             written: list[int] = []
             with locks.hold(pos, len(view)):
-                vol.readinto(pos, view)
+                vol.stream_into(pos, view)
                 for off in range(0, len(view), block_size):
                     ops, data = runs.add_block(pos + off, view[off:off + block_size])
                     pub.append_many(ops)

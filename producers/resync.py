@@ -83,7 +83,7 @@ def emit_hashes(vol: Volume, pub: JournalPublisher, locks: RangeLocks,
         for base in range(0, vol.size, region):
             view = memoryview(buf)[:min(region, vol.size - base)]
             with locks.hold(base, len(view)):
-                vol.readinto(base, view)
+                vol.stream_into(base, view)
                 op = Op.hashes(base, len(view), b"".join(hash_buffer(view, block_size)))
                 seq = pub.append_at(op)
             if not first:

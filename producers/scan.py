@@ -93,7 +93,7 @@ def _scan(vol: Volume, block_size: int, known: bytes | None, pub: JournalPublish
     changed = changed_bytes = 0
     for base in range(0, vol.size, len(chunk)):
         view = memoryview(chunk)[:min(len(chunk), vol.size - base)]
-        vol.readinto(base, view)
+        vol.stream_into(base, view)
         for off in range(0, len(view), block_size):
             block = view[off:off + block_size]
             index = (base + off) // block_size

@@ -83,6 +83,28 @@ def make_image(path: Path, size: int, seed: int = 1, data_fraction: float = 0.5,
     return sparse_image(path, size, data_fraction, seed=seed, block=block)
 
 
+def cached_bytes(path: Path | str) -> int:
+    """How much of ``path`` the page cache holds (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def uncached(path: Path | str) -> Path:
+    """``path`` written out and dropped from the page cache; skips the test where the
+    filesystem keeps its pages resident whatever is asked (tmpfs)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    if cached_bytes(path):
+        pytest.skip(f"the filesystem of {path} keeps its pages in memory (tmpfs?): "
+                    "what a read leaves in the page cache cannot be seen")
+    return Path(path)
+
+
 def same_bytes(a: Path | str, b: Path | str, length: int | None = None) -> bool:
     from infra.volumes import volume_digest
     return volume_digest(str(a), length) == volume_digest(str(b), length)

@@ -118,19 +118,26 @@ def test_applier_killed_mid_stream_resumes_to_an_equal_target(settings, pair_nam
     dst = tmp_path / "dst.img"
     spec = create(settings, pair_name, src, dst, block=65536)
     # Several consistency points, so there are checkpoints to resume from.
+    last = 0
     for i in range(4):
         mutate(src, 0.05, seed=100 + i)
-        scan_once(spec, settings)
+        last = scan_once(spec, settings).last_seq
     store = CheckpointStore(pair_name, str(dst))
-    kills = 0
-    for delay in (0.8, 1.5):
+    kills, reached = 0, 0
+    for _ in range(2):
         proc = subprocess.Popen([x2x_bin(), "apply", pair_name, "--until-caught-up"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(delay)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Killed mid-stream: as soon as it checkpoints a point past the last kill's and
+        # short of the end (a fixed delay killed it after its end on a quick machine).
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            cp = store.load()
+            if cp is not None and reached < cp.position.seq < last:
+                proc.send_signal(signal.SIGKILL)
+                kills, reached = kills + 1, cp.position.seq
+                break
+            time.sleep(0.01)
+        proc.wait(60)
     assert kills >= 1, "the applier finished before it could be killed; make the journal larger"
     before = store.load()
     run_x2x("apply", pair_name, "--until-caught-up")
