@@ -47,6 +47,13 @@ from nbd import proto as p
 _log = logging.getLogger("x2x.nbd")
 
 _DISCARD_CHUNK = 1 << 20
+#: What the reader asks the socket for at once in transmission: a client at queue depth
+#: 16 sends its requests back to back (of 4 KiB writes: 66 KiB), which one recv takes.
+_READ_AHEAD = 256 * 1024
+#: Replies held back while more requests wait in the reader's buffer, at most.
+_MAX_HELD = 64
+#: A quick write this long or shorter is served by the reader itself (:meth:`NBDServer._take`).
+_INLINE_MAX = 64 * 1024
 _ACCEPT_POLL_S = 0.25
 #: Workers per connection, and what one connection may have in flight (requests, and
 #: payload bytes read ahead of the workers). A sync write holds its worker until the
@@ -84,9 +91,9 @@ class Backend(Protocol):
       writes of every connection to this backend durable, so clients may spread
       requests over several connections (NBD_FLAG_CAN_MULTI_CONN).
     - ``quick_writes: bool``: ``pwrite`` without FUA waits for nothing slow (no fsync,
-      no network): the reader thread then serves such a WRITE itself when nothing else
-      of its connection is in flight, instead of waking a worker for it
-      (:meth:`NBDServer._take`). Zeroing is left to workers: it may write zeros.
+      no network): the reader thread then serves such a WRITE itself when it is small
+      or nothing else of its connection is in flight, instead of waking a worker for
+      it (:meth:`NBDServer._take`). Zeroing is left to workers: it may write zeros.
     """
 
     size: int
@@ -153,19 +160,46 @@ class _Conn:
     count_lock: threading.Lock = field(default_factory=threading.Lock)
     inflight: "_Inflight" = field(default_factory=lambda: _Inflight(MAX_INFLIGHT_REQUESTS,
                                                                      MAX_INFLIGHT_BYTES))
+    #: Replies of requests the reader served itself, held back while more requests were
+    #: waiting in its buffer: they go out together, in one send (:meth:`send_held`).
+    held: list[bytes] = field(default_factory=list)
 
-    def reply(self, header: bytes, data: bytes | None = None) -> None:
-        """Send one reply whole (replies of several workers never interleave)."""
+    def reply(self, header: bytes, data: bytes | None = None, hold: bool = False) -> None:
+        """Send one reply whole (replies of several workers never interleave); ``hold``
+        keeps a small one back for the next send (the reader's, before it waits)."""
         with self.send_lock:
-            if not self.closing:
-                _send_all(self.sock, header, data)
+            if self.closing:
+                return
+            if hold or (self.held and (data is None or len(data) <= _INLINE_MAX)):
+                # Held, or sent with the held ones in one send.
+                self.held.append(header if data is None else header + data)
+                if not hold or len(self.held) >= _MAX_HELD:
+                    self._send_held()
+                return
+            self._send_held()
+            _send_all(self.sock, header, data)
 
     def reply_chunks(self, chunks: list[tuple[bytes, bytes | None]]) -> None:
         """Send a structured reply's chunks together, in order."""
         with self.send_lock:
             if not self.closing:
+                self._send_held()
                 for header, data in chunks:
                     _send_all(self.sock, header, data)
+
+    def send_held(self) -> None:
+        """Send the replies held back (before the reader may wait for the client, who
+        may be waiting for them)."""
+        if self.held:
+            with self.send_lock:
+                if not self.closing:
+                    self._send_held()
+
+    def _send_held(self) -> None:
+        if self.held:
+            # Cleared first: a failed send must not send them twice.
+            held, self.held = self.held, []
+            self.sock.sendall(b"".join(held))
 
     def error_reply(self, err: p.Err, cookie: int, message: str) -> bytes:
         """An error reply: an ERROR chunk with the reason once structured replies are
@@ -173,6 +207,58 @@ class _Conn:
         if self.structured:
             return p.encode_error_chunk(p.REPLY_FLAG_DONE, cookie, err, message)
         return p.encode_simple_reply(err, cookie)
+
+
+class _Reader:
+    """A connection's requests, read from its socket in large pieces: one recv takes
+    every request a client has queued, where exact reads cost two per request (header,
+    payload). Before a recv that may wait, ``before_wait`` runs: it sends the replies
+    held back meanwhile, which the client may be waiting for."""
+
+    def __init__(self, sock: socket.socket, before_wait: Callable[[], None]) -> None:
+        self.sock, self.before_wait = sock, before_wait
+        self._buf = memoryview(bytearray(_READ_AHEAD))
+        self._start = self._end = 0
+
+    def buffered(self) -> int:
+        """Bytes received and not yet taken."""
+        return self._end - self._start
+
+    def read_into(self, out: memoryview, at_boundary: bool) -> None:
+        """Fill ``out`` completely; EOF raises _PeerGone (mid-message unless nothing of
+        it arrived and ``at_boundary``). A payload longer than the buffer goes straight
+        from the socket into ``out``, not through the buffer."""
+        done = 0
+        while done < len(out):
+            if self._start == self._end:
+                self.before_wait()
+                if len(out) - done >= len(self._buf):
+                    _recv_into(self.sock, out[done:], at_boundary and not done)
+                    return
+                self._fill(at_boundary and not done)
+            n = min(len(out) - done, self._end - self._start)
+            out[done:done + n] = self._buf[self._start:self._start + n]
+            self._start += n
+            done += n
+
+    def discard(self, length: int) -> None:
+        """Skip ``length`` bytes of payload."""
+        while length:
+            if self._start == self._end:
+                self.before_wait()
+                self._fill(False)
+            n = min(length, self._end - self._start)
+            self._start += n
+            length -= n
+
+    def _fill(self, at_boundary: bool) -> None:
+        try:
+            n = self.sock.recv_into(self._buf)
+        except (ConnectionResetError, BrokenPipeError):
+            n = 0
+        if n == 0:
+            raise _PeerGone(mid_message=not at_boundary)
+        self._start, self._end = 0, n
 
 
 class _Inflight:
@@ -583,10 +669,11 @@ class NBDServer:
         conn.block_status = conn.structured and conn.meta_export == name
         self.log.info("NBD %s: serving export %r (%d bytes)", conn.info.peer, name, backend.size)
         pool = _Workers(self.workers, f"nbd-{conn.info.peer}")
+        reader = _Reader(conn.sock, conn.send_held)
         header = bytearray(p.REQUEST_SIZE)
         try:
             while not conn.closing:
-                _recv_into(conn.sock, memoryview(header), at_boundary=True)
+                reader.read_into(memoryview(header), at_boundary=True)
                 try:
                     req = p.parse_request(header)
                 except p.ProtocolError as e:
@@ -595,17 +682,18 @@ class NBDServer:
                     self.log.info("NBD %s: client disconnected (NBD_CMD_DISC)", conn.info.peer)
                     return
                 conn.info.requests += 1
-                self._take(conn, backend, req, pool)
+                self._take(conn, backend, req, pool, reader)
         finally:
+            conn.send_held()
             pool.shutdown()             # requests in flight finish and are answered
         # A worker ended the connection (ESHUTDOWN sent, then FIN): let the client read
         # it before the socket closes, since closing with unread data would send RST.
         _close_gracefully(conn.sock)
 
     def _take(self, conn: _Conn, backend: Backend, req: p.Request,
-              pool: _Workers) -> None:
-        """Read one request's payload (reader thread) and hand it to a worker; requests
-        the server refuses outright are answered here."""
+              pool: _Workers, reader: _Reader) -> None:
+        """Read one request's payload (reader thread) and hand it to a worker, or serve
+        a quick write itself; requests the server refuses outright are answered here."""
         peer = conn.info.peer
         if req.type == p.Cmd.WRITE and req.length > p.MAX_PAYLOAD:
             # Its payload cannot be skipped at a sane cost, so the stream is lost.
@@ -615,7 +703,7 @@ class NBDServer:
                                      fast_zero=_can_fast_zero(backend))
         if error:
             if req.type == p.Cmd.WRITE:
-                _discard(conn.sock, req.length)
+                reader.discard(req.length)
             self.log.warning("NBD %s: %s flags=%#x offset=%d length=%d (%s) refused with %s",
                              peer, _cmd_name(req.type), req.flags, req.offset, req.length,
                              why, error.name)
@@ -631,26 +719,32 @@ class NBDServer:
                 # A fresh buffer per request, never reused: the backend may keep a
                 # view of it (the journal holds the op until the broker has it).
                 payload = bytearray(req.length)
-                _recv_into(conn.sock, memoryview(payload), at_boundary=False)
+                reader.read_into(memoryview(payload), at_boundary=False)
         except BaseException:
             conn.inflight.release(size)
             raise
-        if (conn.inflight.requests == 1 and req.type == p.Cmd.WRITE
-                and not req.flags & p.CMD_FLAG_FUA and getattr(backend, "quick_writes", False)):
-            # Nothing to overlap with: waking a worker would cost more than the request
-            # (under pgbench the wake-up, made holding the GIL, was a fifth of the NBD
-            # capturer's GIL time); the next request waits only for this quick one.
-            self._serve(conn, backend, req, payload, size, t0)
+        if (req.type == p.Cmd.WRITE and not req.flags & p.CMD_FLAG_FUA
+                and (req.length <= _INLINE_MAX or conn.inflight.requests == 1)
+                and getattr(backend, "quick_writes", False)):
+            # Waking a worker would cost more than a small request (under pgbench the
+            # wake-up, made holding the GIL, was a fifth of the NBD capturer's GIL time;
+            # at queue depth 16, workers served random 4 KiB writes no faster than this);
+            # a large one overlaps its copy with the next requests' on a worker. While
+            # more requests wait in the buffer the reply is held, to go out with theirs
+            # in one send.
+            self._serve(conn, backend, req, payload, size, t0,
+                        hold=reader.buffered() >= p.REQUEST_SIZE)
             return
         pool.submit(conn.inflight.requests, self._serve, conn, backend, req, payload, size,
                     t0)
 
     def _serve(self, conn: _Conn, backend: Backend, req: p.Request,
-               payload: bytearray | None, size: int, t0: float) -> None:
-        """Serve one validated request and reply (a worker thread); ``size`` is what it
-        holds of the connection's read-ahead, ``t0`` when its header was read."""
+               payload: bytearray | None, size: int, t0: float, hold: bool = False) -> None:
+        """Serve one validated request and reply (a worker thread, or the reader for a
+        quick write); ``size`` is what it holds of the connection's read-ahead, ``t0``
+        when its header was read, ``hold``: keep a success reply back (:meth:`_Conn.reply`)."""
         try:
-            self._handle(conn, backend, req, payload)
+            self._handle(conn, backend, req, payload, hold)
             if self.on_request is not None:
                 self.on_request(conn.info.export or "", p.Cmd(req.type).name.lower(),
                                 time.monotonic() - t0)
@@ -669,7 +763,7 @@ class NBDServer:
             conn.inflight.release(size)
 
     def _handle(self, conn: _Conn, backend: Backend, req: p.Request,
-                payload: bytearray | None) -> None:
+                payload: bytearray | None, hold: bool = False) -> None:
         peer = conn.info.peer
         where = f"{_cmd_name(req.type)} offset={req.offset} length={req.length}"
         if (req.type == p.Cmd.WRITE_ZEROES and req.flags & p.CMD_FLAG_FAST_ZERO
@@ -686,6 +780,7 @@ class NBDServer:
                              peer, _cmd_name(req.type), e)
             with conn.send_lock:
                 if not conn.closing:
+                    conn._send_held()
                     conn.sock.sendall(conn.error_reply(p.Err.ESHUTDOWN, req.cookie,
                                                        "the server is shutting down"))
                     conn.closing = True
@@ -704,7 +799,7 @@ class NBDServer:
             conn.reply(conn.error_reply(p.Err.EIO, req.cookie, f"{where}: server error"))
             return
         if chunks is None:
-            conn.reply(p.encode_simple_reply(p.Err.OK, req.cookie))
+            conn.reply(p.encode_simple_reply(p.Err.OK, req.cookie), hold=hold)
         else:
             conn.reply_chunks(chunks)
 
@@ -847,14 +942,6 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     buf = bytearray(size)
     _recv_into(sock, memoryview(buf), at_boundary=False)
     return bytes(buf)
-
-
-def _discard(sock: socket.socket, length: int) -> None:
-    scratch = memoryview(bytearray(min(length, _DISCARD_CHUNK)))
-    while length:
-        n = min(length, len(scratch))
-        _recv_into(sock, scratch[:n], at_boundary=False)
-        length -= n
 
 
 def _send_all(sock: socket.socket, header: bytes, data: bytes | None) -> None:

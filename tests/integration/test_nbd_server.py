@@ -49,6 +49,10 @@ class VolumeBackend:
     fast_zero: bool | None = None   # overrides the volume's answer when set
     #: One volume behind every connection, so a flush covers them all.
     multi_conn: bool = True
+    #: Small writes served by the server's reader thread, as the NBD capture's are.
+    quick_writes: bool = False
+    #: A flush waits until this is set (a slow flush, as a sync journal's).
+    flush_gate: threading.Event | None = None
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -85,6 +89,8 @@ class VolumeBackend:
         self.vol.zero(self.offset + offset, length)
 
     def flush(self) -> None:
+        if self.flush_gate is not None:
+            self.flush_gate.wait(30)
         self.flushes += 1
         self.vol.fsync()
 
@@ -504,6 +510,57 @@ def test_invalid_requests_get_errors_and_the_stream_stays_in_sync(
     assert c.request(p.Cmd.READ, MiB - 512, 512) == (0, bytes(512))        # still in sync
     assert c.local in logged(caplog_nbd, "unknown command 119")
     assert logged(caplog_nbd, "NBD_CMD_WRITE_ZEROES").endswith("refused with ENOSPC")
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["workers", "reader"])
+def test_a_pipelined_batch_is_answered_whole_and_in_sync(
+        srv: Served, raw: Callable[..., RawClient], quick: bool) -> None:
+    """A client sends 48 requests in one go, as a queue-depth client does, then waits:
+    every one is answered once (replies the reader held back while more requests were
+    buffered go out before it waits), a refused write in the middle has its payload
+    skipped, and the stream stays in sync."""
+    srv.backends["disk"].quick_writes = quick
+    c = raw()
+    c.go()
+    blocks = {i: os.urandom(4096) for i in range(46)}
+    batch = [p.encode_request(p.Request(0, p.Cmd.WRITE, i, i * 8192, 4096)) + data
+             for i, data in blocks.items()]
+    batch.insert(20, p.encode_request(p.Request(0, p.Cmd.WRITE, 1000, SIZE - 512, 4096))
+                 + b"\xee" * 4096)                        # past the end: refused
+    batch.append(p.encode_request(p.Request(0, p.Cmd.READ, 1001, 45 * 8192, 4096)))
+    c.sock.sendall(b"".join(batch))
+    answers: dict[int, int] = {}
+    for _ in range(len(batch)):
+        reply = p.parse_simple_reply(c.recv(p.SIMPLE_REPLY_SIZE))
+        assert reply.cookie not in answers, f"cookie {reply.cookie} answered twice"
+        answers[reply.cookie] = reply.error
+        if reply.cookie == 1001:
+            # In flight with the writes: NBD orders nothing between them, so only its
+            # length is known here; the writes are checked once answered.
+            assert len(c.recv(4096)) == 4096
+    assert answers == {**{i: 0 for i in blocks}, 1000: p.Err.ENOSPC, 1001: 0}
+    for i, data in blocks.items():
+        assert image_bytes(srv.image, i * 8192, 8192) == data + bytes(4096)
+    assert b"\xee" not in image_bytes(srv.image, SIZE - MiB, MiB)
+    assert c.request(p.Cmd.READ, 45 * 8192, 4096) == (0, blocks[45])    # still in sync
+
+
+def test_a_held_reply_does_not_wait_behind_a_slow_request(
+        srv: Served, raw: Callable[..., RawClient]) -> None:
+    """A write the reader served, held back while a FLUSH was buffered behind it, is
+    answered while that FLUSH is still running on a worker, not after it."""
+    backend = srv.backends["disk"]
+    backend.quick_writes, backend.flush_gate = True, threading.Event()
+    c = raw()
+    c.go()
+    c.sock.sendall(p.encode_request(p.Request(0, p.Cmd.WRITE, 1, 0, 4096)) + b"\x5a" * 4096
+                   + p.encode_request(p.Request(0, p.Cmd.FLUSH, 2, 0, 0)))
+    c.sock.settimeout(5)
+    try:
+        assert p.parse_simple_reply(c.recv(p.SIMPLE_REPLY_SIZE)) == p.SimpleReply(0, 1)
+    finally:
+        backend.flush_gate.set()
+    assert p.parse_simple_reply(c.recv(p.SIMPLE_REPLY_SIZE)) == p.SimpleReply(0, 2)
 
 
 def test_oversized_write_closes_without_touching_the_volume(
