@@ -84,7 +84,14 @@ class KafkaSettings:
         return cls(bootstrap, extra, compression)
 
     def _common(self) -> dict[str, Any]:
-        return {"bootstrap.servers": self.bootstrap, "logger": rdkafka_log, **self.extra}
+        return {"bootstrap.servers": self.bootstrap, "logger": rdkafka_log,
+                # Once the bootstrap address has answered, librdkafka drops that handle
+                # for the broker's own (node id) and holds the new connection back for
+                # half the reconnect backoff: the default 100 ms made every new client's
+                # first request take 55 ms on a local broker, 15 ms with this. Backoff
+                # still doubles per failed attempt up to reconnect.backoff.max.ms.
+                "reconnect.backoff.ms": 10,
+                **self.extra}
 
     def producer(self, **overrides: Any) -> dict[str, Any]:
         return {
