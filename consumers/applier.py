@@ -17,7 +17,7 @@ from typing import Callable
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from consumers.checkpoint import Checkpoint, CheckpointStore
-from consumers.writer import apply_entries, apply_op
+from consumers.writer import BackgroundWrites, apply_entries, apply_op
 from infra import control, keys, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
@@ -134,6 +134,12 @@ class Applier:
         self._pos = Position()
         self._staged: list[_Staged] = []
         self._staged_bytes = 0
+        #: Set when the staging budget overflowed since the last checkpoint: the target
+        #: is ahead of its checkpoint already, so later overflows are written at half the
+        #: budget, in the background, while the next half is staged (memory stays within
+        #: the budget).
+        self._ahead = False
+        self._writes = BackgroundWrites()
         #: A member of a consistency group checkpoints only at committed group cuts
         #: (journal/groups.py); set at start from the pair's state. A bounded run (a
         #: failover's drain to a cut, a point in time, a verify) stops at its own point.
@@ -179,8 +185,10 @@ class Applier:
                 self._start(consumer)
                 while not self.stats.stopped_by:
                     try:
-                        self.stats.stopped_by = self._loop(consumer, beats, producer, stop,
-                                                           until_caught_up, on_progress)
+                        stopped_by = self._loop(consumer, beats, producer, stop,
+                                                until_caught_up, on_progress)
+                        self._writes.wait()
+                        self.stats.stopped_by = stopped_by
                     except VolumeLost as e:
                         if not self._resume(consumer, e, stop):
                             self.stats.stopped_by = "signal"
@@ -193,6 +201,7 @@ class Applier:
                 self._mark_resync(e)
                 raise
             finally:
+                self._writes.close()
                 consumer.close()
                 self.released = (self.stats.stopped_by == "limit" and os.path.realpath(
                     self.target) != os.path.realpath(self.spec.target))
@@ -210,8 +219,10 @@ class Applier:
         log.warning("pair %s: lost the target %s (%s); resuming from its checkpoint epoch "
                     "%d seq %d once it is back", self.spec.name, self.target, error,
                     p.epoch, p.seq)
+        self._writes.discard()
         self._staged, self._staged_bytes, self._cmp, self._cuts = [], 0, None, []
         self._pos = p
+        self._ahead = False
         deadline, delay = time.monotonic() + TARGET_RETRY_S, 0.1
         while True:
             try:
@@ -316,12 +327,14 @@ class Applier:
             self._checkpoint(entry, self._pos)
             if self.sealed is not None:
                 self._promote(entry)
-        elif self._staged_bytes > self.stage_limit:
-            if self.grouped:
+        elif self._staged_bytes > (self.stage_limit // 2 if self._ahead else self.stage_limit):
+            if self.grouped and not self._ahead:
                 log.warning("pair %s: more than %d MiB between two committed group cuts; "
                             "applied early, so %s is ahead of its group's cut until the next "
                             "one", self.spec.name, self.stage_limit >> 20, self.target)
-            self._apply_staged()      # too large to hold: the target runs ahead of its checkpoint
+            # Too large to hold: the target runs ahead of its checkpoint.
+            self._apply_staged(background=self._ahead)
+            self._ahead = True
         return True
 
     def _group_point(self, entry: Entry) -> None:
@@ -402,14 +415,20 @@ class Applier:
         except BrokerError as e:
             log.warning("could not publish the hash comparison of %s: %s", self.target, e)
 
-    def _apply_staged(self, count: int | None = None) -> None:
-        """Apply the first ``count`` staged entries (default: all of them)."""
+    def _apply_staged(self, count: int | None = None, background: bool = False) -> None:
+        """Apply the first ``count`` staged entries (default: all of them); with
+        ``background``, entries without HASHES go to disk while the loop goes on."""
         count = len(self._staged) if count is None else count
-        ops = nbytes = 0
+        if background and self._cmp is None and not any(
+                op.kind is OpKind.HASHES for s in self._staged[:count] for op in s.entry.ops):
+            self._writes.submit(self._write, [s.entry for s in self._staged[:count]])
+            self._account(count)
+            return
+        self._writes.wait()         # in order, after what is in flight
         plain: list[Entry] = []         # entries without HASHES, applied together
         for s in self._staged[:count]:
             if any(op.kind is OpKind.HASHES for op in s.entry.ops):
-                apply_entries(self.vol, plain)
+                self._write(plain)
                 plain = []
                 self._compare(s.entry)
             else:
@@ -418,9 +437,33 @@ class Applier:
                 # Answered at the HASHES' own point, even where a group member's
                 # checkpoint comes only at a later cut.
                 self._publish_comparison(s.pos)
-            ops += len(s.entry.ops)
-            nbytes += s.entry.payload_bytes
-        apply_entries(self.vol, plain)
+        self._write(plain)
+        self._account(count)
+
+    def _write(self, entries: list[Entry]) -> None:
+        """Apply checked entries to the target; a failed write names the target and
+        where applying resumes."""
+        try:
+            apply_entries(self.vol, entries)
+        except OSError as e:
+            p = self.checkpointed
+            raise VolumeError(
+                f"pair {self.spec.name}: writing to the target {self.target} failed: "
+                f"{e.strerror or e}. Its checkpoint stays at epoch {p.epoch} seq {p.seq}; "
+                f"once the target is fixed (space, device), '{self._rerun()}' applies "
+                f"again from there") from e
+
+    def _rerun(self) -> str:
+        """The command that runs this applier again: the pair's own or a replica's."""
+        if os.path.realpath(self.target) == os.path.realpath(self.spec.target):
+            return f"x2x apply {self.spec.name}"
+        return f"x2x replica add {self.spec.name} --target {self.target}"
+
+    def _account(self, count: int) -> None:
+        """The first ``count`` staged entries are applied (or being written): count them
+        and unstage them."""
+        ops = sum(len(s.entry.ops) for s in self._staged[:count])
+        nbytes = sum(s.entry.payload_bytes for s in self._staged[:count])
         self.stats.entries += count
         self.stats.ops += ops
         self.stats.bytes_applied += nbytes
@@ -433,6 +476,7 @@ class Applier:
     def _checkpoint(self, entry: Entry, pos: Position) -> None:
         """``entry`` (at ``pos``) and everything before it is applied: fsync, then record."""
         self.vol.fsync()
+        self._ahead = False
         self.checkpointed = pos
         self._last_digest = entry.digest.hex()
         self.store.save(Checkpoint(self.spec.name, self.target, pos, self._last_digest,
@@ -495,9 +539,7 @@ class Applier:
         name = self.spec.name
         need = (f"its checkpoint (epoch {pos.epoch} seq {pos.seq}) at offset {pos.offset}"
                 if pos is not None else "the journal from its first record")
-        own = os.path.realpath(self.target) == os.path.realpath(self.spec.target)
-        way = (f"x2x apply {name} --reseed" if own
-               else f"x2x replica add {name} --target {self.target} --reseed")
+        way = f"{self._rerun()} --reseed"
         return BehindBase(
             f"pair {name}: {self.target} needs {need}, but {self.topic} now starts at "
             f"offset {low}: the history base applied the records before it and they were "

@@ -1,7 +1,8 @@
 """Applying ops to a target volume."""
 from __future__ import annotations
 
-from typing import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable
 
 from infra.volume import Volume
 from journal.ops import Entry, Op, OpKind
@@ -41,3 +42,43 @@ def apply_op(vol: Volume, op: Op) -> None:
         vol.fill(op.offset, op.length, op.data[0])  # type: ignore[index]  # checked: one byte
     # FLUSH and SEAL change no bytes: the applier fsyncs and checkpoints at them;
     # HASHES change none either: the applier compares the target against them.
+
+
+class BackgroundWrites:
+    """Applies batches of entries on a thread of its own, one batch at a time and in
+    order, so the applier reads and checks the next records from the broker while a
+    batch goes to disk (the write releases the interpreter lock). A failure is raised
+    by the next :meth:`submit` or :meth:`wait`."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+
+    def submit(self, write: Callable[[list[Entry]], None], entries: list[Entry]) -> None:
+        """Start ``write(entries)`` once the batch before is written (at most one is in
+        flight: the staging budget then bounds memory as it would without)."""
+        self.wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="x2x-apply")
+        self._pending = self._pool.submit(write, entries)
+
+    def wait(self) -> None:
+        """Return once every submitted batch is written; raise what writing one raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def discard(self) -> None:
+        """Wait for the batch in flight, ignoring its failure (the caller goes back to
+        its checkpoint, so what that batch reached does not matter)."""
+        try:
+            self.wait()
+        except Exception:       # noqa: BLE001 -- any failure: its writes are redone
+            pass
+
+    def close(self) -> None:
+        """Wait for the batch in flight (its failure ignored) and end the thread."""
+        self.discard()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None

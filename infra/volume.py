@@ -107,7 +107,12 @@ class Volume:
             os.close(self._direct_fd)
             self._direct_fd = -1
         if self._bounce is not None:
-            self._bounce.close()
+            try:
+                self._bounce.close()
+            except BufferError:
+                # A failed write's traceback (ENOSPC, say) still holds a view of it: the
+                # buffer goes with that; the error must reach the user, not this.
+                pass
             self._bounce = None
         if self.fd >= 0:
             os.close(self.fd)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from infra.topics import JOURNAL_CONFIG, delete_topic, ensure_topic, journal_top
 
 from journal.batch import Sequencer
 from journal.errors import (CorruptEntry, ExtentOutOfRange, JournalLost, PairNotFound, SeqGap,
-                            StaleEpoch, UnknownFingerprint)
+                            StaleEpoch, UnknownFingerprint, VolumeError)
 from journal.ops import Op
 from journal.events import EpochAbandoned
 from journal.pairs import PairSpec
@@ -111,6 +113,50 @@ def test_cli_flow_and_status(settings, pair_name, tmp_path):
     run_x2x("pair", "delete", pair_name)
     gone = run_x2x("pair", "show", pair_name, check=False)
     assert gone.returncode == 1 and f"no pair named '{pair_name}'" in gone.stderr
+
+
+def test_more_than_the_staging_budget_between_points_is_written_in_the_background(
+        settings, pair_name, tmp_path):
+    """A baseline is one stretch without a consistency point: past the staging budget the
+    target runs ahead of its checkpoint, and from then on each half budget goes to disk on
+    a thread of its own while the next records are read and checked."""
+    src = make_image(tmp_path / "src.img", 24 * MiB, seed=21, data_fraction=1.0)
+    dst = tmp_path / "dst.img"
+    spec = create(settings, pair_name, src, dst)
+    last = scan_once(spec, settings).last_seq
+    threads: set[str] = set()
+
+    def progress(_applier: Applier) -> None:
+        threads.update(t.name for t in threading.enumerate())
+
+    Applier(spec, str(dst), settings, stage_limit=2 * MiB).run(until_caught_up=True,
+                                                               on_progress=progress)
+    assert any(n.startswith("x2x-apply") for n in threads), threads
+    assert same_bytes(src, dst)
+    assert CheckpointStore(pair_name, str(dst)).load().position.seq == last
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs (a target that runs "
+                    "out of space) needs root")
+def test_a_failed_write_to_the_target_is_a_clear_error_and_not_checkpointed(
+        settings, pair_name, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)], check=True)
+    try:
+        src = make_image(tmp_path / "src.img", 16 * MiB, seed=22, data_fraction=1.0)
+        dst = small / "dst.img"
+        spec = create(settings, pair_name, src, dst)
+        scan_once(spec, settings)
+        # The first overflow (2 MiB) fits; writes after it go in the background.
+        with pytest.raises(VolumeError, match=re.escape(
+                f"writing to the target {dst} failed: No space left on device. Its "
+                f"checkpoint stays at epoch 0 seq 0; once the target is fixed (space, "
+                f"device), 'x2x apply {pair_name}' applies again from there")):
+            Applier(spec, str(dst), settings, stage_limit=2 * MiB).run(until_caught_up=True)
+        assert CheckpointStore(pair_name, str(dst)).load() is None
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_applier_killed_mid_stream_resumes_to_an_equal_target(settings, pair_name, tmp_path):
