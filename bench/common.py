@@ -117,11 +117,11 @@ def scratch_topic(settings: KafkaSettings, name: str) -> Iterator[str]:
         delete_topic(admin, name)
 
 
-def _warm_producer(settings: KafkaSettings, topic: str) -> "Producer":
+def _warm_producer(settings: KafkaSettings, topic: str, **overrides: Any) -> "Producer":
     """A producer with the journal's settings, connected and its idempotent session
     started (one record delivered), as x2x's capturer is when a workload is timed."""
     from confluent_kafka import Producer
-    producer = Producer(settings.producer())
+    producer = Producer(settings.producer(**overrides))
     producer.produce(topic, b"warm-up")
     if producer.flush(60):
         raise RuntimeError(f"bare producer could not reach {settings.bootstrap}")
@@ -147,11 +147,13 @@ def bare_produce(settings: KafkaSettings, topic: str, path: str | Path) -> tuple
 
 def bare_produce_at_depth(settings: KafkaSettings, topic: str, size: int, count: int,
                           depth: int) -> float:
-    """Records/s of a bare producer (the journal's settings: acks=all, idempotent,
-    linger 5 ms) keeping at most ``depth`` records of ``size`` bytes in flight, each slot
-    reused once the broker acknowledged its record: what a client at queue depth
-    ``depth`` gets when every write waits for the broker."""
-    producer = _warm_producer(settings, topic)
+    """Records/s of a bare producer (the journal's settings: acks=all, idempotent; the
+    linger of a capture whose clients wait, WAITED_LINGER_MS) keeping at most ``depth``
+    records of ``size`` bytes in flight, each slot reused once the broker acknowledged
+    its record: what a client at queue depth ``depth`` gets when every write waits for
+    the broker."""
+    from producers.publisher import WAITED_LINGER_MS
+    producer = _warm_producer(settings, topic, **{"linger.ms": WAITED_LINGER_MS})
     value = os.urandom(size)
     done = [0]
 

@@ -54,7 +54,7 @@ from producers.journaling import JournalingVolume, Mode, RangeLocks
 from producers.lease import Lease
 from journal.status import CAPTURE_BEAT_S
 from nbd.server import NBDServer
-from producers.publisher import ASYNC_LINGER_MS, JournalPublisher
+from producers.publisher import ASYNC_LINGER_MS, WAITED_LINGER_MS, JournalPublisher
 from producers.rate import TokenBucket
 from producers.intent import IntentBitmap
 from producers.announce import abandon_epoch, announce_baseline, mark_journal_lost
@@ -336,7 +336,8 @@ class NBDCapture:
                                key=self.key, instance=self.spec.source, spool=spool,
                                hold=self.hold if spool is not None else 0.0,
                                busy=self._clients_busy, limit=self.limit,
-                               linger_ms=ASYNC_LINGER_MS if self.mode is Mode.ASYNC else None)
+                               linger_ms=(ASYNC_LINGER_MS if self.mode is Mode.ASYNC
+                                          else WAITED_LINGER_MS))
         pub.heartbeat.local_copy = local_beat_path(self.spec.name, "capturer")
         # async: the backlog is bounded (spool, memory); full, the capturer degrades as for
         # an outage instead of making clients wait for the broker (journal/DESIGN.md 12).
