@@ -18,7 +18,8 @@ source for up to ``X2X_ASYNC_HOLD`` seconds (default 2; 0 ships at once) instead
 shipping it alongside: on a small machine the journal and a local broker would otherwise
 take a third of the CPU the clients need. A FLUSH, a drain or a stop ships at once, and a
 longer burst ships as it ages, so the hold adds at most that much to the RPO, and only
-while clients write without flushing.
+while clients write without flushing: for ``X2X_ASYNC_HOLD`` seconds after a client's
+FLUSH nothing is held (a client that flushes makes its own consistency points).
 
 Bounded: the publisher defers only while its backlog (deferred + spooled) fits the spool
 cap; bytes read early are counted in its memory bound like any other queued payload.

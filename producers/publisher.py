@@ -125,8 +125,10 @@ class JournalPublisher:
         #: Burst absorption (producers/deferred.py): while ``busy()`` says clients are
         #: writing, deferred entries younger than ``hold`` seconds stay on the source.
         self.hold, self.busy = hold, busy
-        #: The newest client FLUSH's seq: what precedes it is never held.
+        #: The newest client FLUSH's seq: what precedes it is never held; and when it
+        #: came (monotonic): for ``hold`` seconds after it nothing is held at all.
         self._ship_seq = -1
+        self._shipped_at = float("-inf")
         self._waiters = 0          # threads in wait_journaled: they want it shipped now
         self._appended_at = 0      # capture time of the newest op appended (ms)
         #: Payload bytes appended in this epoch (journaled or not): what clients were told.
@@ -239,7 +241,7 @@ class JournalPublisher:
         with self._cond:
             seq = self.seq.next_seq + self.seq.pending_ops
             if ship:
-                self._ship_seq = seq
+                self._ship_seq, self._shipped_at = seq, time.monotonic()
             self.append_many([op or Op.flush()], client)
             return seq
 
@@ -362,8 +364,13 @@ class JournalPublisher:
     def _holding(self, head: Entry) -> bool:
         """Leave a burst's writes on the source while clients are still writing: the
         journal (and a broker on the same machine) then takes no CPU from them. Never
-        past ``hold`` seconds, and never while anyone waits for the journal (a FLUSH)."""
+        past ``hold`` seconds, and never while anyone waits for the journal (a FLUSH).
+        A client that flushed within ``hold`` seconds is not bursting: it makes its own
+        consistency points, and holding its writes until the next would add the time to
+        move a whole interval of them to every point's RPO (a writer flushing every
+        0.5 s at 90 MB/s: RPO p99 1.06-1.19 s held, 0.83 s not)."""
         return (self.hold > 0 and not self._waiters and head.first_seq > self._ship_seq
+                and time.monotonic() - self._shipped_at >= self.hold
                 and self.busy is not None and self.busy()
                 and now_ms() - head.captured_at_ms < self.hold * 1000)
 

@@ -345,38 +345,45 @@ def test_a_held_burst_ships_once_the_clients_go_quiet(settings, pair_name, tmp_p
 
 def test_an_async_flush_ships_what_precedes_it_while_clients_keep_writing(
         settings, pair_name, tmp_path, live):
-    """A database commits (FLUSHes) while it keeps writing: its FLUSH returns once the
-    source is durable and does not wait for the broker, but nothing before it stays held
-    on the source, so its RPO is the journal's lag, not the hold. Writes after the last
-    FLUSH, while the clients stay busy, are held as before."""
+    """Burst absorption is for clients that write without flushing: their writes stay on
+    the source while they keep writing. A database commits (FLUSHes) while it keeps
+    writing: its FLUSH returns once the source is durable and does not wait for the
+    broker, but nothing before it stays held; and having flushed within the hold, it is
+    not bursting: its later writes ship as they come, without waiting for its next FLUSH,
+    so its RPO is the journal's lag, not the time between its FLUSHes."""
     spec = make_pair(settings, pair_name, tmp_path, 16 * MiB)
     cap = live(spec)
     wait_baseline(cap)
     cap.sync_point()
     cap.pub.hold = 3600.0
     cap.pub.busy = lambda: True                 # clients writing all the time
-    committed, later = os.urandom(4 * MiB), os.urandom(4 * MiB)
+    burst, committed, later = (os.urandom(4 * MiB) for _ in range(3))
     client = Client.open(parse_uri(cap.uri))
     try:
-        client.pwrite(0, committed)
+        client.pwrite(12 * MiB, burst)          # no FLUSH yet: a burst, held
+        time.sleep(1.5)
+        assert cap.pub.journaled.seq < cap.pub.appended_seq
         assert cap.pub.deferred_bytes > 0       # left on the source
+        client.pwrite(0, committed)
         client.flush()
         flush_seq = cap.pub.appended_seq
         deadline = time.monotonic() + 30
         while cap.pub.journaled.seq < flush_seq:
             assert time.monotonic() < deadline, "a client FLUSH left its writes held"
             time.sleep(0.05)
-        client.pwrite(8 * MiB, later)           # no FLUSH after it: held
-        time.sleep(1.5)
-        assert cap.pub.journaled.seq < cap.pub.appended_seq
-        assert cap.pub.deferred_bytes > 0
+        client.pwrite(8 * MiB, later)           # no FLUSH after it, clients still busy
+        deadline = time.monotonic() + 30
+        while cap.pub.journaled.seq < cap.pub.appended_seq or cap.pub.deferred_bytes:
+            assert time.monotonic() < deadline, (
+                "writes after a client's FLUSH were held until its next one")
+            time.sleep(0.05)
     finally:
         client.close()
-    cap.pub.busy = lambda: False                # the clients pause: it ships
     cap.sync_point()
     apply_all(settings, spec)
     target = Path(spec.target).read_bytes()
     assert target[:4 * MiB] == committed and target[8 * MiB:12 * MiB] == later
+    assert target[12 * MiB:] == burst
 
 
 def test_capture_with_a_bad_async_hold_is_refused_before_it_serves(settings, pair_name,
