@@ -88,6 +88,11 @@ class Comparison:
         return list(coalesce(sorted(set(self.differing)), block_size, volume_size, 8 << 20))
 
 
+def _compares(entry: Entry) -> bool:
+    """Does ``entry`` carry HASHES ops (the target is compared, not only written)?"""
+    return any(op.kind is OpKind.HASHES for op in entry.ops)
+
+
 @dataclass
 class _Staged:
     entry: Entry
@@ -420,14 +425,14 @@ class Applier:
         ``background``, entries without HASHES go to disk while the loop goes on."""
         count = len(self._staged) if count is None else count
         if background and self._cmp is None and not any(
-                op.kind is OpKind.HASHES for s in self._staged[:count] for op in s.entry.ops):
+                _compares(s.entry) for s in self._staged[:count]):
             self._writes.submit(self._write, [s.entry for s in self._staged[:count]])
             self._account(count)
             return
         self._writes.wait()         # in order, after what is in flight
         plain: list[Entry] = []         # entries without HASHES, applied together
         for s in self._staged[:count]:
-            if any(op.kind is OpKind.HASHES for op in s.entry.ops):
+            if _compares(s.entry):
                 self._write(plain)
                 plain = []
                 self._compare(s.entry)

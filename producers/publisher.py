@@ -45,7 +45,7 @@ BUSY_POLL = 0.01
 #: thread busy-polls while records linger: 110-190 us of CPU per record, a third of the
 #: capturer's, on the cores the clients need. From 20 ms it sleeps (7 us per record,
 #: tens of records per request). It adds 20 ms to the RPO, beside the burst hold of
-#: seconds; flush-sync and sync keep the default, since a client waits on every ack.
+#: seconds; flush-sync and sync, where a client waits on acks, linger far less (below).
 ASYNC_LINGER_MS = 20.0
 #: librdkafka's linger where a client waits for the acknowledgement (sync: every write;
 #: flush-sync: its FLUSH): lingering is then time the client waits out. Random 4 KiB
