@@ -61,7 +61,10 @@ class TaggedWriter(threading.Thread):
         except OSError as e:
             self.error = str(e)                 # the source died under it
         finally:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass                            # the FUSE mount went with the source
 
 
 def on_target(target: str, blocks: int) -> set[int]:
