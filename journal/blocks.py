@@ -64,6 +64,8 @@ def fill_byte(data: memoryview) -> int | None:
     if head.count(head[:1]) != len(head):
         return None
     pattern = fill_pattern(head[0])
+    if len(data) <= _CHUNK:     # a client's write: one copy, one compare, no loop
+        return head[0] if pattern.startswith(bytes(data[_HEAD:])) else None
     # startswith compares a chunk with the pattern's prefix without slicing a copy of it.
     if all(pattern.startswith(bytes(data[i:i + _CHUNK]))
            for i in range(_HEAD, len(data), _CHUNK)):

@@ -741,30 +741,31 @@ def request_error(req: Request, export_size: int, *, structured: bool = False,
     Writes past the end get ENOSPC and other out-of-range requests EINVAL, as proto.md
     asks; unknown commands are EINVAL.
     """
-    name = _cmd(req.type)
     allowed = _ALLOWED_FLAGS.get(req.type)
     if allowed is None:
         return Err.EINVAL, f"unknown command {req.type}"
     if req.type == Cmd.BLOCK_STATUS and not block_status:
-        return Err.EINVAL, (f"{name} without a metadata context: negotiate "
+        return Err.EINVAL, (f"{_cmd(req.type)} without a metadata context: negotiate "
                             f"{META_BASE_ALLOCATION} with NBD_OPT_SET_META_CONTEXT first")
     if not structured:
         allowed &= ~CMD_FLAG_DF
     if not fast_zero:
         allowed &= ~CMD_FLAG_FAST_ZERO
     if req.flags & ~allowed:
-        return Err.EINVAL, f"command flags {req.flags & ~allowed:#x} are not valid on {name}"
+        return Err.EINVAL, (f"command flags {req.flags & ~allowed:#x} are not valid on "
+                            f"{_cmd(req.type)}")
     if req.type in (Cmd.DISC, Cmd.FLUSH):
         return Err.OK, ""
     if req.type in (Cmd.READ, Cmd.WRITE) and req.length > MAX_PAYLOAD:
         return (Err.EINVAL if req.type == Cmd.READ else Err.EOVERFLOW,
-                f"{name} of {req.length} bytes exceeds the maximum of {MAX_PAYLOAD}")
+                f"{_cmd(req.type)} of {req.length} bytes exceeds the maximum of "
+                f"{MAX_PAYLOAD}")
     if req.type == Cmd.BLOCK_STATUS and req.length == 0:
-        return Err.EINVAL, f"{name} of length 0"
+        return Err.EINVAL, f"{_cmd(req.type)} of length 0"
     if req.offset + req.length > export_size:
         err = Err.ENOSPC if req.type in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL
-        return err, (f"{name} offset={req.offset} length={req.length} goes past the end "
-                     f"of the export ({export_size} bytes)")
+        return err, (f"{_cmd(req.type)} offset={req.offset} length={req.length} goes "
+                     f"past the end of the export ({export_size} bytes)")
     return Err.OK, ""
 
 

@@ -153,6 +153,8 @@ class _Conn:
     meta_export: str | None = None
     #: In transmission: may the client send NBD_CMD_BLOCK_STATUS?
     block_status: bool = False
+    #: In transmission: did the export offer NBD_FLAG_SEND_FAST_ZERO?
+    fast_zero: bool = False
     #: Set once the connection must end (the backend shut down, a reply failed): the
     #: reader stops taking requests, the workers' replies stop.
     closing: bool = False
@@ -267,12 +269,14 @@ class _Inflight:
     def __init__(self, requests: int, nbytes: int) -> None:
         self.max_requests, self.max_bytes = requests, nbytes
         self.requests = self.bytes = 0
+        self.waiting = False
         self._cond = threading.Condition()
 
     def acquire(self, nbytes: int) -> None:
         with self._cond:
             while self.requests >= self.max_requests or (
                     self.requests and self.bytes + nbytes > self.max_bytes):
+                self.waiting = True
                 self._cond.wait()
             self.requests += 1
             self.bytes += nbytes
@@ -281,7 +285,10 @@ class _Inflight:
         with self._cond:
             self.requests -= 1
             self.bytes -= nbytes
-            self._cond.notify_all()
+            # Only the reader ever waits: a notify when it does not costs every request.
+            if self.waiting:
+                self.waiting = False
+                self._cond.notify_all()
 
 
 class _Workers:
@@ -667,6 +674,7 @@ class NBDServer:
         name, backend = export
         conn.info.export = name
         conn.block_status = conn.structured and conn.meta_export == name
+        conn.fast_zero = _can_fast_zero(backend)
         self.log.info("NBD %s: serving export %r (%d bytes)", conn.info.peer, name, backend.size)
         pool = _Workers(self.workers, f"nbd-{conn.info.peer}")
         reader = _Reader(conn.sock, conn.send_held)
@@ -700,7 +708,7 @@ class NBDServer:
             raise _Close(f"NBD_CMD_WRITE of {req.length} bytes exceeds {p.MAX_PAYLOAD}")
         error, why = p.request_error(req, backend.size, structured=conn.structured,
                                      block_status=conn.block_status,
-                                     fast_zero=_can_fast_zero(backend))
+                                     fast_zero=conn.fast_zero)
         if error:
             if req.type == p.Cmd.WRITE:
                 reader.discard(req.length)
@@ -746,7 +754,7 @@ class NBDServer:
         try:
             self._handle(conn, backend, req, payload, hold)
             if self.on_request is not None:
-                self.on_request(conn.info.export or "", p.Cmd(req.type).name.lower(),
+                self.on_request(conn.info.export or "", _METRIC_NAME.get(req.type, "other"),
                                 time.monotonic() - t0)
         except OSError as e:
             # The reply could not be sent: the connection is gone; wake the reader.
@@ -765,11 +773,11 @@ class NBDServer:
     def _handle(self, conn: _Conn, backend: Backend, req: p.Request,
                 payload: bytearray | None, hold: bool = False) -> None:
         peer = conn.info.peer
-        where = f"{_cmd_name(req.type)} offset={req.offset} length={req.length}"
         if (req.type == p.Cmd.WRITE_ZEROES and req.flags & p.CMD_FLAG_FAST_ZERO
                 and not backend.zero_is_fast()):    # type: ignore[attr-defined]
             # Expected (qemu-img probes with it): the client falls back to writing zeros.
-            self.log.debug("NBD %s: %s with FAST_ZERO: not fast here, ENOTSUP", peer, where)
+            self.log.debug("NBD %s: %s with FAST_ZERO: not fast here, ENOTSUP", peer,
+                           _where(req))
             conn.reply(conn.error_reply(p.Err.ENOTSUP, req.cookie,
                                         "zeroing this export writes zeros: not fast"))
             return
@@ -788,6 +796,7 @@ class NBDServer:
                     _shutdown_socket(conn.sock, socket.SHUT_WR)
             return
         except OSError as e:
+            where = _where(req)
             nbd_err = p.errno_to_nbd(e.errno)
             self.log.warning("NBD %s: %s failed: %s -> %s", peer, where, e, nbd_err.name)
             # The client learns what failed, not the server's paths.
@@ -795,6 +804,7 @@ class NBDServer:
             conn.reply(conn.error_reply(nbd_err, req.cookie, f"{where}: {reason}"))
             return
         except Exception as e:  # noqa: BLE001 - a backend bug is an I/O error to the client
+            where = _where(req)
             self.log.exception("NBD %s: %s failed: %s -> EIO", peer, where, e)
             conn.reply(conn.error_reply(p.Err.EIO, req.cookie, f"{where}: server error"))
             return
@@ -976,6 +986,14 @@ def _shutdown_socket(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
         socket.socket.shutdown(sock, how)
     except OSError:
         pass  # already closed or never connected
+
+
+def _where(req: p.Request) -> str:
+    return f"{_cmd_name(req.type)} offset={req.offset} length={req.length}"
+
+
+#: A command's name in metrics, looked up per request without an enum call.
+_METRIC_NAME = {int(c): c.name.lower() for c in p.Cmd}
 
 
 def _cmd_name(kind: int) -> str:

@@ -121,6 +121,10 @@ class DeferredWrites:
     def read_overlapping(self, offset: int, length: int) -> None:
         """Read every deferred op that ``[offset, offset + length)`` is about to change.
         Call under that range's lock, before changing the source."""
+        if not self._by_grain:
+            # Anything deferred that overlaps was filed under the same range lock, so
+            # an empty index, read without the lock, is the common case's quick answer.
+            return
         end = offset + length
         with self._lock:
             hit = {s for g in self._grains(offset, length) for s in self._by_grain.get(g, ())

@@ -33,7 +33,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 from infra.volume import Volume
 from journal.choices import parse_choice
@@ -96,25 +96,21 @@ class RangeLocks:
             return list(range(self.stripes))
         return sorted({i % self.stripes for i in range(first, last + 1)})
 
-    @contextmanager
-    def hold_all(self) -> Iterator[None]:
+    def hold_all(self) -> ContextManager[None]:
         """Hold every stripe: no change is between its local write and its append."""
-        for lock in self._locks:
-            lock.acquire()
-        try:
-            yield
-        finally:
-            for lock in reversed(self._locks):
-                lock.release()
+        return self._hold_many(list(range(self.stripes)))
+
+    def hold(self, offset: int, length: int) -> ContextManager[object]:
+        """The locks of ``[offset, offset + length)``, to hold for the block of a with."""
+        first = offset // self.region
+        if (offset + max(length, 1) - 1) // self.region == first:
+            # The common case, on every client write: the stripe's lock itself, without
+            # a generator's context manager or the list walk.
+            return self._locks[first % self.stripes]
+        return self._hold_many(self.stripes_of(offset, length))
 
     @contextmanager
-    def hold(self, offset: int, length: int) -> Iterator[None]:
-        """Hold the locks of ``[offset, offset + length)`` for the block of the with."""
-        taken = self.stripes_of(offset, length)
-        if len(taken) == 1:     # the common case, without the list walk
-            with self._locks[taken[0]]:
-                yield
-            return
+    def _hold_many(self, taken: list[int]) -> Iterator[None]:
         for i in taken:
             self._locks[i].acquire()
         try:
