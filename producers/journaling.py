@@ -386,9 +386,9 @@ class JournalingVolume:
             self.counters.ops += 1
             self.counters.bytes += op.length
         if seq:
-            # The op may sit in a half-full entry: send it now. Whatever other writers
-            # queued meanwhile rides along (group commit).
-            self._journal(pub, pub.close_entry)
+            # The op may sit in a half-full entry: the publisher's writer closes it as
+            # soon as it is free, with whatever other writers queued meanwhile (group
+            # commit, JournalPublisher._choose).
             self._journal(pub, lambda: pub.wait_journaled(seq, self.journal_timeout))
         self._check_fence()     # a request that waited past the lease is not acknowledged
 

@@ -158,7 +158,13 @@ class JournalPublisher:
         self._error: str | None = None
         #: Called (entry, topic offset) for each acknowledged entry, on the poller thread.
         self.on_delivered: Callable[[Sent, int], None] | None = None
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        #: Threads in :meth:`wait_journaled`: (the seq each waits for, its own condition
+        #: on ``_lock``). An acknowledgement wakes only those it satisfies: under sync
+        #: mode's queue depth, waking every waiter at every acknowledgement cost each
+        #: write as many GIL hand-offs as there were writes in flight.
+        self._seq_waits: list[tuple[int, threading.Condition]] = []
         self._produce_lock = threading.Lock()
         self._running = True
         self._poller = threading.Thread(target=self._poll_loop, name="x2x-publisher",
@@ -331,7 +337,7 @@ class JournalPublisher:
                 with self._cond:
                     self._error = self._error or (f"the journal writer of {self.topic} "
                                                   f"failed: {type(e).__name__}: {e}")
-                    self._cond.notify_all()
+                    self._wake_all()
 
     def _choose(self, held: "_Encoded | None") -> tuple[str, object]:
         """What the writer does next; waits (lock held) until there is something."""
@@ -359,6 +365,13 @@ class JournalPublisher:
                 if window and not self._spooled:      # held: look again soon
                     self._cond.wait(BUSY_POLL)
                     continue
+            elif self._waiters and self.seq.pending_ops:
+                # Someone waits for ops of the open entry (sync mode's writes): close it
+                # now. What was appended while the last record went out rides along in
+                # this one (group commit): one record, one signature, one report for
+                # all the writes in flight, not one each.
+                self.close_entry()
+                continue
             self._cond.wait(0.1)
 
     def _holding(self, head: Entry) -> bool:
@@ -430,7 +443,7 @@ class JournalPublisher:
                 with self._cond:
                     self._error = self._error or (f"the journal producer of {self.topic} "
                                                   f"failed: {e}")
-                    self._cond.notify_all()
+                    self._wake_all()
                 time.sleep(0.1)
 
     def _delivered(self, err: KafkaError | None, msg: Message) -> None:
@@ -456,7 +469,10 @@ class JournalPublisher:
                 self.last_acked = (msg.offset(), entry.digest)
                 if self.on_delivered is not None:
                     self.on_delivered(entry, msg.offset())
-            self._cond.notify_all()
+            self._cond.notify_all()         # the writer, if it waits for the window
+            for seq, waiter in self._seq_waits:
+                if err is not None or seq <= self.journaled.seq:
+                    waiter.notify()
         if acked[0]:
             telemetry.metrics().captured(self.pair, acked[0], max(0, acked[1]))
 
@@ -476,9 +492,15 @@ class JournalPublisher:
         the next epoch's."""
         with self._cond:
             self._error = self._error or why
-            self._cond.notify_all()        # the writer drops the queue and the spool
+            self._wake_all()               # the writer drops the queue and the spool
         with self._produce_lock:
             self.producer.purge()
+
+    def _wake_all(self) -> None:
+        """Wake every waiting thread (a failure, the close): call holding the lock."""
+        self._cond.notify_all()
+        for _, waiter in self._seq_waits:
+            waiter.notify()
 
     def _raise_if_failed(self) -> None:
         if self._error:
@@ -500,6 +522,8 @@ class JournalPublisher:
             last = self.journaled.seq
             self._waiters += 1
             self._cond.notify_all()         # a held burst ships now
+            me = (seq, threading.Condition(self._lock))
+            self._seq_waits.append(me)
             try:
                 while self.journaled.seq < seq:
                     self._raise_if_failed()
@@ -511,9 +535,10 @@ class JournalPublisher:
                             f"the journal of {self.topic} is not acknowledged up to seq "
                             f"{seq}: nothing acknowledged for {timeout:.0f} s; is "
                             f"{self.settings.bootstrap} up?")
-                    self._cond.wait(min(left, 0.5))
+                    me[1].wait(min(left, 0.5))
             finally:
                 self._waiters -= 1
+                self._seq_waits.remove(me)
             self._raise_if_failed()
 
     def drain(self, timeout: float = 60.0) -> None:
@@ -556,7 +581,7 @@ class JournalPublisher:
         """Flush heartbeats and stop the threads; call drain() first to keep ops."""
         with self._cond:
             self._running = False
-            self._cond.notify_all()
+            self._wake_all()
         self._writer.join()
         self.producer.flush(timeout)
         self._poller.join()
