@@ -20,6 +20,7 @@ from consumers.checkpoint import CheckpointStore
 from infra import control
 from infra.heartbeat import read_beats
 from journal.clock import now_ms
+from journal.plans import FRESH_S
 from journal.status import newest
 from tests.conftest import free_port, make_image, run_x2x
 from tests.faults.conftest import TALLY, Proc
@@ -168,7 +169,13 @@ def test_a_source_cut_off_fences_itself_and_one_watcher_promotes(
         writer.stop()
         check_target(Path(spec.target), writer)
         TALLY["automatic failovers"] += 1
-    # The way back: the old source becomes the promoted side's target.
+    # The way back: the old source becomes the promoted side's target. Its capturer was
+    # killed, so its last beat (fenced) says it serves until that beat is FRESH_S old;
+    # failback refuses until then (split brain), and an operator waits as long.
+    deadline = time.monotonic() + FRESH_S + 10
+    while (json.loads(run_x2x("status", pair_name, "--json").stdout)[0]
+           ["capture_seen_s_ago"] < FRESH_S and time.monotonic() < deadline):
+        time.sleep(0.5)
     out = run_x2x("pair", "failback", pair_name).stdout
     assert "failback done" in out
 
