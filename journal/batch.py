@@ -1,10 +1,17 @@
-"""Grouping ops into entries: seq numbering, payload budget, consistency-point closing."""
+"""Grouping ops into entries: seq numbering, payload budget, consistency-point closing,
+and coalescing closed entries that wait together into one record."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from journal.digest import entry_digest
 from journal.ops import CLOSING_KINDS, Deferred, Entry, Op, OpKind
+
+#: Kinds an entry may hold and still be coalesced with its neighbours: a SEAL, a
+#: HASHES (compared at its own entry's point) and a group barrier stay records of
+#: their own.
+_PLAIN_KINDS = frozenset({OpKind.WRITE, OpKind.ZERO, OpKind.TRIM, OpKind.FILL,
+                          OpKind.FLUSH})
 
 #: Payload bytes per Kafka record. Kept under a stock Kafka broker's message.max.bytes
 #: (1 MiB) with room for Avro framing and compression expansion of random data.
@@ -80,3 +87,40 @@ class Sequencer:
         self.next_seq += len(ops)
         self._ops, self._size = [], 0
         return entry
+
+
+def plain_entry(entry: Entry) -> bool:
+    """May ``entry`` share a record? Only data ops and plain FLUSHes (no group barrier)."""
+    return all(op.kind in _PLAIN_KINDS and (op.kind is not OpKind.FLUSH or op.offset == 0)
+               for op in entry.ops)
+
+
+def joinable(entries: list[Entry], budget: int = DEFAULT_BUDGET) -> int:
+    """How many of ``entries`` (closed, unsigned, contiguous, oldest first) go into one
+    record: a run of plain entries of one epoch within ``budget``, cut back to the last
+    one that ends at a consistency point if any does (journal/DESIGN.md rule 2). At
+    least 1."""
+    if len(entries) < 2 or not plain_entry(entries[0]):
+        return 1
+    size, ends_point, count = 0, 0, 0
+    for entry in entries:
+        if entry.epoch != entries[0].epoch or not plain_entry(entry):
+            break
+        size += sum(len(op.data) for op in entry.ops) + OP_OVERHEAD * len(entry.ops)
+        if count and size > budget:
+            break
+        count += 1
+        if entry.closes_consistency_point:
+            ends_point = count
+    return ends_point or count
+
+
+def join_entries(entries: list[Entry]) -> Entry:
+    """One entry holding the ops of ``entries`` (as :func:`joinable` chose them, not
+    yet signed): it covers their seqs and bytes and was closed when the last one was."""
+    if len(entries) == 1:
+        return entries[0]
+    first, last = entries[0], entries[-1]
+    ops = tuple(op for entry in entries for op in entry.ops)
+    return Entry(first.pair, first.epoch, first.first_seq, last.captured_at_ms,
+                 last.epoch_bytes, ops)

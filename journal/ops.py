@@ -22,8 +22,8 @@ class OpKind(enum.Enum):
 #: Kinds that change bytes of the target, at ``[offset, offset + length)``.
 CHANGING_KINDS = frozenset({OpKind.WRITE, OpKind.ZERO, OpKind.TRIM, OpKind.FILL})
 
-#: Kinds that end an entry: the applier checkpoints only at entry boundaries, so a
-#: consistency point must be the last op of its entry.
+#: Kinds that end an entry: the applier checkpoints only at record boundaries, so a
+#: record's newest consistency point must be its last op (journal/DESIGN.md rule 2).
 CLOSING_KINDS = frozenset({OpKind.FLUSH, OpKind.SEAL})
 
 

@@ -54,7 +54,8 @@ from producers.journaling import JournalingVolume, Mode, RangeLocks
 from producers.lease import Lease
 from journal.status import CAPTURE_BEAT_S
 from nbd.server import NBDServer
-from producers.publisher import ASYNC_LINGER_MS, WAITED_LINGER_MS, JournalPublisher
+from producers.publisher import (ASYNC_COALESCE_MS, ASYNC_LINGER_MS, WAITED_LINGER_MS,
+                                 JournalPublisher)
 from producers.rate import TokenBucket
 from producers.intent import IntentBitmap
 from producers.announce import abandon_epoch, announce_baseline, mark_journal_lost
@@ -337,7 +338,8 @@ class NBDCapture:
                                hold=self.hold if spool is not None else 0.0,
                                busy=self._clients_busy, limit=self.limit,
                                linger_ms=(ASYNC_LINGER_MS if self.mode is Mode.ASYNC
-                                          else WAITED_LINGER_MS))
+                                          else WAITED_LINGER_MS),
+                               coalesce_ms=ASYNC_COALESCE_MS if self.mode is Mode.ASYNC else 0.0)
         pub.heartbeat.local_copy = local_beat_path(self.spec.name, "capturer")
         # async: the backlog is bounded (spool, memory); full, the capturer degrades as for
         # an outage instead of making clients wait for the broker (journal/DESIGN.md 12).

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from journal.batch import OP_OVERHEAD, Sequencer
+from journal.batch import OP_OVERHEAD, Sequencer, join_entries, joinable
 from journal.blocks import (HASH_LEN, coalesce, diff_maps, fill_byte, hash_block,
                             hash_buffer, is_zero, zero_hash)
 from journal.digest import digest_of
@@ -58,6 +58,56 @@ def test_sequencer_numbers_ops_contiguously_and_respects_budget(ops, budget):
             for i, b in enumerate(o.data):
                 want[o.offset + i] = b
     assert written == want
+
+
+joined_ops = st.one_of(
+    write_ops, st.just(Op.flush()), st.just(Op.flush()),
+    st.builds(lambda c: Op(OpKind.FLUSH, c, 0), st.integers(1, 9)),    # a group barrier
+    st.builds(Op.hashes, st.just(0), st.just(65536), st.binary(min_size=32, max_size=32)),
+    st.builds(lambda d: Op.seal(1 << 20, d), st.binary(min_size=32, max_size=32)),
+)
+
+
+@given(st.lists(joined_ops, max_size=80), st.integers(200, 20000))
+@settings(max_examples=200, deadline=None)
+def test_queued_entries_join_into_records_that_end_at_their_newest_point(ops, budget):
+    seq = Sequencer("p", 2, budget=budget, sign=False)
+    entries = queue = [e for op in ops for e in seq.add(op, 5)]
+    records = []
+    while queue:
+        n = joinable(queue, budget)
+        assert n >= 1
+        records.append(join_entries(queue[:n]))
+        parts, queue = queue[:n], queue[n:]
+        if n > 1:
+            # Only data and plain FLUSHes share a record, within the budget, and a
+            # record holding a consistency point ends with one.
+            assert all(o.kind in (OpKind.WRITE, OpKind.ZERO, OpKind.FLUSH) for o in
+                       records[-1].ops)
+            assert all(o.offset == 0 for o in records[-1].ops if o.kind is OpKind.FLUSH)
+            assert sum(len(o.data) + OP_OVERHEAD for o in records[-1].ops) <= budget
+            if any(p.closes_consistency_point for p in parts):
+                assert records[-1].closes_consistency_point
+            assert records[-1].epoch_bytes == parts[-1].epoch_bytes
+    # The sequencer's ops, in its order, seqs contiguous from 1.
+    assert [o for r in records for o in r.ops] == [o for e in entries for o in e.ops]
+    expected = 1
+    for r in records:
+        assert r.first_seq == expected
+        expected = r.last_seq + 1
+
+
+def test_an_entry_that_ends_at_a_point_is_not_joined_with_one_that_does_not():
+    a = Entry("p", 1, 1, 10, 4, (Op.write(0, b"abcd"), Op.flush()))
+    b = Entry("p", 1, 3, 11, 8, (Op.write(4, b"efgh"),))
+    c = Entry("p", 1, 4, 12, 8, (Op.flush(),))
+    assert joinable([a, b]) == 1
+    assert joinable([a, b, c]) == 3
+    joined = join_entries([a, b, c])
+    assert (joined.first_seq, joined.last_seq, joined.captured_at_ms,
+            joined.epoch_bytes) == (1, 4, 12, 8)
+    barrier = Entry("p", 1, 3, 11, 4, (Op(OpKind.FLUSH, 7, 0),))
+    assert joinable([a, barrier]) == 1 and joinable([barrier, c]) == 1
 
 
 def test_epoch_bytes_count_payload():
