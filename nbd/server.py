@@ -94,6 +94,8 @@ class Backend(Protocol):
       no network): the reader thread then serves such a WRITE itself when it is small
       or nothing else of its connection is in flight, instead of waking a worker for
       it (:meth:`NBDServer._take`). Zeroing is left to workers: it may write zeros.
+    - ``quick_flush: bool``: ``flush`` waits for the local disk only (no network): the
+      reader serves a FLUSH itself when nothing else of its connection is in flight.
     """
 
     size: int
@@ -742,6 +744,14 @@ class NBDServer:
             # in one send.
             self._serve(conn, backend, req, payload, size, t0,
                         hold=reader.buffered() >= p.REQUEST_SIZE)
+            return
+        if (req.type == p.Cmd.FLUSH and conn.inflight.requests == 1
+                and getattr(backend, "quick_flush", False)):
+            # Nothing else of this connection in flight: waking a worker would only add
+            # its wake-up to a FLUSH the client waits for (a database's every commit).
+            # What the reader served and held goes out first.
+            conn.send_held()
+            self._serve(conn, backend, req, payload, size, t0)
             return
         pool.submit(conn.inflight.requests, self._serve, conn, backend, req, payload, size,
                     t0)

@@ -195,6 +195,12 @@ class JournalingVolume:
         in sync mode it waits for the broker's acknowledgement."""
         return self.mode.defers
 
+    @property
+    def quick_flush(self) -> bool:
+        """Does a FLUSH return without waiting for the broker? In async mode it waits for
+        the source's fsync and its append only (journal/DESIGN.md rule 12)."""
+        return self.mode is Mode.ASYNC
+
     # -- the Backend surface -------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
         # No lock: a read racing a write may see either, as on any disk.

@@ -51,6 +51,8 @@ class VolumeBackend:
     multi_conn: bool = True
     #: Small writes served by the server's reader thread, as the NBD capture's are.
     quick_writes: bool = False
+    #: A FLUSH alone in flight served by the reader, as an async capture's is.
+    quick_flush: bool = False
     #: A flush waits until this is set (a slow flush, as a sync journal's).
     flush_gate: threading.Event | None = None
 
@@ -545,12 +547,15 @@ def test_a_pipelined_batch_is_answered_whole_and_in_sync(
     assert c.request(p.Cmd.READ, 45 * 8192, 4096) == (0, blocks[45])    # still in sync
 
 
+@pytest.mark.parametrize("quick_flush", [False, True], ids=["worker-flush", "reader-flush"])
 def test_a_held_reply_does_not_wait_behind_a_slow_request(
-        srv: Served, raw: Callable[..., RawClient]) -> None:
+        srv: Served, raw: Callable[..., RawClient], quick_flush: bool) -> None:
     """A write the reader served, held back while a FLUSH was buffered behind it, is
-    answered while that FLUSH is still running on a worker, not after it."""
+    answered while that FLUSH is still running (on a worker, or on the reader itself
+    when the FLUSH is all the connection has in flight), not after it."""
     backend = srv.backends["disk"]
     backend.quick_writes, backend.flush_gate = True, threading.Event()
+    backend.quick_flush = quick_flush
     c = raw()
     c.go()
     c.sock.sendall(p.encode_request(p.Request(0, p.Cmd.WRITE, 1, 0, 4096)) + b"\x5a" * 4096
