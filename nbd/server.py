@@ -56,12 +56,13 @@ _MAX_HELD = 64
 _INLINE_MAX = 64 * 1024
 _ACCEPT_POLL_S = 0.25
 #: Workers per connection, and what one connection may have in flight (requests, and
-#: payload bytes read ahead of the workers). A sync write holds its worker until the
-#: broker acknowledges it, so the workers are the queue depth a sync client gets: 8
-#: served qemu-img's depth 16 at 8, at 0.42x a bare producer with 16 in flight.
+#: payload bytes read ahead of the workers). A write the backend completes later (a
+#: sync capture's) holds no worker, only its place in flight.
 WORKERS = 16
 MAX_INFLIGHT_REQUESTS = 32
 MAX_INFLIGHT_BYTES = 64 << 20
+#: How long a closing connection waits for the outcome of writes completed later.
+DRAIN_TIMEOUT = 90.0
 #: A client must finish the handshake (TLS included) within this time: a connection that
 #: sends nothing would otherwise hold its thread for ever, before any authentication.
 HANDSHAKE_TIMEOUT = 30.0
@@ -96,6 +97,10 @@ class Backend(Protocol):
       it (:meth:`NBDServer._take`). Zeroing is left to workers: it may write zeros.
     - ``quick_flush: bool``: ``flush`` waits for the local disk only (no network): the
       reader serves a FLUSH itself when nothing else of its connection is in flight.
+    - ``journals_later: bool`` with ``pwrite_then(offset, data, done)``: a WRITE without
+      FUA is done at once but its reply waits for something the backend reports itself
+      (sync capture: the broker's acknowledgement): the reader calls ``pwrite_then``,
+      and ``done(None)`` or ``done(OSError)`` replies, from whichever thread calls it.
     """
 
     size: int
@@ -282,6 +287,18 @@ class _Inflight:
                 self._cond.wait()
             self.requests += 1
             self.bytes += nbytes
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until nothing is in flight; False if something still is after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.requests:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.waiting = True
+                self._cond.wait(left)
+            return True
 
     def release(self, nbytes: int) -> None:
         with self._cond:
@@ -696,6 +713,11 @@ class NBDServer:
         finally:
             conn.send_held()
             pool.shutdown()             # requests in flight finish and are answered
+            # ... and so do writes the backend completes later (their journal's outcome
+            # comes within its stall limit).
+            if not conn.inflight.drain(DRAIN_TIMEOUT):
+                self.log.warning("NBD %s: %d requests still unanswered after %.0f s; closing",
+                                 conn.info.peer, conn.inflight.requests, DRAIN_TIMEOUT)
         # A worker ended the connection (ESHUTDOWN sent, then FIN): let the client read
         # it before the socket closes, since closing with unread data would send RST.
         _close_gracefully(conn.sock)
@@ -745,6 +767,13 @@ class NBDServer:
             self._serve(conn, backend, req, payload, size, t0,
                         hold=reader.buffered() >= p.REQUEST_SIZE)
             return
+        if (req.type == p.Cmd.WRITE and not req.flags & p.CMD_FLAG_FUA
+                and getattr(backend, "journals_later", False)):
+            # No thread waits for its acknowledgement: the reply comes from the
+            # backend's completion (a worker per write in flight, each woken by the
+            # acknowledgement, cost a sync capture more CPU than the write).
+            self._serve(conn, backend, req, payload, size, t0, later=True)
+            return
         if (req.type == p.Cmd.FLUSH and conn.inflight.requests == 1
                 and getattr(backend, "quick_flush", False)):
             # Nothing else of this connection in flight: waking a worker would only add
@@ -757,13 +786,17 @@ class NBDServer:
                     t0)
 
     def _serve(self, conn: _Conn, backend: Backend, req: p.Request,
-               payload: bytearray | None, size: int, t0: float, hold: bool = False) -> None:
+               payload: bytearray | None, size: int, t0: float, hold: bool = False,
+               later: bool = False) -> None:
         """Serve one validated request and reply (a worker thread, or the reader for a
         quick write); ``size`` is what it holds of the connection's read-ahead, ``t0``
-        when its header was read, ``hold``: keep a success reply back (:meth:`_Conn.reply`)."""
+        when its header was read, ``hold``: keep a success reply back (:meth:`_Conn.reply`);
+        ``later``: a WRITE the backend completes later (``pwrite_then``)."""
+        done = self._completion(conn, req, size, t0) if later else None
+        pending = False
         try:
-            self._handle(conn, backend, req, payload, hold)
-            if self.on_request is not None:
+            pending = self._handle(conn, backend, req, payload, hold, done)
+            if self.on_request is not None and not pending:
                 self.on_request(conn.info.export or "", _METRIC_NAME.get(req.type, "other"),
                                 time.monotonic() - t0)
         except OSError as e:
@@ -778,10 +811,45 @@ class NBDServer:
             conn.closing = True
             _shutdown_socket(conn.sock)
         finally:
-            conn.inflight.release(size)
+            if not pending:
+                conn.inflight.release(size)
+
+    def _completion(self, conn: _Conn, req: p.Request, size: int,
+                    t0: float) -> Callable[[OSError | None], None]:
+        """What replies to a WRITE the backend completes later (and releases its share of
+        the read-ahead), on the thread that learns its outcome."""
+        def done(error: OSError | None) -> None:
+            try:
+                if error is not None:
+                    self._refuse_failed(conn, req, error)
+                    return
+                with conn.count_lock:
+                    conn.info.bytes_written += req.length
+                conn.reply(p.encode_simple_reply(p.Err.OK, req.cookie))
+                if self.on_request is not None:
+                    self.on_request(conn.info.export or "", "write", time.monotonic() - t0)
+            except OSError as e:
+                if not conn.closing:
+                    self.log.warning("NBD %s: reply to a WRITE failed: %s", conn.info.peer, e)
+                conn.closing = True
+                _shutdown_socket(conn.sock)
+            finally:
+                conn.inflight.release(size)
+        return done
+
+    def _refuse_failed(self, conn: _Conn, req: p.Request, e: OSError) -> None:
+        """Answer a request the backend failed with the error's NBD code and reason."""
+        where = _where(req)
+        nbd_err = p.errno_to_nbd(e.errno)
+        self.log.warning("NBD %s: %s failed: %s -> %s", conn.info.peer, where, e, nbd_err.name)
+        # The client learns what failed, not the server's paths.
+        reason = os.strerror(e.errno) if e.errno else "I/O error"
+        conn.reply(conn.error_reply(nbd_err, req.cookie, f"{where}: {reason}"))
 
     def _handle(self, conn: _Conn, backend: Backend, req: p.Request,
-                payload: bytearray | None, hold: bool = False) -> None:
+                payload: bytearray | None, hold: bool = False,
+                done: Callable[[OSError | None], None] | None = None) -> bool:
+        """Serve ``req`` and reply; True when the reply is left to ``done``."""
         peer = conn.info.peer
         if (req.type == p.Cmd.WRITE_ZEROES and req.flags & p.CMD_FLAG_FAST_ZERO
                 and not backend.zero_is_fast()):    # type: ignore[attr-defined]
@@ -790,8 +858,12 @@ class NBDServer:
                            _where(req))
             conn.reply(conn.error_reply(p.Err.ENOTSUP, req.cookie,
                                         "zeroing this export writes zeros: not fast"))
-            return
+            return False
         try:
+            if done is not None:
+                assert payload is not None
+                backend.pwrite_then(req.offset, memoryview(payload), done)  # type: ignore[attr-defined]
+                return True
             chunks = self._call(conn, backend, req, payload)
         except Shutdown as e:
             self.log.warning("NBD %s: %s refused, backend shutting down (%s); disconnecting",
@@ -804,24 +876,20 @@ class NBDServer:
                     conn.closing = True
                     # FIN after the reply; the reader drains until the client closes.
                     _shutdown_socket(conn.sock, socket.SHUT_WR)
-            return
+            return False
         except OSError as e:
-            where = _where(req)
-            nbd_err = p.errno_to_nbd(e.errno)
-            self.log.warning("NBD %s: %s failed: %s -> %s", peer, where, e, nbd_err.name)
-            # The client learns what failed, not the server's paths.
-            reason = os.strerror(e.errno) if e.errno else "I/O error"
-            conn.reply(conn.error_reply(nbd_err, req.cookie, f"{where}: {reason}"))
-            return
+            self._refuse_failed(conn, req, e)
+            return False
         except Exception as e:  # noqa: BLE001 - a backend bug is an I/O error to the client
             where = _where(req)
             self.log.exception("NBD %s: %s failed: %s -> EIO", peer, where, e)
             conn.reply(conn.error_reply(p.Err.EIO, req.cookie, f"{where}: server error"))
-            return
+            return False
         if chunks is None:
             conn.reply(p.encode_simple_reply(p.Err.OK, req.cookie), hold=hold)
         else:
             conn.reply_chunks(chunks)
+        return False
 
     def _call(self, conn: _Conn, backend: Backend, req: p.Request,
               payload: bytearray | None) -> list[tuple[bytes, bytes | None]] | None:

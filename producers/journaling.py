@@ -196,6 +196,12 @@ class JournalingVolume:
         return self.mode.defers
 
     @property
+    def journals_later(self) -> bool:
+        """Does a WRITE's reply wait for the broker (sync mode)? The NBD server then
+        writes with :meth:`pwrite_then` and replies from its completion."""
+        return self.mode is Mode.SYNC
+
+    @property
     def quick_flush(self) -> bool:
         """Does a FLUSH return without waiting for the broker? In async mode it waits for
         the source's fsync and its append only (journal/DESIGN.md rule 12)."""
@@ -356,6 +362,40 @@ class JournalingVolume:
 
     # -- internals ----------------------------------------------------------------------
     def _change(self, op: Op, fua: bool, local: Callable[[], None]) -> None:
+        pub, seq = self._record(op, fua, local)
+        if seq:
+            # The op may sit in a half-full entry: the publisher's writer closes it as
+            # soon as it is free, with whatever other writers queued meanwhile (group
+            # commit, JournalPublisher._choose).
+            self._journal(pub, lambda: pub.wait_journaled(seq, self.journal_timeout))
+        self._check_fence()     # a request that waited past the lease is not acknowledged
+
+    def pwrite_then(self, offset: int, data: memoryview,
+                    done: Callable[[OSError | None], None]) -> None:
+        """A sync-mode WRITE without FUA, with no thread waiting for the broker: the local
+        write and its append now, then ``done(None)`` once the broker has it, or
+        ``done(error)`` (EIO: the journal failed, or the capturer was fenced meanwhile),
+        from the publisher's poller thread (JournalPublisher.when_journaled). Raises what
+        :meth:`pwrite` would raise before the append."""
+        pub, seq = self._record(write_op(offset, data), False,
+                                lambda: self.vol.pwrite(offset, data))
+
+        def journaled(failed: str | None) -> None:
+            try:
+                if failed is not None:
+                    self.degrade(failed, pub)
+                    raise OSError(errno.EIO, f"journal unavailable: {failed}")
+                self._check_fence()
+            except OSError as e:
+                done(e)
+                return
+            done(None)
+        pub.when_journaled(seq, journaled)
+
+    def _record(self, op: Op, fua: bool,
+                local: Callable[[], None]) -> tuple[JournalPublisher, int]:
+        """Write ``op`` locally and append it: the publisher it went to, and in sync mode
+        the seq to wait for (0: nothing to wait for)."""
         self._check_open()
         failed = self.health.reason
         if failed is not None and self.mode is Mode.SYNC:
@@ -391,12 +431,7 @@ class JournalingVolume:
         with self._count_lock:
             self.counters.ops += 1
             self.counters.bytes += op.length
-        if seq:
-            # The op may sit in a half-full entry: the publisher's writer closes it as
-            # soon as it is free, with whatever other writers queued meanwhile (group
-            # commit, JournalPublisher._choose).
-            self._journal(pub, lambda: pub.wait_journaled(seq, self.journal_timeout))
-        self._check_fence()     # a request that waited past the lease is not acknowledged
+        return pub, seq
 
     def _journal_form(self, pub: JournalPublisher, op: Op) -> list[Op]:
         """The ops that journal a change just made: an async WRITE leaves its bytes on

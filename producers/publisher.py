@@ -16,6 +16,7 @@ without the GIL, so it overlaps with the client's next request.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -38,6 +39,7 @@ from producers.spool import Spool
 from schemas import codec
 from schemas.cipher import JournalKey
 
+log = logging.getLogger("x2x.publisher")
 
 #: How often a writer holding a burst looks again whether the clients went quiet.
 BUSY_POLL = 0.01
@@ -178,6 +180,9 @@ class JournalPublisher:
         #: every acknowledgement cost each write as many GIL hand-offs as there were
         #: writes in flight.
         self._seq_waits: list[tuple[int, threading.Condition]] = []
+        #: Calls waiting for the journal instead of threads (:meth:`when_journaled`):
+        #: (seq, call), made by the poller thread, never holding the lock.
+        self._on_journaled: list[tuple[int, Callable[[str | None], None]]] = []
         self._produce_lock = threading.Lock()
         self._running = True
         self._poller = threading.Thread(target=self._poll_loop, name="x2x-publisher",
@@ -384,7 +389,7 @@ class JournalPublisher:
                 if window and not self._spooled:      # held: look again soon
                     self._cond.wait(BUSY_POLL)
                     continue
-            elif self._seq_waits and self.seq.pending_ops:
+            elif self._waited() and self.seq.pending_ops:
                 # Someone waits for ops of the open entry (sync mode's writes): close it
                 # now. What was appended while the last record went out rides along in
                 # this one (group commit): one record, one signature, one report for
@@ -397,7 +402,7 @@ class JournalPublisher:
         """Seconds the writer waits for more entries to join ``head``'s record (0: none).
         Only while nobody waits for the journal and the queue is small: a young entry
         that may share its record waits up to ``coalesce_ms`` from its close."""
-        if (self.coalesce_ms <= 0 or self._seq_waits or len(self._queue) >= MAX_COALESCED
+        if (self.coalesce_ms <= 0 or self._waited() or len(self._queue) >= MAX_COALESCED
                 or self._queued >= self.seq.budget // 2 or not plain_entry(head)):
             return 0.0
         return (head.captured_at_ms + self.coalesce_ms - now_ms()) / 1000
@@ -418,6 +423,10 @@ class JournalPublisher:
             self._queue.popleft()
         return join_entries(run[:count])
 
+    def _waited(self) -> bool:
+        """Does anyone wait for ops to be journaled (a thread or a call)? Hold the lock."""
+        return bool(self._seq_waits or self._on_journaled)
+
     def _holding(self, head: Entry) -> bool:
         """Leave a burst's writes on the source while clients are still writing: the
         journal (and a broker on the same machine) then takes no CPU from them. Never
@@ -426,7 +435,7 @@ class JournalPublisher:
         consistency points, and holding its writes until the next would add the time to
         move a whole interval of them to every point's RPO (a writer flushing every
         0.5 s at 90 MB/s: RPO p99 1.06-1.19 s held, 0.83 s not)."""
-        return (self.hold > 0 and not self._seq_waits and head.first_seq > self._ship_seq
+        return (self.hold > 0 and not self._waited() and head.first_seq > self._ship_seq
                 and time.monotonic() - self._shipped_at >= self.hold
                 and self.busy is not None and self.busy()
                 and now_ms() - head.captured_at_ms < self.hold * 1000)
@@ -481,6 +490,8 @@ class JournalPublisher:
         while self._running:
             try:
                 self.producer.poll(0.1)       # returns as soon as a report was served
+                if self._error and self._on_journaled:
+                    self._call_back(None)
             except KafkaException as e:
                 # Fatal for this producer (e.g. a restarted broker forgot its producer id):
                 # nothing more can be journaled through it; the capturer starts a new one.
@@ -492,6 +503,7 @@ class JournalPublisher:
 
     def _delivered(self, err: KafkaError | None, msg: Message) -> None:
         acked = (0, 0)
+        ready: list[Callable[[str | None], None]] = []
         with self._cond:
             self._inflight -= len(msg.value() or b"")
             entry = self._pending.popleft()
@@ -514,8 +526,51 @@ class JournalPublisher:
                 if self.on_delivered is not None:
                     self.on_delivered(entry, msg.offset())
             self._wake(None if err is not None else self.journaled.seq)
+            if err is None and self._on_journaled:
+                ready = self._take_calls(self.journaled.seq)
+        for call in ready:
+            self._safely(call, None)
+        if err is not None:
+            self._call_back(None)
         if acked[0]:
             telemetry.metrics().captured(self.pair, acked[0], max(0, acked[1]))
+
+    def when_journaled(self, seq: int, call: Callable[[str | None], None]) -> None:
+        """Call ``call(None)`` once every op up to ``seq`` is acknowledged by the broker,
+        or ``call(reason)`` once the journal failed (or closed) before: a wait without a
+        thread (sync capture's writes reply from here). Made at once when already
+        decided, else on the poller thread; never holding the publisher's lock."""
+        with self._cond:
+            failed = self._error or (None if self._running else f"{self.topic}: closed")
+            if failed is None and self.journaled.seq < seq:
+                self._on_journaled.append((seq, call))
+                self._cond.notify_all()         # the writer: someone waits now
+                return
+        self._safely(call, failed)
+
+    def _take_calls(self, journaled: int | None) -> list[Callable[[str | None], None]]:
+        """Remove and return the calls ``journaled`` covers (None: all); hold the lock."""
+        if journaled is None:
+            calls, self._on_journaled = self._on_journaled, []
+            return [c for _, c in calls]
+        ready = [c for seq, c in self._on_journaled if seq <= journaled]
+        if ready:
+            self._on_journaled = [(s, c) for s, c in self._on_journaled if s > journaled]
+        return ready
+
+    def _call_back(self, reason: str | None) -> None:
+        """Fail every waiting call with the journal's error (or ``reason``)."""
+        with self._cond:
+            why = self._error or reason or f"{self.topic}: closed"
+            calls = self._take_calls(None)
+        for call in calls:
+            self._safely(call, why)
+
+    def _safely(self, call: Callable[[str | None], None], failed: str | None) -> None:
+        try:
+            call(failed)
+        except Exception:  # noqa: BLE001 - the poller must serve every other report
+            log.exception("a journal completion of %s failed", self.topic)
 
     def stalled_for(self) -> float:
         """Seconds the broker has acknowledged nothing while records wait for it (0.0:
@@ -626,6 +681,7 @@ class JournalPublisher:
         self._writer.join()
         self.producer.flush(timeout)
         self._poller.join()
+        self._call_back(f"the journal of {self.topic} closed before the broker had it")
         if self.spool is not None:
             self.spool.clear()
 
