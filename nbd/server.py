@@ -800,12 +800,7 @@ class NBDServer:
                 self.on_request(conn.info.export or "", _METRIC_NAME.get(req.type, "other"),
                                 time.monotonic() - t0)
         except OSError as e:
-            # The reply could not be sent: the connection is gone; wake the reader.
-            if not conn.closing:
-                self.log.warning("NBD %s: reply to %s failed: %s", conn.info.peer,
-                                 _cmd_name(req.type), e)
-            conn.closing = True
-            _shutdown_socket(conn.sock)
+            self._reply_lost(conn, req, e)
         except Exception:  # noqa: BLE001 - one request must not kill its worker silently
             self.log.exception("NBD %s: serving %s failed", conn.info.peer, _cmd_name(req.type))
             conn.closing = True
@@ -829,13 +824,18 @@ class NBDServer:
                 if self.on_request is not None:
                     self.on_request(conn.info.export or "", "write", time.monotonic() - t0)
             except OSError as e:
-                if not conn.closing:
-                    self.log.warning("NBD %s: reply to a WRITE failed: %s", conn.info.peer, e)
-                conn.closing = True
-                _shutdown_socket(conn.sock)
+                self._reply_lost(conn, req, e)
             finally:
                 conn.inflight.release(size)
         return done
+
+    def _reply_lost(self, conn: _Conn, req: p.Request, e: OSError) -> None:
+        """A reply could not be sent: the connection is gone; wake the reader."""
+        if not conn.closing:
+            self.log.warning("NBD %s: reply to %s failed: %s", conn.info.peer,
+                             _cmd_name(req.type), e)
+        conn.closing = True
+        _shutdown_socket(conn.sock)
 
     def _refuse_failed(self, conn: _Conn, req: p.Request, e: OSError) -> None:
         """Answer a request the backend failed with the error's NBD code and reason."""

@@ -413,6 +413,8 @@ class JournalPublisher:
         the entries that queue up (one per client FLUSH under a database: ~1,000 a
         second) then go out as one record, one signature and one report, and the
         target checkpoints once for all of them, at the last one's point."""
+        if not plain_entry(self._queue[0][0]):
+            return self._queue.popleft()[0]         # a record of its own
         run: list[Entry] = []
         for entry, deferred in itertools.islice(self._queue, MAX_COALESCED):
             if run and deferred and self._holding(entry):
@@ -541,12 +543,16 @@ class JournalPublisher:
         thread (sync capture's writes reply from here). Made at once when already
         decided, else on the poller thread; never holding the publisher's lock."""
         with self._cond:
-            failed = self._error or (None if self._running else f"{self.topic}: closed")
+            failed = self._error or (None if self._running else self._closed)
             if failed is None and self.journaled.seq < seq:
                 self._on_journaled.append((seq, call))
                 self._cond.notify_all()         # the writer: someone waits now
                 return
         self._safely(call, failed)
+
+    @property
+    def _closed(self) -> str:
+        return f"the journal of {self.topic} closed before the broker had it"
 
     def _take_calls(self, journaled: int | None) -> list[Callable[[str | None], None]]:
         """Remove and return the calls ``journaled`` covers (None: all); hold the lock."""
@@ -561,7 +567,7 @@ class JournalPublisher:
     def _call_back(self, reason: str | None) -> None:
         """Fail every waiting call with the journal's error (or ``reason``)."""
         with self._cond:
-            why = self._error or reason or f"{self.topic}: closed"
+            why = self._error or reason or self._closed
             calls = self._take_calls(None)
         for call in calls:
             self._safely(call, why)
@@ -681,7 +687,7 @@ class JournalPublisher:
         self._writer.join()
         self.producer.flush(timeout)
         self._poller.join()
-        self._call_back(f"the journal of {self.topic} closed before the broker had it")
+        self._call_back(None)
         if self.spool is not None:
             self.spool.clear()
 
