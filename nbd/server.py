@@ -95,8 +95,11 @@ class Backend(Protocol):
       no network): the reader thread then serves such a WRITE itself when it is small
       or nothing else of its connection is in flight, instead of waking a worker for
       it (:meth:`NBDServer._take`). Zeroing is left to workers: it may write zeros.
-    - ``quick_flush: bool``: ``flush`` waits for the local disk only (no network): the
-      reader serves a FLUSH itself when nothing else of its connection is in flight.
+    - ``quick_flush: bool`` with ``flush_local()``: a FLUSH waits for the local disk
+      only (no network): ``flush_local`` makes the writes durable and returns what is
+      left to do (async capture: journal the consistency point), which the server runs
+      once the reply is sent; the reader serves such a FLUSH itself when nothing else of
+      its connection is in flight.
     - ``journals_later: bool`` with ``pwrite_then(offset, data, done)``: a WRITE without
       FUA is done at once but its reply waits for something the backend reports itself
       (sync capture: the broker's acknowledgement): the reader calls ``pwrite_then``,
@@ -859,12 +862,16 @@ class NBDServer:
             conn.reply(conn.error_reply(p.Err.ENOTSUP, req.cookie,
                                         "zeroing this export writes zeros: not fast"))
             return False
+        after: Callable[[], None] | None = None
         try:
             if done is not None:
                 assert payload is not None
                 backend.pwrite_then(req.offset, memoryview(payload), done)  # type: ignore[attr-defined]
                 return True
-            chunks = self._call(conn, backend, req, payload)
+            if req.type == p.Cmd.FLUSH and getattr(backend, "quick_flush", False):
+                after, chunks = backend.flush_local(), None  # type: ignore[attr-defined]
+            else:
+                chunks = self._call(conn, backend, req, payload)
         except Shutdown as e:
             self.log.warning("NBD %s: %s refused, backend shutting down (%s); disconnecting",
                              peer, _cmd_name(req.type), e)
@@ -889,6 +896,8 @@ class NBDServer:
             conn.reply(p.encode_simple_reply(p.Err.OK, req.cookie), hold=hold)
         else:
             conn.reply_chunks(chunks)
+        if after is not None:
+            after()
         return False
 
     def _call(self, conn: _Conn, backend: Backend, req: p.Request,

@@ -55,6 +55,10 @@ class VolumeBackend:
     quick_flush: bool = False
     #: A flush waits until this is set (a slow flush, as a sync journal's).
     flush_gate: threading.Event | None = None
+    #: What ``flush_local`` leaves for after the reply waits until this is set (an
+    #: async capture's journaling of its FLUSH op); it appends "after" to ``order``.
+    after_gate: threading.Event | None = None
+    order: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.size < 0:
@@ -95,6 +99,15 @@ class VolumeBackend:
             self.flush_gate.wait(30)
         self.flushes += 1
         self.vol.fsync()
+
+    def flush_local(self) -> Callable[[], None]:
+        self.flush()
+
+        def after() -> None:
+            if self.after_gate is not None:
+                self.after_gate.wait(30)
+            self.order.append("after")
+        return after
 
 
 @dataclass
@@ -566,6 +579,38 @@ def test_a_held_reply_does_not_wait_behind_a_slow_request(
     finally:
         backend.flush_gate.set()
     assert p.parse_simple_reply(c.recv(p.SIMPLE_REPLY_SIZE)) == p.SimpleReply(0, 2)
+
+
+def test_a_quick_flush_is_answered_before_its_rest_runs_and_the_next_request_after(
+        srv: Served, raw: Callable[..., RawClient]) -> None:
+    """An async capture's FLUSH: the reply once the disk has the writes, the journal's
+    part after it; the connection's next request is served only once that part is done,
+    so what the client writes after its FLUSH reaches the journal behind the FLUSH op."""
+    backend = srv.backends["disk"]
+    backend.quick_writes, backend.quick_flush = True, True
+    backend.after_gate = threading.Event()
+    real_pwrite = backend.pwrite
+
+    def pwrite(offset: int, data: memoryview, fua: bool) -> None:
+        backend.order.append("write")
+        real_pwrite(offset, data, fua)
+    backend.pwrite = pwrite             # type: ignore[method-assign]
+    c = raw()
+    c.go()
+    c.sock.settimeout(5)
+    try:
+        c.sock.sendall(p.encode_request(p.Request(0, p.Cmd.FLUSH, 1, 0, 0)))
+        assert p.parse_simple_reply(c.recv(p.SIMPLE_REPLY_SIZE)) == p.SimpleReply(0, 1)
+        assert backend.flushes == 1 and backend.order == []     # answered, rest pending
+        c.sock.sendall(p.encode_request(p.Request(0, p.Cmd.WRITE, 2, 0, 4096))
+                       + b"\x5a" * 4096)
+        time.sleep(0.3)
+        assert backend.order == []          # the write waits behind the FLUSH's rest
+    finally:
+        backend.after_gate.set()
+    assert p.parse_simple_reply(c.recv(p.SIMPLE_REPLY_SIZE)) == p.SimpleReply(0, 2)
+    assert backend.order == ["after", "write"]
+    assert image_bytes(srv.image, 0, 4096) == b"\x5a" * 4096
 
 
 def test_oversized_write_closes_without_touching_the_volume(
