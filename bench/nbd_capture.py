@@ -197,9 +197,9 @@ def measure(home: Path, size: int, rand_count: int) -> dict[str, dict[str, float
                    "x2x async": bench_x2x(home, data, size, rand_count),
                    "x2x flush-sync": bench_x2x(home, data, size, rand_count, "flush-sync"),
                    "x2x sync": bench_x2x(home, data, size, sync_count, "sync")}
-        # The producer at depth again, right after sync mode's random writes: the broker
-        # then still writes back the gigabytes the runs before gave it, as it did for
-        # them, where at the start it had written nothing yet.
+        # The producer at depth again, right after sync mode's random writes, on the
+        # broker as they found it (six GiB of copies behind it), not only as it was at
+        # the start, when it had written nothing yet.
         results["bare produce, after"] = bench_bare(None, size, sync_count)
         return results
     finally:
