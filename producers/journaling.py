@@ -246,10 +246,7 @@ class JournalingVolume:
         if self.mode is Mode.ASYNC:
             self.flush_local()()
             return
-        self._check_open()
-        self.vol.fsync()
-        cp = self._begin_point()
-        pub = self.pub
+        pub, cp = self._durable()
         ok = False
         try:
             ok = self._journal(pub, lambda: pub.wait_journaled(pub.flush_point(),
@@ -264,25 +261,22 @@ class JournalingVolume:
                 self.counters.flushes += 1
 
     def flush_local(self) -> Callable[[], None]:
-        """An async FLUSH in two steps: now, the source's fsync and the bitmap's point
-        (all the client waits for, journal/DESIGN.md rule 12); returned, the FLUSH op's
-        append behind the data, which the NBD server runs once the client has its reply
-        (a database's every commit waited ~50 us longer for it). Writes the client starts
-        after the reply may reach the journal before that FLUSH op: a state the client's
-        crash could leave too, and their marks are not in the bitmap's point."""
-        self._check_open()
-        self.vol.fsync()
-        cp = self._begin_point()
-        pub = self.pub
+        """An async FLUSH in two steps (journal/DESIGN.md rule 12): now, what the client
+        waits for; returned, the FLUSH op's append, which the NBD server runs once the
+        client has its reply (a database's every commit waited ~50 us longer for it)."""
+        pub, cp = self._durable()
         return lambda: self._flush_behind(pub, cp)
 
-    def _begin_point(self) -> Checkpoint | None:
-        """The bitmap's point a FLUSH op clears once journaled (taken before the op)."""
-        if self.intent is None:
-            return None
-        cp = self.intent.begin()
-        self._owed = self._owed or cp is None
-        return cp
+    def _durable(self) -> tuple[JournalPublisher, Checkpoint | None]:
+        """A FLUSH's local part: the source's fsync, then the bitmap's point its FLUSH op
+        clears once journaled; returns the publisher that op goes to, and that point."""
+        self._check_open()
+        self.vol.fsync()
+        cp = None
+        if self.intent is not None:
+            cp = self.intent.begin()
+            self._owed = self._owed or cp is None
+        return self.pub, cp
 
     def _flush_behind(self, pub: JournalPublisher, cp: Checkpoint | None) -> None:
         """async FLUSH: queue the consistency point behind the data and return; the
