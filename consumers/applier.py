@@ -28,7 +28,7 @@ from infra.volume import digest_of
 from infra.volumes import open_volume
 from journal.errors import (BehindBase, BrokerError, DigestMismatch, JournalError,
                             JournalLost, PairNotFound, ReplayedEntry, StaleEpoch,
-                            VolumeError, VolumeLost)
+                            VolumeError, VolumeLost, X2XError)
 from journal.blocks import HASH_LEN, Extent, coalesce, diff_maps, hash_buffer
 from journal.groups import barrier_of
 from journal.history import BaseLimit
@@ -44,6 +44,13 @@ from schemas.cipher import JournalKey, open_record
 log = logging.getLogger("x2x.applier")
 STAGE_LIMIT = 64 << 20
 CONSUME_BATCH = 32
+#: Seconds between two checkpoints while consistency points stream in
+#: (``X2X_CHECKPOINT_INTERVAL``; 0: one at every record that ends at a point). A database
+#: commits hundreds of times a second: a checkpoint at each one's record cost the target
+#: host a volume fsync, a file fsync, a rename and a directory fsync at each, I/O that
+#: shares its disks with everything else there. Points within the interval stay staged
+#: and are applied with the next; a point after a quiet spell is checkpointed at once.
+CHECKPOINT_INTERVAL = float(os.environ.get("X2X_CHECKPOINT_INTERVAL", "0.1"))
 VERIFY_TIMEOUT = 15.0
 #: At most this many characters of extents (``offset+length,``) in a hashes-compared
 #: event, so one event stays far below the broker's record size limit.
@@ -109,7 +116,8 @@ class Applier:
                  stage_limit: int = STAGE_LIMIT, limit: Limit | BaseLimit | None = None,
                  on_checkpoint: Callable[[Position], None] | None = None,
                  publish_status: bool = True, start: Position | None = None,
-                 until: tuple[int, int] | None = None, role: Role = Role.APPLIER) -> None:
+                 until: tuple[int, int] | None = None, role: Role = Role.APPLIER,
+                 checkpoint_interval: float = CHECKPOINT_INTERVAL) -> None:
         self.spec, self.target, self.settings = spec, target, settings
         # Bound to the pair's incarnation, and known to the control plane, which signs
         # this applier's events and beats with it.
@@ -120,6 +128,7 @@ class Applier:
         self.topic = journal_topic(spec.name)
         self.store = store or CheckpointStore(spec.name, target)
         self.stage_limit = stage_limit
+        self.checkpoint_interval = checkpoint_interval
         self.limit = limit
         self.on_checkpoint = on_checkpoint
         # A scratch replay (journal check) stays invisible: no heartbeats, no pair marks.
@@ -139,6 +148,10 @@ class Applier:
         self._pos = Position()
         self._staged: list[_Staged] = []
         self._staged_bytes = 0
+        #: Staged entries up to and including the newest consistency point not yet
+        #: checkpointed (0: none), waiting for the checkpoint interval (:meth:`_settle`).
+        self._pending = 0
+        self._checkpointed_at = 0.0     # monotonic time of the last checkpoint
         #: Set when the staging budget overflowed since the last checkpoint: the target
         #: is ahead of its checkpoint already, so later overflows are written at half the
         #: budget, in the background, while the next half is staged (memory stays within
@@ -192,6 +205,7 @@ class Applier:
                     try:
                         stopped_by = self._loop(consumer, beats, producer, stop,
                                                 until_caught_up, on_progress)
+                        self._settle()      # however it stopped: at the newest point read
                         self._writes.wait()
                         self.stats.stopped_by = stopped_by
                     except VolumeLost as e:
@@ -203,6 +217,7 @@ class Applier:
                 self._final_state = "behind-base"
                 raise
             except JournalError as e:
+                self._settle_before(e)
                 self._mark_resync(e)
                 raise
             finally:
@@ -226,6 +241,7 @@ class Applier:
                     p.epoch, p.seq)
         self._writes.discard()
         self._staged, self._staged_bytes, self._cmp, self._cuts = [], 0, None, []
+        self._pending = 0
         self._pos = p
         self._ahead = False
         deadline, delay = time.monotonic() + TARGET_RETRY_S, 0.1
@@ -271,6 +287,8 @@ class Applier:
             if self.until is not None and (self.checkpointed.epoch,
                                            self.checkpointed.seq) >= self.until:
                 return "reached"        # e.g. another applier got there first
+            if self._pending and self._due():
+                self._settle()
             self._beat(beats, "applying" if batch else "following")
             producer.poll(0)
             if on_progress:
@@ -326,13 +344,17 @@ class Applier:
         if self.grouped and entry.closes_consistency_point and entry.ops[-1].kind is OpKind.FLUSH:
             self._group_point(entry)
         elif entry.closes_consistency_point:
-            self._apply_staged()
-            if entry.ops[-1].kind is OpKind.SEAL:
-                self._check_seal(entry)
-            self._checkpoint(entry, self._pos)
-            if self.sealed is not None:
-                self._promote(entry)
-        elif self._staged_bytes > (self.stage_limit // 2 if self._ahead else self.stage_limit):
+            self._pending = len(self._staged)
+            if (self._due() or self._staged_bytes > self.stage_limit // 2
+                    or entry.ops[-1].kind is OpKind.SEAL or self._stops_at_point()
+                    or any(_compares(s.entry) for s in self._staged)):
+                # A SEAL, a comparison and a bounded run's points are not held back:
+                # each is awaited by someone (a failover, a verify, a drain).
+                self._settle()
+        elif self._staged_bytes > self._budget():
+            self._settle()      # the points staged first, then what follows them
+            if self._staged_bytes <= self._budget():
+                return True
             if self.grouped and not self._ahead:
                 log.warning("pair %s: more than %d MiB between two committed group cuts; "
                             "applied early, so %s is ahead of its group's cut until the next "
@@ -478,9 +500,45 @@ class Applier:
         if count and not self._staged:
             self._cuts = []
 
+    def _budget(self) -> int:
+        """What may stay staged: the whole budget, half of it once the target is ahead."""
+        return self.stage_limit // 2 if self._ahead else self.stage_limit
+
+    def _stops_at_point(self) -> bool:
+        """Does this run stop at a point of its own (a drain, a point in time, a verify)?"""
+        return self.until is not None or self.limit is not None
+
+    def _due(self) -> bool:
+        """Has the checkpoint interval passed since the last checkpoint?"""
+        return time.monotonic() - self._checkpointed_at >= self.checkpoint_interval
+
+    def _settle(self) -> None:
+        """Apply the staged entries up to the newest consistency point and checkpoint
+        there (a SEAL is verified and promotes); what follows it stays staged."""
+        count, self._pending = self._pending, 0
+        if not count:
+            return
+        at = self._staged[count - 1]
+        self._apply_staged(count)
+        if at.entry.ops[-1].kind is OpKind.SEAL:
+            self._check_seal(at.entry)
+        self._checkpoint(at.entry, at.pos)
+        if self.sealed is not None:
+            self._promote(at.entry)
+
+    def _settle_before(self, refused: JournalError) -> None:
+        """An entry was refused: the points read before it are good, and the target
+        keeps them (it would have had them at once without the checkpoint interval)."""
+        try:
+            self._settle()
+        except (X2XError, OSError) as e:
+            log.warning("pair %s: could not checkpoint the points read before the refused "
+                        "entry (%s): %s", self.spec.name, refused, e)
+
     def _checkpoint(self, entry: Entry, pos: Position) -> None:
         """``entry`` (at ``pos``) and everything before it is applied: fsync, then record."""
         self.vol.fsync()
+        self._checkpointed_at = time.monotonic()
         self._ahead = False
         self.checkpointed = pos
         self._last_digest = entry.digest.hex()

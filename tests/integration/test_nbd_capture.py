@@ -14,6 +14,7 @@ import random
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -387,6 +388,54 @@ def test_an_async_flush_ships_what_precedes_it_while_clients_keep_writing(
     target = Path(spec.target).read_bytes()
     assert target[:4 * MiB] == committed and target[8 * MiB:12 * MiB] == later
     assert target[12 * MiB:] == burst
+
+
+def test_a_stream_of_flushes_is_checkpointed_once_per_interval(settings, pair_name,
+                                                              tmp_path, live):
+    """A database commits hundreds of times a second, each commit a FLUSH. A following
+    applier checkpoints at most once per checkpoint interval, at the newest point it has
+    read; a point after a quiet spell at once, and the last one without waiting for more
+    records. A bounded run (interval 0 here) still checkpoints at every point's record."""
+    spec = make_pair(settings, pair_name, tmp_path, 4 * MiB)
+    cap = live(spec, Mode.FLUSH_SYNC)          # each FLUSH journaled before its reply
+    wait_baseline(cap)
+    cap.sync_point()
+    stop = threading.Event()
+    applier = Applier(spec, spec.target, settings, checkpoint_interval=0.5)
+    follower = threading.Thread(target=applier.run, kwargs={"stop": stop})
+    follower.start()
+    client = Client.open(parse_uri(cap.uri))
+    try:
+        deadline = time.monotonic() + 60
+        while applier.checkpointed.seq < cap.pub.appended_seq:   # the baseline's point
+            assert time.monotonic() < deadline, "the applier never reached the baseline"
+            time.sleep(0.02)
+        before, t0 = applier.stats.checkpoints, time.monotonic()
+        for i in range(60):
+            client.pwrite(i * 65536, os.urandom(8192))
+            client.flush()
+        last = cap.pub.appended_seq
+        while applier.checkpointed.seq < last:
+            assert time.monotonic() < deadline, "the last point was never checkpointed"
+            time.sleep(0.02)
+        took = time.monotonic() - t0
+    finally:
+        client.close()
+        stop.set()
+        follower.join(30)
+    points = [e for e in journal(settings, pair_name)
+              if e.closes_consistency_point and e.last_seq > cap.pub.appended_seq - 120]
+    assert len(points) >= 60                    # every FLUSH a record of its own
+    made = applier.stats.checkpoints - before
+    assert 1 <= made <= took / 0.5 + 2, (made, took)
+    assert same_bytes(spec.source, spec.target)
+    # The same journal applied anew with interval 0: a checkpoint at every point.
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(4 * MiB))
+    stats = Applier(spec, str(other), settings, checkpoint_interval=0,
+                    publish_status=False).run(until_caught_up=True)
+    assert stats.checkpoints >= 60 + made
+    assert same_bytes(spec.source, other)
 
 
 def test_capture_with_a_bad_async_hold_is_refused_before_it_serves(settings, pair_name,
