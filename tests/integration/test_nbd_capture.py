@@ -434,7 +434,7 @@ def test_a_stream_of_flushes_is_checkpointed_once_per_interval(settings, pair_na
     other.write_bytes(bytes(4 * MiB))
     stats = Applier(spec, str(other), settings, checkpoint_interval=0,
                     publish_status=False).run(until_caught_up=True)
-    assert stats.checkpoints >= 60 + made
+    assert stats.checkpoints >= len(points) > made
     assert same_bytes(spec.source, other)
 
 
