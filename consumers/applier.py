@@ -106,6 +106,7 @@ class _Staged:
     offset: int
     pos: Position          # the position once this entry is applied
     size: int              # the record's bytes (what the staging budget counts)
+    compares: bool = False  # carries HASHES ops (looked at once, when staged)
 
 
 class Applier:
@@ -339,7 +340,8 @@ class Applier:
         except JournalError as e:
             raise type(e)(f"{e} [{self.topic} offset {msg.offset()}]") from None
         self._pos = self._pos.after(entry, msg.offset())
-        self._staged.append(_Staged(entry, msg.offset(), self._pos, len(msg.value())))
+        self._staged.append(_Staged(entry, msg.offset(), self._pos, len(msg.value()),
+                                    _compares(entry)))
         self._staged_bytes += len(msg.value())
         if self.grouped and entry.closes_consistency_point and entry.ops[-1].kind is OpKind.FLUSH:
             self._group_point(entry)
@@ -347,7 +349,7 @@ class Applier:
             self._pending = len(self._staged)
             if (self._due() or self._staged_bytes > self.stage_limit // 2
                     or entry.ops[-1].kind is OpKind.SEAL or self._stops_at_point()
-                    or any(_compares(s.entry) for s in self._staged)):
+                    or any(s.compares for s in self._staged)):
                 # A SEAL, a comparison and a bounded run's points are not held back:
                 # each is awaited by someone (a failover, a verify, a drain).
                 self._settle()
@@ -447,14 +449,14 @@ class Applier:
         ``background``, entries without HASHES go to disk while the loop goes on."""
         count = len(self._staged) if count is None else count
         if background and self._cmp is None and not any(
-                _compares(s.entry) for s in self._staged[:count]):
+                s.compares for s in self._staged[:count]):
             self._writes.submit(self._write, [s.entry for s in self._staged[:count]])
             self._account(count)
             return
         self._writes.wait()         # in order, after what is in flight
         plain: list[Entry] = []         # entries without HASHES, applied together
         for s in self._staged[:count]:
-            if _compares(s.entry):
+            if s.compares:
                 self._write(plain)
                 plain = []
                 self._compare(s.entry)

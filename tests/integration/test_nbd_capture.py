@@ -395,7 +395,7 @@ def test_a_stream_of_flushes_is_checkpointed_once_per_interval(settings, pair_na
     """A database commits hundreds of times a second, each commit a FLUSH. A following
     applier checkpoints at most once per checkpoint interval, at the newest point it has
     read; a point after a quiet spell at once, and the last one without waiting for more
-    records. A bounded run (interval 0 here) still checkpoints at every point's record."""
+    records. With interval 0 an applier checkpoints at every record that ends at a point."""
     spec = make_pair(settings, pair_name, tmp_path, 4 * MiB)
     cap = live(spec, Mode.FLUSH_SYNC)          # each FLUSH journaled before its reply
     wait_baseline(cap)
