@@ -38,6 +38,9 @@ class SourceNet:
         for stale in (("ip", "netns", "del", self.ns), ("ip", "link", "del", self.host_if)):
             subprocess.run(stale, capture_output=True)
         self.host_ip = f"10.231.{k}.1"
+        #: The namespace's end of the link: reachable from this side, without the
+        #: forwarder's delay (which only the broker's traffic crosses).
+        self.ns_ip = f"10.231.{k}.2"
         self.prefix = ("ip", "netns", "exec", self.ns)
         self.procs: list[subprocess.Popen] = []
         self.count = count
@@ -49,7 +52,7 @@ class SourceNet:
         sh("ip", "link", "set", self.ns_if, "netns", self.ns)
         sh("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.host_if)
         sh("ip", "link", "set", self.host_if, "up")
-        sh(*self.prefix, "ip", "addr", "add", f"10.231.{k}.2/24", "dev", self.ns_if)
+        sh(*self.prefix, "ip", "addr", "add", f"{self.ns_ip}/24", "dev", self.ns_if)
         sh(*self.prefix, "ip", "link", "set", self.ns_if, "up")
         sh(*self.prefix, "ip", "link", "set", "lo", "up")
         p = str(broker_port)
