@@ -18,6 +18,11 @@ class OpKind(enum.Enum):
     #                    read at exactly this journal position (verify, failback)
     FILL = "FILL"     # length bytes at offset all equal data's one byte (not zero: ZERO is)
 
+    # Members are singletons compared by identity: hashing them by identity is the same
+    # and runs in C, where Enum's own __hash__ is a Python call (four per client write,
+    # for the kind sets below).
+    __hash__ = object.__hash__
+
 
 #: Kinds that change bytes of the target, at ``[offset, offset + length)``.
 CHANGING_KINDS = frozenset({OpKind.WRITE, OpKind.ZERO, OpKind.TRIM, OpKind.FILL})

@@ -182,6 +182,8 @@ class JournalPublisher:
         #: Called (entry, topic offset) for each acknowledged entry, on the poller thread.
         self.on_delivered: Callable[[Sent, int], None] | None = None
         self._lock = threading.RLock()
+        #: Waits on ``_lock``. The hot paths (an append per client write) take
+        #: ``_lock`` itself: the condition's ``with`` is a Python call, the lock's is C.
         self._cond = threading.Condition(self._lock)
         #: Threads in :meth:`wait_journaled`, who want it shipped now: (the seq each waits
         #: for, its own condition on ``_lock``). An acknowledgement wakes only those it
@@ -205,7 +207,7 @@ class JournalPublisher:
     def append(self, op: Op, wait: bool = True) -> None:
         """Queue one op; entries it completes go to the writer now. Then waits while the
         writer is more than ``max_queued`` bytes behind (see :meth:`_room`)."""
-        with self._cond:
+        with self._lock:
             self._raise_if_failed()
             self._appended_at = now = now_ms()
             if not self.seq.pending_ops:
@@ -261,7 +263,7 @@ class JournalPublisher:
     def append_many(self, ops: list[Op], client: bool = False) -> None:
         """Queue the ops of one change, then wait for room once (or, for a ``client``,
         raise BacklogFull: the whole change is queued either way, never a part of it)."""
-        with self._cond:
+        with self._lock:
             for op in ops:
                 self.append(op, wait=False)
             self._room(client)
@@ -312,7 +314,7 @@ class JournalPublisher:
     def can_defer(self, nbytes: int) -> bool:
         """May ``nbytes`` more of the backlog stay on the source? Only where a spool
         exists (async mode), and within its cap, counted together with it."""
-        with self._cond:
+        with self._lock:
             return (self.spool is not None and not self._error
                     and self._deferred + self.spool.bytes + nbytes <= self.spool.max_bytes)
 
@@ -553,7 +555,7 @@ class JournalPublisher:
         or ``call(reason)`` once the journal failed (or closed) before: a wait without a
         thread (sync capture's writes reply from here). Made at once when already
         decided, else on the poller thread; never holding the publisher's lock."""
-        with self._cond:
+        with self._lock:
             failed = self._error or (None if self._running else self._closed)
             if failed is None and self.journaled.seq < seq:
                 self._on_journaled.append((seq, call))
@@ -624,7 +626,7 @@ class JournalPublisher:
     @property
     def appended_seq(self) -> int:
         """The last seq handed to the publisher (journaled or not)."""
-        with self._cond:
+        with self._lock:
             return self.seq.next_seq + self.seq.pending_ops - 1
 
     def wait_journaled(self, seq: int, timeout: float = 60.0) -> None:
