@@ -81,7 +81,7 @@ def run_workloads(uri: str, data: Path, size: int, rand_count: int,
     FLUSH (the source's fsync) and then ``settle`` leave nothing of one for the next to
     pay for: for x2x, ``settle`` puts all of it on the broker, since an async FLUSH does
     not wait for the journal. (Without the FLUSH, the random writes' closing flush paid
-    the writeback of the copy before them: 0.7 s, a third of sync mode's run.)"""
+    the writeback of the copy before them: sync mode's 2,000 took 0.88 s, not 0.55.)"""
     def between() -> None:
         timed("qemu-io", "-f", "raw", "-c", "flush", uri)
         if settle is not None:
