@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from infra.heartbeat import read_local_beats
+from infra.retention import watermarks
 from journal.linkstate import link_state
 from journal.clock import now_ms
 from tests.conftest import free_port, make_image, run_x2x
@@ -362,17 +363,8 @@ def test_a_resync_without_a_live_capturer_obeys_the_pair_rate(settings, pair_nam
     assert bytes_differing(src, spec.target) == 0
 
 
-
-def journal_records(settings, name: str) -> int:
-    """Records the pair's journal topic holds (its high watermark: nothing is deleted
-    here)."""
-    from confluent_kafka import Consumer, TopicPartition
-    from infra.topics import journal_topic
-    c = Consumer(settings.consumer())
-    try:
-        return c.get_watermark_offsets(TopicPartition(journal_topic(name), 0), timeout=10)[1]
-    finally:
-        c.close()
+#: Where the paced writes go: every 13th 4 KiB block, wrapping at the volume's end.
+PACED_STEP = 4096 * 13
 
 
 def paced_writes(uri: str, count: int, gap: float, size: int, pattern: int) -> float:
@@ -381,7 +373,6 @@ def paced_writes(uri: str, count: int, gap: float, size: int, pattern: int) -> f
     busy guest), then FLUSH; returns the seconds it took. Every reply must be OK."""
     from nbd import proto
     from nbd.client import Client, parse_uri
-    step = 4096 * 13
     c = Client.open(parse_uri(uri))
     sock = c._sock      # the transmission phase's socket: requests pipelined here
     errors: list[int] = []
@@ -397,7 +388,7 @@ def paced_writes(uri: str, count: int, gap: float, size: int, pattern: int) -> f
     data = bytes([pattern]) * 4096
     for i in range(count):
         sock.sendall(proto.encode_request(proto.Request(
-            0, proto.Cmd.WRITE, i + 1, i * step % size, 4096)) + data)
+            0, proto.Cmd.WRITE, i + 1, i * PACED_STEP % size, 4096)) + data)
         time.sleep(gap)
     reader.join(60)
     c.flush()
@@ -423,10 +414,10 @@ def test_sync_writes_over_a_slow_link_share_records(settings, pair_name, tmp_pat
     writes = 200
     try:
         wait_link(pair_name, "continuous", 60)
-        before = journal_records(settings, pair_name)
+        before = watermarks(settings, pair_name)[1]
         took = paced_writes(f"nbd://{net.ns_ip}:{port}/{pair_name}", writes, 0.001, size,
                             0x5A)
-        records = journal_records(settings, pair_name) - before
+        records = watermarks(settings, pair_name)[1] - before
     finally:
         cap.kill()
         net.close()
@@ -438,5 +429,5 @@ def test_sync_writes_over_a_slow_link_share_records(settings, pair_name, tmp_pat
     with open(src, "rb") as f:     # every write acknowledged is on the source
         data = f.read()
     for i in range(writes):
-        at = i * 4096 * 13 % size
+        at = i * PACED_STEP % size
         assert data[at:at + 4096] == b"\x5a" * 4096, i
