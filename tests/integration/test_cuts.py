@@ -113,6 +113,19 @@ def test_qemu_io_writes_without_flush_reach_the_target(settings, pair_name, tmp_
         client.wait(10)
 
 
+def settled_flushes(cap, quiet: float = 1.0, timeout: float = 15.0) -> int:
+    """The capturer's FLUSH count once it has not moved for ``quiet`` seconds: losetup
+    closing the nbdfuse file flushes it, and that FLUSH may reach the server a moment
+    after losetup returned (a CI run counted it during the dd)."""
+    deadline = time.monotonic() + timeout
+    count, since = cap.backend.counters.flushes, time.monotonic()
+    while time.monotonic() - since < quiet and time.monotonic() < deadline:
+        time.sleep(0.1)
+        if cap.backend.counters.flushes != count:
+            count, since = cap.backend.counters.flushes, time.monotonic()
+    return count
+
+
 @pytest.mark.root
 def test_dd_direct_through_a_loop_device_without_fsync_reaches_the_target(
         settings, pair_name, tmp_path, live, following):
@@ -128,7 +141,7 @@ def test_dd_direct_through_a_loop_device_without_fsync_reaches_the_target(
         # The last close of a block device flushes it: this one stays open meanwhile.
         held = os.open(loop, os.O_RDONLY)
         try:
-            flushes = cap.backend.counters.flushes  # (setting the loop device up may)
+            flushes = settled_flushes(cap)  # (setting the loop device up may)
             sh("dd", f"if={data}", f"of={loop}", "bs=1M", "seek=4", "oflag=direct",
                "status=none")
             converged(spec)
