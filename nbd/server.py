@@ -52,7 +52,8 @@ _DISCARD_CHUNK = 1 << 20
 _READ_AHEAD = 256 * 1024
 #: Replies held back while more requests wait in the reader's buffer, at most.
 _MAX_HELD = 64
-#: A quick write this long or shorter is served by the reader itself (:meth:`NBDServer._take`).
+#: A quick write this long or shorter is served by the reader itself
+#: (:meth:`NBDServer._quick_write`).
 _INLINE_MAX = 64 * 1024
 _ACCEPT_POLL_S = 0.25
 #: Workers per connection, and what one connection may have in flight (requests, and
@@ -94,7 +95,7 @@ class Backend(Protocol):
     - ``quick_writes: bool``: ``pwrite`` without FUA waits for nothing slow (no fsync,
       no network): the reader thread then serves such a WRITE itself when it is small
       or nothing else of its connection is in flight, instead of waking a worker for
-      it (:meth:`NBDServer._take`). Zeroing is left to workers: it may write zeros.
+      it (:meth:`NBDServer._quick_write`). Zeroing is left to workers: it may write zeros.
     - ``quick_flush: bool`` with ``flush_local()``: a FLUSH waits for the local disk
       only (no network): ``flush_local`` makes the writes durable and returns what is
       left to do (async capture: journal the consistency point), which the server runs
@@ -701,9 +702,12 @@ class NBDServer:
         pool = _Workers(self.workers, f"nbd-{conn.info.peer}")
         reader = _Reader(conn.sock, conn.send_held)
         header = bytearray(p.REQUEST_SIZE)
+        view = memoryview(header)
+        # Read once: a backend's mode is fixed for its life.
+        quick = bool(getattr(backend, "quick_writes", False))
         try:
             while not conn.closing:
-                reader.read_into(memoryview(header), at_boundary=True)
+                reader.read_into(view, at_boundary=True)
                 try:
                     req = p.parse_request(header)
                 except p.ProtocolError as e:
@@ -712,7 +716,14 @@ class NBDServer:
                     self.log.info("NBD %s: client disconnected (NBD_CMD_DISC)", conn.info.peer)
                     return
                 conn.info.requests += 1
-                self._take(conn, backend, req, pool, reader)
+                if (quick and req.type == p.Cmd.WRITE and not req.flags and req.length
+                        and req.offset + req.length <= backend.size
+                        and (req.length <= _INLINE_MAX or not conn.inflight.requests)):
+                    # A valid write without FUA (request_error has nothing to say about
+                    # it) that waits for nothing slow.
+                    self._quick_write(conn, backend, req, reader)
+                else:
+                    self._take(conn, backend, req, pool, reader)
         finally:
             conn.send_held()
             pool.shutdown()             # requests in flight finish and are answered
@@ -728,7 +739,8 @@ class NBDServer:
     def _take(self, conn: _Conn, backend: Backend, req: p.Request,
               pool: _Workers, reader: _Reader) -> None:
         """Read one request's payload (reader thread) and hand it to a worker, or serve
-        a quick write itself; requests the server refuses outright are answered here."""
+        an async FLUSH or a sync WRITE itself; requests the server refuses outright are
+        answered here."""
         peer = conn.info.peer
         if req.type == p.Cmd.WRITE and req.length > p.MAX_PAYLOAD:
             # Its payload cannot be skipped at a sane cost, so the stream is lost.
@@ -759,18 +771,6 @@ class NBDServer:
             conn.inflight.release(size)
             raise
         if (req.type == p.Cmd.WRITE and not req.flags & p.CMD_FLAG_FUA
-                and (req.length <= _INLINE_MAX or conn.inflight.requests == 1)
-                and getattr(backend, "quick_writes", False)):
-            # Waking a worker would cost more than a small request (under pgbench the
-            # wake-up, made holding the GIL, was a fifth of the NBD capturer's GIL time;
-            # at queue depth 16, workers served random 4 KiB writes no faster than this);
-            # a large one overlaps its copy with the next requests' on a worker. While
-            # more requests wait in the buffer the reply is held, to go out with theirs
-            # in one send.
-            self._serve(conn, backend, req, payload, size, t0,
-                        hold=reader.buffered() >= p.REQUEST_SIZE)
-            return
-        if (req.type == p.Cmd.WRITE and not req.flags & p.CMD_FLAG_FUA
                 and getattr(backend, "journals_later", False)):
             # No thread waits for its acknowledgement: the reply comes from the
             # backend's completion (a worker per write in flight, each woken by the
@@ -788,17 +788,47 @@ class NBDServer:
         pool.submit(conn.inflight.requests, self._serve, conn, backend, req, payload, size,
                     t0)
 
+    def _quick_write(self, conn: _Conn, backend: Backend, req: p.Request,
+                     reader: _Reader) -> None:
+        """Serve a quick write on the reader itself, in as few steps as it takes: under
+        random 4 KiB writes at queue depth 16 the reader's Python is the capturer's
+        wall. Waking a worker would cost more than a small request (under pgbench the
+        wake-up, made holding the GIL, was a fifth of the NBD capturer's GIL time); a
+        large one overlaps its copy with the next requests' on a worker unless nothing
+        else is in flight. Nothing is read ahead of it, so it takes no share of the
+        connection's in-flight bounds. While more requests wait in the buffer the reply
+        is held, to go out with theirs in one send."""
+        t0 = time.monotonic()
+        # A fresh buffer per request, never reused: the backend may keep a view of it.
+        payload = memoryview(bytearray(req.length))
+        reader.read_into(payload, at_boundary=False)
+        try:
+            try:
+                backend.pwrite(req.offset, payload, False)
+            except Exception as e:  # noqa: BLE001 - refused as _handle refuses it
+                self._refuse_request(conn, req, e)
+                return
+            with conn.count_lock:
+                conn.info.bytes_written += req.length
+            conn.reply(p.encode_simple_reply(p.Err.OK, req.cookie),
+                       hold=reader.buffered() >= p.REQUEST_SIZE)
+        except OSError as e:
+            self._reply_lost(conn, req, e)
+            return
+        if self.on_request is not None:
+            self.on_request(conn.info.export or "", "write", time.monotonic() - t0)
+
     def _serve(self, conn: _Conn, backend: Backend, req: p.Request,
-               payload: bytearray | None, size: int, t0: float, hold: bool = False,
+               payload: bytearray | None, size: int, t0: float,
                later: bool = False) -> None:
-        """Serve one validated request and reply (a worker thread, or the reader for a
-        quick write); ``size`` is what it holds of the connection's read-ahead, ``t0``
-        when its header was read, ``hold``: keep a success reply back (:meth:`_Conn.reply`);
-        ``later``: a WRITE the backend completes later (``pwrite_then``)."""
+        """Serve one validated request and reply (a worker thread, or the reader for an
+        async FLUSH or a sync WRITE); ``size`` is what it holds of the connection's
+        read-ahead, ``t0`` when its header was read, ``later``: a WRITE the backend
+        completes later (``pwrite_then``)."""
         done = self._completion(conn, req, size, t0) if later else None
         pending = False
         try:
-            pending = self._handle(conn, backend, req, payload, hold, done)
+            pending = self._handle(conn, backend, req, payload, done)
             if self.on_request is not None and not pending:
                 self.on_request(conn.info.export or "", _METRIC_NAME.get(req.type, "other"),
                                 time.monotonic() - t0)
@@ -840,6 +870,28 @@ class NBDServer:
         conn.closing = True
         _shutdown_socket(conn.sock)
 
+    def _refuse_request(self, conn: _Conn, req: p.Request, e: Exception) -> None:
+        """Answer a request the backend raised ``e`` for: Shutdown ends the connection
+        after an ESHUTDOWN reply, an OSError is its own NBD error, a bug is EIO."""
+        if isinstance(e, Shutdown):
+            self.log.warning("NBD %s: %s refused, backend shutting down (%s); disconnecting",
+                             conn.info.peer, _cmd_name(req.type), e)
+            with conn.send_lock:
+                if not conn.closing:
+                    conn._send_held()
+                    conn.sock.sendall(conn.error_reply(p.Err.ESHUTDOWN, req.cookie,
+                                                       "the server is shutting down"))
+                    conn.closing = True
+                    # FIN after the reply; the reader drains until the client closes.
+                    _shutdown_socket(conn.sock, socket.SHUT_WR)
+        elif isinstance(e, OSError):
+            self._refuse_failed(conn, req, e)
+        else:
+            where = _where(req)
+            self.log.error("NBD %s: %s failed: %s -> EIO", conn.info.peer, where, e,
+                           exc_info=e)
+            conn.reply(conn.error_reply(p.Err.EIO, req.cookie, f"{where}: server error"))
+
     def _refuse_failed(self, conn: _Conn, req: p.Request, e: OSError) -> None:
         """Answer a request the backend failed with the error's NBD code and reason."""
         where = _where(req)
@@ -850,7 +902,7 @@ class NBDServer:
         conn.reply(conn.error_reply(nbd_err, req.cookie, f"{where}: {reason}"))
 
     def _handle(self, conn: _Conn, backend: Backend, req: p.Request,
-                payload: bytearray | None, hold: bool = False,
+                payload: bytearray | None,
                 done: Callable[[OSError | None], None] | None = None) -> bool:
         """Serve ``req`` and reply; True when the reply is left to ``done``."""
         peer = conn.info.peer
@@ -872,28 +924,11 @@ class NBDServer:
                 after, chunks = backend.flush_local(), None  # type: ignore[attr-defined]
             else:
                 chunks = self._call(conn, backend, req, payload)
-        except Shutdown as e:
-            self.log.warning("NBD %s: %s refused, backend shutting down (%s); disconnecting",
-                             peer, _cmd_name(req.type), e)
-            with conn.send_lock:
-                if not conn.closing:
-                    conn._send_held()
-                    conn.sock.sendall(conn.error_reply(p.Err.ESHUTDOWN, req.cookie,
-                                                       "the server is shutting down"))
-                    conn.closing = True
-                    # FIN after the reply; the reader drains until the client closes.
-                    _shutdown_socket(conn.sock, socket.SHUT_WR)
-            return False
-        except OSError as e:
-            self._refuse_failed(conn, req, e)
-            return False
-        except Exception as e:  # noqa: BLE001 - a backend bug is an I/O error to the client
-            where = _where(req)
-            self.log.exception("NBD %s: %s failed: %s -> EIO", peer, where, e)
-            conn.reply(conn.error_reply(p.Err.EIO, req.cookie, f"{where}: server error"))
+        except Exception as e:  # noqa: BLE001 - every failure gets its reply
+            self._refuse_request(conn, req, e)
             return False
         if chunks is None:
-            conn.reply(p.encode_simple_reply(p.Err.OK, req.cookie), hold=hold)
+            conn.reply(p.encode_simple_reply(p.Err.OK, req.cookie))
         else:
             conn.reply_chunks(chunks)
         if after is not None:

@@ -648,18 +648,28 @@ def test_disc_closes_cleanly(srv: Served, raw: Callable[..., RawClient],
     assert c.local in logged(caplog_nbd, "NBD_CMD_DISC")
 
 
+@pytest.mark.parametrize("quick", [False, True], ids=["workers", "reader"])
 def test_backend_errno_is_mapped_and_shutdown_disconnects(
-        srv: Served, raw: Callable[..., RawClient], caplog_nbd: pytest.LogCaptureFixture) -> None:
+        srv: Served, raw: Callable[..., RawClient], caplog_nbd: pytest.LogCaptureFixture,
+        quick: bool) -> None:
+    """A failed write gets its own error whoever served it (a worker, or the reader's
+    quick write); a backend bug is EIO and the connection goes on."""
     c = raw()
     c.go()
     disk = srv.backends["disk"]
+    disk.quick_writes = quick
     disk.fail_writes = OSError(errno.EROFS, "read-only")
     assert c.request(p.Cmd.WRITE, 0, 512, payload=bytes(512))[0] == p.Err.EPERM
     disk.fail_writes = OSError(errno.ENOSPC, "full")
     assert c.request(p.Cmd.WRITE, 0, 512, payload=bytes(512))[0] == p.Err.ENOSPC
     disk.fail_writes = OSError(errno.EBADMSG, "odd")
     assert c.request(p.Cmd.WRITE, 0, 512, payload=bytes(512))[0] == p.Err.EIO
-    assert c.request(p.Cmd.READ, 0, 512) == (0, bytes(512))  # reads still fine
+    disk.fail_writes = ZeroDivisionError("a backend bug")
+    assert c.request(p.Cmd.WRITE, 0, 512, payload=bytes(512))[0] == p.Err.EIO
+    assert logged(caplog_nbd, "a backend bug").endswith("-> EIO")
+    disk.fail_writes = None
+    assert c.request(p.Cmd.WRITE, 0, 512, payload=b"\x42" * 512) == (0, b"")
+    assert c.request(p.Cmd.READ, 0, 512) == (0, b"\x42" * 512)  # still in sync
     disk.fail_writes = Shutdown("failing over")
     assert c.request(p.Cmd.WRITE, 0, 512, payload=bytes(512))[0] == p.Err.ESHUTDOWN
     c.assert_closed_by_server()
