@@ -29,6 +29,15 @@ _BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 #: the fsync at the consistency point writes them out together. O_DIRECT is not durability:
 #: the device may still cache the write, so a checkpoint still waits for an fsync.
 DIRECT_MIN = 256 << 10
+#: Bytes per buffered write at most: Linux (6.x, ext4 and block devices) gives a write's
+#: page-cache folio the write's own size, up to 2 MiB, and every later small write into
+#: a folio walks all of its blocks. Measured on this kernel (6.18, ext4): random 4 KiB
+#: writes cost 21.7 us each into a file written in 1 MiB writes, 9.0 after 256 KiB
+#: writes, 4.8 after 64 KiB ones; and the 1 MiB writes' copy itself took 0.74-1.7 s for
+#: 1 GiB against 0.23 s in 64 KiB pieces. A capture's source is written sequentially
+#: (a copy, a restore) and then randomly (the application), so its writes go down in
+#: pieces of this size.
+WRITE_PIECE = 64 << 10
 #: O_DIRECT alignment of offsets, lengths and buffers: a page, which every Linux file
 #: system and block device (512-byte or 4 KiB logical blocks) accepts.
 _ALIGN = mmap.PAGESIZE
@@ -158,8 +167,13 @@ class Volume:
             os.posix_fadvise(self.fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
 
     def pwrite(self, offset: int, data: bytes | memoryview) -> None:
-        """Write all of ``data`` at ``offset``."""
-        self._pwrite_all(self.fd, memoryview(data), offset)
+        """Write all of ``data`` at ``offset``, in pieces of :data:`WRITE_PIECE`."""
+        view = memoryview(data)
+        if len(view) <= WRITE_PIECE:       # a client's every small write: no slicing
+            self._pwrite_all(self.fd, view, offset)
+            return
+        for start in range(0, len(view), WRITE_PIECE):
+            self._pwrite_all(self.fd, view[start:start + WRITE_PIECE], offset + start)
 
     def pwritev(self, offset: int, parts: Sequence[bytes | memoryview]) -> None:
         """Write ``parts`` back to back from ``offset`` (a run of adjacent ops): a long

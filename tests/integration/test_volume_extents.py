@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from infra.volume import Volume
+from infra.volume import WRITE_PIECE, Volume
 
 BLOCK = 4096
 BLOCKS = 64
@@ -57,3 +57,22 @@ def test_zero_is_fast_on_a_file_that_punches_holes(tmp_path: Path) -> None:
         vol.zero(0, 65536)
         assert vol.extents(0, 65536, 4) == [(65536, True)]
         vol.cache(0, 65536)                         # a hint; never fails
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 3 * WRITE_PIECE), st.integers(1, 3 * WRITE_PIECE + 1))
+def test_a_write_lands_whole_whatever_its_pieces(tmp_path: Path, offset: int,
+                                                 length: int) -> None:
+    """pwrite goes down in pieces of WRITE_PIECE: every byte arrives, in its place, and
+    nothing around it changes, for lengths under, at and across the pieces' bounds."""
+    path = tmp_path / "w.img"
+    size = 8 * WRITE_PIECE
+    with open(path, "wb") as f:
+        f.write(b"\x11" * size)
+    data = bytes(i % 251 for i in range(length))
+    with Volume(str(path), writable=True) as vol:
+        vol.pwrite(offset, data)
+    image = path.read_bytes()
+    assert image[offset:offset + length] == data
+    assert image[:offset] == b"\x11" * offset
+    assert image[offset + length:] == b"\x11" * (size - offset - length)
