@@ -717,10 +717,10 @@ class NBDServer:
                     return
                 conn.info.requests += 1
                 if (quick and req.type == p.Cmd.WRITE and not req.flags and req.length
-                        and req.offset + req.length <= backend.size
-                        and (req.length <= _INLINE_MAX or not conn.inflight.requests)):
-                    # A valid write without FUA (request_error has nothing to say about
-                    # it) that waits for nothing slow.
+                        and (req.length <= _INLINE_MAX or not conn.inflight.requests)
+                        and not p.request_error(req, backend.size)[0]):
+                    # A valid write without FUA that waits for nothing slow (anything
+                    # request_error objects to is _take's to refuse).
                     self._quick_write(conn, backend, req, reader)
                 else:
                     self._take(conn, backend, req, pool, reader)

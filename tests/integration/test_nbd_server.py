@@ -613,8 +613,13 @@ def test_a_quick_flush_is_answered_before_its_rest_runs_and_the_next_request_aft
     assert image_bytes(srv.image, 0, 4096) == b"\x5a" * 4096
 
 
+@pytest.mark.parametrize("quick", [False, True], ids=["workers", "reader"])
 def test_oversized_write_closes_without_touching_the_volume(
-        srv: Served, raw: Callable[..., RawClient], caplog_nbd: pytest.LogCaptureFixture) -> None:
+        srv: Served, raw: Callable[..., RawClient], caplog_nbd: pytest.LogCaptureFixture,
+        quick: bool) -> None:
+    """A WRITE past the largest payload, though inside the export, ends the connection
+    before its payload is read, whether or not the reader would serve it itself."""
+    srv.backends["disk"].quick_writes = quick
     c = raw()
     c.go()
     c.sock.sendall(p.encode_request(p.Request(0, p.Cmd.WRITE, 1, 0, 32 * MiB + 1)) + b"\xee" * 4096)
