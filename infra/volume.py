@@ -167,9 +167,10 @@ class Volume:
             os.posix_fadvise(self.fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
 
     def pwrite(self, offset: int, data: bytes | memoryview) -> None:
-        """Write all of ``data`` at ``offset``, in pieces of :data:`WRITE_PIECE`."""
+        """Write all of ``data`` at ``offset``, through the page cache in pieces of
+        :data:`WRITE_PIECE`."""
         view = memoryview(data)
-        if len(view) <= WRITE_PIECE:       # a client's every small write: no slicing
+        if len(view) <= WRITE_PIECE or self.direct:    # no slicing where it buys nothing
             self._pwrite_all(self.fd, view, offset)
             return
         for start in range(0, len(view), WRITE_PIECE):
