@@ -184,6 +184,7 @@ def bare_consume(ctx: Context, topic: str, write_to: Path | None = None) -> tupl
     to that file, one after the other (a plain buffered ``pwrite`` per record, the file
     fsynced once at the end), as a consumer that stores what it reads would."""
     from confluent_kafka import Consumer, KafkaError, TopicPartition
+    from infra.reader import next_batch
     consumer = Consumer(ctx.settings.consumer())
     consumer.assign([TopicPartition(topic, 0, 0)])
     fd = os.open(write_to, os.O_WRONLY | os.O_CREAT, 0o600) if write_to else -1
@@ -192,9 +193,10 @@ def bare_consume(ctx: Context, topic: str, write_to: Path | None = None) -> tupl
     deadline = time.monotonic() + 300
     try:
         while True:
-            # Short waits, as the applier's own loop uses: consume() waits the whole
-            # timeout whenever fewer records than asked for are left.
-            batch = consumer.consume(500, 0.1)
+            # Batches as the applier's own loop takes them: what is already fetched, or
+            # the first record to come (consume() alone waits out its whole timeout
+            # whenever fewer records than asked for are left).
+            batch = next_batch(consumer, 500, 0.1)
             if not batch and time.monotonic() > deadline:
                 raise RuntimeError(f"no answer while reading {topic}")
             for msg in batch:

@@ -21,7 +21,7 @@ from consumers.writer import BackgroundWrites, apply_entries, apply_op
 from infra import control, keys, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
-from infra.reader import check_record
+from infra.reader import check_record, next_batch
 from infra.retention import offsets_of
 from infra.topics import ensure_base_topics, journal_topic
 from infra.volume import digest_of
@@ -271,7 +271,7 @@ class Applier:
         at_eof = False
         while not stop.is_set():
             # A small batch bounds memory: records are up to ~1 MiB each.
-            batch = consumer.consume(CONSUME_BATCH, 0.1)
+            batch = next_batch(consumer, CONSUME_BATCH, 0.1)
             for msg in batch:
                 err = msg.error()
                 if err is not None and err.code() == KafkaError._PARTITION_EOF:

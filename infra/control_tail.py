@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from infra.control import accepted, pairs, trusted
 from infra.kafka import KafkaSettings
+from infra.reader import next_batch
 from infra.topics import CONTROL_TOPICS, ensure_base_topics
 from journal.errors import BrokerError, X2XError
 from journal.events import Event
@@ -35,7 +36,7 @@ def follow(settings: KafkaSettings, since_ms: int,
     try:
         consumer.assign([TopicPartition(t, 0, 0) for t in CONTROL_TOPICS])
         while stop is None or not stop.is_set():
-            for msg in consumer.consume(100, poll):
+            for msg in next_batch(consumer, 100, poll):
                 err = msg.error()
                 if err is not None:
                     # A broker outage is waited out (librdkafka reconnects); callers

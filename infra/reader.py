@@ -14,6 +14,19 @@ from infra.kafka import KafkaSettings
 from journal.errors import BrokerError
 
 
+def next_batch(consumer: Consumer, most: int, wait: float) -> list[Message]:
+    """Up to ``most`` records (and events) already fetched, or, when none is, the first to
+    come within ``wait`` seconds. ``consume(most, wait)`` alone returns early only once
+    it has ``most``: with fewer left it waits out all of ``wait``, so every control read
+    ended 50 ms late, and an applier following a live journal took its records in
+    batches 100 ms apart."""
+    batch = consumer.consume(most, 0)
+    if batch:
+        return batch
+    msg = consumer.poll(wait)
+    return [msg] if msg is not None else []
+
+
 def read_to_end(settings: KafkaSettings, topic: str, timeout: float = 15.0) -> Iterator[Message]:
     """Yield every record of partition 0 of ``topic``, from the start to its end."""
     for _topic, msg in read_many(settings, {topic: 0}, timeout):
@@ -35,7 +48,7 @@ def read_many(settings: KafkaSettings, starts: dict[str, int],
         pending = set(starts)
         deadline = time.monotonic() + timeout
         while pending:
-            batch = consumer.consume(1000, 0.05)
+            batch = next_batch(consumer, 1000, 0.05)
             for msg in batch:
                 err = msg.error()
                 if err is None:
