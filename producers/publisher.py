@@ -47,9 +47,13 @@ BUSY_POLL = 0.01
 #: 5 ms and a small record per client FLUSH (~1,000/s under pgbench), librdkafka's broker
 #: thread busy-polls while records linger: 110-190 us of CPU per record, a third of the
 #: capturer's, on the cores the clients need. From 20 ms it sleeps (7 us per record,
-#: tens of records per request). It adds 20 ms to the RPO, beside the burst hold of
-#: seconds; flush-sync and sync, where a client waits on acks, linger far less (below).
-ASYNC_LINGER_MS = 20.0
+#: tens of records per request). From 20 to 100 ms, under pgbench the broker takes ~10
+#: produce requests a second instead of ~50, and its CPU went from 22 to 16 % of a
+#: core: on two cores shared with the database, pgbench async went from 0.62-0.67
+#: of qemu-nbd's tps to 0.75-0.78 (paired runs). It adds up to 100 ms to the RPO,
+#: beside the burst hold of seconds (bench lag: RPO p99 0.61-0.66 s either way);
+#: flush-sync and sync, where a client waits on acks, linger far less (below).
+ASYNC_LINGER_MS = 100.0
 #: librdkafka's linger where a client waits for the acknowledgement (sync: every write;
 #: flush-sync: its FLUSH): lingering is then time the client waits out. The batching
 #: is ours instead (WAITED_RECORDS): a record goes out at once, and what comes while it
