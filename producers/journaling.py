@@ -447,11 +447,12 @@ class JournalingVolume:
 
     def _journal_form(self, pub: JournalPublisher, op: Op) -> list[Op]:
         """The ops that journal a change just made: an async WRITE leaves its bytes on
-        the source while the backlog fits (the client's buffer is not kept), anything
-        else carries them."""
+        the source while the backlog fits (the client's buffer is not kept), unless the
+        publisher keeps it in memory (a small write of a flushing client); anything else
+        carries them."""
         if (op.kind is OpKind.WRITE and self.mode.defers
                 and self.health.condition is not Condition.DEGRADED
-                and pub.can_defer(op.length)):
+                and not pub.keeps(op.length) and pub.can_defer(op.length)):
             return [Op.write(s.offset, s) for s in
                     self.deferred.defer(op.offset, op.length, pub.max_op_data, pub.note_early)]
         return [op]

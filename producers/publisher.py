@@ -74,6 +74,11 @@ WAITED_RECORDS = 1
 #: broker a record, and the applier a record and a checkpoint (two fsyncs). Beside
 #: ASYNC_LINGER_MS it adds at most this much to the RPO.
 ASYNC_COALESCE_MS = 10.0
+#: A client write up to KEEP_MAX bytes, while its client flushes, carries its bytes
+#: (JournalPublisher.keeps) as long as the bytes in memory stay under KEEP_QUEUED;
+#: larger writes, bursts and a backlog stay on the source.
+KEEP_MAX = 64 << 10
+KEEP_QUEUED = 4 << 20
 #: The most queued entries one record coalesces (the payload budget bounds it too).
 MAX_COALESCED = 256
 
@@ -321,6 +326,16 @@ class JournalPublisher:
         with self._lock:
             return (self.spool is not None and not self._error
                     and self._deferred + self.spool.bytes + nbytes <= self.spool.max_bytes)
+
+    def keeps(self, nbytes: int) -> bool:
+        """Should a client's write of ``nbytes`` travel in memory rather than wait on the
+        source for its turn? Yes while its client flushes (no burst is held, so its entry
+        ships within a linger anyway), the write is small and the bytes held in memory
+        stay under KEEP_QUEUED. A database rewrites its WAL page at every commit: each
+        deferred write was read back from the source before its overwrite, and every
+        other one when its record was encoded."""
+        return (nbytes <= KEEP_MAX and self._queued + nbytes <= KEEP_QUEUED
+                and time.monotonic() - self._shipped_at < self.hold)
 
     def note_early(self, nbytes: int) -> None:
         """Deferred bytes were read before their turn (about to change on the source):

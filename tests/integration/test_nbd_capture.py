@@ -31,6 +31,7 @@ from journal.pairs import PairSpec
 from nbd.client import Client, parse_uri
 from producers.journaling import Mode
 from producers.nbd_capture import NBDCapture
+from producers.publisher import KEEP_MAX, KEEP_QUEUED
 from producers.state import StateStore
 from schemas import codec
 from tests.conftest import (cached_bytes, free_port, make_image, run_x2x, same_bytes, uncached,
@@ -388,6 +389,54 @@ def test_an_async_flush_ships_what_precedes_it_while_clients_keep_writing(
     target = Path(spec.target).read_bytes()
     assert target[:4 * MiB] == committed and target[8 * MiB:12 * MiB] == later
     assert target[12 * MiB:] == burst
+
+
+def test_a_flushing_clients_small_writes_carry_their_own_bytes(settings, pair_name,
+                                                                tmp_path, live):
+    """A database rewrites its WAL page at every commit. Once its client has flushed, a
+    small write travels in memory (JournalPublisher.keeps): nothing of it waits on the
+    source, so nothing is read back before the next overwrite; each commit's op carries
+    the bytes that commit wrote, in order, while the broker takes nothing yet. A write
+    above KEEP_MAX and a client that has not flushed within the hold still leave their
+    bytes on the source, and memory holds no more than KEEP_QUEUED of them."""
+    spec = make_pair(settings, pair_name, tmp_path, 16 * MiB)
+    cap = live(spec)
+    wait_baseline(cap)
+    first = cap.sync_point() + 1
+    cap.pub.max_inflight = -1                   # the broker takes nothing for now
+    pages = [os.urandom(8192) for _ in range(40)]
+    large = os.urandom(KEEP_MAX + 4096)
+    client = Client.open(parse_uri(cap.uri))
+    try:
+        # Promises filed to read the source later (cap.backend.deferred): one per write
+        # left there, until it is read (at its turn, or before an overwrite).
+        client.pwrite(MiB, pages[0])            # not flushed yet: left on the source
+        assert len(cap.backend.deferred) == 1
+        client.flush()
+        for page in pages[1:]:                  # commits: the same page, then a FLUSH
+            client.pwrite(MiB, page)            # the first reads pages[0] back, once
+            client.flush()
+        assert len(cap.backend.deferred) == 0
+        client.pwrite(4 * MiB, large)
+        assert len(cap.backend.deferred) >= 1
+        client.flush()
+        # Commits of KEEP_MAX bytes while nothing ships: memory never holds more than
+        # KEEP_QUEUED (and one open entry); the rest waits on the source or in the spool.
+        many = os.urandom(100 * KEEP_MAX)
+        for i in range(100):
+            client.pwrite(8 * MiB + i * KEEP_MAX, many[i * KEEP_MAX:(i + 1) * KEEP_MAX])
+            client.flush()
+            assert cap.pub._queued <= KEEP_QUEUED + KEEP_MAX
+    finally:
+        client.close()
+    cap.pub.max_inflight = 64 * MiB
+    cap.sync_point()
+    ops = [op for entry in journal(settings, spec.name) if entry.first_seq >= first
+           for op in entry.ops if op.kind is OpKind.WRITE]
+    assert [bytes(op.data) for op in ops if op.offset == MiB] == pages
+    assert b"".join(bytes(op.data) for op in ops if 4 * MiB <= op.offset < 8 * MiB) == large
+    apply_all(settings, spec)
+    assert same_bytes(spec.source, spec.target)
 
 
 def test_a_stream_of_flushes_is_checkpointed_once_per_interval(settings, pair_name,
