@@ -199,9 +199,7 @@ class Applier:
             producer = Producer(self.settings.side_producer(**{"linger.ms": 50}))
             beats = HeartbeatPublisher(producer, self.spec.name, "applier", self.target,
                                        key=self.key)
-            # A bounded run ends at the journal's end, which a fetch held empty delays.
-            follows = self.limit is None and not until_caught_up
-            consumer = Consumer(self.settings.follower() if follows else self.settings.consumer())
+            consumer = Consumer(self.settings.consumer())
             try:
                 self._start(consumer)
                 while not self.stats.stopped_by:

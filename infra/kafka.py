@@ -32,11 +32,6 @@ _SECRET_WORDS = ("password", "secret", "key", "token")
 #: core); higher levels cost 1.6-6x its CPU for 3-10 % fewer bytes. On a thin link the
 #: bytes are the time; on a fast one a core still compresses faster than 3 Gbit/s.
 DEFAULT_COMPRESSION = "zstd:1"
-#: How long the broker holds a follower's empty fetch (KafkaSettings.follower). An idle
-#: pair (a capturer and an applier, nothing written) took the broker from 4 % of a core
-#: to 10 % with 50 ms; on the cores a database shares with them, that was a fifth of the
-#: broker's CPU under pgbench.
-FOLLOW_WAIT_MS = 500
 _CODECS = {"none": None, "gzip": range(0, 10), "snappy": None, "lz4": range(0, 13),
            "zstd": range(-131072, 23)}
 
@@ -150,13 +145,6 @@ class KafkaSettings:
             "fetch.queue.backoff.ms": 10,
             **overrides,
         }
-
-    def follower(self, **overrides: Any) -> dict[str, Any]:
-        """For a consumer that follows topics as they grow for as long as a service runs
-        (an applier's journal, the control watch): the broker holds an empty fetch up to
-        FOLLOW_WAIT_MS. Records still come at once (a fetch answers with its first byte);
-        what the wait saves is the idle fetches, 20 a second per consumer at 50 ms."""
-        return self.consumer(**{"fetch.wait.max.ms": FOLLOW_WAIT_MS, **overrides})
 
     def admin(self) -> dict[str, Any]:
         return self._common()
