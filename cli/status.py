@@ -18,7 +18,8 @@ from journal.errors import BadInput, BrokerError, X2XError
 from journal.linkstate import LinkState, link_state
 from journal.pairs import PairState
 from journal.fencing import failover_status
-from journal.status import PairStatus, latest, newest, pair_status
+from journal.status import (FLUSH_SHOWN_S, PairStatus, ReplicaStatus, latest, newest,
+                            pair_status)
 from journal.clock import now_ms
 
 
@@ -67,7 +68,7 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
                           "-", "-", "-")
         for rep in r.replicas:
             table.add_row(r.pair, pairs[r.pair].state, capture, link, cap, rep.target,
-                          f"{rep.applied_epoch}:{rep.applied_seq} ({rep.state})",
+                          _applied_cell(rep),
                           _opt(rep.lag_ops), _opt(rep.lag_bytes, human_bytes),
                           _opt(rep.rpo_s, lambda v: f"{v:.1f}"),
                           f"{human_bytes(rep.rate_bps)}/s")
@@ -299,6 +300,14 @@ def _frame(ctx: typer.Context, name: str | None, json_: bool, interval: float) -
         else:
             console.print(f"error: {e} (retrying every {interval:g} s)", style="bold red",
                           highlight=False)
+
+
+def _applied_cell(rep: ReplicaStatus) -> str:
+    """The target's position and state, and its slowest recent flush when that is a
+    cause of the RPO worth naming."""
+    flush = rep.slowest_flush_s
+    slow = f", flush {flush:.1f} s" if flush is not None and flush >= FLUSH_SHOWN_S else ""
+    return f"{rep.applied_epoch}:{rep.applied_seq} ({rep.state}{slow})"
 
 
 def _opt(value, fmt=str) -> str:

@@ -36,7 +36,7 @@ from journal.ops import Entry, OpKind
 from journal.events import HashesCompared, Promoted, ResyncNeeded
 from journal.pairs import JOURNAL_LOST, PairSpec, PairState
 from journal.sequence import Limit, Position, Verdict, check_extents, classify
-from journal.status import APPLIED_BEAT_S, newest
+from journal.status import APPLIED_BEAT_S, FLUSH_WINDOW_S, RecentMax, newest
 from journal.roles import Role
 from journal.clock import now_ms
 from schemas.cipher import JournalKey, open_record
@@ -52,6 +52,9 @@ CONSUME_BATCH = 32
 #: and are applied with the next; a point after a quiet spell is checkpointed at once.
 CHECKPOINT_INTERVAL = float(os.environ.get("X2X_CHECKPOINT_INTERVAL", "0.1"))
 VERIFY_TIMEOUT = 15.0
+#: A checkpoint whose fsync of the target takes this long is logged (once per
+#: FLUSH_WINDOW_S): the RPO includes the time, and the cause is the target's disk.
+SLOW_FLUSH_S = 1.0
 #: At most this many characters of extents (``offset+length,``) in a hashes-compared
 #: event, so one event stays far below the broker's record size limit.
 EXTENTS_CHARS = 200_000
@@ -146,6 +149,10 @@ class Applier:
         self.stats = ApplyStats()
         self.checkpointed = Position()
         self._beaten: tuple[int, int] = (-1, -1)      # the position the last beat told
+        #: The target's fsync times at checkpoints: the slowest recent one is in every
+        #: beat (``flush_s``), a slow one is logged (at most once per window).
+        self._flushes = RecentMax(FLUSH_WINDOW_S)
+        self._flush_warned = float("-inf")
         self._pos = Position()
         self._staged: list[_Staged] = []
         self._staged_bytes = 0
@@ -539,7 +546,7 @@ class Applier:
 
     def _checkpoint(self, entry: Entry, pos: Position) -> None:
         """``entry`` (at ``pos``) and everything before it is applied: fsync, then record."""
-        self.vol.fsync()
+        self._flush(pos)
         self._checkpointed_at = time.monotonic()
         self._ahead = False
         self.checkpointed = pos
@@ -550,6 +557,24 @@ class Applier:
         self._publish_comparison(pos)
         if self.on_checkpoint:
             self.on_checkpoint(pos)
+
+    def _flush(self, pos: Position) -> None:
+        """fsync the target before the checkpoint at ``pos``, timed: a target disk that is
+        slow to flush (shared with a busy broker, a slow device) delays every checkpoint,
+        and so the RPO, by as much."""
+        t0 = time.monotonic()
+        self.vol.fsync()
+        took = time.monotonic() - t0
+        self._flushes.note(took, t0)
+        telemetry.metrics().target_flush(self.spec.name, took, self.target)
+        if took >= SLOW_FLUSH_S and t0 - self._flush_warned >= FLUSH_WINDOW_S:
+            self._flush_warned = t0
+            log.warning("pair %s: the target %s took %.1f s to make its writes durable "
+                        "(fsync) before the checkpoint at epoch %d seq %d; every checkpoint "
+                        "waits for it, so the RPO grows by as much. Give the target a disk "
+                        "that no busy writer (a broker's log, another volume) shares, or "
+                        "a faster device", self.spec.name, self.target, took, pos.epoch,
+                        pos.seq)
 
     # -- start: resume from the checkpoint, proving the journal still holds it ----------
     def _start(self, consumer: Consumer) -> None:
@@ -676,6 +701,7 @@ class Applier:
         moved = (p.epoch, p.seq) != self._beaten
         if beats.beat(state, p.epoch, p.seq, p.epoch_bytes, p.captured_at_ms, rate,
                       {"staged_bytes": str(self._staged_bytes), "needs": needs,
+                       "flush_s": f"{self._flushes.value(time.monotonic()):.3f}",
                        **({"group_cut": str(self.cut)} if self.grouped else {})}, force,
                       soon=APPLIED_BEAT_S if moved else None):
             self._beaten = (p.epoch, p.seq)

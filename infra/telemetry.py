@@ -92,6 +92,7 @@ class Metrics:
     history_window: Gauge = field(init=False)
     history_early: Any = field(init=False)
     nbd_request_latency_seconds: Any = field(init=False)
+    target_flush_seconds: Any = field(init=False)
 
     def __post_init__(self) -> None:
         m = self.meter
@@ -135,6 +136,10 @@ class Metrics:
         self.nbd_request_latency_seconds = m.create_histogram(
             "x2x.nbd.request.duration", "s",
             "NBD request latency, from request read to reply sent.")
+        self.target_flush_seconds = m.create_histogram(
+            "x2x.target.flush.duration", "s",
+            "How long the target took to make applied writes durable (fsync) at a "
+            "checkpoint; the RPO includes it.")
 
     # -- capturer ----------------------------------------------------------------------
     def captured(self, pair: str, ops: int, nbytes: int) -> None:
@@ -172,6 +177,10 @@ class Metrics:
                 gauge.forget(**a)
             else:
                 gauge.set(value, **a)
+
+    def target_flush(self, pair: str, seconds: float, target: str | None = None) -> None:
+        """One fsync of the target at a checkpoint."""
+        self.target_flush_seconds.record(seconds, _attrs(pair, "applier", target))
 
     def checkpoint_age(self, pair: str, seconds: float, target: str | None = None) -> None:
         self.checkpoint_age_seconds.set(seconds, **_attrs(pair, "applier", target))

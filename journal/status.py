@@ -23,6 +23,13 @@ APPLIED_BEAT_S = 0.25
 #: capturer sends it late, and one killed just after sending may not have delivered it
 #: (its producer lingers). A source silent for a beat plus this may have lived that long.
 BEAT_LATE_S = 0.5
+#: An applier reports the slowest fsync of its target over this many seconds
+#: (``flush_s`` in its beat): each checkpoint waits for one, so the RPO includes it.
+FLUSH_WINDOW_S = 60.0
+#: ``x2x status`` shows a target's slowest recent flush from this long: beside an RPO
+#: of a second, it is then a cause worth naming (a disk shared with a busy broker, a
+#: slow device).
+FLUSH_SHOWN_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,41 @@ class ReplicaStatus:
     rate_bps: float
     seen_s_ago: float
     detail: dict[str, str] = field(default_factory=dict)   # the applier's beat's
+
+    @property
+    def slowest_flush_s(self) -> float | None:
+        """The slowest fsync of the target over the applier's last FLUSH_WINDOW_S
+        seconds (None: its beat does not say)."""
+        try:
+            return float(self.detail["flush_s"])
+        except (KeyError, ValueError):
+            return None
+
+
+class RecentMax:
+    """The largest value noted over the last ``window`` seconds (e.g. the slowest
+    target flush), in memory bounded by the values that can still become the answer."""
+
+    def __init__(self, window: float = FLUSH_WINDOW_S) -> None:
+        self.window = window
+        #: (time, value), times rising and values falling: a value with a larger one
+        #: noted after it can never be the maximum again.
+        self._kept: list[tuple[float, float]] = []
+
+    def note(self, value: float, at: float) -> None:
+        while self._kept and self._kept[-1][1] <= value:
+            self._kept.pop()
+        self._kept.append((at, value))
+
+    def value(self, now: float) -> float:
+        """The largest value noted after ``now - window`` (0.0: none)."""
+        kept = self._kept
+        drop = 0
+        while drop < len(kept) and kept[drop][0] < now - self.window:
+            drop += 1
+        if drop:
+            del kept[:drop]
+        return kept[0][1] if kept else 0.0
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,28 @@ def test_forced_loss_after_a_clean_stop_is_what_the_journal_says():
     assert (loss.ops, loss.rpo_s, loss.rpo_max_s) == (0, 0.0, 0.0)
     # Never seen: nothing bounds what it took.
     assert forced_loss(None, 1, 20, 0, 1000, read).rpo_max_s is None
+
+
+def test_recent_max_is_the_largest_value_within_the_window():
+    from journal.status import RecentMax
+    m = RecentMax(window=60)
+    assert m.value(0.0) == 0.0
+    m.note(0.2, 0.0)
+    m.note(1.5, 10.0)
+    m.note(0.3, 20.0)
+    assert m.value(20.0) == 1.5
+    assert m.value(69.0) == 1.5          # 10 + 60: still inside
+    assert m.value(71.0) == 0.3          # the 1.5 s one aged out; 0.3 s (at 20) did not
+    assert m.value(81.0) == 0.0
+    m.note(0.1, 90.0)
+    m.note(0.4, 91.0)                    # a larger later value replaces smaller earlier ones
+    assert m.value(91.0) == 0.4 and len(m._kept) == 1
+
+
+def test_replica_status_reads_the_slowest_flush_from_the_applier_beat():
+    from journal.status import ReplicaStatus
+    rep = ReplicaStatus("t", "applying", 1, 5, 0, 0, 0.0, 0.0, 0.1, {"flush_s": "1.250"})
+    assert rep.slowest_flush_s == 1.25
+    assert ReplicaStatus("t", "applying", 1, 5, 0, 0, 0.0, 0.0, 0.1).slowest_flush_s is None
+    bad = ReplicaStatus("t", "applying", 1, 5, 0, 0, 0.0, 0.0, 0.1, {"flush_s": "soon"})
+    assert bad.slowest_flush_s is None
