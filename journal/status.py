@@ -8,6 +8,7 @@ the spool, records in flight), and the RPO is the age of the oldest such write.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -76,28 +77,30 @@ class ReplicaStatus:
 
 class RecentMax:
     """The largest value noted over the last ``window`` seconds (e.g. the slowest
-    target flush), in memory bounded by the values that can still become the answer."""
+    target flush), keeping only the values that can still become the answer."""
 
     def __init__(self, window: float = FLUSH_WINDOW_S) -> None:
         self.window = window
         #: (time, value), times rising and values falling: a value with a larger one
         #: noted after it can never be the maximum again.
-        self._kept: list[tuple[float, float]] = []
+        self._kept: deque[tuple[float, float]] = deque()
 
     def note(self, value: float, at: float) -> None:
-        while self._kept and self._kept[-1][1] <= value:
-            self._kept.pop()
-        self._kept.append((at, value))
+        """Note ``value`` at time ``at`` (seconds, rising)."""
+        kept = self._kept
+        while kept and kept[-1][1] <= value:
+            kept.pop()
+        kept.append((at, value))
+        self._expire(at)
 
     def value(self, now: float) -> float:
         """The largest value noted after ``now - window`` (0.0: none)."""
-        kept = self._kept
-        drop = 0
-        while drop < len(kept) and kept[drop][0] < now - self.window:
-            drop += 1
-        if drop:
-            del kept[:drop]
-        return kept[0][1] if kept else 0.0
+        self._expire(now)
+        return self._kept[0][1] if self._kept else 0.0
+
+    def _expire(self, now: float) -> None:
+        while self._kept and self._kept[0][0] < now - self.window:
+            self._kept.popleft()
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,11 @@ def test_recent_max_is_the_largest_value_within_the_window():
     m.note(0.1, 90.0)
     m.note(0.4, 91.0)                    # a larger later value replaces smaller earlier ones
     assert m.value(91.0) == 0.4 and len(m._kept) == 1
+    # Falling values are all kept, but never past the window, read or not.
+    falling = RecentMax(window=60)
+    for t in range(1000):
+        falling.note(1000.0 - t, float(t))
+    assert len(falling._kept) == 61 and falling.value(999.0) == 1000.0 - 939
 
 
 def test_replica_status_reads_the_slowest_flush_from_the_applier_beat():
