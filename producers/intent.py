@@ -26,8 +26,12 @@ What survives what (the guarantee, exactly):
   msync before every write that sets a new bit, md-raid style: a disk flush on the write
   path, not worth it.)
 
-Costs: one short lock and slice assignments per request (no per-byte work); consistency
-points do a few C-speed passes over one byte per block.
+Costs: one short lock, a slice assignment and an int's bit operation per request (no
+per-byte work). A consistency point costs what was written since the last one, never the
+volume's size: which blocks requests finished is kept per chunk of ``CHUNK_BLOCKS`` blocks
+as an int's bits, only for the chunks touched. (A byte per block, copied and compared
+whole at each point, cost 0.12 ms a point on a 1 GiB volume and 0.24 s on a 2 TiB one,
+under the interpreter lock, at a database's every commit.)
 """
 from __future__ import annotations
 
@@ -49,7 +53,9 @@ VERSION = 1
 _HEADER = struct.Struct("<8sIxxxxQQ40s")
 HEADER = 128
 _RUNS = re.compile(rb"[^\x00]+")
-_ONES = re.compile(rb"\x01+")
+#: Blocks per chunk of the point bookkeeping: 512 bytes of the bitmap, so a chunk's bits
+#: are one aligned slice of it.
+CHUNK_BLOCKS = 4096
 
 
 def boot_id() -> bytes:
@@ -69,12 +75,16 @@ def forget(pair: str) -> None:
     path_for(pair).unlink(missing_ok=True)
 
 
+#: Blocks as chunk index -> an int whose bit ``i`` is the chunk's block ``i``.
+Blocks = dict[int, int]
+
+
 @dataclass
 class Checkpoint:
     """One consistency point in progress: the blocks it may clear once its FLUSH is
-    acknowledged (one byte per block, 1 = candidate)."""
+    acknowledged."""
 
-    candidates: bytes | None          # None: every block (a baseline or a resync)
+    candidates: Blocks | None          # None: every block (a baseline or a resync)
     #: The journal generation the point began in (see ``reset_candidates``).
     generation: int = 0
 
@@ -92,6 +102,8 @@ class IntentBitmap:
     path: Path
     block_size: int
     volume_size: int
+    #: A multiple of 8 (a chunk is whole bytes of the bitmap); smaller in tests only.
+    chunk_blocks: int = CHUNK_BLOCKS
     #: True when the file existed, matched this volume and was written in this boot: its
     #: set bits are then exactly the blocks a crashed run may not have journaled.
     trusted: bool = field(init=False, default=False)
@@ -116,11 +128,14 @@ class IntentBitmap:
             self._mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED)
         finally:
             os.close(fd)
+        if self.chunk_blocks <= 0 or self.chunk_blocks % 8:
+            raise ValueError(f"chunk_blocks must be a positive multiple of 8, "
+                             f"not {self.chunk_blocks}")
         self._bits = memoryview(self._mm)[HEADER:]
         self._lock = threading.Lock()
         self._cp_lock = threading.Lock()
-        # Blocks whose request finished (appended, or given up on) since the last begin().
-        self._since = bytearray(self.blocks)
+        # Blocks whose op was appended since the last begin(), only the chunks touched.
+        self._since: Blocks = {}
         self._generation = 0
         self._active: dict[int, _Token] = {}
         self._next_token = 0
@@ -146,8 +161,15 @@ class IntentBitmap:
         only a resend (a full point) may clear them."""
         with self._lock:
             t = self._active.pop(token)
-            if appended:
-                self._since[t.first:t.end] = b"\x01" * (t.end - t.first)
+            if not appended:
+                return
+            since, n = self._since, self.chunk_blocks
+            chunk, low = divmod(t.first, n)
+            if t.end <= (chunk + 1) * n:    # the common case, without the generator
+                since[chunk] = since.get(chunk, 0) | ((1 << (t.end - t.first)) - 1) << low
+                return
+            for chunk, mask in self._masks(t.first, t.end):
+                since[chunk] = since.get(chunk, 0) | mask
 
     def reset_candidates(self) -> None:
         """The journal the candidates were appended to is gone (an outage, a new epoch):
@@ -156,7 +178,7 @@ class IntentBitmap:
         marked whatever client FLUSHes come in between."""
         with self._lock:
             self._generation += 1
-            self._since = bytearray(self.blocks)
+            self._since = {}
 
     # -- consistency points ----------------------------------------------------------------
     def begin(self, blocking: bool = False, full: bool = False) -> Checkpoint | None:
@@ -167,8 +189,7 @@ class IntentBitmap:
         if not self._cp_lock.acquire(blocking=blocking):
             return None
         with self._lock:
-            cand = None if full else bytes(self._since)
-            self._since = bytearray(self.blocks)
+            cand, self._since = (None if full else self._since), {}
             return Checkpoint(cand, self._generation)
 
     def end(self, cp: Checkpoint) -> int:
@@ -178,16 +199,16 @@ class IntentBitmap:
             with self._lock:
                 if cp.generation != self._generation:
                     return 0        # its FLUSH went to a journal since given up
-                cand = (int.from_bytes(cp.candidates, "little") if cp.candidates is not None
-                        else int.from_bytes(b"\x01" * self.blocks, "little"))
-                keep = int.from_bytes(self._since, "little")
-                clear = bytearray((cand & ~keep).to_bytes(self.blocks, "little"))
+                cand = cp.candidates if cp.candidates is not None else self._every_block()
+                busy: Blocks = {}
                 for t in self._active.values():
-                    clear[t.first:t.end] = bytes(t.end - t.first)
+                    for chunk, mask in self._masks(t.first, t.end):
+                        busy[chunk] = busy.get(chunk, 0) | mask
                 cleared = 0
-                for m in _ONES.finditer(clear):
-                    _clear_bits(self._bits, m.start(), m.end())
-                    cleared += m.end() - m.start()
+                for chunk, mask in cand.items():
+                    clear = mask & ~self._since.get(chunk, 0) & ~busy.get(chunk, 0)
+                    if clear:
+                        cleared += self._clear_chunk(chunk, clear)
                 return cleared
         finally:
             self._cp_lock.release()
@@ -201,9 +222,9 @@ class IntentBitmap:
                 with self._lock:
                     if cp.generation != self._generation:
                         return      # those ops went to a journal since given up
-                    merged = (int.from_bytes(cp.candidates, "little")
-                              | int.from_bytes(self._since, "little"))
-                    self._since = bytearray(merged.to_bytes(self.blocks, "little"))
+                    since = self._since
+                    for chunk, mask in cp.candidates.items():
+                        since[chunk] = since.get(chunk, 0) | mask
         finally:
             self._cp_lock.release()
 
@@ -250,6 +271,29 @@ class IntentBitmap:
 
     def _blocks_of(self, offset: int, length: int) -> tuple[int, int]:
         return offset // self.block_size, (offset + max(length, 1) - 1) // self.block_size + 1
+
+    def _masks(self, first: int, end: int) -> Iterator[tuple[int, int]]:
+        """Blocks ``[first, end)`` as (chunk, bits) pairs; a request is one chunk mostly."""
+        n = self.chunk_blocks
+        while first < end:
+            chunk, low = divmod(first, n)
+            stop = min(end, (chunk + 1) * n)
+            yield chunk, ((1 << (stop - first)) - 1) << low
+            first = stop
+
+    def _every_block(self) -> Blocks:
+        """All blocks (a full point's candidates), built only when such a point ends."""
+        return dict(self._masks(0, self.blocks))
+
+    def _clear_chunk(self, chunk: int, clear: int) -> int:
+        """Clear the bits of ``clear`` in ``chunk``; returns how many were set."""
+        start = chunk * self.chunk_blocks // 8
+        view = self._bits[start:start + self.chunk_blocks // 8]
+        old = int.from_bytes(view, "little")
+        gone = old & clear
+        if gone:
+            view[:] = (old & ~clear).to_bytes(len(view), "little")
+        return gone.bit_count()
 
 
 # -- bit ranges by slice assignment (bit i: byte i // 8, bit i % 8, LSB first) -----------

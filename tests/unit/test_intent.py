@@ -67,6 +67,23 @@ def test_a_checkpoint_clears_only_what_was_appended_before_it(tmp_path):
     assert b.dirty_blocks() == 0
 
 
+def test_a_point_costs_what_was_written_not_the_volume(tmp_path):
+    # 2 TiB of 64 KiB blocks: a byte per block copied at each point took 0.24 s there.
+    b = IntentBitmap(tmp_path / "capture.intent", 64 << 10, 2 << 40)
+    try:
+        b.done(b.mark(5 << 40 >> 2, 128 << 10))      # two blocks at 1.25 TiB
+        cp = b.begin()
+        assert cp is not None and len(cp.candidates) == 1    # one chunk, not 8,192
+        assert b.end(cp) == 2 and b.dirty_blocks() == 0
+    finally:
+        b.close()
+
+
+def test_chunks_are_whole_bytes_of_the_bitmap(tmp_path):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        IntentBitmap(tmp_path / "capture.intent", BS, 100 * BS, chunk_blocks=12)
+
+
 def test_full_points_and_the_short_last_block(tmp_path):
     b = bitmap(tmp_path, blocks=9, tail=100)
     b.set_all()
@@ -135,9 +152,10 @@ def test_extents_round_trip_every_pattern(tmp_path, blocks):
 # --- no write is lost by the bitmap, whatever interleaves (issue: the recovery race) -----
 from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
 
-_BLOCKS = 8
+_BLOCKS = 20
 _STEPS = st.lists(st.one_of(
-    st.tuples(st.just("write"), st.integers(0, _BLOCKS - 1)),
+    # (first block, blocks): up to three, so a write may span two chunks of 8
+    st.tuples(st.just("write"), st.tuples(st.integers(0, _BLOCKS - 1), st.integers(1, 3))),
     st.tuples(st.just("flush"), st.just(0)),
     st.tuples(st.just("outage"), st.just(0)),
     st.tuples(st.just("back"), st.just(0)),
@@ -157,13 +175,15 @@ class _Capture:
         self.pending: list[tuple[int, int]] = []   # appended, not acknowledged yet
         self.version = 0
 
-    def write(self, block: int) -> None:
+    def write(self, first: int, n: int) -> None:
         self.version += 1
-        token = self.bm.mark(block * BS, BS)
-        self.source[block] = self.version
+        blocks = range(first, min(first + n, _BLOCKS))
+        token = self.bm.mark(first * BS, len(blocks) * BS)
+        for block in blocks:
+            self.source[block] = self.version
         appended = not self.failed          # degraded: marked only
         if appended:
-            self.pending.append((block, self.version))
+            self.pending.extend((block, self.version) for block in blocks)
         self.bm.done(token, appended)
 
     def _ack_all(self) -> None:
@@ -221,16 +241,17 @@ class _Capture:
 
 
 @hsettings(max_examples=400, deadline=None)
-@given(steps=_STEPS)
+@given(steps=_STEPS, chunk=st.sampled_from([8, 16, 4096]))
 def test_no_write_is_lost_by_the_bitmap_across_outages_writes_and_flushes(tmp_path_factory,
-                                                                          steps) -> None:
+                                                                          steps, chunk) -> None:
     d = tmp_path_factory.mktemp("intent")
-    bm = IntentBitmap(d / "capture.intent", BS, _BLOCKS * BS)
+    # 20 blocks: with chunks of 8 or 16 the last chunk is short, and writes span chunks.
+    bm = IntentBitmap(d / "capture.intent", BS, _BLOCKS * BS, chunk_blocks=chunk)
     cap = _Capture(bm)
     try:
         for what, arg in steps:
             if what == "write":
-                cap.write(arg)
+                cap.write(*arg)
             else:
                 getattr(cap, what)()
             assert not cap.unprotected(), (what, cap.unprotected())
