@@ -206,7 +206,9 @@ class Applier:
             producer = Producer(self.settings.side_producer(**{"linger.ms": 50}))
             beats = HeartbeatPublisher(producer, self.spec.name, "applier", self.target,
                                        key=self.key)
-            consumer = Consumer(self.settings.consumer())
+            # Only a run that stops at the journal's end needs to learn of it soon.
+            ends = until_caught_up or self.limit is not None
+            consumer = Consumer(self.settings.consumer() if ends else self.settings.follower())
             try:
                 self._start(consumer)
                 while not self.stats.stopped_by:

@@ -32,7 +32,7 @@ def follow(settings: KafkaSettings, since_ms: int,
     are a keyed pair's events not signed with its key (infra/control.trusted)."""
     ensure_base_topics(settings.check_reachable())
     known = pairs(settings)
-    consumer = Consumer(settings.consumer())
+    consumer = Consumer(settings.follower())
     try:
         consumer.assign([TopicPartition(t, 0, 0) for t in CONTROL_TOPICS])
         while stop is None or not stop.is_set():
