@@ -24,6 +24,13 @@ APPLIED_BEAT_S = 0.25
 #: capturer sends it late, and one killed just after sending may not have delivered it
 #: (its producer lingers). A source silent for a beat plus this may have lived that long.
 BEAT_LATE_S = 0.5
+#: A capturer notes, at most this often, which seq its next append takes and when
+#: (``SeqTimes``): the RPO of a target that lacks only ops appended after a note is at
+#: most that note's age. Without them, a workload resuming after an idle hour showed an
+#: RPO of an hour for as long as the target lagged by one op.
+SEQ_TIME_EVERY_MS = 100
+#: How many notes a beat carries: the newest, so at least 2.4 s of busy appends.
+SEQ_TIMES = 24
 #: An applier reports the slowest fsync of its target over this many seconds
 #: (``flush_s`` in its beat): each checkpoint waits for one, so the RPO includes it.
 FLUSH_WINDOW_S = 60.0
@@ -151,6 +158,44 @@ class PairStatus:
         return asdict(self)
 
 
+class SeqTimes:
+    """A capturer's notes of (seq, ms): every op after ``seq`` was appended at ``ms`` or
+    later; one per ``SEQ_TIME_EVERY_MS`` at most, the newest ``SEQ_TIMES`` kept."""
+
+    def __init__(self) -> None:
+        self._notes: deque[tuple[int, int]] = deque(maxlen=SEQ_TIMES)
+        self._last_ms = 0
+
+    def note(self, before: int, at_ms: int) -> None:
+        """An op after seq ``before`` is being appended at ``at_ms``."""
+        if at_ms - self._last_ms >= SEQ_TIME_EVERY_MS:
+            self._notes.append((before, at_ms))
+            self._last_ms = at_ms
+
+    def text(self) -> str:
+        """As a beat's detail carries them: ``seq:ms`` pairs, oldest first."""
+        return ",".join(f"{seq}:{ms}" for seq, ms in self._notes)
+
+
+def seq_times(text: str | None) -> tuple[tuple[int, int], ...]:
+    """The notes of a beat's detail (:meth:`SeqTimes.text`); () when absent or malformed
+    (status is advisory: a bad detail loosens the RPO bound, it never fails)."""
+    if not text:
+        return ()
+    try:
+        notes = tuple((int(seq), int(ms)) for seq, ms in
+                      (item.split(":") for item in text.split(",")))
+    except ValueError:
+        return ()
+    return notes
+
+
+def appended_after(notes: Iterable[tuple[int, int]], seq: int) -> int | None:
+    """The latest time every op after ``seq`` is known to have been appended at or after
+    (the note of the largest seq at or before it), or None."""
+    return max((ms for at, ms in notes if at <= seq), default=None)
+
+
 @dataclass(frozen=True)
 class Acknowledged:
     """What a capturer's beat says its clients were told is done, journaled or not.
@@ -165,6 +210,8 @@ class Acknowledged:
     journaled_seq: int          # what the broker had acknowledged
     unjournaled_since_ms: int   # capture time of the oldest op it had not (0: none)
     unjournaled_bytes: int
+    #: In ``epoch``: (seq, ms), every op after seq appended at ms or later (SeqTimes).
+    seq_times: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def of(cls, beat: Beat) -> "Acknowledged":
@@ -174,7 +221,8 @@ class Acknowledged:
         return cls(beat.epoch, seq, nbytes,
                    detail_int(d.get("appended_at_ms"), beat.captured_at_ms), beat.seq,
                    detail_int(d.get("unjournaled_since_ms"), 0),
-                   detail_int(d.get("unjournaled_bytes"), nbytes - beat.epoch_bytes))
+                   detail_int(d.get("unjournaled_bytes"), nbytes - beat.epoch_bytes),
+                   seq_times(d.get("seq_times")))
 
     @classmethod
     def journaled(cls, epoch: int, seq: int, epoch_bytes: int,
@@ -210,13 +258,16 @@ def missing(ack: Acknowledged, epoch: int, seq: int, epoch_bytes: int,
     epoch than the capturer said (nothing to compare).
 
     The oldest op lacking was appended after the entry the target ends at was closed, so
-    no earlier than ``captured_at_ms``; and if the target holds everything the broker had
+    no earlier than ``captured_at_ms``; if the target holds everything the broker had
     acknowledged at the beat, every op it lacks was unjournaled then, so no earlier than
-    the oldest unjournaled op. The later of the two bounds is taken."""
+    the oldest unjournaled op; and no earlier than the capturer's note of the last seq at
+    or before the target's (``seq_times``). The latest of the bounds is taken."""
     if epoch == ack.epoch:
         ops, nbytes = max(0, ack.seq - seq), max(0, ack.epoch_bytes - epoch_bytes)
+        held = seq
     elif epoch < ack.epoch:
         ops, nbytes = ack.seq, ack.epoch_bytes      # all of the newer epoch
+        held = 0
     else:
         return None
     if not ops:
@@ -224,6 +275,9 @@ def missing(ack: Acknowledged, epoch: int, seq: int, epoch_bytes: int,
     bounds = [captured_at_ms] if captured_at_ms else []
     if (epoch, seq) >= (ack.epoch, ack.journaled_seq) and ack.unjournaled_since_ms:
         bounds.append(ack.unjournaled_since_ms)
+    noted = appended_after(ack.seq_times, held)
+    if noted is not None:
+        bounds.append(noted)
     return Missing(ops, nbytes, max(bounds) if bounds else None)
 
 

@@ -33,6 +33,7 @@ from journal.batch import DEFAULT_BUDGET, Sequencer, join_entries, joinable, pla
 from journal.digest import digest_of
 from journal.errors import BacklogFull, BrokerError
 from journal.ops import CLOSING_KINDS, Deferred, Entry, Op, resolve
+from journal.status import SeqTimes
 from journal.clock import now_ms
 from producers.rate import TokenBucket
 from producers.spool import Spool
@@ -170,6 +171,8 @@ class JournalPublisher:
         #: first. The head is the oldest write the journal does not hold yet.
         self._open_since = 0
         self._firsts: deque[tuple[int, int]] = deque()
+        #: When seqs were appended, for the RPO bound of a target that lags (status).
+        self._seq_times = SeqTimes()
         #: The newest consistency point appended (FLUSH or SEAL): its seq, and when
         #: (monotonic); a cut is due once writes follow it (journal/DESIGN.md rule 16).
         self._point_seq = next_seq - 1
@@ -219,8 +222,10 @@ class JournalPublisher:
         with self._lock:
             self._raise_if_failed()
             self._appended_at = now = now_ms()
-            if not self.seq.pending_ops:
+            pending = self.seq.pending_ops
+            if not pending:
                 self._open_since = now
+            self._seq_times.note(self.seq.next_seq + pending - 1, now)
             self._appended_bytes += op.payload_bytes
             for entry in self.seq.add(op, now):
                 self._enqueue(entry)
@@ -712,7 +717,8 @@ class JournalPublisher:
                      "appended_at_ms": str(self._appended_at or j.captured_at_ms),
                      "appended_bytes": str(self._appended_bytes),
                      "unjournaled_since_ms": str(self.unjournaled_since_ms()),
-                     "unjournaled_bytes": str(self.unjournaled_bytes)}
+                     "unjournaled_bytes": str(self.unjournaled_bytes),
+                     "seq_times": self._seq_times.text()}
         self.heartbeat.beat(state, j.epoch, j.seq, j.epoch_bytes, j.captured_at_ms,
                             rate_bps, {**(detail or {}), **ahead}, force, acked)
 

@@ -245,3 +245,26 @@ def test_status_counts_a_held_burst_as_lag_with_a_non_zero_rpo(settings, pair_na
         assert time.monotonic() < deadline, f"the lag never went back to 0: {st}"
         time.sleep(0.5)
     assert rep["rpo_s"] == 0.0 and rep["lag_bytes"] == 0
+
+
+def test_writes_after_an_idle_spell_show_their_own_age_as_the_rpo(settings, pair_name,
+                                                                  tmp_path, live):
+    """The target lags only by writes made after an idle spell: the RPO is their age, not
+    the age of the last entry the target holds (an hour idle showed an hour of RPO)."""
+    spec = make_pair(settings, pair_name, tmp_path, 32 * MiB)
+    cap = started(live, spec)
+    Applier(spec, spec.target, settings).run(until_caught_up=True)
+    time.sleep(4)                                   # idle: the target's entry ages
+    written = time.time()
+    run("qemu-io", "-f", "raw", "-c", "write -P 7 0 64k", "-c", "flush", cap.uri)
+    cap.pub.wait_journaled(cap.pub.appended_seq)    # journaled, and no applier runs
+    deadline = time.monotonic() + CONVERGE_S
+    while True:
+        (st,) = json.loads(run_x2x("status", pair_name, "--json").stdout)
+        (rep,) = st["replicas"]
+        if rep["lag_ops"]:
+            break
+        assert time.monotonic() < deadline, f"the write never showed as lag: {st}"
+        time.sleep(0.2)
+    assert 0 < rep["rpo_s"] <= time.time() - written + 0.1, (rep, time.time() - written)
+

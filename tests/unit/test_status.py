@@ -1,4 +1,6 @@
 """Lag and RPO come from journal seqs and capture times, not from the broker."""
+import pytest
+
 from journal.status import Beat, latest, pair_status
 
 
@@ -80,6 +82,49 @@ def test_journaled_but_unapplied_ops_bound_the_rpo_by_the_applied_capture():
                     beat("applier", 20, 6000, captured_at=1000, instance="t")])
     (rep,) = pair_status("p", beats, now_ms=8000).replicas
     assert (rep.lag_ops, rep.rpo_s) == (30, 7.0)
+
+
+def test_a_workload_resuming_after_an_idle_hour_is_not_an_hour_of_rpo():
+    """The target ends at seq 20, an entry closed an hour ago; writes resumed at t=3,600,000
+    (the capturer's note: every op after 20 appended since then) and are journaled, not
+    applied yet: the RPO is at most their age, 2 s, not an hour."""
+    hour = 3_600_000
+    cap = capturer(30, hour + 1500, 30)
+    cap.detail["seq_times"] = f"5:1000,20:{hour},25:{hour + 1000}"
+    beats = latest([cap, beat("applier", 20, hour + 1500, captured_at=1000, instance="t")])
+    (rep,) = pair_status("p", beats, now_ms=hour + 2000).replicas
+    assert (rep.lag_ops, rep.rpo_s) == (10, 2.0)
+    # (Note 25, which the target has not reached, bounds nothing: 2 s, not 1.) A target
+    # before every note is bounded by its own entry only.
+    beats = latest([cap, beat("applier", 4, hour + 1500, captured_at=900, instance="t")])
+    assert pair_status("p", beats, now_ms=hour + 2000).replicas[0].rpo_s == hour / 1000 + 1.1
+
+
+def test_a_target_an_epoch_behind_is_bounded_by_the_new_epochs_first_note():
+    cap = capturer(7, 5000, 7, epoch=2)
+    cap.detail["seq_times"] = "0:4000,3:4500"
+    beats = latest([cap, beat("applier", 90, 4900, epoch=1, captured_at=100, instance="t")])
+    assert pair_status("p", beats, now_ms=6000).replicas[0].rpo_s == 2.0
+
+
+@pytest.mark.parametrize("text", ["", "garbage", "5:", "5:1000,x:2", "1:2:3"])
+def test_malformed_seq_times_only_loosen_the_bound(text):
+    cap = capturer(30, 6000, 30)
+    cap.detail["seq_times"] = text
+    beats = latest([cap, beat("applier", 20, 6000, captured_at=1000, instance="t")])
+    assert pair_status("p", beats, now_ms=8000).replicas[0].rpo_s == 7.0
+
+
+def test_seq_times_are_noted_at_most_every_interval_and_only_the_newest_kept():
+    from journal.status import SEQ_TIME_EVERY_MS, SEQ_TIMES, SeqTimes, seq_times
+    t = SeqTimes()
+    for i in range(SEQ_TIMES * 4):
+        t.note(i, 1_000 + i * SEQ_TIME_EVERY_MS // 2)    # two appends per interval
+    notes = seq_times(t.text())
+    assert len(notes) == SEQ_TIMES
+    assert [b - a for (_, a), (_, b) in zip(notes, notes[1:])] == \
+        [SEQ_TIME_EVERY_MS] * (SEQ_TIMES - 1)
+    assert notes[-1] == (SEQ_TIMES * 4 - 2, 1_000 + (SEQ_TIMES * 4 - 2) * SEQ_TIME_EVERY_MS // 2)
 
 
 def test_nothing_acknowledged_beyond_the_target_is_rpo_zero():
