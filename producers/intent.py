@@ -132,6 +132,7 @@ class IntentBitmap:
             raise ValueError(f"chunk_blocks must be a positive multiple of 8, "
                              f"not {self.chunk_blocks}")
         self._bits = memoryview(self._mm)[HEADER:]
+        self._dirty = int.from_bytes(self._bits, "little").bit_count()
         self._lock = threading.Lock()
         self._cp_lock = threading.Lock()
         # Blocks whose op was appended since the last begin(), only the chunks touched.
@@ -150,7 +151,7 @@ class IntentBitmap:
         :meth:`done`, to be called once its op is appended (or journaling gave up)."""
         first, end = self._blocks_of(offset, length)
         with self._lock:
-            _set_bits(self._bits, first, end)
+            self._dirty += _set_bits(self._bits, first, end)
             self._next_token += 1
             self._active[self._next_token] = _Token(first, end)
             return self._next_token
@@ -232,14 +233,19 @@ class IntentBitmap:
     def set_all(self) -> None:
         with self._lock:
             _set_bits(self._bits, 0, self.blocks)
+            self._dirty = self.blocks
 
     def clear_all(self) -> None:
         """Only when no request can run and the journal is drained (a clean stop)."""
         with self._lock:
             self._bits[:] = bytes(len(self._bits))
+            self._dirty = 0
 
     def dirty_blocks(self) -> int:
-        return int.from_bytes(self._bits, "little").bit_count()
+        """Blocks marked, counted as marks are set and cleared: a heartbeat reads it twice
+        a second, and counting the map's bits then took 6 ms of 2 TiB (37 ms of 16 TiB)
+        under the interpreter lock."""
+        return self._dirty
 
     def dirty_bytes(self) -> int:
         n = self.dirty_blocks()
@@ -291,9 +297,12 @@ class IntentBitmap:
         view = self._bits[start:start + self.chunk_blocks // 8]
         old = int.from_bytes(view, "little")
         gone = old & clear
-        if gone:
-            view[:] = (old & ~clear).to_bytes(len(view), "little")
-        return gone.bit_count()
+        if not gone:
+            return 0
+        view[:] = (old & ~clear).to_bytes(len(view), "little")
+        n = gone.bit_count()
+        self._dirty -= n
+        return n
 
 
 # -- bit ranges by slice assignment (bit i: byte i // 8, bit i % 8, LSB first) -----------
@@ -301,27 +310,18 @@ def _get_bit(bits: memoryview, i: int) -> bool:
     return bool(bits[i >> 3] & (1 << (i & 7)))
 
 
-def _set_bits(bits: memoryview, first: int, end: int) -> None:
+def _set_bits(bits: memoryview, first: int, end: int) -> int:
+    """Set bits ``[first, end)``; returns how many were clear before."""
     if first >= end:
-        return
+        return 0
     fb, lb = first >> 3, (end - 1) >> 3
     lo, hi = (0xFF << (first & 7)) & 0xFF, 0xFF >> (7 - ((end - 1) & 7))
     if fb == lb:
-        bits[fb] |= lo & hi
-        return
+        old = bits[fb]
+        bits[fb] = old | (lo & hi)
+        return (lo & hi & ~old).bit_count()
+    was = int.from_bytes(bits[fb:lb + 1], "little").bit_count()
     bits[fb] |= lo
     bits[fb + 1:lb] = b"\xff" * (lb - fb - 1)
     bits[lb] |= hi
-
-
-def _clear_bits(bits: memoryview, first: int, end: int) -> None:
-    if first >= end:
-        return
-    fb, lb = first >> 3, (end - 1) >> 3
-    lo, hi = (0xFF << (first & 7)) & 0xFF, 0xFF >> (7 - ((end - 1) & 7))
-    if fb == lb:
-        bits[fb] &= ~(lo & hi) & 0xFF
-        return
-    bits[fb] &= ~lo & 0xFF
-    bits[fb + 1:lb] = bytes(lb - fb - 1)
-    bits[lb] &= ~hi & 0xFF
+    return int.from_bytes(bits[fb:lb + 1], "little").bit_count() - was

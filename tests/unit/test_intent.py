@@ -79,6 +79,16 @@ def test_a_point_costs_what_was_written_not_the_volume(tmp_path):
         b.close()
 
 
+def test_the_dirty_count_survives_a_reopen(tmp_path):
+    b = bitmap(tmp_path)
+    b.done(b.mark(3 * BS, 5 * BS))
+    b.done(b.mark(6 * BS, 4 * BS))             # overlaps: 3..9, seven blocks
+    assert b.dirty_blocks() == 7
+    b.close()
+    again = bitmap(tmp_path)
+    assert again.trusted and again.dirty_blocks() == 7 and again.dirty_bytes() == 7 * BS
+
+
 def test_chunks_are_whole_bytes_of_the_bitmap(tmp_path):
     with pytest.raises(ValueError, match="multiple of 8"):
         IntentBitmap(tmp_path / "capture.intent", BS, 100 * BS, chunk_blocks=12)
@@ -255,5 +265,7 @@ def test_no_write_is_lost_by_the_bitmap_across_outages_writes_and_flushes(tmp_pa
             else:
                 getattr(cap, what)()
             assert not cap.unprotected(), (what, cap.unprotected())
+            # The count kept as bits are set and cleared is the map's own.
+            assert bm.dirty_blocks() == sum(n for _, n in bm.extents()) // BS
     finally:
         bm.close()
