@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes | bytearray, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so a crash leaves either the old or the new file;
     not ``durable``: readers never see a torn file, but a host crash may lose it (for
     advisory files written often, whose fsyncs would compete with the volumes')."""

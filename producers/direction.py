@@ -34,7 +34,7 @@ def prepare_capture(state: PairState, rebaseline: bool) -> StateStore:
     if not rebaseline:
         prepare_direction(state, store)     # promoted side: new epoch, no baseline
         return store
-    saved, _ = store.load()
+    saved = store.load_state()
     if saved:
         saved.clean = False
         store.save(saved)
@@ -60,7 +60,7 @@ def prepare_direction(state: PairState, store: StateStore) -> bool:
     epoch of the journal, without a baseline: the promoted volume equals the source at
     the SEAL (or last consistency point), and its target is brought level by failback's
     hash comparison, not by a full copy. Returns True when a new epoch was prepared."""
-    saved, _ = store.load()
+    saved = store.load_state()
     epoch = after_promotion(state.promoted_epoch, saved.epoch if saved else None)
     if epoch is None:
         return False            # nothing promoted, or this side captures above it already
@@ -76,5 +76,5 @@ def prepare_direction(state: PairState, store: StateStore) -> bool:
                    * HASH_LEN] = b"".join(hash_buffer(view, spec.block_size))
         opening = CaptureState.opening(epoch, spec.block_size, vol.size)
         opening.clean = True    # nothing to resend: the hash map describes the volume
-        store.save(opening, bytes(hashes))
+        store.save(opening, hashes)
     return True

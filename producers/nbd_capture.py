@@ -218,7 +218,7 @@ class NBDCapture:
         resync = not continuing and old_state is not None and self.intent.trusted
         # Continuing implies a saved map that fits (plan_start checks it); a new epoch
         # gets a fresh one, filled by the baseline.
-        self.hash_map = (bytearray(old_hashes) if continuing and old_hashes is not None
+        self.hash_map = (old_hashes if continuing and old_hashes is not None
                          else new_hash_map(vol.size, spec.block_size))
         # From now until a clean stop the saved map is stale; a scan after a crash must
         # not diff against it, so it goes (a clean stop writes the refreshed one).
@@ -411,7 +411,7 @@ class NBDCapture:
             if self.hash_map is not None:
                 refresh_hashes(self.vol, self.hash_map, self.backend.dirty,
                                self.spec.block_size)
-                hashes = bytes(self.hash_map)
+                hashes = self.hash_map      # quiesced: written as it is, not copied
             self.store.save(CaptureState.closed(j, self.spec.block_size, self.vol.size,
                                                 *self._last_acked()), hashes)
         # else: the state saved at start (clean=False) stays: the next start re-baselines.

@@ -135,7 +135,7 @@ class LocalCapture:
     def _open(self) -> tuple[StateStore, CaptureState, Volume, JournalPublisher]:
         store = store_for(self.state)
         prepare_direction(self.state, store)
-        saved, _ = store.load()
+        saved = store.load_state()
         if saved is None or not saved.clean:
             raise CaptureStateError(
                 f"pair {self.spec.name}: no clean capturer state for {self.spec.source} on "

@@ -84,7 +84,7 @@ def scan_once(spec: PairSpec, settings: KafkaSettings, store: StateStore | None 
 
 
 def _scan(vol: Volume, block_size: int, known: bytes | None, pub: JournalPublisher,
-          progress: Progress | None) -> tuple[bytes, int, int]:
+          progress: Progress | None) -> tuple[bytearray, int, int]:
     """Hash every block, journal the changed ones; returns (hash map, blocks, bytes)."""
     max_write = write_bound(block_size)
     runs = RunBuilder(max_write)
@@ -108,4 +108,4 @@ def _scan(vol: Volume, block_size: int, known: bytes | None, pub: JournalPublish
         pub.append_many(runs.finish())
         if progress:
             progress(len(view))
-    return bytes(new_map), changed, changed_bytes
+    return new_map, changed, changed_bytes

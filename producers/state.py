@@ -7,6 +7,7 @@ changed since the last complete scan.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -54,9 +55,9 @@ class CaptureState:
                    block_size, volume_size, last_offset, last_digest)
 
 
-def plan_start(saved: CaptureState | None, hashes: bytes | None, block_size: int,
+def plan_start(saved: CaptureState | None, hashes: bytearray | None, block_size: int,
                volume_size: int, journal_lost: bool = False
-               ) -> tuple[CaptureState, bytes | None]:
+               ) -> tuple[CaptureState, bytearray | None]:
     """The state a capturer starts with (journal/epochs.py decides the epoch), and the
     saved hash map where it still bounds what must be sent (None: a full baseline)."""
     fits = (saved is not None and hashes is not None and saved.block_size == block_size
@@ -84,24 +85,44 @@ class StateStore:
         self.meta = d / "capture.json"
         self.hashes = d / "capture.hashes"
 
-    def load(self) -> tuple[CaptureState | None, bytes | None]:
+    def load(self) -> tuple[CaptureState | None, bytearray | None]:
+        """The saved state and hash map (None, None: none, or another incarnation's)."""
+        state = self.load_state()
+        return state, (self._read_hashes() if state is not None else None)
+
+    def load_state(self) -> CaptureState | None:
+        """The saved state alone, without reading the hash map (32 bytes a block: a
+        GiB at 2 TiB in 64 KiB blocks)."""
         raw = read_json(self.meta)
         if raw is None:
-            return None, None
+            return None
         state = CaptureState(**raw)
         if self.incarnation and state.pair_created_ms not in (0, self.incarnation):
             logging.getLogger("x2x.capture").warning(
                 "pair %s was deleted and created again since this host last captured it: "
                 "the old capture state is set aside (a full baseline follows)", self.pair)
-            return None, None
-        try:
-            hashes = self.hashes.read_bytes()
-        except FileNotFoundError:
-            hashes = None
-        return state, hashes
+            return None
+        return state
 
-    def save(self, state: CaptureState, hashes: bytes | None = None) -> None:
-        """Write hashes first, then the state that vouches for them."""
+    def _read_hashes(self) -> bytearray | None:
+        # Read into the one buffer the capturer then keeps and updates in place: read as
+        # bytes and copied into a bytearray, it cost twice the map at every start.
+        try:
+            with open(self.hashes, "rb", buffering=0) as f:
+                out = bytearray(os.fstat(f.fileno()).st_size)
+                view, got = memoryview(out), 0
+                while got < len(out):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        return None         # shrank while read: not a map to trust
+                    got += n
+                return out
+        except FileNotFoundError:
+            return None
+
+    def save(self, state: CaptureState, hashes: bytes | bytearray | None = None) -> None:
+        """Write hashes first, then the state that vouches for them. ``hashes`` is
+        written as given, not copied: nobody may change it meanwhile."""
         if self.incarnation:
             state.pair_created_ms = self.incarnation
         if hashes is not None:

@@ -172,7 +172,8 @@ class TraceCapture:
         self.state = state
         self.baseline = known is None
         self._announce = self.baseline
-        self.hashes = (bytearray(known) if known is not None
+        # The map loaded is the one kept and updated: no copy of it (a GiB at 2 TiB).
+        self.hashes = (known if known is not None
                        else bytearray(block_count(vol.size, spec.block_size) * HASH_LEN))
         self.dirty = DirtyBlocks(spec.block_size, vol.size, CHUNK)
         self.pub = JournalPublisher(self.settings, spec.name, state.epoch, state.next_seq,
@@ -184,8 +185,8 @@ class TraceCapture:
         r.epoch, r.first_seq, r.last_seq = state.epoch, state.next_seq, state.next_seq - 1
         r.new_epoch, r.baseline = not continuing, self.baseline
 
-    def _resume_point(self, old: CaptureState | None, known: bytes | None,
-                      continuing: bool) -> bytes | None:
+    def _resume_point(self, old: CaptureState | None, known: bytearray | None,
+                      continuing: bool) -> bytearray | None:
         """Open the resume files (producers/trace_resume.py); after an unclean stop, the
         map to compare with from them (None: a baseline)."""
         d, bs, size = self.store.meta.parent, self.spec.block_size, self.vol.size
@@ -274,7 +275,7 @@ class TraceCapture:
             self.resume.clear()
             self.store.save(CaptureState.closed(j, self.spec.block_size, self.vol.size,
                                                 *(self._last_acked())),
-                            bytes(self.hashes))
+                            self.hashes)
             self.beat("stopped")
         r = self.report
         r.last_seq, r.clean = j.seq, clean

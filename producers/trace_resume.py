@@ -68,7 +68,7 @@ class ResumePoint:
             os.close(fd)
         self.pending: Snapshot | None = None
 
-    def load(self) -> bytes | None:
+    def load(self) -> bytearray | None:
         """The saved map with touched blocks made unknown, or None where unusable."""
         meta = read_json(self.meta_path)
         if (self._fresh or not meta or meta.get("boot_id") != boot_id().decode()
@@ -83,7 +83,7 @@ class ResumePoint:
             return None
         for i in (m.start() for m in _ones(self.bits)):
             saved[i * HASH_LEN:(i + 1) * HASH_LEN] = _UNKNOWN
-        return bytes(saved)
+        return saved
 
     def touch(self, index: int) -> None:
         """Before block ``index`` is appended."""
@@ -94,7 +94,7 @@ class ResumePoint:
     def save(self, hashes: bytes | bytearray) -> None:
         """Save ``hashes`` as the map now (every op before is acknowledged, or the map is
         the one the run started from); the bits stay as they are."""
-        atomic_write(self.map_path, bytes(hashes))
+        atomic_write(self.map_path, hashes)       # as given: nobody changes it meanwhile
         write_json(self.meta_path, {"boot_id": boot_id().decode(),
                                     "block_size": self.block_size,
                                     "volume_size": self.volume_size})
