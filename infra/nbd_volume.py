@@ -84,8 +84,11 @@ class NBDVolume:
     def readinto(self, offset: int, buf: memoryview) -> None:
         self._io(lambda: self.client.readinto(offset, buf))
 
-    #: A pass over the export: this side caches nothing to drop (infra/volume.py).
-    stream_into = readinto
+    def stream_into(self, offset: int, buf: memoryview) -> list[tuple[int, int]]:
+        """A pass over the export: this side caches nothing to drop, and reports no
+        holes (infra/volume.py): every block is looked at."""
+        self.readinto(offset, buf)
+        return []
 
     def pwrite(self, offset: int, data: bytes | memoryview) -> None:
         self._io(lambda: self.client.pwrite(offset, data))

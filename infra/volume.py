@@ -144,7 +144,7 @@ class Volume:
                 raise VolumeError(f"short read from {self.path} at offset {offset + done}")
             done += n
 
-    def stream_into(self, offset: int, buf: memoryview) -> None:
+    def stream_into(self, offset: int, buf: memoryview) -> list[tuple[int, int]]:
         """:meth:`readinto` for a pass over the volume (a baseline, a scan, a digest):
         holes are not read, only zeroed in ``buf`` (reading 700 MiB of holes took 1.4 s),
         and what was read leaves the page cache again. Kept, a whole volume's pass would
@@ -152,11 +152,17 @@ class Volume:
         write into a range a read cached costs 7 to 40 times more (20 to 110 us, not 3)
         than into one not cached: an NBD capture after its baseline served random writes
         at a quarter of qemu-nbd's rate for it. A caller that must not see a write race
-        the pass holds the range's lock, as for any read."""
+        the pass holds the range's lock, as for any read.
+
+        Returns the holes zeroed, as ``(offset in buf, length)`` runs in order, so a
+        pass need not look for zeros where the file holds none
+        (journal.blocks.block_spans)."""
         pos = 0
+        holes: list[tuple[int, int]] = []
         for n, hole in self.extents(offset, len(buf), len(buf) // _ALIGN + 2):
             if hole:
                 _zero_fill(buf[pos:pos + n])
+                holes.append((pos, n))
             else:
                 self.readinto(offset + pos, buf[pos:pos + n])
             pos += n
@@ -165,6 +171,7 @@ class Volume:
         if not self.direct:
             # Dirty pages (a client's write since) are not dropped, only clean ones.
             os.posix_fadvise(self.fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
+        return holes
 
     def pwrite(self, offset: int, data: bytes | memoryview) -> None:
         """Write all of ``data`` at ``offset``, through the page cache in pieces of

@@ -57,12 +57,18 @@ def run_baseline(vol: Volume, pub: JournalPublisher, locks: RangeLocks, block_si
     def hash_piece(base: int, view: memoryview, written: list[int]) -> None:
         # The buffer still holds what was journaled; hash it without holding up writers.
         # A write that came in meanwhile marked its blocks dirty, to be re-hashed later.
-        first, sent = base // block_size, set(written)
-        for off in range(0, len(view), block_size):
+        # Every block not written is zeros: the piece's slice of the map is set to zero
+        # hashes at once, then the written blocks' own hashes go over it.
+        first = base // block_size
+        whole, tail = divmod(len(view), block_size)
+        hashes[first * HASH_LEN:(first + whole) * HASH_LEN] = zero_hash(block_size) * whole
+        if tail:
+            hashes[(first + whole) * HASH_LEN:(first + whole + 1) * HASH_LEN] = (
+                zero_hash(tail))
+        for off in written:
             index = first + off // block_size
-            block = view[off:off + block_size]
-            hashes[index * HASH_LEN:(index + 1) * HASH_LEN] = (
-                hash_block(block) if off in sent else zero_hash(len(block)))
+            hashes[index * HASH_LEN:(index + 1) * HASH_LEN] = hash_block(
+                view[off:off + block_size])
         progress.blocks_sent += len(written)
         progress.done += len(view)
 

@@ -16,13 +16,15 @@ import threading
 from typing import Callable, Iterable
 
 from infra.volume import Volume
+from journal.blocks import block_spans
 from journal.runs import RunBuilder, max_write
 from producers.journaling import RangeLocks
 from producers.publisher import JournalPublisher
 
 #: Called once a piece's lock is released: (offset of the piece, what was read and
-#: journaled, offsets inside it of the blocks that went as WRITE). The view is valid
-#: until the call returns (the next piece is read into the same buffer).
+#: journaled, offsets inside it of the blocks that went as WRITE or FILL; every other
+#: block is zeros). The view is valid until the call returns (the next piece is read
+#: into the same buffer).
 AfterPiece = Callable[[int, memoryview, list[int]], None]
 
 
@@ -45,9 +47,12 @@ def journal_regions(vol: Volume, pub: JournalPublisher, locks: RangeLocks, block
             view = memoryview(buf)[:min(end, (pos // region + 1) * region) - pos]
             written: list[int] = []
             with locks.hold(pos, len(view)):
-                vol.stream_into(pos, view)
-                for off in range(0, len(view), block_size):
-                    ops, data = runs.add_block(pos + off, view[off:off + block_size])
+                holes = vol.stream_into(pos, view)
+                for off, n, hole in block_spans(len(view), block_size, holes):
+                    if hole:
+                        pub.append_many(runs.add_zero(pos + off, n))
+                        continue
+                    ops, data = runs.add_block(pos + off, view[off:off + n])
                     pub.append_many(ops)
                     if data:
                         written.append(off)

@@ -15,7 +15,7 @@ from typing import Callable
 from infra.kafka import KafkaSettings
 from infra.volume import Volume
 from infra.volumes import open_volume
-from journal.blocks import HASH_LEN, block_count, hash_block
+from journal.blocks import HASH_LEN, block_count, block_spans, hash_block, zero_hash
 from journal.errors import VolumeError
 from journal.pairs import PairSpec
 from journal.rates import LinkLimit
@@ -91,19 +91,39 @@ def _scan(vol: Volume, block_size: int, known: bytes | None, pub: JournalPublish
     new_map = bytearray(block_count(vol.size, block_size) * HASH_LEN)
     chunk = bytearray(max(CHUNK // block_size, 1) * block_size)
     changed = changed_bytes = 0
+    zeros = zero_hash(block_size)
     for base in range(0, vol.size, len(chunk)):
         view = memoryview(chunk)[:min(len(chunk), vol.size - base)]
-        vol.stream_into(base, view)
-        for off in range(0, len(view), block_size):
-            block = view[off:off + block_size]
+        holes = vol.stream_into(base, view)
+        for off, n, hole in block_spans(len(view), block_size, holes):
             index = (base + off) // block_size
-            h = hash_block(block)
-            new_map[index * HASH_LEN:(index + 1) * HASH_LEN] = h
-            if known is not None and known[index * HASH_LEN:(index + 1) * HASH_LEN] == h:
-                continue
-            changed += 1
-            changed_bytes += len(block)
-            pub.append_many(runs.add_block(base + off, block)[0])
+            if hole:
+                # Blocks of a hole: zeros, all of them, set and compared at once; one by
+                # one only where the map knew some as something else.
+                count = n // block_size
+                span = slice(index * HASH_LEN, (index + count) * HASH_LEN)
+                new_map[span] = zeros * count
+                if known is None:           # a baseline: all of it, as one ZERO run
+                    changed, changed_bytes = changed + count, changed_bytes + n
+                    pub.append_many(runs.add_zero(base + off, n))
+                    continue
+                if known[span] == new_map[span]:
+                    continue
+                blocks = [(base + off + i * block_size, view[off + i * block_size:
+                                                             off + (i + 1) * block_size])
+                          for i in range(count)]
+            else:
+                blocks = [(base + off, view[off:off + n])]
+            for offset, block in blocks:
+                index = offset // block_size
+                h = zeros if hole else hash_block(block)
+                new_map[index * HASH_LEN:(index + 1) * HASH_LEN] = h
+                if known is not None and known[index * HASH_LEN:(index + 1) * HASH_LEN] == h:
+                    continue
+                changed += 1
+                changed_bytes += len(block)
+                pub.append_many(runs.add_zero(offset, len(block)) if hole
+                                else runs.add_block(offset, block)[0])
         # The chunk buffer is reused next round: close the open run before it is.
         pub.append_many(runs.finish())
         if progress:

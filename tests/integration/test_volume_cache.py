@@ -56,7 +56,8 @@ def test_stream_into_keeps_what_a_client_wrote_since(tmp_path: Path) -> None:
 def test_stream_into_reads_what_readinto_reads_holes_included(tmp_path: Path, written: set[int],
                                                               offset: int, length: int) -> None:
     """Holes are zeroed, not read: the bytes are the same as a plain read's, for any
-    layout of data and holes and any range, a dirty buffer included."""
+    layout of data and holes and any range, a dirty buffer included; the holes it
+    reports are in order, inside the range, and zeros."""
     path = tmp_path / "sparse.img"
     with open(path, "wb") as f:
         f.truncate(64 * 4096)
@@ -67,5 +68,15 @@ def test_stream_into_reads_what_readinto_reads_holes_included(tmp_path: Path, wr
     with Volume(str(path)) as vol:
         plain, streamed = bytearray(length), bytearray(b"\xee" * length)
         vol.readinto(offset, memoryview(plain))
-        vol.stream_into(offset, memoryview(streamed))
+        holes = vol.stream_into(offset, memoryview(streamed))
         assert streamed == plain
+        end = 0
+        for start, size in holes:
+            assert end <= start and size > 0 and start + size <= length
+            assert not any(plain[start:start + size])
+            end = start + size
+        # Every unwritten whole 4 KiB block of the range is reported as a hole.
+        for block in set(range(64)) - written:
+            lo, hi = block * 4096 - offset, (block + 1) * 4096 - offset
+            if lo >= 0 and hi <= length:
+                assert any(s <= lo and hi <= s + n for s, n in holes), (block, holes)
