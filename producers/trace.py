@@ -258,7 +258,7 @@ class TraceCapture:
                 self._cut()
                 next_cut = time.monotonic() + self.cut_interval
             self.pub.close_entry()
-            self.resume.commit_if_acked(self.pub.journaled.seq)
+            self.resume.commit_if_acked(self.pub.journaled.seq, self.hashes)
             if now >= next_beat:
                 next_beat = now + self.beat_interval
                 self.beat()
@@ -396,7 +396,7 @@ class TraceCapture:
             now = time.monotonic()
             if now - self._snapshot_at >= SNAPSHOT_EVERY:
                 self._snapshot_at = now
-                self.resume.snapshot(seq, self.hashes)
+                self.resume.snapshot(seq)
             done = True
             return True
         except TraceLost as e:

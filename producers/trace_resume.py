@@ -7,7 +7,11 @@ files in the capturer's state directory keep exactly that:
 
 * ``trace.map``: the journaled map (blake3 per block, producers/trace.py) as it was at a
   cut whose FLUSH the broker acknowledged (saved at most every ``SNAPSHOT_EVERY``
-  seconds, atomically), with ``trace.json`` saying which volume, block size and boot;
+  seconds, atomically), with ``trace.json`` saying which volume, block size and boot.
+  No copy of the map is taken at the FLUSH (a GiB at 2 TiB, while the filesystem is
+  frozen): once the FLUSH is acknowledged, the live map is saved. It differs from the
+  map at the FLUSH only in blocks appended after it, whose bits stay set, so their
+  hashes in the file are never believed;
 * ``trace.touched``: one byte per block, memory-mapped ``MAP_SHARED``, set *before* a
   block is appended, and cleared only once a newer map that covers the block is saved:
   bits of blocks appended after that map's FLUSH stay set. A clear is a copy that only
@@ -24,7 +28,6 @@ from __future__ import annotations
 import mmap
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -34,16 +37,6 @@ from producers.intent import boot_id
 
 SNAPSHOT_EVERY = 30.0
 _UNKNOWN = b"\xff" * HASH_LEN      # no block hashes to this (as good as a blake3 gets)
-
-
-@dataclass
-class Snapshot:
-    """The journaled map at a cut's FLUSH, waiting for the broker to acknowledge it."""
-
-    flush_seq: int
-    hashes: bytes
-    #: Blocks appended after the FLUSH (their bits must survive the snapshot's commit).
-    since: set[int] = field(default_factory=set)
 
 
 class ResumePoint:
@@ -66,7 +59,13 @@ class ResumePoint:
             self.bits = mmap.mmap(fd, max(self.blocks, 1), mmap.MAP_SHARED)
         finally:
             os.close(fd)
-        self.pending: Snapshot | None = None
+        #: The sequence number of the FLUSH whose map waits for the broker's
+        #: acknowledgement (None: no map waits).
+        self.pending: int | None = None
+        #: One byte per block appended since that FLUSH: their bits must survive the
+        #: commit (a byte a block, like the bits; a set grew without bound while the
+        #: broker was away).
+        self._since = bytearray(max(self.blocks, 1))
 
     def load(self) -> bytearray | None:
         """The saved map with touched blocks made unknown, or None where unusable."""
@@ -89,7 +88,7 @@ class ResumePoint:
         """Before block ``index`` is appended."""
         self.bits[index] = 1
         if self.pending is not None:
-            self.pending.since.add(index)
+            self._since[index] = 1
 
     def save(self, hashes: bytes | bytearray) -> None:
         """Save ``hashes`` as the map now (every op before is acknowledged, or the map is
@@ -99,22 +98,19 @@ class ResumePoint:
                                     "block_size": self.block_size,
                                     "volume_size": self.volume_size})
 
-    def snapshot(self, flush_seq: int, hashes: bytearray) -> None:
+    def snapshot(self, flush_seq: int) -> None:
         """At a cut, right after its FLUSH was appended (one pending at a time)."""
         if self.pending is None:
-            self.pending = Snapshot(flush_seq, bytes(hashes))
+            self.pending = flush_seq
 
-    def commit_if_acked(self, acked_seq: int) -> bool:
-        """Save the pending snapshot once its FLUSH is acknowledged, then clear the bits
-        of the blocks it covers (not those appended since)."""
-        snap = self.pending
-        if snap is None or acked_seq < snap.flush_seq:
+    def commit_if_acked(self, acked_seq: int, hashes: bytearray) -> bool:
+        """Once the pending FLUSH is acknowledged, save the live map ``hashes`` and clear
+        the bits of every block not appended since that FLUSH."""
+        if self.pending is None or acked_seq < self.pending:
             return False
-        self.save(snap.hashes)
-        keep = bytearray(len(self.bits))
-        for i in snap.since:
-            keep[i] = 1
-        self.bits[:] = keep          # 1 -> 0 only: a kill half-way leaves a superset
+        self.save(hashes)
+        self.bits[:] = self._since   # 1 -> 0 only: a kill half-way leaves a superset
+        self._since[:] = bytes(len(self._since))
         self.pending = None
         return True
 
@@ -122,6 +118,7 @@ class ResumePoint:
         """After a clean stop (everything acknowledged; the state store has the map)."""
         self.pending = None
         self.bits[:] = bytes(len(self.bits))
+        self._since[:] = bytes(len(self._since))
 
     def close(self) -> None:
         self.bits.close()

@@ -1,0 +1,92 @@
+"""The trace capturer's resume point on a real directory (producers/trace_resume.py).
+
+After a kill, the loaded map must believe no block that may have been appended after the
+last acknowledged cut, and must hold the map of that cut for every other block; waiting
+for a cut's acknowledgement must not copy the map (a GiB at 2 TiB, taken while the
+filesystem is frozen).
+"""
+from __future__ import annotations
+
+import tempfile
+import tracemalloc
+from pathlib import Path
+
+from hypothesis import given, settings, strategies as st
+
+from journal.blocks import HASH_LEN
+from producers.trace_resume import ResumePoint
+
+BLOCK = 4096
+UNKNOWN = b"\xff" * HASH_LEN
+
+# A run of the capture loop: a block appended with a new hash, a cut (its FLUSH), the
+# broker acknowledging everything journaled so far.
+step = st.one_of(st.tuples(st.just("append"), st.integers(0, 15), st.integers(0, 255)),
+                 st.tuples(st.just("cut")), st.tuples(st.just("ack")))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(step, max_size=60))
+def test_after_a_kill_the_map_is_the_last_acknowledged_cut_less_what_came_after(
+        steps: list[tuple]) -> None:
+    blocks = 16
+    with tempfile.TemporaryDirectory() as d:
+        rp = ResumePoint(Path(d), BLOCK, blocks * BLOCK)
+        live = bytearray(blocks * HASH_LEN)
+        rp.save(live)                       # the map the run started from
+        saved = bytes(live)                 # model: the map of the last acknowledged cut
+        after_saved: set[int] = set()       # model: blocks appended after that cut
+        seq = 0                             # sequence numbers of appended FLUSHes
+        waiting: tuple[int, bytes, set[int]] | None = None      # model: the pending cut
+        for s in steps:
+            if s[0] == "append":
+                i = s[1]
+                live[i * HASH_LEN:(i + 1) * HASH_LEN] = bytes([s[2]]) * HASH_LEN
+                rp.touch(i)
+                after_saved.add(i)
+                if waiting is not None:
+                    waiting[2].add(i)
+            elif s[0] == "cut":
+                seq += 1
+                rp.snapshot(seq)
+                if waiting is None:
+                    waiting = (seq, bytes(live), set())
+            elif rp.commit_if_acked(seq, live):
+                assert waiting is not None and waiting[0] <= seq
+                _, saved, after_saved = waiting
+                waiting = None
+            else:
+                assert waiting is None
+        rp.close()                          # killed: nothing else is written
+        again = ResumePoint(Path(d), BLOCK, blocks * BLOCK)
+        loaded = again.load()
+        again.close()
+    assert loaded is not None
+    for i in range(blocks):
+        got = loaded[i * HASH_LEN:(i + 1) * HASH_LEN]
+        want = UNKNOWN if i in after_saved else saved[i * HASH_LEN:(i + 1) * HASH_LEN]
+        assert got == want, f"block {i}: {bytes(got[:2]).hex()} != {want[:2].hex()}"
+
+
+def test_waiting_for_a_cut_to_be_acknowledged_copies_no_map(tmp_path: Path) -> None:
+    """A 64 GiB volume in 64 KiB blocks: a 32 MiB map, and a snapshot that costs nothing
+    (the old one was a copy of the whole map, made while the filesystem was frozen)."""
+    block, size = 64 << 10, 64 << 30
+    rp = ResumePoint(tmp_path, block, size)
+    live = bytearray(size // block * HASH_LEN)
+    tracemalloc.start()
+    try:
+        rp.snapshot(7)
+        for i in range(0, size // block, 997):
+            live[i * HASH_LEN] = 1
+            rp.touch(i)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < len(live) // 8, f"{peak} bytes allocated while a 32 MiB map waits"
+    assert rp.commit_if_acked(7, live)
+    assert Path(tmp_path / "trace.map").read_bytes() == live
+    # Blocks appended after the FLUSH keep their bits; every other bit is cleared.
+    assert rp.bits[997] == 1 and rp.bits[1] == 0 and rp.bits[:].count(1) == len(
+        range(0, size // block, 997))
+    rp.close()
