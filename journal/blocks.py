@@ -35,6 +35,16 @@ def zero_hash(size: int) -> bytes:
 _HEAD = 64
 
 
+def zero_hashes_over(hashes: bytearray, offset: int, length: int, block_size: int) -> None:
+    """Set the map's entries of the blocks of ``length`` bytes at ``offset`` (a block
+    boundary; the last block may be short) to the hashes of zero blocks, at once."""
+    first = offset // block_size
+    whole, tail = divmod(length, block_size)
+    hashes[first * HASH_LEN:(first + whole) * HASH_LEN] = zero_hash(block_size) * whole
+    if tail:
+        hashes[(first + whole) * HASH_LEN:(first + whole + 1) * HASH_LEN] = zero_hash(tail)
+
+
 def is_zero(block: memoryview) -> bool:
     """True when the block is all zeros."""
     return fill_byte(block) == 0

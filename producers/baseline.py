@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from infra.volume import Volume
-from journal.blocks import HASH_LEN, block_count, hash_block, zero_hash
+from journal.blocks import HASH_LEN, block_count, hash_block, zero_hashes_over
 from producers.journaling import RangeLocks
 from producers.publisher import JournalPublisher
 from producers.regions import journal_regions
@@ -59,12 +59,8 @@ def run_baseline(vol: Volume, pub: JournalPublisher, locks: RangeLocks, block_si
         # A write that came in meanwhile marked its blocks dirty, to be re-hashed later.
         # Every block not written is zeros: the piece's slice of the map is set to zero
         # hashes at once, then the written blocks' own hashes go over it.
+        zero_hashes_over(hashes, base, len(view), block_size)
         first = base // block_size
-        whole, tail = divmod(len(view), block_size)
-        hashes[first * HASH_LEN:(first + whole) * HASH_LEN] = zero_hash(block_size) * whole
-        if tail:
-            hashes[(first + whole) * HASH_LEN:(first + whole + 1) * HASH_LEN] = (
-                zero_hash(tail))
         for off in written:
             index = first + off // block_size
             hashes[index * HASH_LEN:(index + 1) * HASH_LEN] = hash_block(

@@ -15,7 +15,8 @@ from typing import Callable
 from infra.kafka import KafkaSettings
 from infra.volume import Volume
 from infra.volumes import open_volume
-from journal.blocks import HASH_LEN, block_count, block_spans, hash_block, zero_hash
+from journal.blocks import (HASH_LEN, block_count, block_spans, hash_block, zero_hash,
+                            zero_hashes_over)
 from journal.errors import VolumeError
 from journal.pairs import PairSpec
 from journal.rates import LinkLimit
@@ -86,46 +87,62 @@ def scan_once(spec: PairSpec, settings: KafkaSettings, store: StateStore | None 
 def _scan(vol: Volume, block_size: int, known: bytes | None, pub: JournalPublisher,
           progress: Progress | None) -> tuple[bytearray, int, int]:
     """Hash every block, journal the changed ones; returns (hash map, blocks, bytes)."""
-    max_write = write_bound(block_size)
-    runs = RunBuilder(max_write)
-    new_map = bytearray(block_count(vol.size, block_size) * HASH_LEN)
+    scan = _Pass(block_size, known, pub, RunBuilder(write_bound(block_size)),
+                 bytearray(block_count(vol.size, block_size) * HASH_LEN))
     chunk = bytearray(max(CHUNK // block_size, 1) * block_size)
-    changed = changed_bytes = 0
-    zeros = zero_hash(block_size)
     for base in range(0, vol.size, len(chunk)):
         view = memoryview(chunk)[:min(len(chunk), vol.size - base)]
         holes = vol.stream_into(base, view)
         for off, n, hole in block_spans(len(view), block_size, holes):
-            index = (base + off) // block_size
             if hole:
-                # Blocks of a hole: zeros, all of them, set and compared at once; one by
-                # one only where the map knew some as something else.
-                count = n // block_size
-                span = slice(index * HASH_LEN, (index + count) * HASH_LEN)
-                new_map[span] = zeros * count
-                if known is None:           # a baseline: all of it, as one ZERO run
-                    changed, changed_bytes = changed + count, changed_bytes + n
-                    pub.append_many(runs.add_zero(base + off, n))
-                    continue
-                if known[span] == new_map[span]:
-                    continue
-                blocks = [(base + off + i * block_size, view[off + i * block_size:
-                                                             off + (i + 1) * block_size])
-                          for i in range(count)]
+                scan.hole(base + off, n)
             else:
-                blocks = [(base + off, view[off:off + n])]
-            for offset, block in blocks:
-                index = offset // block_size
-                h = zeros if hole else hash_block(block)
-                new_map[index * HASH_LEN:(index + 1) * HASH_LEN] = h
-                if known is not None and known[index * HASH_LEN:(index + 1) * HASH_LEN] == h:
-                    continue
-                changed += 1
-                changed_bytes += len(block)
-                pub.append_many(runs.add_zero(offset, len(block)) if hole
-                                else runs.add_block(offset, block)[0])
+                scan.block(base + off, view[off:off + n])
         # The chunk buffer is reused next round: close the open run before it is.
-        pub.append_many(runs.finish())
+        pub.append_many(scan.runs.finish())
         if progress:
             progress(len(view))
-    return new_map, changed, changed_bytes
+    return scan.new_map, scan.changed, scan.changed_bytes
+
+
+@dataclass
+class _Pass:
+    """One scan's new map, and the blocks it journaled against the old one."""
+
+    block_size: int
+    known: bytes | None         # the journaled map; None: a baseline, every block goes
+    pub: JournalPublisher
+    runs: RunBuilder
+    new_map: bytearray
+    changed: int = 0
+    changed_bytes: int = 0
+
+    def block(self, offset: int, block: memoryview) -> None:
+        """A block read from the volume: journaled unless the old map has its hash."""
+        h = hash_block(block)
+        i = offset // self.block_size * HASH_LEN
+        self.new_map[i:i + HASH_LEN] = h
+        if self.known is None or self.known[i:i + HASH_LEN] != h:
+            self._journaled(1, len(block))
+            self.pub.append_many(self.runs.add_block(offset, block)[0])
+
+    def hole(self, offset: int, length: int) -> None:
+        """Whole blocks of a hole, all zeros: set and compared at once; journaled as one
+        ZERO run by a baseline, block by block only where the old map knew otherwise."""
+        bs = self.block_size
+        zero_hashes_over(self.new_map, offset, length, bs)
+        span = slice(offset // bs * HASH_LEN, (offset + length) // bs * HASH_LEN)
+        if self.known is None:
+            self._journaled(length // bs, length)
+            self.pub.append_many(self.runs.add_zero(offset, length))
+        elif self.known[span] != self.new_map[span]:
+            zeros = zero_hash(bs)
+            for at in range(offset, offset + length, bs):
+                i = at // bs * HASH_LEN
+                if self.known[i:i + HASH_LEN] != zeros:
+                    self._journaled(1, bs)
+                    self.pub.append_many(self.runs.add_zero(at, bs))
+
+    def _journaled(self, blocks: int, nbytes: int) -> None:
+        self.changed += blocks
+        self.changed_bytes += nbytes

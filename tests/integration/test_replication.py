@@ -92,6 +92,28 @@ def test_zeroed_blocks_are_zeroed_on_target(settings, pair_name, tmp_path):
     assert same_bytes(src, dst)
 
 
+def test_data_punched_into_holes_is_zeroed_on_target_and_only_once(
+        settings, pair_name, tmp_path):
+    """A scan passes a hole as whole blocks at once; where the journaled map knew data
+    there, only those blocks are journaled (as ZERO), and a hole it knew is not again."""
+    src = make_image(tmp_path / "src.img", 8 * MiB, seed=5, data_fraction=1.0)
+    dst = tmp_path / "dst.img"
+    spec = create(settings, pair_name, src, dst)
+    scan_once(spec, settings)
+    subprocess.run(["fallocate", "-p", "-o", str(MiB), "-l", str(2 * MiB), str(src)],
+                   check=True)
+    first = scan_once(spec, settings)
+    assert (first.blocks_changed, first.bytes_changed) == (32, 2 * MiB)
+    # Half of this hole was one already (and journaled as such): the other half goes.
+    subprocess.run(["fallocate", "-p", "-o", str(2 * MiB), "-l", str(2 * MiB), str(src)],
+                   check=True)
+    second = scan_once(spec, settings)
+    assert (second.blocks_changed, second.bytes_changed) == (16, MiB)
+    Applier(spec, str(dst), settings).run(until_caught_up=True)
+    assert same_bytes(src, dst)
+    assert scan_once(spec, settings).blocks_changed == 0
+
+
 def test_cli_flow_and_status(settings, pair_name, tmp_path):
     src = make_image(tmp_path / "src.img", 16 * MiB, seed=11)
     dst = tmp_path / "dst.img"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, strategies as st
 
-from journal.blocks import block_spans
+from journal.blocks import HASH_LEN, block_spans, hash_block, zero_hashes_over
 
 BLOCK = 16
 
@@ -47,3 +47,19 @@ def test_a_volume_of_one_hole_is_one_span_and_its_short_tail_a_block() -> None:
     # A hole that covers no whole block changes nothing.
     assert list(block_spans(2 * BLOCK, BLOCK, [(3, BLOCK)])) == [(0, BLOCK, False),
                                                                 (BLOCK, BLOCK, False)]
+
+
+@given(st.integers(0, 20), st.integers(0, 20), st.integers(0, BLOCK - 1))
+def test_zero_hashes_over_sets_each_blocks_entry_to_its_zero_hash_and_nothing_else(
+        first: int, whole: int, tail: int) -> None:
+    blocks = first + whole + 1 + 2
+    hashes = bytearray(b"\x07" * HASH_LEN * blocks)
+    zero_hashes_over(hashes, first * BLOCK, whole * BLOCK + tail, BLOCK)
+    for i in range(blocks):
+        got = bytes(hashes[i * HASH_LEN:(i + 1) * HASH_LEN])
+        if first <= i < first + whole:
+            assert got == hash_block(memoryview(bytes(BLOCK))), i
+        elif i == first + whole and tail:
+            assert got == hash_block(memoryview(bytes(tail))), i
+        else:
+            assert got == b"\x07" * HASH_LEN, f"block {i} outside the range was changed"
