@@ -30,6 +30,24 @@ def atomic_write(path: Path, data: bytes | bytearray, durable: bool = True) -> N
             os.close(dfd)
 
 
+def read_whole(path: Path) -> bytearray | None:
+    """``path``'s bytes, read into one bytearray a caller may keep and change (read as
+    bytes and copied, a large file cost twice its size); None if it is missing or
+    shrank while read (not a file to trust)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            out = bytearray(os.fstat(f.fileno()).st_size)
+            view, got = memoryview(out), 0
+            while got < len(out):
+                n = f.readinto(view[got:])
+                if not n:
+                    return None
+                got += n
+            return out
+    except FileNotFoundError:
+        return None
+
+
 def write_json(path: Path, value: Any, durable: bool = True) -> None:
     atomic_write(path, json.dumps(value, indent=1, sort_keys=True).encode(), durable)
 

@@ -7,12 +7,11 @@ changed since the last complete scan.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from infra.files import atomic_write, read_json, write_json
+from infra.files import atomic_write, read_json, read_whole, write_json
 from infra.paths import pair_dir
 from journal import epochs
 from journal.blocks import HASH_LEN, block_count
@@ -88,7 +87,8 @@ class StateStore:
     def load(self) -> tuple[CaptureState | None, bytearray | None]:
         """The saved state and hash map (None, None: none, or another incarnation's)."""
         state = self.load_state()
-        return state, (self._read_hashes() if state is not None else None)
+        # Read into the one buffer the capturer then keeps and updates in place.
+        return state, (read_whole(self.hashes) if state is not None else None)
 
     def load_state(self) -> CaptureState | None:
         """The saved state alone, without reading the hash map (32 bytes a block: a
@@ -103,22 +103,6 @@ class StateStore:
                 "the old capture state is set aside (a full baseline follows)", self.pair)
             return None
         return state
-
-    def _read_hashes(self) -> bytearray | None:
-        # Read into the one buffer the capturer then keeps and updates in place: read as
-        # bytes and copied into a bytearray, it cost twice the map at every start.
-        try:
-            with open(self.hashes, "rb", buffering=0) as f:
-                out = bytearray(os.fstat(f.fileno()).st_size)
-                view, got = memoryview(out), 0
-                while got < len(out):
-                    n = f.readinto(view[got:])
-                    if not n:
-                        return None         # shrank while read: not a map to trust
-                    got += n
-                return out
-        except FileNotFoundError:
-            return None
 
     def save(self, state: CaptureState, hashes: bytes | bytearray | None = None) -> None:
         """Write hashes first, then the state that vouches for them. ``hashes`` is

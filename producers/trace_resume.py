@@ -7,11 +7,14 @@ files in the capturer's state directory keep exactly that:
 
 * ``trace.map``: the journaled map (blake3 per block, producers/trace.py) as it was at a
   cut whose FLUSH the broker acknowledged (saved at most every ``SNAPSHOT_EVERY``
-  seconds, atomically), with ``trace.json`` saying which volume, block size and boot.
+  seconds), with ``trace.json`` saying which volume, block size and boot.
   No copy of the map is taken at the FLUSH (a GiB at 2 TiB, while the filesystem is
   frozen): once the FLUSH is acknowledged, the live map is saved. It differs from the
   map at the FLUSH only in blocks appended after it, whose bits stay set, so their
-  hashes in the file are never believed;
+  hashes in the file are never believed. Saved whole (atomically) the first time, then
+  in place, only where bits are set: every entry that differs from the file has its
+  bit set until the write is durable, so a kill half-way leaves torn entries only
+  where the bits say not to believe them;
 * ``trace.touched``: one byte per block, memory-mapped ``MAP_SHARED``, set *before* a
   block is appended, and cleared only once a newer map that covers the block is saved:
   bits of blocks appended after that map's FLUSH stay set. A clear is a copy that only
@@ -31,7 +34,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from infra.files import atomic_write, read_json, write_json
+from infra.files import atomic_write, read_json, read_whole, write_json
 from journal.blocks import HASH_LEN
 from producers.intent import boot_id
 
@@ -66,6 +69,8 @@ class ResumePoint:
         #: commit (a byte a block, like the bits; a set grew without bound while the
         #: broker was away).
         self._since = bytearray(max(self.blocks, 1))
+        #: Has this run saved the map whole? Later saves then write in place.
+        self._whole = False
 
     def load(self) -> bytearray | None:
         """The saved map with touched blocks made unknown, or None where unusable."""
@@ -74,11 +79,8 @@ class ResumePoint:
                 or meta.get("block_size") != self.block_size
                 or meta.get("volume_size") != self.volume_size):
             return None
-        try:
-            saved = bytearray(self.map_path.read_bytes())
-        except FileNotFoundError:
-            return None
-        if len(saved) != self.blocks * HASH_LEN:
+        saved = read_whole(self.map_path)
+        if saved is None or len(saved) != self.blocks * HASH_LEN:
             return None
         for i in (m.start() for m in _ones(self.bits)):
             saved[i * HASH_LEN:(i + 1) * HASH_LEN] = _UNKNOWN
@@ -97,6 +99,22 @@ class ResumePoint:
         write_json(self.meta_path, {"boot_id": boot_id().decode(),
                                     "block_size": self.block_size,
                                     "volume_size": self.volume_size})
+        self._whole = True
+
+    def _save_touched(self, hashes: bytearray) -> None:
+        """Write the entries of ``hashes`` whose bits are set over the saved map, in
+        place, and make them durable (runs closer than a page of the map go as one)."""
+        fd = os.open(self.map_path, os.O_WRONLY | os.O_CLOEXEC)
+        view = memoryview(hashes)
+        try:
+            for first, end in _runs(self.bits, _MERGE_GAP):
+                a, b = first * HASH_LEN, end * HASH_LEN
+                while a < b:
+                    a += os.pwrite(fd, view[a:b], a)
+            os.fsync(fd)
+        finally:
+            view.release()
+            os.close(fd)
 
     def snapshot(self, flush_seq: int) -> None:
         """At a cut, right after its FLUSH was appended (one pending at a time)."""
@@ -108,7 +126,10 @@ class ResumePoint:
         the bits of every block not appended since that FLUSH."""
         if self.pending is None or acked_seq < self.pending:
             return False
-        self.save(hashes)
+        if self._whole:
+            self._save_touched(hashes)
+        else:
+            self.save(hashes)
         self.bits[:] = self._since   # 1 -> 0 only: a kill half-way leaves a superset
         self._since[:] = bytes(len(self._since))
         self.pending = None
@@ -126,6 +147,24 @@ class ResumePoint:
 
 def _ones(bits: mmap.mmap) -> Iterator[re.Match[bytes]]:
     return re.finditer(rb"\x01", bits)
+
+
+#: Set bits at most this many blocks apart are saved as one run (one page of the map).
+_MERGE_GAP = 4096 // HASH_LEN
+
+
+def _runs(bits: bytes | mmap.mmap, gap: int) -> Iterator[tuple[int, int]]:
+    """The set bits as ``(first, end)`` block runs, runs less than ``gap`` apart joined."""
+    first = end = -1
+    for m in re.finditer(rb"\x01+", bits):
+        if first >= 0 and m.start() - end >= gap:
+            yield first, end
+            first = -1
+        if first < 0:
+            first = m.start()
+        end = m.end()
+    if first >= 0:
+        yield first, end
 
 
 def forget(directory: Path) -> None:

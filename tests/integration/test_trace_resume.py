@@ -86,7 +86,51 @@ def test_waiting_for_a_cut_to_be_acknowledged_copies_no_map(tmp_path: Path) -> N
     assert peak < len(live) // 8, f"{peak} bytes allocated while a 32 MiB map waits"
     assert rp.commit_if_acked(7, live)
     assert Path(tmp_path / "trace.map").read_bytes() == live
-    # Blocks appended after the FLUSH keep their bits; every other bit is cleared.
-    assert rp.bits[997] == 1 and rp.bits[1] == 0 and rp.bits[:].count(1) == len(
-        range(0, size // block, 997))
     rp.close()
+
+
+def _written_so_far() -> int:
+    """Bytes this process has written through write syscalls (/proc/self/io ``wchar``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError("/proc/self/io has no wchar")
+
+
+def test_a_commit_writes_the_touched_entries_in_place_not_the_whole_map(
+        tmp_path: Path) -> None:
+    """Saved whole once, the map is then written only where blocks were appended (the
+    whole map is 32 MiB at 64 GiB, a GiB at 2 TiB, every SNAPSHOT_EVERY seconds)."""
+    block, size = 64 << 10, 64 << 30
+    rp = ResumePoint(tmp_path, block, size)
+    live = bytearray(size // block * HASH_LEN)
+    rp.save(live)
+    touched = range(5, size // block, 4099)
+    for i in touched:
+        live[i * HASH_LEN:(i + 1) * HASH_LEN] = b"\x05" * HASH_LEN
+        rp.touch(i)
+    rp.snapshot(3)
+    rp.touch(10)                            # appended after the FLUSH
+    live[10 * HASH_LEN:11 * HASH_LEN] = b"\x06" * HASH_LEN
+    before = _written_so_far()
+    assert rp.commit_if_acked(3, live)
+    wrote = _written_so_far() - before
+    assert wrote < len(touched) * 4096 + 8192, f"{wrote} bytes written for {len(touched)} blocks"
+    assert Path(tmp_path / "trace.map").read_bytes() == live
+    # Blocks appended after the FLUSH keep their bits; every other bit is cleared.
+    assert rp.bits[10] == 1 and rp.bits[5] == 0 and rp.bits[:].count(1) == 1
+    rp.close()
+
+
+@given(st.lists(st.booleans(), max_size=300), st.integers(1, 40))
+def test_runs_cover_every_set_bit_and_join_only_close_ones(bits: list[bool], gap: int) -> None:
+    from producers.trace_resume import _runs
+    raw = bytes(bits)
+    runs = list(_runs(raw, gap))
+    covered = set()
+    for n, (first, end) in enumerate(runs):
+        assert raw[first] == 1 and raw[end - 1] == 1
+        if n:
+            assert first - runs[n - 1][1] >= gap     # farther apart: not joined
+        covered.update(range(first, end))
+    assert {i for i, b in enumerate(bits) if b} <= covered
