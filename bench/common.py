@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import random
 import re
@@ -176,6 +177,42 @@ def bare_produce_at_depth(settings: KafkaSettings, topic: str, size: int, count:
 #: consume's are.
 CONSUME_WRITE_PEER = ("bare confluent-kafka consume of the same topic + buffered pwrite "
                       "of each record to a new file, fsync at the end")
+
+
+DISK_WRITE_PEER = ("the target disk alone: as many bytes written to a new file in 4 MiB "
+                   "O_DIRECT pieces, fsync at the end")
+
+
+def disk_write(path: Path, size: int) -> float:
+    """Seconds the disk under ``path`` takes to store ``size`` bytes sequentially in a new
+    file, as an applier's long runs do (O_DIRECT from an aligned buffer, buffered where
+    the file system refuses it), durably: the floor of any apply or replay to it,
+    nothing read or checked."""
+    piece = 4 * MiB
+    buf = mmap.mmap(-1, piece)
+    buf.write(random.Random(5).randbytes(piece))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        try:
+            out = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT)
+        except OSError:
+            out = os.dup(fd)
+        t0 = time.monotonic()
+        try:
+            for off in range(0, size, piece):
+                view = memoryview(buf)[:min(piece, size - off)]
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(out, view[done:], off + done)
+                view.release()
+            os.fsync(out)
+        finally:
+            os.close(out)
+        return time.monotonic() - t0
+    finally:
+        os.close(fd)
+        buf.close()
+        path.unlink()
 
 
 def bare_consume(ctx: Context, topic: str, write_to: Path | None = None) -> tuple[int, float]:

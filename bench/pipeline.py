@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.common import (CONSUME_WRITE_PEER, MiB, Context, apply_all, bare_consume,
-                          bare_produce, capture, figure, make_pair, mbps, random_image,
-                          scratch_topic)
+from bench.common import (CONSUME_WRITE_PEER, DISK_WRITE_PEER, MiB, Context, apply_all,
+                          bare_consume, bare_produce, capture, disk_write, figure, make_pair,
+                          mbps, random_image, scratch_topic)
 
 TITLE = "Pipeline ceiling: bare Kafka produce+consume vs x2x capture->journal->apply"
 
@@ -42,6 +42,7 @@ def run(ctx: Context) -> dict[str, Any]:
     d = ctx.dir("pipeline")
     src = random_image(d / "src.img", size, seed=11)
     bare = bare_kafka(ctx, str(src), size)
+    disk_s = disk_write(d / "disk.bin", size)
 
     spec = make_pair(ctx, "pipeline", src, d / "dst.img")
     scan = capture(ctx, spec)
@@ -51,7 +52,7 @@ def run(ctx: Context) -> dict[str, Any]:
          "apply_first_batch_s": marks.get("first_batch_s"),
          "capture_MBps": mbps(size, scan.seconds), "apply_MBps": mbps(size, apply_s),
          "end_to_end_MBps": mbps(size, scan.seconds + apply_s),
-         "bytes_applied": stats.bytes_applied}
+         "bytes_applied": stats.bytes_applied, "disk_write_s": disk_s}
     # Later scenarios build on this run: the lag scenario writes at half of x2x's rate,
     # the replay scenario rebuilds a replica from this pair's journal.
     ctx.shared["max_MBps"] = x["end_to_end_MBps"]
@@ -68,6 +69,8 @@ def run(ctx: Context) -> dict[str, Any]:
                    "bare confluent-kafka consume", bare["consume_MBps"], "higher"),
             figure("apply / consume+write", "MB/s", x["apply_MBps"], CONSUME_WRITE_PEER,
                    bare["consume_write_MBps"], "higher"),
+            figure("apply / the target disk alone", "MB/s", x["apply_MBps"], DISK_WRITE_PEER,
+                   mbps(size, disk_s), "higher"),
         ],
         "details": {"x2x": x, "bare_kafka": bare},
     }
