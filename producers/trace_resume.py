@@ -126,9 +126,12 @@ class ResumePoint:
         the bits of every block not appended since that FLUSH."""
         if self.pending is None or acked_seq < self.pending:
             return False
-        if self._whole:
-            self._save_touched(hashes)
-        else:
+        try:
+            if self._whole:
+                self._save_touched(hashes)
+            else:
+                self.save(hashes)
+        except FileNotFoundError:       # the files were forgotten meanwhile (a failback)
             self.save(hashes)
         self.bits[:] = self._since   # 1 -> 0 only: a kill half-way leaves a superset
         self._since[:] = bytes(len(self._since))

@@ -26,15 +26,17 @@ step = st.one_of(st.tuples(st.just("append"), st.integers(0, 15), st.integers(0,
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(step, max_size=60))
+@given(st.booleans(), st.lists(step, max_size=60))
 def test_after_a_kill_the_map_is_the_last_acknowledged_cut_less_what_came_after(
-        steps: list[tuple]) -> None:
+        resumed: bool, steps: list[tuple]) -> None:
+    """``resumed``: the run started from a saved map (else from a baseline, no map)."""
     blocks = 16
     with tempfile.TemporaryDirectory() as d:
         rp = ResumePoint(Path(d), BLOCK, blocks * BLOCK)
         live = bytearray(blocks * HASH_LEN)
-        rp.save(live)                       # the map the run started from
-        saved = bytes(live)                 # model: the map of the last acknowledged cut
+        if resumed:
+            rp.save(live)                   # the map the run started from
+        saved: bytes | None = bytes(live) if resumed else None  # model: the last acked map
         after_saved: set[int] = set()       # model: blocks appended after that cut
         seq = 0                             # sequence numbers of appended FLUSHes
         waiting: tuple[int, bytes, set[int]] | None = None      # model: the pending cut
@@ -61,6 +63,9 @@ def test_after_a_kill_the_map_is_the_last_acknowledged_cut_less_what_came_after(
         again = ResumePoint(Path(d), BLOCK, blocks * BLOCK)
         loaded = again.load()
         again.close()
+    if saved is None:
+        assert loaded is None, "a map loaded where none was ever saved"
+        return
     assert loaded is not None
     for i in range(blocks):
         got = loaded[i * HASH_LEN:(i + 1) * HASH_LEN]
@@ -134,3 +139,17 @@ def test_runs_cover_every_set_bit_and_join_only_close_ones(bits: list[bool], gap
             assert first - runs[n - 1][1] >= gap     # farther apart: not joined
         covered.update(range(first, end))
     assert {i for i, b in enumerate(bits) if b} <= covered
+
+
+def test_a_commit_after_the_files_were_forgotten_saves_the_map_whole(tmp_path: Path) -> None:
+    from producers.trace_resume import forget
+    rp = ResumePoint(tmp_path, BLOCK, 64 * BLOCK)
+    live = bytearray(b"\x02" * 64 * HASH_LEN)
+    rp.save(live)
+    forget(tmp_path)                        # e.g. a failback, while the resume point lives
+    live[3 * HASH_LEN] = 9
+    rp.touch(3)
+    rp.snapshot(1)
+    assert rp.commit_if_acked(1, live)
+    assert (tmp_path / "trace.map").read_bytes() == live
+    rp.close()
