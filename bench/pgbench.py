@@ -131,11 +131,6 @@ def _x2x(ctx: Context, work: Path, mode: str, size: int, scale: int,
     return tps, rpos
 
 
-def _median(values: list[float]) -> float:
-    """The middle run (of an even number, the lower middle: a run that happened)."""
-    return sorted(values)[(len(values) - 1) // 2]
-
-
 def _told(values: list[float]) -> str:
     """How a figure of these runs was taken: "median of N runs", or "" for one run."""
     return f"median of {len(values)} runs" if len(values) > 1 else ""
@@ -157,10 +152,11 @@ def run(ctx: Context) -> dict[str, Any]:
                 tps, rpos = _x2x(ctx, work, mode, size, scale, seconds)
                 runs.setdefault(mode, []).append(tps)
                 rpo_runs.setdefault(mode, []).extend(rpos)
-        peer = _median(runs["qemu-nbd"])
+        # Nearest-rank median: the middle run, one that happened.
+        peer = percentile(runs["qemu-nbd"], 50)
         figures, details = [], {"qemu_nbd_tps": peer, "runs_tps": runs}
         for mode in MODES:
-            tps, rpos = _median(runs[mode]), rpo_runs[mode]
+            tps, rpos = percentile(runs[mode], 50), rpo_runs[mode]
             p50, p99 = percentile(rpos, 50), percentile(rpos, 99)
             # The RPO beside the speed it was bought with, as the heartbeats report it.
             mine, theirs = _told(runs[mode]), _told(runs["qemu-nbd"])

@@ -15,7 +15,7 @@ from typing import Callable
 from infra.kafka import KafkaSettings
 from infra.volume import Volume
 from infra.volumes import open_volume
-from journal.blocks import (HASH_LEN, block_count, block_spans, hash_block, zero_hash,
+from journal.blocks import (HASH_LEN, block_count, block_spans, diff_maps, hash_block,
                             zero_hashes_over)
 from journal.errors import VolumeError
 from journal.pairs import PairSpec
@@ -135,13 +135,10 @@ class _Pass:
         if self.known is None:
             self._journaled(length // bs, length)
             self.pub.append_many(self.runs.add_zero(offset, length))
-        elif self.known[span] != self.new_map[span]:
-            zeros = zero_hash(bs)
-            for at in range(offset, offset + length, bs):
-                i = at // bs * HASH_LEN
-                if self.known[i:i + HASH_LEN] != zeros:
-                    self._journaled(1, bs)
-                    self.pub.append_many(self.runs.add_zero(at, bs))
+        else:
+            for k in diff_maps(self.known[span], self.new_map[span]):
+                self._journaled(1, bs)
+                self.pub.append_many(self.runs.add_zero(offset + k * bs, bs))
 
     def _journaled(self, blocks: int, nbytes: int) -> None:
         self.changed += blocks

@@ -82,8 +82,8 @@ class ResumePoint:
         saved = read_whole(self.map_path)
         if saved is None or len(saved) != self.blocks * HASH_LEN:
             return None
-        for i in (m.start() for m in _ones(self.bits)):
-            saved[i * HASH_LEN:(i + 1) * HASH_LEN] = _UNKNOWN
+        for first, end in _runs(self.bits, 1):
+            saved[first * HASH_LEN:end * HASH_LEN] = _UNKNOWN * (end - first)
         return saved
 
     def touch(self, index: int) -> None:
@@ -146,10 +146,6 @@ class ResumePoint:
 
     def close(self) -> None:
         self.bits.close()
-
-
-def _ones(bits: mmap.mmap) -> Iterator[re.Match[bytes]]:
-    return re.finditer(rb"\x01", bits)
 
 
 #: Set bits at most this many blocks apart are saved as one run (one page of the map).
