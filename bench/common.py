@@ -22,6 +22,7 @@ from infra.kafka import KafkaSettings
 if TYPE_CHECKING:
     from confluent_kafka import Producer
     from consumers.applier import ApplyStats
+    from infra.heartbeat import BeatTail
     from journal.pairs import PairSpec
     from journal.status import ReplicaStatus
     from producers.scan import ScanResult
@@ -514,27 +515,35 @@ def apply_all(ctx: Context, spec: "PairSpec", target: str | None = None,
     return stats, time.monotonic() - t0
 
 
-def replica_of(settings: KafkaSettings, pair: str, target: str) -> "ReplicaStatus | None":
+def replica_of(settings: KafkaSettings, pair: str, target: str,
+               tail: "BeatTail | None" = None) -> "ReplicaStatus | None":
     """The target's row of ``x2x status`` (lag, RPO), computed from the heartbeats as
-    status computes it."""
+    status computes it (``tail``: followed, as ``x2x status --watch`` follows them)."""
     from infra.heartbeat import read_beats
     from journal.clock import now_ms
     from journal.status import latest, pair_status
-    st = pair_status(pair, latest(read_beats(settings)), now_ms())
+    beats = tail.latest() if tail else latest(read_beats(settings))
+    st = pair_status(pair, beats, now_ms())
     return next((r for r in st.replicas if r.target == target), None)
 
 
 def sample_rpo(settings: KafkaSettings, pair: str, target: str, stop: threading.Event,
                out: list[float], begin: threading.Event | None = None) -> threading.Thread:
     """A started thread appending the target's RPO to ``out`` every half second, from
-    ``begin`` (if given) until ``stop``."""
+    ``begin`` (if given) until ``stop``; the heartbeats followed by one consumer, as
+    ``x2x status --watch`` follows them (one read of the whole status topic per sample
+    cost the broker and this process ~1 CPU second per 30 s, which the workload
+    measured beside it paid)."""
+    from infra.heartbeat import BeatTail
+
     def run() -> None:
-        if begin is not None:
-            begin.wait()
-        while not stop.wait(0.5):
-            r = replica_of(settings, pair, target)
-            if r is not None:
-                out.append(r.rpo_s or 0.0)
+        with BeatTail(settings) as tail:
+            if begin is not None:
+                begin.wait()
+            while not stop.wait(0.5):
+                r = replica_of(settings, pair, target, tail)
+                if r is not None:
+                    out.append(r.rpo_s or 0.0)
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t

@@ -6,7 +6,7 @@ Capturer: the NBD capturer (``x2x capture NAME --nbd``, written through ``nbdfus
 fdatasync — NBD FLUSH, a consistency point — every 0.5 s) when it, nbdfuse and root are
 available; otherwise the scan capturer (``--interval 1``, writes straight to the source
 image). RPO and lag in ops are sampled every 0.5 s from heartbeats
-(``infra.heartbeat.read_beats`` + ``journal.status``), as ``x2x status`` computes them;
+(``infra.heartbeat.BeatTail`` + ``journal.status``), as ``x2x status --watch`` computes them;
 a capturer beats every 0.5 s and an applier within 0.25 s of its checkpoint moving,
 which bounds the resolution of the samples.
 
@@ -37,8 +37,8 @@ from typing import Any
 from bench.common import (MiB, Context, capture, delete_pair, empty_image, figure, finish,
                           make_pair, percentile, pool, same_volume, start, x2x_cmd)
 from infra.net import free_port
-from infra.heartbeat import read_beats
-from journal.status import latest, pair_status
+from infra.heartbeat import BeatTail
+from journal.status import pair_status
 from journal.clock import now_ms
 
 TITLE = "Lag under load: RPO and lag in ops at 50% of the measured maximum write rate"
@@ -112,8 +112,8 @@ def _writer(path: str, size: int, rate: float, stop: threading.Event,
         counters["bytes"] = written
 
 
-def _sample(ctx: Context, name: str, target: str) -> Sample | None:
-    st = pair_status(name, latest(read_beats(ctx.settings)), now_ms())
+def _sample(tail: BeatTail, name: str, target: str) -> Sample | None:
+    st = pair_status(name, tail.latest(), now_ms())
     reps = [r for r in st.replicas if r.target == target]
     if not reps or reps[0].lag_ops is None:
         return None
@@ -122,18 +122,18 @@ def _sample(ctx: Context, name: str, target: str) -> Sample | None:
                   r.slowest_flush_s or 0.0)
 
 
-def _wait_caught_up(ctx: Context, name: str, target: str, min_seq: int = 1,
+def _wait_caught_up(tail: BeatTail, name: str, target: str, min_seq: int = 1,
                     timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        s = _sample(ctx, name, target)
+        s = _sample(tail, name, target)
         if s and s.lag_ops == 0 and s.captured_seq >= min_seq:
             return
         time.sleep(0.25)
     raise RuntimeError(f"the applier of {name} did not catch up within {timeout:.0f} s")
 
 
-def _phase(ctx: Context, name: str, target: str, write_path: str, size: int, rate: float,
+def _phase(tail: BeatTail, name: str, target: str, write_path: str, size: int, rate: float,
            duration: float, flush_every: float | None
            ) -> tuple[list[Sample], dict[str, int], float]:
     """Write for ``duration`` seconds, sampling lag and RPO: (samples, counters, seconds)."""
@@ -146,7 +146,7 @@ def _phase(ctx: Context, name: str, target: str, write_path: str, size: int, rat
     writer.start()
     while time.monotonic() - t0 < duration:
         time.sleep(SAMPLE_EVERY)
-        if s := _sample(ctx, name, target):
+        if s := _sample(tail, name, target):
             samples.append(s)
     stop.set()
     writer.join()
@@ -165,6 +165,8 @@ def run(ctx: Context) -> dict[str, Any]:
     port = free_port()
     fuse: subprocess.Popen[bytes] | None = None
     cap_proc = app_proc = None
+    # Heartbeats followed by one consumer, as ``x2x status --watch`` follows them.
+    tail = BeatTail(ctx.settings)
     quiet: list[Sample] = []
     quiet_counters = {"bytes": 0}
     try:
@@ -189,31 +191,32 @@ def run(ctx: Context) -> dict[str, Any]:
                               str(SCAN_INTERVAL), "--json"])
             write_path, flush_every, interval = str(src), None, SCAN_INTERVAL
         app_proc = start([*x2x_cmd(), "apply", spec.name])
-        _wait_caught_up(ctx, spec.name, str(dst))
-        first = _sample(ctx, spec.name, str(dst))
-        samples, counters, wrote_s = _phase(ctx, spec.name, str(dst), write_path, size, rate,
+        _wait_caught_up(tail, spec.name, str(dst))
+        first = _sample(tail, spec.name, str(dst))
+        samples, counters, wrote_s = _phase(tail, spec.name, str(dst), write_path, size, rate,
                                             duration, flush_every)
         # Converge: one last consistency point, then the applier must reach it exactly.
         if fuse is None:
             cap_proc.send_signal(signal.SIGTERM)
             cap_res = finish(cap_proc, ctx, "capturer (scan --interval)", "lag")
             last = capture(ctx, spec)
-            _wait_caught_up(ctx, spec.name, str(dst), last.last_seq)
+            _wait_caught_up(tail, spec.name, str(dst), last.last_seq)
         else:
             # The writer's last fdatasync was journaled before it returned; give the
             # capturer one heartbeat to announce it, then the applier must reach it.
             time.sleep(2.5)
-            _wait_caught_up(ctx, spec.name, str(dst), (first.captured_seq if first else 0) + 1)
+            _wait_caught_up(tail, spec.name, str(dst), (first.captured_seq if first else 0) + 1)
             # The same load from a writer that never flushes: the capturer's own cuts
             # (--cut-interval, 1 s) are the only consistency points; lag and RPO count
             # what clients were told is done, journaled or not (journal/DESIGN.md 8, 13).
             before = samples[-1].captured_seq if samples else 0
-            quiet, quiet_counters, _ = _phase(ctx, spec.name, str(dst), write_path, size,
+            quiet, quiet_counters, _ = _phase(tail, spec.name, str(dst), write_path, size,
                                               rate, duration, None)
             time.sleep(2.5)     # a beat after the last write: then lag 0 is the truth
-            _wait_caught_up(ctx, spec.name, str(dst), before + 1)
+            _wait_caught_up(tail, spec.name, str(dst), before + 1)
         converged = same_volume(src, dst)
     finally:
+        tail.close()
         if fuse is not None:
             subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
             fuse.wait(20)

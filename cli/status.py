@@ -13,7 +13,7 @@ from rich.text import Text
 
 from cli.common import console, human_bytes, print_json, settings
 from infra import control, telemetry
-from infra.heartbeat import read_beats, read_local_beats
+from infra.heartbeat import BeatTail, read_beats, read_local_beats
 from journal.errors import BadInput, BrokerError, X2XError
 from journal.linkstate import LinkState, link_state
 from journal.pairs import PairState
@@ -33,6 +33,12 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
     or not; the RPO is the age of the oldest of them (at most)."""
     if watch:
         return watch_status(ctx, name, json_, interval)
+    _show(ctx, name, json_)
+
+
+def _show(ctx: typer.Context, name: str | None, json_: bool,
+          tail: BeatTail | None = None) -> None:
+    """One frame of ``x2x status``; ``tail``: the heartbeats as a watch follows them."""
     s = settings(ctx)
     try:
         pairs = control.pairs(s)
@@ -41,7 +47,8 @@ def status(ctx: typer.Context, name: str = typer.Argument(None, help="Only this 
         raise
     if name:
         pairs = {name: control.get_pair(s, name)}
-    beats = latest(read_beats(s, {n: p.spec for n, p in pairs.items()}))
+    specs = {n: p.spec for n, p in pairs.items()}
+    beats = tail.latest(specs) if tail else latest(read_beats(s, specs))
     now = now_ms()
     rows = [pair_status(p, beats, now) for p in sorted(pairs)]
     links = {p: link_state(newest(beats.values(), p, "capturer"), now) for p in pairs}
@@ -259,8 +266,9 @@ def link_cell(link: LinkState) -> str:
 def watch_status(ctx: typer.Context, name: str | None, json_: bool, interval: float) -> None:
     """``x2x status --watch``: show what one-shot ``x2x status`` prints, every ``interval``.
 
-    The frame is rendered by :func:`status` itself, so any column it shows appears here
-    too. On a terminal: a rich Live display redrawn in place. Off a terminal (a pipe,
+    The frame is rendered by :func:`_show`, as one-shot status renders it, so any column
+    it shows appears here too; the heartbeats are followed by one consumer (BeatTail).
+    On a terminal: a rich Live display redrawn in place. Off a terminal (a pipe,
     journald, CI) or with ``--json``: the plain output appended once per interval, each
     frame after a time-stamp line (JSON: one document per interval, a stream ``jq``
     reads), because cursor movement would garble a log. A broker or pair that cannot be
@@ -269,31 +277,40 @@ def watch_status(ctx: typer.Context, name: str | None, json_: bool, interval: fl
     """
     if not interval > 0:
         raise BadInput(f"--interval must be a positive number of seconds, got {interval}")
-    try:
-        if json_ or not console.is_terminal:
-            while True:
-                if not json_:
-                    console.print(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}", highlight=False)
-                _frame(ctx, name, json_, interval)
-                sys.stdout.flush()
-                time.sleep(interval)
-        # Live draws on its own console: the shared one is busy capturing each frame.
-        with Live(console=Console(), auto_refresh=False, transient=False) as live:
-            while True:
-                with console.capture() as frame:
-                    _frame(ctx, name, False, interval)
-                live.update(Group(
-                    Text(f"x2x status at {time.strftime('%H:%M:%S')}, every {interval:g} s; "
-                         f"Ctrl-C to stop", style="dim"),
-                    Text.from_ansi(frame.get())), refresh=True)
-                time.sleep(interval)
-    except KeyboardInterrupt:
-        pass
+    # One consumer follows the heartbeats for the whole watch, rather than one reading
+    # the status topic from its start at every frame.
+    with BeatTail(settings(ctx)) as tail:
+        try:
+            _watch(ctx, name, json_, interval, tail)
+        except KeyboardInterrupt:
+            pass
 
 
-def _frame(ctx: typer.Context, name: str | None, json_: bool, interval: float) -> None:
+def _watch(ctx: typer.Context, name: str | None, json_: bool, interval: float,
+           tail: BeatTail) -> None:
+    if json_ or not console.is_terminal:
+        while True:
+            if not json_:
+                console.print(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}", highlight=False)
+            _frame(ctx, name, json_, interval, tail)
+            sys.stdout.flush()
+            time.sleep(interval)
+    # Live draws on its own console: the shared one is busy capturing each frame.
+    with Live(console=Console(), auto_refresh=False, transient=False) as live:
+        while True:
+            with console.capture() as frame:
+                _frame(ctx, name, False, interval, tail)
+            live.update(Group(
+                Text(f"x2x status at {time.strftime('%H:%M:%S')}, every {interval:g} s; "
+                     f"Ctrl-C to stop", style="dim"),
+                Text.from_ansi(frame.get())), refresh=True)
+            time.sleep(interval)
+
+
+def _frame(ctx: typer.Context, name: str | None, json_: bool, interval: float,
+           tail: BeatTail) -> None:
     try:
-        status(ctx, name, json_, False, interval)
+        _show(ctx, name, json_, tail)
     except X2XError as e:
         if json_:
             print_json({"error": str(e)})

@@ -1,0 +1,98 @@
+"""``infra.heartbeat.BeatTail``: the status topic followed by one consumer (``x2x status
+--watch``, the benchmarks' RPO sampling) gives what reading it from the start gives,
+keeps up as beats arrive, and skips what a one-shot read skips. Real broker."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+from confluent_kafka import Producer
+
+from infra.heartbeat import BeatTail, beat_key, read_beats
+from infra.kafka import KafkaSettings
+from infra.net import free_port
+from infra.topics import STATUS_TOPIC, ensure_base_topics
+from journal.clock import now_ms
+from journal.errors import BrokerError
+from journal.status import Beat, latest, newest
+from schemas import codec
+from tests.integration.test_control_auth import _keyed_pair
+
+
+def _produce(settings, values: list[tuple[str, bytes]]) -> None:
+    # As every x2x command does first (on a topic the broker auto-created for the
+    # producer instead, a consumer here read nothing within 15 s).
+    ensure_base_topics(settings.check_reachable())
+    p = Producer(settings.side_producer())      # as heartbeats are published
+    for key, value in values:
+        p.produce(STATUS_TOPIC, value, key=key)
+    assert p.flush(30) == 0
+
+
+def _beat(pair: str, seq: int, host: str = "here") -> tuple[str, bytes]:
+    b = Beat(pair, "capturer", "/dev/src", host, 1, now_ms(), "capturing", 1, seq, 0,
+             now_ms())
+    return beat_key(pair, "capturer", "/dev/src"), codec.encode(codec.HEARTBEAT, asdict(b))
+
+
+def _until(tail: BeatTail, check, seconds: float = 10.0, **kw) -> dict:
+    """``tail.latest(**kw)`` once ``check`` holds for it (beats arrive asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        beats = tail.latest(**kw)
+        if check(beats) or time.monotonic() > deadline:
+            return beats
+        time.sleep(0.05)
+
+
+def test_a_tail_keeps_up_with_new_beats_as_a_fresh_read_sees_them(settings, pair_name):
+    _produce(settings, [_beat(pair_name, 1)])
+    with BeatTail(settings) as tail:
+        first = tail.latest()
+        assert newest(first.values(), pair_name, "capturer").seq == 1
+        # Damaged and foreign records are skipped, as a one-shot read skips them.
+        _produce(settings, [("junk", b"\x00not a beat"), _beat(pair_name, 2),
+                            _beat(pair_name, 3)])
+        beats = _until(tail, lambda b: newest(b.values(), pair_name, "capturer").seq == 3)
+        assert newest(beats.values(), pair_name, "capturer").seq == 3
+        fresh = latest(read_beats(settings))
+        assert beats[(pair_name, "capturer", "/dev/src")] == \
+            fresh[(pair_name, "capturer", "/dev/src")]
+        # Nothing new: the same answer, at once.
+        t0 = time.monotonic()
+        assert tail.latest() == beats or newest(tail.latest().values(), pair_name,
+                                                "capturer").seq == 3
+        assert time.monotonic() - t0 < 1.0
+
+
+def test_a_tail_skips_a_forged_beat_of_a_keyed_pair(settings, pair_name, tmp_path):
+    st = _keyed_pair(settings, pair_name, tmp_path)
+    specs = {pair_name: st.spec}
+    with BeatTail(settings) as tail:
+        genuine = newest(tail.latest(specs, strict=True).values(), pair_name, "capturer",
+                         st.spec.source)
+        assert genuine is not None and genuine.seq > 0
+        forged = Beat(pair_name, "capturer", st.spec.source, "evil", 1, now_ms(),
+                      "capturing", genuine.epoch, genuine.seq + 10**6, 0, now_ms())
+        key = beat_key(pair_name, "capturer", st.spec.source)
+        _produce(settings, [(key, codec.encode(codec.HEARTBEAT, asdict(forged))),
+                            _beat("another-" + pair_name, 7)])
+        # The unkeyed beat produced after the forged one shows the tail has read past it.
+        beats = _until(tail, lambda b: newest(b.values(), "another-" + pair_name,
+                                              "capturer") is not None, specs=specs,
+                       strict=True)
+        seen = newest(beats.values(), pair_name, "capturer", st.spec.source)
+        assert seen == genuine and seen.host != "evil"
+
+
+def test_a_tail_of_an_unreachable_broker_says_so(tmp_path):
+    s = KafkaSettings.resolve(f"127.0.0.1:{free_port()}")
+    with BeatTail(s, timeout=1.0) as tail:
+        t0 = time.monotonic()
+        try:
+            tail.latest()
+        except BrokerError as e:
+            assert STATUS_TOPIC in str(e) and "is the broker up" in str(e)
+        else:
+            raise AssertionError("no error from a tail of a broker that is not there")
+        assert time.monotonic() - t0 < 10
