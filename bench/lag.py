@@ -5,10 +5,10 @@ a following applier running as the CLI runs them (``x2x capture``, ``x2x apply``
 Capturer: the NBD capturer (``x2x capture NAME --nbd``, written through ``nbdfuse``, an
 fdatasync — NBD FLUSH, a consistency point — every 0.5 s) when it, nbdfuse and root are
 available; otherwise the scan capturer (``--interval 1``, writes straight to the source
-image). RPO and lag in ops are sampled every 0.5 s from heartbeats
-(``infra.heartbeat.BeatTail`` + ``journal.status``), as ``x2x status --watch`` computes them;
-a capturer beats every 0.5 s and an applier within 0.25 s of its checkpoint moving,
-which bounds the resolution of the samples.
+image). RPO and lag in ops are sampled every 0.5 s from heartbeats followed by one
+consumer (``infra.heartbeat.BeatTail`` + ``journal.status``), as ``x2x status --watch``
+computes them; a capturer beats every 0.5 s and an applier within 0.25 s of its
+checkpoint moving, which bounds the resolution of the samples.
 
 Peer: the interval between consistency points, the floor an asynchronous replica's RPO
 cannot go below; the lag-in-ops peer is the ops journaled per such interval. Beside the
