@@ -58,11 +58,9 @@ def test_a_tail_keeps_up_with_new_beats_as_a_fresh_read_sees_them(settings, pair
         fresh = latest(read_beats(settings))
         assert beats[(pair_name, "capturer", "/dev/src")] == \
             fresh[(pair_name, "capturer", "/dev/src")]
-        # Nothing new: the same answer, at once.
-        t0 = time.monotonic()
-        assert tail.latest() == beats or newest(tail.latest().values(), pair_name,
-                                                "capturer").seq == 3
-        assert time.monotonic() - t0 < 1.0
+        # Nothing new of this pair: the same beat again (other tests' beats may come).
+        assert newest(tail.latest().values(), pair_name, "capturer") == \
+            beats[(pair_name, "capturer", "/dev/src")]
 
 
 def test_a_tail_skips_a_forged_beat_of_a_keyed_pair(settings, pair_name, tmp_path):
