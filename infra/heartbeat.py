@@ -14,18 +14,18 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Mapping
 
-from confluent_kafka import (Consumer, KafkaError, KafkaException, Message, Producer,
+from confluent_kafka import (Consumer, KafkaException, Message, Producer,
                              TopicPartition)
 
 from infra.files import read_json, write_json
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir, x2x_home
-from infra.reader import next_batch, read_to_end
+from infra.reader import read_to_end, read_up_to_end
 from infra.topics import STATUS_TOPIC
 from infra import keys
 from journal.pairs import PairSpec
 from journal.status import Beat, latest
-from journal.errors import BrokerError, X2XError
+from journal.errors import X2XError
 from journal.clock import now_ms
 from schemas import codec
 from schemas.cipher import JournalKey
@@ -129,7 +129,7 @@ class BeatTail:
         self._consumer = Consumer(settings.follower())
         self._consumer.assign([TopicPartition(STATUS_TOPIC, 0, 0)])
         self._newest: dict[tuple[str, str, str], Beat] = {}
-        self._at_end = False
+        self._pending = {STATUS_TOPIC}        # until the first read reaches its end
 
     def latest(self, specs: Mapping[str, PairSpec] | None = None,
                strict: bool = False) -> dict[tuple[str, str, str], Beat]:
@@ -137,27 +137,11 @@ class BeatTail:
         gives it; the first call reads up to the topic's end (BrokerError after
         ``timeout`` seconds without an answer), later ones take only what has arrived.
         ``specs`` and ``strict`` judge the records this call reads (see read_beats)."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            batch = next_batch(self._consumer, 1000, 0 if self._at_end else 0.05)
-            beats = []
-            for msg in batch:
-                err = msg.error()
-                if err is None:
-                    beats.append(_beat_of(msg, specs, strict))
-                elif err.code() == KafkaError._PARTITION_EOF:
-                    self._at_end = True
-                elif err.fatal():
-                    raise BrokerError(f"reading {STATUS_TOPIC}: {err.str()}")
-            self._newest = latest([*self._newest.values(), *filter(None, beats)])
-            if self._at_end and not batch:
-                return dict(self._newest)
-            if batch:
-                deadline = time.monotonic() + self.timeout
-            elif time.monotonic() > deadline:
-                raise BrokerError(f"no answer from Kafka at {self.settings.bootstrap} while "
-                                  f"reading {STATUS_TOPIC} for {self.timeout:.0f} s; is the "
-                                  f"broker up?")
+        beats = [_beat_of(msg, specs, strict) for _topic, msg in read_up_to_end(
+            self._consumer, self._pending, self.settings.bootstrap, self.timeout,
+            patient=True)]
+        self._newest = latest([*self._newest.values(), *filter(None, beats)])
+        return dict(self._newest)
 
     def close(self) -> None:
         self._consumer.close()

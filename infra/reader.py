@@ -45,27 +45,40 @@ def read_many(settings: KafkaSettings, starts: dict[str, int],
     consumer = Consumer(settings.consumer(**{"fetch.wait.max.ms": 10}))
     try:
         consumer.assign([TopicPartition(t, 0, o) for t, o in starts.items()])
-        pending = set(starts)
-        deadline = time.monotonic() + timeout
-        while pending:
-            batch = next_batch(consumer, 1000, 0.05)
-            for msg in batch:
-                err = msg.error()
-                if err is None:
-                    yield msg.topic(), msg
-                elif err.code() == KafkaError._PARTITION_EOF:
-                    pending.discard(msg.topic())
-                elif err.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-                    raise BrokerError(f"reading {msg.topic() or ', '.join(pending)} from "
-                                      f"{settings.bootstrap}: {err.str()}")
-            if batch:
-                deadline = time.monotonic() + timeout
-            elif time.monotonic() > deadline:
-                raise BrokerError(f"no answer from Kafka at {settings.bootstrap} while reading "
-                                  f"{', '.join(sorted(pending))} for {timeout:.0f} s; is the "
-                                  f"broker up?")
+        yield from read_up_to_end(consumer, set(starts), settings.bootstrap, timeout)
     finally:
         consumer.close()
+
+
+def read_up_to_end(consumer: Consumer, pending: set[str], bootstrap: str, timeout: float,
+                   patient: bool = False) -> Iterator[tuple[str, Message]]:
+    """Yield ``(topic, record)`` from ``consumer`` (which stays the caller's) until every
+    topic in ``pending`` has reported its end, then whatever is already fetched; topics
+    leave ``pending`` as they report, so a consumer that keeps following a topic passes
+    the same set again and later calls take only what has arrived. BrokerError after
+    ``timeout`` seconds without an answer, and at once on a broker error unless
+    ``patient`` (a follower waits out an outage; only a fatal error ends it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = next_batch(consumer, 1000, 0.05 if pending else 0)
+        for msg in batch:
+            err = msg.error()
+            if err is None:
+                yield msg.topic(), msg
+            elif err.code() == KafkaError._PARTITION_EOF:
+                pending.discard(msg.topic())
+            elif err.code() != KafkaError.UNKNOWN_TOPIC_OR_PART and (
+                    err.fatal() or not patient):
+                raise BrokerError(f"reading {msg.topic() or ', '.join(pending)} from "
+                                  f"{bootstrap}: {err.str()}")
+        if batch:
+            deadline = time.monotonic() + timeout
+        elif not pending:
+            return
+        elif time.monotonic() > deadline:
+            raise BrokerError(f"no answer from Kafka at {bootstrap} while reading "
+                              f"{', '.join(sorted(pending))} for {timeout:.0f} s; is the "
+                              f"broker up?")
 
 
 def check_record(consumer: Consumer, topic: str, offset: int, digest: bytes,
