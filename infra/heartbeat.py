@@ -21,6 +21,7 @@ from infra.files import read_json, write_json
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir, x2x_home
 from infra.reader import read_to_end, read_up_to_end
+from infra.retention import offsets_of
 from infra.topics import STATUS_TOPIC
 from infra import keys
 from journal.pairs import PairSpec
@@ -116,11 +117,11 @@ def read_beats(settings: KafkaSettings, specs: Mapping[str, PairSpec] | None = N
 
 class BeatTail:
     """The status topic followed by one consumer, for a reader that asks again and again
-    (``x2x status --watch``, the benchmarks' RPO sampling): :meth:`latest` brings the
-    newest beat of each service up to date with what arrived since it was last asked.
-    Reading the topic from its start at every refresh cost a connection, a metadata
-    round and fetches each time: sampled twice a second under pgbench, 0.9 s of the
-    broker's 3.3 s of CPU and a few % of the database's tps on a shared machine."""
+    (``x2x status --watch``, the benchmarks' RPO sampling, a watcher): :meth:`latest`
+    brings the newest beat of each service up to date with what arrived since it was
+    last asked. Reading the topic from its start at every refresh cost a connection, a
+    metadata round and fetches each time: sampled twice a second under pgbench, 0.9 s of
+    the broker's 3.3 s of CPU and a few % of the database's tps on a shared machine."""
 
     def __init__(self, settings: KafkaSettings, timeout: float = 15.0) -> None:
         self.settings, self.timeout = settings, timeout
@@ -128,23 +129,42 @@ class BeatTail:
         # second, and Kafka answers the moment a beat arrives.
         self._consumer = Consumer(settings.follower())
         self._consumer.assign([TopicPartition(STATUS_TOPIC, 0, 0)])
+        # The topic's end is asked on a client that fetches nothing: behind the
+        # follower's fetch on its connection, the broker would hold the question for
+        # the fetch's whole wait.
+        self._asker = Consumer(settings.consumer())
         self._newest: dict[tuple[str, str, str], Beat] = {}
-        self._pending = {STATUS_TOPIC}        # until the first read reaches its end
+        self._pending: set[str] = set()
+        self._next: int | None = None         # the offset after the last record read
 
-    def latest(self, specs: Mapping[str, PairSpec] | None = None,
-               strict: bool = False) -> dict[tuple[str, str, str], Beat]:
+    def latest(self, specs: Mapping[str, PairSpec] | None = None, strict: bool = False,
+               fresh: bool = False) -> dict[tuple[str, str, str], Beat]:
         """The newest beat per (pair, role, instance), as ``latest(read_beats(...))``
-        gives it; the first call reads up to the topic's end (BrokerError after
-        ``timeout`` seconds without an answer), later ones take only what has arrived.
-        ``specs`` and ``strict`` judge the records this call reads (see read_beats)."""
-        beats = [_beat_of(msg, specs, strict) for _topic, msg in read_up_to_end(
-            self._consumer, self._pending, self.settings.bootstrap, self.timeout,
-            patient=True)]
+        gives it; the first call reads up to the topic's end, later ones take only what
+        has arrived. ``specs`` and ``strict`` judge the records this call reads (see
+        read_beats). With ``fresh`` every call reads up to the end, asked of the broker
+        now: a reader that acts on the absence of beats then knows the answer is
+        current, or gets BrokerError rather than what the tail held. BrokerError after
+        ``timeout`` seconds without an answer."""
+        until: dict[str, int] = {}
+        if fresh or self._next is None:
+            end = offsets_of(self._asker, STATUS_TOPIC, self.timeout)[1]
+            if end > (self._next or 0):
+                self._pending.add(STATUS_TOPIC)
+                until[STATUS_TOPIC] = end
+            self._next = self._next or 0
+        beats = []
+        for _topic, msg in read_up_to_end(self._consumer, self._pending,
+                                          self.settings.bootstrap, self.timeout,
+                                          patient=True, until=until):
+            self._next = msg.offset() + 1
+            beats.append(_beat_of(msg, specs, strict))
         self._newest = latest([*self._newest.values(), *filter(None, beats)])
         return dict(self._newest)
 
     def close(self) -> None:
         self._consumer.close()
+        self._asker.close()
 
     def __enter__(self) -> "BeatTail":
         return self

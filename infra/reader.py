@@ -1,12 +1,13 @@
 """Reading small topics (control, status) up to their end.
 
 The end is taken from the fetch's partition-EOF event rather than ListOffsets, which
-some Kafka-compatible brokers answer wrongly.
+some Kafka-compatible brokers answer wrongly; a follower that waits long at the end of
+a busy topic never sees that event and passes the end it asked (read_up_to_end).
 """
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
@@ -51,13 +52,18 @@ def read_many(settings: KafkaSettings, starts: dict[str, int],
 
 
 def read_up_to_end(consumer: Consumer, pending: set[str], bootstrap: str, timeout: float,
-                   patient: bool = False) -> Iterator[tuple[str, Message]]:
+                   patient: bool = False, until: Mapping[str, int] | None = None
+                   ) -> Iterator[tuple[str, Message]]:
     """Yield ``(topic, record)`` from ``consumer`` (which stays the caller's) until every
     topic in ``pending`` has reported its end, then whatever is already fetched; topics
     leave ``pending`` as they report, so a consumer that keeps following a topic passes
-    the same set again and later calls take only what has arrived. BrokerError after
+    the same set again and later calls take only what has arrived. A topic in ``until``
+    also leaves once read up to that offset, its end as the caller asked it of the
+    broker: a fetch at the end of a topic written more often than the fetch waits is
+    answered by the next record, so that topic never reports its end. BrokerError after
     ``timeout`` seconds without an answer, and at once on a broker error unless
     ``patient`` (a follower waits out an outage; only a fatal error ends it)."""
+    until = until or {}
     deadline = time.monotonic() + timeout
     while True:
         batch = next_batch(consumer, 1000, 0.05 if pending else 0)
@@ -65,6 +71,8 @@ def read_up_to_end(consumer: Consumer, pending: set[str], bootstrap: str, timeou
             err = msg.error()
             if err is None:
                 yield msg.topic(), msg
+                if msg.offset() + 1 >= until.get(msg.topic(), 1 << 63):
+                    pending.discard(msg.topic())
             elif err.code() == KafkaError._PARTITION_EOF:
                 pending.discard(msg.topic())
             elif err.code() != KafkaError.UNKNOWN_TOPIC_OR_PART and (

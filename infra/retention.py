@@ -29,7 +29,9 @@ def offsets_of(consumer: Consumer, topic: str, timeout: float = 10.0) -> tuple[i
                                                   timeout=max(1.0, timeout / 5), cached=False)
         except KafkaException as e:
             if time.monotonic() > deadline:
-                raise BrokerError(f"cannot read the offsets of {topic}: {e}") from None
+                why = e.args[0].str() if e.args and isinstance(e.args[0], KafkaError) else e
+                raise BrokerError(f"no answer from Kafka about the end of {topic} within "
+                                  f"{timeout:.0f} s ({why}); is the broker up?") from None
             time.sleep(0.2)
 
 

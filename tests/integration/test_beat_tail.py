@@ -3,6 +3,7 @@
 keeps up as beats arrive, and skips what a one-shot read skips. Real broker."""
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict
 
@@ -20,8 +21,7 @@ from tests.integration.test_control_auth import _keyed_pair
 
 
 def _produce(settings, values: list[tuple[str, bytes]]) -> None:
-    # As every x2x command does first (on a topic the broker auto-created for the
-    # producer instead, a consumer here read nothing within 15 s).
+    # As every x2x command does first: the broker creates no topic on its own.
     ensure_base_topics(settings.check_reachable())
     p = Producer(settings.side_producer())      # as heartbeats are published
     for key, value in values:
@@ -61,6 +61,43 @@ def test_a_tail_keeps_up_with_new_beats_as_a_fresh_read_sees_them(settings, pair
         # Nothing new of this pair: the same beat again (other tests' beats may come).
         assert newest(tail.latest().values(), pair_name, "capturer") == \
             beats[(pair_name, "capturer", "/dev/src")]
+
+
+def test_a_tail_catches_up_on_a_topic_written_faster_than_its_fetch_waits(settings,
+                                                                          pair_name):
+    """Beats every 50 ms, more often than the tail's fetch waits at the end: a fetch
+    at the topic's end is answered by the next beat, so the topic never reports its
+    end; the first answer still comes, up to the end the broker gave when asked, and
+    holds the beats written before it."""
+    _produce(settings, [_beat(pair_name, 1)])
+    stop = threading.Event()
+
+    def beating() -> None:
+        p = Producer(settings.side_producer())
+        seq = 2
+        while not stop.wait(0.05):
+            key, value = _beat(pair_name, seq)
+            p.produce(STATUS_TOPIC, value, key=key)
+            p.flush(10)
+            seq += 1
+
+    writer = threading.Thread(target=beating, daemon=True)
+    writer.start()
+    answers: list[dict] = []
+    try:
+        time.sleep(1)
+        tail = BeatTail(settings, timeout=10)
+        reader = threading.Thread(target=lambda: answers.append(tail.latest()),
+                                  daemon=True)
+        reader.start()
+        reader.join(30)
+        # Not closed if stuck: closing a consumer another thread reads would hang too.
+        assert answers, "the tail's first answer never came"
+        tail.close()
+        assert newest(answers[0].values(), pair_name, "capturer").seq >= 2
+    finally:
+        stop.set()
+        writer.join(10)
 
 
 def test_a_tail_skips_a_forged_beat_of_a_keyed_pair(settings, pair_name, tmp_path):
