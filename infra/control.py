@@ -10,11 +10,13 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
-from confluent_kafka import Message, Producer
+from typing import Iterable
+
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 from infra import control_cache, keys
 from infra.kafka import KafkaSettings
-from infra.reader import read_many
+from infra.reader import read_many, read_up_to_end
 from infra.topics import CONTROL_TOPICS, control_topic, ensure_base_topics
 from journal.errors import BadInput, BrokerError, PairNotFound, X2XError
 from journal.events import (AutoFailoverSet, Created, Deleted, Event, GroupSet, HistorySet,
@@ -151,9 +153,16 @@ def _read(settings: KafkaSettings, starts: dict[str, int]
           ) -> tuple[list[Read], dict[str, int]]:
     """Accepted events from ``starts`` on, in fold order, each with its record and where it
     is, and every topic's next offset."""
+    return _in_fold_order(read_many(settings, starts), starts)
+
+
+def _in_fold_order(records: Iterable[tuple[str, Message]], starts: dict[str, int]
+                   ) -> tuple[list[Read], dict[str, int]]:
+    """The accepted events of ``records`` (read from ``starts`` on) in fold order, and
+    every topic's next offset."""
     per_topic: dict[str, list[Read]] = {t: [] for t in starts}
     nxt = dict(starts)
-    for topic, msg in read_many(settings, starts):
+    for topic, msg in records:
         nxt[topic] = msg.offset() + 1
         ev = accepted(msg)
         if ev is not None:
@@ -165,6 +174,12 @@ def _read(settings: KafkaSettings, starts: dict[str, int]
 def pairs(settings: KafkaSettings) -> dict[str, PairState]:
     """Every current pair, folded from the control topics: from this host's cached fold
     on, reading only the events published since (infra/control_cache.py)."""
+    return folded(settings).pairs
+
+
+def folded(settings: KafkaSettings) -> control_cache.Folded:
+    """The fold :func:`pairs` gives, with the offsets it reaches (its identity is empty
+    where the broker tells no topic ids: then nothing is cached)."""
     admin = settings.check_reachable()
     ensure_base_topics(admin)
     ident = control_cache.identity(admin, admin.list_topics(timeout=10).cluster_id,
@@ -175,29 +190,82 @@ def pairs(settings: KafkaSettings) -> dict[str, PairState]:
         cached = None
     if cached is not None:
         new, offsets = _read(settings, cached.offsets)
-        if all(k >= cached.last_key for k, _ in new):
+        later = _folded_on(cached, new, offsets)
+        if later is not None:
             if new:
-                folded, unchecked = fold_trusted([e for _, e in new], cached.pairs)
-                control_cache.save(settings.bootstrap, control_cache.Folded(
-                    ident, offsets, new[-1][0], folded, cached.unchecked | unchecked))
-                return folded
-            return cached.pairs
+                control_cache.save(settings.bootstrap, later)
+            return later
         log.info("a control event older than the cached fold arrived: folding again")
     every, offsets = _read(settings, {t: 0 for t in CONTROL_TOPICS})
-    folded, unchecked = fold_trusted([e for _, e in every])
+    states, unchecked = fold_trusted([e for _, e in every])
+    fold_all = control_cache.Folded(ident or "", offsets, every[-1][0] if every else (0, 0),
+                                    states, frozenset(unchecked))
     if ident:
-        control_cache.save(settings.bootstrap, control_cache.Folded(
-            ident, offsets, every[-1][0] if every else (0, 0), folded, frozenset(unchecked)))
-    return folded
+        control_cache.save(settings.bootstrap, fold_all)
+    return fold_all
 
 
-def get_pair(settings: KafkaSettings, name: str) -> PairState:
-    found = pairs(settings)
+def _folded_on(base: control_cache.Folded, new: list[Read], offsets: dict[str, int]
+               ) -> control_cache.Folded | None:
+    """``base`` with ``new`` folded on, or None if one of them is older than the newest
+    event in ``base`` (then only a fold from the start gives the same pairs)."""
+    if any(k < base.last_key for k, _ in new):
+        return None
+    if not new:
+        return base
+    states, unchecked = fold_trusted([e for _, e in new], base.pairs)
+    return control_cache.Folded(base.identity, offsets, new[-1][0], states,
+                                base.unchecked | frozenset(unchecked))
+
+
+def _pick(found: dict[str, PairState], name: str) -> PairState:
     if name not in found:
         known = ", ".join(sorted(found)) or "none"
         raise PairNotFound(f"no pair named {name!r} (known pairs: {known}); "
                            f"create it with 'x2x pair create {name} --source ... --target ...'")
     return found[name]
+
+
+def get_pair(settings: KafkaSettings, name: str) -> PairState:
+    return _pick(pairs(settings), name)
+
+
+class PairsTail:
+    """The pairs' state for a service that asks again and again (a watcher, twice a
+    second): :func:`folded` once, then brought up to date from one follower consumer,
+    instead of an admin client, a topic description and a new consumer at every call.
+    Between two calls it may lag the topics by the follower's fetch; a caller that must
+    know the broker answers now checks that itself (consumers/watch.py does)."""
+
+    def __init__(self, settings: KafkaSettings, timeout: float = 15.0) -> None:
+        self.settings, self.timeout = settings, timeout
+        self._consumer = Consumer(settings.follower())
+        self._fold: control_cache.Folded | None = None
+
+    def get(self, name: str) -> PairState:
+        """The pair ``name`` now (PairNotFound as :func:`get_pair`)."""
+        return _pick(self.pairs(), name)
+
+    def pairs(self) -> dict[str, PairState]:
+        if self._fold is None or _checkable_now(self._fold):
+            self._fold = folded(self.settings)
+            # Current as read by folded(); from there on each call takes what arrived.
+            self._consumer.assign([TopicPartition(t, 0, self._fold.offsets.get(t, 0))
+                                   for t in CONTROL_TOPICS])
+        starts = {t: self._fold.offsets.get(t, 0) for t in CONTROL_TOPICS}
+        new, offsets = _in_fold_order(read_up_to_end(
+            self._consumer, set(), self.settings.bootstrap, self.timeout, patient=True),
+            starts)
+        later = _folded_on(self._fold, new, offsets)
+        if later is None:
+            log.info("a control event older than the folded ones arrived: folding again")
+            self._fold = None
+            return self.pairs()
+        self._fold = later
+        return later.pairs
+
+    def close(self) -> None:
+        self._consumer.close()
 
 
 def create_pair(settings: KafkaSettings, spec: PairSpec,

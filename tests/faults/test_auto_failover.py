@@ -12,6 +12,7 @@ import contextlib
 import json
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -272,6 +273,101 @@ def test_a_blip_shorter_than_the_lease_fences_nothing(settings, pair_name, tmp_p
         assert "fenced" not in cap.stderr()
     run_x2x("apply", pair_name, "--until-caught-up")
     check_target(Path(spec.target), writer)
+
+
+def test_a_watcher_cut_off_from_the_broker_is_blind_and_promotes_nothing(
+        settings, pair_name, tmp_path, net):
+    """The watcher, not the source, loses the broker, for longer than the failover delay,
+    while the source is idle (heartbeats only, no journal progress). The watcher keeps
+    its reads of the broker open across polls: what they held before the cut must not
+    pass for the broker's silence. It is blind, says so and promotes nothing; back on
+    the network it sees the source alive and stays armed."""
+    spec = setup_pair(settings, pair_name, tmp_path)
+    port = free_port()
+    cap = Proc("capture", pair_name, "--nbd", f"127.0.0.1:{port}", "--mode", "flush-sync",
+               "--on-fence", f"echo $X2X_PAIR >> {tmp_path / 'fenced'}", banner="serving")
+    watcher = Proc("watch", pair_name, "--on-promote",
+                   f"echo $X2X_PAIR >> {tmp_path / 'promoted'}", banner="watching",
+                   prefix=net.prefix)
+    writer = Writer((), f"nbd://127.0.0.1:{port}/{pair_name}")
+    try:
+        watcher.wait_log("watcher armed", timeout=60)
+        time.sleep(2)
+        writer.stop()                   # an idle source from here on
+        net.cut()
+        watcher.wait_log("cannot read the broker", timeout=40)
+        time.sleep(8 + 4)               # past the failover delay, still cut off
+        net.heal()
+        healed = time.monotonic()
+        while "armed" not in _watcher_state(pair_name):
+            assert time.monotonic() - healed < 60, logs([watcher])
+            time.sleep(0.5)
+        time.sleep(8 + 2)               # a failover delay on the network again
+        assert watcher.proc.poll() is None, logs([watcher])
+        assert not lines(tmp_path / "promoted") and "promoting" not in watcher.stderr()
+        assert control.get_pair(settings, pair_name).state == "created"
+        nxt = max(writer.acked) + 1
+        assert writer.write(nxt), "the source no longer takes writes"
+        writer.acked[nxt] = time.monotonic()
+        assert not lines(tmp_path / "fenced")
+    finally:
+        writer.stop()
+        watcher.kill()
+        cap.kill()
+    run_x2x("apply", pair_name, "--until-caught-up")
+    check_target(Path(spec.target), writer)
+
+
+_TAIL = """
+import sys
+from infra.heartbeat import BeatTail
+from infra.kafka import KafkaSettings
+from journal.errors import BrokerError
+tail = BeatTail(KafkaSettings.resolve(), timeout=4)
+print(len(tail.latest(fresh=True)), flush=True)
+sys.stdin.readline()                                   # the link is cut now
+print(len(tail.latest()), flush=True)
+try:
+    tail.latest(fresh=True)
+    print("fresh: answered", flush=True)
+except BrokerError as e:
+    print(f"fresh: {e}", flush=True)
+"""
+
+
+def test_a_fresh_beat_tail_cut_off_from_the_broker_answers_nothing(settings, net):
+    """What the watcher's heartbeat reads rest on: cut off, a tail still answers from
+    what it holds, but asked for a fresh answer it raises BrokerError."""
+    from confluent_kafka import Producer
+    from infra.heartbeat import HeartbeatPublisher
+    from infra.topics import ensure_base_topics
+    ensure_base_topics(settings.check_reachable())
+    producer = Producer(settings.side_producer())
+    HeartbeatPublisher(producer, "tail-cut", "capturer", "x").beat("capturing", 1, 1, 0, 0)
+    assert producer.flush(10) == 0
+    proc = subprocess.Popen([*net.prefix, sys.executable, "-c", _TAIL],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        held = int(proc.stdout.readline())
+        assert held >= 1
+        net.cut()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert int(proc.stdout.readline()) == held
+        line = proc.stdout.readline()
+        assert line.startswith("fresh: no answer from Kafka about the end of x2x.status"), line
+        assert "is the broker up?" in line
+    finally:
+        net.heal()
+        proc.kill()
+        proc.wait(10)
+
+
+def _watcher_state(pair: str) -> str:
+    """The state the pair's watcher last announced in a heartbeat seen in the last 3 s."""
+    (row,) = json.loads(run_x2x("status", pair, "--json").stdout)
+    fresh = [w for w in row["auto_failover"]["watchers"] if w["seen_s_ago"] < 3]
+    return fresh[0]["state"] if fresh else ""
 
 
 def test_a_lease_too_long_for_the_failover_delay_is_refused(settings, pair_name, tmp_path):
