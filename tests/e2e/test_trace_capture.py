@@ -190,10 +190,15 @@ def test_trace_capture_of_mounted_ext4_reaches_an_identical_target(
         with tracer(pair_name, log, "--cut-interval", "1") as proc:
             w.start()
             time.sleep(6)
-            # Status shows it like the other capturers, with its freeze figures.
-            status = run_x2x("status", pair_name).stdout
-            assert "trace, freezing" in " ".join(status.split()), status
-            assert "freeze p50" in " ".join(status.split()), status
+            # Status shows it like the other capturers, with its freeze figures (its
+            # first beat comes after the baseline, which a slow disk makes longer).
+            deadline = time.monotonic() + 60
+            while True:
+                status = " ".join(run_x2x("status", pair_name).stdout.split())
+                if "trace, freezing" in status and "freeze p50" in status:
+                    break
+                assert time.monotonic() < deadline, status
+                time.sleep(1)
             stop.set()
             w.join()
             out = stop_frozen(proc, log, mnt)
@@ -299,8 +304,12 @@ def test_sigkill_during_a_freeze_leaves_the_filesystem_thawed(settings, pair_nam
     # Every freeze lasts 5 s (test hook), far below the watchdog's cap of 30 + 1 s.
     with traced_ext4(settings, pair_name, tmp_path, "--cut-interval", "1", "--freeze-cap",
                      "30", env={"X2X_TEST_FREEZE_HOLD": "5"}) as (proc, mnt, log):
-        time.sleep(1.0)         # the first cut (after the baseline) holds the freeze
-        assert not writable(mnt, 1.0), "the filesystem is not frozen during the cut"
+        # The first cut comes after the baseline, however long that takes, and holds
+        # the freeze: a write that does not finish within 1 s is stuck behind it.
+        deadline = time.monotonic() + 60
+        while writable(mnt, 1.0):
+            assert time.monotonic() < deadline, "the filesystem was never frozen for a cut"
+            time.sleep(0.1)
         proc.kill()
         proc.wait(10)
         assert writable(mnt, 5.0), "the filesystem stayed frozen after SIGKILL"

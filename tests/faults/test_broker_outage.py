@@ -24,7 +24,7 @@ from infra.heartbeat import read_beats
 from tests.conftest import noise_file, run_x2x
 from tests.faults.conftest import TALLY, MiB, OwnBroker, Proc, converged, need
 from tests.faults.test_process_kills import start_capturer
-from tests.integration.test_nbd_capture import make_pair, wait_beat
+from tests.integration.test_nbd_capture import baseline_journaled, make_pair, wait_beat
 
 STALL = {"X2X_JOURNAL_STALL": "2"}  # noqa
 
@@ -57,7 +57,7 @@ def test_async_outage_degrades_then_resends_exactly_the_marked_extents(own_broke
     spec = make_pair(s, name, tmp_path, size, seed=21, data_fraction=0.4)
     cap = start_capturer(name, env={**own_broker.env, **STALL}, verbose=True)
     try:
-        newest_capture_beat(s, name, lambda b: b.detail.get("baseline") == "done")
+        newest_capture_beat(s, name, baseline_journaled)
         own_broker.x2x("apply", name, "--until-caught-up")
         own_broker.freeze()
         t0 = time.monotonic()
@@ -101,7 +101,7 @@ def test_async_full_backlog_degrades_instead_of_making_clients_wait(own_broker: 
     env = {**own_broker.env, "X2X_JOURNAL_STALL": "300", "X2X_SPOOL_MAX": "2MiB"}
     cap = start_capturer(name, env=env, verbose=True)
     try:
-        newest_capture_beat(s, name, lambda b: b.detail.get("baseline") == "done")
+        newest_capture_beat(s, name, baseline_journaled)
         own_broker.x2x("apply", name, "--until-caught-up")
         own_broker.freeze()
         # 40 MiB while the broker takes nothing: past the 2 MiB spool and the 16 MiB in

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tests.conftest import free_port, noise_file, run_x2x
 from tests.faults.conftest import TALLY, MiB, Proc, converged, need
-from tests.integration.test_nbd_capture import make_pair, wait_beat
+from tests.integration.test_nbd_capture import baseline_journaled, make_pair, wait_beat
 
 
 def qemu_io_writes(uri: str, rng: random.Random, size: int, count: int,
@@ -58,7 +58,7 @@ def test_capturer_sigkill_mid_workload_resends_the_marked_extents(settings, pair
     epoch = 1
     resent: list[int] = []
     try:
-        wait_beat(settings, pair_name, lambda b: b.detail.get("baseline") == "done")
+        wait_beat(settings, pair_name, baseline_journaled)
         for round_ in range(3):
             if round_ == 1:
                 # A bulk writer: nbdcopy of random data over the first 24 MiB.

@@ -580,6 +580,13 @@ class Capturer:
             self.proc.wait(10)
 
 
+def baseline_journaled(beat) -> bool:
+    """The baseline is done and the broker holds all of it: "done" is announced once
+    its last records are queued, and the write-intent bitmap it set is cleared only
+    when the broker acknowledges them (a capturer killed in between resends it all)."""
+    return beat.detail.get("baseline") == "done" and beat.detail.get("dirty_bytes") == "0"
+
+
 def wait_beat(settings, name: str, cond, timeout: float = 60) -> dict[str, str]:
     """Wait until the newest capturer heartbeat of ``name`` satisfies ``cond(beat)``."""
     from infra.heartbeat import read_beats
