@@ -158,8 +158,8 @@ class _Evidence:
     signed heartbeat and the journal's end), both asked of the broker at every poll (a
     round trip each; BrokerError when it cannot answer: the watcher is then blind).
     Reading all three afresh opened four clients twice a second on every armed target:
-    2.2 CPU s of the broker's per 30 s for one idle pair here, against 1.0 s now (an
-    applier included)."""
+    one idle armed pair (its applier included) cost the broker 2.2 CPU s per 30 s here,
+    0.1-0.35 s now."""
 
     def __init__(self, settings: KafkaSettings, pair: str) -> None:
         self.pair = pair

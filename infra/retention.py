@@ -30,7 +30,7 @@ def offsets_of(consumer: Consumer, topic: str, timeout: float = 10.0) -> tuple[i
         except KafkaException as e:
             if time.monotonic() > deadline:
                 why = e.args[0].str() if e.args and isinstance(e.args[0], KafkaError) else e
-                raise BrokerError(f"no answer from Kafka about the end of {topic} within "
+                raise BrokerError(f"no answer from Kafka about the offsets of {topic} within "
                                   f"{timeout:.0f} s ({why}); is the broker up?") from None
             time.sleep(0.2)
 

@@ -355,7 +355,7 @@ def test_a_fresh_beat_tail_cut_off_from_the_broker_answers_nothing(settings, net
         proc.stdin.flush()
         assert int(proc.stdout.readline()) == held
         line = proc.stdout.readline()
-        assert line.startswith("fresh: no answer from Kafka about the end of x2x.status"), line
+        assert line.startswith("fresh: no answer from Kafka about the offsets of x2x.status"), line
         assert "is the broker up?" in line
     finally:
         net.heal()
