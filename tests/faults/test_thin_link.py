@@ -304,7 +304,10 @@ def test_a_scan_capture_obeys_the_pair_rate(settings, pair_name, tmp_path):
     took = time.monotonic() - t0
     print(f"\nscan: {out['bytes_sent'] / MiB:.1f} MiB in {out['seconds']:.1f} s "
           f"({out['bytes_sent'] / out['seconds'] * 8 / 1e6:.2f} Mbit/s), {took:.1f} s in all")
-    assert abs(out["bytes_sent"] / out["seconds"] - MAX_RATE_BPS) <= 0.15 * MAX_RATE_BPS
+    # At most the rate; below it only by the run's fixed costs (producer start, the
+    # drain, state saves, the baseline's control event), which ``seconds`` includes.
+    rate = out["bytes_sent"] / out["seconds"]
+    assert 0.6 * MAX_RATE_BPS <= rate <= 1.15 * MAX_RATE_BPS, rate
 
 
 def test_a_running_capturer_follows_a_rate_change_at_once(settings, pair_name, tmp_path):

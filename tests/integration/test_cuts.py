@@ -21,7 +21,7 @@ import pytest
 
 from consumers.applier import Applier
 from journal.pairs import PairSpec
-from producers.nbd_capture import NBDCapture
+from producers.nbd_capture import CUT_INTERVAL, NBDCapture
 from tests.conftest import run_x2x, same_bytes
 from tests.e2e.test_ext4_nbd import _requirements, fuse_file, quietly, sh
 from tests.integration.test_nbd_capture import live, make_pair, need, run, wait_baseline  # noqa: F401
@@ -168,8 +168,12 @@ def test_a_cut_clears_the_write_intent_bitmap_only_once_the_broker_has_it(
         time.sleep(0.1)
     cap.pub.max_inflight = -1                   # stands in for a broker that is full
     cuts = cap.backend.counters.cuts
+    # No cut between the last write and reading its seq (the tick cuts every 50 ms once
+    # the last point is a second old): cuts resume once the writes' seq is known.
+    cap.cut_interval = 0
     run("nbdcopy", str(random_file(tmp_path / "data.img", 8 * MiB)), cap.uri)
     written = cap.pub.appended_seq
+    cap.cut_interval = CUT_INTERVAL
     deadline = time.monotonic() + CONVERGE_S
     while cap.pub.cut_due(0) or cap.backend.counters.cuts == cuts:
         assert time.monotonic() < deadline, "the capturer never cut after the writes"
