@@ -299,7 +299,7 @@ def test_a_watcher_cut_off_from_the_broker_is_blind_and_promotes_nothing(
         time.sleep(8 + 4)               # past the failover delay, still cut off
         net.heal()
         healed = time.monotonic()
-        while "armed" not in _watcher_state(pair_name):
+        while _watcher_state(pair_name) != "armed":     # ("not-armed" is not)
             assert time.monotonic() - healed < 60, logs([watcher])
             time.sleep(0.5)
         time.sleep(8 + 2)               # a failover delay on the network again
@@ -355,7 +355,8 @@ def test_a_fresh_beat_tail_cut_off_from_the_broker_answers_nothing(settings, net
         proc.stdin.flush()
         assert int(proc.stdout.readline()) == held
         line = proc.stdout.readline()
-        assert line.startswith("fresh: no answer from Kafka about the offsets of x2x.status"), line
+        assert line.startswith("fresh: no answer from Kafka about the offsets of "
+                               "x2x.status"), line
         assert "is the broker up?" in line
     finally:
         net.heal()
