@@ -67,19 +67,22 @@ def read_up_to_end(consumer: Consumer, pending: set[str], bootstrap: str, timeou
     deadline = time.monotonic() + timeout
     while True:
         batch = next_batch(consumer, 1000, 0.05 if pending else 0)
+        answered = False          # a record or an end: errors the broker repeats are not
         for msg in batch:
             err = msg.error()
             if err is None:
+                answered = True
                 yield msg.topic(), msg
                 if msg.offset() + 1 >= until.get(msg.topic(), 1 << 63):
                     pending.discard(msg.topic())
             elif err.code() == KafkaError._PARTITION_EOF:
+                answered = True
                 pending.discard(msg.topic())
             elif err.code() != KafkaError.UNKNOWN_TOPIC_OR_PART and (
                     err.fatal() or not patient):
                 raise BrokerError(f"reading {msg.topic() or ', '.join(pending)} from "
                                   f"{bootstrap}: {err.str()}")
-        if batch:
+        if answered:
             deadline = time.monotonic() + timeout
         elif not pending:
             return
