@@ -21,8 +21,7 @@ from consumers.writer import BackgroundWrites, apply_entries, apply_op
 from infra import control, keys, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
-from infra.reader import check_record, next_batch
-from infra.retention import offsets_of
+from infra.reader import check_record, next_batch, offsets_of
 from infra.topics import ensure_base_topics, journal_topic
 from infra.volume import digest_of
 from infra.volumes import open_volume

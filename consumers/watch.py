@@ -23,7 +23,7 @@ from consumers.failover import Operation, force_failover
 from infra import control, hooks
 from infra.heartbeat import BeatTail, HeartbeatPublisher
 from infra.kafka import KafkaSettings
-from infra.retention import offsets_of
+from infra.reader import offsets_of
 from infra.topics import journal_topic
 from journal.errors import Busy, X2XError
 from journal.fencing import SourceWatch, Verdict

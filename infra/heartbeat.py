@@ -20,8 +20,7 @@ from confluent_kafka import (Consumer, KafkaException, Message, Producer,
 from infra.files import read_json, write_json
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir, x2x_home
-from infra.reader import read_to_end, read_up_to_end
-from infra.retention import offsets_of
+from infra.reader import offsets_of, read_to_end, read_up_to_end
 from infra.topics import STATUS_TOPIC
 from infra import keys
 from journal.pairs import PairSpec
@@ -134,8 +133,8 @@ class BeatTail:
         # the fetch's whole wait.
         self._asker = Consumer(settings.consumer())
         self._newest: dict[tuple[str, str, str], Beat] = {}
-        self._pending: set[str] = set()
-        self._next: int | None = None         # the offset after the last record read
+        self._next = 0                        # the offset after the last record read
+        self._caught_up = False               # once read up to an end asked
 
     def latest(self, specs: Mapping[str, PairSpec] | None = None, strict: bool = False,
                fresh: bool = False) -> dict[tuple[str, str, str], Beat]:
@@ -147,18 +146,17 @@ class BeatTail:
         current, or gets BrokerError rather than what the tail held. BrokerError after
         ``timeout`` seconds without an answer."""
         until: dict[str, int] = {}
-        if fresh or self._next is None:
+        if fresh or not self._caught_up:
             end = offsets_of(self._asker, STATUS_TOPIC, self.timeout)[1]
-            if end > (self._next or 0):
-                self._pending.add(STATUS_TOPIC)
+            if end > self._next:
                 until[STATUS_TOPIC] = end
-            self._next = self._next or 0
         beats = []
-        for _topic, msg in read_up_to_end(self._consumer, self._pending,
+        for _topic, msg in read_up_to_end(self._consumer, set(until),
                                           self.settings.bootstrap, self.timeout,
                                           patient=True, until=until):
             self._next = msg.offset() + 1
             beats.append(_beat_of(msg, specs, strict))
+        self._caught_up = True
         self._newest = latest([*self._newest.values(), *filter(None, beats)])
         return dict(self._newest)
 

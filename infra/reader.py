@@ -2,14 +2,15 @@
 
 The end is taken from the fetch's partition-EOF event rather than ListOffsets, which
 some Kafka-compatible brokers answer wrongly; a follower that waits long at the end of
-a busy topic never sees that event and passes the end it asked (read_up_to_end).
+a busy topic never sees that event and passes the end it asked (offsets_of,
+read_up_to_end).
 """
 from __future__ import annotations
 
 import time
 from typing import Iterator, Mapping
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from infra.kafka import KafkaSettings
 from journal.errors import BrokerError
@@ -90,6 +91,23 @@ def read_up_to_end(consumer: Consumer, pending: set[str], bootstrap: str, timeou
             raise BrokerError(f"no answer from Kafka at {bootstrap} while reading "
                               f"{', '.join(sorted(pending))} for {timeout:.0f} s; is the "
                               f"broker up?")
+
+
+def offsets_of(consumer: Consumer, topic: str, timeout: float = 10.0) -> tuple[int, int]:
+    """(first offset held, next offset to be written) of partition 0 of ``topic``. A new
+    consumer may not know the partition yet ("unknown partition"): asked again until
+    ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.get_watermark_offsets(TopicPartition(topic, 0),
+                                                  timeout=max(1.0, timeout / 5), cached=False)
+        except KafkaException as e:
+            if time.monotonic() > deadline:
+                why = e.args[0].str() if e.args and isinstance(e.args[0], KafkaError) else e
+                raise BrokerError(f"no answer from Kafka about the offsets of {topic} within "
+                                  f"{timeout:.0f} s ({why}); is the broker up?") from None
+            time.sleep(0.2)
 
 
 def check_record(consumer: Consumer, topic: str, offset: int, digest: bytes,

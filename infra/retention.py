@@ -12,27 +12,11 @@ from confluent_kafka.admin import (AlterConfigOpType, ConfigEntry, ConfigResourc
                                    ResourceType)
 
 from infra.kafka import KafkaSettings
+from infra.reader import offsets_of
 from infra.topics import journal_topic
 from journal.errors import BrokerError, X2XError
 from journal.history import Mark
 from schemas import codec
-
-
-def offsets_of(consumer: Consumer, topic: str, timeout: float = 10.0) -> tuple[int, int]:
-    """(first offset held, next offset to be written) of partition 0 of ``topic``. A new
-    consumer may not know the partition yet ("unknown partition"): asked again until
-    ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return consumer.get_watermark_offsets(TopicPartition(topic, 0),
-                                                  timeout=max(1.0, timeout / 5), cached=False)
-        except KafkaException as e:
-            if time.monotonic() > deadline:
-                why = e.args[0].str() if e.args and isinstance(e.args[0], KafkaError) else e
-                raise BrokerError(f"no answer from Kafka about the offsets of {topic} within "
-                                  f"{timeout:.0f} s ({why}); is the broker up?") from None
-            time.sleep(0.2)
 
 
 def watermarks(settings: KafkaSettings, pair: str, timeout: float = 10.0) -> tuple[int, int]:
