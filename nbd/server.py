@@ -101,10 +101,13 @@ class Backend(Protocol):
       left to do (async capture: journal the consistency point), which the server runs
       once the reply is sent; the reader serves such a FLUSH itself when nothing else of
       its connection is in flight.
-    - ``journals_later: bool`` with ``pwrite_then(offset, data, done)``: a WRITE without
-      FUA is done at once but its reply waits for something the backend reports itself
-      (sync capture: the broker's acknowledgement): the reader calls ``pwrite_then``,
-      and ``done(None)`` or ``done(OSError)`` replies, from whichever thread calls it.
+    - ``journals_later: bool`` with ``pwrite_then(offset, data, done, then)``: a WRITE
+      without FUA is done at once but its reply waits for something the backend reports
+      itself (sync capture: the broker's acknowledgement): the reader calls
+      ``pwrite_then``; ``done(None)`` or ``done(OSError)`` replies, from whichever
+      thread calls it, and the backend calls ``then()`` after the ``done`` calls it
+      makes together (a successful reply is held until then, so the replies of the
+      writes one acknowledgement completes go out in one send).
     """
 
     size: int
@@ -207,6 +210,15 @@ class _Conn:
             with self.send_lock:
                 if not self.closing:
                     self._send_held()
+
+    def send_completed(self) -> None:
+        """Send the replies of the writes a backend completed together (its ``then``); a
+        failed send ends the connection, as a failed reply does."""
+        try:
+            self.send_held()
+        except OSError:
+            self.closing = True
+            _shutdown_socket(self.sock)
 
     def _send_held(self) -> None:
         if self.held:
@@ -732,6 +744,8 @@ class NBDServer:
             if not conn.inflight.drain(DRAIN_TIMEOUT):
                 self.log.warning("NBD %s: %d requests still unanswered after %.0f s; closing",
                                  conn.info.peer, conn.inflight.requests, DRAIN_TIMEOUT)
+            # Completed writes may still be held for their backend's ``then``.
+            conn.send_completed()
         # A worker ended the connection (ESHUTDOWN sent, then FIN): let the client read
         # it before the socket closes, since closing with unread data would send RST.
         _close_gracefully(conn.sock)
@@ -853,7 +867,8 @@ class NBDServer:
                     return
                 with conn.count_lock:
                     conn.info.bytes_written += req.length
-                conn.reply(p.encode_simple_reply(p.Err.OK, req.cookie))
+                # Sent by the backend's ``then``, with the others it completes now.
+                conn.reply(p.encode_simple_reply(p.Err.OK, req.cookie), hold=True)
                 if self.on_request is not None:
                     self.on_request(conn.info.export or "", "write", time.monotonic() - t0)
             except OSError as e:
@@ -918,7 +933,8 @@ class NBDServer:
         try:
             if done is not None:
                 assert payload is not None
-                backend.pwrite_then(req.offset, memoryview(payload), done)  # type: ignore[attr-defined]
+                backend.pwrite_then(req.offset, memoryview(payload), done,  # type: ignore[attr-defined]
+                                    conn.send_completed)
                 return True
             if req.type == p.Cmd.FLUSH and getattr(backend, "quick_flush", False):
                 after, chunks = backend.flush_local(), None  # type: ignore[attr-defined]

@@ -383,12 +383,14 @@ class JournalingVolume:
         self._check_fence()     # a request that waited past the lease is not acknowledged
 
     def pwrite_then(self, offset: int, data: memoryview,
-                    done: Callable[[OSError | None], None]) -> None:
+                    done: Callable[[OSError | None], None],
+                    then: Callable[[], None] | None = None) -> None:
         """A sync-mode WRITE without FUA, with no thread waiting for the broker: the local
         write and its append now, then ``done(None)`` once the broker has it, or
         ``done(error)`` (EIO: the journal failed, or the capturer was fenced meanwhile),
-        from the publisher's poller thread (JournalPublisher.when_journaled). Raises what
-        :meth:`pwrite` would raise before the append."""
+        from the publisher's poller thread (JournalPublisher.when_journaled), and
+        ``then()`` once after the ``done`` calls made with it. Raises what :meth:`pwrite`
+        would raise before the append."""
         pub, seq = self._record(write_op(offset, data), False,
                                 lambda: self.vol.pwrite(offset, data))
 
@@ -402,7 +404,7 @@ class JournalingVolume:
                 done(e)
                 return
             done(None)
-        pub.when_journaled(seq, journaled)
+        pub.when_journaled(seq, journaled, then)
 
     def _record(self, op: Op, fua: bool,
                 local: Callable[[], None]) -> tuple[JournalPublisher, int]:

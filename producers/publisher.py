@@ -41,6 +41,9 @@ from schemas import codec
 from schemas.cipher import JournalKey
 
 log = logging.getLogger("x2x.publisher")
+#: A completion waiting for the broker, and what runs once after it and the others
+#: decided with it (JournalPublisher.when_journaled).
+_Call = tuple[Callable[[str | None], None], Callable[[], None] | None]
 
 #: How often a writer holding a burst looks again whether the clients went quiet.
 BUSY_POLL = 0.01
@@ -205,7 +208,8 @@ class JournalPublisher:
         self._seq_waits: list[tuple[int, threading.Condition]] = []
         #: Calls waiting for the journal instead of threads (:meth:`when_journaled`):
         #: (seq, call), made by the poller thread, never holding the lock.
-        self._on_journaled: list[tuple[int, Callable[[str | None], None]]] = []
+        self._on_journaled: list[tuple[int, Callable[[str | None], None],
+                                       Callable[[], None] | None]] = []
         self._produce_lock = threading.Lock()
         self._running = True
         self._poller = threading.Thread(target=self._poll_loop, name="x2x-publisher",
@@ -547,7 +551,7 @@ class JournalPublisher:
 
     def _delivered(self, err: KafkaError | None, msg: Message) -> None:
         acked = (0, 0)
-        ready: list[Callable[[str | None], None]] = []
+        ready: list[_Call] = []
         with self._cond:
             self._inflight -= len(msg.value() or b"")
             entry = self._pending.popleft()
@@ -572,38 +576,40 @@ class JournalPublisher:
             self._wake(None if err is not None else self.journaled.seq)
             if err is None and self._on_journaled:
                 ready = self._take_calls(self.journaled.seq)
-        for call in ready:
-            self._safely(call, None)
+        self._run(ready, None)
         if err is not None:
             self._call_back(None)
         if acked[0]:
             telemetry.metrics().captured(self.pair, acked[0], max(0, acked[1]))
 
-    def when_journaled(self, seq: int, call: Callable[[str | None], None]) -> None:
+    def when_journaled(self, seq: int, call: Callable[[str | None], None],
+                       then: Callable[[], None] | None = None) -> None:
         """Call ``call(None)`` once every op up to ``seq`` is acknowledged by the broker,
         or ``call(reason)`` once the journal failed (or closed) before: a wait without a
         thread (sync capture's writes reply from here). Made at once when already
-        decided, else on the poller thread; never holding the publisher's lock."""
+        decided, else on the poller thread; never holding the publisher's lock. ``then``
+        runs once after the calls decided together (equal ``then``s once for them all):
+        an NBD connection sends the replies of one acknowledged record in one go."""
         with self._lock:
             failed = self._error or (None if self._running else self._closed)
             if failed is None and self.journaled.seq < seq:
-                self._on_journaled.append((seq, call))
+                self._on_journaled.append((seq, call, then))
                 self._cond.notify_all()         # the writer: someone waits now
                 return
-        self._safely(call, failed)
+        self._run([(call, then)], failed)
 
     @property
     def _closed(self) -> str:
         return f"the journal of {self.topic} closed before the broker had it"
 
-    def _take_calls(self, journaled: int | None) -> list[Callable[[str | None], None]]:
+    def _take_calls(self, journaled: int | None) -> list[_Call]:
         """Remove and return the calls ``journaled`` covers (None: all); hold the lock."""
         if journaled is None:
             calls, self._on_journaled = self._on_journaled, []
-            return [c for _, c in calls]
-        ready = [c for seq, c in self._on_journaled if seq <= journaled]
+            return [(c, t) for _, c, t in calls]
+        ready = [(c, t) for seq, c, t in self._on_journaled if seq <= journaled]
         if ready:
-            self._on_journaled = [(s, c) for s, c in self._on_journaled if s > journaled]
+            self._on_journaled = [w for w in self._on_journaled if w[0] > journaled]
         return ready
 
     def _call_back(self, reason: str | None) -> None:
@@ -611,12 +617,21 @@ class JournalPublisher:
         with self._cond:
             why = self._error or reason or self._closed
             calls = self._take_calls(None)
-        for call in calls:
-            self._safely(call, why)
+        self._run(calls, why)
 
-    def _safely(self, call: Callable[[str | None], None], failed: str | None) -> None:
+    def _run(self, calls: list[_Call], failed: str | None) -> None:
+        """Make ``calls`` with ``failed``, then their ``then``s, each once, whatever
+        failed before (a ``then`` may send what its calls only prepared)."""
         try:
-            call(failed)
+            for call, _ in calls:
+                self._safely(call, failed)
+        finally:
+            for then in dict.fromkeys(t for _, t in calls if t is not None):
+                self._safely(then)
+
+    def _safely(self, call: Callable[..., None], *args: object) -> None:
+        try:
+            call(*args)
         except Exception:  # noqa: BLE001 - the poller must serve every other report
             log.exception("a journal completion of %s failed", self.topic)
 

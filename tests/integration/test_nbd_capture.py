@@ -26,12 +26,12 @@ from infra import control
 from infra.reader import read_to_end
 from infra.topics import journal_topic
 from infra.volume import Volume
-from journal.ops import OpKind
+from journal.ops import Op, OpKind
 from journal.pairs import PairSpec
 from nbd.client import Client, parse_uri
 from producers.journaling import Mode
 from producers.nbd_capture import NBDCapture
-from producers.publisher import KEEP_MAX, KEEP_QUEUED
+from producers.publisher import KEEP_MAX, KEEP_QUEUED, WAITED_LINGER_MS, JournalPublisher
 from producers.state import StateStore
 from schemas import codec
 from tests.conftest import (cached_bytes, free_port, make_image, run_x2x, same_bytes, uncached,
@@ -605,6 +605,67 @@ def wait_beat(settings, name: str, cond, timeout: float = 60) -> dict[str, str]:
 
 def journal(settings, name: str) -> list:
     return [codec.decode_entry(m.value()) for m in read_to_end(settings, journal_topic(name))]
+
+
+def test_completions_one_acknowledgement_decides_are_followed_by_their_then_once(
+        settings, pair_name, tmp_path):
+    """Sync capture's writes wait for the broker without a thread each
+    (JournalPublisher.when_journaled): the calls one acknowledgement decides run, then
+    their shared ``then`` once, after them all (an NBD connection sends their replies in
+    one send), even when one of them fails; after the close, a late call is failed at
+    once and its ``then`` still runs (a reply held for it would otherwise never go)."""
+    spec = make_pair(settings, pair_name, tmp_path, 4 * MiB)
+    pub = JournalPublisher(settings, spec.name, 1, linger_ms=WAITED_LINGER_MS)
+    events: list[str] = []
+    done = threading.Event()
+
+    def call(name: str, broken: bool = False):
+        def completion(failed: str | None) -> None:
+            events.append(f"{name}: {'journaled' if failed is None else 'failed'}")
+            if broken:
+                raise RuntimeError("a completion that breaks")
+        return completion
+
+    def then() -> None:
+        events.append("then")
+        done.set()
+    try:
+        # Registered before the op they wait for exists: one acknowledgement decides all.
+        seq = pub.appended_seq + 1
+        for name, broken in (("a", False), ("b", True), ("c", False)):
+            pub.when_journaled(seq, call(name, broken), then)
+        pub.append_many([Op.write(0, b"\x07" * 4096)], client=True)
+        assert done.wait(30), f"no then after the acknowledgement: {events}"
+        time.sleep(0.2)         # a second 'then' would come now
+        assert events == ["a: journaled", "b: journaled", "c: journaled", "then"]
+    finally:
+        pub.close()
+    events.clear()
+    pub.when_journaled(seq + 1, call("late"), then)
+    assert events == ["late: failed", "then"]
+
+
+def test_sync_mode_answers_many_writes_in_flight(settings, pair_name, tmp_path, live):
+    """Writes without FUA, 16 in flight (qemu-img bench with the host cache off): in sync
+    mode their replies wait for the broker's acknowledgement, and one acknowledgement
+    answers all the writes its record carries. Every write is answered (the client
+    would otherwise wait for ever) and the target ends equal to the source."""
+    size = 16 * MiB
+    spec = make_pair(settings, pair_name, tmp_path, size)
+    cap = live(spec, Mode.SYNC)
+    wait_baseline(cap)
+    before = cap.pub.journaled.seq
+    # 257 blocks apart: 3,000 different aligned blocks of the 4,096 (257 is odd).
+    run("qemu-img", "bench", "-w", "-t", "none", "-f", "raw", "-s", "4096",
+        "-S", str(257 * 4096), "-c", "3000", "-d", "16", "--pattern", "0x5a",
+        "--flush-interval", "3000", cap.uri, timeout=60)
+    # Sync mode: journaled before each was answered, nothing left to wait for.
+    assert cap.pub.journaled.seq - before >= 3000
+    apply_all(settings, spec)
+    assert same_bytes(spec.source, spec.target)
+    data = Path(spec.source).read_bytes()
+    written = sum(data[i:i + 4096] == b"\x5a" * 4096 for i in range(0, size, 4096))
+    assert written == 3000
 
 
 def test_sync_mode_keeps_every_acknowledged_write_through_sigkill(settings, pair_name,
