@@ -207,7 +207,7 @@ class JournalPublisher:
         #: writes in flight.
         self._seq_waits: list[tuple[int, threading.Condition]] = []
         #: Calls waiting for the journal instead of threads (:meth:`when_journaled`):
-        #: (seq, call), made by the poller thread, never holding the lock.
+        #: (seq, call, then), made by the poller thread, never holding the lock.
         self._on_journaled: list[tuple[int, Callable[[str | None], None],
                                        Callable[[], None] | None]] = []
         self._produce_lock = threading.Lock()
