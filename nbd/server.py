@@ -176,8 +176,10 @@ class _Conn:
     count_lock: threading.Lock = field(default_factory=threading.Lock)
     inflight: "_Inflight" = field(default_factory=lambda: _Inflight(MAX_INFLIGHT_REQUESTS,
                                                                      MAX_INFLIGHT_BYTES))
-    #: Replies of requests the reader served itself, held back while more requests were
-    #: waiting in its buffer: they go out together, in one send (:meth:`send_held`).
+    #: Replies held back to go out together, in one send (:meth:`send_held`): those of
+    #: requests the reader served itself while more requests were waiting in its
+    #: buffer, and those of writes a backend completes together, until its ``then``
+    #: (:meth:`send_completed`).
     held: list[bytes] = field(default_factory=list)
 
     def reply(self, header: bytes, data: bytes | None = None, hold: bool = False) -> None:
