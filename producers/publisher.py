@@ -207,9 +207,8 @@ class JournalPublisher:
         #: writes in flight.
         self._seq_waits: list[tuple[int, threading.Condition]] = []
         #: Calls waiting for the journal instead of threads (:meth:`when_journaled`):
-        #: (seq, call, then), made by the poller thread, never holding the lock.
-        self._on_journaled: list[tuple[int, Callable[[str | None], None],
-                                       Callable[[], None] | None]] = []
+        #: (seq, (call, then)), made by the poller thread, never holding the lock.
+        self._on_journaled: list[tuple[int, _Call]] = []
         self._produce_lock = threading.Lock()
         self._running = True
         self._poller = threading.Thread(target=self._poll_loop, name="x2x-publisher",
@@ -593,7 +592,7 @@ class JournalPublisher:
         with self._lock:
             failed = self._error or (None if self._running else self._closed)
             if failed is None and self.journaled.seq < seq:
-                self._on_journaled.append((seq, call, then))
+                self._on_journaled.append((seq, (call, then)))
                 self._cond.notify_all()         # the writer: someone waits now
                 return
         self._run([(call, then)], failed)
@@ -606,10 +605,10 @@ class JournalPublisher:
         """Remove and return the calls ``journaled`` covers (None: all); hold the lock."""
         if journaled is None:
             calls, self._on_journaled = self._on_journaled, []
-            return [(c, t) for _, c, t in calls]
-        ready = [(c, t) for seq, c, t in self._on_journaled if seq <= journaled]
+            return [c for _, c in calls]
+        ready = [c for seq, c in self._on_journaled if seq <= journaled]
         if ready:
-            self._on_journaled = [w for w in self._on_journaled if w[0] > journaled]
+            self._on_journaled = [(s, c) for s, c in self._on_journaled if s > journaled]
         return ready
 
     def _call_back(self, reason: str | None) -> None:

@@ -647,9 +647,9 @@ def test_completions_one_acknowledgement_decides_are_followed_by_their_then_once
 
 def test_sync_mode_answers_many_writes_in_flight(settings, pair_name, tmp_path, live):
     """Writes without FUA, 16 in flight (qemu-img bench with the host cache off): in sync
-    mode their replies wait for the broker's acknowledgement, and one acknowledgement
-    answers all the writes its record carries. Every write is answered (the client
-    would otherwise wait for ever) and the target ends equal to the source."""
+    mode their replies are held until the acknowledgement of their record and go out
+    together then. Every write is answered (the client would otherwise wait for ever),
+    journaled, and the target ends equal to the source."""
     size = 16 * MiB
     spec = make_pair(settings, pair_name, tmp_path, size)
     cap = live(spec, Mode.SYNC)
