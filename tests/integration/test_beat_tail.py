@@ -7,16 +7,19 @@ import threading
 import time
 from dataclasses import asdict
 
+import pytest
 from confluent_kafka import Producer
 
 from infra.heartbeat import BeatTail, beat_key, read_beats
 from infra.kafka import KafkaSettings
 from infra.net import free_port
+from infra.reader import read_to_end
 from infra.topics import STATUS_TOPIC, ensure_base_topics
 from journal.clock import now_ms
 from journal.errors import BrokerError
 from journal.status import Beat, latest, newest
 from schemas import codec
+from tests.conftest import TEST_ENGINE
 from tests.integration.test_control_auth import _keyed_pair
 
 
@@ -131,3 +134,29 @@ def test_a_tail_of_an_unreachable_broker_says_so(tmp_path):
         else:
             raise AssertionError("no error from a tail of a broker that is not there")
         assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.skipif(TEST_ENGINE != "kafka", reason="compaction is Apache Kafka's log "
+                    f"cleaner; the session broker is {TEST_ENGINE}")
+def test_the_status_topic_keeps_about_one_beat_per_service(settings, pair_name):
+    """The topic is compacted (infra/topics.py), so a service that beats for months
+    leaves one record, not millions: 300 beats of one service, a segment rolled behind
+    them, and the broker's cleaner leaves the newest (its dedupe map is sized in
+    infra/apache_kafka.py)."""
+    key = beat_key(pair_name, "capturer", "/dev/src")
+    _produce(settings, [_beat(pair_name, seq) for seq in range(1, 301)])
+
+    def kept() -> list[int]:
+        return [codec.decode(m.value(), codec.HEARTBEAT)["seq"]
+                for m in read_to_end(settings, STATUS_TOPIC)
+                if m.key() == key.encode()]
+    assert len(kept()) == 300
+    # A segment rolls once its first record is 10 s old and another arrives; the
+    # cleaner looks for work every 15 s.
+    time.sleep(10.5)
+    _produce(settings, [_beat(pair_name, 301)])
+    deadline = time.monotonic() + 90
+    while len(seqs := kept()) > 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(seqs) <= 2, f"{len(seqs)} beats of one service are still on the topic"
+    assert seqs[-1] == 301
