@@ -23,14 +23,14 @@ def bare_kafka(ctx: Context, path: str, size: int,
     ``write_peer``, once more writing them to a file (:data:`CONSUME_WRITE_PEER`)."""
     with scratch_topic(ctx.settings, ctx.pair_name("bare")) as topic:
         count, produce_s = bare_produce(ctx.settings, topic, path)
-        nbytes, consume_s = bare_consume(ctx, topic)
+        nbytes, consume_s = bare_consume(ctx.settings, topic)
         out = {"produce_s": produce_s, "consume_s": consume_s, "records": count,
                "bytes": nbytes, "produce_MBps": mbps(size, produce_s),
                "consume_MBps": mbps(size, consume_s),
                "end_to_end_MBps": mbps(size, produce_s + consume_s)}
         if write_peer:
             copy = Path(path).with_name("records.bin")
-            _, consume_write_s = bare_consume(ctx, topic, write_to=copy)
+            _, consume_write_s = bare_consume(ctx.settings, topic, write_to=copy)
             copy.unlink()
             out |= {"consume_write_s": consume_write_s,
                     "consume_write_MBps": mbps(size, consume_write_s)}

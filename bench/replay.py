@@ -23,9 +23,9 @@ def run(ctx: Context) -> dict[str, Any]:
         spec = make_pair(ctx, "replay", src, d / "dst.img")
         capture(ctx, spec)
     size = spec.volume_size
-    record_bytes, consume_s = bare_consume(ctx, journal_topic(spec.name))
+    record_bytes, consume_s = bare_consume(ctx.settings, journal_topic(spec.name))
     copy = d / "records.bin"
-    _, consume_write_s = bare_consume(ctx, journal_topic(spec.name), write_to=copy)
+    _, consume_write_s = bare_consume(ctx.settings, journal_topic(spec.name), write_to=copy)
     copy.unlink()
     disk_s = disk_write(d / "disk.bin", size)
     replica = empty_image(d / "replica.img", size)
