@@ -185,13 +185,13 @@ WARM_S = 90.0
 
 def warm_broker(settings: KafkaSettings, label: str = "the broker",
                 seconds: float = WARM_S) -> list[float]:
-    """Run produce and fetch traffic through a just-started Apache Kafka for ``seconds``,
-    until its JIT has compiled those paths, so the scenarios meet a broker as warm as a
-    production one (which runs for months): returns the small-records rate of each
-    round (every tenth printed as it goes).
+    """Run produce and fetch traffic through a just-started Apache Kafka for ``seconds``
+    (long enough for its JIT to compile those paths), so the scenarios meet a broker as
+    warm as a production one, which runs for months: returns the small-records rate of
+    each round (every tenth printed as it goes).
 
     Cold, the JIT's compiler threads took half the broker's CPU: sync capture's random
-    4 KiB writes ran at 4,900 IOPS where the same code on a warm broker gave 8,500, and
+    4 KiB writes ran at 4,900 IOPS where the same code on a warm broker gave 8,300-9,000, and
     the bare producer at depth 16 that the bench measured first ran at 11,800 records/s
     where it ran at 19,700 later in the same run."""
     from journal.batch import DEFAULT_BUDGET

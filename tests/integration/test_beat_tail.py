@@ -150,7 +150,9 @@ def test_the_status_topic_keeps_about_one_beat_per_service(settings, pair_name):
         return [codec.decode(m.value(), codec.HEARTBEAT)["seq"]
                 for m in read_to_end(settings, STATUS_TOPIC)
                 if m.key() == key.encode()]
-    assert len(kept()) == 300
+    # Uncompacted yet (a pass could take some of them only had a segment rolled amid
+    # them and been cleaned at once).
+    assert len(kept()) > 2
     # A segment rolls once its first record is 10 s old and another arrives; the
     # cleaner looks for work every 15 s.
     time.sleep(10.5)
