@@ -1,6 +1,7 @@
 """What every scenario shares: the run context, figures, test images, timed children."""
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 import os
@@ -15,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from infra.kafka import KafkaSettings
 
@@ -135,13 +136,20 @@ def bare_produce(settings: KafkaSettings, topic: str, path: str | Path) -> tuple
     (acks=all, idempotent) and flush: (records in the topic, the warm-up one included;
     seconds), the broker's own time for those bytes."""
     from journal.batch import DEFAULT_BUDGET
+    with open(path, "rb") as f:
+        return produce_all(settings, topic, iter(lambda: f.read(DEFAULT_BUDGET), b""))
+
+
+def produce_all(settings: KafkaSettings, topic: str,
+                values: Iterable[bytes]) -> tuple[int, float]:
+    """Produce ``values`` as records with the journal's producer settings and flush:
+    (records in the topic, the warm-up one included; seconds)."""
     producer = _warm_producer(settings, topic)
     t0 = time.monotonic()
     count = 1
-    with open(path, "rb") as f:
-        while chunk := f.read(DEFAULT_BUDGET):
-            produce(producer, topic, chunk)
-            count += 1
+    for value in values:
+        produce(producer, topic, value)
+        count += 1
     if producer.flush(300):
         raise RuntimeError(f"bare producer could not flush to {settings.bootstrap}")
     return count, time.monotonic() - t0
@@ -201,11 +209,7 @@ def warm_broker(settings: KafkaSettings, label: str = "the broker",
     while time.monotonic() - t0 < seconds:
         with scratch_topic(settings, f"bench-warm-{os.getpid()}-{len(rates)}") as topic:
             rates.append(bare_produce_at_depth(settings, topic, 4096, WARM_SMALL, 16))
-            producer = _warm_producer(settings, topic)
-            for _ in range(WARM_LARGE // len(big)):
-                produce(producer, topic, big)
-            if producer.flush(120):
-                raise RuntimeError(f"could not warm {settings.bootstrap}: no flush")
+            produce_all(settings, topic, itertools.repeat(big, WARM_LARGE // len(big)))
             bare_consume(settings, topic)
         if len(rates) % 10 == 1:
             print(f"[bench] warming {label}: {rates[-1]:,.0f} small records/s "
