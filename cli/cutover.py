@@ -17,7 +17,7 @@ from infra.qemu import BootSpec
 from journal.groups import check_alone
 from infra.paths import pair_dir
 from journal.errors import BadInput, BrokerError
-from producers.nbd_capture import parse_listen
+from producers.nbd_capture import Listen, parse_listen
 
 
 def cutover(ctx: typer.Context, name: str,
@@ -34,9 +34,9 @@ def cutover(ctx: typer.Context, name: str,
             cpus: int = typer.Option(1, help="Guest vCPUs."),
             accel: str = typer.Option("auto", metavar="auto|kvm|tcg", help="auto: KVM where "
                                       "it works, else TCG (emulation)."),
-            serve: str = typer.Option(None, "--serve", metavar="[HOST:]PORT",
+            serve: str = typer.Option(None, "--serve", metavar="[HOST:]PORT|PATH",
                                       help="Boot the guest from the promoted volume served "
-                                      "by 'x2x capture NAME --nbd [HOST:]PORT' (started "
+                                      "by 'x2x capture NAME --nbd [HOST:]PORT|PATH' (started "
                                       "here, left running), so its writes are journaled "
                                       "for failback from the first one. Raw file or "
                                       "device targets."),
@@ -80,21 +80,20 @@ def cutover(ctx: typer.Context, name: str,
                                else "ended") + f", serial console in {r.boot.serial_log}")
 
 
-def _serve(ctx: typer.Context, name: str, listen: tuple[str, int],
+def _serve(ctx: typer.Context, name: str, listen: Listen,
            key_file: str | None) -> str:
-    """Start 'x2x capture NAME --nbd HOST:PORT' for the promoted side, detached (it keeps
+    """Start 'x2x capture NAME --nbd HOST:PORT|PATH' for the promoted side, detached (it keeps
     serving the guest after this command ends), with this command's broker options; its
     NBD URI once it serves."""
     log_path = pair_dir(name) / "vm" / "capture.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    host, port = listen
     g = ctx.find_root().obj
     args = [sys.executable, "-m", "cli"]
     for option, value in (("--bootstrap", g.bootstrap), ("--kafka-config", g.kafka_config),
                           ("--compression", g.compression)):
         if value:
             args += [option, value]
-    args += ["capture", name, "--nbd", f"{host}:{port}"]
+    args += ["capture", name, "--nbd", str(listen)]
     if key_file:
         args += ["--key-file", key_file]
     with open(log_path, "w") as log:
@@ -108,7 +107,7 @@ def _serve(ctx: typer.Context, name: str, listen: tuple[str, int],
         time.sleep(0.1)
     say(f"the promoted side is served by 'x2x capture {name}' (pid {proc.pid}, log "
          f"{log_path})")
-    return f"nbd://{host}:{port}/{name}"
+    return listen.uri(name)
 
 
 def _print_test(r: co.TestLaunchResult, json_: bool) -> None:

@@ -113,7 +113,7 @@ def status(ctx: typer.Context, name: str, json_: bool = typer.Option(False, "--j
 
 @app.command()
 def capture(ctx: typer.Context, name: str,
-            nbd: str = typer.Option(..., "--nbd", metavar="[HOST:]PORT",
+            nbd: str = typer.Option(..., "--nbd", metavar="[HOST:]PORT|PATH",
                                     help="Serve every pair's source over NBD on this address "
                                     "(export name = pair name) and journal every write."),
             mode: str = typer.Option("async", "--mode", metavar="async|flush-sync|sync",
@@ -133,7 +133,7 @@ def capture(ctx: typer.Context, name: str,
     from producers.nbd_capture import NBDCapture, listen_nbd, parse_listen
     if not 0.05 <= cut_interval <= 3600:
         raise BadInput(f"--cut-interval must be seconds from 0.05 to 3600, got {cut_interval:g}")
-    host, port = parse_listen(nbd)
+    listen = parse_listen(nbd)
     mode_ = Mode.parse(mode)
     s = settings(ctx)
     for f in key_file or []:
@@ -142,15 +142,15 @@ def capture(ctx: typer.Context, name: str,
     for st in states.values():
         pins.check(st.spec, False)
     stop = _stop_on_signals()
-    server = listen_nbd(host, port)
+    server = listen_nbd(listen)
     members: list[NBDCapture] = []
     try:
         for n, st in states.items():
             spec = st.active_spec
             store = prepare_capture(st, False)
-            members.append(NBDCapture(spec, s, host, server.port, mode_, store,
+            members.append(NBDCapture(spec, s, listen.host, server.port, mode_, store,
                                       key_for(spec, None), cut_interval=0,
-                                      shared_server=server).start())
+                                      shared_server=server, path=listen.path).start())
     except BaseException:
         for m in members:
             m.stop()

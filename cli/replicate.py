@@ -21,7 +21,7 @@ from infra.kafka import KafkaSettings
 from journal.pairs import PairSpec
 from journal.plans import apply_target
 from producers.journaling import Mode
-from producers.nbd_capture import CUT_INTERVAL, NBDCapture, parse_listen
+from producers.nbd_capture import CUT_INTERVAL, Listen, NBDCapture, parse_listen
 from schemas.cipher import JournalKey
 from producers.scan import ScanResult, scan_once
 from producers.direction import prepare_capture
@@ -48,10 +48,13 @@ def capture(ctx: typer.Context, name: str,
                                             help="Forget the hash map: publish a full "
                                             "baseline in a new epoch (--resync is its "
                                             "former name)."),
-            nbd: str = typer.Option(None, "--nbd", metavar="[HOST:]PORT",
+            nbd: str = typer.Option(None, "--nbd", metavar="[HOST:]PORT|PATH",
                                     help="Serve the source over NBD (export name = pair name) "
                                     "and journal every write, until SIGTERM/SIGINT. HOST is "
-                                    "127.0.0.1 unless given; NBD's usual port is 10809."),
+                                    "127.0.0.1 unless given; NBD's usual port is 10809. A "
+                                    "PATH (with a '/') serves on a unix socket there, "
+                                    "owner-only: the cheapest way for clients on this "
+                                    "machine."),
             mode: str = typer.Option(None, "--mode", metavar="async|flush-sync|sync",
                                      help="With --nbd: what a client waits for. async "
                                      "(default): the source only, the journal follows; "
@@ -172,13 +175,13 @@ def capture(ctx: typer.Context, name: str,
 
 
 def _capture_nbd(spec: PairSpec, s: KafkaSettings, store: StateStore,
-                 listen: tuple[str, int], mode: Mode, stop: threading.Event, json_: bool,
+                 listen: Listen, mode: Mode, stop: threading.Event, json_: bool,
                  key: JournalKey | None, tls: ssl.SSLContext | None,
                  tls_required: bool, cut_interval: float, on_fence: str | None = None) -> None:
     """Run the NBD capturer until ``stop``; the service does the work, this prints."""
-    cap = NBDCapture(spec, s, listen[0], listen[1], mode, store, key, tls=tls,
+    cap = NBDCapture(spec, s, listen.host, listen.port, mode, store, key, tls=tls,
                      tls_required=tls_required, cut_interval=cut_interval,
-                     on_fence=on_fence).start()
+                     on_fence=on_fence, path=listen.path).start()
     r = cap.report
     what = ("same epoch" if not r.new_epoch else "new epoch, baseline running"
             if r.resend_bytes is None else

@@ -37,6 +37,8 @@ import os
 import queue
 import socket
 import ssl
+import stat
+import struct
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -365,7 +367,8 @@ class _Workers:
 
 @dataclass
 class NBDServer:
-    """Serve ``exports`` over NBD on ``host:port`` (port 0 picks a free port).
+    """Serve ``exports`` over NBD on ``host:port`` (port 0 picks a free port), or on the
+    unix socket at ``path`` when one is given.
 
     ``on_disconnect`` is called with the final :class:`ClientInfo` of each client.
     With ``tls`` clients may upgrade with NBD_OPT_STARTTLS; with ``tls_required`` too they
@@ -385,7 +388,11 @@ class NBDServer:
     #: Called after each request's reply with (export, command, seconds from the request
     #: read to its reply sent); ``command`` in lower case (``write``, ``flush`` ...).
     on_request: Callable[[str, str, float], None] | None = None
+    #: A unix socket to listen on instead of ``host:port`` (:func:`bind_unix`).
+    path: str | None = None
     _listener: socket.socket | None = field(init=False, default=None)
+    #: The socket file this server made, (device, inode): removed at stop if still it.
+    _made: tuple[int, int] | None = field(init=False, default=None)
     _stopping: threading.Event = field(init=False, default_factory=threading.Event)
     _accept_thread: threading.Thread | None = field(init=False, default=None)
     _conns: dict[int, _Conn] = field(init=False, default_factory=dict)
@@ -398,19 +405,29 @@ class NBDServer:
         """Bind and listen (idempotent); afterwards ``.port`` is the real port."""
         if self._listener is not None:
             return
-        sock = socket.create_server((self.host, self.port), reuse_port=False, backlog=64)
+        if self.path is not None:
+            sock, self._made = bind_unix(self.path)
+        else:
+            sock = socket.create_server((self.host, self.port), reuse_port=False, backlog=64)
+            self.port = sock.getsockname()[1]
         # A timeout lets the accept loop notice stop() without racing on a closed fd.
         sock.settimeout(_ACCEPT_POLL_S)
         self._listener = sock
-        self.port = sock.getsockname()[1]
-        self.log.info("NBD server listening on %s:%d, exports %s",
-                      self.host, self.port, ", ".join(repr(n) for n in self.exports))
+        self.log.info("NBD server listening on %s, exports %s", self.where,
+                      ", ".join(repr(n) for n in self.exports))
+
+    @property
+    def where(self) -> str:
+        """Where it listens, as logs say it: ``unix:PATH`` or ``HOST:PORT``."""
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def start(self) -> "NBDServer":
         """Bind, then accept clients in a background thread."""
         self.bind()
         self._accept_thread = threading.Thread(target=self.serve_forever,
-                                               name=f"nbd-accept-{self.port}", daemon=True)
+                                               name=f"nbd-accept-{self.where}", daemon=True)
         self._accept_thread.start()
         return self
 
@@ -429,11 +446,11 @@ class NBDServer:
                 self.log.warning("NBD accept failed: %s", e)
                 time.sleep(_ACCEPT_POLL_S)
                 continue
+            peer = _peer_name(sock, addr)
             try:
-                self._spawn(sock, addr)
+                self._spawn(sock, peer)
             except RuntimeError as e:   # no thread to be had: refuse this one, go on
-                self.log.error("NBD %s:%s refused: cannot start a thread for it (%s)",
-                               addr[0], addr[1], e)
+                self.log.error("NBD %s refused: cannot start a thread for it (%s)", peer, e)
                 sock.close()
                 time.sleep(_ACCEPT_POLL_S)
 
@@ -451,6 +468,9 @@ class NBDServer:
             self._accept_thread.join(timeout)
         if self._listener is not None:
             self._listener.close()
+        if self._made is not None:
+            _unlink_if(self.path, self._made)
+            self._made = None
         with self._lock:
             conns = list(self._conns.values())
         if grace > 0:
@@ -474,18 +494,19 @@ class NBDServer:
             return [replace(c.info) for c in self._conns.values()]
 
     # --- per connection -------------------------------------------------------------------
-    def _spawn(self, sock: socket.socket, addr: tuple) -> None:
+    def _spawn(self, sock: socket.socket, peer: str) -> None:
         if self._stopping.is_set():  # accepted while stop() ran: it would never be joined
             sock.close()
             return
         with self._lock:
             full = len(self._conns) >= self.max_connections
         if full:
-            self._refuse(sock, addr)
+            self._refuse(sock, peer)
             return
         sock.settimeout(self.handshake_timeout)     # until an export is chosen
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = _Conn(sock, ClientInfo(peer=f"{addr[0]}:{addr[1]}", connected_at=time.time()))
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = _Conn(sock, ClientInfo(peer=peer, connected_at=time.time()))
         conn.thread = threading.Thread(target=self._serve_client, args=(conn,),
                                        name=f"nbd-client-{conn.info.peer}", daemon=True)
         with self._lock:
@@ -497,14 +518,14 @@ class NBDServer:
                 self._conns.pop(id(conn), None)
             raise
 
-    def _refuse(self, sock: socket.socket, addr: tuple) -> None:
+    def _refuse(self, sock: socket.socket, peer: str) -> None:
         """Close a connection over the cap; one log line a second says how many."""
         sock.close()
         self._refused += 1
         now = time.monotonic()
         if now - self._refused_logged >= 1.0:
-            self.log.warning("NBD %s:%s refused: %d connections already (the cap); %d "
-                             "refused since the last warning", addr[0], addr[1],
+            self.log.warning("NBD %s refused: %d connections already (the cap); %d "
+                             "refused since the last warning", peer,
                              self.max_connections, self._refused)
             self._refused, self._refused_logged = 0, now
 
@@ -1103,6 +1124,77 @@ def _send_all(sock: socket.socket, header: bytes, data: bytes | None) -> None:
     else:
         sock.sendall(header)
         sock.sendall(data)
+
+
+def bind_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening unix socket at ``path``, its file owner-only (whoever can connect can
+    write the volume); returns it and the file's (device, inode). A socket file left by
+    a server that died is replaced; anything else at ``path`` raises OSError (EEXIST,
+    or EADDRINUSE while a server answers there): never removed."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, "a file that is not a socket is there", path)
+        if _answers(path):
+            raise OSError(errno.EADDRINUSE, "a server already listens there", path)
+        os.unlink(path)                         # a dead server's: nobody listens
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # Linux makes the file with the socket's own mode (less the umask): 0600 from the
+        # start, where a chmod after bind would leave a moment open to all, and a umask
+        # would be the whole process's, its other threads' files included.
+        os.fchmod(sock.fileno(), 0o600)
+        sock.bind(path)
+        sock.listen(64)
+        st = os.stat(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, (st.st_dev, st.st_ino)
+
+
+def _answers(path: str) -> bool:
+    """Does a server accept connections on the unix socket ``path``?"""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def _unlink_if(path: str | None, made: tuple[int, int]) -> None:
+    """Remove the socket file at ``path`` if it is still the one this server made (a
+    newer server may have replaced it meanwhile)."""
+    try:
+        st = os.stat(path) if path else None
+        if st is not None and (st.st_dev, st.st_ino) == made:
+            os.unlink(path)
+    except OSError:
+        pass    # gone already
+
+
+_UCRED = struct.Struct("3i")
+
+
+def _peer_name(sock: socket.socket, addr: object) -> str:
+    """A client as logs name it: ``HOST:PORT``, or for a unix socket the connecting
+    process (``unix:pid=N,uid=N``), which the kernel vouches for."""
+    if sock.family != socket.AF_UNIX:
+        host, port = addr[0], addr[1]           # type: ignore[index]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                    _UCRED.size))
+    except OSError:
+        return "unix:?"
+    return f"unix:pid={pid},uid={uid}"
 
 
 def _close_gracefully(sock: socket.socket, timeout: float = 1.0) -> None:

@@ -24,6 +24,7 @@ journaling backend the publisher to use and the health to report to.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import ssl
 import threading
@@ -78,32 +79,67 @@ SAVE_EVERY = 2.0
 CUT_INTERVAL = 1.0
 #: How long a clean stop lets requests in flight finish.
 STOP_GRACE = 10.0
+#: The longest unix socket path Linux binds (sun_path's 108 bytes, less its NUL).
+UNIX_PATH_MAX = 107
 _LISTEN = re.compile(r"^(?:(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):)?(?P<port>\d+)$")
 
 
-def listen_nbd(host: str, port: int, tls: ssl.SSLContext | None = None,
+@dataclass(frozen=True)
+class Listen:
+    """Where a capturer serves NBD: ``host:port``, or the unix socket at ``path``."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    path: str | None = None
+
+    def __str__(self) -> str:
+        """As ``--nbd`` takes it."""
+        if self.path is not None:
+            return self.path
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def uri(self, export: str, tls: bool = False) -> str:
+        """The NBD URI clients connect to (libnbd's, which qemu and nbdfuse read too);
+        ``tls``: the TLS-only form."""
+        scheme = "nbds" if tls else "nbd"
+        if self.path is not None:
+            return f"{scheme}+unix:///{export}?socket={self.path}"
+        return f"{scheme}://{self}/{export}"
+
+
+def listen_nbd(listen: Listen, tls: ssl.SSLContext | None = None,
                tls_required: bool = False) -> NBDServer:
-    """An NBD server bound to ``host:port`` (not serving yet), its requests counted."""
-    server = NBDServer(host, port, {}, tls=tls, tls_required=tls_required,
+    """An NBD server bound where ``listen`` says (not serving yet), its requests counted."""
+    server = NBDServer(listen.host, listen.port, {}, tls=tls, tls_required=tls_required,
+                       path=listen.path,
                        on_request=lambda export, command, seconds:
                        telemetry.metrics().nbd_request(export, command, seconds))
     try:
         server.bind()
     except OSError as e:
-        raise BadInput(f"cannot listen for NBD on {host}:{port}: {e.strerror}; pick "
-                       f"another --nbd [HOST:]PORT or stop what uses it") from None
+        raise BadInput(f"cannot listen for NBD on {listen}: {e.strerror or e}; pick "
+                       f"another --nbd [HOST:]PORT or PATH, or stop what uses it") from None
     return server
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``[HOST:]PORT`` (``[v6]:PORT`` for IPv6) -> (host, port); host defaults to
-    127.0.0.1 so an export is never exposed beyond this machine by accident."""
-    m = _LISTEN.match(text.strip())
+def parse_listen(text: str) -> Listen:
+    """``[HOST:]PORT`` (``[v6]:PORT`` for IPv6), or a unix socket's path (anything with a
+    ``/``, made absolute: clients find it by that name) -> :class:`Listen`; the host
+    defaults to 127.0.0.1 so an export is never exposed beyond this machine by accident."""
+    text = text.strip()
+    if "/" in text:
+        path = os.path.abspath(text)
+        if text.endswith("/") or len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise BadInput(f"--nbd {text!r} is invalid: a unix socket's path names a file "
+                           f"and has at most {UNIX_PATH_MAX} bytes, e.g. /run/x2x/db.sock")
+        return Listen(path=path)
+    m = _LISTEN.match(text)
     port = int(m.group("port")) if m else -1
     if not m or not 0 < port < 65536:
         raise BadInput(f"--nbd {text!r} is invalid: use [HOST:]PORT, e.g. 10809 or "
-                       f"0.0.0.0:10809 (port 1-65535)")
-    return m.group("v6") or m.group("host") or DEFAULT_HOST, port
+                       f"0.0.0.0:10809 (port 1-65535), or a unix socket's path, e.g. "
+                       f"/run/x2x/db.sock")
+    return Listen(m.group("v6") or m.group("host") or DEFAULT_HOST, port)
 
 
 @dataclass
@@ -148,6 +184,8 @@ class NBDCapture:
     #: TLS for NBD clients (infra/tls.py); ``tls_required`` refuses plain-text clients.
     tls: ssl.SSLContext | None = None
     tls_required: bool = False
+    #: A unix socket to serve on instead of ``host:port`` (``--nbd PATH``).
+    path: str | None = None
     #: Run when the lease lapses and the capturer fences itself (infra/hooks.py).
     on_fence: str | None = None
     #: The NBD server this capture adds its export to, shared with the other pairs of
@@ -197,8 +235,8 @@ class NBDCapture:
                 f"source {spec.source} is {vol.size} bytes but pair {spec.name} was created "
                 f"for {spec.volume_size}; recreate the pair for the new size")
         # Listen first: a taken port must not cost the next start a new epoch.
-        self.server = self.shared_server or listen_nbd(self.host, self.port, self.tls,
-                                                       self.tls_required)
+        self.server = self.shared_server or listen_nbd(
+            Listen(self.host, self.port, self.path), self.tls, self.tls_required)
         self.port = self.server.port
         pair = control.get_pair(self.settings, spec.name)
         if not self.store.incarnation:
@@ -352,9 +390,7 @@ class NBDCapture:
 
     @property
     def uri(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        scheme = "nbds" if self.tls_required else "nbd"     # libnbd's URI for TLS-only
-        return f"{scheme}://{host}:{self.port}/{self.spec.name}"
+        return Listen(self.host, self.port, self.path).uri(self.spec.name, self.tls_required)
 
     def serve(self, stop: threading.Event) -> CaptureReport:
         """Run until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT), then stop cleanly."""

@@ -26,7 +26,7 @@ from infra import control
 from infra.kafka import KafkaSettings
 from infra.paths import pair_dir
 from tests import guest
-from tests.conftest import free_port, run_x2x, x2x_bin
+from tests.conftest import run_x2x, x2x_bin
 
 MiB = 1 << 20
 
@@ -149,8 +149,9 @@ def test_cutover_bad_input_changes_nothing(broker, pair_name, tmp_path):
 def test_cutover_serves_the_promoted_side_and_fails_back(broker, pair_name, tmp_path,
                                                          debian_guest):
     """--serve: the guest boots from the promoted raw volume through 'x2x capture --nbd',
-    so what it writes (its ext4 mount) is journaled; after it stops, failback brings the
-    old source level with only the blocks the guest changed."""
+    here on a unix socket (QEMU on the same host), so what it writes (its ext4 mount) is
+    journaled; after it stops, failback brings the old source level with only the blocks
+    the guest changed."""
     src = guest.system_disk(tmp_path / "system.img", 64 * MiB, "one")
     target = tmp_path / "target.img"
     run_x2x("pair", "create", pair_name, "--source", str(src), "--target", str(target),
@@ -160,14 +161,15 @@ def test_cutover_serves_the_promoted_side_and_fails_back(broker, pair_name, tmp_
     guest.set_token(src, "two")
     run_x2x("capture", pair_name, "--once")
     before = run_x2x("volume", "digest", str(target)).stdout.split()[0]
-    port = free_port()
-    r = run_x2x("cutover", pair_name, "--serve", str(port), *debian_guest.boot_args(),
+    sock = tmp_path / "promoted.sock"
+    r = run_x2x("cutover", pair_name, "--serve", str(sock), *debian_guest.boot_args(),
                 "--accel", "tcg", "--up-marker", f"{guest.MARKER} two", "--boot-timeout",
                 "240", "--json", timeout=500)
     report = json.loads(r.stdout)
     capturer = int(re.search(r"\(pid (\d+), log", r.stderr).group(1))
     try:
         assert report["boot"]["up"], report
+        assert sock.is_socket()
         deadline = time.monotonic() + 120           # the guest powers itself off
         while report["boot"]["pid"] and _alive(report["boot"]["pid"]):
             assert time.monotonic() < deadline, "the guest did not power off"
@@ -179,6 +181,7 @@ def test_cutover_serves_the_promoted_side_and_fails_back(broker, pair_name, tmp_
         deadline = time.monotonic() + 60
         while _alive(capturer) and time.monotonic() < deadline:
             time.sleep(0.2)
+    assert not sock.exists()        # a clean stop takes its socket with it
     assert run_x2x("volume", "digest", str(target)).stdout.split()[0] != before, \
         "the guest wrote nothing through the capturer"
     out = run_x2x("pair", "failback", pair_name).stdout

@@ -241,9 +241,10 @@ def test_planned_group_failover_then_failback_and_verify(settings, pair_name, tm
         st = control.get_pair(settings, s.name)
         assert st.state == "promoted" and st.reversed
         assert _same(s.source, s.target)
-    port = free_port()
-    uris = [f"nbd://127.0.0.1:{port}/{s.name}" for s in specs]
-    with service(["group", "capture", g, "--nbd", f"127.0.0.1:{port}"],
+    # The promoted side served on a unix socket, one export per pair as over TCP.
+    sock = tmp_path / "group.sock"
+    uris = [f"nbd+unix:///{s.name}?socket={sock}" for s in specs]
+    with service(["group", "capture", g, "--nbd", str(sock)],
                  tmp_path / "cap-b.log", "serving"):
         _write_blocks(uris, seed=5)
         out = run_x2x("group", "failback", g).stdout

@@ -564,11 +564,13 @@ def test_baseline_ends_with_a_flush_and_the_hash_map_is_saved(settings, pair_nam
 class Capturer:
     """``x2x capture NAME --nbd`` as a child process, as an operator runs it."""
 
-    def __init__(self, name: str, port: int, *extra: str) -> None:
-        self.proc = subprocess.Popen([x2x_bin(), "capture", name, "--nbd",
-                                      f"127.0.0.1:{port}", *extra],
+    def __init__(self, name: str, port: int | Path, *extra: str) -> None:
+        """``port`` on 127.0.0.1, or a unix socket's path."""
+        where = str(port) if isinstance(port, Path) else f"127.0.0.1:{port}"
+        self.proc = subprocess.Popen([x2x_bin(), "capture", name, "--nbd", where, *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.uri = f"nbd://127.0.0.1:{port}/{name}"
+        self.uri = (f"nbd+unix:///{name}?socket={port}" if isinstance(port, Path)
+                    else f"nbd://127.0.0.1:{port}/{name}")
         self.banner = self.proc.stdout.readline()
         assert "serving" in self.banner, self.banner + self.proc.stderr.read()
 
@@ -759,6 +761,36 @@ def test_sigterm_is_a_clean_stop_and_restart_continues_the_epoch(settings, pair_
     assert {"clients", "captured_ops", "captured_bytes"} <= set(detail)
 
 
+def test_a_capture_on_a_unix_socket_journals_and_leaves_no_socket_behind(settings, pair_name,
+                                                                        tmp_path):
+    import stat
+    need("qemu-io")
+    spec = make_pair(settings, pair_name, tmp_path, 16 * MiB, seed=7, data_fraction=0.5)
+    sock = tmp_path / "capture.sock"
+    cap = Capturer(pair_name, sock)
+    try:
+        assert cap.uri in cap.banner
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x63 1M 1M", "-c", "flush", cap.uri)
+        status = json.loads(run_x2x("status", pair_name, "--json").stdout)
+        assert status[0]["capture_detail"]["listen"] == cap.uri
+        cap.kill()                      # SIGKILL: the socket file stays behind
+    finally:
+        cap.kill()
+    assert sock.exists()
+    cap = Capturer(pair_name, sock)     # ... and the next start takes its place
+    try:
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x64 3M 1M", cap.uri)
+        out, _ = cap.stop()
+    finally:
+        cap.kill()
+    assert "stopped (clean)" in out and not sock.exists()
+    run_x2x("apply", pair_name, "--until-caught-up")
+    assert same_bytes(spec.source, spec.target)
+    target = Path(spec.target).read_bytes()
+    assert target[MiB:2 * MiB] == b"\x63" * MiB and target[3 * MiB:4 * MiB] == b"\x64" * MiB
+
+
 def test_cli_bad_input(settings, pair_name, tmp_path):
     make_pair(settings, pair_name, tmp_path, MiB)
     cases = [
@@ -778,6 +810,16 @@ def test_cli_bad_input(settings, pair_name, tmp_path):
     with socketserver_on() as port:
         proc = run_x2x("capture", pair_name, "--nbd", f"127.0.0.1:{port}", check=False)
         assert proc.returncode == 2 and "cannot listen for NBD" in proc.stderr
+    # A file where the unix socket should go is nobody's to remove.
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep me")
+    proc = run_x2x("capture", pair_name, "--nbd", str(taken), check=False)
+    assert proc.returncode == 2 and f"cannot listen for NBD on {taken}" in proc.stderr \
+        and "not a socket is there" in proc.stderr, proc.stderr
+    assert taken.read_text() == "keep me"
+    proc = run_x2x("capture", pair_name, "--nbd", str(tmp_path / "no-such-dir" / "s.sock"),
+                   check=False)
+    assert proc.returncode == 2 and "cannot listen for NBD" in proc.stderr, proc.stderr
     # A refused start leaves the pair's state alone (no new epoch for nothing).
     assert StateStore(pair_name).load() == (None, None)
 

@@ -1085,3 +1085,70 @@ def test_fuzzed_structured_requests_get_valid_replies_and_stay_in_sync(tmp_path:
     finally:
         c.close()
         served.server.stop(5)
+
+
+# --- a unix socket --------------------------------------------------------------------------
+def serve_unix(tmp_path: Path, path: Path) -> Served:
+    """A server with one export 'disk' on the unix socket at ``path``."""
+    image = tmp_path / "unix.img"
+    with open(image, "wb") as f:
+        f.truncate(SIZE)
+    backend = VolumeBackend(Volume(str(image), writable=True))
+    served = Served(NBDServer(HOST, 0, {"disk": backend}, log=logging.getLogger(LOGGER),
+                              path=str(path)), image, {"disk": backend})
+    served.server.on_disconnect = served.finished.append
+    served.server.start()
+    return served
+
+
+def test_a_unix_socket_serves_real_clients_owner_only_and_goes_at_stop(tmp_path: Path) -> None:
+    import stat
+    path = tmp_path / "x2x.sock"
+    served = serve_unix(tmp_path, path)
+    uri = f"nbd+unix:///disk?socket={path}"
+    try:
+        st = os.stat(path)
+        # Whoever can connect can write the volume: the owner only, whatever the umask.
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+        assert int(run("nbdinfo", "--size", uri).stdout) == SIZE
+        out = run("qemu-io", "-f", "raw", "-t", "writeback", "-c", "write -P 0x5a 1M 256k",
+                  "-c", "flush", "-c", "read -P 0x5a 1M 256k", uri)
+        assert "Pattern verification failed" not in out.stdout + out.stderr
+        assert image_bytes(served.image, MiB, 256 * 1024) == b"\x5a" * 256 * 1024
+        finished = served.wait_finished(2)
+        # The kernel names the connecting process: the log says who wrote.
+        assert all(c.peer.startswith("unix:pid=") and c.peer.endswith(f",uid={os.getuid()}")
+                   for c in finished), [c.peer for c in finished]
+        assert finished[-1].bytes_written == 256 * 1024
+    finally:
+        served.server.stop(5)
+    assert not path.exists()
+    assert run("nbdinfo", "--size", uri, check=False).returncode != 0
+
+
+def test_a_unix_socket_replaces_a_dead_servers_file_and_nothing_else(tmp_path: Path) -> None:
+    # A file that is no socket: refused by name, and left as it was.
+    path = tmp_path / "x2x.sock"
+    path.write_bytes(b"not a socket")
+    with pytest.raises(OSError) as e:
+        serve_unix(tmp_path, path)
+    assert e.value.errno == errno.EEXIST and str(path) in str(e.value)
+    assert path.read_bytes() == b"not a socket"
+    path.unlink()
+    # A socket a dead server left (bound, never unlinked): replaced, and served.
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()
+    assert path.exists()
+    first = serve_unix(tmp_path, path)
+    try:
+        assert int(run("nbdinfo", "--size", f"nbd+unix:///disk?socket={path}").stdout) == SIZE
+        # A live server's: refused, and the live one keeps its socket and its clients.
+        (tmp_path / "second").mkdir()
+        with pytest.raises(OSError) as e:
+            serve_unix(tmp_path / "second", path)
+        assert e.value.errno == errno.EADDRINUSE and "already listens" in str(e.value)
+        assert int(run("nbdinfo", "--size", f"nbd+unix:///disk?socket={path}").stdout) == SIZE
+    finally:
+        first.server.stop(5)
+    assert not path.exists()

@@ -130,11 +130,36 @@ def test_status_capture_cell_shows_degraded_and_dirty_bytes():
 
 
 def test_nbd_listens_on_loopback_unless_told_otherwise():
-    from producers.nbd_capture import DEFAULT_HOST, NBDCapture, parse_listen
-    assert parse_listen("10809") == ("127.0.0.1", 10809)
-    assert parse_listen("0.0.0.0:10809") == ("0.0.0.0", 10809)
+    from producers.nbd_capture import DEFAULT_HOST, Listen, NBDCapture, parse_listen
+    assert parse_listen("10809") == Listen("127.0.0.1", 10809)
+    assert parse_listen("0.0.0.0:10809") == Listen("0.0.0.0", 10809)
+    assert parse_listen("[::1]:10809") == Listen("::1", 10809)
     assert DEFAULT_HOST == "127.0.0.1"
     assert NBDCapture.__dataclass_fields__["host"].default == "127.0.0.1"
+
+
+def test_nbd_takes_a_unix_socket_path_and_names_its_uri(tmp_path, monkeypatch):
+    from producers.nbd_capture import Listen, parse_listen
+    assert parse_listen("/run/x2x/db.sock") == Listen(path="/run/x2x/db.sock")
+    monkeypatch.chdir(tmp_path)
+    # Made absolute: clients find it by that name, wherever they run.
+    assert parse_listen("./db.sock") == Listen(path=str(tmp_path / "db.sock"))
+    assert Listen(path="/run/x2x/db.sock").uri("web") == "nbd+unix:///web?socket=/run/x2x/db.sock"
+    assert Listen(path="/r/d.sock").uri("web", tls=True) == "nbds+unix:///web?socket=/r/d.sock"
+    assert Listen("::1", 10809).uri("web") == "nbd://[::1]:10809/web"
+    assert str(parse_listen(str(Listen("::1", 10809)))) == "[::1]:10809"
+    assert str(Listen(path="/r/d.sock")) == "/r/d.sock"
+
+
+@pytest.mark.parametrize("text, names", [
+    ("99999", "port 1-65535"), ("host:", "[HOST:]PORT"), ("db.sock", "[HOST:]PORT"),
+    ("/run/x2x/", "names a file"), ("/" + "d" * 107, "at most 107 bytes")])
+def test_a_bad_nbd_address_is_refused_by_name(text, names):
+    from journal.errors import BadInput
+    from producers.nbd_capture import parse_listen
+    with pytest.raises(BadInput) as e:
+        parse_listen(text)
+    assert repr(text) in str(e.value) and names in str(e.value)
 
 
 def test_redact_hides_every_secret_property():
