@@ -1,7 +1,7 @@
 """Scenario: a database on the capture. PostgreSQL's pgbench (TPC-B-like, 4 clients) on
-ext4 over nbdfuse and a loop device, the export served by qemu-nbd (the peer, over a unix
-socket, its best case) and by ``x2x capture --nbd`` in each mode with an applier
-following; RPO sampled from the heartbeats while pgbench runs, as ``x2x status`` shows it.
+ext4 over nbdfuse and a loop device, the export served over a unix socket (what a client
+on the same machine would use) by qemu-nbd (the peer) and by ``x2x capture --nbd`` in
+each mode with an applier following; RPO sampled from the heartbeats while pgbench runs, as ``x2x status`` shows it.
 
 Every commit is a FLUSH: in async mode it waits for the source only, in flush-sync for
 the journal too, in sync every write does (producers/journaling.py).
@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from bench.common import (Context, delete_pair, empty_image, figure, finish, make_pair,
                           percentile, require, sample_rpo, start, x2x_cmd)
 from bench.postgres import Postgres, missing, workdir
-from infra.net import free_port, port_open
+from infra.net import free_port
 
 TITLE = "A database on the capture: pgbench tps on ext4 over NBD, x2x modes vs qemu-nbd"
 MiB = 1 << 20
@@ -108,15 +108,16 @@ def _x2x(ctx: Context, work: Path, mode: str, size: int, scale: int,
          seconds: int) -> tuple[float, list[float]]:
     src, dst = empty_image(work / "src.img", size), work / "dst.img"
     spec = make_pair(ctx, "pgbench", src, dst)
-    port = free_port()
-    cap = start([*x2x_cmd(), "capture", spec.name, "--nbd", f"127.0.0.1:{port}", "--mode",
-                 mode])
+    sock = work / "x2x.sock"
+    sock.unlink(missing_ok=True)        # a killed run's: ready means this capturer's
+    cap = start([*x2x_cmd(), "capture", spec.name, "--nbd", str(sock), "--mode", mode])
     app = start([*x2x_cmd(), "apply", spec.name])
     running, stop, rpos = threading.Event(), threading.Event(), []
     sampler = sample_rpo(ctx.settings, spec.name, str(dst), stop, rpos, begin=running)
     try:
-        _wait(lambda: port_open(port), "x2x capture", cap)
-        tps = _pgbench(f"nbd://127.0.0.1:{port}/{spec.name}", work, scale, seconds, running)
+        _wait(sock.exists, "x2x capture", cap)
+        tps = _pgbench(f"nbd+unix:///{spec.name}?socket={sock}", work, scale, seconds,
+                       running)
     finally:
         stop.set()
         running.set()
