@@ -419,9 +419,7 @@ class NBDServer:
     @property
     def where(self) -> str:
         """Where it listens, as logs say it: ``unix:PATH`` or ``HOST:PORT``."""
-        if self.path is not None:
-            return f"unix:{self.path}"
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"unix:{self.path}" if self.path is not None else host_port(self.host, self.port)
 
     def start(self) -> "NBDServer":
         """Bind, then accept clients in a background thread."""
@@ -1126,6 +1124,11 @@ def _send_all(sock: socket.socket, header: bytes, data: bytes | None) -> None:
         sock.sendall(data)
 
 
+def host_port(host: str, port: int) -> str:
+    """``HOST:PORT``, an IPv6 address in brackets (as URIs and ``--nbd`` write it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def bind_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
     """A listening unix socket at ``path``, its file owner-only (whoever can connect can
     write the volume); returns it and the file's (device, inode). A socket file left by
@@ -1187,8 +1190,7 @@ def _peer_name(sock: socket.socket, addr: object) -> str:
     """A client as logs name it: ``HOST:PORT``, or for a unix socket the connecting
     process (``unix:pid=N,uid=N``), which the kernel vouches for."""
     if sock.family != socket.AF_UNIX:
-        host, port = addr[0], addr[1]           # type: ignore[index]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return host_port(addr[0], addr[1])      # type: ignore[index]
     try:
         pid, uid, _ = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                     _UCRED.size))

@@ -30,6 +30,7 @@ import ssl
 import threading
 import time
 from typing import Callable
+from urllib.parse import quote
 from dataclasses import dataclass, field
 
 from infra import control, hooks, telemetry
@@ -54,7 +55,7 @@ from producers.health import Condition, Health
 from producers.journaling import JournalingVolume, Mode, RangeLocks
 from producers.lease import Lease
 from journal.status import CAPTURE_BEAT_S
-from nbd.server import NBDServer
+from nbd.server import NBDServer, host_port
 from producers.publisher import (ASYNC_COALESCE_MS, ASYNC_LINGER_MS, WAITED_LINGER_MS,
                                  JournalPublisher)
 from producers.rate import TokenBucket
@@ -94,16 +95,16 @@ class Listen:
 
     def __str__(self) -> str:
         """As ``--nbd`` takes it."""
-        if self.path is not None:
-            return self.path
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return self.path if self.path is not None else host_port(self.host, self.port)
 
     def uri(self, export: str, tls: bool = False) -> str:
         """The NBD URI clients connect to (libnbd's, which qemu and nbdfuse read too);
         ``tls``: the TLS-only form."""
         scheme = "nbds" if tls else "nbd"
         if self.path is not None:
-            return f"{scheme}+unix:///{export}?socket={self.path}"
+            # Escaped as a URI's query wants it (a space, '&', '%'); libnbd and QEMU
+            # decode it.
+            return f"{scheme}+unix:///{export}?socket={quote(self.path, safe='/')}"
         return f"{scheme}://{self}/{export}"
 
 

@@ -1103,9 +1103,11 @@ def serve_unix(tmp_path: Path, path: Path) -> Served:
 
 def test_a_unix_socket_serves_real_clients_owner_only_and_goes_at_stop(tmp_path: Path) -> None:
     import stat
-    path = tmp_path / "x2x.sock"
+    from producers.nbd_capture import Listen
+    path = tmp_path / "x2x web&1.sock"          # the URI escapes it, libnbd and QEMU decode
     served = serve_unix(tmp_path, path)
-    uri = f"nbd+unix:///disk?socket={path}"
+    uri = Listen(path=str(path)).uri("disk")
+    assert "%20" in uri and "%26" in uri
     try:
         st = os.stat(path)
         # Whoever can connect can write the volume: the owner only, whatever the umask.

@@ -149,6 +149,10 @@ def test_nbd_takes_a_unix_socket_path_and_names_its_uri(tmp_path, monkeypatch):
     assert Listen("::1", 10809).uri("web") == "nbd://[::1]:10809/web"
     assert str(parse_listen(str(Listen("::1", 10809)))) == "[::1]:10809"
     assert str(Listen(path="/r/d.sock")) == "/r/d.sock"
+    # A path a URI cannot hold as it is gets escaped, and our client reads it back.
+    from nbd.client import parse_uri
+    odd = "/r/a b&c%.sock"
+    assert parse_uri(Listen(path=odd).uri("web")).socket_path == odd
 
 
 @pytest.mark.parametrize("text, names", [
