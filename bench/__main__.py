@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--out DIR] [--only NAME ...] [--engines E,...]``: every
+"""``python -m bench [--quick] [--out DIR] [--only NAME ... [--merge]] [--engines E,...]``: every
 scenario, side by side with its peers, on brokers of its own; writes DIR/latest.json and
 latest.md.
 
@@ -90,14 +90,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="NAME",
                     help=f"Run only these scenarios: {', '.join(SCENARIOS)}.")
     ap.add_argument("--keep", action="store_true", help="Keep the work directory.")
+    ap.add_argument("--merge", action="store_true",
+                    help="With --only: put these scenarios' results into the DIR/latest.json "
+                         "there is (its other figures kept, the rerun named in it).")
     ap.add_argument("--engines", default=None,
                     help=f"Comma-separated, first runs everything: {', '.join(ENGINES)} "
                          f"(default all three; kafka alone with --quick).")
     args = ap.parse_args(argv)
+    if args.merge and not (args.only and (args.out / "latest.json").exists()):
+        ap.error(f"--merge needs --only and a {args.out / 'latest.json'} to merge into")
     engines = (args.engines or ("kafka" if args.quick else ",".join(ENGINES))).split(",")
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         ap.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    if args.merge:
+        # Rows of the first engine carry no @ENGINE: the same engine must come first.
+        first = json.loads((args.out / "latest.json").read_text())["meta"]["broker"]
+        first = first.split(":", 1)[0]
+        if engines[0] != first:
+            ap.error(f"--merge: {args.out / 'latest.json'} ran {first} first; run with "
+                     f"--engines {first},... so its rows match")
 
     work = Path(tempfile.mkdtemp(prefix="x2x-bench-"))
     for var in ("X2X_KAFKA_CONFIG", "X2X_COMPRESSION"):
@@ -150,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                  "broker_warm_up": warmed},
         "scenarios": {k: results[k] for k in sorted(results, key=_order(engines))},
     }
+    if args.merge:
+        doc = merge(json.loads((args.out / "latest.json").read_text()), doc)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
     table = markdown(doc)
@@ -157,6 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"written to {args.out / 'latest.json'} and {args.out / 'latest.md'}")
     return 1 if any("error" in r for r in results.values()) else 0
+
+
+def merge(base: dict[str, Any], rerun: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``rerun``'s scenarios in place of its own (in base's order, new ones
+    last); its meta keeps base's run and lists the rerun (when, which, warm-up)."""
+    m = rerun["meta"]
+    scenarios = {**base["scenarios"], **rerun["scenarios"]}
+    reruns = [*base["meta"].get("reruns", []),
+              {"at": m["at"], "scenarios": list(rerun["scenarios"]),
+               "wall_seconds": m["wall_seconds"], "broker_warm_up": m["broker_warm_up"]}]
+    return {"meta": {**base["meta"], "reruns": reruns}, "scenarios": scenarios}
 
 
 def _run_one(key: str, ctx: Any) -> dict[str, Any]:
@@ -194,6 +219,9 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"({w['rounds']} rounds of produce and fetch; 4 KiB records at depth "
                   f"16: {w['first_records_per_s']:,}/s in the first round, "
                   f"{w['last_records_per_s']:,}/s in the last).", ""]
+    for r in m.get("reruns", []):
+        lines += [f"Rerun at {r['at']}, on brokers of their own (warmed as above): "
+                  f"{', '.join(r['scenarios'])}.", ""]
     lines += ["| scenario | metric | unit | x2x | peer | peer value | ratio | better |",
               "| --- | --- | --- | ---: | --- | ---: | ---: | --- |"]
     for key, r in doc["scenarios"].items():
