@@ -121,7 +121,7 @@ def capture(ctx: typer.Context, name: str,
     if (mode is not None or tls is not None or tls_certificates or on_fence
             or (cut_interval is not None and not trace)) and nbd is None:
         raise BadInput("--mode, --cut-interval, --tls and --on-fence only apply to the NBD "
-                       "capturer: add --nbd [HOST:]PORT (--cut-interval also to --trace)")
+                       "capturer: add --nbd [HOST:]PORT|PATH (--cut-interval also to --trace)")
     if nbd is not None and cut_interval is not None and not 0 <= cut_interval <= 3600:
         raise BadInput(f"--cut-interval must be seconds from 0 to 3600 (0: only client "
                        f"FLUSHes), got {cut_interval:g}")

@@ -1160,14 +1160,18 @@ def bind_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
 
 
 def _answers(path: str) -> bool:
-    """Does a server accept connections on the unix socket ``path``?"""
+    """Does a server listen on the unix socket ``path``? Only a refusal (or the file
+    gone meanwhile) says no: a server whose backlog is full keeps a connect waiting, and
+    its socket must not be taken."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
         probe.connect(path)
         return True
-    except OSError:
+    except (ConnectionRefusedError, FileNotFoundError):
         return False
+    except OSError:
+        return True
     finally:
         probe.close()
 
