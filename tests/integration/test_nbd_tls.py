@@ -138,22 +138,29 @@ def test_bad_tls_settings_are_clear_errors(tmp_path: Path, certs: Path) -> None:
     assert proc.returncode != 0 and "add --nbd" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
 def test_capturer_over_tls_journals_what_a_tls_client_writes(settings, pair_name,
-                                                              tmp_path: Path,
-                                                              certs: Path) -> None:
+                                                              tmp_path: Path, certs: Path,
+                                                              transport: str) -> None:
     from producers.nbd_capture import NBDCapture
     from tests.conftest import same_bytes
     from tests.integration.test_nbd_capture import make_pair, wait_baseline
     spec = make_pair(settings, pair_name, tmp_path, 8 * MiB, data_fraction=0.3)
+    path = str(tmp_path / "tls.sock") if transport == "unix" else None
     cap = NBDCapture(spec, settings, HOST, 0, tls=server_context(certs),
-                     tls_required=True).start()
+                     tls_required=True, path=path).start()
     try:
-        assert cap.uri.startswith("nbds://")
+        if path is None:
+            assert cap.uri.startswith("nbds://")
+            uri = f"nbds://localhost:{cap.port}/{pair_name}?tls-certificates={certs}"
+        else:
+            # TLS on a unix socket too: libnbd checks the certificate for "localhost".
+            assert cap.uri.startswith("nbds+unix:///")
+            uri = f"{cap.uri}&tls-certificates={certs}"
         wait_baseline(cap)
         blob = tmp_path / "blob"
         blob.write_bytes(os.urandom(3 * MiB))
-        run("nbdcopy", "--flush", str(blob),
-            f"nbds://localhost:{cap.port}/{pair_name}?tls-certificates={certs}")
+        run("nbdcopy", "--flush", str(blob), uri)
     finally:
         assert cap.stop().clean
     run_x2x("apply", pair_name, "--until-caught-up")
