@@ -52,7 +52,9 @@ def run(ctx: Context) -> dict[str, Any]:
          "apply_first_batch_s": marks.get("first_batch_s"),
          "capture_MBps": mbps(size, scan.seconds), "apply_MBps": mbps(size, apply_s),
          "end_to_end_MBps": mbps(size, scan.seconds + apply_s),
-         "bytes_applied": stats.bytes_applied, "disk_write_s": disk_s}
+         "bytes_applied": stats.bytes_applied, "disk_write_s": disk_s,
+         # Of apply_s: the applier writing the target, and reading waiting for that.
+         "apply_write_s": stats.write_s, "apply_write_wait_s": stats.write_wait_s}
     # Later scenarios build on this run: the lag scenario writes at half of x2x's rate,
     # the replay scenario rebuilds a replica from this pair's journal.
     ctx.shared["max_MBps"] = x["end_to_end_MBps"]

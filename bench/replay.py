@@ -49,5 +49,8 @@ def run(ctx: Context) -> dict[str, Any]:
                     "apply_first_batch_s": marks.get("first_batch_s"),
                     "consume_write_s": consume_write_s, "disk_write_s": disk_s,
                     "bytes_applied": stats.bytes_applied, "checkpoints": stats.checkpoints,
+                    # Of apply_s: the applier writing the target, and reading waiting
+                    # for that (the disk alone wrote as much in disk_write_s).
+                    "apply_write_s": stats.write_s, "apply_write_wait_s": stats.write_wait_s,
                     "replica_identical_to_source": identical},
     }

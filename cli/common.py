@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
 from infra.kafka import KafkaSettings
+
+if TYPE_CHECKING:
+    from consumers.applier import ApplyStats
 
 # Off a terminal (CI logs, pipes, journald) rich would wrap at 80 columns, truncate table
 # cells and split error lines that operators grep for; tables there are as wide as needed.
@@ -42,3 +45,10 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def disk_share(stats: "ApplyStats") -> str:
+    """What an apply run's target took of it: a run that mostly waited for its writes is
+    bound by the target's disk, not by the broker or x2x."""
+    return (f"writing the target {stats.write_s:.2f} s, reading waited for it "
+            f"{stats.write_wait_s:.2f} s")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from cli.common import console, human_bytes, print_json, settings
+from cli.common import console, disk_share, human_bytes, print_json, settings
 from cli.replicate import _stop_on_signals
 from consumers import replica
 from consumers.seed import find_base, register
@@ -46,7 +46,8 @@ def add(ctx: typer.Context, name: str,
                     "offset": p.offset, "captured_at_ms": p.captured_at_ms})
         return
     console.print(f"replica {target}: {stats.entries} entries, "
-                  f"{human_bytes(stats.bytes_applied)} in {stats.seconds:.2f} s; at consistency "
+                  f"{human_bytes(stats.bytes_applied)} in {stats.seconds:.2f} s "
+                  f"({disk_share(stats)}); at consistency "
                   f"point epoch {p.epoch} seq {p.seq} (offset {p.offset}); stopped by "
                   f"{stats.stopped_by}")
 

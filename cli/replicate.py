@@ -10,7 +10,7 @@ import typer
 from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
                            TransferSpeedColumn)
 
-from cli.common import console, err_console, human_bytes, print_json, settings
+from cli.common import console, disk_share, err_console, human_bytes, print_json, settings
 from consumers.applier import Applier
 from consumers.checkpoint import CheckpointStore
 from infra import control, images, pins
@@ -306,8 +306,8 @@ def apply(ctx: typer.Context, name: str,
     rate = stats.bytes_applied / stats.seconds / 1e6 if stats.seconds else 0.0
     console.print(
         f"applied {stats.entries} entries, {stats.ops} ops, {human_bytes(stats.bytes_applied)} "
-        f"in {stats.seconds:.2f} s ({rate:.0f} MB/s); checkpoint epoch {p.epoch} seq {p.seq} "
-        f"(offset {p.offset})")
+        f"in {stats.seconds:.2f} s ({rate:.0f} MB/s; {disk_share(stats)}); checkpoint epoch "
+        f"{p.epoch} seq {p.seq} (offset {p.offset})")
 
 
 def nbd_certs(directory: str = typer.Argument(..., metavar="DIR"),

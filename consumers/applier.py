@@ -81,6 +81,12 @@ class ApplyStats:
     seconds: float = 0.0
     stale_skipped: int = 0   # late records of abandoned epochs, skipped
     reconnects: int = 0      # times an NBD target came back and applying resumed
+    #: Seconds spent writing to the target (in the background or not, fsyncs apart):
+    #: next to ``seconds``, how much of a run its target's disk took.
+    write_s: float = 0.0
+    #: Of ``seconds``, how long reading waited for background writes: a run whose
+    #: target's disk is slower than its journal's broker waits here.
+    write_wait_s: float = 0.0
 
 
 @dataclass
@@ -231,6 +237,7 @@ class Applier:
                 raise
             finally:
                 self._writes.close()
+                self.stats.write_wait_s = self._writes.waited_s
                 consumer.close()
                 self.released = (self.stats.stopped_by == "limit" and os.path.realpath(
                     self.target) != os.path.realpath(self.spec.target))
@@ -480,6 +487,7 @@ class Applier:
     def _write(self, entries: list[Entry]) -> None:
         """Apply checked entries to the target; a failed write names the target and
         where applying resumes."""
+        t0 = time.monotonic()
         try:
             apply_entries(self.vol, entries)
         except OSError as e:
@@ -489,6 +497,9 @@ class Applier:
                 f"{e.strerror or e}. Its checkpoint stays at epoch {p.epoch} seq {p.seq}; "
                 f"once the target is fixed (space, device), '{self._rerun()}' applies "
                 f"again from there") from e
+        finally:
+            # One writer at a time (BackgroundWrites is waited for before any other).
+            self.stats.write_s += time.monotonic() - t0
 
     def _rerun(self) -> str:
         """The command that runs this applier again: the pair's own or a replica's."""

@@ -1,6 +1,7 @@
 """Applying ops to a target volume."""
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable
 
@@ -53,6 +54,9 @@ class BackgroundWrites:
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
+        #: Seconds callers waited for a batch to be written: the reading side had
+        #: nothing to do but wait for the target's disk.
+        self.waited_s = 0.0
 
     def submit(self, write: Callable[[list[Entry]], None], entries: list[Entry]) -> None:
         """Start ``write(entries)`` once the batch before is written (at most one is in
@@ -66,7 +70,11 @@ class BackgroundWrites:
         """Return once every submitted batch is written; raise what writing one raised."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending.result()
+            t0 = time.monotonic()
+            try:
+                pending.result()
+            finally:
+                self.waited_s += time.monotonic() - t0
 
     def discard(self) -> None:
         """Wait for the batch in flight, ignoring its failure (the caller goes back to

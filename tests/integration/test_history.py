@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import threading
 import time
@@ -181,6 +182,8 @@ def test_point_in_time_inside_the_window_and_a_replica_behind_the_base(
         out = run_x2x("replica", "add", spec.name, "--target", str(tmp_path / "pit.img"),
                       "--base", base_img, "--at", at).stdout
         assert "stopped by limit" in out
+        assert re.search(r"\(writing the target \d+\.\d\d s, reading waited for it "
+                         r"\d+\.\d\d s\)", out), out
         assert same_bytes(tmp_path / "pit.img", snap)
         # A point before the base is refused, saying what the oldest one is.
         proc = run_x2x("replica", "add", spec.name, "--target", str(tmp_path / "old.img"),
