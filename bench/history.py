@@ -14,15 +14,9 @@ from typing import Any
 
 from bench.common import (MiB, Context, figure, finish, make_pair, pool, random_image,
                           same_volume, start, x2x_cmd)
+from bench.cpu import cpu_seconds
 
 TITLE = "Bounded journal: broker bytes held vs bytes written, cost of the history base"
-
-
-def _cpu_seconds(pid: int) -> float:
-    """utime + stime of a live child (/proc/PID/stat fields 14 and 15)."""
-    import os
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _write_bytes(pid: int) -> int:
@@ -79,7 +73,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 break
             time.sleep(1)
         low, high = watermarks(ctx.settings, spec.name)
-        cpu = {"base": _cpu_seconds(base.pid), "applier": _cpu_seconds(applier.pid)}
+        cpu = {"base": cpu_seconds(base.pid), "applier": cpu_seconds(applier.pid)}
         wrote = {"base": _write_bytes(base.pid), "applier": _write_bytes(applier.pid)}
     finally:
         for proc in (applier, base):

@@ -45,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from bench.cpu import cpu_seconds
 from infra.net import free_port
 from producers.publisher import WAITED_LINGER_MS
 
@@ -68,12 +69,6 @@ def timed(*cmd: str) -> float:
     t0 = time.monotonic()
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return time.monotonic() - t0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process (all its threads) has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def broker_pid() -> int | None:

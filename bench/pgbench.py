@@ -9,7 +9,12 @@ the journal too, in sync every write does (producers/journaling.py).
 Runs of the same server differ by 10-15 % on these machines (qemu-nbd 2,233 to 2,539
 tps in two full runs), as much as async's gap to qemu-nbd: the peer and async run
 ``PAIRED_RUNS`` times, one after the other in turns, and each figure is the median of
-its runs (every run is in the details)."""
+its runs (every run is in the details).
+
+What bounds async on a small machine is CPU: the machine is about as busy with either
+server, so tps follow the CPU a transaction costs. Each run records that cost, whole
+machine and by process (the server, the applier, the broker, nbdfuse, the kernel's
+threads, this harness's RPO sampler), from /proc (bench/cpu.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -23,6 +28,7 @@ from typing import Any, Iterator
 
 from bench.common import (Context, delete_pair, empty_image, figure, finish, make_pair,
                           percentile, require, sample_rpo, start, x2x_cmd)
+from bench.cpu import by_role, machine_share, snapshot
 from bench.postgres import Postgres, missing, workdir
 from infra.net import free_port
 
@@ -76,8 +82,10 @@ def _mounted(uri: str, work: Path) -> Iterator[Path]:
             fuse.wait(10)
 
 
-def _pgbench(uri: str, work: Path, scale: int, seconds: int,
-             during: threading.Event | None = None) -> float:
+def _pgbench(uri: str, work: Path, scale: int, seconds: int, roles: dict[int, str],
+             during: threading.Event | None = None) -> tuple[float, dict[str, Any]]:
+    """tps, and the CPU the run took: per transaction, by who took it (``roles`` names
+    processes by pid: the server, the applier), and how busy the machine was."""
     with _mounted(uri, work) as mnt:
         pg = Postgres(mnt / "pgdata", free_port())
         pg.init()
@@ -86,18 +94,26 @@ def _pgbench(uri: str, work: Path, scale: int, seconds: int,
             pg.init_bench(scale)
             if during is not None:
                 during.set()
-            return pg.tps(4, seconds)
+            before = snapshot()
+            tps = pg.tps(4, seconds)
+            after = snapshot()
         finally:
             pg.stop()
+    txs = max(tps * seconds, 1.0)
+    spent = by_role(before, after, {os.getpid(): "harness", **roles})
+    return tps, {"us_per_tx": {role: round(cpu * 1e6 / txs, 1) for role, cpu in spent.items()},
+                 "busy": round(machine_share(before, after), 3)}
 
 
-def _qemu_nbd(work: Path, size: int, scale: int, seconds: int) -> float:
+def _qemu_nbd(work: Path, size: int, scale: int,
+              seconds: int) -> tuple[float, dict[str, Any]]:
     image, sock = empty_image(work / "qemu.img", size), work / "qemu.sock"
     proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "-x", "disk", "-k", str(sock), "-t",
                              str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait(sock.exists, "qemu-nbd", proc)
-        return _pgbench(f"nbd+unix:///disk?socket={sock}", work, scale, seconds)
+        return _pgbench(f"nbd+unix:///disk?socket={sock}", work, scale, seconds,
+                        {proc.pid: "server"})
     finally:
         proc.terminate()
         proc.wait(20)
@@ -105,7 +121,7 @@ def _qemu_nbd(work: Path, size: int, scale: int, seconds: int) -> float:
 
 
 def _x2x(ctx: Context, work: Path, mode: str, size: int, scale: int,
-         seconds: int) -> tuple[float, list[float]]:
+         seconds: int) -> tuple[float, list[float], dict[str, Any]]:
     src, dst = empty_image(work / "src.img", size), work / "dst.img"
     spec = make_pair(ctx, "pgbench", src, dst)
     sock = work / "x2x.sock"
@@ -116,8 +132,8 @@ def _x2x(ctx: Context, work: Path, mode: str, size: int, scale: int,
     sampler = sample_rpo(ctx.settings, spec.name, str(dst), stop, rpos, begin=running)
     try:
         _wait(sock.exists, "x2x capture", cap)
-        tps = _pgbench(f"nbd+unix:///{spec.name}?socket={sock}", work, scale, seconds,
-                       running)
+        tps, cpu = _pgbench(f"nbd+unix:///{spec.name}?socket={sock}", work, scale, seconds,
+                            {cap.pid: "server", app.pid: "applier"}, running)
     finally:
         stop.set()
         running.set()
@@ -129,7 +145,12 @@ def _x2x(ctx: Context, work: Path, mode: str, size: int, scale: int,
         delete_pair(ctx, spec)
         for p in (src, dst):
             p.unlink(missing_ok=True)
-    return tps, rpos
+    return tps, rpos, cpu
+
+
+def _median_run(tps: list[float], cpu: list[dict[str, Any]]) -> dict[str, Any]:
+    """The CPU of the run whose tps is the median (nearest rank)."""
+    return cpu[tps.index(percentile(tps, 50))]
 
 
 def _told(values: list[float]) -> str:
@@ -146,16 +167,21 @@ def run(ctx: Context) -> dict[str, Any]:
     work = workdir()
     try:
         runs: dict[str, list[float]] = {"qemu-nbd": []}
+        cpu_runs: dict[str, list[dict[str, Any]]] = {"qemu-nbd": []}
         rpo_runs: dict[str, list[float]] = {}
         for n in range(ctx.size(PAIRED_RUNS, 1)):
-            runs["qemu-nbd"].append(_qemu_nbd(work, size, scale, seconds))
+            tps, cpu = _qemu_nbd(work, size, scale, seconds)
+            runs["qemu-nbd"].append(tps)
+            cpu_runs["qemu-nbd"].append(cpu)
             for mode in MODES if n == 0 else MODES[:1]:
-                tps, rpos = _x2x(ctx, work, mode, size, scale, seconds)
+                tps, rpos, cpu = _x2x(ctx, work, mode, size, scale, seconds)
                 runs.setdefault(mode, []).append(tps)
+                cpu_runs.setdefault(mode, []).append(cpu)
                 rpo_runs.setdefault(mode, []).extend(rpos)
         # Nearest-rank median: the middle run, one that happened.
         peer = percentile(runs["qemu-nbd"], 50)
-        figures, details = [], {"qemu_nbd_tps": peer, "runs_tps": runs}
+        figures, details = [], {"qemu_nbd_tps": peer, "runs_tps": runs,
+                                "runs_cpu": cpu_runs}
         for mode in MODES:
             tps, rpos = percentile(runs[mode], 50), rpo_runs[mode]
             p50, p99 = percentile(rpos, 50), percentile(rpos, 99)
@@ -167,6 +193,14 @@ def run(ctx: Context) -> dict[str, Any]:
                 "qemu-nbd" + (f", {theirs}" if theirs else ""), peer, "higher"))
             details[f"{mode}_tps"] = tps
             details[f"{mode}_rpo_p50_s"], details[f"{mode}_rpo_p99_s"] = p50, p99
+        # What bounds async: the CPU a transaction costs, all processes together (the
+        # machine is about as busy with either server), in each one's median run.
+        mine, theirs = (_median_run(runs[k], cpu_runs[k]) for k in ("async", "qemu-nbd"))
+        figures.append(figure(
+            f"pgbench async: CPU per transaction, whole machine (busy "
+            f"{mine['busy']:.0%}; qemu-nbd's {theirs['busy']:.0%})", "us",
+            mine["us_per_tx"]["machine"], "qemu-nbd", theirs["us_per_tx"]["machine"],
+            "lower"))
     finally:
         subprocess.run(["rm", "-rf", str(work)], capture_output=True)
     return {"title": TITLE, "figures": figures,
