@@ -27,6 +27,9 @@ floor of ``--flush``, which waits for all of it on the broker), and a bare produ
 keeping 16 records of 4 KiB in flight (at sync mode's linger, WAITED_LINGER_MS; the floor of sync
 mode's random writes at depth 16, where every write waits for the broker), measured at the
 start and again right after sync mode's random writes, on a broker in the same state.
+Sync mode's random writes and that bare producer are also set side by side by the CPU
+they cost per write (this process and the broker): on a small machine that, not the
+broker's round trip, is what bounds them.
 
 Prints a table and writes ``bench/results/nbd_capture.json``. Not a test: no timed asserts.
 
@@ -102,12 +105,22 @@ def run_workloads(uri: str, data: Path, size: int, rand_count: int,
            "seq_broker_cpu_s_per_GiB": ((cpu_seconds(bpid) if bpid else 0.0) - before[1]) / gib,
            "seq_nbdcopy_cpu_s_per_GiB": (_children_cpu() - before[2]) / gib}
     between()
+    before = (cpu_seconds(server_pid), cpu_seconds(bpid) if bpid else 0.0)
     rand_s = timed("qemu-img", "bench", "-w", "-t", "none", "-f", "raw", "-s", "4096",
                    "-S", str(STRIDE), "-c", str(rand_count), "-d", "16", "--flush-interval",
                    str(rand_count), uri)
+    cpu |= _per_op(before, server_pid, bpid, rand_count, "rand")
     return {"seq_seconds": seq_s, "seq_MBps": size / seq_s / 1e6,
             "seq_flush_seconds": flushed_s, "seq_flush_MBps": size / flushed_s / 1e6,
             "rand_seconds": rand_s, "rand_iops": rand_count / rand_s, **cpu}
+
+
+def _per_op(before: tuple[float, float], pid: int, bpid: int | None, ops: int,
+            what: str) -> dict[str, float]:
+    """CPU microseconds per op since ``before`` of ``pid`` and of the broker."""
+    now = (cpu_seconds(pid), cpu_seconds(bpid) if bpid else 0.0)
+    return {f"{what}_server_cpu_us_per_op": (now[0] - before[0]) * 1e6 / ops,
+            f"{what}_broker_cpu_us_per_op": (now[1] - before[1]) * 1e6 / ops}
 
 
 def _children_cpu() -> float:
@@ -146,8 +159,9 @@ def bench_qemu_nbd(work: Path, data: Path, size: int, rand_count: int,
 
 def bench_x2x(work: Path, data: Path, size: int, rand_count: int,
               mode: str = "async", unix: bool = True) -> dict[str, float]:
-    """x2x's NBD capture with an applier's journal behind it, over a unix socket as a
-    client on the same host would reach it (``--nbd PATH``), or over TCP on 127.0.0.1."""
+    """x2x's NBD capture, in this process, journaling to the broker (no applier), over a
+    unix socket as a client on the same host would reach it (``--nbd PATH``), or over
+    TCP on 127.0.0.1."""
     from infra import control
     from infra.kafka import KafkaSettings
     from journal.pairs import PairSpec
@@ -189,7 +203,10 @@ def bench_bare(data: Path | None, size: int, rand_count: int) -> dict[str, float
         if data is not None:
             _, seconds = bare_produce(settings, topic, data)
             out["seq_flush_MBps"] = size / seconds / 1e6
+        bpid = broker_pid()
+        before = (cpu_seconds(os.getpid()), cpu_seconds(bpid) if bpid else 0.0)
         out["rand_iops"] = bare_produce_at_depth(settings, topic, 4096, rand_count, 16)
+        out |= _per_op(before, os.getpid(), bpid, rand_count, "rand")
     return out
 
 
@@ -275,6 +292,14 @@ def run(quick: bool, workdir: Path) -> dict:
                "back", bare["rand_iops"], "higher")]
     # Over TCP both ways: what a client on another host gets, short of the wire. Not
     # the random writes: qemu-nbd's delayed-ACK stalls would flatter x2x (see above).
+    # What bounds sync's random writes: CPU per write, the capturer's and the broker's,
+    # against the bare producer's and the broker's per record at the same depth.
+    xs, bs = results["x2x sync"], results["bare produce, after"]
+    figures.append(figure(
+        "x2x sync: random 4 KiB, CPU per write (capturer + broker)", "us",
+        xs["rand_server_cpu_us_per_op"] + xs["rand_broker_cpu_us_per_op"],
+        "bare producer + broker, per 4 KiB record at depth 16, right after it",
+        bs["rand_server_cpu_us_per_op"] + bs["rand_broker_cpu_us_per_op"], "lower"))
     figures.append(figure("x2x async over TCP: sequential 1 MiB (nbdcopy)", "MB/s",
                           results["x2x async tcp"]["seq_MBps"], "qemu-nbd tcp",
                           results["qemu-nbd tcp"]["seq_MBps"], "higher"))
