@@ -28,8 +28,9 @@ keeping 16 records of 4 KiB in flight (at sync mode's linger, WAITED_LINGER_MS; 
 mode's random writes at depth 16, where every write waits for the broker), measured at the
 start and again right after sync mode's random writes, on a broker in the same state.
 Sync mode's random writes and that bare producer are also set side by side by the CPU
-they cost per write (this process and the broker): on a small machine that, not the
-broker's round trip, is what bounds them.
+they cost per write (this process and the broker): the capturer's per write times the
+rate says how near it runs to one core, all its Python can use under the interpreter
+lock.
 
 Prints a table and writes ``bench/results/nbd_capture.json``. Not a test: no timed asserts.
 
