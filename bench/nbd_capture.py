@@ -291,8 +291,6 @@ def run(quick: bool, workdir: Path) -> dict:
                "start", "IOPS", results["x2x sync"]["rand_iops"],
                "the same bare producer before any run, on a broker with nothing to write "
                "back", bare["rand_iops"], "higher")]
-    # Over TCP both ways: what a client on another host gets, short of the wire. Not
-    # the random writes: qemu-nbd's delayed-ACK stalls would flatter x2x (see above).
     # What bounds sync's random writes: CPU per write, the capturer's and the broker's,
     # against the bare producer's and the broker's per record at the same depth.
     xs, bs = results["x2x sync"], results["bare produce, after"]
@@ -301,6 +299,8 @@ def run(quick: bool, workdir: Path) -> dict:
         xs["rand_server_cpu_us_per_op"] + xs["rand_broker_cpu_us_per_op"],
         "bare producer + broker, per 4 KiB record at depth 16, right after it",
         bs["rand_server_cpu_us_per_op"] + bs["rand_broker_cpu_us_per_op"], "lower"))
+    # Over TCP both ways: what a client on another host gets, short of the wire. Not
+    # the random writes: qemu-nbd's delayed-ACK stalls would flatter x2x (see above).
     figures.append(figure("x2x async over TCP: sequential 1 MiB (nbdcopy)", "MB/s",
                           results["x2x async tcp"]["seq_MBps"], "qemu-nbd tcp",
                           results["qemu-nbd tcp"]["seq_MBps"], "higher"))

@@ -48,7 +48,7 @@ def human_bytes(n: float) -> str:
 
 
 def disk_share(stats: "ApplyStats") -> str:
-    """What an apply run's target took of it: a run that mostly waited for its writes is
-    bound by the target's disk, not by the broker or x2x."""
+    """What an apply run's target took of it: a run that mostly wrote, and waited for its
+    writes, is bound by writing its target, not by the broker."""
     return (f"writing the target {stats.write_s:.2f} s, reading waited for it "
             f"{stats.write_wait_s:.2f} s")
