@@ -10,9 +10,11 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
+import time
 from typing import Iterable
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from infra import control_cache, keys
 from infra.kafka import KafkaSettings
@@ -177,13 +179,18 @@ def pairs(settings: KafkaSettings) -> dict[str, PairState]:
     return folded(settings).pairs
 
 
+def _identity(admin: AdminClient, timeout: float = 10.0) -> str | None:
+    """The cluster's and the control topics' ids (control_cache.identity)."""
+    return control_cache.identity(admin, admin.list_topics(timeout=timeout).cluster_id,
+                                  CONTROL_TOPICS)
+
+
 def folded(settings: KafkaSettings) -> control_cache.Folded:
     """The fold :func:`pairs` gives, with the offsets it reaches (its identity is empty
     where the broker tells no topic ids: then nothing is cached)."""
     admin = settings.check_reachable()
     ensure_base_topics(admin)
-    ident = control_cache.identity(admin, admin.list_topics(timeout=10).cluster_id,
-                                   CONTROL_TOPICS)
+    ident = _identity(admin)
     cached = control_cache.load(settings.bootstrap, ident) if ident else None
     if cached is not None and _checkable_now(cached):
         log.info("a pair's key is here now: folding its events again, checked")
@@ -230,32 +237,51 @@ def get_pair(settings: KafkaSettings, name: str) -> PairState:
     return _pick(pairs(settings), name)
 
 
+#: Seconds between two checks by a :class:`PairsTail` that the control topics are still
+#: the ones it read.
+TOPICS_CHECK_S = 5.0
+
+
 class PairsTail:
     """The pairs' state for a service that asks again and again (a watcher, twice a
     second): :func:`folded` once, then brought up to date from one follower consumer,
     instead of an admin client, a topic description and a new consumer at every call.
     Between two calls it may lag the topics by the follower's fetch; a caller that must
-    know the broker answers now checks that itself (consumers/watch.py does)."""
+    know the broker answers now checks that itself (consumers/watch.py does).
+
+    A broker that lost its data (Tansu in memory, restarted), or control topics deleted
+    and created again, start the topics anew: the pairs folded from the old ones are
+    gone, and the tail folds again from the new. It notices by the topics' ids (asked
+    every TOPICS_CHECK_S, where the broker tells them) or by a record below the
+    position it had read to (a consumer reset to the start)."""
 
     def __init__(self, settings: KafkaSettings, timeout: float = 15.0) -> None:
         self.settings, self.timeout = settings, timeout
         self._consumer = Consumer(settings.follower())
+        self._admin: AdminClient | None = None
         self._fold: control_cache.Folded | None = None
+        self._checked = time.monotonic()
 
     def get(self, name: str) -> PairState:
         """The pair ``name`` now (PairNotFound as :func:`get_pair`)."""
         return _pick(self.pairs(), name)
 
     def pairs(self) -> dict[str, PairState]:
-        if self._fold is None or _checkable_now(self._fold):
+        if self._fold is None or _checkable_now(self._fold) or self._topics_anew():
             self._fold = folded(self.settings)
             # Current as read by folded(); from there on each call takes what arrived.
             self._consumer.assign([TopicPartition(t, 0, self._fold.offsets.get(t, 0))
                                    for t in CONTROL_TOPICS])
         starts = {t: self._fold.offsets.get(t, 0) for t in CONTROL_TOPICS}
-        new, offsets = _in_fold_order(read_up_to_end(
-            self._consumer, set(), self.settings.bootstrap, self.timeout, patient=True),
-            starts)
+        records = list(read_up_to_end(self._consumer, set(), self.settings.bootstrap,
+                                      self.timeout, patient=True))
+        below = next((f"{t} offset {m.offset()}, below {starts[t]}" for t, m in records
+                      if m.offset() < starts[t]), None)
+        if below is not None:
+            self._anew(f"the consumer read {below}")
+            self._fold = None
+            return self.pairs()
+        new, offsets = _in_fold_order(records, starts)
         later = _folded_on(self._fold, new, offsets)
         if later is None:
             log.info("a control event older than the folded ones arrived: folding again")
@@ -263,6 +289,29 @@ class PairsTail:
             return self.pairs()
         self._fold = later
         return later.pairs
+
+    def _topics_anew(self) -> bool:
+        """Are the control topics others than those the fold was read from (ids asked at
+        most every TOPICS_CHECK_S; never where the broker tells none)?"""
+        assert self._fold is not None
+        now = time.monotonic()
+        if not self._fold.identity or now - self._checked < TOPICS_CHECK_S:
+            return False
+        self._checked = now
+        self._admin = self._admin or AdminClient(self.settings.admin())
+        try:
+            ident = _identity(self._admin, self.timeout)
+        except KafkaException:
+            return False            # the read that follows says what is wrong
+        if ident is None or ident == self._fold.identity:
+            return False
+        self._anew("their ids changed")
+        return True
+
+    def _anew(self, sign: str) -> None:
+        log.warning("the control topics at %s started anew (%s): the broker lost its data "
+                    "or they were created again; the pairs are read afresh from them",
+                    self.settings.bootstrap, sign)
 
     def close(self) -> None:
         self._consumer.close()

@@ -9,6 +9,8 @@
   applier reports JournalLost with the recovery command, a replay from scratch is
   refused, and ``x2x pair resync NAME`` (answered by the still running capturer) repairs
   the target by block hashes, sending far less than the volume.
+* a service following the pairs (the failover watcher's ``PairsTail``) sees the broker
+  come back empty: it reads the pairs afresh, and the old broker's are gone from its view.
 """
 from __future__ import annotations
 
@@ -289,3 +291,29 @@ def test_journal_lost_while_the_capturer_was_stopped_is_caught_at_its_next_start
     run_x2x("replica", "add", pair_name, "--target", str(replica), "--at", "now")
     assert converged(spec.source, str(replica))
     TALLY["broker outages"] += 1
+
+
+def test_a_pairs_tail_forgets_the_pairs_of_a_broker_that_lost_its_data(
+        own_tansu: OwnBroker) -> None:
+    """A service that folds the pairs once and then follows the control topics (the
+    failover watcher) sees the broker come back empty and new pairs created on it: it
+    folds again from the new topics, and the pairs that went with the old ones are gone
+    from its view instead of living on beside the new."""
+    from journal.pairs import PairSpec
+    s = own_tansu.settings()
+    control.create_pair(s, PairSpec("before-loss", "/src", "/dst", 65536, 1 << 20))
+    tail = control.PairsTail(s)
+    try:
+        assert set(tail.pairs()) == {"before-loss"}
+        own_tansu.lose_data()
+        own_tansu.up()                                       # empty: a new cluster
+        control.create_pair(s, PairSpec("after-loss", "/src", "/dst", 65536, 1 << 20))
+        deadline, seen = time.monotonic() + 60, set(tail.pairs())
+        while seen != {"after-loss"} and time.monotonic() < deadline:
+            assert "after-loss" not in seen or "before-loss" not in seen, \
+                f"the old broker's pairs live on beside the new ones: {seen}"
+            time.sleep(0.5)
+            seen = set(tail.pairs())
+        assert seen == {"after-loss"}, seen
+    finally:
+        tail.close()
