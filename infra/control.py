@@ -300,9 +300,10 @@ class PairsTail:
         self._checked = now
         self._admin = self._admin or AdminClient(self.settings.admin())
         try:
-            ident = _identity(self._admin, self.timeout)
+            # Briefly: in an outage the read that follows waits, and says what is wrong.
+            ident = _identity(self._admin, 3.0)
         except KafkaException:
-            return False            # the read that follows says what is wrong
+            return False
         if ident is None or ident == self._fold.identity:
             return False
         self._anew("their ids changed")
