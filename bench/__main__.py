@@ -103,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         ap.error(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
-    if args.merge:
+    base = json.loads((args.out / "latest.json").read_text()) if args.merge else None
+    if base is not None:
         # Rows of the first engine carry no @ENGINE: the same engine must come first.
-        first = json.loads((args.out / "latest.json").read_text())["meta"]["broker"]
-        first = first.split(":", 1)[0]
+        first = base["meta"]["broker"].split(":", 1)[0]
         if engines[0] != first:
             ap.error(f"--merge: {args.out / 'latest.json'} ran {first} first; run with "
                      f"--engines {first},... so its rows match")
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                  "broker_warm_up": warmed},
         "scenarios": {k: results[k] for k in sorted(results, key=_order(engines))},
     }
-    if args.merge:
-        doc = merge(json.loads((args.out / "latest.json").read_text()), doc)
+    if base is not None:
+        doc = merge(base, doc)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(doc, indent=2) + "\n")
     table = markdown(doc)

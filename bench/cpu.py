@@ -14,7 +14,13 @@ _BY_COMMAND = {"java": "broker", "nbdfuse": "nbdfuse", "postgres": "postgres",
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU a live process (all its threads) has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return _of_stat(Path(f"/proc/{pid}/stat").read_text())
+
+
+def _of_stat(stat: str) -> float:
+    """utime + stime of a /proc/PID/stat line (fields 14 and 15; the command before
+    them, in parentheses, may hold spaces)."""
+    fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
@@ -37,12 +43,11 @@ def snapshot() -> Snapshot:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
         except OSError:         # gone meanwhile
             continue
-        fields = stat.rsplit(")", 1)[1].split()
         # No command line: a kernel thread (writeback, block completions, softirqs). A
         # PostgreSQL backend's reads "postgres: user db [local] ...".
         what = (os.path.basename(argv.decode(errors="replace").split(" ")[0]).rstrip(":")
                 if argv else "kernel")
-        procs[int(entry)] = (what, (int(fields[11]) + int(fields[12])) / _TICK)
+        procs[int(entry)] = (what, _of_stat(stat))
     with open("/proc/stat") as f:
         ticks = [int(x) for x in f.readline().split()[1:9]]
     idle = ticks[3] + ticks[4]          # idle, iowait

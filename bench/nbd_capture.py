@@ -98,15 +98,15 @@ def run_workloads(uri: str, data: Path, size: int, rand_count: int,
     flushed_s = timed("nbdcopy", "--flush", "--request-size=1048576", str(data), uri)
     between()
     bpid = broker_pid()
-    before = (cpu_seconds(server_pid), cpu_seconds(bpid) if bpid else 0.0,
-              _children_cpu())
+    before, children = _cpu_now(server_pid, bpid), _children_cpu()
     seq_s = timed("nbdcopy", "--request-size=1048576", str(data), uri)
     gib = size / (1 << 30)
-    cpu = {"seq_server_cpu_s_per_GiB": (cpu_seconds(server_pid) - before[0]) / gib,
-           "seq_broker_cpu_s_per_GiB": ((cpu_seconds(bpid) if bpid else 0.0) - before[1]) / gib,
-           "seq_nbdcopy_cpu_s_per_GiB": (_children_cpu() - before[2]) / gib}
+    now = _cpu_now(server_pid, bpid)
+    cpu = {"seq_server_cpu_s_per_GiB": (now[0] - before[0]) / gib,
+           "seq_broker_cpu_s_per_GiB": (now[1] - before[1]) / gib,
+           "seq_nbdcopy_cpu_s_per_GiB": (_children_cpu() - children) / gib}
     between()
-    before = (cpu_seconds(server_pid), cpu_seconds(bpid) if bpid else 0.0)
+    before = _cpu_now(server_pid, bpid)
     rand_s = timed("qemu-img", "bench", "-w", "-t", "none", "-f", "raw", "-s", "4096",
                    "-S", str(STRIDE), "-c", str(rand_count), "-d", "16", "--flush-interval",
                    str(rand_count), uri)
@@ -116,10 +116,15 @@ def run_workloads(uri: str, data: Path, size: int, rand_count: int,
             "rand_seconds": rand_s, "rand_iops": rand_count / rand_s, **cpu}
 
 
+def _cpu_now(pid: int, bpid: int | None) -> tuple[float, float]:
+    """CPU seconds so far of ``pid`` and of the broker (``bpid``; 0 without one)."""
+    return cpu_seconds(pid), cpu_seconds(bpid) if bpid else 0.0
+
+
 def _per_op(before: tuple[float, float], pid: int, bpid: int | None, ops: int,
             what: str) -> dict[str, float]:
     """CPU microseconds per op since ``before`` of ``pid`` and of the broker."""
-    now = (cpu_seconds(pid), cpu_seconds(bpid) if bpid else 0.0)
+    now = _cpu_now(pid, bpid)
     return {f"{what}_server_cpu_us_per_op": (now[0] - before[0]) * 1e6 / ops,
             f"{what}_broker_cpu_us_per_op": (now[1] - before[1]) * 1e6 / ops}
 
@@ -205,7 +210,7 @@ def bench_bare(data: Path | None, size: int, rand_count: int) -> dict[str, float
             _, seconds = bare_produce(settings, topic, data)
             out["seq_flush_MBps"] = size / seconds / 1e6
         bpid = broker_pid()
-        before = (cpu_seconds(os.getpid()), cpu_seconds(bpid) if bpid else 0.0)
+        before = _cpu_now(os.getpid(), bpid)
         out["rand_iops"] = bare_produce_at_depth(settings, topic, 4096, rand_count, 16)
         out |= _per_op(before, os.getpid(), bpid, rand_count, "rand")
     return out
