@@ -23,6 +23,7 @@ from consumers.failover import Operation, force_failover
 from infra import control, hooks
 from infra.heartbeat import BeatTail, HeartbeatPublisher
 from infra.kafka import KafkaSettings
+from infra.logs import Repeats
 from infra.reader import offsets_of
 from infra.topics import journal_topic
 from journal.errors import Busy, X2XError
@@ -59,6 +60,7 @@ class Watcher:
         watch: SourceWatch | None = None
         not_before = 0.0
         evidence = _Evidence(self.settings, self.pair)
+        blind = Repeats()
         try:
             while not stop.wait(self.poll):
                 producer.poll(0)
@@ -78,9 +80,13 @@ class Watcher:
                 except X2XError as e:
                     if watch is not None:
                         watch.blind(now)
-                    log.warning("pair %s: cannot read the broker (%s): no evidence either "
-                                "way, waiting", self.pair, e)
+                    if blind.due(str(e), now):
+                        log.warning("pair %s: cannot read the broker (%s): no evidence "
+                                    "either way, waiting (said again every %.0f s while "
+                                    "it lasts)", self.pair, e, blind.every_s)
                     continue
+                if blind.over():
+                    log.warning("pair %s: reading the broker again", self.pair)
                 if not self.verdict.fail_over:
                     applier.start()
                 self._tell(beats, applier)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 
 from journal.errors import BadInput
 
@@ -36,3 +37,26 @@ def setup(verbose: bool, fmt: str = "text") -> None:
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
         logging.getLogger("x2x.librdkafka").setLevel(logging.CRITICAL)
+
+
+@dataclass
+class Repeats:
+    """Says whether a warning is due: when it is new or changed, and again only every
+    ``every_s`` while it stands, so a loop polling twice a second through an outage
+    leaves one line per ``every_s`` rather than one per poll."""
+
+    every_s: float = 30.0
+    said: str = field(default="", init=False)
+    _at: float = field(default=float("-inf"), init=False)
+
+    def due(self, text: str, now: float) -> bool:
+        """Whether ``text`` should be logged at ``now`` (monotonic seconds)."""
+        if text != self.said or now - self._at >= self.every_s:
+            self.said, self._at = text, now
+            return True
+        return False
+
+    def over(self) -> bool:
+        """The condition ended: whether a warning had been said about it (then say so)."""
+        was, self.said, self._at = bool(self.said), "", float("-inf")
+        return was

@@ -28,3 +28,15 @@ def test_json_lines(capsys):
 def test_unknown_format_is_refused():
     with pytest.raises(BadInput, match="unknown log format 'xml'"):
         logs.setup(verbose=False, fmt="xml")
+
+
+def test_a_standing_warning_is_repeated_only_every_so_often():
+    said = logs.Repeats(every_s=30.0)
+    assert said.due("no pair named 'web'", 0.0)
+    # Polled twice a second through an outage: silent until the interval passed ...
+    assert not any(said.due("no pair named 'web'", t / 2) for t in range(1, 60))
+    assert said.due("no pair named 'web'", 30.0)
+    # ... unless what is wrong changed.
+    assert said.due("broker unreachable", 30.5)
+    assert said.over() and not said.over()
+    assert said.due("broker unreachable", 31.0)   # a new outage is said at once
