@@ -305,6 +305,11 @@ def test_a_watcher_cut_off_from_the_broker_is_blind_and_promotes_nothing(
         time.sleep(8 + 2)               # a failover delay on the network again
         assert watcher.proc.poll() is None, logs([watcher])
         assert not lines(tmp_path / "promoted") and "promoting" not in watcher.stderr()
+        # Blind for ~15 s at a poll every 0.5 s: said when it began (and when what is
+        # wrong changed), not at every poll; and said when it ended.
+        blind = watcher.stderr().count("cannot read the broker")
+        assert 1 <= blind <= 4, logs([watcher])
+        assert "reading the broker again" in watcher.stderr(), logs([watcher])
         assert control.get_pair(settings, pair_name).state == "created"
         nxt = max(writer.acked) + 1
         assert writer.write(nxt), "the source no longer takes writes"
