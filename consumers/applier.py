@@ -21,6 +21,7 @@ from consumers.writer import BackgroundWrites, apply_entries, apply_op
 from infra import control, keys, telemetry
 from infra.heartbeat import HeartbeatPublisher, read_beats
 from infra.kafka import KafkaSettings
+from infra.logs import Repeats
 from infra.reader import check_record, next_batch, offsets_of
 from infra.topics import ensure_base_topics, journal_topic
 from infra.volume import digest_of
@@ -157,7 +158,7 @@ class Applier:
         #: The target's fsync times at checkpoints: the slowest recent one is in every
         #: beat (``flush_s``), a slow one is logged (at most once per window).
         self._flushes = RecentMax(FLUSH_WINDOW_S)
-        self._flush_warned = float("-inf")
+        self._slow_flushes = Repeats(FLUSH_WINDOW_S)
         self._pos = Position()
         self._staged: list[_Staged] = []
         self._staged_bytes = 0
@@ -579,8 +580,7 @@ class Applier:
         took = time.monotonic() - t0
         self._flushes.note(took, t0)
         telemetry.metrics().target_flush(self.spec.name, took, self.target)
-        if took >= SLOW_FLUSH_S and t0 - self._flush_warned >= FLUSH_WINDOW_S:
-            self._flush_warned = t0
+        if took >= SLOW_FLUSH_S and self._slow_flushes.due("slow fsync", t0):
             log.warning("pair %s: the target %s took %.1f s to make its writes durable "
                         "(fsync) before the checkpoint at epoch %d seq %d; every checkpoint "
                         "waits for it, so the RPO grows by as much. Give the target a disk "

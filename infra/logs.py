@@ -42,8 +42,9 @@ def setup(verbose: bool, fmt: str = "text") -> None:
 @dataclass
 class Repeats:
     """Says whether a warning is due: when it is new or changed, and again only every
-    ``every_s`` while it stands, so a loop polling twice a second through an outage
-    leaves one line per ``every_s`` rather than one per poll."""
+    ``every_s`` while it stands, so a loop that meets it again and again (a watcher
+    polling twice a second through an outage, an applier's slow fsyncs) leaves one line
+    per ``every_s`` rather than one each time."""
 
     every_s: float = 30.0
     said: str = field(default="", init=False)
