@@ -41,23 +41,31 @@ def setup(verbose: bool, fmt: str = "text") -> None:
 
 @dataclass
 class Repeats:
-    """Says whether a warning is due: when it is new or changed, and again only every
-    ``every_s`` while it stands, so a loop that meets it again and again (a watcher
-    polling twice a second through an outage, an applier's slow fsyncs) leaves one line
-    per ``every_s`` rather than one each time."""
+    """Says whether a warning is due: when it is new, and again only every ``every_s``
+    while it stands, so a loop that meets it again and again (a watcher polling twice a
+    second through an outage, an applier's slow fsyncs) leaves one line per ``every_s``
+    rather than one each time. Each text keeps its own clock: an outage whose reason
+    alternates (a refused connection, then a timeout, and back) says each reason once
+    per ``every_s``, not every time it flips."""
 
     every_s: float = 30.0
-    said: str = field(default="", init=False)
-    _at: float = field(default=float("-inf"), init=False)
+    #: At most this many texts remembered; the oldest said is forgotten first.
+    keep: int = 16
+    _said: dict[str, float] = field(default_factory=dict, init=False)
 
     def due(self, text: str, now: float) -> bool:
         """Whether ``text`` should be logged at ``now`` (monotonic seconds)."""
-        if text != self.said or now - self._at >= self.every_s:
-            self.said, self._at = text, now
-            return True
-        return False
+        at = self._said.get(text)
+        if at is not None and now - at < self.every_s:
+            return False
+        self._said.pop(text, None)          # re-inserted last: the newest said
+        self._said[text] = now
+        if len(self._said) > self.keep:
+            del self._said[next(iter(self._said))]
+        return True
 
     def over(self) -> bool:
         """The condition ended: whether a warning had been said about it (then say so)."""
-        was, self.said, self._at = bool(self.said), "", float("-inf")
+        was = bool(self._said)
+        self._said.clear()
         return was

@@ -40,3 +40,19 @@ def test_a_standing_warning_is_repeated_only_every_so_often():
     assert said.due("broker unreachable", 30.5)
     assert said.over() and not said.over()
     assert said.due("broker unreachable", 31.0)   # a new outage is said at once
+
+
+def test_alternating_reasons_are_each_said_once_per_interval():
+    said = logs.Repeats(every_s=30.0)
+    reasons = ("connection refused", "timed out")
+    # An outage whose reason flips at every poll (twice a second) for a minute.
+    told = [(t / 2, reasons[t % 2]) for t in range(120) if said.due(reasons[t % 2], t / 2)]
+    assert told == [(0.0, "connection refused"), (0.5, "timed out"),
+                    (30.0, "connection refused"), (30.5, "timed out")]
+
+
+def test_repeats_remembers_a_bounded_number_of_texts():
+    said = logs.Repeats(every_s=30.0, keep=2)
+    assert said.due("a", 0.0) and said.due("b", 1.0) and said.due("c", 2.0)
+    assert said.due("a", 3.0)           # forgotten when "c" came: said again
+    assert not said.due("c", 4.0)       # still remembered
