@@ -11,8 +11,9 @@ import logging
 import os
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
@@ -433,7 +434,8 @@ class Applier:
         cmp = self._cmp = self._cmp or Comparison(entry.epoch, 0)
         for op in entry.ops:
             if op.kind is not OpKind.HASHES:
-                apply_op(self.vol, op)
+                with self._writing():
+                    apply_op(self.vol, op)
                 continue
             mine = b"".join(hash_buffer(memoryview(self.vol.pread(op.offset, op.length)), bs))
             cmp.blocks += len(mine) // HASH_LEN
@@ -486,11 +488,17 @@ class Applier:
         self._account(count)
 
     def _write(self, entries: list[Entry]) -> None:
-        """Apply checked entries to the target; a failed write names the target and
-        where applying resumes."""
+        """Apply checked entries to the target."""
+        with self._writing():
+            apply_entries(self.vol, entries)
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Around every write to the target: its time counts in ``write_s``, and a failed
+        write names the target and where applying resumes."""
         t0 = time.monotonic()
         try:
-            apply_entries(self.vol, entries)
+            yield
         except OSError as e:
             p = self.checkpointed
             raise VolumeError(
