@@ -560,6 +560,36 @@ def test_a_pipelined_batch_is_answered_whole_and_in_sync(
     assert c.request(p.Cmd.READ, 45 * 8192, 4096) == (0, blocks[45])    # still in sync
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["punches", "writes-zeros"])
+def test_a_quick_backend_zeroes_on_the_reader_only_where_zeroing_punches_a_hole(
+        srv: Served, raw: Callable[..., RawClient], fast: bool) -> None:
+    """A quick-writing backend (the async capture) has WRITE_ZEROES served by the reader
+    itself, as its small writes are, while zeroing punches holes; FUA, or a zeroing that
+    writes zeros, goes to a worker. Either way the range reads as zeros, and a range past
+    the end is refused."""
+    disk = srv.backends["disk"]
+    disk.quick_writes, disk.fast_zero = True, fast
+    calls: list[tuple[str, bool]] = []
+    real_zero = disk.zero
+
+    def zero(offset: int, length: int, fua: bool) -> None:
+        calls.append((threading.current_thread().name, fua))
+        real_zero(offset, length, fua)
+    disk.zero = zero                    # type: ignore[method-assign]
+    c = raw()
+    c.go()
+    assert c.request(p.Cmd.WRITE, 0, 3 * 4096, payload=b"\x5a" * 3 * 4096) == (0, b"")
+    assert c.request(p.Cmd.WRITE_ZEROES, 4096, 4096) == (0, b"")
+    assert c.request(p.Cmd.WRITE_ZEROES, 8192, 4096, flags=p.CMD_FLAG_NO_HOLE) == (0, b"")
+    assert c.request(p.Cmd.WRITE_ZEROES, 0, 4096, flags=p.CMD_FLAG_FUA) == (0, b"")
+    assert c.request(p.Cmd.WRITE_ZEROES, SIZE - 512, 4096)[0] == p.Err.ENOSPC
+    assert image_bytes(srv.image, 0, 3 * 4096) == bytes(3 * 4096)
+    on_reader = [name.startswith("nbd-client-") for name, _ in calls]
+    assert on_reader == [fast, fast, False], calls
+    assert [fua for _, fua in calls] == [False, False, True]
+    assert c.request(p.Cmd.READ, 0, 4096) == (0, bytes(4096))          # still in sync
+
+
 @pytest.mark.parametrize("quick_flush", [False, True], ids=["worker-flush", "reader-flush"])
 def test_a_held_reply_does_not_wait_behind_a_slow_request(
         srv: Served, raw: Callable[..., RawClient], quick_flush: bool) -> None:
