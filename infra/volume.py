@@ -80,6 +80,8 @@ class Volume:
     _punch_ok: bool = field(init=False, default=True)
     _seek_ok: bool = field(init=False, default=True)
     _offloads_zero: bool = field(init=False, default=False)
+    #: Whether reads may ask not to wait for the disk (RWF_NOWAIT; O_DIRECT never may).
+    _nowait_ok: bool = field(init=False, default=True)
     #: The O_DIRECT twin of ``fd`` for long runs (opened on first use; -2: unavailable).
     _direct_fd: int = field(init=False, default=-1)
     _bounce: mmap.mmap | None = field(init=False, default=None)
@@ -134,6 +136,23 @@ class Volume:
             raise VolumeError(f"short read from {self.path} at offset {offset}: "
                               f"{len(data)} of {length} bytes")
         return data
+
+    def pread_cached(self, offset: int, length: int) -> bytes | None:
+        """:meth:`pread` when the page cache holds every byte of it; None when reading
+        would wait for the disk (then nothing was read), or the kernel cannot tell."""
+        if self.direct or not self._nowait_ok:
+            return None
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self._nowait_ok = False     # this file or device never can: ask no more
+            return None
+        return buf if n == length else None
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` from ``offset``, without allocating."""

@@ -57,6 +57,9 @@ _MAX_HELD = 64
 #: A quick write this long or shorter is served by the reader itself
 #: (:meth:`NBDServer._quick_write`).
 _INLINE_MAX = 64 * 1024
+#: A READ this long or shorter is served by the reader itself when the page cache holds
+#: it (:meth:`NBDServer._read_now`): nbdcopy's requests (256 KiB) and anything smaller.
+_INLINE_READ_MAX = 256 * 1024
 #: The requests a quick-writing backend's reader may serve itself, and the flags each
 #: may carry: no FUA (an fsync), no FAST_ZERO (its answer depends on the backend).
 #: NO_HOLE changes nothing here: zeroing deallocates where it can either way.
@@ -103,6 +106,9 @@ class Backend(Protocol):
       or nothing else of its connection is in flight, instead of waking a worker for
       it (:meth:`NBDServer._quick_write`). So is a WRITE_ZEROES while
       ``zero_is_fast()`` (a hole punched); zeroing that writes zeros is left to workers.
+    - ``pread_cached(offset, length) -> bytes | None``: ``pread`` if it waits for no
+      disk (the page cache holds it), else None: the reader then serves a small READ
+      itself (:meth:`NBDServer._read_now`), and a worker the rest.
     - ``quick_flush: bool`` with ``flush_local()``: a FLUSH waits for the local disk
       only (no network): ``flush_local`` makes the writes durable and returns what is
       left to do (async capture: journal the consistency point), which the server runs
@@ -829,8 +835,37 @@ class NBDServer:
             conn.send_held()
             self._serve(conn, backend, req, payload, size, t0)
             return
+        if (req.type == p.Cmd.READ and req.length <= _INLINE_READ_MAX
+                and self._read_now(conn, backend, req, size, t0)):
+            return
         pool.submit(conn.inflight.requests, self._serve, conn, backend, req, payload, size,
                     t0)
+
+    def _read_now(self, conn: _Conn, backend: Backend, req: p.Request, size: int,
+                  t0: float) -> bool:
+        """Serve a READ on the reader if the backend's page cache holds all of it: a
+        worker's wake-up costs more than copying a cached block (nbdcopy out of a capture
+        with 4 connections: 0.8-1.0 GB/s through workers, 1.1-1.3 read here). True when
+        answered; False leaves it to a worker (it would wait for the disk, or failed:
+        the worker's read says how)."""
+        cached = getattr(backend, "pread_cached", None)
+        if cached is None:
+            return False
+        try:
+            chunks = self._read_reply(conn, backend, req, cached)
+        except OSError:
+            return False
+        if chunks is None:
+            return False
+        try:
+            conn.reply_chunks(chunks)
+        except OSError as e:
+            self._reply_lost(conn, req, e)
+        finally:
+            conn.inflight.release(size)
+        if self.on_request is not None:
+            self.on_request(conn.info.export or "", "read", time.monotonic() - t0)
+        return True
 
     def _quick_write(self, conn: _Conn, backend: Backend, req: p.Request,
                      reader: _Reader) -> None:
@@ -996,14 +1031,9 @@ class NBDServer:
         fua = bool(req.flags & p.CMD_FLAG_FUA)
         kind, offset, length = req.type, req.offset, req.length
         if kind == p.Cmd.READ:
-            if conn.structured:
-                return self._read_chunks(conn, backend, req)
-            data = backend.pread(offset, length) if length else b""
-            if len(data) != length:
-                raise OSError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
-            with conn.count_lock:       # counters shared by the workers
-                conn.info.bytes_read += length
-            return [(p.encode_simple_reply(p.Err.OK, req.cookie), data)]
+            chunks = self._read_reply(conn, backend, req, backend.pread)
+            assert chunks is not None           # pread always reads
+            return chunks
         if kind == p.Cmd.BLOCK_STATUS:
             limit = 1 if req.flags & p.CMD_FLAG_REQ_ONE else p.MAX_EXTENTS
             runs = _runs(backend, offset, length, limit)[:limit]
@@ -1033,12 +1063,24 @@ class NBDServer:
                 cache(offset, length)       # a hint: without one, CACHE does nothing
         return None
 
-    def _read_chunks(self, conn: _Conn, backend: Backend,
-                     req: p.Request) -> list[tuple[bytes, bytes | None]]:
-        """A structured READ reply: holes as OFFSET_HOLE (nothing read), data as
-        OFFSET_DATA, the last chunk flagged DONE. With DF one data chunk, zeros included.
-        Everything is read before anything is sent, so a failure is one ERROR chunk."""
+    def _read_reply(self, conn: _Conn, backend: Backend, req: p.Request,
+                    read: Callable[[int, int], bytes | None]
+                    ) -> list[tuple[bytes, bytes | None]] | None:
+        """A READ's reply, its data got with ``read`` (None: unread; then so is the reply,
+        and nothing is counted). Structured: holes as OFFSET_HOLE (nothing read), data
+        as OFFSET_DATA, the last chunk flagged DONE; with DF one data chunk, zeros
+        included. Everything is read before anything is sent, so a failure is one ERROR
+        chunk."""
         offset, length, cookie = req.offset, req.length, req.cookie
+        if not conn.structured:
+            data = read(offset, length) if length else b""
+            if data is None:
+                return None
+            if len(data) != length:
+                raise OSError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
+            with conn.count_lock:       # counters shared by the workers
+                conn.info.bytes_read += length
+            return [(p.encode_simple_reply(p.Err.OK, cookie), data)]
         if not length:
             return [(p.encode_none_chunk(cookie), None)]
         if req.flags & p.CMD_FLAG_DF:
@@ -1056,7 +1098,9 @@ class NBDServer:
                 chunks.append((p.encode_offset_hole(flags, cookie, pos, n), None))
                 holes += n
             else:
-                data = backend.pread(pos, n)
+                data = read(pos, n)
+                if data is None:
+                    return None
                 if len(data) != n:
                     raise OSError(errno.EIO, f"backend returned {len(data)} of {n} bytes")
                 chunks.append((p.encode_offset_data_header(flags, cookie, pos, n), data))

@@ -212,6 +212,9 @@ class JournalingVolume:
         # No lock: a read racing a write may see either, as on any disk.
         return self.vol.pread(offset, length)
 
+    def pread_cached(self, offset: int, length: int) -> bytes | None:
+        return self.vol.pread_cached(offset, length)
+
     def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
         # The source's own allocation: every change reaches it before its reply, and a
         # ZERO or TRIM punches holes there (infra/volume.py), so its holes are zeros.

@@ -874,6 +874,48 @@ def test_structured_read_sends_holes_as_holes_and_df_as_one_chunk(
     assert c.structured(p.Cmd.FLUSH) == (0, [])                      # simple OK
 
 
+@pytest.mark.parametrize("in_cache", [True, False], ids=["cached", "on-disk"])
+def test_a_read_the_page_cache_holds_is_served_by_the_reader_the_rest_by_a_worker(
+        srv: Served, raw: Callable[..., RawClient], in_cache: bool) -> None:
+    """A backend that can tell (``pread_cached``, the NBD capture's) has a small READ the
+    page cache holds served by the reader itself; one that would wait for the disk goes
+    to a worker. Either way the reply is the same: simple, or structured with its
+    holes."""
+    make_sparse(srv)
+    disk = srv.backends["disk"]
+    real_pread = disk.pread
+    reads: list[tuple[str, bool]] = []      # (how, on the reader thread)
+
+    def on_reader() -> bool:
+        return threading.current_thread().name.startswith("nbd-client-")
+
+    def pread(offset: int, length: int) -> bytes:
+        reads.append(("pread", on_reader()))
+        return real_pread(offset, length)
+
+    def pread_cached(offset: int, length: int) -> bytes | None:
+        reads.append(("cached", on_reader()))
+        return real_pread(offset, length) if in_cache else None
+    disk.pread = pread                          # type: ignore[method-assign]
+    disk.pread_cached = pread_cached            # type: ignore[attr-defined]
+    served = [("cached", True)] if in_cache else [("cached", True), ("pread", False)]
+    simple = raw()
+    simple.go()
+    assert simple.request(p.Cmd.READ, MiB, 8192) == (0, image_bytes(srv.image, MiB, 8192))
+    assert reads == served
+    reads.clear()
+    structured = raw()
+    structured.negotiate()
+    err, chunks = structured.structured(p.Cmd.READ, MiB - 4096, 8192)
+    assert err == 0 and chunks == [p.OffsetHole(MiB - 4096, 4096),
+                                   p.OffsetData(MiB, image_bytes(srv.image, MiB, 4096))]
+    assert reads == served
+    reads.clear()
+    # Longer than the reader serves: a worker's, cached or not.
+    assert simple.request(p.Cmd.READ, 0, 512 * 1024)[0] == 0
+    assert reads == [("pread", False)]
+
+
 def test_block_status_by_hand(srv: Served, raw: Callable[..., RawClient]) -> None:
     make_sparse(srv)
     c = raw()

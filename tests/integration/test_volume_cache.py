@@ -80,3 +80,24 @@ def test_stream_into_reads_what_readinto_reads_holes_included(tmp_path: Path, wr
             lo, hi = block * 4096 - offset, (block + 1) * 4096 - offset
             if lo >= 0 and hi <= length:
                 assert any(s <= lo and hi <= s + n for s, n in holes), (block, holes)
+
+
+def test_pread_cached_reads_only_what_the_page_cache_holds(tmp_path: Path) -> None:
+    """The NBD reader serves a READ itself only when it waits for no disk: ``pread_cached``
+    reads what the page cache holds and answers None, reading nothing, for the rest."""
+    path = tmp_path / "v.img"
+    data = os.urandom(4 * MiB)
+    path.write_bytes(data)
+    with Volume(str(path)) as vol:
+        uncached(path)
+        assert vol.pread_cached(MiB, 256 * 1024) is None
+        assert cached_bytes(path) < MiB             # asking read nothing in
+        assert vol.pread(MiB, 256 * 1024) == data[MiB:MiB + 256 * 1024]
+        assert vol.pread_cached(MiB, 256 * 1024) == data[MiB:MiB + 256 * 1024]
+        # Half cached is not cached: all of it or nothing.
+        assert vol.pread_cached(MiB + 128 * 1024, 256 * 1024) in (
+            None, data[MiB + 128 * 1024:MiB + 384 * 1024])
+        uncached(path)
+        assert vol.pread_cached(MiB, 4096) is None
+    with Volume(str(path), direct=True) as vol:     # O_DIRECT never reads the cache
+        assert vol.pread_cached(0, 4096) is None
