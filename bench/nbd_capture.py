@@ -11,7 +11,9 @@ async mode only); each x2x figure is set against the better of qemu-nbd's two.
   durable on the source; in flush-sync and sync mode it means "all of it acknowledged by
   the broker", so this time includes the whole journal;
 * random 4 KiB writes: ``qemu-img bench -w`` with a large prime stride (offsets jump
-  around the volume), queue depth 16, ending with a flush.
+  around the volume), queue depth 16, ending with a flush;
+* random 4 KiB reads of the same offsets, queue depth 16, from the page cache (a guest
+  reading its disk; the same in every mode).
 
 The random writes land on what the copy wrote, still in the page cache, as a guest's
 writes land on a migrated disk. That costs qemu-nbd more than x2x on Linux 6.x: a
@@ -111,9 +113,14 @@ def run_workloads(uri: str, data: Path, size: int, rand_count: int,
                    "-S", str(STRIDE), "-c", str(rand_count), "-d", "16", "--flush-interval",
                    str(rand_count), uri)
     cpu |= _per_op(before, server_pid, bpid, rand_count, "rand")
+    # A guest reading its disk: the same offsets read back, from the page cache on
+    # both servers (the copy and the writes just put them there).
+    read_s = timed("qemu-img", "bench", "-t", "none", "-f", "raw", "-s", "4096",
+                   "-S", str(STRIDE), "-c", str(rand_count), "-d", "16", uri)
     return {"seq_seconds": seq_s, "seq_MBps": size / seq_s / 1e6,
             "seq_flush_seconds": flushed_s, "seq_flush_MBps": size / flushed_s / 1e6,
-            "rand_seconds": rand_s, "rand_iops": rand_count / rand_s, **cpu}
+            "rand_seconds": rand_s, "rand_iops": rand_count / rand_s,
+            "rand_read_iops": rand_count / read_s, **cpu}
 
 
 def _cpu_now(pid: int, bpid: int | None) -> tuple[float, float]:
@@ -304,6 +311,12 @@ def run(quick: bool, workdir: Path) -> dict:
         xs["rand_server_cpu_us_per_op"] + xs["rand_broker_cpu_us_per_op"],
         "bare producer + broker, per 4 KiB record at depth 16, right after it",
         bs["rand_server_cpu_us_per_op"] + bs["rand_broker_cpu_us_per_op"], "lower"))
+    # Reads are the same in every mode (they never wait for the journal): async's.
+    best_read = max(results["qemu-nbd tcp"]["rand_read_iops"],
+                    results["qemu-nbd unix"]["rand_read_iops"])
+    figures.append(figure("x2x async: random 4 KiB reads, cached (qemu-img bench -d 16)",
+                          "IOPS", results["x2x async"]["rand_read_iops"],
+                          "qemu-nbd, better of tcp/unix", best_read, "higher"))
     # Over TCP both ways: what a client on another host gets, short of the wire. Not
     # the random writes: qemu-nbd's delayed-ACK stalls would flatter x2x (see above).
     figures.append(figure("x2x async over TCP: sequential 1 MiB (nbdcopy)", "MB/s",
