@@ -1073,11 +1073,9 @@ class NBDServer:
         chunk."""
         offset, length, cookie = req.offset, req.length, req.cookie
         if not conn.structured:
-            data = read(offset, length) if length else b""
+            data = _whole(read(offset, length), length) if length else b""
             if data is None:
                 return None
-            if len(data) != length:
-                raise OSError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
             with conn.count_lock:       # counters shared by the workers
                 conn.info.bytes_read += length
             return [(p.encode_simple_reply(p.Err.OK, cookie), data)]
@@ -1098,17 +1096,23 @@ class NBDServer:
                 chunks.append((p.encode_offset_hole(flags, cookie, pos, n), None))
                 holes += n
             else:
-                data = read(pos, n)
+                data = _whole(read(pos, n), n)
                 if data is None:
                     return None
-                if len(data) != n:
-                    raise OSError(errno.EIO, f"backend returned {len(data)} of {n} bytes")
                 chunks.append((p.encode_offset_data_header(flags, cookie, pos, n), data))
             pos += n
         with conn.count_lock:
             conn.info.bytes_read += length
             conn.info.bytes_holes += holes
         return chunks
+
+
+def _whole(data: bytes | None, length: int) -> bytes | None:
+    """``data`` a backend read for ``length`` bytes (None: not read); a short read is the
+    backend's failure, EIO to the client."""
+    if data is not None and len(data) != length:
+        raise OSError(errno.EIO, f"backend returned {len(data)} of {length} bytes")
+    return data
 
 
 def transmission_flags(backend: Backend, structured: bool) -> int:

@@ -213,6 +213,7 @@ class JournalingVolume:
         return self.vol.pread(offset, length)
 
     def pread_cached(self, offset: int, length: int) -> bytes | None:
+        """:meth:`pread` if the page cache holds all of it, else None (Volume.pread_cached)."""
         return self.vol.pread_cached(offset, length)
 
     def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, bool]]:
