@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +260,25 @@ def disk_write(path: Path, size: int) -> float:
         os.close(fd)
         buf.close()
         path.unlink()
+
+
+BESIDE_DISK_PEER = ("bare confluent-kafka consume of the same topic while the target disk "
+                    "stores as many bytes (the disk peer's writes), both at once: until "
+                    "both are done")
+
+
+def consume_beside_disk(settings: KafkaSettings, topic: str, path: Path, size: int) -> float:
+    """Seconds until a bare consume of ``topic`` and :func:`disk_write` of ``size`` bytes,
+    started together, are both done: the floor of an applier on this machine, which
+    needs both at once, sharing its CPUs and memory with the broker (each alone is
+    faster, so neither alone is a floor an applier can reach)."""
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        consumed = pool.submit(bare_consume, settings, topic)
+        written = pool.submit(disk_write, path, size)
+        consumed.result()
+        written.result()
+    return time.monotonic() - t0
 
 
 def bare_consume(settings: KafkaSettings, topic: str,

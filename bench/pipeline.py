@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.common import (CONSUME_WRITE_PEER, DISK_WRITE_PEER, MiB, Context, apply_all,
-                          bare_consume, bare_produce, capture, disk_write, figure, make_pair,
-                          mbps, random_image, scratch_topic)
+from bench.common import (BESIDE_DISK_PEER, CONSUME_WRITE_PEER, DISK_WRITE_PEER, MiB, Context,
+                          apply_all, bare_consume, bare_produce, capture, consume_beside_disk,
+                          disk_write, figure, make_pair, mbps, random_image, scratch_topic)
 
 TITLE = "Pipeline ceiling: bare Kafka produce+consume vs x2x capture->journal->apply"
 
@@ -20,7 +20,8 @@ TITLE = "Pipeline ceiling: bare Kafka produce+consume vs x2x capture->journal->a
 def bare_kafka(ctx: Context, path: str, size: int,
                write_peer: bool = True) -> dict[str, float]:
     """Produce the file in journal-sized records, then consume them all back; with
-    ``write_peer``, once more writing them to a file (:data:`CONSUME_WRITE_PEER`)."""
+    ``write_peer``, once more writing them to a file (:data:`CONSUME_WRITE_PEER`), and
+    once more beside the disk storing as many bytes (:data:`BESIDE_DISK_PEER`)."""
     with scratch_topic(ctx.settings, ctx.pair_name("bare")) as topic:
         count, produce_s = bare_produce(ctx.settings, topic, path)
         nbytes, consume_s = bare_consume(ctx.settings, topic)
@@ -32,8 +33,11 @@ def bare_kafka(ctx: Context, path: str, size: int,
             copy = Path(path).with_name("records.bin")
             _, consume_write_s = bare_consume(ctx.settings, topic, write_to=copy)
             copy.unlink()
+            beside_s = consume_beside_disk(ctx.settings, topic, copy, size)
             out |= {"consume_write_s": consume_write_s,
-                    "consume_write_MBps": mbps(size, consume_write_s)}
+                    "consume_write_MBps": mbps(size, consume_write_s),
+                    "consume_beside_disk_s": beside_s,
+                    "consume_beside_disk_MBps": mbps(size, beside_s)}
     return out
 
 
@@ -73,6 +77,8 @@ def run(ctx: Context) -> dict[str, Any]:
                    bare["consume_write_MBps"], "higher"),
             figure("apply / the target disk alone", "MB/s", x["apply_MBps"], DISK_WRITE_PEER,
                    mbps(size, disk_s), "higher"),
+            figure("apply / consume and the disk at once", "MB/s", x["apply_MBps"],
+                   BESIDE_DISK_PEER, bare["consume_beside_disk_MBps"], "higher"),
         ],
         "details": {"x2x": x, "bare_kafka": bare},
     }
