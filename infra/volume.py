@@ -9,12 +9,12 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import mmap
 import os
 import stat
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from infra.direct import ALIGN, DirectWriter
 from journal.blocks import fill_pattern
 from journal.errors import VolumeError
 
@@ -38,11 +38,6 @@ DIRECT_MIN = 256 << 10
 #: (a copy, a restore) and then randomly (the application), so its writes go down in
 #: pieces of this size.
 WRITE_PIECE = 64 << 10
-#: O_DIRECT alignment of offsets, lengths and buffers: a page, which every Linux file
-#: system and block device (512-byte or 4 KiB logical blocks) accepts.
-_ALIGN = mmap.PAGESIZE
-#: Bytes per O_DIRECT write: the aligned buffer a run is copied through.
-_DIRECT_CHUNK = 8 << 20
 #: Buffers per pwritev; Linux takes at most 1024.
 _IOV_MAX = 1024
 
@@ -82,9 +77,10 @@ class Volume:
     _offloads_zero: bool = field(init=False, default=False)
     #: Whether reads may ask not to wait for the disk (RWF_NOWAIT; O_DIRECT never may).
     _nowait_ok: bool = field(init=False, default=True)
-    #: The O_DIRECT twin of ``fd`` for long runs (opened on first use; -2: unavailable).
-    _direct_fd: int = field(init=False, default=-1)
-    _bounce: mmap.mmap | None = field(init=False, default=None)
+    #: The O_DIRECT twin of ``fd`` for long runs (opened on first use).
+    _direct: DirectWriter | None = field(init=False, default=None)
+    #: False once the file system refused O_DIRECT: long runs are then written buffered.
+    _direct_ok: bool = field(init=False, default=True)
 
     def __post_init__(self) -> None:
         flags = (os.O_RDWR if self.writable else os.O_RDONLY) | (os.O_DIRECT if self.direct
@@ -114,17 +110,7 @@ class Volume:
         self.close()
 
     def close(self) -> None:
-        if self._direct_fd >= 0:
-            os.close(self._direct_fd)
-            self._direct_fd = -1
-        if self._bounce is not None:
-            try:
-                self._bounce.close()
-            except BufferError:
-                # A failed write's traceback (ENOSPC, say) still holds a view of it: the
-                # buffer goes with that; the error must reach the user, not this.
-                pass
-            self._bounce = None
+        self._close_direct()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -178,7 +164,7 @@ class Volume:
         (journal.blocks.block_spans)."""
         pos = 0
         holes: list[tuple[int, int]] = []
-        for n, hole in self.extents(offset, len(buf), len(buf) // _ALIGN + 2):
+        for n, hole in self.extents(offset, len(buf), len(buf) // ALIGN + 2):
             if hole:
                 _zero_fill(buf[pos:pos + n])
                 holes.append((pos, n))
@@ -207,8 +193,8 @@ class Volume:
         page-aligned run bypasses the page cache (:data:`DIRECT_MIN`), any other goes
         down in as few system calls as Linux takes."""
         total = sum(len(p) for p in parts)
-        if (self.writable and total >= DIRECT_MIN and offset % _ALIGN == 0
-                and total % _ALIGN == 0 and self._write_direct(offset, parts)):
+        if (self.writable and total >= DIRECT_MIN and offset % ALIGN == 0
+                and total % ALIGN == 0 and self._write_direct(offset, parts)):
             return
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         while views:
@@ -220,42 +206,37 @@ class Volume:
                 views[0] = views[0][n:]             # a short write ends mid-buffer
 
     def _write_direct(self, offset: int, parts: Sequence[bytes | memoryview]) -> bool:
-        """Copy ``parts`` through the aligned buffer with O_DIRECT; False (nothing
-        written) where the file system refuses O_DIRECT, which is then not tried again."""
-        if self._direct_fd == -1:
+        """Write ``parts`` with O_DIRECT (:class:`DirectWriter`); False (nothing written)
+        where the file system refuses O_DIRECT, which is then not tried again."""
+        if self._direct is None:
+            if not self._direct_ok:
+                return False
             try:
-                # The file already open, whatever its path names now.
-                self._direct_fd = os.open(f"/proc/self/fd/{self.fd}",
-                                          os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
-                self._bounce = mmap.mmap(-1, _DIRECT_CHUNK)
+                self._direct = DirectWriter(self.fd)
             except OSError:         # EINVAL: tmpfs and others take no O_DIRECT
-                self._direct_fd = -2
-        if self._direct_fd < 0 or self._bounce is None:
-            return False
-        buf, used = memoryview(self._bounce), 0
+                self._direct_ok = False
+                return False
         try:
-            for part in parts:
-                view = memoryview(part).cast("B")
-                while view:
-                    n = min(len(view), _DIRECT_CHUNK - used)
-                    buf[used:used + n] = view[:n]
-                    used, view = used + n, view[n:]
-                    if used == _DIRECT_CHUNK:
-                        self._pwrite_all(self._direct_fd, buf, offset)
-                        offset, used = offset + used, 0
-            if used:
-                self._pwrite_all(self._direct_fd, buf[:used], offset)
+            self._direct.write(offset, parts)
         except OSError as e:
+            # EINVAL: the alignment refused. Buffered from now on, and this run again
+            # whole (what reached the disk already is the same bytes at the same offsets).
             if e.errno != errno.EINVAL:
                 raise
-            # Alignment refused: buffered from now on, and this run again whole (what
-            # reached the disk already is the same bytes at the same offsets).
-            os.close(self._direct_fd)
-            self._direct_fd = -2
+            self._direct_ok = False
+            self._close_direct()
             return False
-        finally:
-            buf.release()
         return True
+
+    def _close_direct(self) -> None:
+        if self._direct is not None:
+            try:
+                self._direct.close()
+            except BufferError:
+                # A failed write's traceback (ENOSPC, say) still holds a view of a
+                # buffer: it goes with that; the error must reach the user, not this.
+                pass
+            self._direct = None
 
     @staticmethod
     def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

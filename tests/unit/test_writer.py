@@ -1,16 +1,21 @@
-"""The target writer (consumers/writer.py, infra/volume.Volume.pwritev): adjacent WRITEs
-of a batch go down as one run, long aligned runs bypass the page cache, and the target
-ends exactly as applying the ops one by one would leave it (DESIGN rule 4: ops are
-absolute, so order is all that matters)."""
+"""The target writer (consumers/writer.py, infra/volume.Volume.pwritev, infra/direct.py):
+adjacent WRITEs of a batch go down as one run, long aligned runs bypass the page cache
+through two aligned buffers, and the target ends exactly as applying the ops one by one
+would leave it (DESIGN rule 4: ops are absolute, so order is all that matters)."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import random
+import resource
+import signal
 
 import pytest
 
 from consumers.writer import apply_entries, apply_op
 from infra import volume as volume_mod
+from infra.direct import PIECE, copy_out
 from infra.volume import Volume
 from journal.ops import Entry, Op
 
@@ -67,10 +72,10 @@ def test_runs_leave_the_target_as_op_by_op_application_does(tmp_path, seed) -> N
             f.truncate(size)
     with Volume(str(a), writable=True) as vol:
         apply_entries(vol, _entries(ops))
-        direct = vol._direct_fd
+        direct = vol._direct
     _one_by_one(b, ops)
     assert a.read_bytes() == b.read_bytes()
-    assert direct != -1                       # long aligned runs were tried with O_DIRECT
+    assert direct is not None                 # long aligned runs went with O_DIRECT
 
 
 def test_a_file_system_without_o_direct_is_written_buffered(tmp_path, monkeypatch) -> None:
@@ -88,7 +93,7 @@ def test_a_file_system_without_o_direct_is_written_buffered(tmp_path, monkeypatc
     data = os.urandom(2 * MiB)
     with Volume(str(path), writable=True) as vol:
         vol.pwritev(MiB, [data[:MiB], memoryview(data)[MiB:]])
-        assert vol._direct_fd == -2
+        assert vol._direct is None and not vol._direct_ok
     assert path.read_bytes()[MiB:3 * MiB] == data
 
 
@@ -100,3 +105,52 @@ def test_a_run_longer_than_the_iovec_limit_is_written_whole(tmp_path) -> None:
     with Volume(str(path), writable=True) as vol:
         vol.pwritev(7, parts)
     assert path.read_bytes()[7:7 + 300_000] == b"".join(parts)
+
+
+def test_copy_out_copies_a_read_only_slice() -> None:
+    src = bytes(range(256)) * 64
+    dst = ctypes.create_string_buffer(1000)
+    copy_out(ctypes.addressof(dst), memoryview(src)[100:], 7, 1000)
+    assert dst.raw == src[107:1107]
+
+
+def test_a_long_run_of_odd_parts_is_written_whole_through_both_buffers(tmp_path) -> None:
+    # 2.5 pieces of parts whose edges never meet a piece's: every copy straddles
+    # buffers, and both buffers are refilled while the other is on its way.
+    total = 5 * PIECE // 2
+    data = os.urandom(total)
+    cuts = sorted(random.Random(3).sample(range(1, total), 40))
+    parts = [memoryview(data)[a:b] for a, b in zip([0, *cuts], [*cuts, total])]
+    path = tmp_path / "t.img"
+    with open(path, "wb") as f:
+        f.truncate(total + 2 * PIECE)
+    with Volume(str(path), writable=True) as vol:
+        vol.pwritev(PIECE, parts)
+        assert vol._direct is not None            # it went with O_DIRECT
+    got = path.read_bytes()
+    assert got[PIECE:PIECE + total] == data
+    assert got[:PIECE] == got[PIECE + total:] == bytes(PIECE)
+
+
+def test_a_failed_direct_write_is_raised_and_the_volume_stays_usable(tmp_path) -> None:
+    # A file size limit fails the writes past it (EFBIG), as a full disk fails them:
+    # the error reaches the caller, nothing is left in flight, the volume still writes.
+    path = tmp_path / "t.img"
+    with open(path, "wb") as f:
+        f.truncate(MiB)
+    data = os.urandom(3 * PIECE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        with Volume(str(path), writable=True) as vol:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (PIECE + PIECE // 2, old_limit[1]))
+            try:
+                with pytest.raises(OSError) as failed:
+                    vol.pwritev(0, [data])
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+            assert failed.value.errno == errno.EFBIG
+            vol.pwritev(0, [data])              # again, once there is room
+    finally:
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert path.read_bytes() == data
