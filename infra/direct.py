@@ -100,7 +100,7 @@ class DirectWriter:
         is written, free to be filled."""
         if self._io is None:
             self._io = ThreadPoolExecutor(1, thread_name_prefix="x2x-direct")
-        sent = self._io.submit(self._pwrite_all, which, offset, length)
+        sent = self._io.submit(self._write_buffer, which, offset, length)
         if pending is not None:
             try:
                 pending.result()
@@ -109,17 +109,28 @@ class DirectWriter:
                 raise
         return sent
 
-    def _pwrite_all(self, which: int, offset: int, length: int) -> None:
+    def _write_buffer(self, which: int, offset: int, length: int) -> None:
         with memoryview(self._buffers[which]) as buf:
-            done = 0
-            while done < length:
-                done += os.pwrite(self.fd, buf[done:length], offset + done)
+            pwrite_all(self.fd, buf[:length], offset)
 
     def close(self) -> None:
-        """Wait for nothing (every write waits for its own) and free the buffers."""
+        """End the writing thread (nothing is in flight: every :meth:`write` waits for
+        its own) and free the buffers."""
         if self._io is not None:
             self._io.shutdown()
             self._io = None
         os.close(self.fd)
         for b in self._buffers:
-            b.close()
+            try:
+                b.close()
+            except BufferError:
+                # A failed write's traceback (ENOSPC, say) still holds a view of it: the
+                # buffer goes with that; the error must reach the user, not this.
+                pass
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (a write may store less than asked)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)

@@ -14,7 +14,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from infra.direct import ALIGN, DirectWriter
+from infra.direct import ALIGN, DirectWriter, pwrite_all
 from journal.blocks import fill_pattern
 from journal.errors import VolumeError
 
@@ -183,10 +183,10 @@ class Volume:
         :data:`WRITE_PIECE`."""
         view = memoryview(data)
         if len(view) <= WRITE_PIECE or self.direct:    # no slicing where it buys nothing
-            self._pwrite_all(self.fd, view, offset)
+            pwrite_all(self.fd, view, offset)
             return
         for start in range(0, len(view), WRITE_PIECE):
-            self._pwrite_all(self.fd, view[start:start + WRITE_PIECE], offset + start)
+            pwrite_all(self.fd, view[start:start + WRITE_PIECE], offset + start)
 
     def pwritev(self, offset: int, parts: Sequence[bytes | memoryview]) -> None:
         """Write ``parts`` back to back from ``offset`` (a run of adjacent ops): a long
@@ -230,19 +230,8 @@ class Volume:
 
     def _close_direct(self) -> None:
         if self._direct is not None:
-            try:
-                self._direct.close()
-            except BufferError:
-                # A failed write's traceback (ENOSPC, say) still holds a view of a
-                # buffer: it goes with that; the error must reach the user, not this.
-                pass
+            self._direct.close()
             self._direct = None
-
-    @staticmethod
-    def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
 
     def zero(self, offset: int, length: int) -> None:
         """Make ``length`` bytes at ``offset`` read as zeros, deallocating where possible."""

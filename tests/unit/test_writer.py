@@ -115,8 +115,8 @@ def test_copy_out_copies_a_read_only_slice() -> None:
 
 
 def test_a_long_run_of_odd_parts_is_written_whole_through_both_buffers(tmp_path) -> None:
-    # 2.5 pieces of parts whose edges never meet a piece's: every copy straddles
-    # buffers, and both buffers are refilled while the other is on its way.
+    # 2.5 pieces in parts cut at random points, so copies straddle the buffers' edges,
+    # and each buffer is filled again while the other is on its way to the disk.
     total = 5 * PIECE // 2
     data = os.urandom(total)
     cuts = sorted(random.Random(3).sample(range(1, total), 40))
