@@ -470,6 +470,15 @@ class JournalPublisher:
             self._queue.popleft()
         return join_entries(run[:count])
 
+    def _waiter_came(self) -> None:
+        """Someone waits for the journal now: wake the writer (a held burst ships, an
+        open entry closes), unless that changes nothing it may do: nothing queued, and
+        a waited record already in flight, whose acknowledgement wakes it. Under sync
+        capture that was a wake-up at every write, for nothing: random 4 KiB writes at
+        depth 16 made 2.0 context switches a write before, 1.5 after. Hold the lock."""
+        if self._queue or len(self._pending) < WAITED_RECORDS:
+            self._cond.notify_all()
+
     def _waited(self) -> bool:
         """Does anyone wait for ops to be journaled (a thread or a call)? Hold the lock."""
         return bool(self._seq_waits or self._on_journaled)
@@ -593,7 +602,7 @@ class JournalPublisher:
             failed = self._error or (None if self._running else self._closed)
             if failed is None and self.journaled.seq < seq:
                 self._on_journaled.append((seq, (call, then)))
-                self._cond.notify_all()         # the writer: someone waits now
+                self._waiter_came()
                 return
         self._run([(call, then)], failed)
 
@@ -682,7 +691,7 @@ class JournalPublisher:
             last = self.journaled.seq
             me = (seq, threading.Condition(self._lock))
             self._seq_waits.append(me)
-            self._cond.notify_all()         # a held burst ships now
+            self._waiter_came()
             try:
                 while self.journaled.seq < seq:
                     self._raise_if_failed()
