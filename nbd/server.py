@@ -120,7 +120,9 @@ class Backend(Protocol):
       ``pwrite_then``; ``done(None)`` or ``done(OSError)`` replies, from whichever
       thread calls it, and the backend calls ``then()`` after the ``done`` calls it
       makes together (a successful reply is held until then, so the replies of the
-      writes one acknowledgement completes go out in one send).
+      writes one acknowledgement completes go out in one send); and ``ship()``, which
+      the reader calls before it may wait (for its client, or for room to read ahead),
+      to start what the writes it served since wait for.
     """
 
     size: int
@@ -310,14 +312,24 @@ class _Inflight:
         self.waiting = False
         self._cond = threading.Condition()
 
-    def acquire(self, nbytes: int) -> None:
+    def acquire(self, nbytes: int, before_wait: Callable[[], None]) -> None:
+        """Take room for a request of ``nbytes``; ``before_wait`` runs (without the
+        lock) before this waits for room, as before a read that may wait."""
+        while not self._take(nbytes):
+            before_wait()
+            with self._cond:
+                if not self._take(nbytes):
+                    self.waiting = True
+                    self._cond.wait()
+
+    def _take(self, nbytes: int) -> bool:
         with self._cond:
-            while self.requests >= self.max_requests or (
+            if self.requests >= self.max_requests or (
                     self.requests and self.bytes + nbytes > self.max_bytes):
-                self.waiting = True
-                self._cond.wait()
+                return False
             self.requests += 1
             self.bytes += nbytes
+            return True
 
     def drain(self, timeout: float) -> bool:
         """Wait until nothing is in flight; False if something still is after ``timeout``."""
@@ -744,7 +756,10 @@ class NBDServer:
         conn.fast_zero = _can_fast_zero(backend)
         self.log.info("NBD %s: serving export %r (%d bytes)", conn.info.peer, name, backend.size)
         pool = _Workers(self.workers, f"nbd-{conn.info.peer}")
-        reader = _Reader(conn.sock, conn.send_held)
+        ship = getattr(backend, "ship", None) if getattr(backend, "journals_later",
+                                                         False) else None
+        reader = _Reader(conn.sock, conn.send_held if ship is None
+                         else lambda: (ship(), conn.send_held()))
         header = bytearray(p.REQUEST_SIZE)
         view = memoryview(header)
         # Read once: a backend's mode is fixed for its life.
@@ -809,7 +824,7 @@ class NBDServer:
         # Reads count too: their reply data is held until it is sent.
         size = req.length if req.type in (p.Cmd.WRITE, p.Cmd.READ) else 0
         t0 = time.monotonic()
-        conn.inflight.acquire(size)
+        conn.inflight.acquire(size, reader.before_wait)
         payload: bytearray | None = None
         try:
             if req.type == p.Cmd.WRITE:

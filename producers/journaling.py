@@ -408,7 +408,12 @@ class JournalingVolume:
                 done(e)
                 return
             done(None)
-        pub.when_journaled(seq, journaled, then)
+        pub.when_journaled(seq, journaled, then, ship=False)
+
+    def ship(self) -> None:
+        """Send the journal the writes :meth:`pwrite_then` appended (the NBD reader, once
+        it has read what its client sent): they go out together, from this thread."""
+        self.pub.ship()
 
     def _record(self, op: Op, fua: bool,
                 local: Callable[[], None]) -> tuple[JournalPublisher, int]:

@@ -11,7 +11,11 @@ Appending only numbers ops and packs them into entries (cheap, under the lock). 
 writer thread then signs, encrypts and encodes each entry and hands it to Kafka or the
 spool, in seq order: that work (a digest over every payload byte, and for a pair with a
 key the AES-GCM pass) stays off the thread that serves an NBD client, and blake3 runs
-without the GIL, so it overlaps with the client's next request.
+without the GIL, so it overlaps with the client's next request. One exception: when a
+client waits for the open entry (sync capture) and the writer has nothing else to do,
+the thread at hand sends it (the poller as the previous record's acknowledgement comes,
+or an NBD reader about to wait for its client), which saves a wake-up of the writer at
+every record; the writer takes nothing meanwhile, so the order holds.
 """
 from __future__ import annotations
 
@@ -210,6 +214,11 @@ class JournalPublisher:
         #: (seq, (call, then)), made by the poller thread, never holding the lock.
         self._on_journaled: list[tuple[int, _Call]] = []
         self._produce_lock = threading.Lock()
+        #: The writer waits with nothing in hand (:meth:`_choose`); and another thread
+        #: encodes and hands over a waited record (:meth:`_take_waited`), while which
+        #: the writer takes nothing, so records still reach Kafka in seq order.
+        self._writer_idle = False
+        self._inline = False
         self._running = True
         self._poller = threading.Thread(target=self._poll_loop, name="x2x-publisher",
                                         daemon=True)
@@ -363,7 +372,8 @@ class JournalPublisher:
         return self._deferred
 
     # -- the writer thread ---------------------------------------------------------
-    # The only thread that touches the spool or produces journal records, so records
+    # The only thread that touches the spool, and the only one that produces journal
+    # records except a waited entry sent while it idles (_take_waited), so records
     # reach Kafka in seq order without holding the lock across any I/O.
     def _write_loop(self) -> None:
         held: _Encoded | None = None       # encoded, waiting for room
@@ -409,6 +419,9 @@ class JournalPublisher:
                 busy = held is not None or self._queue or self._spooled or (
                     self.spool is not None and len(self.spool))
                 return ("drop" if busy else "stop"), None
+            if self._inline:            # another thread hands a record over: after it
+                self._cond.wait(0.1)
+                continue
             window = self._inflight <= self.max_inflight
             if self._spooled and window:
                 return "ship", self._spooled.popleft()
@@ -441,7 +454,9 @@ class JournalPublisher:
                 # all the writes in flight, not one each.
                 self.close_entry()
                 continue
+            self._writer_idle = held is None
             self._cond.wait(0.1)
+            self._writer_idle = False
 
     def _coalescing(self, head: Entry) -> float:
         """Seconds the writer waits for more entries to join ``head``'s record (0: none).
@@ -476,7 +491,7 @@ class JournalPublisher:
         a waited record already in flight, whose acknowledgement wakes it. Under sync
         capture that was a wake-up at every write, for nothing: random 4 KiB writes at
         depth 16 made 2.0 context switches a write before, 1.5 after. Hold the lock."""
-        if self._queue or len(self._pending) < WAITED_RECORDS:
+        if self._queue or (len(self._pending) < WAITED_RECORDS and not self._inline):
             self._cond.notify_all()
 
     def _waited(self) -> bool:
@@ -581,28 +596,93 @@ class JournalPublisher:
                 self.last_acked = (msg.offset(), entry.digest)
                 if self.on_delivered is not None:
                     self.on_delivered(entry, msg.offset())
-            self._wake(None if err is not None else self.journaled.seq)
             if err is None and self._on_journaled:
                 ready = self._take_calls(self.journaled.seq)
+            waited = self._take_waited() if err is None else None
+            # The writer has nothing to do while this thread sends the next record.
+            self._wake(None if err is not None else self.journaled.seq,
+                       writer=waited is None)
+        if waited is not None:
+            self._send_waited(waited)
         self._run(ready, None)
         if err is not None:
             self._call_back(None)
         if acked[0]:
             telemetry.metrics().captured(self.pair, acked[0], max(0, acked[1]))
 
+    def ship(self) -> None:
+        """Send what :meth:`when_journaled` calls with ``ship=False`` wait for: on this
+        thread when the writer would do just that (see :meth:`_take_waited`), else by
+        waking the writer."""
+        with self._lock:
+            waited = self._take_waited()
+            if waited is None:
+                self._waiter_came()
+        if waited is not None:
+            self._send_waited(waited)
+
+    def _take_waited(self) -> Entry | None:
+        """Close the open entry that someone waits for (sync capture's writes) for
+        this thread to send (:meth:`_send_waited`): the poller as the previous record's
+        acknowledgement comes, or a caller of :meth:`ship`. Only when the writer would
+        do just that and nothing else: it waits idle, nothing is queued, spooled or in
+        flight (so librdkafka's queue has room: the poller never waits on itself), and
+        no bandwidth limit may make the sender sleep. Handing it to the writer cost a
+        wake-up and the lock and interpreter hand-offs around it at every record: at
+        random 4 KiB writes at depth 16, 8 of the writer's context switches a record.
+        (A limit set between this look and the hand-over holds the sender for one
+        record's wait, once.) Hold the lock."""
+        if not (self._writer_idle and not self._inline and self._running
+                and (self.limit is None or self.limit.rate is None)
+                and not self._queue and not self._spooled
+                and self.seq.pending_ops and len(self._pending) < WAITED_RECORDS
+                and self._waited()):
+            return None
+        entry = self.seq.close(now_ms())
+        if entry is None or _payload(entry)[1]:
+            if entry is not None:       # bytes on the source: the writer reads them
+                self._enqueue(entry)
+            return None
+        self._firsts.append((entry.last_seq, self._open_since or entry.captured_at_ms))
+        self._queued += _payload(entry)[0]
+        self._inline = True
+        return entry
+
+    def _send_waited(self, entry: Entry) -> None:
+        """Encode and hand over what :meth:`_take_waited` took, as the writer would."""
+        try:
+            encoded = self._encode(entry)
+            self._produce(b"".join(encoded.parts), encoded.sent)
+        except Exception as e:  # noqa: BLE001 - every waiter must learn of it
+            with self._cond:
+                self._error = self._error or (f"the journal writer of {self.topic} "
+                                              f"failed: {type(e).__name__}: {e}")
+                self._wake()
+        finally:
+            with self._cond:
+                full = self._queued > self.max_queued       # appenders wait (_room)
+                self._queued -= _payload(entry)[0]
+                self._inline = False
+                if self._queue or full or self._error or not self._running:
+                    self._cond.notify_all()
+
     def when_journaled(self, seq: int, call: Callable[[str | None], None],
-                       then: Callable[[], None] | None = None) -> None:
+                       then: Callable[[], None] | None = None, ship: bool = True) -> None:
         """Call ``call(None)`` once every op up to ``seq`` is acknowledged by the broker,
         or ``call(reason)`` once the journal failed (or closed) before: a wait without a
         thread (sync capture's writes reply from here). Made at once when already
         decided, else on the poller thread; never holding the publisher's lock. ``then``
         runs once after the calls decided together (equal ``then``s once for them all):
-        an NBD connection sends the replies of one acknowledged record in one go."""
+        an NBD connection sends the replies of one acknowledged record in one go.
+        ``ship=False``: the caller calls :meth:`ship` before it waits for anything (an
+        NBD reader, once it has read what its client sent), so the writes it appends
+        meanwhile go out together, sent by that thread."""
         with self._lock:
             failed = self._error or (None if self._running else self._closed)
             if failed is None and self.journaled.seq < seq:
                 self._on_journaled.append((seq, (call, then)))
-                self._waiter_came()
+                if ship:
+                    self._waiter_came()
                 return
         self._run([(call, then)], failed)
 
@@ -663,10 +743,12 @@ class JournalPublisher:
         with self._produce_lock:
             self.producer.purge()
 
-    def _wake(self, journaled: int | None = None) -> None:
-        """Wake the writer and appenders, and the journal's waiters up to seq
-        ``journaled`` (None: all of them, on a failure or the close); hold the lock."""
-        self._cond.notify_all()
+    def _wake(self, journaled: int | None = None, writer: bool = True) -> None:
+        """Wake the writer and appenders (unless not ``writer``), and the journal's
+        waiters up to seq ``journaled`` (None: all of them, on a failure or the close);
+        hold the lock."""
+        if writer:
+            self._cond.notify_all()
         for seq, waiter in self._seq_waits:
             if journaled is None or seq <= journaled:
                 waiter.notify()

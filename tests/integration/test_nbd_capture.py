@@ -647,6 +647,63 @@ def test_completions_one_acknowledgement_decides_are_followed_by_their_then_once
     assert events == ["late: failed", "then"]
 
 
+def test_records_reach_the_journal_in_seq_order_whichever_thread_sends_them(
+        settings, pair_name, tmp_path):
+    """A record someone waits for may be sent by the thread that appended its ops
+    (``ship``, as an NBD reader does before it waits), by the poller as the previous
+    record's acknowledgement comes, or by the writer (entries a full payload budget
+    closed; a wait without ``ship``): whichever, the journal holds every op once, in seq
+    order, and every completion learns it."""
+    spec = make_pair(settings, pair_name, tmp_path, 16 * MiB)
+    pub = JournalPublisher(settings, spec.name, 1, linger_ms=WAITED_LINGER_MS)
+    calls: list[str | None] = []
+    senders: set[str] = set()
+    send = pub._send_waited
+
+    def sending(entry) -> None:     # who sends the records ``ship`` and the poller take
+        senders.add(threading.current_thread().name)
+        send(entry)
+    pub._send_waited = sending      # type: ignore[method-assign]
+
+    def client(k: int) -> None:
+        rng = random.Random(k)
+        for i in range(150):
+            block = rng.randrange(2048)
+            if i % 37 == 36:            # a large write: its entries close on the budget
+                pub.append_many([Op.write(block * 4096, bytes([k]) * MiB)])
+                pub.wait_journaled(pub.appended_seq)
+                continue
+            answered = threading.Event()
+
+            def completion(failed: str | None) -> None:
+                calls.append(failed)
+                answered.set()
+            with pub._cond:
+                seq = pub.appended_seq + 1
+                pub.append_many([Op.write(block * 4096, bytes([k]) * 4096)])
+                pub.when_journaled(seq, completion, ship=False)
+            if i % 10 != 9:             # else the writer finds it (within 0.1 s)
+                pub.ship()
+            assert answered.wait(30), f"write {i} of client {k} never answered"
+
+    threads = [threading.Thread(target=client, args=(k,), name=f"client-{k}")
+               for k in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        pub.drain()
+    finally:
+        pub.close()
+    entries = journal(settings, spec.name)
+    seqs = [seq for e in entries for seq in range(e.first_seq, e.last_seq + 1)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert sum(op.kind is OpKind.WRITE for e in entries for op in e.ops) >= 4 * 150
+    assert len(calls) == 4 * (150 - 150 // 37) and set(calls) == {None}
+    assert "x2x-publisher" in senders and any(n.startswith("client-") for n in senders)
+
+
 def test_sync_mode_answers_many_writes_in_flight(settings, pair_name, tmp_path, live):
     """Writes without FUA, 16 in flight (qemu-img bench with the host cache off): in sync
     mode their replies are held until the acknowledgement of their record and go out
