@@ -325,11 +325,16 @@ class JournalPublisher:
         # Never waits: the sequencer numbered this entry, so it must join the queue
         # before any later one (waiting for room happens after, in append).
         held, deferred = _payload(entry)
-        self._firsts.append((entry.last_seq, self._open_since or entry.captured_at_ms))
+        self._closed_entry(entry, held)
         self._queue.append((entry, deferred))
-        self._queued += held
         self._deferred += deferred
         self._cond.notify_all()
+
+    def _closed_entry(self, entry: Entry, held: int) -> None:
+        """Count a closed entry in, until it is handed over: when its first op came
+        (the RPO's oldest unjournaled write) and its payload bytes in memory."""
+        self._firsts.append((entry.last_seq, self._open_since or entry.captured_at_ms))
+        self._queued += held
 
     # -- deferred writes (producers/deferred.py) -----------------------------------
     @property
@@ -633,7 +638,7 @@ class JournalPublisher:
         (A limit set between this look and the hand-over holds the sender for one
         record's wait, once.) Hold the lock."""
         if not (self._writer_idle and not self._inline and self._running
-                and (self.limit is None or self.limit.rate is None)
+                and not self._error and (self.limit is None or self.limit.rate is None)
                 and not self._queue and not self._spooled
                 and self.seq.pending_ops and len(self._pending) < WAITED_RECORDS
                 and self._waited()):
@@ -643,13 +648,13 @@ class JournalPublisher:
             if entry is not None:       # bytes on the source: the writer reads them
                 self._enqueue(entry)
             return None
-        self._firsts.append((entry.last_seq, self._open_since or entry.captured_at_ms))
-        self._queued += _payload(entry)[0]
+        self._closed_entry(entry, _payload(entry)[0])
         self._inline = True
         return entry
 
     def _send_waited(self, entry: Entry) -> None:
         """Encode and hand over what :meth:`_take_waited` took, as the writer would."""
+        held = _payload(entry)[0]
         try:
             encoded = self._encode(entry)
             self._produce(b"".join(encoded.parts), encoded.sent)
@@ -661,7 +666,7 @@ class JournalPublisher:
         finally:
             with self._cond:
                 full = self._queued > self.max_queued       # appenders wait (_room)
-                self._queued -= _payload(entry)[0]
+                self._queued -= held
                 self._inline = False
                 if self._queue or full or self._error or not self._running:
                     self._cond.notify_all()
