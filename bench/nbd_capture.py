@@ -294,6 +294,13 @@ def run(quick: bool, workdir: Path) -> dict:
                "the better peer's floor", "MB/s", results["x2x flush-sync"]["seq_flush_MBps"],
                "min(qemu-nbd, bare acks=all produce of the same bytes)",
                min(best_flush, bare["seq_flush_MBps"]), "higher"),
+        # Issue 19's floor for sync's random writes is the bare producer's alone; no NBD
+        # server reaches it here when qemu-nbd, with no journal at all, does not.
+        figure("x2x sync: random 4 KiB (qemu-img bench -d 16) vs the better peer's floor",
+               "IOPS", results["x2x sync"]["rand_iops"],
+               "min(qemu-nbd, bare acks=all produce of 4 KiB records at depth 16, right "
+               "after it)", min(best_rand, results["bare produce, after"]["rand_iops"]),
+               "higher"),
         figure("x2x sync: random 4 KiB (qemu-img bench -d 16) vs the broker's own", "IOPS",
                results["x2x sync"]["rand_iops"],
                f"bare acks=all produce of 4 KiB records, 16 in flight, linger "
