@@ -29,10 +29,13 @@ floor of ``--flush``, which waits for all of it on the broker), and a bare produ
 keeping 16 records of 4 KiB in flight (at sync mode's linger, WAITED_LINGER_MS; the floor of sync
 mode's random writes at depth 16, where every write waits for the broker), measured at the
 start and again right after sync mode's random writes, on a broker in the same state.
-Sync mode's random writes and that bare producer are also set side by side by the CPU
-they cost per write (this process and the broker): the capturer's per write times the
-rate says how near it runs to one core, all its Python can use under the interpreter
-lock.
+Sync mode's random writes are also set against the better peer's floor, min(qemu-nbd,
+that bare producer), as flush-sync's ``--flush`` is against min(qemu-nbd, the bare
+produce of the same bytes): a server that journals each write cannot outrun both the
+server that does not and the broker. Sync mode's random writes and that bare producer
+are also set side by side by the CPU they cost per write (this process and the broker):
+the capturer's per write times the rate says how near it runs to one core, all its
+Python can use under the interpreter lock.
 
 Prints a table and writes ``bench/results/nbd_capture.json``. Not a test: no timed asserts.
 

@@ -454,9 +454,10 @@ class JournalPublisher:
                   and len(self._pending) < WAITED_RECORDS):
                 # Someone waits for ops of the open entry (sync mode's writes): close it
                 # now, or once the record in flight is acknowledged (the report wakes
-                # us). What was appended while the last record went out rides along in
-                # this one (group commit): one record, one signature, one report for
-                # all the writes in flight, not one each.
+                # us, unless its thread sends the entry itself: _take_waited). What was
+                # appended while the last record went out rides along in this one
+                # (group commit): one record, one signature, one report for all the
+                # writes in flight, not one each.
                 self.close_entry()
                 continue
             self._writer_idle = held is None

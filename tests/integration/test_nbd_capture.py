@@ -678,10 +678,8 @@ def test_records_reach_the_journal_in_seq_order_whichever_thread_sends_them(
             def completion(failed: str | None) -> None:
                 calls.append(failed)
                 answered.set()
-            with pub._cond:
-                seq = pub.appended_seq + 1
-                pub.append_many([Op.write(block * 4096, bytes([k]) * 4096)])
-                pub.when_journaled(seq, completion, ship=False)
+            seq = pub.append_at(Op.write(block * 4096, bytes([k]) * 4096))
+            pub.when_journaled(seq, completion, ship=False)
             if i % 10 != 9:             # else the writer finds it (within 0.1 s)
                 pub.ship()
             assert answered.wait(30), f"write {i} of client {k} never answered"
