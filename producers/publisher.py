@@ -412,10 +412,14 @@ class JournalPublisher:
                         self._cond.notify_all()
                     held = None
             except Exception as e:  # noqa: BLE001 - every waiter must learn of it
-                with self._cond:
-                    self._error = self._error or (f"the journal writer of {self.topic} "
-                                                  f"failed: {type(e).__name__}: {e}")
-                    self._wake()
+                self._writer_failed(e)
+
+    def _writer_failed(self, e: Exception) -> None:
+        """Encoding or handing over a record failed: every waiter must learn of it."""
+        with self._cond:
+            self._error = self._error or (f"the journal writer of {self.topic} "
+                                          f"failed: {type(e).__name__}: {e}")
+            self._wake()
 
     def _choose(self, held: "_Encoded | None") -> tuple[str, object]:
         """What the writer does next; waits (lock held) until there is something."""
@@ -609,7 +613,7 @@ class JournalPublisher:
             self._wake(None if err is not None else self.journaled.seq,
                        writer=waited is None)
         if waited is not None:
-            self._send_waited(waited)
+            self._send_waited(*waited)
         self._run(ready, None)
         if err is not None:
             self._call_back(None)
@@ -625,9 +629,9 @@ class JournalPublisher:
             if waited is None:
                 self._waiter_came()
         if waited is not None:
-            self._send_waited(waited)
+            self._send_waited(*waited)
 
-    def _take_waited(self) -> Entry | None:
+    def _take_waited(self) -> tuple[Entry, int] | None:
         """Close the open entry that someone waits for (sync capture's writes) for
         this thread to send (:meth:`_send_waited`): the poller as the previous record's
         acknowledgement comes, or a caller of :meth:`ship`. Only when the writer would
@@ -637,7 +641,8 @@ class JournalPublisher:
         wake-up and the lock and interpreter hand-offs around it at every record: at
         random 4 KiB writes at depth 16, 8 of the writer's context switches a record.
         (A limit set between this look and the hand-over holds the sender for one
-        record's wait, once.) Hold the lock."""
+        record's wait, once.) Returns the entry and its payload bytes in memory. Hold
+        the lock."""
         if not (self._writer_idle and not self._inline and self._running
                 and not self._error and (self.limit is None or self.limit.rate is None)
                 and not self._queue and not self._spooled
@@ -645,25 +650,23 @@ class JournalPublisher:
                 and self._waited()):
             return None
         entry = self.seq.close(now_ms())
-        if entry is None or _payload(entry)[1]:
-            if entry is not None:       # bytes on the source: the writer reads them
-                self._enqueue(entry)
+        if entry is None:
             return None
-        self._closed_entry(entry, _payload(entry)[0])
+        held, deferred = _payload(entry)
+        if deferred:                    # bytes on the source: the writer reads them
+            self._enqueue(entry)
+            return None
+        self._closed_entry(entry, held)
         self._inline = True
-        return entry
+        return entry, held
 
-    def _send_waited(self, entry: Entry) -> None:
+    def _send_waited(self, entry: Entry, held: int) -> None:
         """Encode and hand over what :meth:`_take_waited` took, as the writer would."""
-        held = _payload(entry)[0]
         try:
             encoded = self._encode(entry)
             self._produce(b"".join(encoded.parts), encoded.sent)
         except Exception as e:  # noqa: BLE001 - every waiter must learn of it
-            with self._cond:
-                self._error = self._error or (f"the journal writer of {self.topic} "
-                                              f"failed: {type(e).__name__}: {e}")
-                self._wake()
+            self._writer_failed(e)
         finally:
             with self._cond:
                 full = self._queued > self.max_queued       # appenders wait (_room)

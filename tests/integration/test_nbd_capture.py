@@ -660,9 +660,9 @@ def test_records_reach_the_journal_in_seq_order_whichever_thread_sends_them(
     senders: set[str] = set()
     send = pub._send_waited
 
-    def sending(entry) -> None:     # who sends the records ``ship`` and the poller take
+    def sending(entry, held: int) -> None:  # who sends what ``ship`` and the poller take
         senders.add(threading.current_thread().name)
-        send(entry)
+        send(entry, held)
     pub._send_waited = sending      # type: ignore[method-assign]
 
     def client(k: int) -> None:
