@@ -92,6 +92,7 @@ class Metrics:
     history_window: Gauge = field(init=False)
     history_early: Any = field(init=False)
     nbd_request_latency_seconds: Any = field(init=False)
+    journal_ack_seconds: Any = field(init=False)
     target_flush_seconds: Any = field(init=False)
 
     def __post_init__(self) -> None:
@@ -136,6 +137,10 @@ class Metrics:
         self.nbd_request_latency_seconds = m.create_histogram(
             "x2x.nbd.request.duration", "s",
             "NBD request latency, from request read to reply sent.")
+        self.journal_ack_seconds = m.create_histogram(
+            "x2x.journal.ack.duration", "s",
+            "How long Kafka took to acknowledge a journal record, from handing it to the "
+            "producer to its delivery report (a sync write waits for one or two).")
         self.target_flush_seconds = m.create_histogram(
             "x2x.target.flush.duration", "s",
             "How long the target took to make applied writes durable (fsync) at a "
@@ -153,6 +158,10 @@ class Metrics:
         ``zero``, ``block_status`` ... (lower case)."""
         self.nbd_request_latency_seconds.record(
             seconds, {"pair": pair, "role": "capturer", "command": command})
+
+    def journal_acked(self, pair: str, seconds: float) -> None:
+        """One journal record acknowledged, ``seconds`` after it was handed to Kafka."""
+        self.journal_ack_seconds.record(seconds, {"pair": pair, "role": "capturer"})
 
     def unjournaled(self, pair: str, nbytes: int, age_s: float) -> None:
         """What clients were told is done and the journal lacks (at every capturer beat)."""
@@ -317,8 +326,9 @@ def setup(exporter: str | None = None, service_name: str = "x2x",
                                                      export_interval_millis=interval))
     if t_kind != "none":
         processors.append(BatchSpanProcessor(_span_exporter(t_kind)))
-    views = [View(instrument_name="x2x.nbd.request.duration",
-                  aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS_S))]
+    views = [View(instrument_name=name,
+                  aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS_S))
+             for name in ("x2x.nbd.request.duration", "x2x.journal.ack.duration")]
     mp = MeterProvider(resource=resource, metric_readers=readers, views=views)
     tp = TracerProvider(resource=resource)
     for p in processors:

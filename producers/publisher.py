@@ -188,6 +188,10 @@ class JournalPublisher:
         self.journaled = Journaled(epoch, next_seq - 1, epoch_bytes, 0)
         self.ops_journaled = 0
         self.bytes_sent = 0            # record bytes handed to Kafka (before compression)
+        #: Records acknowledged, and the seconds they spent from hand-over to report:
+        #: the broker's share of a waiting client's time (bench/nbd_capture.py).
+        self.records_acked = 0
+        self.ack_seconds = 0.0
         #: (offset, entry digest) of the newest acknowledged record: lets a recovery or
         #: the next start check that the broker still holds it (producers/recovery.py).
         self.last_acked: tuple[int, bytes] | None = None
@@ -594,6 +598,9 @@ class JournalPublisher:
                                f"{self.settings.bootstrap}: {err.str()}")
             else:
                 self._acked_at = time.monotonic()
+                took = self._acked_at - entry.handed_at
+                self.records_acked += 1
+                self.ack_seconds += took
                 before = self.journaled
                 self.journaled = Journaled(entry.epoch, entry.last_seq, entry.epoch_bytes,
                                            entry.captured_at_ms)
@@ -617,6 +624,8 @@ class JournalPublisher:
         self._run(ready, None)
         if err is not None:
             self._call_back(None)
+        if err is None:
+            telemetry.metrics().journal_acked(self.pair, took)
         if acked[0]:
             telemetry.metrics().captured(self.pair, acked[0], max(0, acked[1]))
 

@@ -57,6 +57,8 @@ def test_capturer_emits_journaled_ops_nbd_latency_progress_and_a_baseline_span(
         commands = {a["command"] for a, _ in points["x2x.nbd.request.duration"]
                     if a["pair"] == pair_name}
         assert {"write", "flush"} <= commands, commands
+        acks = [dp for a, dp in points["x2x.journal.ack.duration"] if a["pair"] == pair_name]
+        assert acks and acks[0].count >= 2 and acks[0].sum > 0, acks
         assert any(a == {"pair": pair_name, "role": "capturer"} and v == 1.0
                    for a, v in points["x2x.resync.progress"])
         names = [s.name for s in spans.get_finished_spans()

@@ -33,6 +33,8 @@ def test_counters_gauges_and_histogram_are_read_back(mem) -> None:
     m.nbd_request("web", "write", 0.0004)
     m.nbd_request("web", "write", 0.003)
     m.nbd_request("web", "flush", 0.02)
+    m.journal_acked("web", 0.0007)
+    m.journal_acked("web", 0.004)
 
     got = telemetry.points(reader)
     cap = {"pair": "web", "role": "capturer"}
@@ -54,6 +56,9 @@ def test_counters_gauges_and_histogram_are_read_back(mem) -> None:
     # Seconds-scale buckets, not the SDK's millisecond defaults.
     assert tuple(hist["write"].explicit_bounds) == telemetry.LATENCY_BUCKETS_S
     assert hist["write"].bucket_counts[telemetry.LATENCY_BUCKETS_S.index(0.0005)] == 1
+    [(attrs, acks)] = got["x2x.journal.ack.duration"]
+    assert attrs == cap and acks.count == 2 and acks.sum == pytest.approx(0.0047)
+    assert tuple(acks.explicit_bounds) == telemetry.LATENCY_BUCKETS_S
 
 
 def test_the_history_base_reports_held_bytes_window_and_early_applies(mem) -> None:
