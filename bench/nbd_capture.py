@@ -11,9 +11,13 @@ async mode only); each x2x figure is set against the better of qemu-nbd's two.
   durable on the source; in flush-sync and sync mode it means "all of it acknowledged by
   the broker", so this time includes the whole journal;
 * random 4 KiB writes: ``qemu-img bench -w`` with a large prime stride (offsets jump
-  around the volume), queue depth 16, ending with a flush;
+  around the volume), queue depth 16, ending with a flush. qemu-img writes one byte value
+  everywhere, which x2x journals as FILL ops, without the bytes: these rows show the
+  server's own cost per request;
 * random 4 KiB reads of the same offsets, queue depth 16, from the page cache (a guest
-  reading its disk; the same in every mode).
+  reading its disk; the same in every mode);
+* random 4 KiB writes of random data: ``fio`` with its nbd engine (libnbd), queue depth
+  16, random offsets, ending with a flush: what a guest's writes put in the journal.
 
 The random writes land on what the copy wrote, still in the page cache, as a guest's
 writes land on a migrated disk. That costs qemu-nbd more than x2x on Linux 6.x: a
@@ -35,7 +39,10 @@ produce of the same bytes): a server that journals each write cannot outrun both
 server that does not and the broker. Sync mode's random writes and that bare producer
 are also set side by side by the CPU they cost per write (this process and the broker):
 the capturer's per write times the rate says how near it runs to one core, all its
-Python can use under the interpreter lock.
+Python can use under the interpreter lock. And by time: a journal record's time in
+flight (from the publisher's own count, against a bare producer's round trip of one
+record of the same size at a time, right after) and its whole cycle, the writes' time
+per record: what is not in flight is the capturer's and its client's.
 
 Prints a table and writes ``bench/results/nbd_capture.json``. Not a test: no timed asserts.
 
@@ -87,7 +94,8 @@ def broker_pid() -> int | None:
 
 
 def run_workloads(uri: str, data: Path, size: int, rand_count: int,
-                  server_pid: int, settle: Callable[[], None] | None = None
+                  server_pid: int, settle: Callable[[], None] | None = None,
+                  journal: Callable[[], tuple[int, float, int]] | None = None
                   ) -> dict[str, float]:
     """The three workloads; for the plain copy also the CPU seconds per GiB each process
     spent (the server, the broker shipping the journal meanwhile, nbdcopy): on a small
@@ -95,7 +103,10 @@ def run_workloads(uri: str, data: Path, size: int, rand_count: int,
     FLUSH (the source's fsync) and then ``settle`` leave nothing of one for the next to
     pay for: for x2x, ``settle`` puts all of it on the broker, since an async FLUSH does
     not wait for the journal. (Without the FLUSH, the random writes' closing flush paid
-    the writeback of the copy before them: sync mode's 2,000 took 0.88 s, not 0.55.)"""
+    the writeback of the copy before them: sync mode's 2,000 took 0.88 s, not 0.55.)
+    ``journal`` (x2x) says (records acknowledged, their seconds in flight, record bytes
+    sent) so far: over the random writes of data, how large a record is and how long
+    it flies."""
     def between() -> None:
         timed("qemu-io", "-f", "raw", "-c", "flush", uri)
         if settle is not None:
@@ -120,10 +131,45 @@ def run_workloads(uri: str, data: Path, size: int, rand_count: int,
     # both servers (the copy and the writes just put them there).
     read_s = timed("qemu-img", "bench", "-t", "none", "-f", "raw", "-s", "4096",
                    "-S", str(STRIDE), "-c", str(rand_count), "-d", "16", uri)
+    between()
+    before = _cpu_now(server_pid, bpid)
+    records = journal() if journal is not None else None
+    data_s = fio_random_writes(uri, size, rand_count)
+    cpu |= _per_op(before, server_pid, bpid, rand_count, "data")
+    if journal is not None and records is not None:
+        cpu |= _records(records, journal(), data_s, rand_count)
     return {"seq_seconds": seq_s, "seq_MBps": size / seq_s / 1e6,
             "seq_flush_seconds": flushed_s, "seq_flush_MBps": size / flushed_s / 1e6,
             "rand_seconds": rand_s, "rand_iops": rand_count / rand_s,
-            "rand_read_iops": rand_count / read_s, **cpu}
+            "rand_read_iops": rand_count / read_s,
+            "data_seconds": data_s, "data_iops": rand_count / data_s, **cpu}
+
+
+def fio_random_writes(uri: str, size: int, count: int) -> float:
+    """Seconds ``fio`` took for ``count`` random 4 KiB writes of random data at depth 16
+    and the closing flush, by its own clock (its start-up, ~0.25 s, is not the
+    server's)."""
+    out = subprocess.run(["fio", "--name=rand-data", "--ioengine=nbd", f"--uri={uri}",
+                          "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={size}",
+                          f"--number_ios={count}", "--end_fsync=1", "--output-format=json"],
+                         check=True, capture_output=True, text=True).stdout
+    write = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    if write["total_ios"] != count:
+        raise RuntimeError(f"fio wrote {write['total_ios']} times, not {count}: {uri}")
+    return count / write["iops"]
+
+
+def _records(before: tuple[int, float, int], after: tuple[int, float, int],
+             seconds: float, writes: int) -> dict[str, float]:
+    """The journal's records over ``seconds`` of ``writes`` random writes of data: count,
+    writes per record, mean size, mean time in flight, and the cycle (the time per
+    record the writes took; one record in flight at a time in sync mode, the rest of
+    it is on the capturer's side)."""
+    n = max(after[0] - before[0], 1)
+    return {"data_records": n, "data_writes_per_record": writes / n,
+            "data_record_bytes": (after[2] - before[2]) / n,
+            "data_record_in_flight_us": (after[1] - before[1]) * 1e6 / n,
+            "data_record_cycle_us": seconds * 1e6 / n}
 
 
 def _cpu_now(pid: int, bpid: int | None) -> tuple[float, float]:
@@ -199,7 +245,9 @@ def bench_x2x(work: Path, data: Path, size: int, rand_count: int,
             time.sleep(0.05)
         cap.sync_point()
         out = run_workloads(cap.uri, data, size, rand_count, os.getpid(),
-                            lambda: cap.sync_point(300))
+                            lambda: cap.sync_point(300),
+                            lambda: (cap.pub.records_acked, cap.pub.ack_seconds,
+                                     cap.pub.bytes_sent))
         out["journal_bytes_sent"] = cap.pub.bytes_sent
     finally:
         report = cap.stop()
@@ -208,9 +256,11 @@ def bench_x2x(work: Path, data: Path, size: int, rand_count: int,
     return out
 
 
-def bench_bare(data: Path | None, size: int, rand_count: int) -> dict[str, float]:
+def bench_bare(data: Path | None, size: int, rand_count: int,
+               record_bytes: float = 0.0) -> dict[str, float]:
     """The broker's own limits for the same work (see the module's docstring); without
-    ``data`` only the producer at depth."""
+    ``data`` only the producer at depth. With ``record_bytes``, also the round trip of
+    one record of that size, one in flight at a time."""
     from bench.common import bare_produce, bare_produce_at_depth, scratch_topic
     from infra.kafka import KafkaSettings
     settings = KafkaSettings.resolve()
@@ -223,6 +273,10 @@ def bench_bare(data: Path | None, size: int, rand_count: int) -> dict[str, float
         before = _cpu_now(os.getpid(), bpid)
         out["rand_iops"] = bare_produce_at_depth(settings, topic, 4096, rand_count, 16)
         out |= _per_op(before, os.getpid(), bpid, rand_count, "rand")
+        if record_bytes:
+            trips = max(rand_count // 5, 100)
+            out["round_trip_us"] = 1e6 / bare_produce_at_depth(
+                settings, topic, max(int(record_bytes), 1), trips, 1)
     return out
 
 
@@ -251,7 +305,8 @@ def measure(home: Path, size: int, rand_count: int) -> dict[str, dict[str, float
         # The producer at depth again, right after sync mode's random writes, on the
         # broker as they found it (six GiB of copies behind it), not only as it was at
         # the start, when it had written nothing yet.
-        results["bare produce, after"] = bench_bare(None, size, sync_count)
+        results["bare produce, after"] = bench_bare(
+            None, size, sync_count, results["x2x sync"]["data_record_bytes"])
         return results
     finally:
         data.unlink(missing_ok=True)
@@ -267,18 +322,29 @@ def ratios(results: dict[str, dict[str, float]], mode: str = "x2x async") -> dic
             "seq_flush": x["seq_flush_MBps"] / q_flush}
 
 
+#: The two random-write workloads' names in the figures: qemu-img bench writes one
+#: byte value everywhere, which x2x journals as FILL ops without the bytes; fio's nbd
+#: engine writes random bytes, as a guest's writes carry.
+RAND = "random 4 KiB, one byte repeated"
+DATA = "random 4 KiB of random data (fio, nbd engine, depth 16)"
+BARE_AT_DEPTH = (f"bare acks=all produce of 4 KiB records, 16 in flight, linger "
+                 f"{WAITED_LINGER_MS:g} ms, right after it")
+
+
 def run(quick: bool, workdir: Path) -> dict:
     """Scenario 2 of ``make bench``: figures against qemu-nbd (the harness's broker)."""
     from bench.common import figure
-    missing = [t for t in ("nbdcopy", "qemu-img", "qemu-nbd") if not shutil.which(t)]
+    missing = [t for t in ("nbdcopy", "qemu-img", "qemu-nbd", "fio") if not shutil.which(t)]
     if missing:
-        return {"skipped": f"{', '.join(missing)} not installed (libnbd-bin, qemu-utils)"}
+        return {"skipped": f"{', '.join(missing)} not installed (libnbd-bin, qemu-utils, "
+                           f"fio)"}
     size, rand_count = (32 * MiB, 500) if quick else (1024 * MiB, 20000)
     results = measure(Path(workdir), size, rand_count)
     best_seq = max(results["qemu-nbd tcp"]["seq_MBps"], results["qemu-nbd unix"]["seq_MBps"])
     best_rand = max(results["qemu-nbd tcp"]["rand_iops"], results["qemu-nbd unix"]["rand_iops"])
     best_flush = max(results["qemu-nbd tcp"]["seq_flush_MBps"],
                      results["qemu-nbd unix"]["seq_flush_MBps"])
+    best_data = max(results["qemu-nbd tcp"]["data_iops"], results["qemu-nbd unix"]["data_iops"])
     figures = []
     for mode in ("x2x async", "x2x flush-sync", "x2x sync"):
         r = results[mode]
@@ -289,8 +355,10 @@ def run(quick: bool, workdir: Path) -> dict:
             figure(f"{mode}: sequential 1 MiB (nbdcopy --flush: {flushed})", "MB/s",
                    r["seq_flush_MBps"], "qemu-nbd, better of tcp/unix", best_flush,
                    "higher"),
-            figure(f"{mode}: random 4 KiB (qemu-img bench -d 16)", "IOPS", r["rand_iops"],
-                   "qemu-nbd, better of tcp/unix", best_rand, "higher")]
+            figure(f"{mode}: {RAND} (qemu-img bench -d 16)", "IOPS", r["rand_iops"],
+                   "qemu-nbd, better of tcp/unix", best_rand, "higher"),
+            figure(f"{mode}: {DATA}", "IOPS", r["data_iops"],
+                   "qemu-nbd, better of tcp/unix", best_data, "higher")]
     bare = results["bare produce"]
     figures += [
         figure("x2x flush-sync: sequential 1 MiB (nbdcopy --flush: all on the broker) vs "
@@ -299,28 +367,49 @@ def run(quick: bool, workdir: Path) -> dict:
                min(best_flush, bare["seq_flush_MBps"]), "higher"),
         # Issue 19's floor for sync's random writes is the bare producer's alone; no NBD
         # server reaches it here when qemu-nbd, with no journal at all, does not.
-        figure("x2x sync: random 4 KiB (qemu-img bench -d 16) vs the better peer's floor",
+        figure(f"x2x sync: {RAND} (qemu-img bench -d 16) vs the better peer's floor",
                "IOPS", results["x2x sync"]["rand_iops"],
                "min(qemu-nbd, bare acks=all produce of 4 KiB records at depth 16, right "
                "after it)", min(best_rand, results["bare produce, after"]["rand_iops"]),
                "higher"),
-        figure("x2x sync: random 4 KiB (qemu-img bench -d 16) vs the broker's own", "IOPS",
-               results["x2x sync"]["rand_iops"],
-               f"bare acks=all produce of 4 KiB records, 16 in flight, linger "
-               f"{WAITED_LINGER_MS:g} ms, right after it",
+        figure(f"x2x sync: {DATA} vs the better peer's floor", "IOPS",
+               results["x2x sync"]["data_iops"],
+               "min(qemu-nbd, bare acks=all produce of 4 KiB records at depth 16, right "
+               "after it)", min(best_data, results["bare produce, after"]["rand_iops"]),
+               "higher"),
+        figure(f"x2x sync: {RAND} (qemu-img bench -d 16) vs the broker's own", "IOPS",
+               results["x2x sync"]["rand_iops"], BARE_AT_DEPTH,
                results["bare produce, after"]["rand_iops"], "higher"),
-        figure("x2x sync: random 4 KiB (qemu-img bench -d 16) vs the broker's own at the "
+        figure(f"x2x sync: {DATA} vs the broker's own", "IOPS",
+               results["x2x sync"]["data_iops"], BARE_AT_DEPTH,
+               results["bare produce, after"]["rand_iops"], "higher"),
+        figure(f"x2x sync: {RAND} (qemu-img bench -d 16) vs the broker's own at the "
                "start", "IOPS", results["x2x sync"]["rand_iops"],
                "the same bare producer before any run, on a broker with nothing to write "
                "back", bare["rand_iops"], "higher")]
     # What bounds sync's random writes: CPU per write, the capturer's and the broker's,
     # against the bare producer's and the broker's per record at the same depth.
     xs, bs = results["x2x sync"], results["bare produce, after"]
-    figures.append(figure(
-        "x2x sync: random 4 KiB, CPU per write (capturer + broker)", "us",
-        xs["rand_server_cpu_us_per_op"] + xs["rand_broker_cpu_us_per_op"],
-        "bare producer + broker, per 4 KiB record at depth 16, right after it",
-        bs["rand_server_cpu_us_per_op"] + bs["rand_broker_cpu_us_per_op"], "lower"))
+    bare_cpu = bs["rand_server_cpu_us_per_op"] + bs["rand_broker_cpu_us_per_op"]
+    figures += [figure(
+        f"x2x sync: {what}, CPU per write (capturer + broker)", "us",
+        xs[f"{key}_server_cpu_us_per_op"] + xs[f"{key}_broker_cpu_us_per_op"],
+        "bare producer + broker, per 4 KiB record at depth 16, right after it", bare_cpu,
+        "lower") for key, what in (("rand", RAND), ("data", DATA))]
+    # ... and by time: one record in flight at a time, a record's cycle is its time in
+    # flight (the broker's, against a bare record of the same size alone on the wire)
+    # and the rest (the acknowledged writes' replies, the client's next writes, their
+    # reading and journaling: the capturer's).
+    figures += [
+        figure(f"x2x sync: {DATA}, a journal record's time in flight (to Kafka and "
+               "acknowledged)", "us", xs["data_record_in_flight_us"],
+               f"bare producer, one record of the same size "
+               f"({xs['data_record_bytes'] / 1024:.0f} KiB) at a time, right after it",
+               bs["round_trip_us"], "lower"),
+        figure(f"x2x sync: {DATA}, a journal record's whole cycle "
+               f"({xs['data_writes_per_record']:.1f} writes each)", "us",
+               xs["data_record_cycle_us"], "its time in flight",
+               xs["data_record_in_flight_us"], "lower")]
     # Reads are the same in every mode (they never wait for the journal): async's.
     best_read = max(results["qemu-nbd tcp"]["rand_read_iops"],
                     results["qemu-nbd unix"]["rand_read_iops"])
@@ -351,7 +440,7 @@ def main() -> None:
     args = ap.parse_args()
     from bench.common import standalone
     size = args.size_mib * MiB
-    with standalone(("nbdcopy", "qemu-img", "qemu-nbd")) as (home, _):
+    with standalone(("nbdcopy", "qemu-img", "qemu-nbd", "fio")) as (home, _):
         results = measure(home, size, args.rand_count)
     r = ratios(results)
     print(f"{'':16}{'seq MB/s':>10}{'seq+flush MB/s':>16}{'rand 4 KiB IOPS':>18}")

@@ -5,7 +5,8 @@
 set -euo pipefail
 # qemu-system-x86 and busybox-static: x2x cutover boots targets, and its tests build a small
 # Debian guest (kernel .deb fetched by the test with apt-get download, busybox initramfs).
-packages=(qemu-utils libnbd-bin nbdkit fuse3 e2fsprogs rsync postgresql qemu-system-x86 busybox-static)
+# fio: bench/nbd_capture.py's random writes of random data (its nbd engine).
+packages=(qemu-utils libnbd-bin nbdkit fuse3 e2fsprogs rsync postgresql qemu-system-x86 busybox-static fio)
 missing=()
 # Java and Maven may come from elsewhere than Debian (a JDK in /opt, SDKMAN): only ask for
 # Debian's when there is none at all.
