@@ -97,7 +97,7 @@ def run_workloads(uri: str, data: Path, size: int, rand_count: int,
                   server_pid: int, settle: Callable[[], None] | None = None,
                   journal: Callable[[], tuple[int, float, int]] | None = None
                   ) -> dict[str, float]:
-    """The three workloads; for the plain copy also the CPU seconds per GiB each process
+    """The four workloads; for the plain copy also the CPU seconds per GiB each process
     spent (the server, the broker shipping the journal meanwhile, nbdcopy): on a small
     machine those, not the wire, decide who is faster. Between two, untimed, a client
     FLUSH (the source's fsync) and then ``settle`` leave nothing of one for the next to
@@ -443,10 +443,12 @@ def main() -> None:
     with standalone(("nbdcopy", "qemu-img", "qemu-nbd", "fio")) as (home, _):
         results = measure(home, size, args.rand_count)
     r = ratios(results)
-    print(f"{'':16}{'seq MB/s':>10}{'seq+flush MB/s':>16}{'rand 4 KiB IOPS':>18}")
+    print(f"{'':16}{'seq MB/s':>10}{'seq+flush MB/s':>16}{'rand 4 KiB IOPS':>18}"
+          f"{'of random data':>16}")
     for name, res in results.items():
         print(f"{name:16}{res.get('seq_MBps', float('nan')):>10.0f}"
-              f"{res['seq_flush_MBps']:>16.0f}{res['rand_iops']:>18.0f}")
+              f"{res['seq_flush_MBps']:>16.0f}{res['rand_iops']:>18.0f}"
+              f"{res.get('data_iops', float('nan')):>16.0f}")
     print(f"{'x2x / best qemu':16}{r['seq']:>10.2f}{r['seq_flush']:>16.2f}{r['rand']:>18.2f}")
     print("CPU seconds per GiB during the plain copy (server, broker, nbdcopy):")
     for name, res in results.items():
