@@ -332,6 +332,7 @@ def ratios(results: dict[str, dict[str, float]], mode: str = "x2x async") -> dic
 #: engine writes random bytes, as a guest's writes carry.
 RAND = "random 4 KiB, one byte repeated"
 DATA = "random 4 KiB of random data (fio, nbd engine, depth 16)"
+FLOOR = "min(qemu-nbd, bare acks=all produce of 4 KiB records at depth 16, right after it)"
 BARE_AT_DEPTH = (f"bare acks=all produce of 4 KiB records, 16 in flight, linger "
                  f"{WAITED_LINGER_MS:g} ms, right after it")
 
@@ -345,11 +346,11 @@ def run(quick: bool, workdir: Path) -> dict:
                            f"fio)"}
     size, rand_count = (32 * MiB, 500) if quick else (1024 * MiB, 20000)
     results = measure(Path(workdir), size, rand_count)
-    best_seq = max(results["qemu-nbd tcp"]["seq_MBps"], results["qemu-nbd unix"]["seq_MBps"])
-    best_rand = max(results["qemu-nbd tcp"]["rand_iops"], results["qemu-nbd unix"]["rand_iops"])
-    best_flush = max(results["qemu-nbd tcp"]["seq_flush_MBps"],
-                     results["qemu-nbd unix"]["seq_flush_MBps"])
-    best_data = max(results["qemu-nbd tcp"]["data_iops"], results["qemu-nbd unix"]["data_iops"])
+    def best(key: str) -> float:
+        """qemu-nbd's better figure, of tcp and unix."""
+        return max(results["qemu-nbd tcp"][key], results["qemu-nbd unix"][key])
+    best_seq, best_rand = best("seq_MBps"), best("rand_iops")
+    best_flush, best_data = best("seq_flush_MBps"), best("data_iops")
     figures = []
     for mode in ("x2x async", "x2x flush-sync", "x2x sync"):
         r = results[mode]
@@ -374,13 +375,11 @@ def run(quick: bool, workdir: Path) -> dict:
         # server reaches it here when qemu-nbd, with no journal at all, does not.
         figure(f"x2x sync: {RAND} (qemu-img bench -d 16) vs the better peer's floor",
                "IOPS", results["x2x sync"]["rand_iops"],
-               "min(qemu-nbd, bare acks=all produce of 4 KiB records at depth 16, right "
-               "after it)", min(best_rand, results["bare produce, after"]["rand_iops"]),
+               FLOOR, min(best_rand, results["bare produce, after"]["rand_iops"]),
                "higher"),
         figure(f"x2x sync: {DATA} vs the better peer's floor", "IOPS",
                results["x2x sync"]["data_iops"],
-               "min(qemu-nbd, bare acks=all produce of 4 KiB records at depth 16, right "
-               "after it)", min(best_data, results["bare produce, after"]["rand_iops"]),
+               FLOOR, min(best_data, results["bare produce, after"]["rand_iops"]),
                "higher"),
         figure(f"x2x sync: {RAND} (qemu-img bench -d 16) vs the broker's own", "IOPS",
                results["x2x sync"]["rand_iops"], BARE_AT_DEPTH,
@@ -416,8 +415,7 @@ def run(quick: bool, workdir: Path) -> dict:
                xs["data_record_cycle_us"], "its time in flight",
                xs["data_record_in_flight_us"], "lower")]
     # Reads are the same in every mode (they never wait for the journal): async's.
-    best_read = max(results["qemu-nbd tcp"]["rand_read_iops"],
-                    results["qemu-nbd unix"]["rand_read_iops"])
+    best_read = best("rand_read_iops")
     figures.append(figure("x2x async: random 4 KiB reads, cached (qemu-img bench -d 16)",
                           "IOPS", results["x2x async"]["rand_read_iops"],
                           "qemu-nbd, better of tcp/unix", best_read, "higher"))
