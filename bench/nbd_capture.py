@@ -43,7 +43,11 @@ the capturer's per write times the rate says how near it runs to one core, all i
 Python can use under the interpreter lock. And by time: a journal record's time in
 flight (from the publisher's own count, against a bare producer's round trip of one
 record of the same size at a time, right after) and its whole cycle, the writes' time
-per record: what is not in flight is the capturer's and its client's.
+per record: what is not in flight is the capturer's and its client's. Whether any server
+could reach that floor here: the machine's ceiling for writes each journaled before its
+reply, all CPUs busy on the cheapest server's CPU per write (qemu-nbd or x2x async) plus
+the bare producer's and broker's per record, set against the bare producer; and how much
+of the CPUs sync mode and qemu-nbd kept busy.
 
 Prints a table and writes ``bench/results/nbd_capture.json``. Not a test: no timed asserts.
 
@@ -62,7 +66,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from bench.cpu import cpu_seconds
+from bench.cpu import cpu_seconds, snapshot
 from infra.net import free_port
 from producers.publisher import WAITED_LINGER_MS
 
@@ -133,10 +137,14 @@ def run_workloads(uri: str, data: Path, size: int, rand_count: int,
     read_s = timed("qemu-img", "bench", "-t", "none", "-f", "raw", "-s", "4096",
                    "-S", str(STRIDE), "-c", str(rand_count), "-d", "16", uri)
     between()
-    before = _cpu_now(server_pid, bpid)
+    before, children, machine = _cpu_now(server_pid, bpid), _children_cpu(), snapshot()
     records = journal() if journal is not None else None
     data_s = fio_random_writes(uri, size, rand_count)
     cpu |= _per_op(before, server_pid, bpid, rand_count, "data")
+    # fio's own CPU and the whole machine's (every process and the kernel), per write;
+    # both hold fio's start-up too, so are a little high.
+    cpu["data_client_cpu_us_per_op"] = (_children_cpu() - children) * 1e6 / rand_count
+    cpu["data_machine_cpu_us_per_op"] = (snapshot().busy - machine.busy) * 1e6 / rand_count
     if journal is not None and records is not None:
         cpu |= _records(records, journal(), data_s, rand_count)
     return {"seq_seconds": seq_s, "seq_MBps": size / seq_s / 1e6,
@@ -400,6 +408,30 @@ def run(quick: bool, workdir: Path) -> dict:
         xs[f"{key}_server_cpu_us_per_op"] + xs[f"{key}_broker_cpu_us_per_op"],
         "bare producer + broker, per 4 KiB record at depth 16, right after it", bare_cpu,
         "lower") for key, what in (("rand", RAND), ("data", DATA))]
+    # Whether any design could reach issue 19's floor for sync on this machine: a server
+    # that journals each write before its reply does at least what the cheapest server
+    # here spent per write (qemu-nbd, or x2x async, which already hashes and journals it)
+    # plus what the bare producer and the broker spent per 4 KiB record. With every CPU
+    # busy on that alone (not even the client's, fio's, share), the machine serves at
+    # most that many writes a second.
+    serving = min(results[name]["data_server_cpu_us_per_op"]
+                  for name in ("qemu-nbd tcp", "qemu-nbd unix", "x2x async"))
+    cpus = os.cpu_count() or 1
+    def busy(r: dict[str, float]) -> float:
+        """Share of all CPUs busy while fio wrote: the machine's CPU per write × the rate."""
+        return r["data_machine_cpu_us_per_op"] * r["data_iops"] / 1e6 / cpus
+    ceiling = cpus * 1e6 / (serving + bare_cpu)
+    figures += [
+        figure(f"the {cpus} CPUs' ceiling for {DATA}, each journaled before its reply: "
+               "the cheapest server's CPU per write + the bare producer's and broker's per "
+               "record, every CPU busy on them", "IOPS", ceiling, BARE_AT_DEPTH,
+               results["bare produce, after"]["rand_iops"], "higher"),
+        figure(f"x2x sync: {DATA} vs that ceiling", "IOPS", xs["data_iops"],
+               f"the {cpus} CPUs' ceiling above", ceiling, "higher"),
+        # ... and how much of them the writes kept busy (the rest: each side waiting).
+        figure(f"x2x sync: {DATA}, share of the {cpus} CPUs busy while they ran", "share",
+               busy(xs), "qemu-nbd (unix), the same writes", busy(results["qemu-nbd unix"]),
+               "higher")]
     # ... and by time: one record in flight at a time, a record's cycle is its time in
     # flight (the broker's, against a bare record of the same size alone on the wire)
     # and the rest (the acknowledged writes' replies, the client's next writes, their
