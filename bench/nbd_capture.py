@@ -47,7 +47,9 @@ per record: what is not in flight is the capturer's and its client's. Whether an
 could reach that floor here: the machine's ceiling for writes each journaled before its
 reply, all CPUs busy on the cheapest server's CPU per write (qemu-nbd or x2x async) plus
 the bare producer's and broker's per record, set against the bare producer; and how much
-of the CPUs sync mode and qemu-nbd kept busy.
+of the CPUs sync mode and qemu-nbd kept busy. Whose a sync record's extra time in flight
+is: while fio writes to the sync capture as fast as it can, a bare producer's round trip
+of one record of the same size from the capturer's own process, against from another.
 
 Prints a table and writes ``bench/results/nbd_capture.json``. Not a test: no timed asserts.
 
@@ -64,11 +66,14 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from bench.cpu import cpu_seconds, snapshot
 from infra.net import free_port
 from producers.publisher import WAITED_LINGER_MS
+
+if TYPE_CHECKING:
+    from infra.kafka import KafkaSettings
 
 MiB = 1 << 20
 RESULTS = Path(__file__).parent / "results" / "nbd_capture.json"
@@ -262,11 +267,52 @@ def bench_x2x(work: Path, data: Path, size: int, rand_count: int,
                             lambda: (cap.pub.records_acked, cap.pub.ack_seconds,
                                      cap.pub.bytes_sent))
         out["journal_bytes_sent"] = cap.pub.bytes_sent
+        if mode == "sync":
+            out |= round_trips_beside(cap.uri, size, out["data_record_bytes"],
+                                      max(rand_count // 5, 100))
     finally:
         report = cap.stop()
         control.delete_pair(settings, name)
     out["clean_stop"] = report.clean
     return out
+
+
+def round_trips_beside(uri: str, size: int, record_bytes: float,
+                       trips: int) -> dict[str, float]:
+    """While fio writes random data to ``uri`` (the sync capture in this process) as fast
+    as it can: a bare producer's round trip of one record of ``record_bytes`` at a time,
+    from this process and from another. Where a sync record's time in flight goes: the
+    broker and the machine's load slow both alike; what slows only the first is the
+    capturer's process (its delivery report waiting for a thread to wake and take the
+    interpreter lock from the thread serving the next writes)."""
+    import multiprocessing
+    from bench.common import scratch_topic
+    from infra.kafka import KafkaSettings
+    settings = KafkaSettings.resolve()
+    nbytes = max(int(record_bytes), 1)
+    fio = subprocess.Popen(["fio", "--name=beside", "--ioengine=nbd", f"--uri={uri}",
+                            "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={size}",
+                            "--refill_buffers", "--time_based", "--runtime=120"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with scratch_topic(settings, f"bench-beside-{os.getpid()}") as topic:
+            time.sleep(1.0)                 # fio's start-up: its writes under way
+            own = round_trip_us(settings, topic, nbytes, trips)
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                other = pool.apply(round_trip_us, (settings, topic, nbytes, trips))
+            if fio.poll() is not None:
+                raise RuntimeError(f"fio stopped writing to {uri} (exit {fio.returncode})")
+    finally:
+        fio.terminate()
+        fio.wait(30)
+    return {"beside_own_round_trip_us": own, "beside_other_round_trip_us": other}
+
+
+def round_trip_us(settings: KafkaSettings, topic: str, nbytes: int, trips: int) -> float:
+    """Mean microseconds a bare producer takes for one record of ``nbytes``, one at a
+    time (a process of its own runs this too: importable, its arguments picklable)."""
+    from bench.common import bare_produce_at_depth
+    return 1e6 / bare_produce_at_depth(settings, topic, nbytes, trips, 1)
 
 
 def bench_bare(data: Path | None, size: int, rand_count: int,
@@ -287,9 +333,8 @@ def bench_bare(data: Path | None, size: int, rand_count: int,
         out["rand_iops"] = bare_produce_at_depth(settings, topic, 4096, rand_count, 16)
         out |= _per_op(before, os.getpid(), bpid, rand_count, "rand")
         if record_bytes:
-            trips = max(rand_count // 5, 100)
-            out["round_trip_us"] = 1e6 / bare_produce_at_depth(
-                settings, topic, max(int(record_bytes), 1), trips, 1)
+            out["round_trip_us"] = round_trip_us(settings, topic, max(int(record_bytes), 1),
+                                                 max(rand_count // 5, 100))
     return out
 
 
@@ -446,6 +491,14 @@ def run(quick: bool, workdir: Path) -> dict:
                f"({xs['data_writes_per_record']:.1f} writes each)", "us",
                xs["data_record_cycle_us"], "its time in flight",
                xs["data_record_in_flight_us"], "lower")]
+    # ... and whose that time is: a bare record's round trip beside the same writes, from
+    # the capturer's process against from another (see round_trips_beside).
+    figures.append(figure(
+        f"x2x sync: a bare producer's round trip of one record of the same size "
+        f"({xs['data_record_bytes'] / 1024:.0f} KiB), from the capturer's own process while "
+        "fio writes random data to it as fast as it can",
+        "us", xs["beside_own_round_trip_us"], "the same from another process, beside the "
+        "same writes", xs["beside_other_round_trip_us"], "lower"))
     # Reads are the same in every mode (they never wait for the journal): async's.
     best_read = best("rand_read_iops")
     figures.append(figure("x2x async: random 4 KiB reads, cached (qemu-img bench -d 16)",
