@@ -163,18 +163,23 @@ def fio_random_writes(uri: str, size: int, count: int) -> float:
     """Seconds ``fio`` took for ``count`` random 4 KiB writes of random data at depth 16
     and the closing flush, by its own clock (its start-up, ~0.25 s, is not the
     server's)."""
-    out = subprocess.run(["fio", "--name=rand-data", "--ioengine=nbd", f"--uri={uri}",
-                          "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={size}",
-                          # New bytes every write: fio's default reuses one buffer
-                          # (scrambled a little), which Kafka's compression then finds
-                          # across the writes of a record.
-                          "--refill_buffers",
-                          f"--number_ios={count}", "--end_fsync=1", "--output-format=json"],
+    out = subprocess.run([*fio_writes(uri, size), f"--number_ios={count}", "--end_fsync=1",
+                          "--output-format=json"],
                          check=True, capture_output=True, text=True).stdout
     write = json.loads(out[out.index("{"):])["jobs"][0]["write"]
     if write["total_ios"] != count:
         raise RuntimeError(f"fio wrote {write['total_ios']} times, not {count}: {uri}")
     return count / write["iops"]
+
+
+def fio_writes(uri: str, size: int) -> list[str]:
+    """fio's random 4 KiB writes of random data to ``uri`` at depth 16 (add how many, or
+    for how long)."""
+    return ["fio", "--name=rand-data", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+            "--bs=4k", "--iodepth=16", f"--size={size}",
+            # New bytes every write: fio's default reuses one buffer (scrambled a little),
+            # which Kafka's compression then finds across the writes of a record.
+            "--refill_buffers"]
 
 
 def _records(before: tuple[int, float, int], after: tuple[int, float, int],
@@ -268,8 +273,8 @@ def bench_x2x(work: Path, data: Path, size: int, rand_count: int,
                                      cap.pub.bytes_sent))
         out["journal_bytes_sent"] = cap.pub.bytes_sent
         if mode == "sync":
-            out |= round_trips_beside(cap.uri, size, out["data_record_bytes"],
-                                      max(rand_count // 5, 100))
+            out |= round_trips_beside(settings, cap.uri, size, out["data_record_bytes"],
+                                      rand_count)
     finally:
         report = cap.stop()
         control.delete_pair(settings, name)
@@ -277,8 +282,8 @@ def bench_x2x(work: Path, data: Path, size: int, rand_count: int,
     return out
 
 
-def round_trips_beside(uri: str, size: int, record_bytes: float,
-                       trips: int) -> dict[str, float]:
+def round_trips_beside(settings: KafkaSettings, uri: str, size: int, record_bytes: float,
+                       writes: int) -> dict[str, float]:
     """While fio writes random data to ``uri`` (the sync capture in this process) as fast
     as it can: a bare producer's round trip of one record of ``record_bytes`` at a time,
     from this process and from another. Where a sync record's time in flight goes: the
@@ -287,19 +292,14 @@ def round_trips_beside(uri: str, size: int, record_bytes: float,
     interpreter lock from the thread serving the next writes)."""
     import multiprocessing
     from bench.common import scratch_topic
-    from infra.kafka import KafkaSettings
-    settings = KafkaSettings.resolve()
-    nbytes = max(int(record_bytes), 1)
-    fio = subprocess.Popen(["fio", "--name=beside", "--ioengine=nbd", f"--uri={uri}",
-                            "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={size}",
-                            "--refill_buffers", "--time_based", "--runtime=120"],
+    fio = subprocess.Popen([*fio_writes(uri, size), "--time_based", "--runtime=120"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with scratch_topic(settings, f"bench-beside-{os.getpid()}") as topic:
             time.sleep(1.0)                 # fio's start-up: its writes under way
-            own = round_trip_us(settings, topic, nbytes, trips)
+            own = round_trip_us(settings, topic, record_bytes, writes)
             with multiprocessing.get_context("spawn").Pool(1) as pool:
-                other = pool.apply(round_trip_us, (settings, topic, nbytes, trips))
+                other = pool.apply(round_trip_us, (settings, topic, record_bytes, writes))
             if fio.poll() is not None:
                 raise RuntimeError(f"fio stopped writing to {uri} (exit {fio.returncode})")
     finally:
@@ -308,11 +308,14 @@ def round_trips_beside(uri: str, size: int, record_bytes: float,
     return {"beside_own_round_trip_us": own, "beside_other_round_trip_us": other}
 
 
-def round_trip_us(settings: KafkaSettings, topic: str, nbytes: int, trips: int) -> float:
-    """Mean microseconds a bare producer takes for one record of ``nbytes``, one at a
-    time (a process of its own runs this too: importable, its arguments picklable)."""
+def round_trip_us(settings: KafkaSettings, topic: str, record_bytes: float,
+                  writes: int) -> float:
+    """Mean microseconds a bare producer takes for one record of ``record_bytes``, one at
+    a time, over a fifth as many records as ``writes`` (at least 100). A process of its
+    own runs this too: importable, its arguments picklable."""
     from bench.common import bare_produce_at_depth
-    return 1e6 / bare_produce_at_depth(settings, topic, nbytes, trips, 1)
+    return 1e6 / bare_produce_at_depth(settings, topic, max(int(record_bytes), 1),
+                                       max(writes // 5, 100), 1)
 
 
 def bench_bare(data: Path | None, size: int, rand_count: int,
@@ -333,8 +336,7 @@ def bench_bare(data: Path | None, size: int, rand_count: int,
         out["rand_iops"] = bare_produce_at_depth(settings, topic, 4096, rand_count, 16)
         out |= _per_op(before, os.getpid(), bpid, rand_count, "rand")
         if record_bytes:
-            out["round_trip_us"] = round_trip_us(settings, topic, max(int(record_bytes), 1),
-                                                 max(rand_count // 5, 100))
+            out["round_trip_us"] = round_trip_us(settings, topic, record_bytes, rand_count)
     return out
 
 
